@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wq_compile.quant import (
+    dequantize_keys, dequantize_values, error_bound, pack, quantize_keys, quantize_values, unpack,
+)
+from wq_compile.spec import KernelSpec, QuantSpec
+
+SIZES = [7, 13, 196, 300]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_bit_exact(bits: int, gen: torch.Generator) -> None:
+    codes = torch.randint(0, 1 << bits, (3, 5, 64), generator=gen)
+    words = pack(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (3, 5, 64 * bits // 32)
+    assert torch.equal(unpack(words, bits), codes)
+
+
+def test_pack_is_little_endian() -> None:
+    codes = torch.tensor([[1, 2, 3, 0, 0, 0, 0, 0]])
+    assert int(pack(codes, 4)[0, 0]) == 1 | (2 << 4) | (3 << 8)
+    top = torch.tensor([[0, 0, 0, 255]])  # sets bit 31: stored as a negative int32, unpacked intact
+    assert int(pack(top, 8)[0, 0]) < 0 and torch.equal(unpack(pack(top, 8), 8), top)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n", SIZES)
+def test_keys_within_half_step(bits: int, n: int, gen: torch.Generator) -> None:
+    spec = QuantSpec(bits, k_group=28, v_group=32)
+    k = torch.randn(2, n, 64, generator=gen) * 3 + torch.randn(1, 1, 64, generator=gen) * 5  # channel outliers
+    qk = quantize_keys(k, spec)
+    groups = -(-n // 28)
+    assert qk.scale.shape == (2, groups, 64) and qk.scale.dtype == torch.float16
+    idx = torch.arange(n) // 28
+    err = (dequantize_keys(qk) - k).abs()
+    assert (err <= error_bound(k, qk.scale[:, idx, :], qk.zero[:, idx, :])).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n", SIZES)
+def test_values_within_half_step(bits: int, n: int, gen: torch.Generator) -> None:
+    spec = QuantSpec(bits, k_group=28, v_group=32)
+    v = torch.randn(2, n, 64, generator=gen) * 2
+    qv = quantize_values(v, spec)
+    assert qv.scale.shape == (2, n, 2)
+    s = qv.scale.float().repeat_interleave(32, -1)
+    z = qv.zero.float().repeat_interleave(32, -1)
+    assert ((dequantize_values(qv) - v).abs() <= error_bound(v, s, z)).all()
+
+
+def test_error_shrinks_with_width(gen: torch.Generator) -> None:
+    k = torch.randn(1, 196, 64, generator=gen)
+    errs = [(dequantize_keys(quantize_keys(k, QuantSpec(b))) - k).square().mean().item() for b in (2, 4, 8)]
+    assert errs[0] > errs[1] > errs[2]
+    # uniform quantizer: MSE ~ step^2 / 12, step ~ range / qmax; 4 -> 8 bits is ~ (255/15)^2 = 289x
+    assert 100 < errs[1] / errs[2] < 600
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_constant_and_tiny_groups_are_finite(bits: int) -> None:
+    spec = QuantSpec(bits, k_group=4, v_group=32)
+    k = torch.full((1, 9, 32), 0.3)
+    qk = quantize_keys(k, spec)
+    assert torch.isfinite(dequantize_keys(qk)).all()
+    assert (qk.scale == 0).all()
+    assert (dequantize_keys(qk) - k).abs().max() <= 0.3 * 2**-11
+    tiny = torch.full((1, 1, 32), -2.0)
+    tiny[..., 0] = -2.0 + 1e-7
+    for qx in (dequantize_keys(quantize_keys(tiny, spec)), dequantize_values(quantize_values(tiny, spec))):
+        assert torch.isfinite(qx).all() and (qx - tiny).abs().max() < 1e-3
+
+
+def test_fp16_input_round_trip(gen: torch.Generator) -> None:
+    k = torch.randn(1, 13, 64, generator=gen).half()
+    assert (dequantize_keys(quantize_keys(k, QuantSpec(8))) - k.float()).abs().max() < 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, name",
+    [
+        (dict(bits=3), ValueError, "bits"),
+        (dict(bits=16), ValueError, "bits"),
+        (dict(bits=4.0), TypeError, "bits"),
+        (dict(bits=4, k_group=0), ValueError, "k_group"),
+        (dict(bits=4, v_group="8"), TypeError, "v_group"),
+    ],
+)
+def test_spec_validation(kwargs: dict, exc: type, name: str) -> None:
+    with pytest.raises(exc, match=name):
+        QuantSpec(**kwargs)
+
+
+def test_bad_inputs_name_the_argument() -> None:
+    spec = QuantSpec(4, v_group=48)
+    with pytest.raises(ValueError, match="v_group"):
+        quantize_values(torch.randn(3, 64), spec)
+    with pytest.raises(ValueError, match="head_dim"):
+        quantize_keys(torch.randn(3, 60), QuantSpec(2))
+    with pytest.raises(TypeError, match="k: "):
+        quantize_keys(torch.randint(0, 3, (3, 64)), QuantSpec(4))
+    with pytest.raises(TypeError, match="k: "):
+        quantize_keys([[1.0]], QuantSpec(4))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="k: "):
+        quantize_keys(torch.randn(64), QuantSpec(4))
+    with pytest.raises(ValueError, match="codes"):
+        pack(torch.full((1, 8), 16), 4)
+    with pytest.raises(TypeError, match="words"):
+        unpack(torch.zeros(1, 2, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match="x: "):
+        quantize_keys(torch.full((1, 4, 64), 1e6), QuantSpec(4))
+
+
+def test_kernel_spec_uri_and_validation() -> None:
+    spec = KernelSpec("decode", (4,), head_dim=128, num_q_heads=28, num_kv_heads=4, k_group=32, v_group=64, dtype="f16")
+    assert spec.uri == "decode_k4v4_kg32_vg64_d128_h28kv4_f16_c64"
+    assert spec.group_size == 7
+    with pytest.raises(ValueError, match="num_q_heads"):
+        KernelSpec("decode", (4,), head_dim=64, num_q_heads=14, num_kv_heads=4)
+    with pytest.raises(ValueError, match="kind"):
+        KernelSpec("prefill", (4,), head_dim=64, num_q_heads=14, num_kv_heads=2)
+    with pytest.raises(ValueError, match="dtype"):
+        KernelSpec("decode", (4,), head_dim=64, num_q_heads=14, num_kv_heads=2, dtype="f8")
+    with pytest.raises(TypeError, match="bits"):
+        KernelSpec("decode", [4], head_dim=64, num_q_heads=14, num_kv_heads=2)  # type: ignore[arg-type]

@@ -1,0 +1,298 @@
+"""Bucketed cache storage of one layer: one uniform-precision bucket per bit width plus one dense piece.
+
+Windows of equal width are stored next to each other (the reordering); attention over cached tokens does not depend
+on their order, so every kernel reads one precision. The dense piece holds, in the model's dtype, the 16-bit windows
+and the tail of each window that does not fill a whole key group (both *pinned*: never flushed), then the text and
+recent tokens (the residual). When the residual outgrows ``residual`` tokens, its oldest block is quantized into the
+``flush_bits`` bucket.
+
+Every tensor is ``[B, Hkv, capacity, ...]`` with a per-sample valid count ``lens [B]`` (samples of a batch hold
+different windows), and capacity is a multiple of ``chunk`` so kernels loop over whole tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .quant import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from .spec import QUANT_BITS, QuantSpec
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _grow(t: torch.Tensor, dim: int, new: int) -> torch.Tensor:
+    """Return ``t`` zero-padded along ``dim`` to ``new`` entries (no copy if already large enough)."""
+    if t.shape[dim] >= new:
+        return t
+    shape = list(t.shape)
+    shape[dim] = new - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+@dataclass
+class QuantBucket:
+    """All tokens of one layer stored at ``spec.bits``, in bucket order, packed as in :mod:`wq_compile.quant`."""
+
+    spec: QuantSpec
+    k_codes: torch.Tensor  # [B, Hkv, cap, D/per] int32
+    k_scale: torch.Tensor  # [B, Hkv, ceil(cap/k_group), D] fp16
+    k_zero: torch.Tensor
+    v_codes: torch.Tensor  # [B, Hkv, cap, D/per] int32
+    v_scale: torch.Tensor  # [B, Hkv, cap, D/v_group] fp16
+    v_zero: torch.Tensor
+    lens: torch.Tensor  # [B] int32
+    chunk: int = 64
+
+    @classmethod
+    def empty(cls, spec: QuantSpec, batch: int, kv_heads: int, head_dim: int, device: torch.device | str = "cpu",
+              chunk: int = 64) -> "QuantBucket":
+        spec.check_head_dim(head_dim)
+        cap = chunk
+        words = head_dim // spec.per_word
+        groups = -(-cap // spec.k_group)
+        z = dict(device=device)
+        return cls(
+            spec,
+            torch.zeros(batch, kv_heads, cap, words, dtype=torch.int32, **z),
+            torch.zeros(batch, kv_heads, groups, head_dim, dtype=torch.float16, **z),
+            torch.zeros(batch, kv_heads, groups, head_dim, dtype=torch.float16, **z),
+            torch.zeros(batch, kv_heads, cap, words, dtype=torch.int32, **z),
+            torch.zeros(batch, kv_heads, cap, head_dim // spec.v_group, dtype=torch.float16, **z),
+            torch.zeros(batch, kv_heads, cap, head_dim // spec.v_group, dtype=torch.float16, **z),
+            torch.zeros(batch, dtype=torch.int32, **z),
+            chunk,
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.k_codes.shape[2]
+
+    def _reserve(self, tokens: int) -> None:
+        if tokens <= self.capacity:
+            return
+        cap = _round_up(max(tokens, self.capacity * 3 // 2), self.chunk)  # amortized growth
+        groups = -(-cap // self.spec.k_group)
+        self.k_codes, self.v_codes = _grow(self.k_codes, 2, cap), _grow(self.v_codes, 2, cap)
+        self.v_scale, self.v_zero = _grow(self.v_scale, 2, cap), _grow(self.v_zero, 2, cap)
+        self.k_scale, self.k_zero = _grow(self.k_scale, 2, groups), _grow(self.k_zero, 2, groups)
+
+    def append(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize ``k, v [Hkv, n, D]`` (``n`` whole key groups) and store them after sample ``b``'s tokens."""
+        n = k.shape[-2]
+        if n == 0:
+            return
+        if n % self.spec.k_group:
+            raise ValueError(f"k: {n} tokens is not a whole number of key groups ({self.spec.k_group})")
+        self.append_quantized(b, quantize_keys(k, self.spec), quantize_values(v, self.spec))
+
+    def append_quantized(self, b: int, qk: QuantizedKeys, qv: QuantizedValues) -> None:
+        """Store already-quantized tokens (e.g. from the compiled quantize kernel) after sample ``b``'s tokens."""
+        n = qk.codes.shape[-2]
+        start = int(self.lens[b])
+        self._reserve(start + n)
+        g0 = start // self.spec.k_group
+        self.k_codes[b, :, start : start + n] = qk.codes
+        self.v_codes[b, :, start : start + n] = qv.codes
+        self.v_scale[b, :, start : start + n] = qv.scale
+        self.v_zero[b, :, start : start + n] = qv.zero
+        self.k_scale[b, :, g0 : g0 + qk.scale.shape[-2]] = qk.scale
+        self.k_zero[b, :, g0 : g0 + qk.zero.shape[-2]] = qk.zero
+        self.lens[b] += n
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense fp32 ``(k, v)`` over the whole capacity: for the reference and tests only."""
+        qk = QuantizedKeys(self.k_codes, self.k_scale, self.k_zero, self.spec)
+        qv = QuantizedValues(self.v_codes, self.v_scale, self.v_zero, self.spec)
+        return dequantize_keys(qk, self.capacity), dequantize_values(qv)
+
+    def used_bytes(self) -> int:
+        """Exact bytes of the valid tokens: codes, key-group and value-group scale/zero, all samples and heads."""
+        hkv, words = self.k_codes.shape[1], self.k_codes.shape[3]
+        d = self.k_scale.shape[3]
+        vgroups = self.v_scale.shape[3]
+        total = 0
+        for n in self.lens.tolist():
+            total += hkv * (2 * n * words * 4 + 2 * (-(-n // self.spec.k_group)) * d * 2 + 2 * n * vgroups * 2)
+        return total
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The seven kernel arguments of this bucket, in kernel order."""
+        return (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero, self.lens)
+
+
+@dataclass
+class DensePiece:
+    """Unquantized tokens in the model's dtype: pinned (16-bit windows, group tails) first, then the residual."""
+
+    k: torch.Tensor  # [B, Hkv, cap, D]
+    v: torch.Tensor
+    lens: torch.Tensor  # [B] int32: valid tokens
+    pinned: torch.Tensor  # [B] int32: leading tokens that are never flushed
+    chunk: int = 64
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+              chunk: int = 64) -> "DensePiece":
+        z = torch.zeros(batch, kv_heads, chunk, head_dim, dtype=dtype, device=device)
+        return cls(z, z.clone(), torch.zeros(batch, dtype=torch.int32, device=device),
+                   torch.zeros(batch, dtype=torch.int32, device=device), chunk)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def _reserve(self, tokens: int) -> None:
+        if tokens > self.capacity:
+            cap = _round_up(max(tokens, self.capacity * 3 // 2), self.chunk)
+            self.k, self.v = _grow(self.k, 2, cap), _grow(self.v, 2, cap)
+
+    def append(self, b: int, k: torch.Tensor, v: torch.Tensor, pinned: bool = False) -> None:
+        """Store ``k, v [Hkv, n, D]`` after sample ``b``'s tokens; pinned tokens must come before any residual."""
+        n = k.shape[-2]
+        start = int(self.lens[b])
+        if pinned and start != int(self.pinned[b]):
+            raise RuntimeError("pinned tokens must be appended before the residual")
+        self._reserve(start + n)
+        self.k[b, :, start : start + n] = k.to(self.k.dtype)
+        self.v[b, :, start : start + n] = v.to(self.v.dtype)
+        self.lens[b] += n
+        if pinned:
+            self.pinned[b] += n
+
+    def append_step(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``k, v [B, Hkv, S, D]`` (new decode tokens) to every sample at once."""
+        bsz, _, s, _ = k.shape
+        self._reserve(int(self.lens.max()) + s)
+        pos = self.lens.long()[:, None] + torch.arange(s, device=k.device)[None, :]  # [B, S]
+        bidx = torch.arange(bsz, device=k.device)[:, None].expand(bsz, s)
+        self.k[bidx, :, pos] = k.permute(0, 2, 1, 3).to(self.k.dtype)
+        self.v[bidx, :, pos] = v.permute(0, 2, 1, 3).to(self.v.dtype)
+        self.lens += s
+
+    def residual_len(self, b: int) -> int:
+        return int(self.lens[b] - self.pinned[b])
+
+    def pop_oldest(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove and return the ``n`` oldest residual tokens of sample ``b`` (``[Hkv, n, D]``)."""
+        p, end = int(self.pinned[b]), int(self.lens[b])
+        if n > end - p:
+            raise ValueError(f"n: cannot pop {n} tokens from a residual of {end - p}")
+        k_old, v_old = self.k[b, :, p : p + n].clone(), self.v[b, :, p : p + n].clone()
+        self.k[b, :, p : end - n] = self.k[b, :, p + n : end].clone()
+        self.v[b, :, p : end - n] = self.v[b, :, p + n : end].clone()
+        self.lens[b] -= n
+        return k_old, v_old
+
+    def used_bytes(self) -> int:
+        hkv, d = self.k.shape[1], self.k.shape[3]
+        return int(self.lens.sum()) * hkv * d * 2 * self.k.element_size()
+
+    def allocated_bytes(self) -> int:
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+
+
+@dataclass(frozen=True)
+class WindowAssignment:
+    """Windows of one sample at one layer: token ``[start, start+length)`` stored at ``bits``."""
+
+    starts: torch.Tensor  # [W] long
+    lengths: torch.Tensor  # [W] long
+    bits: torch.Tensor  # [W] long, in {16, 8, 4, 2}
+
+    def bucket_order(self) -> torch.Tensor:
+        """Window indices grouped by width (wide first), original order inside a bucket."""
+        key = (16 - self.bits) * (int(self.starts.max()) + 1 if len(self.starts) else 1) + self.starts
+        return torch.argsort(key, stable=True)
+
+
+@dataclass
+class LayerCache:
+    """One layer of a WindowQuant cache: ``buckets[bits]`` (always 8, 4, 2 present, possibly empty) + ``dense``."""
+
+    buckets: dict[int, QuantBucket]
+    dense: DensePiece
+    k_group: int
+    residual: int = 128
+    flush_tokens: int = 56
+    flush_bits: int = 8
+    stats: dict[str, int] = field(default_factory=lambda: {"flushes": 0})
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+              k_group: int = 28, v_group: int = 64, residual: int = 128, flush_tokens: int | None = None,
+              flush_bits: int = 8, chunk: int = 64) -> "LayerCache":
+        flush = flush_tokens if flush_tokens is not None else 2 * k_group
+        if flush % k_group or flush <= 0:
+            raise ValueError(f"flush_tokens: {flush} must be a positive multiple of k_group {k_group}")
+        if flush_bits not in QUANT_BITS:
+            raise ValueError(f"flush_bits: must be one of {QUANT_BITS}, got {flush_bits}")
+        buckets = {
+            b: QuantBucket.empty(QuantSpec(b, k_group, v_group), batch, kv_heads, head_dim, device, chunk)
+            for b in QUANT_BITS
+        }
+        dense = DensePiece.empty(batch, kv_heads, head_dim, dtype, device, chunk)
+        return cls(buckets, dense, k_group, residual, flush, flush_bits)
+
+    def fill_sample(self, b: int, k: torch.Tensor, v: torch.Tensor, windows: WindowAssignment,
+                    valid: torch.Tensor | None = None) -> None:
+        """Store the prompt of sample ``b`` (``k, v [Hkv, T, D]``): windows into buckets in bucket order,
+        everything else (text, padding excluded via ``valid [T]``) into the residual in prompt order."""
+        t = k.shape[-2]
+        if len(windows.starts):
+            ends = windows.starts + windows.lengths
+            srt = torch.argsort(windows.starts)
+            if int(windows.starts.min()) < 0 or int(ends.max()) > t or bool((windows.starts[srt][1:] < ends[srt][:-1]).any()):
+                raise ValueError(f"windows: must be disjoint runs inside the {t}-token prompt")
+        in_window = torch.zeros(t, dtype=torch.bool, device=k.device)
+        per_bits: dict[int, list[torch.Tensor]] = {bits: [] for bits in self.buckets}
+        tails: list[torch.Tensor] = []
+        for w in windows.bucket_order().tolist():
+            s, n, bits = int(windows.starts[w]), int(windows.lengths[w]), int(windows.bits[w])
+            idx = torch.arange(s, s + n, device=k.device)
+            in_window[idx] = True
+            if bits == 16:
+                tails.append(idx)
+                continue
+            whole = n // self.k_group * self.k_group
+            per_bits[bits].append(idx[:whole])
+            tails.append(idx[whole:])
+        for bits, parts in per_bits.items():
+            if parts:
+                idx = torch.cat(parts)
+                self.buckets[bits].append(b, k[:, idx], v[:, idx])
+        if tails:
+            idx = torch.cat(tails)
+            self.dense.append(b, k[:, idx], v[:, idx], pinned=True)
+        rest = ~in_window if valid is None else (~in_window & valid.to(torch.bool))
+        idx = torch.nonzero(rest).flatten()
+        self.dense.append(b, k[:, idx], v[:, idx])
+        self.flush()
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append new tokens ``[B, Hkv, S, D]`` to every sample's residual, flushing full blocks."""
+        self.dense.append_step(k, v)
+        self.flush()
+
+    def flush(self) -> None:
+        """Quantize the oldest residual blocks of every sample whose residual exceeds ``residual`` tokens."""
+        for b in range(self.dense.lens.shape[0]):
+            while self.dense.residual_len(b) > self.residual + self.flush_tokens - 1:
+                k_old, v_old = self.dense.pop_oldest(b, self.flush_tokens)
+                self.buckets[self.flush_bits].append(b, k_old, v_old)
+                self.stats["flushes"] += 1
+
+    def num_tokens(self) -> torch.Tensor:
+        """Cached tokens per sample ``[B]``."""
+        return sum((bk.lens for bk in self.buckets.values()), self.dense.lens.clone()).long()
+
+    def used_bytes(self) -> dict[str, int]:
+        out = {f"int{b}": bk.used_bytes() for b, bk in self.buckets.items()}
+        out["dense"] = self.dense.used_bytes()
+        return out

@@ -1,0 +1,85 @@
+"""Attention over a bucketed cache in plain torch: the oracle every compiled kernel is compared with.
+
+It dequantizes each bucket densely (fine for an oracle, never used on the fast path), attends per piece with fp32
+accumulation and merges the pieces' (output, log-sum-exp) states exactly as a split-KV kernel does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import DensePiece, LayerCache, QuantBucket
+
+
+def attend_piece(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, sm_scale: float, causal_tail: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [B,Hq,(S,)D]`` over ``k, v [B,Hkv,N,D]``, token ``t`` of sample ``b`` valid iff ``t < lens[b]``.
+
+    Returns the normalized output (fp32, same shape as ``q``) and the natural-log log-sum-exp of the scaled scores
+    ``[B,Hq(,S)]``; a sample with no valid token gives output 0 and lse ``-inf``. ``causal_tail`` = S marks the last
+    S valid tokens as the queries themselves (query ``i`` sees tail tokens ``<= i``): several-token decode.
+    """
+    squeeze = q.dim() == 3
+    qf = (q.unsqueeze(2) if squeeze else q).float()
+    bsz, hq, s, d = qf.shape
+    hkv, n = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"q: {hq} query heads is not a multiple of {hkv} KV heads")
+    qg = qf.reshape(bsz, hkv, hq // hkv * s, d)
+    scores = torch.einsum("bhqd,bhnd->bhqn", qg, k.float()) * sm_scale
+    scores = scores.reshape(bsz, hkv, hq // hkv, s, n)
+    pos = torch.arange(n, device=q.device)
+    lens = lens.to(device=q.device, dtype=torch.long)
+    valid = pos[None, :] < lens[:, None]  # [B, N]
+    mask = valid[:, None, None, None, :].expand(bsz, hkv, hq // hkv, s, n)
+    if causal_tail:
+        qi = torch.arange(s, device=q.device)
+        # token t is the query (lens - s + i); hide tail tokens later than query i
+        later = pos[None, None, :] > (lens[:, None, None] - s + qi[None, :, None])  # [B, S, N]
+        mask = mask & ~later[:, None, None, :, :]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+    out = torch.einsum("bhgsn,bhnd->bhgsd", p, v.float()).reshape(bsz, hq, s, d)
+    lse = lse.reshape(bsz, hq, s)
+    if squeeze:
+        return out.squeeze(2), lse.squeeze(2)
+    return out, lse
+
+
+def merge_states(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge normalized partial outputs by their log-sum-exp; pieces with ``lse = -inf`` contribute nothing."""
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"outs/lses: need the same non-zero number of pieces, got {len(outs)} and {len(lses)}")
+    lse = torch.stack(lses)  # [P, ...]
+    total = torch.logsumexp(lse, dim=0)
+    safe_total = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    w = torch.exp(lse - safe_total)  # exp(-inf) = 0 for empty pieces
+    out = (torch.stack(outs) * w.unsqueeze(-1)).sum(0)
+    return out, total
+
+
+def dequantize_bucket(bucket: QuantBucket) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense fp32 ``(k, v)`` of a bucket's whole capacity (entries past ``lens`` are masked by the caller)."""
+    return bucket.dequantize()
+
+
+def decode_attention(
+    q: torch.Tensor, layer: LayerCache, sm_scale: float, causal_tail: int = 0, return_lse: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the new query tokens over every bucket and the dense piece of one layer, merged split-KV style."""
+    outs, lses = [], []
+    pieces: list[QuantBucket | DensePiece] = [*layer.buckets.values(), layer.dense]
+    for piece in pieces:
+        if isinstance(piece, QuantBucket):
+            k, v = piece.dequantize()
+            tail = 0
+        else:
+            k, v = piece.k, piece.v
+            tail = causal_tail
+        o, lse = attend_piece(q, k, v, piece.lens, sm_scale, causal_tail=tail)
+        outs.append(o)
+        lses.append(lse)
+    out, lse = merge_states(outs, lses)
+    return (out, lse) if return_lse else out
