@@ -1,0 +1,291 @@
+"""Drop-in ``transformers`` cache and attention function: generation on a window-quantized, bucketed KV cache.
+
+Prefill runs exact attention on the prompt; then, per layer, the window search picks a width per window, the windows
+are quantized and reordered into buckets and the text goes to the dense residual. Each decode step appends the new
+token and runs one fused compiled kernel per layer over all buckets (never a dense dequantization of the cache).
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION)
+    cache = WindowQuantCache(model.config, WindowQuantConfig(avg_bits=3)).prepare(**inputs)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from ..decode import Decoder, make_decoder
+from ..layout import LayerCache, WindowAssignment
+from ..search import BIT_WIDTHS, Plan, attention_scores, embedding_scores, search
+from ..spec import QUANT_BITS
+from .llava import SampleLayout, VisualLayout, locate
+
+NAME = "windowquant"
+#: Pass as ``attn_implementation``: WindowQuant for the language model, SDPA for the vision tower.
+ATTN_IMPLEMENTATION = {"text_config": NAME, "vision_config": "sdpa"}
+
+
+@dataclass(frozen=True)
+class WindowQuantConfig:
+    """What to quantize and how. ``avg_bits`` counts scale/zero overhead and fp16 group tails (effective bits)."""
+
+    avg_bits: float = 3.0
+    widths: tuple[int, ...] = BIT_WIDTHS
+    window: str | int = "frame"
+    k_group: int = 28
+    v_group: int = 64
+    residual: int = 128
+    flush_bits: int = 8
+    scorer: str = "attention"
+    backend: str = "auto"
+    target: str | None = None
+    chunk: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float)) or self.avg_bits <= 0:
+            raise ValueError(f"avg_bits: must be a positive number, got {self.avg_bits!r}")
+        for w in self.widths:
+            if w not in BIT_WIDTHS:
+                raise ValueError(f"widths: {w} is not one of {BIT_WIDTHS}")
+        if self.scorer not in ("attention", "embedding"):
+            raise ValueError(f"scorer: must be 'attention' or 'embedding', got {self.scorer!r}")
+        if self.backend not in ("auto", "tvm", "reference"):
+            raise ValueError(f"backend: must be 'auto', 'tvm' or 'reference', got {self.backend!r}")
+        if self.flush_bits not in QUANT_BITS:
+            raise ValueError(f"flush_bits: must be one of {QUANT_BITS}, got {self.flush_bits}")
+        if self.window != "frame" and (not isinstance(self.window, int) or self.window <= 0):
+            raise ValueError(f"window: must be 'frame' or a positive token count, got {self.window!r}")
+
+
+class WindowQuantLayer(CacheLayerMixin):
+    """One decoder layer: its :class:`LayerCache` once the prompt has been stored, plus the logical length."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: LayerCache | None = None
+        self.seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill: hand the prompt back for exact attention (stored after it). Decode: append to the residual."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.store is not None:
+            self.store.append(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store, self.seen, self.is_initialized = None, 0, False
+
+
+@dataclass
+class CacheStats:
+    """What the cache did: counted so tests and users can see the compiled path ran."""
+
+    kernel_calls: int = 0
+    reference_calls: int = 0
+    prefill_layers: int = 0
+    search_seconds: float = 0.0
+
+
+class WindowQuantCache(Cache):
+    """A ``transformers`` cache whose visual windows live in uniform-precision buckets after prefill."""
+
+    def __init__(self, config: Any, wq_config: WindowQuantConfig | None = None) -> None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        self.wq = wq_config or WindowQuantConfig()
+        self.visual = VisualLayout.from_config(config)
+        self.num_layers = text.num_hidden_layers
+        self.num_q_heads = text.num_attention_heads
+        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        super().__init__(layers=[WindowQuantLayer() for _ in range(self.num_layers)])
+        self.samples: list[SampleLayout] | None = None
+        self.plans: dict[int, list[torch.Tensor]] = {}  # layer -> per-sample bits [W]
+        self.scores: dict[int, list[torch.Tensor]] = {}
+        self.embed_scores: list[torch.Tensor] | None = None
+        self.stats = CacheStats()
+        self._decoder: Decoder | None = None
+        self._hook: Any = None
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model: Any = None,
+                **_: Any) -> "WindowQuantCache":
+        """Record where the visual windows are (``input_ids`` never reach a cache). Call once before ``generate``;
+        extra keyword arguments (``pixel_values`` ...) are ignored so ``prepare(**inputs)`` works. The embedding
+        scorer needs ``model`` to capture the prompt's input embeddings at prefill."""
+        self.samples = locate(input_ids, attention_mask, self.visual, self.wq.window)
+        if self.wq.scorer == "embedding":
+            if model is None:
+                raise ValueError("model: the embedding scorer needs prepare(..., model=model)")
+            lm = model.get_decoder() if hasattr(model, "get_decoder") else model
+            self._hook = lm.register_forward_pre_hook(self._capture_embeddings, with_kwargs=True)
+        return self
+
+    def _capture_embeddings(self, module: Any, args: tuple, kwargs: dict) -> None:
+        emb = kwargs.get("inputs_embeds")
+        if emb is None or self.samples is None:
+            return
+        self.embed_scores = [embedding_scores(emb[b].detach(), s.windows, s.text_mask) for b, s in
+                             enumerate(self.samples)]
+        self._hook.remove()
+        self._hook = None
+
+    def decoder(self, dtype: torch.dtype, device: torch.device) -> Decoder:
+        if self._decoder is None:
+            self._decoder = make_decoder(self.wq, self.num_q_heads, self.num_kv_heads, self.head_dim, dtype, device)
+        return self._decoder
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers passes the dict it will splat into the attention function: hand it this cache's layer.
+        fwd = kwargs.get("kwargs")
+        if isinstance(fwd, dict):
+            fwd["wq_cache"] = self
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    # ---- prefill: search, quantize, reorder ---------------------------------------------------------------------
+    def store_prompt(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     sm_scale: float) -> None:
+        """Window search for this layer, then fill its buckets (one sample at a time: windows differ per sample)."""
+        import time
+
+        t0 = time.perf_counter()
+        bsz, _, t, _ = key.shape
+        if self.samples is None:
+            warnings.warn("WindowQuantCache.prepare(**inputs) was not called: no visual windows are known, the "
+                          "prompt is kept dense (only the residual flush quantizes)", stacklevel=3)
+            ones = torch.ones(t, dtype=torch.bool)
+            self.samples = [SampleLayout(locate(torch.zeros(1, t, dtype=torch.long), None, self.visual)[0].windows,
+                                         ones, ones) for _ in range(bsz)]
+        if len(self.samples) != bsz or self.samples[0].valid.shape[0] != t:
+            raise ValueError(f"input_ids: prepare() saw {len(self.samples)} x {self.samples[0].valid.shape[0]} "
+                             f"tokens but prefill has {bsz} x {t}")
+        store = LayerCache.empty(bsz, key.shape[1], key.shape[3], key.dtype, key.device, self.wq.k_group,
+                                 self.wq.v_group, self.wq.residual, flush_bits=self.wq.flush_bits,
+                                 chunk=self.wq.chunk)
+        bits_list, score_list = [], []
+        for b, sample in enumerate(self.samples):
+            w = sample.windows
+            if len(w) == 0:
+                bits = torch.zeros(0, dtype=torch.long)
+                scores = torch.zeros(0)
+            else:
+                if self.wq.scorer == "embedding" and self.embed_scores is not None:
+                    scores = self.embed_scores[b]
+                else:
+                    text_idx = torch.nonzero(sample.text_mask).flatten().to(query.device)
+                    scores = attention_scores(query[b][:, text_idx], key[b], w, sm_scale)
+                plan = search(scores.cpu(), key[b][None].cpu(), value[b][None].cpu(), w, self.wq.avg_bits,
+                              self.wq.widths, self.wq.k_group, self.wq.v_group)
+                bits = plan.bits[0]
+            bits_list.append(bits)
+            score_list.append(scores)
+            store.fill_sample(b, key[b], value[b], WindowAssignment(w.starts, w.lengths, bits),
+                              valid=sample.valid.to(key.device))
+        self.plans[layer_idx] = bits_list
+        self.scores[layer_idx] = score_list
+        self.layers[layer_idx].store = store
+        self.stats.prefill_layers += 1
+        self.stats.search_seconds += time.perf_counter() - t0
+
+    def plan(self, sample: int = 0) -> Plan | None:
+        """The chosen widths of one sample as a :class:`Plan` (``bits [layers, windows]``), once prefill ran."""
+        if self.samples is None or len(self.plans) < self.num_layers:
+            return None
+        bits = torch.stack([self.plans[i][sample] for i in range(self.num_layers)])
+        scores = torch.stack([self.scores[i][sample].float().cpu() for i in range(self.num_layers)])
+        return Plan(self.samples[sample].windows, bits, scores, self.wq.k_group, self.wq.v_group)
+
+    # ---- accounting ---------------------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, Any]:
+        """Exact bytes per storage kind, and the fp16 bytes the same tokens would take in a dense cache."""
+        used: dict[str, int] = {}
+        tokens = 0
+        visual_tokens = 0
+        for layer in self.layers:
+            if layer.store is None:
+                continue
+            for name, n in layer.store.used_bytes().items():
+                used[name] = used.get(name, 0) + n
+            tokens += int(layer.store.num_tokens().sum())
+        if self.samples is not None:
+            visual_tokens = sum(int(s.windows.lengths.sum()) for s in self.samples) * sum(
+                1 for layer in self.layers if layer.store is not None)
+        per_token_fp16 = self.num_kv_heads * self.head_dim * 2 * 2
+        quantized = sum(v for k, v in used.items() if k != "dense")
+        return {
+            "bytes": used,
+            "total_bytes": sum(used.values()),
+            "fp16_bytes": tokens * per_token_fp16,
+            "visual_fp16_bytes": visual_tokens * per_token_fp16,
+            "quantized_bytes": quantized,
+            "cached_tokens": tokens,
+        }
+
+
+def windowquant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """``transformers`` attention function: exact SDPA at prefill, the compiled kernel over the buckets at decode.
+
+    ``query [B, Hq, S, D]``; returns ``[B, S, Hq, D]`` as every ``transformers`` attention function does.
+    """
+    cache: WindowQuantCache | None = kwargs.pop("wq_cache", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if cache is None or layer_idx is None:  # vision tower, or a model run without a WindowQuantCache
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer: WindowQuantLayer = cache.layers[layer_idx]
+    if layer.store is None:  # prefill from an empty cache: exact attention on the prompt, then store it
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=sm_scale,
+                                        dropout=dropout, **kwargs)
+        cache.store_prompt(layer_idx, query, key, value, sm_scale)
+        return out, None
+    s = query.shape[2]
+    if s == 1:
+        out = cache.decoder(query.dtype, query.device)(query[:, :, 0], layer.store, sm_scale, cache.stats)
+        return out.unsqueeze(1).to(query.dtype), None
+    # several new tokens on a filled cache (chunked prefill, speculative): the reference path, causal tail
+    from ..reference import decode_attention
+
+    cache.stats.reference_calls += 1
+    out = decode_attention(query, layer.store, sm_scale, causal_tail=s)
+    return out.transpose(1, 2).to(query.dtype), None
+
+
+def register() -> None:
+    """Register ``"windowquant"`` with transformers (attention function and its mask builder). Idempotent."""
+    AttentionInterface.register(NAME, windowquant_attention)
+    # Without a mask function transformers hands unknown implementations no mask at all (padding ignored).
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+__all__: list[str] = [
+    "ATTN_IMPLEMENTATION", "WindowQuantCache", "WindowQuantConfig", "register", "windowquant_attention",
+]
