@@ -1,0 +1,146 @@
+"""CUDA schedules: a hand default (one thread block per batch sample x KV head) and a design space sampling the
+thread count and the per-thread tiles.
+
+Attention layout: blockIdx.x = (b, kv head); inside, every stage of a chunk spreads its spatial iterations over
+``threadIdx.x`` (one extent for the whole kernel), reductions run per thread; dequantization is inlined into its
+consumers (no K/V tile in shared memory); chunk intermediates and the running state live in shared memory.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
+
+from wq_compile.kernels.attention import pieces
+from wq_compile.kernels.merge import MERGE_BLOCKS
+from wq_compile.kernels.quantize import QUANT_BLOCKS
+from wq_compile.spec import KernelSpec
+
+from .llvm import work_on_kernel
+
+#: Threads per block of the element-wise kernels (merge, quantize) and the candidates of their design space.
+DEFAULT_THREADS = 128
+THREAD_CANDIDATES = [32, 64, 128, 256]
+_UNROLL_STEPS = [0, 16, 64, 512]
+
+
+def attention_threads(spec: KernelSpec) -> list[int]:
+    """Thread counts of the attention kernels: ``group_size * chunk / f``.
+
+    Every stage's spatial extent (group x chunk, group x head_dim, group) is then a whole multiple of the thread
+    count or below it, so no split leaves a serial loop around a predicated shared-memory update (ThreadSync cannot
+    place a barrier inside a condition).
+    """
+    full = spec.group_size * spec.chunk
+    out = [full // f for f in (1, 2, 4, 8) if full % f == 0 and full // f <= 1024 and (spec.head_dim * f) % spec.chunk == 0]
+    if not out:
+        raise ValueError(f"cuda: no thread count fits group {spec.group_size} x chunk {spec.chunk} in 1024 threads")
+    return out
+
+
+def target():
+    """The CUDA target these schedules are written for (H100/H200 class, sm_90a)."""
+    import tvm
+
+    return tvm.target.Target("nvidia/nvidia-h100")
+
+
+def postprocs() -> list:
+    return [
+        ms.postproc.RewriteUnboundBlock(max_threadblocks=1024),
+        ms.postproc.RewriteReductionBlock(),
+        ms.postproc.VerifyGPUCode(),
+    ]
+
+
+def mutator_probs() -> dict:
+    return {ms.mutator.MutateThreadBinding(): 0.5, ms.mutator.MutateUnroll(): 0.5}
+
+
+def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
+    """Hand schedule: attention with ``attention_threads(spec)[0]`` threads per block, others ``DEFAULT_THREADS``."""
+    threads = attention_threads(spec)[0] if spec.kind in ("decode", "fused") else DEFAULT_THREADS
+    _schedule(sch, spec, threads, None)
+
+
+def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
+    """ScheduleFn body: samples the thread count (one categorical feeding every threadIdx.x split) and unrolling."""
+    cands = attention_threads(spec) if spec.kind in ("decode", "fused") else THREAD_CANDIDATES
+    threads = sch.sample_categorical(cands, [1.0 / len(cands)] * len(cands))
+    unroll = sch.sample_categorical(_UNROLL_STEPS, [0.25] * 4)
+    _schedule(sch, spec, threads, unroll)
+
+
+def _bind_spatial(sch: s_tir.Schedule, block, n_outer: int, n_spatial: int, threads) -> None:
+    """Fuse the ``n_spatial`` loops after the first ``n_outer`` ones and spread them over threadIdx.x."""
+    loops = sch.get_loops(block)
+    fused = sch.fuse(*loops[n_outer : n_outer + n_spatial]) if n_spatial > 1 else loops[n_outer]
+    _, tx = sch.split(fused, [None, threads])
+    sch.bind(tx, "threadIdx.x")
+
+
+def _schedule(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
+    work_on_kernel(sch)
+    if spec.kind in ("decode", "fused"):
+        _attention(sch, spec, threads, unroll)
+    elif spec.kind == "merge":
+        _elementwise_blocks(sch, MERGE_BLOCKS, threads)
+    elif spec.kind == "quantize":
+        _elementwise_blocks(sch, QUANT_BLOCKS, threads)
+    else:  # pragma: no cover
+        raise ValueError(f"kind: no cuda schedule for {spec.kind!r}")
+
+
+def _elementwise_blocks(sch: s_tir.Schedule, names, threads) -> None:
+    """Each block: its spatial loops fused, split over blockIdx.x / threadIdx.x; reductions serial per thread."""
+    for name in names:
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        iters = sch.get(blk).iter_vars
+        n_spatial = sum(1 for iv in iters if iv.iter_type == 0)  # spatial iters come first in these kernels
+        fused = sch.fuse(*loops[:n_spatial])
+        bx, tx = sch.split(fused, [None, threads])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+
+
+def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
+    ps = pieces(spec)
+    bx = sch.fuse(*sch.get_loops(sch.get_sblock("qscale"))[:2])
+    sch.bind(bx, "blockIdx.x")
+    if unroll is not None:
+        sch.annotate(bx, "meta_schedule.unroll_explicit", unroll)
+    qscale = sch.get_sblock("qscale")
+    _bind_spatial(sch, qscale, 1, 2, threads)
+    sch.set_scope(qscale, 0, "shared")
+    for p in ps:
+        sch.compute_inline(sch.get_sblock(p.block("kdeq")))
+        sch.compute_inline(sch.get_sblock(p.block("vdeq")))
+        # scores: (g, t) over threads; the lane partial sums stay in registers of that thread
+        qk = sch.get_sblock(p.block("qk"))
+        loops = sch.get_loops(qk)  # bx, c, g, t, lane
+        fused = sch.fuse(loops[2], loops[3])
+        _, tx = sch.split(fused, [None, threads])
+        sch.bind(tx, "threadIdx.x")
+        part = sch.get_sblock(p.block("qk_part"))
+        sch.compute_at(part, tx, preserve_unit_loops=True)
+        sch.set_scope(part, 0, "local")
+        sch.set_scope(qk, 0, "shared")
+        for stage, n_spatial in (("cmax", 1), ("prob", 2), ("lsum", 1), ("pv", 2)):
+            blk = sch.get_sblock(p.block(stage))
+            _bind_spatial(sch, blk, 2, n_spatial, threads)
+            sch.set_scope(blk, 0, "shared")
+        # running state (m, l, acc[d]) of query head g lives in registers of thread g; the final blocks use the
+        # same head -> thread map, so no shared-memory read-modify-write sits inside a thread predicate.
+        state = sch.get_sblock(p.block("state"))
+        _bind_spatial(sch, state, 2, 1, threads)
+        for i in range(3):
+            sch.set_scope(state, i, "local")
+        if unroll is None:  # the design space leaves this to RewriteReductionBlock
+            sch.decompose_reduction(state, sch.get_loops(state)[1])
+    finals = ["final_o", "final_lse"] if len(ps) == 1 else ["final_m", *[p.block("final_w") for p in ps], "final_l", "final_o"]
+    for name in finals:
+        blk = sch.get_sblock(name)
+        _bind_spatial(sch, blk, 1, 1, threads)  # head -> thread; the channel loop of final_o stays serial
+        if name == "final_m" or name == "final_l" or name == ps[0].block("final_w"):
+            sch.set_scope(blk, 0, "local")

@@ -1,0 +1,320 @@
+"""Kernels (llvm) against the torch oracles: wq_compile.reference (attention, merge) and wq_compile.quant (format).
+
+Tolerances: the kernel and the oracle read the same quantized data, so they agree to fp32 rounding (the kernel
+uses a polynomial exp with ~2e-7 relative error and a different summation order). One table, per bit width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import tvm
+
+from wq_compile import quant, reference
+from wq_compile.kernels import KernelSignature, make_kernel, signature
+from wq_compile.schedules import llvm as sched
+from wq_compile.spec import KernelSpec, QuantSpec
+
+#: bits -> (atol, rtol) for o / out (fp32 outputs) and atol for lse.
+TOL = {2: (1e-4, 1e-4), 4: (1e-4, 1e-4), 8: (1e-4, 1e-4), 16: (1e-4, 1e-4)}
+#: fp16 outputs are rounded to fp16 once at the end: half an ulp of values ~1.
+TOL_F16 = (2e-3, 2e-3)
+LSE_ATOL = 1e-4
+
+SHAPES = {"0.5b": dict(head_dim=64, num_q_heads=14, num_kv_heads=2), "7b": dict(head_dim=128, num_q_heads=28, num_kv_heads=4)}
+#: (capacity N, lens per sample): one compiled module serves every N.
+CASES = [(64, [7, 13]), (320, [0, 300]), (256, [196, 256])]
+SM_SCALE = 0.125
+
+_CACHE: dict = {}
+
+
+def compiled(spec: KernelSpec, knobs: dict | None = None):
+    """Compile once per (spec, schedule) for the whole session (default schedule, or the tuned one with knobs)."""
+    key = (spec, None if knobs is None else tuple(sorted(knobs.items())))
+    if key not in _CACHE:
+        sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: make_kernel(spec)}))
+        if knobs is None:
+            sched.default_schedule(sch, spec)
+        else:
+            sched.tuned_schedule(sch, spec, knobs)
+        _CACHE[key] = tvm.compile(sch.mod, target=sched.host_target())[spec.uri]
+    return _CACHE[key]
+
+
+def _bucket(bits: int, spec: KernelSpec, n: int, lens: list[int], gen: torch.Generator):
+    """Random K/V of capacity n quantized by the reference; returns (kernel args, dense fp32 k, v for the oracle)."""
+    b, hkv, d = len(lens), spec.num_kv_heads, spec.head_dim
+    k = torch.randn(b, hkv, n, d, generator=gen) * 2 + 0.5
+    v = torch.randn(b, hkv, n, d, generator=gen)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    if bits == 16:
+        k, v = k.to(spec.torch_dtype), v.to(spec.torch_dtype)
+        kp, vp = k.clone(), v.clone()
+        for i, ln in enumerate(lens):  # garbage past lens must never reach the output
+            kp[i, :, ln:] = float("nan")
+            vp[i, :, ln:] = float("nan")
+        return [kp, vp, lens_t], k.float(), v.float()
+    qs = QuantSpec(bits, spec.k_group, spec.v_group)
+    qk, qv = quant.quantize_keys(k, qs), quant.quantize_values(v, qs)
+    v_scale = qv.scale.clone()
+    for i, ln in enumerate(lens):
+        v_scale[i, :, ln:] = float("nan")
+    args = [qk.codes, qk.scale, qk.zero, qv.codes, v_scale, qv.zero, lens_t]
+    return args, quant.dequantize_keys(qk), quant.dequantize_values(qv)
+
+
+def _check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.float() - want.float()).abs()
+    bound = atol + rtol * want.float().abs()
+    assert bool((err <= bound).all()), f"{name}: max err {err.max().item():.3g} (atol {atol}, rtol {rtol})"
+
+
+def _check_lse(got: torch.Tensor, want: torch.Tensor, lens: list[int]) -> None:
+    for i, ln in enumerate(lens):
+        if ln == 0:
+            assert bool(torch.isneginf(got[i]).all()), "lse of an empty sample must be -inf"
+        else:
+            _check("lse", got[i], want[i], LSE_ATOL, 1e-6)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_decode_matches_reference(bits: int, shape: str) -> None:
+    spec = KernelSpec("decode", (bits,), **SHAPES[shape])
+    fn = compiled(spec)
+    gen = torch.Generator().manual_seed(bits * 7 + len(shape))
+    for n, lens in CASES:
+        args, k, v = _bucket(bits, spec, n, lens, gen)
+        q = torch.randn(len(lens), spec.num_q_heads, spec.head_dim, generator=gen)
+        o = torch.full((len(lens), spec.num_q_heads, spec.head_dim), float("nan"))
+        lse = torch.full((len(lens), spec.num_q_heads), float("nan"))
+        call = (q, *args, SM_SCALE, o, lse)
+        signature(spec).bind(*call)
+        fn(*call)
+        ro, rl = reference.attend_piece(q, k, v, args[-1], SM_SCALE)
+        _check(f"o bits={bits} n={n}", o, ro, *TOL[bits])
+        _check_lse(lse, rl, lens)
+        for i, ln in enumerate(lens):
+            if ln == 0:
+                assert bool((o[i] == 0).all()), "o of an empty sample must be 0"
+
+
+def test_decode_dense_f16() -> None:
+    spec = KernelSpec("decode", (16,), dtype="f16", **SHAPES["7b"])
+    fn = compiled(spec)
+    gen = torch.Generator().manual_seed(5)
+    for n, lens in CASES:
+        args, k, v = _bucket(16, spec, n, lens, gen)
+        q = torch.randn(len(lens), spec.num_q_heads, spec.head_dim, generator=gen).half()
+        o = torch.empty(len(lens), spec.num_q_heads, spec.head_dim)
+        lse = torch.empty(len(lens), spec.num_q_heads)
+        fn(q, *args, SM_SCALE, o, lse)
+        ro, rl = reference.attend_piece(q, k, v, args[-1], SM_SCALE)
+        _check("o f16", o, ro, *TOL[16])
+        _check_lse(lse, rl, lens)
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_decode_tuned_schedule(bits: int) -> None:
+    """The hand-knob instance of the design space computes the same thing."""
+    spec = KernelSpec("decode", (bits,), **SHAPES["0.5b"])
+    fn = compiled(spec, sched.HAND_KNOBS)
+    gen = torch.Generator().manual_seed(11)
+    for n, lens in CASES:
+        args, k, v = _bucket(bits, spec, n, lens, gen)
+        q = torch.randn(len(lens), spec.num_q_heads, spec.head_dim, generator=gen)
+        o, lse = torch.empty(len(lens), 14, 64), torch.empty(len(lens), 14)
+        fn(q, *args, SM_SCALE, o, lse)
+        ro, rl = reference.attend_piece(q, k, v, args[-1], SM_SCALE)
+        _check("o tuned", o, ro, *TOL[bits])
+        _check_lse(lse, rl, lens)
+
+
+def _fused_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator):
+    args, outs, lses = [], [], []
+    b = len(next(iter(lens.values())))
+    q = torch.randn(b, spec.num_q_heads, spec.head_dim, generator=gen).to(spec.torch_dtype)
+    for bits in spec.bits:
+        a, k, v = _bucket(bits, spec, caps[bits], lens[bits], gen)
+        args += a
+        o, lse = reference.attend_piece(q, k, v, a[-1], SM_SCALE)
+        outs.append(o)
+        lses.append(lse)
+    want, _ = reference.merge_states(outs, lses)
+    return [q, *args, SM_SCALE], want
+
+
+@pytest.mark.parametrize(
+    "shape,knobs", [("0.5b", None), ("0.5b", "hand"), ("7b", None)], ids=["0.5b-default", "0.5b-tuned", "7b-default"]
+)
+def test_fused_matches_reference(shape: str, knobs) -> None:
+    spec = KernelSpec("fused", (8, 4, 2, 16), **SHAPES[shape])
+    fn = compiled(spec, sched.HAND_KNOBS if knobs == "hand" else None)
+    gen = torch.Generator().manual_seed(3)
+    scenarios = [
+        ({8: 64, 4: 320, 2: 256, 16: 64}, {8: [7, 13], 4: [300, 0], 2: [196, 256], 16: [5, 0]}),
+        ({8: 64, 4: 64, 2: 128, 16: 64}, {8: [0, 0], 4: [64, 1], 2: [0, 100], 16: [0, 64]}),  # an empty bucket
+        ({8: 64, 4: 64, 2: 64, 16: 64}, {8: [0, 0], 4: [0, 0], 2: [0, 0], 16: [0, 0]}),  # nothing at all -> 0
+    ]
+    for caps, lens in scenarios:
+        call, want = _fused_case(spec, caps, lens, gen)
+        out = torch.full((2, spec.num_q_heads, spec.head_dim), float("nan"))
+        signature(spec).bind(*call, out)
+        fn(*call, out)
+        _check(f"fused {caps}", out, want, *TOL[2])
+
+
+def test_fused_f16_output() -> None:
+    spec = KernelSpec("fused", (4, 16), dtype="f16", **SHAPES["0.5b"])
+    fn = compiled(spec)
+    gen = torch.Generator().manual_seed(9)
+    call, want = _fused_case(spec, {4: 320, 16: 64}, {4: [300, 13], 16: [7, 64]}, gen)
+    out = torch.empty(2, 14, 64, dtype=torch.float16)
+    fn(*call, out)
+    _check("fused f16", out, want, *TOL_F16)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_merge_matches_reference(dtype: str) -> None:
+    spec = KernelSpec("merge", (16,), dtype=dtype, **SHAPES["0.5b"])
+    fn = compiled(spec)
+    gen = torch.Generator().manual_seed(1)
+    for parts in (1, 3, 5):  # one module, every P
+        o = torch.randn(parts, 2, 14, 64, generator=gen)
+        lse = torch.randn(parts, 2, 14, generator=gen) * 4
+        lse[0, 1, :3] = float("-inf")  # an empty piece
+        lse[:, 0, 5] = float("-inf")  # a row with no piece at all
+        o[:, 0, 5] = 0.0
+        out = torch.empty(2, 14, 64, dtype=spec.torch_dtype)
+        fn(o, lse, out)
+        want, _ = reference.merge_states(list(o), list(lse))
+        _check(f"merge P={parts}", out, want, *(TOL[16] if dtype == "f32" else TOL_F16))
+        assert bool((out[0, 5] == 0).all())
+
+
+@pytest.mark.parametrize("bits,dtype", [(2, "f32"), (4, "f32"), (8, "f32"), (4, "f16")])
+def test_quantize_matches_quant(bits: int, dtype: str) -> None:
+    spec = KernelSpec("quantize", (bits,), dtype=dtype, **SHAPES["0.5b"])
+    fn = compiled(spec)
+    qs = spec.quant(bits)
+    gen = torch.Generator().manual_seed(bits)
+    for n in (28, 196):  # one module, every block length (whole key groups)
+        k = (torch.randn(2, 2, n, 64, generator=gen) * 3).to(spec.torch_dtype)
+        v = torch.randn(2, 2, n, 64, generator=gen).to(spec.torch_dtype)
+        k[0, 0, :28, 5] = 1.5  # constant key group
+        v[1, 1, 3, :] = -0.25  # constant value group
+        w = 64 // qs.per_word
+        outs = [
+            torch.empty(2, 2, n, w, dtype=torch.int32),
+            torch.empty(2, 2, n // 28, 64, dtype=torch.float16),
+            torch.empty(2, 2, n // 28, 64, dtype=torch.float16),
+            torch.empty(2, 2, n, w, dtype=torch.int32),
+            torch.empty(2, 2, n, 1, dtype=torch.float16),
+            torch.empty(2, 2, n, 1, dtype=torch.float16),
+        ]
+        signature(spec).bind(k, v, *outs)
+        fn(k, v, *outs)
+        rk, rv = quant.quantize_keys(k, qs), quant.quantize_values(v, qs)
+        for name, got, want in (("k_scale", outs[1], rk.scale), ("k_zero", outs[2], rk.zero)):
+            assert torch.equal(got, want), name
+        for name, got, want in (("v_scale", outs[4], rv.scale), ("v_zero", outs[5], rv.zero)):
+            assert torch.equal(got, want), name
+        for name, got, want in (("k_codes", outs[0], rk.codes), ("v_codes", outs[3], rv.codes)):
+            same = (quant.unpack(got, bits) == quant.unpack(want, bits)).float().mean().item()
+            assert same >= 0.999, f"{name}: only {same:.5f} of the codes equal the reference"
+        kq = quant.QuantizedKeys(outs[0], outs[1], outs[2], qs)
+        idx = torch.arange(n) // qs.k_group
+        bound = quant.error_bound(k, outs[1][..., idx, :], outs[2][..., idx, :])
+        assert bool(((quant.dequantize_keys(kq) - k.float()).abs() <= bound).all()), "key dequant error"
+        vq = quant.QuantizedValues(outs[3], outs[4], outs[5], qs)
+        vs = outs[4].repeat_interleave(qs.v_group, -1)
+        vz = outs[5].repeat_interleave(qs.v_group, -1)
+        assert bool(((quant.dequantize_values(vq) - v.float()).abs() <= quant.error_bound(v, vs, vz)).all())
+        assert not torch.isnan(outs[1].float()).any() and not torch.isnan(outs[4].float()).any()
+
+
+def test_signature_rejects_bad_tensors() -> None:
+    spec = KernelSpec("decode", (4,), **SHAPES["0.5b"])
+    sig: KernelSignature = signature(spec)
+    assert sig.names == ("q", "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "lens", "sm_scale", "o", "lse")
+    gen = torch.Generator().manual_seed(0)
+    args, _, _ = _bucket(4, spec, 64, [3, 5], gen)
+    q = torch.randn(2, 14, 64)
+    good = [q, *args, SM_SCALE, torch.empty(2, 14, 64), torch.empty(2, 14)]
+    assert sig.bind(*good) == {"B": 2, "N": 64, "G": 3}
+    with pytest.raises(TypeError, match="q must be"):
+        sig.bind(q.double(), *good[1:])
+    bad_n, _, _ = _bucket(4, spec, 70, [3, 5], gen)  # not whole chunks
+    with pytest.raises(ValueError, match="positive multiple of 64"):
+        sig.bind(q, *bad_n, *good[-3:])
+    with pytest.raises(ValueError, match="dim 0"):
+        sig.bind(q[:1], *good[1:])
+    with pytest.raises(TypeError, match="expected 11"):
+        sig.bind(*good[:-1])
+
+
+def test_make_kernel_names_function_by_uri() -> None:
+    for spec in (
+        KernelSpec("decode", (2,), **SHAPES["0.5b"]),
+        KernelSpec("fused", (8, 16), **SHAPES["7b"]),
+        KernelSpec("merge", (16,), **SHAPES["0.5b"]),
+        KernelSpec("quantize", (8,), **SHAPES["7b"]),
+    ):
+        func = make_kernel(spec)
+        assert func.attrs["global_symbol"] == spec.uri
+    with pytest.raises(ValueError, match="dense piece"):
+        make_kernel(KernelSpec("fused", (16, 4), **SHAPES["0.5b"]))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_llvm_design_space_samples_are_correct(seed: int) -> None:
+    """Random draws of the design space (as MetaSchedule replays them) build and compute the right thing."""
+    spec = KernelSpec("fused", (4, 16), **SHAPES["0.5b"])
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": make_kernel(spec)}), seed=seed)
+    sched.design_space(sch, spec)
+    fn = tvm.compile(sch.mod, target=sched.host_target())["main"]
+    gen = torch.Generator().manual_seed(seed)
+    call, want = _fused_case(spec, {4: 128, 16: 64}, {4: [100, 128], 16: [3, 0]}, gen)
+    out = torch.empty(2, 14, 64)
+    fn(*call, out)
+    _check(f"design space seed {seed}", out, want, *TOL[4])
+    assert not math.isnan(out.sum().item())
+
+
+def test_static_workload_for_metaschedule() -> None:
+    """The tuning workload has only static shapes (MetaSchedule's ArgInfo rejects symbolic ones)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from wq_compile.kernels import static_workload
+
+    spec = KernelSpec("fused", (4, 16), **SHAPES["0.5b"])
+    func = static_workload(spec, {"B": 1, "N4": 256, "G4": 10, "N16": 64})
+    infos = ms.arg_info.ArgInfo.from_prim_func(func)
+    assert len(infos) == len(signature(spec).args) - 1  # sm_scale is bound
+    assert all(isinstance(int(x), int) for info in infos for x in info.shape)
+    with pytest.raises(ValueError, match="no value for symbols"):
+        static_workload(spec, {"B": 1})
+
+
+def test_example_sizes_satisfy_signature() -> None:
+    from wq_compile.kernels import example_sizes
+
+    for spec in (
+        KernelSpec("fused", (8, 4, 2, 16), **SHAPES["0.5b"]),
+        KernelSpec("decode", (16,), **SHAPES["7b"]),
+        KernelSpec("decode", (2,), **SHAPES["7b"]),
+        KernelSpec("merge", (16,), **SHAPES["0.5b"]),
+        KernelSpec("quantize", (4,), **SHAPES["0.5b"]),
+    ):
+        sizes = example_sizes(spec, 8000)
+        sig = signature(spec)
+        tensors = [
+            None if a.is_scalar else torch.zeros([sizes[s] if isinstance(s, str) else s for s in a.shape], dtype=a.torch_dtype)
+            for a in sig.args
+        ]
+        bound = sig.bind(*[SM_SCALE if t is None else t for t in tensors])
+        assert bound == sizes, spec.uri

@@ -1,0 +1,103 @@
+"""TensorIR kernel factories: :class:`~wq_compile.spec.KernelSpec` in, ``tvm.tirx.PrimFunc`` out (pure, no target).
+
+The function's ``global_symbol`` is ``spec.uri``. Token counts are symbolic: one module serves every length; token
+capacities ``N`` must be whole multiples of ``spec.chunk`` and tokens ``t >= lens[b]`` are masked.
+
+Argument order (``*`` = symbolic; per = 32 // bits codes per int32 word; Dv = D / v_group):
+
+- ``decode``, bits (b,), b in 2/4/8: ``q [B,Hq,D] dtype, k_codes [B,Hkv,N,D/per] i32, k_scale [B,Hkv,G,D] f16,
+  k_zero [B,Hkv,G,D] f16, v_codes [B,Hkv,N,D/per] i32, v_scale [B,Hkv,N,Dv] f16, v_zero [B,Hkv,N,Dv] f16,
+  lens [B] i32, sm_scale f32, o [B,Hq,D] f32, lse [B,Hq] f32`` (G * k_group >= N; token t uses key group t // k_group).
+- ``decode``, bits (16,): ``q, k [B,Hkv,N,D] dtype, v [B,Hkv,N,D] dtype, lens, sm_scale, o, lse``.
+  ``o`` is the normalized partial output, ``lse`` the natural-log log-sum-exp of the scaled scores;
+  an empty sample gives ``o = 0`` and ``lse = -inf`` exactly.
+- ``merge``: ``o_parts [P,B,Hq,D] f32, lse_parts [P,B,Hq] f32, out [B,Hq,D] dtype``.
+- ``fused``, bits e.g. (8, 4, 2, 16): ``q``, then per quantized width in spec.bits order its 7 arguments
+  ``k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lens`` (own N_b, G_b), then the dense ``k, v, lens``
+  (own N_16), then ``sm_scale``, then ``out [B,Hq,D] dtype`` (final normalized attention).
+- ``quantize``, bits (b,): ``k [B,Hkv,n,D] dtype, v [B,Hkv,n,D] dtype`` -> ``k_codes, k_scale [B,Hkv,n/k_group,D],
+  k_zero, v_codes, v_scale [B,Hkv,n,Dv], v_zero`` (n a multiple of k_group).
+
+:func:`signature` describes every argument (:class:`KernelSignature`); ``signature(spec).bind(*tensors)`` validates
+torch tensors and returns the symbolic sizes.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+
+from ..spec import KernelSpec
+from . import attention, merge, quantize
+from .common import NEG_BIG, ArgSpec, KernelSignature
+
+__all__ = ["ArgSpec", "KernelSignature", "NEG_BIG", "example_sizes", "make_kernel", "signature", "static_workload"]
+
+
+def make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
+    """The TIR function of ``spec`` (unscheduled; schedule it with ``wq_compile.schedules``)."""
+    if spec.kind in ("decode", "fused"):
+        return attention.build_attention(spec)
+    if spec.kind == "merge":
+        return merge.build_merge(spec)
+    if spec.kind == "quantize":
+        return quantize.build_quantize(spec)
+    raise ValueError(f"kind: no kernel factory for {spec.kind!r}")
+
+
+def signature(spec: KernelSpec) -> KernelSignature:
+    """Argument list of ``make_kernel(spec)``, in call order."""
+    if spec.kind in ("decode", "fused"):
+        return attention.signature(spec)
+    if spec.kind == "merge":
+        return merge.signature(spec)
+    if spec.kind == "quantize":
+        return quantize.signature(spec)
+    raise ValueError(f"kind: no kernel factory for {spec.kind!r}")
+
+
+def static_workload(spec: KernelSpec, sizes: dict[str, int], scalars: dict[str, float] | None = None) -> tirx.PrimFunc:
+    """``make_kernel(spec)`` with every symbolic size (and scalar parameter) fixed: the tuning workload.
+
+    MetaSchedule measures only static shapes (``ArgInfo`` rejects symbolic ones). The design spaces never touch the
+    dynamic chunk loop, so a trace tuned on this function replays on the symbolic ``make_kernel(spec)``.
+    ``sizes`` maps the symbols of :func:`signature` (``B``, ``N``, ``G``, ``N4``, ...) to ints; scalars default to
+    ``sm_scale = head_dim ** -0.5``.
+    """
+    func = make_kernel(spec)
+    sig = signature(spec)
+    scalars = {"sm_scale": spec.head_dim**-0.5, **(scalars or {})}
+    missing = sorted({s for a in sig.args for s in a.shape if isinstance(s, str)} - set(sizes))
+    if missing:
+        raise ValueError(f"sizes: no value for symbols {missing} of {spec.uri}")
+    mapping = {}
+    for param, arg in zip(func.params, sig.args):
+        if arg.is_scalar:
+            mapping[param] = tirx.const(scalars[arg.name], arg.dtype)
+        else:
+            shape = [sizes[s] if isinstance(s, str) else s for s in arg.shape]
+            mapping[param] = tirx.decl_buffer(shape, arg.dtype, name=arg.name)
+    return func.specialize(mapping)
+
+
+def example_sizes(spec: KernelSpec, n_tokens: int, batch: int = 1) -> dict[str, int]:
+    """Symbol values of a representative workload with ``n_tokens`` per piece (tuning / benchmarks).
+
+    Token capacities are rounded up to whole chunks (attention) or key groups (quantize); every key group count
+    covers its capacity; merge uses one part per width in ``spec.bits`` (at least 2) unless fixed by ``spec.extra``.
+    """
+    sizes = {"B": batch}
+    if spec.kind in ("decode", "fused"):
+        n = max(spec.chunk, -(-n_tokens // spec.chunk) * spec.chunk)
+        for p in attention.pieces(spec):
+            sizes[p.n_sym] = n if p.quantized else spec.chunk  # the dense piece is the small residual
+            if p.quantized:
+                sizes[p.g_sym] = -(-n // spec.k_group)
+        if spec.kind == "decode" and spec.bits == (16,):
+            sizes["N"] = n
+    elif spec.kind == "merge":
+        if "p" not in dict(spec.extra):
+            sizes["P"] = max(2, len(spec.bits))
+    elif spec.kind == "quantize":
+        n = max(spec.k_group, -(-n_tokens // spec.k_group) * spec.k_group)
+        sizes.update(n=n, G=n // spec.k_group)
+    return sizes

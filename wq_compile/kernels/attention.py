@@ -1,0 +1,421 @@
+"""Decode attention over quantized buckets and a dense piece: ``kind="decode"`` (one piece -> partial o, lse) and
+``kind="fused"`` (all pieces of a layer in one launch -> final normalized output).
+
+Structure (one work item per batch sample x KV head; every query head of the GQA group shares the dequantized
+K/V chunk)::
+
+    for b, kh:                          # parallel (llvm) / blockIdx (cuda)
+      qf = q * sm_scale
+      for piece in pieces:              # quant buckets in spec.bits order, then the dense piece
+        for c in range(N_piece // chunk):          # dynamic count of fixed chunks: one module, every length
+          kdeq    Kd[t, w, j] = dequant(k_codes, k_scale, k_zero)      (chunk x D, d = w * per + j)
+          qk_part sp[g, t, l] = sum_do qf[g, do*L + l] * Kd[t, do*L + l]   (L = qk_lanes: the vector axis)
+          qk      S[g, t]     = sum_l sp[g, t, l]
+          cmax    mc[g]       = max_t (t valid ? S : NEG_BIG)
+          prob    P[g, t]     = t valid ? exp(S - mc) : 0;     lsum lc[g] = sum_t P
+          vdeq    Vd[t, w, j] = t valid ? dequant(v_codes, v_scale, v_zero) : 0  (garbage slots never reach acc)
+          pv      pvc[g, d]   = sum_t P[g, t] * Vd[t, d]
+          state   (m, l, acc) <- merge with (mc, lc, pvc)     # reduction over chunks, the only writer of the state
+      final: decode -> o = acc / l, lse = m + log(l);  fused -> log-sum-exp merge of the pieces' states
+
+Every block is a complete block or a reduction block and no block reads a buffer that a later block of the same
+scope writes, so the scope is a stage pipeline (parallel, compute_at, compute_inline, decompose_reduction work).
+Intermediates are declared full-size at the root block (``T.sblock_alloc_buffer``) and indexed by global token;
+lowering compacts them to one chunk per work item.
+Empty samples (``lens[b] == 0``) give ``o = 0`` and ``lse = -inf`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from ..spec import KernelSpec
+from .common import NEG_BIG, ArgSpec, KernelSignature, f32, fast_exp
+
+_F32 = "float32"
+_I32 = "int32"
+_F16 = "float16"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One uniform-precision input of an attention kernel: a quantized bucket (bits 2/4/8) or the dense piece (16)."""
+
+    bits: int
+    tag: str  # block-name prefix and symbol suffix: "q4", "dense"
+    n_sym: str  # symbolic token capacity (a multiple of spec.chunk)
+    g_sym: str  # symbolic key-group count (quantized pieces)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
+
+    def block(self, stage: str) -> str:
+        return f"{self.tag}_{stage}"
+
+
+#: Stages of one piece, in program order (block names are ``f"{piece.tag}_{stage}"``).
+PIECE_STAGES = ("kdeq", "qk_part", "qk", "cmax", "prob", "lsum", "vdeq", "pv", "state")
+
+
+def pieces(spec: KernelSpec) -> tuple[Piece, ...]:
+    """The pieces of a decode/fused spec, in argument order."""
+    if spec.kind not in ("decode", "fused"):
+        raise ValueError(f"kind: attention pieces exist for decode/fused, got {spec.kind!r}")
+    if spec.kind == "decode" and len(spec.bits) != 1:
+        raise ValueError(f"bits: a decode kernel reads one bucket, got {spec.bits}")
+    if 16 in spec.bits and spec.bits[-1] != 16:
+        raise ValueError(f"bits: the dense piece (16) must come last, got {spec.bits}")
+    out = []
+    for b in spec.bits:
+        tag = "dense" if b == 16 else f"q{b}"
+        suffix = "" if spec.kind == "decode" else str(b)
+        out.append(Piece(b, tag, f"N{suffix}", f"G{suffix}"))
+    return tuple(out)
+
+
+def piece_args(spec: KernelSpec, p: Piece) -> list[ArgSpec]:
+    d, hkv = spec.head_dim, spec.num_kv_heads
+    pre = "" if spec.kind == "decode" else f"{p.tag}_"
+    if not p.quantized:
+        return [
+            ArgSpec(f"{pre}k", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
+            ArgSpec(f"{pre}v", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
+            ArgSpec(f"{pre}lens", ("B",), _I32),
+        ]
+    q = spec.quant(p.bits)
+    w = d // q.per_word
+    return [
+        ArgSpec(f"{pre}k_codes", ("B", hkv, p.n_sym, w), _I32),
+        ArgSpec(f"{pre}k_scale", ("B", hkv, p.g_sym, d), _F16),
+        ArgSpec(f"{pre}k_zero", ("B", hkv, p.g_sym, d), _F16),
+        ArgSpec(f"{pre}v_codes", ("B", hkv, p.n_sym, w), _I32),
+        ArgSpec(f"{pre}v_scale", ("B", hkv, p.n_sym, d // q.v_group), _F16),
+        ArgSpec(f"{pre}v_zero", ("B", hkv, p.n_sym, d // q.v_group), _F16),
+        ArgSpec(f"{pre}lens", ("B",), _I32),
+    ]
+
+
+def signature(spec: KernelSpec) -> KernelSignature:
+    """Argument list of a decode/fused kernel (see the module docstring of :mod:`wq_compile.kernels`)."""
+    ps = pieces(spec)
+    args = [ArgSpec("q", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype)]
+    for p in ps:
+        args += piece_args(spec, p)
+    args.append(ArgSpec("sm_scale", (), _F32, is_scalar=True))
+    if spec.kind == "decode":
+        args.append(ArgSpec("o", ("B", spec.num_q_heads, spec.head_dim), _F32))
+        args.append(ArgSpec("lse", ("B", spec.num_q_heads), _F32))
+    else:
+        args.append(ArgSpec("out", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype))
+    multiple = tuple((p.n_sym, spec.chunk) for p in ps)
+    at_least = tuple((p.g_sym, p.n_sym, spec.k_group) for p in ps if p.quantized)
+    return KernelSignature(spec.uri, tuple(args), multiple, at_least)
+
+
+def qk_lanes(head_dim: int) -> int:
+    """Channel lanes of the partial dot products (the vectorizable axis of the score computation)."""
+    return math.gcd(head_dim, 8)
+
+
+def _unpack(word: tirx.PrimExpr, j: tirx.PrimExpr, bits: int) -> tirx.PrimExpr:
+    """Code ``j`` of an int32 word as fp32; the mask drops the sign extension of the arithmetic shift."""
+    shifted = tirx.shift_right(word, j * bits)
+    return tirx.bitwise_and(shifted, tirx.const((1 << bits) - 1, _I32)).astype(_F32)
+
+
+def build_attention(spec: KernelSpec) -> tirx.PrimFunc:
+    """TIR of a decode (one piece -> o, lse) or fused (all pieces -> out) attention kernel."""
+    ps = pieces(spec)
+    sig = signature(spec)
+    hq, hkv, d, gs = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.group_size
+    syms: dict[str, tirx.Var] = {}
+
+    def dim(x: int | str) -> tirx.PrimExpr:
+        if isinstance(x, int):
+            return x
+        return syms.setdefault(x, tirx.Var(x, "int32"))
+
+    def alloc(name: str, shape, dtype: str = _F32):
+        return IRBuilder.name(name, T.sblock_alloc_buffer(shape, dtype))
+
+    with IRBuilder() as ib:
+        with T.prim_func(s_tir=True):
+            T.func_name(spec.uri)
+            T.func_attr({"tirx.noalias": True})
+            bufs: dict[str, object] = {}
+            for a in sig.args:
+                if a.is_scalar:
+                    bufs[a.name] = T.arg(a.name, tirx.Var(a.name, a.dtype))
+                else:
+                    bufs[a.name] = T.arg(a.name, T.buffer(tuple(dim(s) for s in a.shape), a.dtype))
+            bsz = syms["B"]
+            q, sm_scale = bufs["q"], bufs["sm_scale"]
+            with T.sblock("root"):
+                qf = alloc("qf", (bsz, hq, d))
+                states = []
+                for p in ps:
+                    n = syms[p.n_sym]
+                    nc = tirx.floordiv(n, spec.chunk)
+                    t = p.tag
+                    per = spec.quant(p.bits).per_word if p.quantized else d
+                    states.append(
+                        {
+                            "acc": alloc(f"{t}_acc", (bsz, hq, d)),
+                            "m": alloc(f"{t}_m", (bsz, hq)),
+                            "l": alloc(f"{t}_l", (bsz, hq)),
+                            "kd": alloc(f"{t}_kd", (bsz, hkv, n, d // per, per)),
+                            "vd": alloc(f"{t}_vd", (bsz, hkv, n, d // per, per)),
+                            "s": alloc(f"{t}_s", (bsz, hq, n)),
+                            "sp": alloc(f"{t}_sp", (bsz, hkv, gs, n, qk_lanes(d))),
+                            "p": alloc(f"{t}_p", (bsz, hq, n)),
+                            "mc": alloc(f"{t}_mc", (bsz, hq, nc)),
+                            "lc": alloc(f"{t}_lc", (bsz, hq, nc)),
+                            "pvc": alloc(f"{t}_pvc", (bsz, nc, hq, d)),
+                        }
+                    )
+                if len(ps) > 1:
+                    m_all = alloc("m_all", (bsz, hq))
+                    w_all = alloc("w_all", (bsz, hq, len(ps)))
+                    l_all = alloc("l_all", (bsz, hq))
+                with T.grid(bsz, hkv) as (b, kh):
+                    IRBuilder.name_many(["b", "kh"], [b, kh])
+                    with T.grid(gs, d) as (g, dd):
+                        with T.sblock("qscale"):
+                            vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
+                            h = vkh * gs + vg
+                            T.buffer_store(qf, q[vb, h, vd].astype(_F32) * sm_scale, [vb, h, vd])
+                    for p, st in zip(ps, states):
+                        _emit_piece(spec, p, bufs, st, qf, syms, b, kh)
+                    if len(ps) == 1:
+                        _emit_final_single(spec, ps[0], bufs, states[0], syms, b, kh)
+                    else:
+                        _emit_final_merge(spec, ps, bufs, states, syms, b, kh, m_all, w_all, l_all)
+    return ib.get()
+
+
+def _present(spec: KernelSpec, p: Piece, syms) -> tirx.PrimExpr:
+    """True when the piece has at least one chunk (else its reduction states were never initialized)."""
+    return tirx.floordiv(syms[p.n_sym], spec.chunk) > 0
+
+
+def _emit_final_single(spec, p, bufs, st, syms, b, kh) -> None:
+    gs, d = spec.group_size, spec.head_dim
+    o, lse = bufs["o"], bufs["lse"]
+    acc, m_st, l_st = st["acc"], st["m"], st["l"]
+    present = _present(spec, p, syms)
+    with T.grid(gs, d) as (g, dd):
+        with T.sblock("final_o"):
+            vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
+            h = vkh * gs + vg
+            lv = l_st[vb, h]
+            ok = tirx.all(present, lv > f32(0.0))
+            T.buffer_store(o, tirx.Select(ok, acc[vb, h, vd] / lv, f32(0.0)), [vb, h, vd])
+    with T.grid(gs) as g:
+        with T.sblock("final_lse"):
+            vb, vkh, vg = T.axis.remap("SSS", [b, kh, g])
+            h = vkh * gs + vg
+            lv = l_st[vb, h]
+            ok = tirx.all(present, lv > f32(0.0))
+            val = tirx.Select(ok, m_st[vb, h] + tirx.log(lv), f32(float("-inf")))
+            T.buffer_store(lse, val, [vb, h])
+
+
+def _emit_final_merge(spec, ps, bufs, states, syms, b, kh, m_all, w_all, l_all) -> None:
+    """Combine the pieces' (m, l, acc) states: out = sum_p acc_p e^(m_p - M) / sum_p l_p e^(m_p - M)."""
+    gs, d = spec.group_size, spec.head_dim
+    out = bufs["out"]
+    with T.grid(gs) as g:
+        with T.sblock("final_m"):
+            vb, vkh, vg = T.axis.remap("SSS", [b, kh, g])
+            h = vkh * gs + vg
+            mx = f32(NEG_BIG)
+            for p, st in zip(ps, states):
+                mx = tirx.max(mx, tirx.Select(_present(spec, p, syms), st["m"][vb, h], f32(NEG_BIG)))
+            T.buffer_store(m_all, mx, [vb, h])
+    for i, (p, st) in enumerate(zip(ps, states)):
+        with T.grid(gs) as g:
+            with T.sblock(p.block("final_w")):
+                vb, vkh, vg = T.axis.remap("SSS", [b, kh, g])
+                h = vkh * gs + vg
+                w = tirx.Select(_present(spec, p, syms), tirx.exp(st["m"][vb, h] - m_all[vb, h]), f32(0.0))
+                T.buffer_store(w_all, w, [vb, h, i])
+    with T.grid(gs) as g:
+        with T.sblock("final_l"):
+            vb, vkh, vg = T.axis.remap("SSS", [b, kh, g])
+            h = vkh * gs + vg
+            tot = f32(0.0)
+            for i, st in enumerate(states):
+                tot = tot + tirx.Select(w_all[vb, h, i] > f32(0.0), st["l"][vb, h] * w_all[vb, h, i], f32(0.0))
+            T.buffer_store(l_all, tot, [vb, h])
+    with T.grid(gs, d) as (g, dd):
+        with T.sblock("final_o"):
+            vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
+            h = vkh * gs + vg
+            num = f32(0.0)
+            for i, st in enumerate(states):
+                num = num + tirx.Select(w_all[vb, h, i] > f32(0.0), st["acc"][vb, h, vd] * w_all[vb, h, i], f32(0.0))
+            lv = l_all[vb, h]
+            val = tirx.Select(lv > f32(0.0), num / lv, f32(0.0))
+            T.buffer_store(out, val.astype(spec.tvm_dtype), [vb, h, vd])
+
+
+def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh) -> None:
+    """The chunk loop of one piece (see the module docstring); every block is complete or a reduction block."""
+    hkv, d, gs, c = spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk
+    bsz = syms["B"]
+    nc = tirx.floordiv(syms[p.n_sym], c)
+    pre = "" if spec.kind == "decode" else f"{p.tag}_"
+    lens = bufs[f"{pre}lens"]
+    acc, m_st, l_st = st["acc"], st["m"], st["l"]
+    kd, vd_buf, s_buf, p_buf = st["kd"], st["vd"], st["s"], st["p"]
+    mc, lc, pvc, sp_buf = st["mc"], st["lc"], st["pvc"], st["sp"]
+
+    # dequantized tiles are [token, word, code-in-word]: atomic store indices keep the dequant blocks inlinable
+    per = spec.quant(p.bits).per_word if p.quantized else d
+
+    def axes_tok(ci, t):
+        vb = T.axis.spatial(bsz, b)
+        vkh = T.axis.spatial(hkv, kh)
+        tok = T.axis.spatial(syms[p.n_sym], ci * c + t)
+        return vb, vkh, tok
+
+    def axes(ci, chunk_kind: str = "S"):
+        vb = T.axis.spatial(bsz, b)
+        vkh = T.axis.spatial(hkv, kh)
+        vc = T.axis.spatial(nc, ci) if chunk_kind == "S" else T.axis.reduce(nc, ci)
+        return vb, vkh, vc
+
+    with T.serial(0, nc) as ci:
+        IRBuilder.name(f"{p.tag}_c", ci)
+        # ---- K dequant: Kd[t, d] ----
+        if p.quantized:
+            qs = spec.quant(p.bits)
+            per = qs.per_word
+            kc, ksc, kze = bufs[f"{pre}k_codes"], bufs[f"{pre}k_scale"], bufs[f"{pre}k_zero"]
+            with T.grid(c, d // per, per) as (t, w, j):
+                with T.sblock(p.block("kdeq")):
+                    vb, vkh, tok = axes_tok(ci, t)
+                    vw, vj = T.axis.remap("SS", [w, j])
+                    dd = vw * per + vj
+                    grp = tirx.floordiv(tok, spec.k_group)
+                    scale = ksc[vb, vkh, grp, dd].astype(_F32)
+                    val = _unpack(kc[vb, vkh, tok, vw], vj, p.bits) * scale + kze[vb, vkh, grp, dd].astype(_F32)
+                    T.buffer_store(kd, val, [vb, vkh, tok, vw, vj])
+        else:
+            kin = bufs[f"{pre}k"]
+            with T.grid(c, d) as (t, dd_):
+                with T.sblock(p.block("kdeq")):
+                    vb, vkh, tok = axes_tok(ci, t)
+                    vdd = T.axis.spatial(d, dd_)
+                    T.buffer_store(kd, kin[vb, vkh, tok, vdd].astype(_F32), [vb, vkh, tok, vdd // per, vdd % per])
+        # ---- scores and chunk softmax statistics ----
+        # partial dot products over QK_LANES channel lanes (vectorizable), then the lane sum
+        lanes = qk_lanes(d)
+        with T.grid(gs, c, lanes, d // lanes) as (g, t, ln, do):
+            with T.sblock(p.block("qk_part")):
+                vb, vkh, tok = axes_tok(ci, t)
+                vg, vl, vdo = T.axis.remap("SSR", [g, ln, do])
+                h = vkh * gs + vg
+                dd = vdo * lanes + vl
+                with T.init():
+                    T.buffer_store(sp_buf, f32(0.0), [vb, vkh, vg, tok, vl])
+                val = sp_buf[vb, vkh, vg, tok, vl] + qf[vb, h, dd] * kd[vb, vkh, tok, dd // per, dd % per]
+                T.buffer_store(sp_buf, val, [vb, vkh, vg, tok, vl])
+        with T.grid(gs, c, lanes) as (g, t, ln):
+            with T.sblock(p.block("qk")):
+                vb, vkh, tok = axes_tok(ci, t)
+                vg, vl = T.axis.remap("SR", [g, ln])
+                h = vkh * gs + vg
+                with T.init():
+                    T.buffer_store(s_buf, f32(0.0), [vb, h, tok])
+                T.buffer_store(s_buf, s_buf[vb, h, tok] + sp_buf[vb, vkh, vg, tok, vl], [vb, h, tok])
+        with T.grid(gs, c) as (g, t):
+            with T.sblock(p.block("cmax")):
+                vb, vkh, vc = axes(ci)
+                vg, vt = T.axis.remap("SR", [g, t])
+                h = vkh * gs + vg
+                tok = vc * c + vt
+                with T.init():
+                    T.buffer_store(mc, f32(NEG_BIG), [vb, h, vc])
+                masked = tirx.Select(tok < lens[vb], s_buf[vb, h, tok], f32(NEG_BIG))
+                T.buffer_store(mc, tirx.max(mc[vb, h, vc], masked), [vb, h, vc])
+        with T.grid(gs, c) as (g, t):
+            with T.sblock(p.block("prob")):
+                vb, vkh, vc = axes(ci)
+                vg, vt = T.axis.remap("SS", [g, t])
+                h = vkh * gs + vg
+                tok = vc * c + vt
+                val = tirx.Select(tok < lens[vb], fast_exp(s_buf[vb, h, tok] - mc[vb, h, vc]), f32(0.0))
+                T.buffer_store(p_buf, val, [vb, h, tok])
+        with T.grid(gs, c) as (g, t):
+            with T.sblock(p.block("lsum")):
+                vb, vkh, vc = axes(ci)
+                vg, vt = T.axis.remap("SR", [g, t])
+                h = vkh * gs + vg
+                with T.init():
+                    T.buffer_store(lc, f32(0.0), [vb, h, vc])
+                T.buffer_store(lc, lc[vb, h, vc] + p_buf[vb, h, vc * c + vt], [vb, h, vc])
+        # ---- V dequant: Vd[t, d], zero outside the valid tokens ----
+        if p.quantized:
+            qs = spec.quant(p.bits)
+            per = qs.per_word
+            vcodes, vsc, vze = bufs[f"{pre}v_codes"], bufs[f"{pre}v_scale"], bufs[f"{pre}v_zero"]
+            with T.grid(c, d // per, per) as (t, w, j):
+                with T.sblock(p.block("vdeq")):
+                    vb, vkh, tok = axes_tok(ci, t)
+                    vw, vj = T.axis.remap("SS", [w, j])
+                    dd = vw * per + vj
+                    vgi = tirx.floordiv(dd, qs.v_group)
+                    scale = vsc[vb, vkh, tok, vgi].astype(_F32)
+                    val = _unpack(vcodes[vb, vkh, tok, vw], vj, p.bits) * scale + vze[vb, vkh, tok, vgi].astype(_F32)
+                    T.buffer_store(vd_buf, tirx.Select(tok < lens[vb], val, f32(0.0)), [vb, vkh, tok, vw, vj])
+        else:
+            vin = bufs[f"{pre}v"]
+            with T.grid(c, d) as (t, dd_):
+                with T.sblock(p.block("vdeq")):
+                    vb, vkh, tok = axes_tok(ci, t)
+                    vdd = T.axis.spatial(d, dd_)
+                    val = tirx.Select(tok < lens[vb], vin[vb, vkh, tok, vdd].astype(_F32), f32(0.0))
+                    T.buffer_store(vd_buf, val, [vb, vkh, tok, vdd // per, vdd % per])
+        # ---- P @ V of the chunk, then acc = acc * alpha + pv ----
+        with T.grid(gs, d, c) as (g, dd_, t):
+            with T.sblock(p.block("pv")):
+                vb, vkh, vc = axes(ci)
+                vg, vdd, vt = T.axis.remap("SSR", [g, dd_, t])
+                h = vkh * gs + vg
+                tok = vc * c + vt
+                with T.init():
+                    T.buffer_store(pvc, f32(0.0), [vb, vc, h, vdd])
+                T.buffer_store(pvc, pvc[vb, vc, h, vdd] + p_buf[vb, h, tok] * vd_buf[vb, vkh, tok, vdd // per, vdd % per], [vb, vc, h, vdd])
+        # ---- merge the chunk into the running state: the only block touching (m, l, acc) of this piece ----
+        with T.grid(gs) as g:
+            with T.sblock(p.block("state")):
+                vb, vkh, vc = axes(ci, "R")
+                vg = T.axis.spatial(gs, g)
+                h = vkh * gs + vg
+                with T.init():
+                    T.buffer_store(m_st, f32(NEG_BIG), [vb, h])
+                    T.buffer_store(l_st, f32(0.0), [vb, h])
+                    with T.serial(0, d) as dd_:
+                        T.buffer_store(acc, f32(0.0), [vb, h, dd_])
+
+                def m_new():
+                    return tirx.max(m_st[vb, h], mc[vb, h, vc])
+
+                # fresh Let variables per use (a Let expression may appear only once in the function)
+                def e_old():
+                    return fast_exp(m_st[vb, h] - m_new())
+
+                def e_chunk():
+                    return fast_exp(mc[vb, h, vc] - m_new())
+
+                with T.serial(0, d) as dd_:
+                    T.buffer_store(acc, acc[vb, h, dd_] * e_old() + pvc[vb, vc, h, dd_] * e_chunk(), [vb, h, dd_])
+                T.buffer_store(l_st, l_st[vb, h] * e_old() + lc[vb, h, vc] * e_chunk(), [vb, h])
+                T.buffer_store(m_st, m_new(), [vb, h])

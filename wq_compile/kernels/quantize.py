@@ -1,0 +1,155 @@
+"""``kind="quantize"``: quantize and pack a block of ``n`` tokens (``n`` a multiple of ``k_group``) in the format of
+:mod:`wq_compile.quant` (KIVI-style asymmetric min/max; keys per channel over ``k_group`` tokens, values per token
+over ``v_group`` channels; fp16 scale/zero; codes little-endian in int32 words).
+
+Parameters follow the reference exactly: ``zero = fp16(min)``, ``scale = fp16((max - zero) / qmax)`` bumped one fp16
+ulp when ``scale * qmax < max - zero``, scale 0 (codes 0) for constant groups, codes
+``clamp(round_half_even((x - zero) / scale), 0, qmax)``.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from ..spec import KernelSpec
+from .common import ArgSpec, KernelSignature, f32
+
+_F32, _F16, _I32, _U32 = "float32", "float16", "int32", "uint32"
+
+#: Block names, in program order.
+QUANT_BLOCKS = ("k_min", "k_max", "k_zero", "k_scale", "k_pack", "v_min", "v_max", "v_zero", "v_scale", "v_pack")
+
+
+def _bits(spec: KernelSpec) -> int:
+    if spec.kind != "quantize" or len(spec.bits) != 1 or spec.bits[0] == 16:
+        raise ValueError(f"quantize: expected kind 'quantize' with one width in (2, 4, 8), got {spec.kind} {spec.bits}")
+    return spec.bits[0]
+
+
+def signature(spec: KernelSpec) -> KernelSignature:
+    qs = spec.quant(_bits(spec))
+    hkv, d = spec.num_kv_heads, spec.head_dim
+    w = d // qs.per_word
+    args = (
+        ArgSpec("k", ("B", hkv, "n", d), spec.tvm_dtype),
+        ArgSpec("v", ("B", hkv, "n", d), spec.tvm_dtype),
+        ArgSpec("k_codes", ("B", hkv, "n", w), _I32),
+        ArgSpec("k_scale", ("B", hkv, "G", d), _F16),
+        ArgSpec("k_zero", ("B", hkv, "G", d), _F16),
+        ArgSpec("v_codes", ("B", hkv, "n", w), _I32),
+        ArgSpec("v_scale", ("B", hkv, "n", d // qs.v_group), _F16),
+        ArgSpec("v_zero", ("B", hkv, "n", d // qs.v_group), _F16),
+    )
+    return KernelSignature(spec.uri, args, multiple_of=(("n", qs.k_group),), groups=(("G", "n", qs.k_group),))
+
+
+def _params(mn: tirx.PrimExpr, mx: tirx.PrimExpr, qmax: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """fp16 (scale, zero) from fp32 min/max, as :func:`wq_compile.quant._minmax_params`."""
+    zero = mn.astype(_F16)
+    span = mx - zero.astype(_F32)
+    s0 = (span / f32(float(qmax))).astype(_F16)
+    bumped = tirx.reinterpret(_F16, tirx.reinterpret("uint16", s0) + tirx.const(1, "uint16"))
+    scale = tirx.Select(s0.astype(_F32) * f32(float(qmax)) < span, bumped, s0)
+    return tirx.Select(span > f32(0.0), scale, tirx.const(0.0, _F16)), zero
+
+
+def _code(x: tirx.PrimExpr, scale: tirx.PrimExpr, zero: tirx.PrimExpr, qmax: int) -> tirx.PrimExpr:
+    s = scale.astype(_F32)
+    safe = tirx.Select(s > f32(0.0), s, f32(1.0))
+    q = tirx.nearbyint((x - zero.astype(_F32)) / safe)  # round half to even, as torch.round
+    q = tirx.min(tirx.max(q, f32(0.0)), f32(float(qmax)))
+    return tirx.Select(s > f32(0.0), q, f32(0.0)).astype(_U32)
+
+
+def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
+    bits = _bits(spec)
+    qs = spec.quant(bits)
+    sig = signature(spec)
+    hkv, d, kg, vg, per, qmax = spec.num_kv_heads, spec.head_dim, qs.k_group, qs.v_group, qs.per_word, qs.qmax
+    syms: dict[str, tirx.Var] = {}
+
+    def dim(x):
+        return x if isinstance(x, int) else syms.setdefault(x, tirx.Var(x, "int32"))
+
+    def pack(word_expr_of_j) -> tirx.PrimExpr:
+        word = tirx.const(0, _U32)
+        for j in range(per):
+            word = tirx.bitwise_or(word, tirx.shift_left(word_expr_of_j(j), tirx.const(j * bits, _U32)))
+        return tirx.reinterpret(_I32, word)
+
+    with IRBuilder() as ib:
+        with T.prim_func(s_tir=True):
+            T.func_name(spec.uri)
+            T.func_attr({"tirx.noalias": True})
+            k, v, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (
+                T.arg(a.name, T.buffer(tuple(dim(s) for s in a.shape), a.dtype)) for a in sig.args
+            )
+            bsz, n_tok, n_grp = syms["B"], syms["n"], syms["G"]
+            with T.sblock("root"):
+                kmn = IRBuilder.name("kmn", T.sblock_alloc_buffer((bsz, hkv, n_grp, d), _F32))
+                kmx = IRBuilder.name("kmx", T.sblock_alloc_buffer((bsz, hkv, n_grp, d), _F32))
+                vmn = IRBuilder.name("vmn", T.sblock_alloc_buffer((bsz, hkv, n_tok, d // vg), _F32))
+                vmx = IRBuilder.name("vmx", T.sblock_alloc_buffer((bsz, hkv, n_tok, d // vg), _F32))
+                # ---- keys: per channel over k_group tokens ----
+                for name, buf, op, ident in (("k_min", kmn, tirx.min, float("inf")), ("k_max", kmx, tirx.max, float("-inf"))):
+                    with T.grid(bsz, hkv, n_grp, d, kg) as (b, h, g, dd, t):
+                        with T.sblock(name):
+                            vb, vh, vgr, vd, vt = T.axis.remap("SSSSR", [b, h, g, dd, t])
+                            with T.init():
+                                T.buffer_store(buf, f32(ident), [vb, vh, vgr, vd])
+                            x = k[vb, vh, vgr * kg + vt, vd].astype(_F32)
+                            T.buffer_store(buf, op(buf[vb, vh, vgr, vd], x), [vb, vh, vgr, vd])
+                with T.grid(bsz, hkv, n_grp, d) as (b, h, g, dd):
+                    with T.sblock("k_zero"):
+                        vb, vh, vgr, vd = T.axis.remap("SSSS", [b, h, g, dd])
+                        _, zero = _params(kmn[vb, vh, vgr, vd], kmx[vb, vh, vgr, vd], qmax)
+                        T.buffer_store(k_zero, zero, [vb, vh, vgr, vd])
+                with T.grid(bsz, hkv, n_grp, d) as (b, h, g, dd):
+                    with T.sblock("k_scale"):
+                        vb, vh, vgr, vd = T.axis.remap("SSSS", [b, h, g, dd])
+                        scale, _ = _params(kmn[vb, vh, vgr, vd], kmx[vb, vh, vgr, vd], qmax)
+                        T.buffer_store(k_scale, scale, [vb, vh, vgr, vd])
+                with T.grid(bsz, hkv, n_tok, d // per) as (b, h, t, w):
+                    with T.sblock("k_pack"):
+                        vb, vh, vt, vw = T.axis.remap("SSSS", [b, h, t, w])
+                        grp = tirx.floordiv(vt, kg)
+
+                        def kcode(j, vb=vb, vh=vh, vt=vt, vw=vw, grp=grp):
+                            dd = vw * per + j
+                            x = k[vb, vh, vt, dd].astype(_F32)
+                            return _code(x, k_scale[vb, vh, grp, dd], k_zero[vb, vh, grp, dd], qmax)
+
+                        T.buffer_store(k_codes, pack(kcode), [vb, vh, vt, vw])
+                # ---- values: per token over v_group channels ----
+                for name, buf, op, ident in (("v_min", vmn, tirx.min, float("inf")), ("v_max", vmx, tirx.max, float("-inf"))):
+                    with T.grid(bsz, hkv, n_tok, d // vg, vg) as (b, h, t, g, j):
+                        with T.sblock(name):
+                            vb, vh, vt, vgr, vj = T.axis.remap("SSSSR", [b, h, t, g, j])
+                            with T.init():
+                                T.buffer_store(buf, f32(ident), [vb, vh, vt, vgr])
+                            x = v[vb, vh, vt, vgr * vg + vj].astype(_F32)
+                            T.buffer_store(buf, op(buf[vb, vh, vt, vgr], x), [vb, vh, vt, vgr])
+                with T.grid(bsz, hkv, n_tok, d // vg) as (b, h, t, g):
+                    with T.sblock("v_zero"):
+                        vb, vh, vt, vgr = T.axis.remap("SSSS", [b, h, t, g])
+                        _, zero = _params(vmn[vb, vh, vt, vgr], vmx[vb, vh, vt, vgr], qmax)
+                        T.buffer_store(v_zero, zero, [vb, vh, vt, vgr])
+                with T.grid(bsz, hkv, n_tok, d // vg) as (b, h, t, g):
+                    with T.sblock("v_scale"):
+                        vb, vh, vt, vgr = T.axis.remap("SSSS", [b, h, t, g])
+                        scale, _ = _params(vmn[vb, vh, vt, vgr], vmx[vb, vh, vt, vgr], qmax)
+                        T.buffer_store(v_scale, scale, [vb, vh, vt, vgr])
+                with T.grid(bsz, hkv, n_tok, d // per) as (b, h, t, w):
+                    with T.sblock("v_pack"):
+                        vb, vh, vt, vw = T.axis.remap("SSSS", [b, h, t, w])
+
+                        def vcode(j, vb=vb, vh=vh, vt=vt, vw=vw):
+                            dd = vw * per + j
+                            grp = tirx.floordiv(dd, vg)
+                            x = v[vb, vh, vt, dd].astype(_F32)
+                            return _code(x, v_scale[vb, vh, vt, grp], v_zero[vb, vh, vt, grp], qmax)
+
+                        T.buffer_store(v_codes, pack(vcode), [vb, vh, vt, vw])
+    return ib.get()
