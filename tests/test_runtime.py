@@ -1,0 +1,101 @@
+"""KernelLibrary: cache reuse, argument checks naming the argument, custom ops under torch.compile, plan/run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wq_compile.device import resolve_device
+from wq_compile.build import ModuleCacheError, UntunedKernelWarning, module_paths
+from wq_compile.runtime import DecodePlan, KernelArgumentError, KernelLibrary
+from wq_testing import TINY_DECODE, measured_log
+
+SIZES = {"B": 2, "N": 128, "G": 5}
+
+
+@pytest.fixture()
+def lib(tmp_path):
+    measured_log(TINY_DECODE, resolve_device("llvm"), tmp_path / "logs")
+    with KernelLibrary("llvm", logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache", namespace="wqtest") as lib:
+        yield lib
+
+
+def test_cache_is_reused_across_libraries(lib, tmp_path):
+    k = lib.load(TINY_DECODE)
+    assert k.tuned and lib.stats.compiled == 1 and lib.stats.cache_hits == 0
+    assert lib.load(TINY_DECODE) is k
+    with KernelLibrary("llvm", logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache") as again:
+        k2 = again.load(TINY_DECODE)
+        assert again.stats.compiled == 0 and again.stats.cache_hits == 1 and k2.tuned
+    # without the log the key differs (default schedule): rebuilt with a warning, never the tuned module reused
+    with KernelLibrary("llvm", logs_dir=tmp_path / "none", cache_dir=tmp_path / "cache") as untuned:
+        with pytest.warns(UntunedKernelWarning):
+            assert not untuned.load(TINY_DECODE).tuned
+        assert untuned.stats.compiled_untuned == 1
+    paths = module_paths(TINY_DECODE, lib.device, tmp_path / "cache")
+    key = json.loads(paths["key"].read_text())
+    paths["key"].write_text(json.dumps({**key, "apache-tvm": "0.1"}))
+    with KernelLibrary("llvm", logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache") as stale:
+        with pytest.raises(ModuleCacheError, match="built with apache-tvm 0.1"):
+            stale.load(TINY_DECODE)
+
+
+def test_argument_errors_name_the_argument(lib):
+    k = lib.load(TINY_DECODE)
+    args = k.signature.example_args(SIZES)
+    k(*args)
+    names = [a.name for a in k.signature.args]
+
+    def bad(name, value, match):
+        broken = list(args)
+        broken[names.index(name)] = value
+        with pytest.raises(KernelArgumentError, match=match):
+            k(*broken)
+
+    i = names.index
+    bad("k_codes", args[i("k_codes")].float(), r"'k_codes': expected dtype torch.int32")
+    bad("v_codes", args[i("v_codes")][:, :, :64].contiguous(), r"'v_codes': dim 2 is 'N' = 128")
+    bad("k_scale", args[i("k_scale")][:, :, :2].contiguous(), r"'k_zero': dim 2 is 'G' = 2 from an earlier argument")
+    few_groups = list(args)
+    for name in ("k_scale", "k_zero"):
+        few_groups[i(name)] = args[i(name)][:, :, :2].contiguous()
+    with pytest.raises(KernelArgumentError, match=r"'k_scale': G=2 groups of 28 tokens do not cover N=128"):
+        k(*few_groups)
+    bad("q", args[i("q")].transpose(0, 1).contiguous().transpose(0, 1), r"'q': expected a contiguous tensor")
+    bad("sm_scale", torch.tensor(0.1), r"'sm_scale': expected a Python number")
+    bad("o", args[i("o")][..., :32].contiguous(), r"'o': dim 2 must be 64")
+    with pytest.raises(KernelArgumentError, match="multiple of 64"):
+        k.run(*k.signature.example_args({"B": 1, "N": 100, "G": 4})[:-2])
+    with pytest.raises(KernelArgumentError, match="expected 11 arguments"):
+        k(*args[:-1])
+
+
+def test_run_plan_and_custom_op_under_torch_compile(lib):
+    k = lib.load(TINY_DECODE)
+    args = k.signature.example_args(SIZES)
+    inputs = args[:-2]
+    o, lse = k.run(*inputs)
+    k(*args)
+    torch.testing.assert_close(o, args[-2]) and torch.testing.assert_close(lse, args[-1])
+
+    plan = lib.plan(TINY_DECODE, inputs)
+    assert isinstance(plan, DecodePlan) and plan.sizes == SIZES
+    po, plse = plan.run(*inputs)
+    torch.testing.assert_close(po, o)
+    with pytest.raises(KernelArgumentError, match="plan again|'k_codes'"):
+        plan.run(*k.signature.example_args({"B": 2, "N": 192, "G": 7})[:-2])
+
+    op = lib.op(TINY_DECODE)
+    eo, else_ = op(*inputs)
+    torch.testing.assert_close(eo, o)
+
+    def step(*xs):
+        out, l = op(*xs)
+        return out * 2.0, l
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    co, clse = compiled(*inputs)
+    torch.testing.assert_close(co, 2.0 * o)
+    torch.testing.assert_close(clse, lse)

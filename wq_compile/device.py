@@ -1,0 +1,203 @@
+"""Targets and device tags.
+
+A :class:`Device` bundles the TVM target with the tag that names its tuning logs and module cache folder:
+``cpu-<arch>-<cpu model>-<n>c`` for llvm, ``cuda-<gpu name>-<sm arch>`` for CUDA. In apache-tvm 0.27 target
+strings with flags are rejected, so llvm targets are built from a dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from typing import Any
+
+#: Packages whose versions make a tuning log or a compiled module valid (must match exactly).
+PINNED_PACKAGES: tuple[str, ...] = ("apache-tvm", "apache-tvm-ffi")
+
+
+def slug(text: str) -> str:
+    """Lower-case, dash-separated, filesystem-safe form of ``text``."""
+    s = re.sub(r"\(r\)|\(tm\)|\bcpu\b|@.*$|\bprocessor\b", " ", text.lower())
+    s = re.sub(r"[^a-z0-9_.]+", "-", s).strip("-")
+    return re.sub(r"-+", "-", s) or "unknown"
+
+
+def versions() -> dict[str, str]:
+    """Versions that tuning logs and modules are keyed on (tvm, tvm-ffi) plus torch (recorded only)."""
+    out = {}
+    for pkg in (*PINNED_PACKAGES, "torch"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+@dataclass(frozen=True)
+class Device:
+    """A compilation target and the tag naming its logs and modules."""
+
+    target: Any  # tvm.target.Target (kept untyped: importing tvm costs seconds)
+    tag: str
+    name: str
+
+    @property
+    def kind(self) -> str:
+        return str(self.target.kind.name)
+
+    @property
+    def target_json(self) -> str:
+        """Canonical text of the target, as recorded in meta.json and module keys."""
+        return str(self.target)
+
+    @property
+    def arch(self) -> str | None:
+        return str(self.target.arch) if self.kind == "cuda" else None
+
+
+def _cpuinfo_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
+    return os.cpu_count() or 1
+
+
+def host_device(num_cores: int | None = None) -> Device:
+    """The llvm target of this machine (``mcpu`` from LLVM's host detection) and its tag."""
+    from tvm.target import Target, codegen
+
+    cores = int(num_cores or _physical_cores())
+    mcpu = str(codegen.llvm_get_system_cpu())
+    target = Target({"kind": "llvm", "num-cores": cores, "mcpu": mcpu})
+    model = _cpuinfo_model()
+    tag = f"cpu-{slug(platform.machine())}-{slug(model)}-{cores}c"
+    return Device(target=target, tag=tag, name=f"{model} ({mcpu}, {cores} cores)")
+
+
+@lru_cache(maxsize=1)
+def local_gpus() -> tuple[tuple[str, str], ...]:
+    """``(name, compute capability)`` of the NVIDIA GPUs visible here (empty without a driver)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return ()
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2:
+            gpus.append((parts[0], parts[1]))
+    return tuple(gpus)
+
+
+def has_local_gpu() -> bool:
+    """True when a CUDA GPU and driver are usable here (nvidia-smi lists one and torch sees it)."""
+    if not local_gpus():
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def _cuda_device(target: Any, name: str | None) -> Device:
+    arch = str(target.arch)
+    label = name or arch
+    return Device(target=target, tag=f"cuda-{slug(label)}-{slug(arch)}" if name else f"cuda-{slug(arch)}", name=label)
+
+
+def resolve_device(spec: str | dict | Any = "llvm", num_cores: int | None = None) -> Device:
+    """``llvm`` | ``cuda`` (the local GPU) | a TVM tag such as ``nvidia/nvidia-h100`` | a JSON dict | a Target.
+
+    Raises ``ValueError`` with a hint when the target cannot be built (e.g. ``cuda`` without a local GPU).
+    """
+    from tvm.target import Target
+
+    if isinstance(spec, Device):
+        return spec
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == "llvm":
+            return host_device(num_cores)
+        if text == "cuda":
+            gpus = local_gpus()
+            if not gpus:
+                raise ValueError(
+                    "target: 'cuda' detects the local GPU, but nvidia-smi lists none here; "
+                    "pass a tag such as 'nvidia/nvidia-h100' or a JSON dict with 'arch'"
+                )
+            gpu_name, cap = gpus[0]
+            arch = "sm_" + cap.replace(".", "")
+            arch = arch + "a" if arch in ("sm_90", "sm_100") else arch
+            return _cuda_device(Target({"kind": "cuda", "arch": arch}), gpu_name)
+        if text.startswith("{"):
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"target: not valid JSON ({exc}): {text!r}") from exc
+        else:
+            if " -" in text:
+                raise ValueError(
+                    f"target: strings with flags are rejected by TVM 0.27 ({text!r}); "
+                    'pass a JSON dict such as {"kind": "llvm", "num-cores": 2}'
+                )
+            try:
+                target = Target(text)
+            except Exception as exc:  # TVM raises several error types for unknown tags
+                raise ValueError(f"target: unknown tag or kind {text!r} ({exc})") from exc
+            if target.kind.name == "cuda":
+                return _cuda_device(target, text.split("/")[-1])
+            return _device_from_target(target)
+    if isinstance(spec, dict):
+        if spec.get("kind") == "llvm" and "num-cores" not in spec:
+            spec = {**spec, "num-cores": int(num_cores or _physical_cores())}
+        try:
+            target = Target(spec)
+        except Exception as exc:
+            raise ValueError(f"target: TVM rejected {spec!r} ({exc})") from exc
+        return _device_from_target(target)
+    return _device_from_target(spec)
+
+
+def _device_from_target(target: Any) -> Device:
+    kind = str(target.kind.name)
+    if kind == "cuda":
+        return _cuda_device(target, None)
+    if kind == "llvm":
+        attrs = dict(target.attrs.items())
+        cores = int(attrs.get("num-cores", _physical_cores()))
+        model = _cpuinfo_model()
+        tag = f"cpu-{slug(platform.machine())}-{slug(model)}-{cores}c"
+        mcpu = attrs.get("mcpu", "generic")
+        return Device(target=target, tag=tag, name=f"{model} ({mcpu}, {cores} cores)")
+    return Device(target=target, tag=slug(kind), name=kind)
