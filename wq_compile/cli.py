@@ -1,0 +1,234 @@
+"""Command-line entry points (argument parsing only; the work lives in tune/build/runtime)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from .models import DEFAULT_KERNEL_KINDS, KERNEL_KINDS, PRESETS
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 2,4,8, got {text!r}") from None
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [k for k in kinds if k not in KERNEL_KINDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown kernel kinds {bad}; expected some of {','.join(KERNEL_KINDS)}")
+    return kinds
+
+
+def tune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wq-tune",
+        description="Tune the WindowQuant kernels of a model with MetaSchedule and build them into the module cache.",
+    )
+    p.add_argument("--target", default="llvm",
+                   help="llvm | cuda (local GPU) | a TVM tag such as nvidia/nvidia-h100 | a JSON target dict")
+    p.add_argument("--model", default="llava-ov-0.5b", choices=sorted(PRESETS))
+    p.add_argument("--bits", type=_bits, default=(2, 4, 8), help="quantized widths (default 2,4,8)")
+    p.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16"), help="query/dense dtype of the kernels")
+    p.add_argument("--kernels", type=_kinds, default=DEFAULT_KERNEL_KINDS,
+                   help=f"kernel kinds among {','.join(KERNEL_KINDS)} (default {','.join(DEFAULT_KERNEL_KINDS)})")
+    p.add_argument("--trials", type=int, default=None,
+                   help="valid trials per kernel, existing records included (default per kind: fused 40, decode 24, "
+                        "merge 8, quantize 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=None, help="token capacity per piece to tune at (default 2048)")
+    p.add_argument("--logs-dir", default="tuning_logs")
+    p.add_argument("--cache-dir", default=None, help="module cache root (default $WQ_CACHE_DIR or ~/.cache/wq_compile)")
+    p.add_argument("--builder-timeout", type=float, default=None, help="seconds per candidate build (default 180)")
+    p.add_argument("--build-only", action="store_true",
+                   help="compile from existing logs (else the default schedule) into the cache; no tuning")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker that serves the target device")
+    p.add_argument("--rpc-key", default=None, metavar="KEY", help="device key registered at the tracker")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(results: Sequence[object]) -> str:
+    """kernel | valid trials | untuned ms | tuned ms | speedup | GB/s (bytes of the inputs read / s / 1e9)."""
+    rows = [("kernel", "valid", "untuned ms", "tuned ms", "speedup", "GB/s")]
+    for r in results:
+        rows.append((
+            r.spec.uri,  # type: ignore[attr-defined]
+            str(r.valid_trials),  # type: ignore[attr-defined]
+            _fmt(None if r.untuned_s is None else r.untuned_s * 1e3, ".4f"),  # type: ignore[attr-defined]
+            _fmt(None if r.tuned_s is None else r.tuned_s * 1e3, ".4f"),  # type: ignore[attr-defined]
+            _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),  # type: ignore[attr-defined]
+            _fmt(r.gbps, ".2f"),  # type: ignore[attr-defined]
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main_tune(argv: Sequence[str] | None = None) -> int:
+    args = tune_parser().parse_args(argv)
+    if (args.rpc is None) != (args.rpc_key is None):
+        tune_parser().error("--rpc and --rpc-key go together")
+
+    from .device import resolve_device
+    from .models import kernel_specs
+    from .build import ModuleCacheError, TuningLogError
+    from .tune import (
+        DEFAULT_BUILDER_TIMEOUT,
+        DEFAULT_N_TOKENS,
+        MeasurementUnavailableError,
+        NoValidTrialsError,
+        RPCSettings,
+        build_only,
+        tune_kernels,
+    )
+
+    try:
+        device = resolve_device(args.target)
+        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=args.kernels)
+        rpc = RPCSettings.parse(args.rpc, args.rpc_key) if args.rpc else None
+    except ValueError as exc:
+        print(f"wq-tune: {exc}", file=sys.stderr)
+        return 2
+    print(f"wq-tune: {len(specs)} kernels of {args.model} for {device.tag} ({device.name}); logs in "
+          f"{args.logs_dir}/{device.tag}")
+    t0 = time.perf_counter()
+    try:
+        if args.build_only:
+            results = build_only(specs, device, logs_dir=args.logs_dir, cache_dir=args.cache_dir)
+        else:
+            results = tune_kernels(
+                specs, device, trials=args.trials, progress=not args.no_progress, logs_dir=args.logs_dir,
+                seed=args.seed, n_tokens=args.tokens or DEFAULT_N_TOKENS, rpc=rpc,
+                builder_timeout=args.builder_timeout or DEFAULT_BUILDER_TIMEOUT,
+            )
+            build_only(specs, device, logs_dir=args.logs_dir, cache_dir=args.cache_dir)
+    except MeasurementUnavailableError as exc:
+        print(f"wq-tune: {exc}", file=sys.stderr)
+        return 2
+    except (NoValidTrialsError, TuningLogError, ModuleCacheError) as exc:
+        print(f"wq-tune: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(results))
+    print(f"wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wq-eval",
+        description="Compare KV caches on one video prompt: DynamicCache, HF QuantizedCache backends, WindowQuant. "
+                    "Reports token agreement with the dense cache, mean KL of next-token distributions (teacher "
+                    "forced), KV bytes and decode ms/token.",
+    )
+    p.add_argument("--model", default="tiny", help="'tiny' (random weights from a config) or a local model folder")
+    p.add_argument("--avg-bits", default="3,4,6", help="WindowQuant budgets, effective bits (default 3,4,6)")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
+    p.add_argument("--backend", default="auto", choices=("auto", "tvm", "reference"))
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON ('-' for stdout)")
+    return p
+
+
+def main_eval(argv: Sequence[str] | None = None) -> int:
+    args = eval_parser().parse_args(argv)
+    try:
+        budgets = [float(x) for x in args.avg_bits.split(",") if x.strip()]
+    except ValueError:
+        eval_parser().error(f"--avg-bits: expected numbers such as 3,4, got {args.avg_bits!r}")
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from . import ATTN_IMPLEMENTATION
+    from .evaluate import default_methods, format_table, run_eval
+    from .integrations.tiny import Prompt, tiny_model, video_prompt
+
+    torch.set_grad_enabled(False)
+    if args.model == "tiny":
+        model = tiny_model(ATTN_IMPLEMENTATION)
+        prompt = video_prompt(model, [args.frames])
+    else:
+        from pathlib import Path
+
+        if not Path(args.model).is_dir():
+            print(f"wq-eval: --model {args.model!r} is neither 'tiny' nor a local folder (nothing is downloaded)",
+                  file=sys.stderr)
+            return 2
+        from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            args.model, attn_implementation=ATTN_IMPLEMENTATION, torch_dtype="auto", local_files_only=True).eval()
+        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        video = torch.randint(0, 255, (args.frames, 3, 384, 384), dtype=torch.uint8)
+        conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
+        text = processor.apply_chat_template(conv, add_generation_prompt=True)
+        prompt = Prompt(dict(processor(text=text, videos=[video], return_tensors="pt").to(model.device)),
+                        (args.frames,))
+    methods = default_methods(model, prompt, budgets, backend=args.backend)
+    bar = tqdm(total=len(methods), desc="wq-eval", file=sys.stderr)
+    rows = run_eval(model, prompt, methods, new_tokens=args.new_tokens, repeats=args.repeats,
+                    progress=lambda name: (bar.set_postfix_str(name), bar.update(1)))
+    bar.close()
+    print(f"prompt: {prompt.inputs['input_ids'].shape[1]} tokens ({args.frames} frames), {args.new_tokens} new tokens")
+    print(format_table(rows))
+    if args.json:
+        text = json.dumps([r.as_dict() for r in rows], indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wq-bench",
+        description="Benchmark decode attention: tuned and untuned compiled kernels vs torch SDPA on the dense cache, "
+                    "torch dequantize+SDPA (HF QuantizedCache's path) and the torch reference. Writes CSV and PNG.",
+    )
+    p.add_argument("--model", default="llava-ov-0.5b", choices=sorted(PRESETS))
+    p.add_argument("--target", default="llvm")
+    p.add_argument("--tokens", default="1024,2048,4096,8192", help="cached token counts")
+    p.add_argument("--mixes", default="int4,mixed", help="bucket mixes among int4,int2,mixed")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--logs-dir", default=None, help="tuning logs (default: the repository's tuning_logs)")
+    p.add_argument("--out", default="bench_out", help="folder for decode.csv and decode.png")
+    return p
+
+
+def main_bench(argv: Sequence[str] | None = None) -> int:
+    args = bench_parser().parse_args(argv)
+    from .bench.decode import MIXES, format_table, run
+
+    mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
+    bad = [m for m in mixes if m not in MIXES]
+    if bad:
+        bench_parser().error(f"--mixes: unknown {bad}; expected some of {sorted(MIXES)}")
+    try:
+        tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
+    except ValueError:
+        bench_parser().error(f"--tokens: expected integers such as 1024,8192, got {args.tokens!r}")
+    rows = run(args.model, tokens, mixes, repeats=args.repeats, target=args.target, logs_dir=args.logs_dir,
+               out_dir=args.out)
+    print(format_table(rows))
+    print(f"wrote {args.out}/decode.csv and {args.out}/decode.png")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main_tune())
