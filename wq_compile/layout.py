@@ -13,11 +13,21 @@ different windows), and capacity is a multiple of ``chunk`` so kernels loop over
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .quant import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 from .spec import QUANT_BITS, QuantSpec
+
+
+#: Quantizes ``k, v [Hkv, n, D]`` (whole key groups) into the bucket format: the torch reference by default, the
+#: compiled quantize kernel when the runtime provides one.
+Quantizer = Callable[[QuantSpec, torch.Tensor, torch.Tensor], "tuple[QuantizedKeys, QuantizedValues]"]
+
+
+def torch_quantizer(spec: QuantSpec, k: torch.Tensor, v: torch.Tensor) -> tuple[QuantizedKeys, QuantizedValues]:
+    return quantize_keys(k, spec), quantize_values(v, spec)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -80,14 +90,14 @@ class QuantBucket:
         self.v_scale, self.v_zero = _grow(self.v_scale, 2, cap), _grow(self.v_zero, 2, cap)
         self.k_scale, self.k_zero = _grow(self.k_scale, 2, groups), _grow(self.k_zero, 2, groups)
 
-    def append(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, b: int, k: torch.Tensor, v: torch.Tensor, quantizer: Quantizer = torch_quantizer) -> None:
         """Quantize ``k, v [Hkv, n, D]`` (``n`` whole key groups) and store them after sample ``b``'s tokens."""
         n = k.shape[-2]
         if n == 0:
             return
         if n % self.spec.k_group:
             raise ValueError(f"k: {n} tokens is not a whole number of key groups ({self.spec.k_group})")
-        self.append_quantized(b, quantize_keys(k, self.spec), quantize_values(v, self.spec))
+        self.append_quantized(b, *quantizer(self.spec, k, v))
 
     def append_quantized(self, b: int, qk: QuantizedKeys, qv: QuantizedValues) -> None:
         """Store already-quantized tokens (e.g. from the compiled quantize kernel) after sample ``b``'s tokens."""
@@ -222,12 +232,13 @@ class LayerCache:
     residual: int = 128
     flush_tokens: int = 56
     flush_bits: int = 8
+    quantizer: Quantizer = torch_quantizer
     stats: dict[str, int] = field(default_factory=lambda: {"flushes": 0})
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
               k_group: int = 28, v_group: int = 64, residual: int = 128, flush_tokens: int | None = None,
-              flush_bits: int = 8, chunk: int = 64) -> "LayerCache":
+              flush_bits: int = 8, chunk: int = 64, quantizer: Quantizer = torch_quantizer) -> "LayerCache":
         flush = flush_tokens if flush_tokens is not None else 2 * k_group
         if flush % k_group or flush <= 0:
             raise ValueError(f"flush_tokens: {flush} must be a positive multiple of k_group {k_group}")
@@ -238,7 +249,7 @@ class LayerCache:
             for b in QUANT_BITS
         }
         dense = DensePiece.empty(batch, kv_heads, head_dim, dtype, device, chunk)
-        return cls(buckets, dense, k_group, residual, flush, flush_bits)
+        return cls(buckets, dense, k_group, residual, flush, flush_bits, quantizer)
 
     def fill_sample(self, b: int, k: torch.Tensor, v: torch.Tensor, windows: WindowAssignment,
                     valid: torch.Tensor | None = None) -> None:
@@ -266,7 +277,7 @@ class LayerCache:
         for bits, parts in per_bits.items():
             if parts:
                 idx = torch.cat(parts)
-                self.buckets[bits].append(b, k[:, idx], v[:, idx])
+                self.buckets[bits].append(b, k[:, idx], v[:, idx], self.quantizer)
         if tails:
             idx = torch.cat(tails)
             self.dense.append(b, k[:, idx], v[:, idx], pinned=True)
@@ -285,7 +296,7 @@ class LayerCache:
         for b in range(self.dense.lens.shape[0]):
             while self.dense.residual_len(b) > self.residual + self.flush_tokens - 1:
                 k_old, v_old = self.dense.pop_oldest(b, self.flush_tokens)
-                self.buckets[self.flush_bits].append(b, k_old, v_old)
+                self.buckets[self.flush_bits].append(b, k_old, v_old, self.quantizer)
                 self.stats["flushes"] += 1
 
     def num_tokens(self) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from ..decode import Decoder, make_decoder
+from ..decode import Backend, make_backend
 from ..layout import LayerCache, WindowAssignment
 from ..search import BIT_WIDTHS, Plan, attention_scores, embedding_scores, search
 from ..spec import QUANT_BITS
@@ -109,7 +109,7 @@ class CacheStats:
     kernel_calls: int = 0
     reference_calls: int = 0
     prefill_layers: int = 0
-    search_seconds: float = 0.0
+    store_seconds: float = 0.0  # prefill: window search, quantization and reordering, all layers
 
 
 class WindowQuantCache(Cache):
@@ -129,7 +129,7 @@ class WindowQuantCache(Cache):
         self.scores: dict[int, list[torch.Tensor]] = {}
         self.embed_scores: list[torch.Tensor] | None = None
         self.stats = CacheStats()
-        self._decoder: Decoder | None = None
+        self._backend: Backend | None = None
         self._hook: Any = None
 
     # ---- set-up -------------------------------------------------------------------------------------------------
@@ -155,10 +155,11 @@ class WindowQuantCache(Cache):
         self._hook.remove()
         self._hook = None
 
-    def decoder(self, dtype: torch.dtype, device: torch.device) -> Decoder:
-        if self._decoder is None:
-            self._decoder = make_decoder(self.wq, self.num_q_heads, self.num_kv_heads, self.head_dim, dtype, device)
-        return self._decoder
+    def backend(self, dtype: torch.dtype, device: torch.device) -> Backend:
+        """The kernels this cache runs (compiled modules, else the reference), chosen once."""
+        if self._backend is None:
+            self._backend = make_backend(self.wq, self.num_q_heads, self.num_kv_heads, self.head_dim, dtype, device)
+        return self._backend
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +188,7 @@ class WindowQuantCache(Cache):
                              f"tokens but prefill has {bsz} x {t}")
         store = LayerCache.empty(bsz, key.shape[1], key.shape[3], key.dtype, key.device, self.wq.k_group,
                                  self.wq.v_group, self.wq.residual, flush_bits=self.wq.flush_bits,
-                                 chunk=self.wq.chunk)
+                                 chunk=self.wq.chunk, quantizer=self.backend(key.dtype, key.device).quantize)
         bits_list, score_list = [], []
         for b, sample in enumerate(self.samples):
             w = sample.windows
@@ -211,7 +212,7 @@ class WindowQuantCache(Cache):
         self.scores[layer_idx] = score_list
         self.layers[layer_idx].store = store
         self.stats.prefill_layers += 1
-        self.stats.search_seconds += time.perf_counter() - t0
+        self.stats.store_seconds += time.perf_counter() - t0
 
     def plan(self, sample: int = 0) -> Plan | None:
         """The chosen widths of one sample as a :class:`Plan` (``bits [layers, windows]``), once prefill ran."""
@@ -269,7 +270,7 @@ def windowquant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
         return out, None
     s = query.shape[2]
     if s == 1:
-        out = cache.decoder(query.dtype, query.device)(query[:, :, 0], layer.store, sm_scale, cache.stats)
+        out = cache.backend(query.dtype, query.device).decode(query[:, :, 0], layer.store, sm_scale, cache.stats)
         return out.unsqueeze(1).to(query.dtype), None
     # several new tokens on a filled cache (chunked prefill, speculative): the reference path, causal tail
     from ..reference import decode_attention
