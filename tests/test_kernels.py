@@ -245,13 +245,15 @@ def test_signature_rejects_bad_tensors() -> None:
     args, _, _ = _bucket(4, spec, 64, [3, 5], gen)
     q = torch.randn(2, 14, 64)
     good = [q, *args, SM_SCALE, torch.empty(2, 14, 64), torch.empty(2, 14)]
+    assert sig.outputs == sig.args[-2:] and [a.name for a in sig.outputs] == ["o", "lse"]
     assert sig.bind(*good) == {"B": 2, "N": 64, "G": 3}
-    with pytest.raises(TypeError, match="q must be"):
+    assert sig.bind(*good[:-2], inputs_only=True) == {"B": 2, "N": 64, "G": 3}
+    with pytest.raises(TypeError, match="'q': expected dtype torch.float32"):
         sig.bind(q.double(), *good[1:])
     bad_n, _, _ = _bucket(4, spec, 70, [3, 5], gen)  # not whole chunks
-    with pytest.raises(ValueError, match="positive multiple of 64"):
+    with pytest.raises(ValueError, match="'k_codes': size N=70 must be a positive multiple of 64"):
         sig.bind(q, *bad_n, *good[-3:])
-    with pytest.raises(ValueError, match="dim 0"):
+    with pytest.raises(ValueError, match="'k_codes': dim 0"):
         sig.bind(q[:1], *good[1:])
     with pytest.raises(TypeError, match="expected 11"):
         sig.bind(*good[:-1])
@@ -266,6 +268,9 @@ def test_make_kernel_names_function_by_uri() -> None:
     ):
         func = make_kernel(spec)
         assert func.attrs["global_symbol"] == spec.uri
+        # the factory's description (outputs, size rules) is exactly what the PrimFunc declares and writes
+        sig = signature(spec).check_prim_func(func)
+        assert KernelSignature.from_prim_func(func).args == sig.args
     with pytest.raises(ValueError, match="dense piece"):
         make_kernel(KernelSpec("fused", (16, 4), **SHAPES["0.5b"]))
 

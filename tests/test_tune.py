@@ -18,10 +18,10 @@ from wq_compile.tune import (
     TuneResult,
     tune_kernel,
 )
-from wq_testing import TOY_PROVIDER, TOY_SPEC, measured_log
+from wq_testing import TINY_DECODE, TOY_PROVIDER, TOY_SPEC, measured_log
 
+#: The driver tests tune the toy kernel (see wq_testing.TOY_PROVIDER: real kernels would take minutes per tune).
 FAST = dict(n_tokens=128, population_size=32, genetic_iters=1, provider=TOY_PROVIDER)
-TINY_DECODE = TOY_SPEC
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +50,8 @@ def _lines(path):
 
 
 def test_tune_writes_records_meta_and_resumes(tmp_path, host, pools):
-    res = tune_kernel(TINY_DECODE, host, trials=2, logs_dir=tmp_path, seed=3, **FAST, **pools)
-    log = tmp_path / host.tag / TINY_DECODE.uri
+    res = tune_kernel(TOY_SPEC, host, trials=2, logs_dir=tmp_path, seed=3, **FAST, **pools)
+    log = tmp_path / host.tag / TOY_SPEC.uri
     assert res.log_dir == log and res.valid_trials >= 2 and res.new_trials >= 2
     records = _lines(log / "database_tuning_record.json")
     assert len(records) == res.valid_trials
@@ -64,14 +64,14 @@ def test_tune_writes_records_meta_and_resumes(tmp_path, host, pools):
     assert res.gbps > 0 and res.bytes_read > 0
 
     # Re-run with more trials: existing records count, new ones are appended (the old lines stay as they were).
-    res2 = tune_kernel(TINY_DECODE, host, trials=res.valid_trials + 1, logs_dir=tmp_path, seed=3, **FAST, **pools)
+    res2 = tune_kernel(TOY_SPEC, host, trials=res.valid_trials + 1, logs_dir=tmp_path, seed=3, **FAST, **pools)
     records2 = _lines(log / "database_tuning_record.json")
     assert records2[: len(records)] == records
     assert res2.valid_trials == len(records2) >= len(records) + 1
     assert len(_lines(log / "database_workload.json")) == 1
 
     # Enough records already: nothing is tuned.
-    res3 = tune_kernel(TINY_DECODE, host, trials=1, logs_dir=tmp_path, measure=False, **FAST)
+    res3 = tune_kernel(TOY_SPEC, host, trials=1, logs_dir=tmp_path, measure=False, **FAST)
     assert res3.new_trials == 0 and res3.valid_trials == res2.valid_trials
 
 
@@ -85,17 +85,17 @@ def test_zero_valid_trials_is_an_error(tmp_path, host):
             return [BuilderResult(None, "simulated build timeout") for _ in build_inputs]
 
     with pytest.raises(NoValidTrialsError, match="0 valid.*builder timeout"):
-        tune_kernel(TINY_DECODE, host, trials=2, logs_dir=tmp_path, builder=FailingBuilder(), **FAST)
+        tune_kernel(TOY_SPEC, host, trials=2, logs_dir=tmp_path, builder=FailingBuilder(), **FAST)
 
 
 def test_corrupt_and_stale_logs_are_refused(tmp_path, host):
-    log = measured_log(TINY_DECODE, host, tmp_path, TOY_PROVIDER)
+    log = measured_log(TOY_SPEC, host, tmp_path, TOY_PROVIDER)
     meta_path = log / "meta.json"
     good = json.loads(meta_path.read_text())
 
     meta_path.write_text("{not json")
     with pytest.raises(TuningLogError, match=r"meta\.json: not valid JSON.*(re-tune|delete)"):
-        tune_kernel(TINY_DECODE, host, trials=1, logs_dir=tmp_path, **FAST)
+        tune_kernel(TOY_SPEC, host, trials=1, logs_dir=tmp_path, **FAST)
 
     stale = {**good, "versions": {**good["versions"], "apache-tvm": "0.19.0"}}
     meta_path.write_text(json.dumps(stale))
@@ -110,7 +110,7 @@ def test_corrupt_and_stale_logs_are_refused(tmp_path, host):
 
     meta_path.unlink()
     with pytest.raises(TuningLogError, match="without meta.json"):
-        tune_kernel(TINY_DECODE, host, trials=1, logs_dir=tmp_path, **FAST)
+        tune_kernel(TOY_SPEC, host, trials=1, logs_dir=tmp_path, **FAST)
 
 
 @pytest.mark.skipif(has_local_gpu(), reason="checks the refusal on a machine without a GPU")
@@ -119,6 +119,16 @@ def test_cuda_without_gpu_is_never_measured(tmp_path):
         tune_kernel(TINY_DECODE, "nvidia/nvidia-h100", trials=2, logs_dir=tmp_path)
     assert not any(tmp_path.iterdir())
     assert cli.main_tune(["--target", "nvidia/nvidia-h100", "--model", "tiny", "--logs-dir", str(tmp_path)]) == 2
+
+
+@pytest.mark.skipif(has_local_gpu(), reason="checks the refusal on a machine without a GPU")
+def test_cli_cuda_without_gpu_or_rpc_refuses_to_measure(tmp_path, capsys):
+    argv = ["--target", "cuda", "--model", "tiny", "--kernels", "fused",
+            "--logs-dir", str(tmp_path / "logs"), "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main_tune(argv) != 0
+    err = capsys.readouterr().err
+    assert "Measuring (tuning) needs a GPU" in err and "--rpc HOST:PORT" in err
+    assert not any(tmp_path.iterdir())  # nothing tuned, built or cached
 
 
 def test_targets_and_tags(host):
@@ -155,6 +165,6 @@ def test_cli_parsing_and_table():
     assert args.bits == (4, 8) and args.kernels == ("fused", "decode") and args.target == "llvm"
     with pytest.raises(SystemExit):
         cli.tune_parser().parse_args(["--kernels", "bogus"])
-    r = TuneResult(TINY_DECODE, None, 5, 5, 2e-3, 1e-3, 4_000_000, True)
+    r = TuneResult(TOY_SPEC, None, 5, 5, 2e-3, 1e-3, 4_000_000, True)
     table = cli.format_table([r])
-    assert TINY_DECODE.uri in table and "2.00x" in table and "4.00" in table  # 4e6 B / 1e-3 s = 4 GB/s
+    assert TOY_SPEC.uri in table and "2.00x" in table and "4.00" in table  # 4e6 B / 1e-3 s = 4 GB/s

@@ -153,8 +153,10 @@ def resolve_device(spec: str | dict | Any = "llvm", num_cores: int | None = None
             gpus = local_gpus()
             if not gpus:
                 raise ValueError(
-                    "target: 'cuda' detects the local GPU, but nvidia-smi lists none here; "
-                    "pass a tag such as 'nvidia/nvidia-h100' or a JSON dict with 'arch'"
+                    "target: 'cuda' means the local GPU, but nvidia-smi lists none here. Measuring (tuning) needs "
+                    "a GPU on this machine, or a remote one through --rpc HOST:PORT --rpc-key KEY (TVM RPC "
+                    "tracker); name the GPU with a tag such as 'nvidia/nvidia-h100' (or a JSON dict with 'arch'), "
+                    "which also compiles here without measuring (--build-only)"
                 )
             gpu_name, cap = gpus[0]
             arch = "sm_" + cap.replace(".", "")

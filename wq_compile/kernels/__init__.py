@@ -18,8 +18,9 @@ Argument order (``*`` = symbolic; per = 32 // bits codes per int32 word; Dv = D 
 - ``quantize``, bits (b,): ``k [B,Hkv,n,D] dtype, v [B,Hkv,n,D] dtype`` -> ``k_codes, k_scale [B,Hkv,n/k_group,D],
   k_zero, v_codes, v_scale [B,Hkv,n,Dv], v_zero`` (n a multiple of k_group).
 
-:func:`signature` describes every argument (:class:`KernelSignature`); ``signature(spec).bind(*tensors)`` validates
-torch tensors and returns the symbolic sizes.
+:func:`signature` describes every argument (:class:`wq_compile.signature.KernelSignature`, the same class the build
+path and the runtime use: outputs marked, size rules included); ``signature(spec).bind(*tensors)`` validates torch
+tensors and returns the symbolic sizes, raising a ``KernelArgumentError`` that names the argument.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from tvm import tirx
 
 from ..spec import KernelSpec
 from . import attention, merge, quantize
-from .common import NEG_BIG, ArgSpec, KernelSignature
+from ..signature import ArgDesc, KernelSignature
+from .common import NEG_BIG
 
-__all__ = ["ArgSpec", "KernelSignature", "NEG_BIG", "example_sizes", "make_kernel", "signature", "static_workload"]
+__all__ = ["ArgDesc", "KernelSignature", "NEG_BIG", "example_sizes", "make_kernel", "signature", "static_workload"]
 
 
 def make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
@@ -45,7 +47,7 @@ def make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
 
 
 def signature(spec: KernelSpec) -> KernelSignature:
-    """Argument list of ``make_kernel(spec)``, in call order."""
+    """Argument list of ``make_kernel(spec)``, in call order, with outputs marked and the size rules."""
     if spec.kind in ("decode", "fused"):
         return attention.signature(spec)
     if spec.kind == "merge":
@@ -66,7 +68,7 @@ def static_workload(spec: KernelSpec, sizes: dict[str, int], scalars: dict[str, 
     func = make_kernel(spec)
     sig = signature(spec)
     scalars = {"sm_scale": spec.head_dim**-0.5, **(scalars or {})}
-    missing = sorted({s for a in sig.args for s in a.shape if isinstance(s, str)} - set(sizes))
+    missing = sorted(set(sig.symbols) - set(sizes))
     if missing:
         raise ValueError(f"sizes: no value for symbols {missing} of {spec.uri}")
     mapping = {}
@@ -74,8 +76,7 @@ def static_workload(spec: KernelSpec, sizes: dict[str, int], scalars: dict[str, 
         if arg.is_scalar:
             mapping[param] = tirx.const(scalars[arg.name], arg.dtype)
         else:
-            shape = [sizes[s] if isinstance(s, str) else s for s in arg.shape]
-            mapping[param] = tirx.decl_buffer(shape, arg.dtype, name=arg.name)
+            mapping[param] = tirx.decl_buffer(arg.shape_at(sizes), arg.dtype, name=arg.name)
     return func.specialize(mapping)
 
 

@@ -35,7 +35,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..spec import KernelSpec
-from .common import NEG_BIG, ArgSpec, KernelSignature, f32, fast_exp
+from ..signature import ArgDesc, KernelSignature
+from .common import NEG_BIG, f32, fast_exp
 
 _F32 = "float32"
 _I32 = "int32"
@@ -79,43 +80,43 @@ def pieces(spec: KernelSpec) -> tuple[Piece, ...]:
     return tuple(out)
 
 
-def piece_args(spec: KernelSpec, p: Piece) -> list[ArgSpec]:
+def piece_args(spec: KernelSpec, p: Piece) -> list[ArgDesc]:
     d, hkv = spec.head_dim, spec.num_kv_heads
     pre = "" if spec.kind == "decode" else f"{p.tag}_"
     if not p.quantized:
         return [
-            ArgSpec(f"{pre}k", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
-            ArgSpec(f"{pre}v", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
-            ArgSpec(f"{pre}lens", ("B",), _I32),
+            ArgDesc.tensor(f"{pre}k", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
+            ArgDesc.tensor(f"{pre}v", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
+            ArgDesc.tensor(f"{pre}lens", ("B",), _I32),
         ]
     q = spec.quant(p.bits)
     w = d // q.per_word
     return [
-        ArgSpec(f"{pre}k_codes", ("B", hkv, p.n_sym, w), _I32),
-        ArgSpec(f"{pre}k_scale", ("B", hkv, p.g_sym, d), _F16),
-        ArgSpec(f"{pre}k_zero", ("B", hkv, p.g_sym, d), _F16),
-        ArgSpec(f"{pre}v_codes", ("B", hkv, p.n_sym, w), _I32),
-        ArgSpec(f"{pre}v_scale", ("B", hkv, p.n_sym, d // q.v_group), _F16),
-        ArgSpec(f"{pre}v_zero", ("B", hkv, p.n_sym, d // q.v_group), _F16),
-        ArgSpec(f"{pre}lens", ("B",), _I32),
+        ArgDesc.tensor(f"{pre}k_codes", ("B", hkv, p.n_sym, w), _I32),
+        ArgDesc.tensor(f"{pre}k_scale", ("B", hkv, p.g_sym, d), _F16),
+        ArgDesc.tensor(f"{pre}k_zero", ("B", hkv, p.g_sym, d), _F16),
+        ArgDesc.tensor(f"{pre}v_codes", ("B", hkv, p.n_sym, w), _I32),
+        ArgDesc.tensor(f"{pre}v_scale", ("B", hkv, p.n_sym, d // q.v_group), _F16),
+        ArgDesc.tensor(f"{pre}v_zero", ("B", hkv, p.n_sym, d // q.v_group), _F16),
+        ArgDesc.tensor(f"{pre}lens", ("B",), _I32),
     ]
 
 
 def signature(spec: KernelSpec) -> KernelSignature:
     """Argument list of a decode/fused kernel (see the module docstring of :mod:`wq_compile.kernels`)."""
     ps = pieces(spec)
-    args = [ArgSpec("q", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype)]
+    args = [ArgDesc.tensor("q", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype)]
     for p in ps:
         args += piece_args(spec, p)
-    args.append(ArgSpec("sm_scale", (), _F32, is_scalar=True))
+    args.append(ArgDesc.scalar("sm_scale", _F32))
     if spec.kind == "decode":
-        args.append(ArgSpec("o", ("B", spec.num_q_heads, spec.head_dim), _F32))
-        args.append(ArgSpec("lse", ("B", spec.num_q_heads), _F32))
+        args.append(ArgDesc.tensor("o", ("B", spec.num_q_heads, spec.head_dim), _F32, output=True))
+        args.append(ArgDesc.tensor("lse", ("B", spec.num_q_heads), _F32, output=True))
     else:
-        args.append(ArgSpec("out", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype))
+        args.append(ArgDesc.tensor("out", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype, output=True))
     multiple = tuple((p.n_sym, spec.chunk) for p in ps)
     at_least = tuple((p.g_sym, p.n_sym, spec.k_group) for p in ps if p.quantized)
-    return KernelSignature(spec.uri, tuple(args), multiple, at_least)
+    return KernelSignature(spec.uri, tuple(args), multiple_of=multiple, at_least=at_least)
 
 
 def qk_lanes(head_dim: int) -> int:

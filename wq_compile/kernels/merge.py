@@ -11,7 +11,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..spec import KernelSpec
-from .common import ArgSpec, KernelSignature, f32
+from ..signature import ArgDesc, KernelSignature
+from .common import f32
 
 _F32 = "float32"
 
@@ -28,9 +29,9 @@ def signature(spec: KernelSpec) -> KernelSignature:
     return KernelSignature(
         spec.uri,
         (
-            ArgSpec("o_parts", (p, "B", hq, d), _F32),
-            ArgSpec("lse_parts", (p, "B", hq), _F32),
-            ArgSpec("out", ("B", hq, d), spec.tvm_dtype),
+            ArgDesc.tensor("o_parts", (p, "B", hq, d), _F32),
+            ArgDesc.tensor("lse_parts", (p, "B", hq), _F32),
+            ArgDesc.tensor("out", ("B", hq, d), spec.tvm_dtype, output=True),
         ),
     )
 

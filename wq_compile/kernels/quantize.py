@@ -14,7 +14,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..spec import KernelSpec
-from .common import ArgSpec, KernelSignature, f32
+from ..signature import ArgDesc, KernelSignature
+from .common import f32
 
 _F32, _F16, _I32, _U32 = "float32", "float16", "int32", "uint32"
 
@@ -33,14 +34,14 @@ def signature(spec: KernelSpec) -> KernelSignature:
     hkv, d = spec.num_kv_heads, spec.head_dim
     w = d // qs.per_word
     args = (
-        ArgSpec("k", ("B", hkv, "n", d), spec.tvm_dtype),
-        ArgSpec("v", ("B", hkv, "n", d), spec.tvm_dtype),
-        ArgSpec("k_codes", ("B", hkv, "n", w), _I32),
-        ArgSpec("k_scale", ("B", hkv, "G", d), _F16),
-        ArgSpec("k_zero", ("B", hkv, "G", d), _F16),
-        ArgSpec("v_codes", ("B", hkv, "n", w), _I32),
-        ArgSpec("v_scale", ("B", hkv, "n", d // qs.v_group), _F16),
-        ArgSpec("v_zero", ("B", hkv, "n", d // qs.v_group), _F16),
+        ArgDesc.tensor("k", ("B", hkv, "n", d), spec.tvm_dtype),
+        ArgDesc.tensor("v", ("B", hkv, "n", d), spec.tvm_dtype),
+        ArgDesc.tensor("k_codes", ("B", hkv, "n", w), _I32, output=True),
+        ArgDesc.tensor("k_scale", ("B", hkv, "G", d), _F16, output=True),
+        ArgDesc.tensor("k_zero", ("B", hkv, "G", d), _F16, output=True),
+        ArgDesc.tensor("v_codes", ("B", hkv, "n", w), _I32, output=True),
+        ArgDesc.tensor("v_scale", ("B", hkv, "n", d // qs.v_group), _F16, output=True),
+        ArgDesc.tensor("v_zero", ("B", hkv, "n", d // qs.v_group), _F16, output=True),
     )
     return KernelSignature(spec.uri, args, multiple_of=(("n", qs.k_group),), groups=(("G", "n", qs.k_group),))
 
