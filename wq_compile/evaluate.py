@@ -85,6 +85,10 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
             kw = {} if nb is None else {"nbits": nb}
             methods.append(Method(name, lambda b=backend_name, kw=kw: QuantizedCache(b, cfg, **kw),
                                   "dequantizes the whole cache every step"))
+    for width in (4, 2):  # KIVI-style: every window at one width, same kernels and format
+        wq = WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend)
+        methods.append(Method(f"uniform int{width} (KIVI-style)",
+                              lambda wq=wq: WindowQuantCache(cfg, wq).prepare(**prompt.inputs), "no window search"))
     for ab in avg_bits:
         wq = WindowQuantConfig(avg_bits=ab, backend=backend)
         methods.append(Method(f"WindowQuant avg {ab:g} bits",
@@ -92,8 +96,27 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
     return methods
 
 
-def _generate(model: Any, prompt: Prompt, cache: Any, new: int) -> torch.Tensor:
-    out = model.generate(**prompt.inputs, cache=cache, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+class _StepClock:
+    """A ``generate`` streamer that only timestamps: ``put`` is called with the prompt, then once per new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_ms(self) -> float:
+        """Mean ms per decode step: from the first new token (prefill done) to the last."""
+        steps = len(self.times) - 2
+        return (self.times[-1] - self.times[1]) / steps * 1e3 if steps > 0 else float("nan")
+
+
+def _generate(model: Any, prompt: Prompt, cache: Any, new: int, clock: _StepClock | None = None) -> torch.Tensor:
+    out = model.generate(**prompt.inputs, cache=cache, max_new_tokens=new, do_sample=False, min_new_tokens=new,
+                         streamer=clock)
     return out[:, prompt.inputs["input_ids"].shape[1]:]
 
 
@@ -133,15 +156,12 @@ def run_eval(model: Any, prompt: Prompt, methods: list[Method], new_tokens: int 
         dense_bytes = dense_bytes or nbytes
         logp = _teacher_forced_logprobs(model, prompt, m.make(), ref_tokens)
         kl = float(torch.sum(ref_logp.exp() * (ref_logp - logp), dim=-1).mean())
-        times_full, times_one = [], []
+        step_ms = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            _generate(model, prompt, m.make(), new_tokens)
-            times_full.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            _generate(model, prompt, m.make(), 1)
-            times_one.append(time.perf_counter() - t0)
-        ms = (statistics.median(times_full) - statistics.median(times_one)) / (new_tokens - 1) * 1e3
+            clock = _StepClock()
+            _generate(model, prompt, m.make(), new_tokens, clock)
+            step_ms.append(clock.decode_ms())
+        ms = statistics.median(step_ms)
         rows.append(EvalRow(m.name, nbytes, nbytes / dense_bytes, float((tokens == ref_tokens).float().mean()),
                             max(kl, 0.0), ms, m.note))
     return rows
