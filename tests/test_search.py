@@ -110,3 +110,16 @@ def test_search_validates_shapes(gen: torch.Generator) -> None:
         search(torch.rand(3), k, v, w, 3.0)
     with pytest.raises(ValueError, match="k: "):
         search(torch.rand(1), k[0], v[0], w, 3.0)
+
+
+def test_plan_memory_estimate_matches_layout(gen: torch.Generator) -> None:
+    from wq_compile.layout import LayerCache
+
+    k, v = _kv(gen, layers=1)
+    w = make_windows([(20, 8 * 196)], 196)
+    plan = search(torch.rand(len(w), generator=gen), k, v, w, 5.0)
+    cache = LayerCache.empty(1, 2, 64, torch.float16, residual=10_000)
+    cache.fill_sample(0, k[0], v[0], plan.layer(0))
+    used = cache.used_bytes()
+    text_bytes = 40 * 2 * 64 * 2 * 2  # 20 tokens before and 20 after the video stay dense
+    assert plan.memory_bytes(2, 64) == sum(used.values()) - text_bytes

@@ -208,11 +208,22 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--logs-dir", default=None, help="tuning logs (default: the repository's tuning_logs)")
     p.add_argument("--out", default="bench_out", help="folder for decode.csv and decode.png")
+    p.add_argument("--search", action="store_true",
+                   help="time the window search instead (--frames frames x 196 tokens, every layer of --model)")
+    p.add_argument("--frames", type=int, default=32)
     return p
 
 
 def main_bench(argv: Sequence[str] | None = None) -> int:
     args = bench_parser().parse_args(argv)
+    if args.search:
+        from .bench import search as search_bench
+
+        t = search_bench.run(args.model, frames=args.frames, repeats=max(3, min(args.repeats, 10)))
+        print(f"window search, {t.model}: {t.frames} frames x 196 tokens, {t.layers} layers (median of runs)")
+        print(f"  attention scores  {t.score_ms:8.1f} ms\n  errors + allocate {t.search_ms:8.1f} ms\n"
+              f"  quantize + reorder{t.store_ms:8.1f} ms (torch reference quantizer)")
+        return 0
     from .bench.decode import MIXES, format_table, run
 
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]

@@ -244,6 +244,12 @@ class Plan:
         cost = lut[self.bits] * whole + 16.0 * (lengths - whole)
         return float(cost.sum() / (lengths.sum() * self.bits.shape[0]))
 
+    def memory_bytes(self, num_kv_heads: int, head_dim: int) -> int:
+        """Estimated K+V bytes of the windowed tokens over all layers: codes, scale/zero of whole groups, fp16
+        for 16-bit windows and group tails (the layout's exact count may differ by partial words only)."""
+        elems = float(self.windows.lengths.sum()) * self.bits.shape[0] * num_kv_heads * head_dim * 2
+        return int(round(self.effective_avg_bits() * elems / 8))
+
     def histogram(self) -> dict[int, int]:
         """How many (layer, window) pairs got each width."""
         return {int(w): int((self.bits == w).sum()) for w in BIT_WIDTHS}
