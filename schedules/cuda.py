@@ -122,11 +122,17 @@ def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
         fused = sch.fuse(loops[2], loops[3])
         _, tx = sch.split(fused, [None, threads])
         sch.bind(tx, "threadIdx.x")
+        fold = sch.get_sblock(p.block("qk_fold"))
+        sch.compute_at(fold, tx, preserve_unit_loops=True)
+        sch.set_scope(fold, 0, "local")
         part = sch.get_sblock(p.block("qk_part"))
         sch.compute_at(part, tx, preserve_unit_loops=True)
         sch.set_scope(part, 0, "local")
         sch.set_scope(qk, 0, "shared")
-        for stage, n_spatial in (("cmax", 1), ("prob", 2), ("lsum", 1), ("pv", 2)):
+        stages = [("cmax_part", 2), ("cmax", 1), ("prob", 2), ("lsum", 1)]
+        if p.quantized:
+            stages += [("vscale", 3), ("vzero_part", 3), ("vzero", 2)]
+        for stage, n_spatial in (*stages, ("pv", 2)):
             blk = sch.get_sblock(p.block(stage))
             _bind_spatial(sch, blk, 2, n_spatial, threads)
             sch.set_scope(blk, 0, "shared")

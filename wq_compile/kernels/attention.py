@@ -10,12 +10,17 @@ K/V chunk)::
         for c in range(N_piece // chunk):          # dynamic count of fixed chunks: one module, every length
           kdeq    Kd[t, w, j] = dequant(k_codes, k_scale, k_zero)      (chunk x D, d = w * per + j)
           qk_part sp[g, t, l] = sum_do qf[g, do*L + l] * Kd[t, do*L + l]   (L = qk_lanes: the vector axis)
-          qk      S[g, t]     = sum_l sp[g, t, l]
-          cmax    mc[g]       = max_t (t valid ? S : NEG_BIG)
+          qk_fold sf[g, t, l] = sp[g, t, l] + sp[g, t, l + L/2]
+          qk      S[g, t]     = sum_l sf[g, t, l]
+          cmax_part mp[g, l]  = max_to (t valid ? S : NEG_BIG)   (t = to * M + l, M = max_lanes: the vector axis)
+          cmax    mc[g]       = max_l mp[g, l]
           prob    P[g, t]     = t valid ? exp(S - mc) : 0;     lsum lc[g] = sum_t P
-          vdeq    Vd[t, w, j] = t valid ? dequant(v_codes, v_scale, v_zero) : 0  (garbage slots never reach acc)
-          pv      pvc[g, d]   = sum_t P[g, t] * Vd[t, d]
-          state   (m, l, acc) <- merge with (mc, lc, pvc)     # reduction over chunks, the only writer of the state
+          quantized V (scale / zero per token and v_group channels folded into P):
+            vscale  Ps[g, t, vg] = t valid ? P * v_scale[t, vg] : 0;   vzero(_part) Pz[g, vg] = sum_t (t valid ? P * v_zero : 0)
+            vdeq    Vd[t, w, j]  = float(code)                          (always finite: garbage codes times Ps = 0)
+            pv      pvc[g, d]    = sum_t Ps[g, t, d // v_group] * Vd[t, d]
+          dense V:  vdeq Vd[t, d] = t valid ? v : 0;  pv pvc[g, d] = sum_t P[g, t] * Vd[t, d]
+          state   (m, l, acc) <- merge with (mc, lc, pvc + Pz)     # reduction over chunks, the only writer of the state
       final: decode -> o = acc / l, lse = m + log(l);  fused -> log-sum-exp merge of the pieces' states
 
 Every block is a complete block or a reduction block and no block reads a buffer that a later block of the same
@@ -61,7 +66,8 @@ class Piece:
 
 
 #: Stages of one piece, in program order (block names are ``f"{piece.tag}_{stage}"``).
-PIECE_STAGES = ("kdeq", "qk_part", "qk", "cmax", "prob", "lsum", "vdeq", "pv", "state")
+#: ``vscale`` / ``vzero_part`` / ``vzero`` exist for quantized pieces only.
+PIECE_STAGES = ("kdeq", "qk_part", "qk_fold", "qk", "cmax_part", "cmax", "prob", "lsum", "vscale", "vzero_part", "vzero", "vdeq", "pv", "state")
 
 
 def pieces(spec: KernelSpec) -> tuple[Piece, ...]:
@@ -121,7 +127,19 @@ def signature(spec: KernelSpec) -> KernelSignature:
 
 def qk_lanes(head_dim: int) -> int:
     """Channel lanes of the partial dot products (the vectorizable axis of the score computation)."""
-    return math.gcd(head_dim, 8)
+    return math.gcd(head_dim, 16)
+
+
+def qk_fold_lanes(head_dim: int) -> int:
+    """Lanes left after folding the upper half of the partial sums onto the lower half (a vector add; LLVM turns
+    the final lane sum of up to 8 lanes into register transposes, wider ones into gathers)."""
+    lanes = qk_lanes(head_dim)
+    return lanes // 2 if lanes % 2 == 0 else lanes
+
+
+def max_lanes(chunk: int) -> int:
+    """Token lanes of the partial chunk maxima (the vectorizable axis of the max; a serial max chain otherwise)."""
+    return math.gcd(chunk, 16)
 
 
 def _unpack(word: tirx.PrimExpr, j: tirx.PrimExpr, bits: int) -> tirx.PrimExpr:
@@ -174,9 +192,15 @@ def build_attention(spec: KernelSpec) -> tirx.PrimFunc:
                             "vd": alloc(f"{t}_vd", (bsz, hkv, n, d // per, per)),
                             "s": alloc(f"{t}_s", (bsz, hq, n)),
                             "sp": alloc(f"{t}_sp", (bsz, hkv, gs, n, qk_lanes(d))),
+                            "sf": alloc(f"{t}_sf", (bsz, hkv, gs, n, qk_fold_lanes(d))),
                             "p": alloc(f"{t}_p", (bsz, hq, n)),
                             "mc": alloc(f"{t}_mc", (bsz, hq, nc)),
+                            "mp": alloc(f"{t}_mp", (bsz, hq, nc, max_lanes(spec.chunk))),
                             "lc": alloc(f"{t}_lc", (bsz, hq, nc)),
+                            # quantized V: P scaled by the per-token V scale, and the chunk's zero-point term
+                            "ps": alloc(f"{t}_ps", (bsz, hq, n, d // spec.v_group)),
+                            "pz": alloc(f"{t}_pz", (bsz, hq, nc, d // spec.v_group)),
+                            "pzp": alloc(f"{t}_pzp", (bsz, hq, nc, d // spec.v_group, max_lanes(spec.chunk))),
                             "pvc": alloc(f"{t}_pvc", (bsz, nc, hq, d)),
                         }
                     )
@@ -328,24 +352,45 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh) -> None:
                     T.buffer_store(sp_buf, f32(0.0), [vb, vkh, vg, tok, vl])
                 val = sp_buf[vb, vkh, vg, tok, vl] + qf[vb, h, dd] * kd[vb, vkh, tok, dd // per, dd % per]
                 T.buffer_store(sp_buf, val, [vb, vkh, vg, tok, vl])
-        with T.grid(gs, c, lanes) as (g, t, ln):
+        fl = qk_fold_lanes(d)
+        sf_buf = st["sf"]
+        with T.grid(gs, c, fl) as (g, t, ln):
+            with T.sblock(p.block("qk_fold")):
+                vb, vkh, tok = axes_tok(ci, t)
+                vg, vl = T.axis.remap("SS", [g, ln])
+                val = sp_buf[vb, vkh, vg, tok, vl]
+                if fl != lanes:
+                    val = val + sp_buf[vb, vkh, vg, tok, vl + fl]
+                T.buffer_store(sf_buf, val, [vb, vkh, vg, tok, vl])
+        with T.grid(gs, c, fl) as (g, t, ln):
             with T.sblock(p.block("qk")):
                 vb, vkh, tok = axes_tok(ci, t)
                 vg, vl = T.axis.remap("SR", [g, ln])
                 h = vkh * gs + vg
                 with T.init():
                     T.buffer_store(s_buf, f32(0.0), [vb, h, tok])
-                T.buffer_store(s_buf, s_buf[vb, h, tok] + sp_buf[vb, vkh, vg, tok, vl], [vb, h, tok])
-        with T.grid(gs, c) as (g, t):
+                T.buffer_store(s_buf, s_buf[vb, h, tok] + sf_buf[vb, vkh, vg, tok, vl], [vb, h, tok])
+        # chunk max in two steps: partial maxima over token lanes (vectorizable), then over the lanes
+        ml = max_lanes(c)
+        mp = st["mp"]
+        with T.grid(gs, ml, c // ml) as (g, ln, to):
+            with T.sblock(p.block("cmax_part")):
+                vb, vkh, vc = axes(ci)
+                vg, vl, vto = T.axis.remap("SSR", [g, ln, to])
+                h = vkh * gs + vg
+                tok = vc * c + vto * ml + vl
+                with T.init():
+                    T.buffer_store(mp, f32(NEG_BIG), [vb, h, vc, vl])
+                masked = tirx.Select(tok < lens[vb], s_buf[vb, h, tok], f32(NEG_BIG))
+                T.buffer_store(mp, tirx.max(mp[vb, h, vc, vl], masked), [vb, h, vc, vl])
+        with T.grid(gs, ml) as (g, ln):
             with T.sblock(p.block("cmax")):
                 vb, vkh, vc = axes(ci)
-                vg, vt = T.axis.remap("SR", [g, t])
+                vg, vl = T.axis.remap("SR", [g, ln])
                 h = vkh * gs + vg
-                tok = vc * c + vt
                 with T.init():
                     T.buffer_store(mc, f32(NEG_BIG), [vb, h, vc])
-                masked = tirx.Select(tok < lens[vb], s_buf[vb, h, tok], f32(NEG_BIG))
-                T.buffer_store(mc, tirx.max(mc[vb, h, vc], masked), [vb, h, vc])
+                T.buffer_store(mc, tirx.max(mc[vb, h, vc], mp[vb, h, vc, vl]), [vb, h, vc])
         with T.grid(gs, c) as (g, t):
             with T.sblock(p.block("prob")):
                 vb, vkh, vc = axes(ci)
@@ -362,20 +407,48 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh) -> None:
                 with T.init():
                     T.buffer_store(lc, f32(0.0), [vb, h, vc])
                 T.buffer_store(lc, lc[vb, h, vc] + p_buf[vb, h, vc * c + vt], [vb, h, vc])
-        # ---- V dequant: Vd[t, d], zero outside the valid tokens ----
+        # ---- V: quantized pieces fold the per-token scale / zero into P (sum_t P v = sum_t (P s) code + sum_t P z),
+        # so the dequant feeding P @ V is only the code -> float conversion; masking happens on P s and P z (garbage
+        # scales past lens never reach acc; codes are always finite). The dense piece masks V itself.
         if p.quantized:
             qs = spec.quant(p.bits)
             per = qs.per_word
+            nvg = d // qs.v_group
+            ps_buf, pz_buf = st["ps"], st["pz"]
             vcodes, vsc, vze = bufs[f"{pre}v_codes"], bufs[f"{pre}v_scale"], bufs[f"{pre}v_zero"]
+            with T.grid(gs, nvg, c) as (g, vg_, t):
+                with T.sblock(p.block("vscale")):
+                    vb, vkh, tok = axes_tok(ci, t)
+                    vg, vgi = T.axis.remap("SS", [g, vg_])
+                    h = vkh * gs + vg
+                    val = p_buf[vb, h, tok] * vsc[vb, vkh, tok, vgi].astype(_F32)
+                    T.buffer_store(ps_buf, tirx.Select(tok < lens[vb], val, f32(0.0)), [vb, h, tok, vgi])
+            # zero-point term in two steps like the chunk max: token lanes (vector), then over the lanes
+            ml = max_lanes(c)
+            pzp = st["pzp"]
+            with T.grid(gs, nvg, ml, c // ml) as (g, vg_, ln, to):
+                with T.sblock(p.block("vzero_part")):
+                    vb, vkh, vc = axes(ci)
+                    vg, vgi, vl, vto = T.axis.remap("SSSR", [g, vg_, ln, to])
+                    h = vkh * gs + vg
+                    tok = vc * c + vto * ml + vl
+                    with T.init():
+                        T.buffer_store(pzp, f32(0.0), [vb, h, vc, vgi, vl])
+                    val = tirx.Select(tok < lens[vb], p_buf[vb, h, tok] * vze[vb, vkh, tok, vgi].astype(_F32), f32(0.0))
+                    T.buffer_store(pzp, pzp[vb, h, vc, vgi, vl] + val, [vb, h, vc, vgi, vl])
+            with T.grid(gs, nvg, ml) as (g, vg_, ln):
+                with T.sblock(p.block("vzero")):
+                    vb, vkh, vc = axes(ci)
+                    vg, vgi, vl = T.axis.remap("SSR", [g, vg_, ln])
+                    h = vkh * gs + vg
+                    with T.init():
+                        T.buffer_store(pz_buf, f32(0.0), [vb, h, vc, vgi])
+                    T.buffer_store(pz_buf, pz_buf[vb, h, vc, vgi] + pzp[vb, h, vc, vgi, vl], [vb, h, vc, vgi])
             with T.grid(c, d // per, per) as (t, w, j):
                 with T.sblock(p.block("vdeq")):
                     vb, vkh, tok = axes_tok(ci, t)
                     vw, vj = T.axis.remap("SS", [w, j])
-                    dd = vw * per + vj
-                    vgi = tirx.floordiv(dd, qs.v_group)
-                    scale = vsc[vb, vkh, tok, vgi].astype(_F32)
-                    val = _unpack(vcodes[vb, vkh, tok, vw], vj, p.bits) * scale + vze[vb, vkh, tok, vgi].astype(_F32)
-                    T.buffer_store(vd_buf, tirx.Select(tok < lens[vb], val, f32(0.0)), [vb, vkh, tok, vw, vj])
+                    T.buffer_store(vd_buf, _unpack(vcodes[vb, vkh, tok, vw], vj, p.bits), [vb, vkh, tok, vw, vj])
         else:
             vin = bufs[f"{pre}v"]
             with T.grid(c, d) as (t, dd_):
@@ -393,7 +466,11 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh) -> None:
                 tok = vc * c + vt
                 with T.init():
                     T.buffer_store(pvc, f32(0.0), [vb, vc, h, vdd])
-                T.buffer_store(pvc, pvc[vb, vc, h, vdd] + p_buf[vb, h, tok] * vd_buf[vb, vkh, tok, vdd // per, vdd % per], [vb, vc, h, vdd])
+                if p.quantized:
+                    weight = st["ps"][vb, h, tok, vdd // spec.v_group]
+                else:
+                    weight = p_buf[vb, h, tok]
+                T.buffer_store(pvc, pvc[vb, vc, h, vdd] + weight * vd_buf[vb, vkh, tok, vdd // per, vdd % per], [vb, vc, h, vdd])
         # ---- merge the chunk into the running state: the only block touching (m, l, acc) of this piece ----
         with T.grid(gs) as g:
             with T.sblock(p.block("state")):
@@ -417,6 +494,9 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh) -> None:
                     return fast_exp(mc[vb, h, vc] - m_new())
 
                 with T.serial(0, d) as dd_:
-                    T.buffer_store(acc, acc[vb, h, dd_] * e_old() + pvc[vb, vc, h, dd_] * e_chunk(), [vb, h, dd_])
+                    chunk = pvc[vb, vc, h, dd_]
+                    if p.quantized:
+                        chunk = chunk + st["pz"][vb, h, vc, dd_ // spec.v_group]
+                    T.buffer_store(acc, acc[vb, h, dd_] * e_old() + chunk * e_chunk(), [vb, h, dd_])
                 T.buffer_store(l_st, l_st[vb, h] * e_old() + lc[vb, h, vc] * e_chunk(), [vb, h])
                 T.buffer_store(m_st, m_new(), [vb, h])
