@@ -293,8 +293,11 @@ class LayerCache:
 
     def flush(self) -> None:
         """Quantize the oldest residual blocks of every sample whose residual exceeds ``residual`` tokens."""
+        limit = self.residual + self.flush_tokens - 1
+        if int((self.dense.lens - self.dense.pinned).max()) <= limit:  # the common decode step: one check
+            return
         for b in range(self.dense.lens.shape[0]):
-            while self.dense.residual_len(b) > self.residual + self.flush_tokens - 1:
+            while self.dense.residual_len(b) > limit:
                 k_old, v_old = self.dense.pop_oldest(b, self.flush_tokens)
                 self.buckets[self.flush_bits].append(b, k_old, v_old, self.quantizer)
                 self.stats["flushes"] += 1
