@@ -35,26 +35,30 @@ from .common import NEG_BIG
 __all__ = ["ArgDesc", "KernelSignature", "NEG_BIG", "example_sizes", "make_kernel", "signature", "static_workload"]
 
 
+#: kind -> (factory, argument description); decode and fused share the attention factory.
+_FACTORIES = {
+    "decode": (attention.build_attention, attention.signature),
+    "fused": (attention.build_attention, attention.signature),
+    "merge": (merge.build_merge, merge.signature),
+    "quantize": (quantize.build_quantize, quantize.signature),
+}
+
+
+def _factory(spec: KernelSpec):
+    try:
+        return _FACTORIES[spec.kind]
+    except KeyError:
+        raise ValueError(f"kind: no kernel factory for {spec.kind!r}") from None
+
+
 def make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
     """The TIR function of ``spec`` (unscheduled; schedule it with ``wq_compile.schedules``)."""
-    if spec.kind in ("decode", "fused"):
-        return attention.build_attention(spec)
-    if spec.kind == "merge":
-        return merge.build_merge(spec)
-    if spec.kind == "quantize":
-        return quantize.build_quantize(spec)
-    raise ValueError(f"kind: no kernel factory for {spec.kind!r}")
+    return _factory(spec)[0](spec)
 
 
 def signature(spec: KernelSpec) -> KernelSignature:
     """Argument list of ``make_kernel(spec)``, in call order, with outputs marked and the size rules."""
-    if spec.kind in ("decode", "fused"):
-        return attention.signature(spec)
-    if spec.kind == "merge":
-        return merge.signature(spec)
-    if spec.kind == "quantize":
-        return quantize.signature(spec)
-    raise ValueError(f"kind: no kernel factory for {spec.kind!r}")
+    return _factory(spec)[1](spec)
 
 
 def static_workload(spec: KernelSpec, sizes: dict[str, int], scalars: dict[str, float] | None = None) -> tirx.PrimFunc:
