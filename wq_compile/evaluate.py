@@ -85,14 +85,18 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
             kw = {} if nb is None else {"nbits": nb}
             methods.append(Method(name, lambda b=backend_name, kw=kw: QuantizedCache(b, cfg, **kw),
                                   "dequantizes the whole cache every step"))
+    # One set of loaded modules for every WindowQuant row (same shapes, dtype and groups).
+    shared = WindowQuantCache(cfg, WindowQuantConfig(backend=backend))
+    kernels = shared.backend(model.dtype, model.device)
+
+    def wq_method(name: str, wq: WindowQuantConfig, note: str) -> Method:
+        return Method(name, lambda: WindowQuantCache(cfg, wq, backend=kernels).prepare(**prompt.inputs), note)
+
     for width in (4, 2):  # KIVI-style: every window at one width, same kernels and format
-        wq = WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend)
-        methods.append(Method(f"uniform int{width} (KIVI-style)",
-                              lambda wq=wq: WindowQuantCache(cfg, wq).prepare(**prompt.inputs), "no window search"))
+        methods.append(wq_method(f"uniform int{width} (KIVI-style)",
+                                 WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend), "no window search"))
     for ab in avg_bits:
-        wq = WindowQuantConfig(avg_bits=ab, backend=backend)
-        methods.append(Method(f"WindowQuant avg {ab:g} bits",
-                              lambda wq=wq: WindowQuantCache(cfg, wq).prepare(**prompt.inputs), ""))
+        methods.append(wq_method(f"WindowQuant avg {ab:g} bits", WindowQuantConfig(avg_bits=ab, backend=backend), ""))
     return methods
 
 

@@ -115,7 +115,9 @@ class CacheStats:
 class WindowQuantCache(Cache):
     """A ``transformers`` cache whose visual windows live in uniform-precision buckets after prefill."""
 
-    def __init__(self, config: Any, wq_config: WindowQuantConfig | None = None) -> None:
+    def __init__(self, config: Any, wq_config: WindowQuantConfig | None = None, backend: Backend | None = None) -> None:
+        """``backend`` (from :func:`wq_compile.decode.make_backend`) lets many caches share loaded modules; by
+        default each cache resolves its own on first use."""
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         self.wq = wq_config or WindowQuantConfig()
         self.visual = VisualLayout.from_config(config)
@@ -129,7 +131,7 @@ class WindowQuantCache(Cache):
         self.scores: dict[int, list[torch.Tensor]] = {}
         self.embed_scores: list[torch.Tensor] | None = None
         self.stats = CacheStats()
-        self._backend: Backend | None = None
+        self._backend: Backend | None = backend
         self._hook: Any = None
 
     # ---- set-up -------------------------------------------------------------------------------------------------
