@@ -145,3 +145,27 @@ def test_decode_runs_the_compiled_module(model) -> None:
             n = int(bucket.lens.max())
             assert torch.equal(bucket.lens, want.lens)
             assert torch.equal(bucket.k_codes[:, :, :n], want.k_codes[:, :, :n])
+
+
+def test_back_to_back_videos_are_cut_at_their_newlines(model) -> None:
+    layout = VisualLayout.from_config(model.config)
+    ids = torch.tensor([[1, 5] + [999] * (2 * (2 * 196 + 1)) + [7, 8]])
+    (s,) = locate(ids, None, layout)
+    assert s.windows.starts.tolist() == [2, 198, 395, 591] and s.windows.lengths.tolist() == [196] * 4
+
+
+def test_prepare_starts_a_new_conversation(model) -> None:
+    p = video_prompt(model, [2])
+    cache = _wq(model, p, avg_bits=4.0)
+    first = _generate(model, p, cache, new=4)
+    second = _generate(model, p, cache.prepare(**p.inputs), new=4)
+    assert torch.equal(first, second) and cache.get_seq_length() == p.inputs["input_ids"].shape[1] + 3
+
+
+def test_budget_below_what_partial_windows_allow_warns_and_clamps(model) -> None:
+    p = image_prompt(model)
+    cache = _wq(model, p, avg_bits=2.5, window=196)
+    with pytest.warns(UserWarning, match="avg_bits=2.5 is below"):
+        assert _generate(model, p, cache, new=2).shape == (1, 2)
+    with pytest.raises(ValueError, match="window"):
+        WindowQuantConfig(window=100)

@@ -110,7 +110,7 @@ def test_residual_flush_keeps_recent_tokens_dense(gen: torch.Generator) -> None:
     cache.fill_sample(0, k, v, _windows([], [], []))
     for _ in range(100):
         cache.append(torch.randn(1, HKV, 1, D, generator=gen), torch.randn(1, HKV, 1, D, generator=gen))
-    assert 32 <= cache.dense.residual_len(0) < 32 + 2 * KG
+    assert 32 <= cache.dense.residual_len(0) <= 32 + 2 * KG  # the last step's token is flushed next step
     assert int(cache.buckets[4].lens[0]) % KG == 0 and int(cache.num_tokens()[0]) == 140
     assert cache.dense.capacity % 64 == 0 and cache.buckets[4].capacity % 64 == 0
 
@@ -158,3 +158,21 @@ def test_causal_tail_for_several_query_tokens(gen: torch.Generator) -> None:
     mask = torch.ones(3, 12, dtype=torch.bool).tril(diagonal=9)
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
     torch.testing.assert_close(o, want, atol=2e-6, rtol=1e-5)
+
+
+def test_several_new_tokens_are_never_quantized_before_they_attend(gen: torch.Generator) -> None:
+    """A long chunk appended at once (chunked prefill) stays dense for its own step: a bucket has no causal mask."""
+    cache = LayerCache.empty(1, HKV, D, torch.float32, k_group=KG, v_group=VG, residual=16)
+    k0, v0 = _prompt(gen, 20)
+    cache.fill_sample(0, k0, v0, _windows([], [], []))
+    kn, vn = torch.randn(1, HKV, 300, D, generator=gen), torch.randn(1, HKV, 300, D, generator=gen)
+    cache.append(kn, vn)
+    assert sum(int(b.lens[0]) for b in cache.buckets.values()) == 0  # flushed only at the next append
+    q = torch.randn(1, HQ, 300, D, generator=gen)
+    got = decode_attention(q, cache, D**-0.5, causal_tail=300)
+    k, v = torch.cat([k0[None], kn], 2), torch.cat([v0[None], vn], 2)
+    mask = torch.ones(300, 320, dtype=torch.bool).tril(diagonal=20)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    cache.append(kn[:, :, :1], vn[:, :, :1])
+    assert int(cache.buckets[8].lens[0]) > 0

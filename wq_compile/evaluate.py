@@ -23,6 +23,7 @@ from .integrations.transformers import WindowQuantCache, WindowQuantConfig
 class EvalRow:
     method: str
     kv_bytes: int
+    alloc_bytes: int
     bytes_vs_dense: float
     agreement: float
     mean_kl: float
@@ -61,11 +62,13 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
     return 0
 
 
-def kv_bytes(cache: Any) -> int:
-    """KV bytes as stored: exact used bytes for WindowQuant, every reachable tensor for transformers caches."""
+def kv_bytes(cache: Any) -> tuple[int, int]:
+    """``(used, allocated)`` KV bytes: allocated is every tensor the cache holds (capacity slack included), used is
+    the exact payload for WindowQuant and the same as allocated for transformers caches."""
+    allocated = _tensor_bytes(list(cache.layers), set())
     if isinstance(cache, WindowQuantCache):
-        return int(cache.memory_report()["total_bytes"])
-    return _tensor_bytes(list(cache.layers), set())
+        return int(cache.memory_report()["total_bytes"]), allocated
+    return allocated, allocated
 
 
 def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: str = "auto") -> list[Method]:
@@ -152,11 +155,11 @@ def run_eval(model: Any, prompt: Prompt, methods: list[Method], new_tokens: int 
         if progress:
             progress(m.name)
         if m.make is None:
-            rows.append(EvalRow(m.name, 0, float("nan"), float("nan"), float("nan"), float("nan"), m.note))
+            rows.append(EvalRow(m.name, 0, 0, float("nan"), float("nan"), float("nan"), float("nan"), m.note))
             continue
         cache = m.make()
         tokens = _generate(model, prompt, cache, new_tokens)
-        nbytes = kv_bytes(cache)
+        nbytes, alloc = kv_bytes(cache)
         dense_bytes = dense_bytes or nbytes
         logp = _teacher_forced_logprobs(model, prompt, m.make(), ref_tokens)
         kl = float(torch.sum(ref_logp.exp() * (ref_logp - logp), dim=-1).mean())
@@ -166,19 +169,20 @@ def run_eval(model: Any, prompt: Prompt, methods: list[Method], new_tokens: int 
             _generate(model, prompt, m.make(), new_tokens, clock)
             step_ms.append(clock.decode_ms())
         ms = statistics.median(step_ms)
-        rows.append(EvalRow(m.name, nbytes, nbytes / dense_bytes, float((tokens == ref_tokens).float().mean()),
+        rows.append(EvalRow(m.name, nbytes, alloc, nbytes / dense_bytes, float((tokens == ref_tokens).float().mean()),
                             max(kl, 0.0), ms, m.note))
     return rows
 
 
 def format_table(rows: list[EvalRow]) -> str:
     """A plain-text table for the terminal."""
-    head = f"{'method':<34} {'KV bytes':>11} {'vs dense':>8} {'agree':>6} {'mean KL':>9} {'ms/tok':>7}  note"
+    head = (f"{'method':<34} {'KV bytes':>11} {'allocated':>11} {'vs dense':>8} {'agree':>6} {'mean KL':>9} "
+            f"{'ms/tok':>7}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.kv_bytes == 0 and r.note:
-            lines.append(f"{r.method:<34} {'-':>11} {'-':>8} {'-':>6} {'-':>9} {'-':>7}  {r.note}")
+            lines.append(f"{r.method:<34} {'-':>11} {'-':>11} {'-':>8} {'-':>6} {'-':>9} {'-':>7}  {r.note}")
             continue
-        lines.append(f"{r.method:<34} {r.kv_bytes:>11,} {r.bytes_vs_dense:>8.3f} {r.agreement:>6.2f} "
+        lines.append(f"{r.method:<34} {r.kv_bytes:>11,} {r.alloc_bytes:>11,} {r.bytes_vs_dense:>8.3f} {r.agreement:>6.2f} "
                      f"{r.mean_kl:>9.2e} {r.decode_ms:>7.2f}  {r.note}")
     return "\n".join(lines)

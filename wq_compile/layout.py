@@ -287,9 +287,12 @@ class LayerCache:
         self.flush()
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append new tokens ``[B, Hkv, S, D]`` to every sample's residual, flushing full blocks."""
-        self.dense.append_step(k, v)
+        """Append new tokens ``[B, Hkv, S, D]`` to every sample's residual.
+
+        Full blocks are flushed *before* the new tokens go in: the tokens of this step are the queries of this
+        step, and a bucket has no causal mask, so none of them may be quantized until the step is done."""
         self.flush()
+        self.dense.append_step(k, v)
 
     def flush(self) -> None:
         """Quantize the oldest residual blocks of every sample whose residual exceeds ``residual`` tokens."""

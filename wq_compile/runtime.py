@@ -327,11 +327,10 @@ class FusedDecoder:
         return KernelSpec("fused", tuple(widths) + (16,), **self.shape)
 
     def _run(self, kernel: CompiledKernel, args: list[Any]) -> torch.Tensor:
-        """Check the arguments once per distinct set of shapes, then call unchecked: the cache owns every tensor
-        but ``q`` (dtype, device and contiguity of its storage never change), and the per-call Python check costs
-        about as much as the kernel on short caches."""
-        key = (kernel.spec.uri, args[0].dtype, args[0].device,
-               tuple(a.shape for a in args if isinstance(a, torch.Tensor)))
+        """Run the full argument check once per distinct (shape, dtype, device, contiguity) of every tensor, then
+        call unchecked: the full check costs about as much as the kernel on short caches."""
+        key = (kernel.spec.uri, tuple((a.shape, a.dtype, a.device, a.is_contiguous()) for a in args
+                                      if isinstance(a, torch.Tensor)))
         if key not in self._checked:
             (out,) = kernel.run(*args)
             self._checked.add(key)

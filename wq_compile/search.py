@@ -75,18 +75,23 @@ def embedding_scores(embeds: torch.Tensor, windows: Windows, text_mask: torch.Te
     return torch.nn.functional.cosine_similarity(win, txt, dim=-1)
 
 
-def attention_scores(q_text: torch.Tensor, k: torch.Tensor, windows: Windows, sm_scale: float) -> torch.Tensor:
+def attention_scores(q_text: torch.Tensor, k: torch.Tensor, windows: Windows, sm_scale: float,
+                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention mass the prompt's text queries put on each window's keys, averaged over heads and queries: ``[W]``.
 
     ``q_text [Hq, Tq, D]`` are the (RoPE'd) queries of the text tokens, ``k [Hkv, T, D]`` all prompt keys of one
-    layer. Taken from the prefill itself, so each layer gets its own scores.
+    layer; ``key_mask [T]`` (True = a real token) keeps padding out of the softmax. Taken from the prefill itself,
+    so each layer gets its own scores.
     """
     hq, tq, d = q_text.shape
     hkv, t, _ = k.shape
     if hq % hkv:
         raise ValueError(f"q_text: {hq} heads is not a multiple of {hkv} KV heads")
     qg = q_text.float().reshape(hkv, hq // hkv * tq, d)
-    p = torch.softmax(torch.einsum("hqd,htd->hqt", qg, k.float()) * sm_scale, dim=-1)
+    logits = torch.einsum("hqd,htd->hqt", qg, k.float()) * sm_scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask.to(logits.device, torch.bool), float("-inf"))
+    p = torch.softmax(logits, dim=-1)
     mass = p.mean(dim=(0, 1))  # [T]
     pos, wid = windows.token_index()
     return mass.new_zeros(len(windows)).index_add_(0, wid.to(mass.device), mass[pos.to(mass.device)])
@@ -97,6 +102,16 @@ def effective_bits(bits: int, k_group: int, v_group: int) -> float:
     if bits == 16:
         return 16.0
     return bits + GROUP_META_BITS / 2 / k_group + GROUP_META_BITS / 2 / v_group
+
+
+def min_avg_bits(windows: Windows, widths: Sequence[int], k_group: int, v_group: int) -> float:
+    """The cheapest budget any allocation can meet: every window at the narrowest width, fp16 group tails."""
+    if len(windows) == 0:
+        return 0.0
+    lengths = windows.lengths.double()
+    whole = torch.div(lengths, k_group, rounding_mode="floor") * k_group
+    narrow = effective_bits(min(int(w) for w in widths), k_group, v_group)
+    return float((whole * narrow + (lengths - whole) * 16.0).sum() / lengths.sum())
 
 
 def window_errors(k: torch.Tensor, v: torch.Tensor, windows: Windows, widths: Sequence[int], k_group: int,
@@ -151,6 +166,8 @@ def allocate_bits(scores: torch.Tensor, errors: torch.Tensor, lengths: torch.Ten
     of the third is the largest that fits the budget (found by ``searchsorted``: a wider window in place of a
     narrower one never raises the error, errors being made monotone in width). The budget is ``avg_bits`` effective
     bits per windowed element, scale/zero and fp16 group tails counted. Cost: O(W^2 log W) per layer.
+    Each window's error is weighted by its score min-max normalised over the sample (plus 1e-3), so only the
+    ranking and the relative spread of the scores matter, not their scale (cosines and attention masses both work).
     """
     widths = tuple(sorted({int(w) for w in widths}, reverse=True))
     for w in widths:

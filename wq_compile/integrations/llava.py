@@ -9,6 +9,7 @@ never in a window: they stay in the dense residual.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,21 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     return [(s, e - s) for s, e in zip(starts, ends)]
 
 
+def _video_spans(start: int, n: int, ppf: int) -> list[tuple[int, int]]:
+    """The frame runs of a run of ``n`` video tokens, each video's trailing newline left out.
+
+    One video is ``F * ppf + 1`` tokens; ``k`` videos back to back with equal frame counts are
+    ``k * (F * ppf + 1)``. A run that fits neither (videos of different lengths with no text between them) cannot
+    be cut into frames from token ids alone: it is windowed as one span, with a warning."""
+    for k in range(1, min(n, ppf) + 1):
+        if n % k == 0 and (n // k - 1) % ppf == 0 and n // k > 1:
+            per = n // k
+            return [(start + i * per, per - 1) for i in range(k)]
+    warnings.warn(f"video tokens at {start}..{start + n}: {n} tokens is not k videos of F*{ppf}+1; windows may "
+                  "straddle video boundaries (put text between videos to avoid this)", stacklevel=3)
+    return [(start, n)]
+
+
 @dataclass(frozen=True)
 class SampleLayout:
     """One prompt of the batch: its windows, which tokens are text (for scoring) and which are padding."""
@@ -71,11 +87,7 @@ def locate(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layout:
         if layout.video_token_id is not None:
             for s, n in _runs((ids == layout.video_token_id) & valid):
                 visual[s : s + n] = True
-                frames = (n - 1) // layout.tokens_per_frame if window == "frame" else 0
-                # frame windows need the exact F * ppf + 1 layout; otherwise fixed-size windows, newline excluded
-                usable = frames * layout.tokens_per_frame if frames and frames * layout.tokens_per_frame + 1 == n \
-                    else n - 1
-                spans.append((s, usable))
+                spans += _video_spans(s, n, layout.tokens_per_frame)
         if layout.image_token_id is not None:
             for s, n in _runs((ids == layout.image_token_id) & valid):
                 visual[s : s + n] = True

@@ -23,7 +23,7 @@ from transformers.masking_utils import sdpa_mask
 
 from ..decode import Backend, make_backend
 from ..layout import LayerCache, WindowAssignment
-from ..search import BIT_WIDTHS, Plan, attention_scores, embedding_scores, search
+from ..search import BIT_WIDTHS, Plan, attention_scores, embedding_scores, min_avg_bits, search
 from ..spec import QUANT_BITS
 from .llava import SampleLayout, VisualLayout, locate
 
@@ -62,6 +62,9 @@ class WindowQuantConfig:
             raise ValueError(f"flush_bits: must be one of {QUANT_BITS}, got {self.flush_bits}")
         if self.window != "frame" and (not isinstance(self.window, int) or self.window <= 0):
             raise ValueError(f"window: must be 'frame' or a positive token count, got {self.window!r}")
+        if isinstance(self.window, int) and self.window % self.k_group:
+            raise ValueError(f"window: {self.window} tokens is not a whole number of key groups (k_group="
+                             f"{self.k_group}); the remainder would stay fp16 in every window")
 
 
 class WindowQuantLayer(CacheLayerMixin):
@@ -139,7 +142,14 @@ class WindowQuantCache(Cache):
                 **_: Any) -> "WindowQuantCache":
         """Record where the visual windows are (``input_ids`` never reach a cache). Call once before ``generate``;
         extra keyword arguments (``pixel_values`` ...) are ignored so ``prepare(**inputs)`` works. The embedding
-        scorer needs ``model`` to capture the prompt's input embeddings at prefill."""
+        scorer needs ``model`` to capture the prompt's input embeddings at prefill. Preparing again starts a new
+        conversation: the cache is emptied."""
+        for layer in self.layers:
+            layer.reset()
+        self.plans, self.scores, self.embed_scores = {}, {}, None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self.samples = locate(input_ids, attention_mask, self.visual, self.wq.window)
         if self.wq.scorer == "embedding":
             if model is None:
@@ -198,14 +208,24 @@ class WindowQuantCache(Cache):
                 bits = torch.zeros(0, dtype=torch.long)
                 scores = torch.zeros(0)
             else:
-                if self.wq.scorer == "embedding" and self.embed_scores is not None:
+                if self.wq.scorer == "embedding":
+                    if self.embed_scores is None:
+                        raise RuntimeError("the embedding scorer saw no input embeddings: prepare(**inputs, "
+                                           "model=model) must be called on the model that runs generate")
                     scores = self.embed_scores[b]
                 else:
                     text_idx = torch.nonzero(sample.text_mask).flatten().to(query.device)
-                    scores = attention_scores(query[b][:, text_idx], key[b], w, sm_scale)
-                plan = search(scores.cpu(), key[b][None].cpu(), value[b][None].cpu(), w, self.wq.avg_bits,
-                              self.wq.widths, self.wq.k_group, self.wq.v_group)
-                bits = plan.bits[0]
+                    scores = attention_scores(query[b][:, text_idx], key[b], w, sm_scale,
+                                              key_mask=sample.valid)
+                budget = self.wq.avg_bits
+                floor = min_avg_bits(w, self.wq.widths, self.wq.k_group, self.wq.v_group)
+                if budget < floor:  # fp16 tails of partial key groups (e.g. the last window of an image)
+                    warnings.warn(f"avg_bits={budget} is below the {floor:.3f} effective bits this prompt's windows "
+                                  f"need at least (fp16 group tails); using {floor:.3f}", stacklevel=3)
+                    budget = floor
+                plan = search(scores.to(key.device), key[b][None], value[b][None], w, budget, self.wq.widths,
+                              self.wq.k_group, self.wq.v_group)
+                bits = plan.bits[0].cpu()
             bits_list.append(bits)
             score_list.append(scores)
             store.fill_sample(b, key[b], value[b], WindowAssignment(w.starts, w.lengths, bits),
