@@ -131,6 +131,16 @@ def _head_tile(sch, knobs, loop, key, group_size, shared=None):
     return sch.split(loop, [None, inner])
 
 
+def _lane_reduction(sch: s_tir.Schedule, block: s_tir.SBlock) -> None:
+    """A reduction over tokens into 16 lanes (loops ``..., lane, token``): lanes innermost and vectorized, the
+    serial part one short reduction per lane, the init vectorized too."""
+    *_, ln, to = sch.get_loops(block)
+    sch.reorder(to, ln)
+    sch.vectorize(ln)
+    init = sch.decompose_reduction(block, to)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 def _attention(sch: s_tir.Schedule, spec: KernelSpec, knobs: dict | None) -> None:
     work_on_kernel(sch)
     d, c = spec.head_dim, spec.chunk
@@ -161,22 +171,12 @@ def _attention(sch: s_tir.Schedule, spec: KernelSpec, knobs: dict | None) -> Non
         sch.decompose_reduction(qk, do)
         sch.vectorize(sch.get_loops(sch.get_sblock(p.block("qk_fold")))[-1])
         # chunk max: token lanes innermost (vector), the serial part is one short max per lane.
-        cmp = sch.get_sblock(p.block("cmax_part"))
-        _b, _c, g, ln, to = sch.get_loops(cmp)
-        sch.reorder(to, ln)
-        sch.vectorize(ln)
-        init = sch.decompose_reduction(cmp, to)
-        sch.vectorize(sch.get_loops(init)[-1])
+        _lane_reduction(sch, sch.get_sblock(p.block("cmax_part")))
         # softmax over the chunk (and the V scale folded into P): contiguous in tokens.
         sch.vectorize(sch.get_loops(sch.get_sblock(p.block("prob")))[-1])
         if p.quantized:
             sch.vectorize(sch.get_loops(sch.get_sblock(p.block("vscale")))[-1])
-            vzp = sch.get_sblock(p.block("vzero_part"))
-            *_, ln, to = sch.get_loops(vzp)
-            sch.reorder(to, ln)
-            sch.vectorize(ln)
-            init = sch.decompose_reduction(vzp, to)
-            sch.vectorize(sch.get_loops(init)[-1])
+            _lane_reduction(sch, sch.get_sblock(p.block("vzero_part")))
         # P @ V: channel lanes innermost, query heads and tokens around them (accumulators stay in registers).
         pv = sch.get_sblock(p.block("pv"))
         _b, _c, g, dd, t = sch.get_loops(pv)

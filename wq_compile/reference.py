@@ -60,11 +60,6 @@ def merge_states(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[to
     return out, total
 
 
-def dequantize_bucket(bucket: QuantBucket) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense fp32 ``(k, v)`` of a bucket's whole capacity (entries past ``lens`` are masked by the caller)."""
-    return bucket.dequantize()
-
-
 def decode_attention(
     q: torch.Tensor, layer: LayerCache, sm_scale: float, causal_tail: int = 0, return_lse: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

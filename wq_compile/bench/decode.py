@@ -95,7 +95,6 @@ def _time(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> tuple[float, 
 def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, dtype: torch.dtype,
              libraries: dict[str, Any]) -> list[tuple[str, Callable[[], torch.Tensor] | None, int, str]]:
     """(name, fn, bytes read, note) for every method; fn None when unavailable here (note says why)."""
-    rep = preset.num_q_heads // preset.num_kv_heads
     kd, vd = _dense_kv(layer, torch.float32)
     dense_bytes = kd.numel() * 4 * 2
     quant_bytes = sum(layer.used_bytes().values())
@@ -126,7 +125,6 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
                     "tuned" if kernel.tuned else "default schedule"))
     for name in ("Triton", "FlashInfer"):
         out.append((name, None, dense_bytes, "needs a CUDA GPU" if not torch.cuda.is_available() else "not installed"))
-    del rep
     return out
 
 

@@ -11,6 +11,7 @@ token and runs one fused compiled kernel per layer over all buckets (never a den
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,8 @@ from transformers.masking_utils import sdpa_mask
 
 from ..decode import Backend, make_backend
 from ..layout import LayerCache, WindowAssignment
-from ..search import BIT_WIDTHS, Plan, attention_scores, embedding_scores, min_avg_bits, search
+from ..reference import decode_attention
+from ..search import BIT_WIDTHS, Plan, attention_scores, embedding_scores, make_windows, min_avg_bits, search
 from ..spec import QUANT_BITS
 from .llava import SampleLayout, VisualLayout, locate
 
@@ -185,16 +187,13 @@ class WindowQuantCache(Cache):
     def store_prompt(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      sm_scale: float) -> None:
         """Window search for this layer, then fill its buckets (one sample at a time: windows differ per sample)."""
-        import time
-
         t0 = time.perf_counter()
         bsz, _, t, _ = key.shape
         if self.samples is None:
             warnings.warn("WindowQuantCache.prepare(**inputs) was not called: no visual windows are known, the "
                           "prompt is kept dense (only the residual flush quantizes)", stacklevel=3)
             ones = torch.ones(t, dtype=torch.bool)
-            self.samples = [SampleLayout(locate(torch.zeros(1, t, dtype=torch.long), None, self.visual)[0].windows,
-                                         ones, ones) for _ in range(bsz)]
+            self.samples = [SampleLayout(make_windows([], 1), ones, ones) for _ in range(bsz)]
         if len(self.samples) != bsz or self.samples[0].valid.shape[0] != t:
             raise ValueError(f"input_ids: prepare() saw {len(self.samples)} x {self.samples[0].valid.shape[0]} "
                              f"tokens but prefill has {bsz} x {t}")
@@ -295,8 +294,6 @@ def windowquant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
         out = cache.backend(query.dtype, query.device).decode(query[:, :, 0], layer.store, sm_scale, cache.stats)
         return out.unsqueeze(1).to(query.dtype), None
     # several new tokens on a filled cache (chunked prefill, speculative): the reference path, causal tail
-    from ..reference import decode_attention
-
     cache.stats.reference_calls += 1
     out = decode_attention(query, layer.store, sm_scale, causal_tail=s)
     return out.transpose(1, 2).to(query.dtype), None
