@@ -198,14 +198,20 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
 def bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wq-bench",
-        description="Benchmark decode attention: tuned and untuned compiled kernels vs torch SDPA on the dense cache, "
-                    "torch dequantize+SDPA (HF QuantizedCache's path) and the torch reference. Writes CSV and PNG.",
+        description="Benchmark decode attention: tuned and untuned compiled kernels vs torch SDPA on the dense cache "
+                    "(fp32 and bf16, query group folded and enable_gqa; ratios against the fastest), torch "
+                    "dequantize+SDPA (HF QuantizedCache's path), ggml flash attention over q4_0/q8_0/f16 and ONNX "
+                    "Runtime GroupQueryAttention over fp32/int8 caches (pip install -e '.[peers]'), and the torch "
+                    "reference. Writes CSV and PNG.",
     )
-    p.add_argument("--model", default="llava-ov-0.5b", choices=sorted(PRESETS))
+    p.add_argument("--model", default="llava-ov-0.5b",
+                   help=f"one or more presets, comma separated, among {sorted(PRESETS)}")
     p.add_argument("--target", default="llvm")
-    p.add_argument("--tokens", default="1024,2048,4096,8192", help="cached token counts")
+    p.add_argument("--tokens", default="2048,8192,32768", help="cached token counts")
     p.add_argument("--mixes", default="int4,mixed", help="bucket mixes among int4,int2,mixed")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--threads", type=int, default=None, help="threads for torch, ggml and ONNX Runtime")
+    p.add_argument("--no-peers", action="store_true", help="skip ggml and ONNX Runtime")
     p.add_argument("--logs-dir", default=None, help="tuning logs (default: the repository's tuning_logs)")
     p.add_argument("--out", default="bench_out", help="folder for decode.csv and decode.png")
     p.add_argument("--search", action="store_true",
@@ -216,26 +222,37 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def main_bench(argv: Sequence[str] | None = None) -> int:
     args = bench_parser().parse_args(argv)
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    unknown = [m for m in models if m not in PRESETS]
+    if unknown or not models:
+        bench_parser().error(f"--model: unknown {unknown or args.model!r}; expected some of {sorted(PRESETS)}")
+    if args.repeats < 1:
+        bench_parser().error(f"--repeats: expected a positive count, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        bench_parser().error(f"--threads: expected a positive count, got {args.threads}")
     if args.search:
         from .bench import search as search_bench
 
-        t = search_bench.run(args.model, frames=args.frames, repeats=max(3, min(args.repeats, 10)))
-        print(f"window search, {t.model}: {t.frames} frames x 196 tokens, {t.layers} layers (median of runs)")
-        print(f"  attention scores  {t.score_ms:8.1f} ms\n  errors + allocate {t.search_ms:8.1f} ms\n"
-              f"  quantize + reorder{t.store_ms:8.1f} ms (torch reference quantizer)")
+        for name in models:
+            t = search_bench.run(name, frames=args.frames, repeats=max(3, min(args.repeats, 10)))
+            print(f"window search, {t.model}: {t.frames} frames x 196 tokens, {t.layers} layers (median of runs)")
+            print(f"  attention scores  {t.score_ms:8.1f} ms\n  errors + allocate {t.search_ms:8.1f} ms\n"
+                  f"  quantize + reorder{t.store_ms:8.1f} ms (torch reference quantizer)")
         return 0
     from .bench.decode import MIXES, format_table, run
 
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
     bad = [m for m in mixes if m not in MIXES]
-    if bad:
-        bench_parser().error(f"--mixes: unknown {bad}; expected some of {sorted(MIXES)}")
+    if bad or not mixes:
+        bench_parser().error(f"--mixes: unknown {bad or args.mixes!r}; expected some of {sorted(MIXES)}")
     try:
         tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
     except ValueError:
-        bench_parser().error(f"--tokens: expected integers such as 1024,8192, got {args.tokens!r}")
-    rows = run(args.model, tokens, mixes, repeats=args.repeats, target=args.target, logs_dir=args.logs_dir,
-               out_dir=args.out)
+        bench_parser().error(f"--tokens: expected positive integers such as 2048,8192, got {args.tokens!r}")
+    if not tokens or min(tokens) < 1:
+        bench_parser().error(f"--tokens: expected positive integers such as 2048,8192, got {args.tokens!r}")
+    rows = run(models[0], tokens, mixes, repeats=args.repeats, target=args.target, logs_dir=args.logs_dir,
+               out_dir=args.out, threads=args.threads, peers=not args.no_peers, models=models)
     print(format_table(rows))
     print(f"wrote {args.out}/decode.csv and {args.out}/decode.png")
     return 0

@@ -1,9 +1,10 @@
 """Decode-attention benchmark: compiled WindowQuant kernels against handwritten and library baselines.
 
 Every method answers the same question (one new query token over ``n`` cached tokens of one layer) and is checked
-against the torch reference before it is timed. Times are medians of ``repeats`` runs after warm-up, with 20/80%
-quantiles; ratios are against torch SDPA on the dense cache measured in the same run. Bandwidth is the bytes of
-cache the method must read, / s / 1e9.
+against the torch reference before it is timed. Methods are timed in interleaved rounds (``repeats`` rounds after
+warm-up): medians with 20/80% quantiles. Ratios are against the *fastest* dense SDPA call of the same case (fp32 or
+bf16, query group folded or ``enable_gqa``), measured in the same rounds. Bandwidth is the bytes the method must read
+(its own cache format) / s / 1e9, also as a fraction of the copy bandwidth measured at the start of the run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from ..layout import LayerCache, WindowAssignment
 from ..models import get_preset
 from ..reference import decode_attention
+from .peers import Peer, copy_bandwidth, ggml_peers, ort_peers, sdpa_peers
 
 #: Bucket mixes: fraction of windowed tokens per width (dense residual of ``residual`` tokens always present).
 MIXES: dict[str, dict[int, float]] = {
@@ -33,15 +35,17 @@ MIXES: dict[str, dict[int, float]] = {
 
 @dataclass(frozen=True)
 class BenchRow:
+    model: str
     method: str
     mix: str
     n_tokens: int
     median_ms: float
     p20_ms: float
     p80_ms: float
-    vs_sdpa: float
-    gbps: float
-    max_err: float
+    vs_best_dense: float  # best dense SDPA median / this median (same case, same run): > 1 is faster
+    gbps: float  # bytes the method reads / median time / 1e9
+    copy_frac: float  # gbps / the copy bandwidth measured in the same run
+    max_err: float  # vs the exact torch reference over the same (dequantized) cache
     note: str = ""
 
 
@@ -80,65 +84,78 @@ def _dense_kv(layer: LayerCache, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return torch.cat(ks, 2).to(dtype).contiguous(), torch.cat(vs, 2).to(dtype).contiguous()
 
 
-def _time(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
+def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[tuple[float, float, float]]:
+    """(median, p20, p80) ms of each function, timed in interleaved rounds so that drift and noise from other work
+    on the machine hit every method alike (ratios within a round are what the table reports)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return statistics.median(times), qs[0], qs[-1]
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    out = []
+    for ts in times:
+        qs = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        out.append((statistics.median(ts), qs[0], qs[-1]))
+    return out
 
 
 def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, dtype: torch.dtype,
-             libraries: dict[str, Any]) -> list[tuple[str, Callable[[], torch.Tensor] | None, int, str]]:
-    """(name, fn, bytes read, note) for every method; fn None when unavailable here (note says why)."""
+             libraries: dict[str, Any], threads: int, peers: bool) -> list[Peer]:
+    """Every method of one case; ``fn`` None when unavailable here (the note says why)."""
     kd, vd = _dense_kv(layer, torch.float32)
-    dense_bytes = kd.numel() * 4 * 2
     quant_bytes = sum(layer.used_bytes().values())
-
-    def sdpa() -> torch.Tensor:
-        return F.scaled_dot_product_attention(q[:, :, None].float(), kd, vd, scale=sm_scale,
-                                              enable_gqa=True)[:, :, 0]
+    group = preset.num_q_heads // preset.num_kv_heads
+    bsz, hq, d = q.shape
 
     def dequant_sdpa() -> torch.Tensor:  # what HF QuantizedCache does every step: dequantize all, then attend
         k, v = _dense_kv(layer, torch.float32)
-        return F.scaled_dot_product_attention(q[:, :, None].float(), k, v, scale=sm_scale, enable_gqa=True)[:, :, 0]
+        o = F.scaled_dot_product_attention(q.float().view(bsz, -1, group, d), k, v, scale=sm_scale)
+        return o.reshape(bsz, hq, d)
 
-    out: list[tuple[str, Callable[[], torch.Tensor] | None, int, str]] = [
-        ("torch SDPA, dense fp32 cache", sdpa, dense_bytes, "baseline"),
-        ("torch dequantize-all + SDPA", dequant_sdpa, quant_bytes, "HF QuantizedCache's decode path"),
-        ("torch reference (per bucket + merge)", lambda: decode_attention(q, layer, sm_scale), quant_bytes, "oracle"),
-    ]
+    out = sdpa_peers(q.float(), kd, vd, sm_scale)
+    out.append(Peer("torch dequantize-all + SDPA", dequant_sdpa, quant_bytes,
+                    "HF QuantizedCache's decode path (dequantize every bucket, folded fp32 SDPA)"))
+    if peers:
+        out += ggml_peers(q.float(), kd, vd, sm_scale, threads) + ort_peers(q.float(), kd, vd, sm_scale, threads)
+    out.append(Peer("torch reference (per bucket + merge)", lambda: decode_attention(q, layer, sm_scale),
+                    quant_bytes, "the oracle"))
     widths = tuple(sorted(layer.buckets, reverse=True))
     for label, lib in libraries.items():
         if lib is None:
-            out.append((f"TVM fused ({label})", None, quant_bytes, "no module"))
+            out.append(Peer(f"WindowQuant fused ({label})", None, quant_bytes, "no tuning log applies here"))
             continue
         from ..runtime import FusedDecoder
 
         dec = FusedDecoder(lib, preset.num_q_heads, preset.num_kv_heads, preset.head_dim, dtype)
         kernel = dec.kernel(widths)
-        out.append((f"TVM fused ({label})", lambda dec=dec: dec(q, layer, sm_scale), quant_bytes,
-                    "tuned" if kernel.tuned else "default schedule"))
-    for name in ("Triton", "FlashInfer"):
-        out.append((name, None, dense_bytes, "needs a CUDA GPU" if not torch.cuda.is_available() else "not installed"))
+        out.append(Peer(f"WindowQuant fused ({label})", lambda dec=dec: dec(q, layer, sm_scale), quant_bytes,
+                        "tuned" if kernel.tuned else "default schedule"))
     return out
 
 
 def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: list[str] | None = None,
         repeats: int = 20, target: str = "llvm", logs_dir: str | None = None, out_dir: str | Path = "bench_out",
-        progress: bool = True) -> list[BenchRow]:
-    """Benchmark every method on every (mix, length); writes ``decode.csv`` and ``decode.png`` into ``out_dir``."""
+        progress: bool = True, threads: int | None = None, peers: bool = True,
+        models: list[str] | None = None) -> list[BenchRow]:
+    """Benchmark every method on every (model, mix, length); writes ``decode.csv`` and ``decode.png``.
+
+    ``threads`` (default: torch's) is used by torch, ggml and ONNX Runtime alike; the TVM modules use the TVM
+    thread pool (``TVM_NUM_THREADS``).
+    """
     from tqdm import tqdm
 
     from ..runtime import KernelLibrary
 
-    preset = get_preset(model)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    models = models or [model]
     dtype = torch.float32 if target == "llvm" else torch.float16
-    n_tokens = n_tokens or [1024, 2048, 4096, 8192]
+    n_tokens = n_tokens or [2048, 8192, 32768]
     mixes = mixes or ["int4", "mixed"]
     libraries: dict[str, Any] = {}
     scratch = Path(tempfile.mkdtemp(prefix="wq-bench-"))
@@ -148,28 +165,38 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
     tuned = KernelLibrary(target, logs_dir=logs_dir) if logs_dir is not None else KernelLibrary(target)
     libraries["tuned"] = tuned if tuned.logs_dir is not None and any(Path(tuned.logs_dir).glob("*/*/meta.json")) \
         else None
+    copy_gbps = copy_bandwidth()
     rows: list[BenchRow] = []
-    cases = [(m, n) for m in mixes for n in n_tokens]
-    for mix, n in tqdm(cases, desc="decode bench", disable=not progress):
+    cases = [(p, m, n) for p in models for m in mixes for n in n_tokens]
+    for name, mix, n in tqdm(cases, desc="decode bench", disable=not progress):
+        preset = get_preset(name)
         layer = make_layer(n, MIXES[mix], preset.num_kv_heads, preset.head_dim, dtype)
         gen = torch.Generator().manual_seed(1)
         q = torch.randn(1, preset.num_q_heads, preset.head_dim, generator=gen).to(dtype)
         sm_scale = preset.head_dim ** -0.5
         want = decode_attention(q, layer, sm_scale)
-        base = None
-        for name, fn, nbytes, note in _methods(layer, q, sm_scale, preset, dtype, libraries):
-            if fn is None:
-                rows.append(BenchRow(name, mix, n, float("nan"), float("nan"), float("nan"), float("nan"),
-                                     float("nan"), float("nan"), note))
+        methods = _methods(layer, q, sm_scale, preset, dtype, libraries, threads, peers)
+        live = [m for m in methods if m.fn is not None]
+        errs = {m.name: float((m.fn().float() - want).abs().max()) for m in live}
+        timed = dict(zip([m.name for m in live], time_interleaved([m.fn for m in live], repeats)))
+        best_dense = min(timed[m.name][0] for m in live if m.name.startswith("SDPA"))
+        for m in methods:
+            if m.fn is None:
+                nan = float("nan")
+                rows.append(BenchRow(name, m.name, mix, n, nan, nan, nan, nan, nan, nan, nan, m.note))
                 continue
-            err = float((fn().float() - want).abs().max())
-            med, p20, p80 = _time(fn, repeats)
-            base = base or med
-            rows.append(BenchRow(name, mix, n, med, p20, p80, base / med, nbytes / (med * 1e-3) / 1e9, err, note))
+            med, p20, p80 = timed[m.name]
+            gbps = m.bytes_read / (med * 1e-3) / 1e9
+            rows.append(BenchRow(name, m.name, mix, n, med, p20, p80, best_dense / med, gbps, gbps / copy_gbps,
+                                 errs[m.name], m.note))
+        for m in live:  # ggml / ORT sessions hold native memory: free it before the next case
+            close = getattr(m.fn, "close", None)
+            if close is not None:
+                close()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "decode.csv")
-    plot(rows, out / "decode.png", f"decode attention, {preset.name}, {target}")
+    plot(rows, out / "decode.png", f"decode attention, {target}, {threads} threads")
     return rows
 
 
@@ -182,41 +209,49 @@ def write_csv(rows: list[BenchRow], path: Path) -> None:
 
 
 def plot(rows: list[BenchRow], path: Path, title: str) -> None:
+    """One panel per (model, mix): median ms against cached tokens, log-log, every measured method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mixes = sorted({r.mix for r in rows})
-    fig, axes = plt.subplots(1, len(mixes), figsize=(6 * len(mixes), 4.5), squeeze=False)
-    for ax, mix in zip(axes[0], mixes):
-        for method in dict.fromkeys(r.method for r in rows if r.mix == mix):
-            pts = [(r.n_tokens, r.median_ms) for r in rows if r.mix == mix and r.method == method
-                   and r.median_ms == r.median_ms]
+    panels = list(dict.fromkeys((r.model, r.mix) for r in rows))
+    cols = min(len(panels), 3)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.5 * nrows), squeeze=False)
+    for ax, (model, mix) in zip(axes.flat, panels):
+        sel = [r for r in rows if r.model == model and r.mix == mix]
+        for method in dict.fromkeys(r.method for r in sel):
+            pts = [(r.n_tokens, r.median_ms) for r in sel if r.method == method and r.median_ms == r.median_ms]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o", label=method)
+                style = "-" if method.startswith("WindowQuant") else "--"
+                ax.plot(xs, ys, style, marker="o", label=method)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("cached tokens")
         ax.set_ylabel("ms per layer (median)")
-        ax.set_title(f"{title}: {mix}")
+        ax.set_title(f"{title}\n{model}, {mix} cache", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    head = (f"{'method':<38} {'mix':>6} {'tokens':>7} {'median ms':>10} {'p20':>8} {'p80':>8} {'vs SDPA':>8} "
-            f"{'GB/s':>7} {'max err':>9}  note")
+    """A terminal table; ``vs best dense`` is the fastest dense SDPA call of the same case over this method."""
+    head = (f"{'model':<14} {'method':<38} {'mix':>6} {'tokens':>7} {'median ms':>10} {'p20':>8} {'p80':>8} "
+            f"{'vs best dense':>13} {'GB/s':>7} {'of copy':>7} {'max err':>9}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.median_ms != r.median_ms:
-            lines.append(f"{r.method:<38} {r.mix:>6} {r.n_tokens:>7} {'-':>10} {'-':>8} {'-':>8} {'-':>8} {'-':>7} "
-                         f"{'-':>9}  {r.note}")
+            lines.append(f"{r.model:<14} {r.method:<38} {r.mix:>6} {r.n_tokens:>7} {'-':>10} {'-':>8} {'-':>8} "
+                         f"{'-':>13} {'-':>7} {'-':>7} {'-':>9}  {r.note}")
             continue
-        lines.append(f"{r.method:<38} {r.mix:>6} {r.n_tokens:>7} {r.median_ms:>10.3f} {r.p20_ms:>8.3f} "
-                     f"{r.p80_ms:>8.3f} {r.vs_sdpa:>7.2f}x {r.gbps:>7.2f} {r.max_err:>9.1e}  {r.note}")
+        lines.append(f"{r.model:<14} {r.method:<38} {r.mix:>6} {r.n_tokens:>7} {r.median_ms:>10.3f} "
+                     f"{r.p20_ms:>8.3f} {r.p80_ms:>8.3f} {r.vs_best_dense:>12.2f}x {r.gbps:>7.2f} "
+                     f"{r.copy_frac:>6.0%} {r.max_err:>9.1e}  {r.note}")
     return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""wq-bench: every peer computes the same attention as the reference, ratios are against the fastest dense call,
+and a missing peer is a row that says how to install it."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wq_compile.bench import decode as bench
+from wq_compile.bench.peers import INSTALL_HINT, copy_bandwidth, ggml_peers, ort_peers, sdpa_peers
+
+#: max abs error vs exact fp32 attention, per peer: exact calls at fp32 rounding, the rest at their cache format's.
+PEER_TOL = {
+    "SDPA fp32, query group folded": 1e-6,
+    "SDPA fp32, enable_gqa": 1e-6,
+    "SDPA bf16, query group folded": 3e-2,
+    "SDPA bf16, enable_gqa": 3e-2,
+    "ggml flash-attn q8_0": 2e-2,
+    "ggml flash-attn q4_0": 1.5e-1,
+    "ggml flash-attn f16": 1e-2,
+    "ONNX Runtime GQA fp32 cache": 1e-5,
+    "ONNX Runtime GQA int8 cache": 3e-2,
+}
+
+
+def _case(n: int = 300, hq: int = 8, hkv: int = 2, d: int = 64):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, hq, d, generator=gen)
+    k = torch.randn(1, hkv, n, d, generator=gen)
+    v = torch.randn(1, hkv, n, d, generator=gen)
+    want = F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True, scale=d**-0.5)[:, :, 0]
+    return q, k, v, d**-0.5, want
+
+
+def test_every_installed_peer_matches_exact_attention() -> None:
+    q, k, v, scale, want = _case()
+    peers = sdpa_peers(q, k, v, scale) + ggml_peers(q, k, v, scale, 2) + ort_peers(q, k, v, scale, 2)
+    assert {p.name for p in peers} == set(PEER_TOL)
+    for p in peers:
+        if p.fn is None:  # only a peer that is not installed may be absent, and it says how to get it
+            assert INSTALL_HINT in p.note, p
+            continue
+        err = float((p.fn().float() - want).abs().max())
+        assert err <= PEER_TOL[p.name], f"{p.name}: max error {err:.2e} > {PEER_TOL[p.name]:.0e}"
+        assert p.bytes_read > 0
+        assert p.fn().shape == want.shape  # a second call gives the same shape (state is not consumed)
+
+
+def test_peer_bytes_follow_the_cache_format() -> None:
+    q, k, v, scale, _ = _case(n=512)
+    dense = 2 * k.numel() * 4
+    by = {p.name: p for p in sdpa_peers(q, k, v, scale) + ggml_peers(q, k, v, scale, 1) + ort_peers(q, k, v, scale, 1)}
+    assert by["SDPA fp32, query group folded"].bytes_read == dense
+    assert by["SDPA bf16, enable_gqa"].bytes_read == dense // 2
+    if by["ggml flash-attn q4_0"].fn is not None:
+        # q4_0: 32 codes of 4 bits + one fp16 scale = 18 bytes per 32 elements
+        assert by["ggml flash-attn q4_0"].bytes_read == 2 * k.numel() // 32 * 18
+        assert by["ggml flash-attn q8_0"].bytes_read == 2 * k.numel() // 32 * 34
+    if by["ONNX Runtime GQA int8 cache"].fn is not None:
+        assert by["ONNX Runtime GQA int8 cache"].bytes_read == 2 * k.numel()
+
+
+def test_missing_peers_are_rows_that_say_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ggml", None)  # import ggml -> ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    q, k, v, scale, _ = _case(n=64)
+    rows = ggml_peers(q, k, v, scale, 1) + ort_peers(q, k, v, scale, 1)
+    assert len(rows) == 5 and all(r.fn is None and INSTALL_HINT in r.note for r in rows)
+
+
+def test_interleaved_timing_reports_every_function() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def a() -> None:
+        calls["a"] += 1
+
+    def b() -> None:
+        calls["b"] += 1
+
+    stats = bench.time_interleaved([a, b], repeats=5, warmup=2)
+    assert calls == {"a": 7, "b": 7}
+    assert all(p20 <= med <= p80 for med, p20, p80 in stats)
+
+
+def test_copy_bandwidth_is_plausible() -> None:
+    gbps = copy_bandwidth(8 << 20, repeats=2)
+    assert 0.5 < gbps < 2000
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_run_ratios_are_against_the_fastest_dense_call(tmp_path) -> None:
+    rows = bench.run("tiny", [392], ["mixed"], repeats=3, logs_dir=str(tmp_path / "nologs"), out_dir=tmp_path,
+                     progress=False, threads=1, peers=False)
+    by = {r.method: r for r in rows}
+    dense = [r for r in rows if r.method.startswith("SDPA")]
+    assert len(dense) == 4
+    best = min(r.median_ms for r in dense)
+    for r in rows:
+        if r.median_ms == r.median_ms:
+            assert r.vs_best_dense == pytest.approx(best / r.median_ms)
+            assert r.gbps > 0 and r.copy_frac > 0
+    assert max(r.vs_best_dense for r in dense) == pytest.approx(1.0)
+    fused = by["WindowQuant fused (default schedule)"]
+    assert fused.max_err < 1e-4 and fused.median_ms > 0
+    assert by["WindowQuant fused (tuned)"].note  # absent tuned module: a row that says why
+    assert (tmp_path / "decode.csv").exists() and (tmp_path / "decode.png").stat().st_size > 10_000
+    assert "vs best dense" in bench.format_table(rows)
