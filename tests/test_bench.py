@@ -108,3 +108,19 @@ def test_run_ratios_are_against_the_fastest_dense_call(tmp_path) -> None:
     assert by["WindowQuant fused (tuned)"].note  # absent tuned module: a row that says why
     assert (tmp_path / "decode.csv").exists() and (tmp_path / "decode.png").stat().st_size > 10_000
     assert "vs best dense" in bench.format_table(rows)
+
+
+def test_e2e_cold_then_warm_in_fresh_processes(tmp_path) -> None:
+    from wq_compile.bench import e2e
+
+    rows = e2e.run(["tiny"], frames=1, new_tokens=3, repeats=1, layers=1, cache_dir=str(tmp_path), progress=False)
+    assert [r.module_cache for r in rows] == ["cold", "warm"]
+    for r in rows:
+        assert r.prompt_tokens > 196 and r.layers == 1
+        assert r.backend.startswith("tvm")  # the compiled kernels ran, not the torch fallback
+        assert min(r.dense_ttft_ms, r.wq_first_ttft_ms, r.wq_next_ttft_ms, r.dense_decode_ms, r.wq_decode_ms) > 0
+        assert 0 < r.store_ms < r.wq_next_ttft_ms
+    assert any((tmp_path / "tiny").rglob("*.so"))  # the cold run built modules where the warm run found them
+    with pytest.raises(RuntimeError, match="cold run needs an empty folder"):
+        e2e.run(["tiny"], frames=1, new_tokens=3, repeats=1, layers=1, cache_dir=str(tmp_path), progress=False)
+    assert "ms/tok WQ" in e2e.format_table(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from .models import DEFAULT_KERNEL_KINDS, KERNEL_KINDS, PRESETS
@@ -217,6 +218,11 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="time the window search instead (--frames frames x 196 tokens, every layer of --model)")
     p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--e2e", action="store_true",
+                   help="time to first token and ms per decode token, DynamicCache vs WindowQuantCache, with a cold "
+                        "and a warm module cache, on random-weight models (--model among tiny,llava-ov-0.5b)")
+    p.add_argument("--layers", type=int, default=None, help="--e2e: decoder layers (default: tiny 24, 0.5b 4)")
+    p.add_argument("--new-tokens", type=int, default=16, help="--e2e: tokens generated per run")
     return p
 
 
@@ -230,6 +236,23 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
         bench_parser().error(f"--repeats: expected a positive count, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         bench_parser().error(f"--threads: expected a positive count, got {args.threads}")
+    if args.e2e:
+        from .bench import e2e
+
+        bad = [m for m in models if m not in e2e.MODELS]
+        if bad:
+            bench_parser().error(f"--model: --e2e builds {sorted(e2e.MODELS)}, not {bad}")
+        for name, value, low in (("--frames", args.frames, 1), ("--new-tokens", args.new_tokens, 2),
+                                 ("--layers", args.layers or 1, 1)):
+            if value < low:
+                bench_parser().error(f"{name}: expected at least {low}, got {value}")
+        rows = e2e.run(models, frames=args.frames, new_tokens=args.new_tokens, repeats=args.repeats,
+                       layers=args.layers)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        e2e.write_csv(rows, Path(args.out) / "e2e.csv")
+        print(e2e.format_table(rows))
+        print(f"wrote {args.out}/e2e.csv")
+        return 0
     if args.search:
         from .bench import search as search_bench
 

@@ -13,15 +13,25 @@ import torch
 IMAGE_TOKEN, VIDEO_TOKEN, PAD, BOS = 998, 999, 0, 1
 
 
-def tiny_config(attn_implementation: str | dict | None = None, layers: int = 2) -> "object":
-    """Config of the tiny model: 4 query heads, 2 KV heads, head_dim 64 (the kernels' smallest real shape)."""
+#: Text-model widths of llava-onevision-qwen2-0.5b-ov (the vocabulary stays small: it does not touch attention).
+QWEN2_0_5B_TEXT = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
+
+
+def tiny_config(attn_implementation: str | dict | None = None, layers: int = 2,
+                text_shapes: dict | None = None) -> "object":
+    """Config of the tiny model: 4 query heads, 2 KV heads, head_dim 64 (the kernels' smallest real shape).
+
+    ``text_shapes`` overrides the decoder's widths (e.g. :data:`QWEN2_0_5B_TEXT` for a random-weight model with
+    llava-ov-0.5b's attention and MLP shapes); the vision tower stays tiny.
+    """
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=378, patch_size=14, vision_use_head=False)
-    text = Qwen2Config(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-                       pad_token_id=PAD, bos_token_id=BOS, eos_token_id=2, rope_theta=1e6)
+    widths = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    widths.update(text_shapes or {})
+    text = Qwen2Config(vocab_size=1000, num_hidden_layers=layers, max_position_embeddings=32768,
+                       pad_token_id=PAD, bos_token_id=BOS, eos_token_id=2, rope_theta=1e6, **widths)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     return LlavaOnevisionConfig(
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_TOKEN,
@@ -30,12 +40,13 @@ def tiny_config(attn_implementation: str | dict | None = None, layers: int = 2) 
     )
 
 
-def tiny_model(attn_implementation: str | dict | None = None, seed: int = 0, layers: int = 2) -> "object":
+def tiny_model(attn_implementation: str | dict | None = None, seed: int = 0, layers: int = 2,
+               text_shapes: dict | None = None) -> "object":
     """Random weights from ``seed``; never stops early (no EOS), so runs produce exactly ``max_new_tokens``."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(tiny_config(attn_implementation, layers)).eval()
+    model = LlavaOnevisionForConditionalGeneration(tiny_config(attn_implementation, layers, text_shapes)).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD
     return model
