@@ -213,3 +213,23 @@ def test_wq_eval_analyze_writes_tables_and_plots(tmp_path: Path, capsys: pytest.
 def test_wq_eval_analyze_refuses_unknown_workload() -> None:
     with pytest.raises(SystemExit):
         main_eval(["--analyze", "--workloads", "nope"])
+
+
+def test_search_sensitivity_policy_is_the_policy_module(needle) -> None:
+    from wq_compile.policy import window_output_errors as woe
+    from wq_compile.search import search
+
+    w, _ = needle
+    k = torch.stack([lc.k for lc in w.layers])
+    v = torch.stack([lc.v for lc in w.layers])
+    q = torch.stack([lc.q_text for lc in w.layers])
+    scores = torch.rand(len(w.layers), len(w.windows))
+    plan = search(scores, k, v, w.windows, 3.5, q_text=q, sm_scale=w.layers[0].sm_scale)
+    for i, lc in enumerate(w.layers):
+        errs = woe(lc.q_text, lc.k, lc.v, w.windows, BIT_WIDTHS, lc.sm_scale, 28, 64)
+        assert torch.equal(plan.bits[i], allocate_min_error(errs, w.windows.lengths, 3.5))
+    assert plan.effective_avg_bits() <= 3.5 + 1e-6
+    similarity = search(scores, k, v, w.windows, 3.5)  # no queries: the similarity search, unchanged
+    assert torch.equal(similarity.bits, search(scores, k, v, w.windows, 3.5, policy="similarity").bits)
+    with pytest.raises(ValueError, match="q_text"):
+        search(scores, k, v, w.windows, 3.5, policy="sensitivity")
