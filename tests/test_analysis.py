@@ -233,3 +233,19 @@ def test_search_sensitivity_policy_is_the_policy_module(needle) -> None:
     assert torch.equal(similarity.bits, search(scores, k, v, w.windows, 3.5, policy="similarity").bits)
     with pytest.raises(ValueError, match="q_text"):
         search(scores, k, v, w.windows, 3.5, policy="sensitivity")
+
+
+def test_format_plan_shows_widths_scores_and_why_uniform() -> None:
+    from wq_compile.policy import format_plan
+
+    lengths = torch.full((8,), 196)
+    mixed = torch.tensor([[4, 2, 2, 4, 2, 2, 2, 2], [2, 2, 4, 4, 2, 2, 2, 2]])
+    scores = torch.arange(16, dtype=torch.float32).reshape(2, 8)
+    text = format_plan(mixed, scores, lengths, 4.0)
+    lines = text.splitlines()
+    assert lines[0].startswith("plan (effective 3.32 bits/element under a 4-bit budget")
+    assert lines[2].startswith("  layer  0:   4  2  2  4") and "▁▂▃▄▅▆▇█" in lines[2] and "(0..7)" in lines[2]
+    assert len(lines[1]) == len(lines[2].split("  |")[0])  # frame numbers above their widths
+    assert "every window got" not in text
+    flat = format_plan(torch.full((2, 8), 2), scores, lengths, 3.0)
+    assert "every window got int2" in flat and "costs 0.25" in flat

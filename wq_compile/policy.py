@@ -287,3 +287,43 @@ def plan_layer(policy: str, *, q_text: torch.Tensor, k: torch.Tensor, v: torch.T
     errs = quant_errors if quant_errors is not None else window_errors(k[None], v[None], windows, widths, k_group,
                                                                        v_group)[0]
     return allocate_bits(scores.float(), errs.float(), lengths, avg_bits, widths, k_group, v_group)
+
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor, avg_bits: float,
+                k_group: int = 28, v_group: int = 64, scorer: str = "attention", unit: str = "frame") -> str:
+    """The plan as a model sees it: one row per layer, one column per window (its width), then the layer's
+    scores as a sparkline (low to high, min..max printed) so one sees which scores drove which widths.
+
+    When every window of every layer got one width, a last line says why (the budget's slack over uniform
+    allocation is smaller than one window's upgrade to the next width)."""
+    nl, nw = bits.shape
+    eff = float((_costs(lengths, BIT_WIDTHS, k_group, v_group)[torch.arange(nw)[None].expand(nl, nw),
+                 torch.tensor([[BIT_WIDTHS.index(int(b)) for b in row] for row in bits.tolist()])]).sum()
+                / (float(lengths.sum()) * nl))
+    lines = [f"plan (effective {eff:.2f} bits/element under a {avg_bits:g}-bit budget; widths per {unit}, then the "
+             f"{scorer} scores that drove them, low ▁ to high █):",
+             f"  {unit:>9} " + "".join(f"{i:>3}" for i in range(nw))]
+    for li in range(nl):
+        sc = scores[li].double()
+        lo, hi = float(sc.min()), float(sc.max())
+        level = ((sc - lo) / (hi - lo) * (len(_SPARK) - 1)).round().long() if hi > lo else torch.zeros(nw).long()
+        spark = "".join(_SPARK[int(x)] for x in level)
+        lines.append(f"  layer {li:2d}: " + "".join(f"{int(b):>3}" for b in bits[li].tolist())
+                     + f"  | {spark} ({lo:.3g}..{hi:.3g})")
+    used = sorted({int(b) for b in bits.flatten().tolist()})
+    if len(used) == 1:
+        b = used[0]
+        wider = [w for w in BIT_WIDTHS if w > b]
+        if wider:
+            nxt = min(wider)
+            cost = _costs(lengths, BIT_WIDTHS, k_group, v_group)
+            step = float((cost[:, BIT_WIDTHS.index(nxt)] - cost[:, BIT_WIDTHS.index(b)]).min()) / float(lengths.sum())
+            lines.append(f"  every window got int{b}: the budget leaves {avg_bits - eff:.2f} bits/element over uniform "
+                         f"int{b} ({eff:.2f}), and moving even one {unit} to int{nxt} costs {step:.2f}; raise "
+                         f"--avg-bits or use more {unit}s")
+        else:
+            lines.append(f"  every window got {b} bits: the budget covers the widest width")
+    return "\n".join(lines)
