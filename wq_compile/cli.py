@@ -257,11 +257,32 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="time the window search instead (--frames frames x 196 tokens, every layer of --model)")
     p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--token-granular", action="store_true",
+                   help="claim (2): reordered buckets (fused kernel) vs token-granular mixed precision in place, "
+                        "decode latency at equal average bits (--tokens, default 2048,8192,32768) and search time "
+                        "per window vs per key group (--frames); writes granularity.csv/.png")
     return p
 
 
 def main_bench(argv: Sequence[str] | None = None) -> int:
     args = bench_parser().parse_args(argv)
+    if args.token_granular:
+        from .bench import token_granular as tg
+
+        try:
+            tokens = tuple(int(x) for x in args.tokens.split(",") if x.strip()) \
+                if args.tokens != bench_parser().get_default("tokens") else (2048, 8192, 32768)
+        except ValueError:
+            bench_parser().error(f"--tokens: expected integers such as 2048,8192, got {args.tokens!r}")
+        from .runtime import KernelLibrary
+
+        lib = KernelLibrary(args.target, logs_dir=args.logs_dir) if args.logs_dir else KernelLibrary(args.target)
+        rows = tg.run_decode(args.model, tokens, repeats=args.repeats, library=lib)
+        srows = tg.run_search(args.model, frames=args.frames, repeats=3)
+        tg.write(rows, srows, args.out, f"token-granular vs reordered, {args.model}, {args.target}")
+        print(tg.format_tables(rows, srows))
+        print(f"wrote {args.out}/granularity.csv, granularity_search.csv and granularity.png")
+        return 0
     if args.search:
         from .bench import search as search_bench
 
