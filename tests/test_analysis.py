@@ -76,7 +76,7 @@ def test_window_output_errors_equal_brute_force(gen: torch.Generator) -> None:
         assert float(got[wi, j]) == pytest.approx(float(want), rel=1e-3, abs=1e-12), (wi, bits)
     assert bool((got[:, 0] == 0).all())  # 16 bits: nothing changes
     assert w.lengths.tolist() == [56, 28, 56, 14, 20]
-    assert float(got[3:].abs().max()) == 0.0  # 14 and 20 tokens: no whole key group, nothing changes
+    assert float(got[3:].abs().max()) < 1e-12  # 14 and 20 tokens: no whole key group, nothing changes (rounding)
     assert bool((got[:3, 3] > got[:3, 2]).all())  # 2 bits hurt more than 4
 
 

@@ -147,25 +147,29 @@ def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     pad_pos, pad_ok = pad_pos.to(k.device), pad_ok.to(k.device)
     vf = v.float()
     fq = fq or WindowFakeQuant(k, v, windows, k_group, v_group)
+    # dense softmax pieces once, relative to the dense row max m0; each width rescales them to its own max
+    m0 = logits.amax(-1)  # [Hkv, R]
+    e0 = torch.exp(logits - m0[..., None])
+    num0, den0 = torch.einsum("hrt,htd->hrd", e0, vf), e0.sum(-1)
+    o = num0 / den0[..., None]
+    o_sq = o.double().square().sum().clamp_min(1e-30)
+    zero = logits.new_zeros(())
+    eo = torch.where(pad_ok, e0[:, :, pad_pos], zero)  # [Hkv, R, W, Lmax]: the window's dense terms
+    eo_v, eo_s = torch.einsum("hrwt,hwtd->hrwd", eo, vf[:, pad_pos]), eo.sum(-1)
     for j, bits in enumerate(widths):
         if bits == 16:
             continue
         kq, vq = fq.at(int(bits))
         lq = torch.einsum("hrd,hwtd->hrwt", qg, kq.float()[:, pad_pos]) * sm_scale  # [Hkv, R, W, Lmax]
-        lo = logits[:, :, pad_pos]
-        m = torch.maximum(logits.amax(-1), lq.masked_fill(~pad_ok, float("-inf")).flatten(2).amax(-1))  # [Hkv, R]
-        e = torch.exp(logits - m[..., None])
-        num, den = torch.einsum("hrt,htd->hrd", e, vf), e.sum(-1)
-        zero = lq.new_zeros(())
-        eo = torch.where(pad_ok, torch.exp(lo - m[..., None, None]), zero)  # padding never reaches inf * 0
-        eq = torch.where(pad_ok, torch.exp(lq - m[..., None, None]), zero)
-        dnum = (torch.einsum("hrwt,hwtd->hrwd", eq, vq.float()[:, pad_pos])
-                - torch.einsum("hrwt,hwtd->hrwd", eo, vf[:, pad_pos]))
-        dden = eq.sum(-1) - eo.sum(-1)  # [Hkv, R, W]
-        o = num / den[..., None]
+        m = torch.maximum(m0, lq.masked_fill(~pad_ok, float("-inf")).flatten(2).amax(-1))  # [Hkv, R]
+        f = torch.exp(m0 - m)  # rescale of the dense terms; 1 unless a quantized score beats the dense max
+        eq = torch.where(pad_ok, torch.exp(lq - m[..., None, None]), zero)  # padding never reaches inf * 0
+        dnum = torch.einsum("hrwt,hwtd->hrwd", eq, vq.float()[:, pad_pos]) - eo_v * f[..., None, None]
+        dden = eq.sum(-1) - eo_s * f[..., None]  # [Hkv, R, W]
+        num, den = num0 * f[..., None], den0 * f
         ow = (num[:, :, None] + dnum) / (den[:, :, None] + dden)[..., None]
         err = (ow - o[:, :, None]).double().square().sum(dim=(0, 1, 3))  # [W]
-        out[:, j] = (err / o.double().square().sum().clamp_min(1e-30)).cpu()
+        out[:, j] = (err / o_sq).cpu()
     return out
 
 
