@@ -16,9 +16,9 @@ from wq_compile.layout import LayerCache, WindowAssignment
 from wq_compile.reference import decode_attention
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    return compile_token_granular(TokenGranularSpec(64, 4, 2))
+@pytest.fixture(scope="module", params=["vectorized", "parallel"])
+def kernel(request):
+    return compile_token_granular(TokenGranularSpec(64, 4, 2), schedule=request.param)
 
 
 @pytest.mark.parametrize("groups,dense", [([2, 4, 8, 2, 8, 4, 2], 13), ([8], 1), ([2] * 11, 70), ([4, 2], 0)])
@@ -71,6 +71,7 @@ def test_wq_bench_token_granular_writes_tables(tmp_path, capsys) -> None:
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "granularity.csv"))}
     tok, reo = rows["token-granular in place"], rows["reordered buckets (fused kernel)"]
     assert float(tok["max_err"]) < 1e-5 and float(reo["max_err"]) < 1e-4
+    assert float(rows["token-granular in place, parallel only"]["max_err"]) < 1e-5
     assert abs(float(tok["eff_bits"]) - float(reo["eff_bits"])) < 0.3  # equal memory, up to rounding of the mix
     search = list(csv.DictReader(open(tmp_path / "granularity_search.csv")))
     assert {(r["granularity"], r["policy"]) for r in search} == {

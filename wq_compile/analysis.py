@@ -139,8 +139,8 @@ def measure(w: Workload, with_kl: bool = True) -> Sensitivity:
         fq = WindowFakeQuant(lc.k, lc.v, w.windows, w.k_group, w.v_group)
         fqs.append(fq)
         args = (w.windows, BIT_WIDTHS, lc.sm_scale, w.k_group, w.v_group)
-        oracle[li] = window_output_errors(lc.q_dec, lc.k, lc.v, *args, fq=fq)
-        prompt_err[li] = window_output_errors(lc.q_text, lc.k, lc.v, *args, fq=fq)
+        oracle[li] = window_output_errors(lc.q_dec, lc.k, lc.v, *args)
+        prompt_err[li] = window_output_errors(lc.q_text, lc.k, lc.v, *args)
         quant_err[li] = window_errors(lc.k[None], lc.v[None], w.windows, BIT_WIDTHS, w.k_group, w.v_group)[0]
         attn[li] = attention_scores(lc.q_text, lc.k, w.windows, lc.sm_scale)
         for j, bits in enumerate(SENS_BITS):

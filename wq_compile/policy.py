@@ -115,38 +115,45 @@ def quantize_windows(k: torch.Tensor, v: torch.Tensor, windows: Windows, bits: t
 
 
 def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows,
-                         widths: Sequence[int], sm_scale: float, k_group: int, v_group: int,
-                         fq: WindowFakeQuant | None = None) -> torch.Tensor:
+                         widths: Sequence[int], sm_scale: float, k_group: int, v_group: int) -> torch.Tensor:
     """Squared relative change of the attention output of ``q [Hq, S, D]`` over ``k, v [Hkv, T, D]`` when only
     window ``w`` is fake-quantized at width ``widths[j]``: ``[W, len(widths)]`` (``||o' - o||^2 / ||o||^2`` over
     all heads and query rows).
 
     Exact for the fake-quantized tensors, and incremental: only the window's own tokens change, so each window's
-    output follows from the dense softmax numerator/denominator plus the window's delta (one attention pass per
-    width in all, not one per window).
+    output follows from the dense softmax numerator/denominator plus the window's delta (one attention pass in
+    all, then per width only the windowed tokens are quantized and rescored).
     """
     hq, s, d = q.shape
     hkv = k.shape[0]
     nw = len(windows)
     qg = q.float().reshape(hkv, hq // hkv * s, d)
     logits = torch.einsum("hrd,htd->hrt", qg, k.float()) * sm_scale
-    pos, wid = _whole_positions(windows, k_group)
-    lmax = int(torch.bincount(wid, minlength=nw).max()) if pos.numel() else 0
+    pos, wid = _whole_positions(windows, k_group)  # window-major order
+    counts = torch.bincount(wid, minlength=nw)
+    lmax = int(counts.max()) if pos.numel() else 0
     out = torch.zeros(nw, len(widths), dtype=torch.float64)
     if lmax == 0:
         return out
-    # padded [W, Lmax] index of each window's quantized tokens
-    first = torch.zeros(nw, dtype=torch.long)
-    counts = torch.bincount(wid, minlength=nw)
-    first[1:] = torch.cumsum(counts, 0)[:-1]
-    slot = torch.arange(pos.numel()) - first[wid]
-    pad_pos = torch.zeros(nw, lmax, dtype=torch.long)
-    pad_ok = torch.zeros(nw, lmax, dtype=torch.bool)
-    pad_pos[wid, slot] = pos
-    pad_ok[wid, slot] = True
-    pad_pos, pad_ok = pad_pos.to(k.device), pad_ok.to(k.device)
+    n_sel = pos.numel()
+    pos = pos.to(k.device)
+    if bool((counts == lmax).all()):  # equal windows (frames): the padded view is a reshape
+        pad_idx, pad_ok = torch.arange(n_sel, device=k.device).view(nw, lmax), None
+    else:
+        first = torch.zeros(nw, dtype=torch.long)
+        first[1:] = torch.cumsum(counts, 0)[:-1]
+        slot = torch.arange(n_sel) - first[wid]
+        pad_idx = torch.zeros(nw, lmax, dtype=torch.long)
+        ok = torch.zeros(nw, lmax, dtype=torch.bool)
+        pad_idx[wid, slot] = torch.arange(n_sel)
+        ok[wid, slot] = True
+        pad_idx, pad_ok = pad_idx.to(k.device), ok.to(k.device)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [..., n_sel, *] -> [..., W, Lmax, *]
+        return x[:, pad_idx] if pad_ok is not None else x.reshape(x.shape[0], nw, lmax, *x.shape[2:])
+
+    kw, vw = k[:, pos].float(), v[:, pos].float()  # the quantizable tokens, compact
     vf = v.float()
-    fq = fq or WindowFakeQuant(k, v, windows, k_group, v_group)
     # dense softmax pieces once, relative to the dense row max m0; each width rescales them to its own max
     m0 = logits.amax(-1)  # [Hkv, R]
     e0 = torch.exp(logits - m0[..., None])
@@ -154,17 +161,24 @@ def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     o = num0 / den0[..., None]
     o_sq = o.double().square().sum().clamp_min(1e-30)
     zero = logits.new_zeros(())
-    eo = torch.where(pad_ok, e0[:, :, pad_pos], zero)  # [Hkv, R, W, Lmax]: the window's dense terms
-    eo_v, eo_s = torch.einsum("hrwt,hwtd->hrwd", eo, vf[:, pad_pos]), eo.sum(-1)
+    e_sel = e0[:, :, pos]  # [Hkv, R, n_sel]
+    if pad_ok is None:  # [Hkv, R, W, Lmax]: the windows' dense terms
+        eo = e_sel.reshape(*e_sel.shape[:2], nw, lmax)
+    else:
+        eo = torch.where(pad_ok, e_sel[:, :, pad_idx], zero)
+    eo_v, eo_s = torch.einsum("hrwt,hwtd->hrwd", eo, padded(vw)), eo.sum(-1)
     for j, bits in enumerate(widths):
         if bits == 16:
             continue
-        kq, vq = fq.at(int(bits))
-        lq = torch.einsum("hrd,hwtd->hrwt", qg, kq.float()[:, pad_pos]) * sm_scale  # [Hkv, R, W, Lmax]
-        m = torch.maximum(m0, lq.masked_fill(~pad_ok, float("-inf")).flatten(2).amax(-1))  # [Hkv, R]
+        kq, vq = fake_quant_fast(kw, int(bits), k_group, "k"), fake_quant_fast(vw, int(bits), v_group, "v")
+        lq = torch.einsum("hrd,hwtd->hrwt", qg, padded(kq)) * sm_scale  # [Hkv, R, W, Lmax]
+        lq_max = lq if pad_ok is None else lq.masked_fill(~pad_ok, float("-inf"))
+        m = torch.maximum(m0, lq_max.flatten(2).amax(-1))  # [Hkv, R]
         f = torch.exp(m0 - m)  # rescale of the dense terms; 1 unless a quantized score beats the dense max
-        eq = torch.where(pad_ok, torch.exp(lq - m[..., None, None]), zero)  # padding never reaches inf * 0
-        dnum = torch.einsum("hrwt,hwtd->hrwd", eq, vq.float()[:, pad_pos]) - eo_v * f[..., None, None]
+        eq = torch.exp(lq - m[..., None, None])
+        if pad_ok is not None:
+            eq = torch.where(pad_ok, eq, zero)  # padding never reaches inf * 0
+        dnum = torch.einsum("hrwt,hwtd->hrwd", eq, padded(vq)) - eo_v * f[..., None, None]
         dden = eq.sum(-1) - eo_s * f[..., None]  # [Hkv, R, W]
         num, den = num0 * f[..., None], den0 * f
         ow = (num[:, :, None] + dnum) / (den[:, :, None] + dden)[..., None]

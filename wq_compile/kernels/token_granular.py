@@ -252,14 +252,22 @@ def _emit_final(spec: TokenGranularSpec, n, nd, st, out, b, kh) -> None:
             T.buffer_store(out, tirx.Select(den > f32(0.0), num / den, f32(0.0)), [vb, h, vd])
 
 
-def default_schedule(sch, spec: TokenGranularSpec) -> None:
-    """The same first steps as the bucket kernels' llvm schedule: one parallel work item per (sample, KV head),
-    dequant inlined into its consumers, channel lanes of P @ V and the chunk softmax vectorized."""
+SCHEDULES = ("vectorized", "parallel")
+
+
+def default_schedule(sch, spec: TokenGranularSpec, kind: str = "vectorized") -> None:
+    """``parallel``: one parallel work item per (sample, KV head) and nothing else, the same effort as the bucket
+    kernels' untuned llvm default. ``vectorized`` adds the first steps of their tuned space: dequant inlined into
+    its consumers, the chunk softmax and the channel lanes of P @ V vectorized."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"kind: must be one of {SCHEDULES}, got {kind!r}")
     names = [gv.name_hint for gv in sch.mod.get_global_vars()]
     if "main" not in names and len(names) == 1:
         sch.work_on(names[0])
     outer = sch.get_loops(sch.get_sblock("qscale"))[:2]
     sch.parallel(sch.fuse(*outer))
+    if kind == "parallel":
+        return
     for tag in ("mx", "dense"):
         sch.compute_inline(sch.get_sblock(f"{tag}_kdeq"))
         sch.compute_inline(sch.get_sblock(f"{tag}_vdeq"))
@@ -271,9 +279,9 @@ def default_schedule(sch, spec: TokenGranularSpec) -> None:
         sch.decompose_reduction(pv, t)
 
 
-def compile_token_granular(spec: TokenGranularSpec, target=None):
-    """Build for the host CPU (``schedules.llvm.host_target`` unless ``target`` is given): a callable module
-    function ``f(*args, out)``."""
+def compile_token_granular(spec: TokenGranularSpec, target=None, schedule: str = "vectorized"):
+    """Build for the host CPU (``schedules.llvm.host_target`` unless ``target`` is given) with
+    :func:`default_schedule` of kind ``schedule``: a callable module function ``f(*args, out)``."""
     import tvm
     from tvm import s_tir
 
@@ -282,7 +290,7 @@ def compile_token_granular(spec: TokenGranularSpec, target=None):
 
         target = host_target()
     sch = s_tir.Schedule(tvm.IRModule({spec.uri: build_token_granular(spec)}))
-    default_schedule(sch, spec)
+    default_schedule(sch, spec, schedule)
     with target:
         lib = tvm.compile(sch.mod, target=target)
     return lib[spec.uri]
