@@ -6,6 +6,10 @@ its processor. Prints the generated tokens, KV memory (dense vs WindowQuant), de
 
     python examples/video_qa.py                      # tiny model, CPU, ~1 minute with module build
     python examples/video_qa.py --model-path ~/models/llava-onevision-qwen2-0.5b-ov-hf --frames 32 --avg-bits 3
+
+The default budget is 4 effective bits: at 3, eight frames cannot afford a single int4 frame (uniform int2 already
+costs 2.82 bits with scale/zero, one int4 frame of eight adds 0.25), so every frame would get int2. The plan is
+printed per layer with the scores that drove it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from transformers import DynamicCache
 import wq_compile
 from wq_compile import WindowQuantCache, WindowQuantConfig
 from wq_compile.integrations.tiny import Prompt, tiny_model, video_prompt
+from wq_compile.policy import format_plan
 
 
 def load(args: argparse.Namespace) -> tuple[object, Prompt]:
@@ -42,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None, help="local LLaVA-OneVision folder (default: tiny random model)")
     ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--avg-bits", type=float, default=3.0)
+    ap.add_argument("--avg-bits", type=float, default=4.0, help="effective bits per element (scale/zero included)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--backend", choices=["auto", "tvm", "reference"], default="auto")
     ap.add_argument("--question", default="What happens in this video?")
@@ -83,9 +88,8 @@ def main() -> None:
           f"search+quantize+reorder {cache.stats.store_seconds * 1e3:.1f} ms; ~{t_wq / steps * 1e3:.1f} ms/token incl. prefill)")
     plan = cache.plan(0)
     if plan is not None and plan.bits.numel():
-        print(f"plan (effective {plan.effective_avg_bits():.2f} bits/element; bits per frame, one row per layer):")
-        for i, row in enumerate(plan.bits.tolist()):
-            print(f"  layer {i:2d}: {' '.join(f'{b:2d}' for b in row)}")
+        print(format_plan(plan.bits, plan.scores, plan.windows.lengths, args.avg_bits, wq.k_group, wq.v_group,
+                          scorer=wq.scorer))
 
 
 if __name__ == "__main__":

