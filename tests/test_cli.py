@@ -29,7 +29,7 @@ def test_wq_eval_refuses_unknown_model(capsys: pytest.CaptureFixture) -> None:
     assert "nothing is downloaded" in capsys.readouterr().err
 
 
-@pytest.mark.filterwarnings("ignore::wq_compile.build.UntunedKernelWarning")
+@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
 def test_wq_bench_writes_csv_and_png(tmp_path: Path) -> None:
     rc = main_bench(["--model", "tiny", "--tokens", "392", "--mixes", "mixed", "--repeats", "3",
                      "--logs-dir", str(tmp_path / "nologs"), "--out", str(tmp_path)])

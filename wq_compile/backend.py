@@ -3,23 +3,30 @@
 A :class:`Backend` is chosen once per cache (``make_backend``): ``decode`` is called once per layer per step (one
 launch of the fused kernel over every bucket and the dense piece), ``quantize`` whenever windows or a residual
 block enter a bucket. The reference path exists for machines where no module can be built, and says so.
+Compiled backends are shared in the process per (config, attention shapes, dtype, device): a second cache or a
+second ``generate`` costs nothing to set up.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from .config import WindowQuantConfig
 from .layout import LayerCache, Quantizer, torch_quantizer
 from .quant import QuantizedKeys, QuantizedValues
 from .reference import decode_attention
 from .spec import KernelSpec, QuantSpec, dtype_tag
 
+if TYPE_CHECKING:
+    from .runtime import KernelLibrary
 
-class Decoder(Protocol):
+
+class AttentionDecoder(Protocol):
     def __call__(self, q: torch.Tensor, layer: LayerCache, sm_scale: float, stats: Any) -> torch.Tensor:
         """``q [B, Hq, D]`` -> attention output ``[B, Hq, D]`` over every token of ``layer``."""
 
@@ -35,7 +42,7 @@ class ReferenceDecoder:
 class CompiledQuantizer:
     """The compiled quantize+pack kernel of each width (one module per width, every token count)."""
 
-    def __init__(self, library: Any, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+    def __init__(self, library: "KernelLibrary", num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  chunk: int) -> None:
         self.library = library
         self.shape = dict(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
@@ -58,30 +65,63 @@ class Backend:
     """What the cache calls: ``decode`` per layer per step, ``quantize`` when tokens enter a bucket."""
 
     name: str
-    decode: Decoder
+    decode: AttentionDecoder
     quantize: Quantizer
+    #: ``kernel uri -> "tuned here" | "tuned on <tag>" | "untuned"`` (empty for the reference).
+    kernels: dict[str, str] = field(default_factory=dict)
+
+    def tuning_summary(self) -> str:
+        """One line for reports: which kernels are tuned, from where, and which are not."""
+        if not self.kernels:
+            return "torch reference (no compiled kernels)"
+        return "; ".join(f"{uri.split('_')[0]} {'/'.join(_widths(uri))}: {how}" for uri, how in self.kernels.items())
 
 
-def make_backend(wq: Any, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> Backend:
+def _widths(uri: str) -> list[str]:
+    return [p for p in uri.split("_") if p[:1] == "k" and p[1:2].isdigit()]
+
+
+_SHARED: dict[tuple[Any, ...], Backend] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, *, shared: bool = True) -> Backend:
     """Compiled modules for these shapes (``wq.backend`` "auto"/"tvm"); else the torch reference, with a warning
-    ("auto") or an error ("tvm"). Modules load from the cache, else compile from the tuning log, else from the
-    default schedule (``UntunedKernelWarning``)."""
+    ("auto") or an error ("tvm"). Modules load from the cache, else compile from a tuning log of this or a
+    compatible device, else from the default schedule (``UntunedKernelWarning``). With ``shared`` (the default)
+    one backend per config and shapes serves the whole process."""
     if wq.backend == "reference":
         return Backend("reference", ReferenceDecoder(), torch_quantizer)
-    try:
-        from .runtime import FusedDecoder, KernelLibrary
+    key = (wq, num_q_heads, num_kv_heads, head_dim, dtype, str(torch.device(device)))
+    with _SHARED_LOCK:
+        if shared and key in _SHARED:
+            return _SHARED[key]
+        backend = _compiled_backend(wq, num_q_heads, num_kv_heads, head_dim, dtype, device)
+        if shared and backend.kernels:
+            _SHARED[key] = backend
+        return backend
 
-        library = KernelLibrary(wq.target or ("cuda" if torch.device(device).type == "cuda" else "llvm"))
+
+def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device | str) -> Backend:
+    try:
+        from .runtime import FusedDecoder, shared_library
+
+        library = shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else "llvm"))
         decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                       v_group=wq.v_group, chunk=wq.chunk, library=library)
         quantizer = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
+        uris = [decoder.spec((8, 4, 2)).uri]
         for bits in (8, 4, 2):  # fail here, not in the middle of generation
-            library.load(quantizer.spec(QuantSpec(bits, wq.k_group, wq.v_group)))
-        return Backend(f"tvm:{library.device.tag}", decoder, quantizer)
+            spec = quantizer.spec(QuantSpec(bits, wq.k_group, wq.v_group))
+            library.load(spec)
+            uris.append(spec.uri)
+        kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
+        return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels)
     except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
         if wq.backend == "tvm":
             raise
         warnings.warn(f"WindowQuant: no compiled modules ({type(exc).__name__}: {exc}); using the torch "
-                      f"reference, which dequantizes every step and is slow", RuntimeWarning, stacklevel=2)
+                      f"reference, which dequantizes every step and is slow", RuntimeWarning, stacklevel=3)
         return Backend("reference", ReferenceDecoder(), torch_quantizer)
