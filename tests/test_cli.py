@@ -19,9 +19,10 @@ def test_wq_eval_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -
     text = capsys.readouterr().out
     assert "dense (DynamicCache)" in text and "WindowQuant avg 4 bits" in text and "HF QuantizedCache fp8" in text
     rows = {r["method"]: r for r in json.loads(out.read_text())}
-    assert rows["dense (DynamicCache)"]["agreement"] == 1.0
     wq = rows["WindowQuant avg 4 bits"]
-    assert 0 < wq["bytes_vs_dense"] < 1 and wq["mean_kl"] >= 0 and wq["decode_ms"] > 0
+    assert 0 < wq["bytes_vs_dense"] < 1 and wq["decode_ms"] > 0 and 0 <= wq["agreement"] <= 1
+    # quantized K/V change the next-token distributions: KL strictly positive (no clamp hides a negative one)
+    assert 0 < wq["mean_kl"] < 1
 
 
 def test_wq_eval_refuses_unknown_model(capsys: pytest.CaptureFixture) -> None:
@@ -36,7 +37,9 @@ def test_wq_bench_writes_csv_and_png(tmp_path: Path) -> None:
     assert rc == 0
     rows = list(csv.DictReader(open(tmp_path / "decode.csv")))
     by = {r["method"]: r for r in rows}
-    assert float(by["torch SDPA, dense fp32 cache"]["vs_sdpa"]) == 1.0
+    sdpa_ms = float(by["torch SDPA, dense fp32 cache"]["median_ms"])
     fused = by["TVM fused (default schedule)"]
     assert float(fused["max_err"]) < 1e-4 and float(fused["median_ms"]) > 0
+    # the speedup column is the SDPA median over this row's median (not SDPA's ratio with itself)
+    assert float(fused["vs_sdpa"]) == pytest.approx(sdpa_ms / float(fused["median_ms"]), rel=1e-3)
     assert (tmp_path / "decode.png").stat().st_size > 10_000

@@ -13,6 +13,7 @@ from tolerances import ATOL, RTOL
 from wq_compile import cli
 from wq_compile.compile import UntunedKernelWarning, build_kernel
 from wq_compile.device import resolve_device
+from wq_compile.measure import example_args
 from wq_compile.models import kernel_specs
 from wq_compile.module_cache import expected_key, module_paths, read_key, store
 from wq_compile.spec import KernelSpec
@@ -44,7 +45,7 @@ def default_decode(host, tmp_path_factory):
 
 
 def _run(built, sizes, seed=0):
-    args = built.signature.example_args(sizes, seed=seed)
+    args = example_args(built.signature, sizes, seed=seed)
     built.module.get_function(built.spec.uri)(*args)
     return [a for a, d in zip(args, built.signature.args) if d.is_output]
 

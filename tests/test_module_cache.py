@@ -14,6 +14,7 @@ import pytest
 from wq_compile import compile as wq_compile_mod
 from wq_compile import kernels, module_cache, runtime
 from wq_compile.device import resolve_device, versions
+from wq_compile.measure import example_args
 from wq_compile.module_cache import ModuleCacheError, cache_root, expected_key, module_paths
 from wq_compile.runtime import KernelLibrary
 from wq_testing import TINY_DECODE, measured_log
@@ -58,7 +59,7 @@ def test_warm_load_builds_and_replays_nothing(warm, host, monkeypatch):
         assert lib.stats.cache_hits == 1 and lib.stats.compiled == 0
     assert calls == {"make_kernel": 0, "apply_trace": 0, "build_kernel": 0}
     assert str(k.provenance) == "tuned here"
-    k(*k.signature.example_args({"B": 1, "N": 64, "G": 3}))  # and it runs
+    k(*example_args(k.signature, {"B": 1, "N": 64, "G": 3}))  # and it runs
 
 
 def test_changed_record_or_schedule_code_changes_the_key_and_rebuilds(warm, host, monkeypatch):
@@ -123,9 +124,10 @@ def test_truncated_module_is_rebuilt_never_loaded(warm, host):
         import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r})
         from wq_compile.runtime import KernelLibrary
         from wq_testing import TINY_DECODE
+        from wq_compile.measure import example_args
         lib = KernelLibrary("llvm", logs_dir={str(logs)!r}, cache_dir={str(cache)!r})
         k = lib.load(TINY_DECODE)
-        k(*k.signature.example_args({{"B": 1, "N": 64, "G": 3}}))
+        k(*example_args(k.signature, {{"B": 1, "N": 64, "G": 3}}))
         print("compiled", lib.stats.compiled)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ import torch
 from wq_compile.check import check_against_reference
 from wq_compile.compile import UntunedKernelWarning, kernel_def
 from wq_compile.device import resolve_device
+from wq_compile.measure import example_args
 from wq_compile.module_cache import ModuleCacheError, module_paths
 from wq_compile.runtime import KernelArgumentError, KernelLibrary, shared_library
 from wq_testing import TINY_DECODE, measured_log
@@ -46,7 +47,7 @@ def test_cache_is_reused_across_libraries(lib, tmp_path):
 
 def test_argument_errors_name_the_argument(lib):
     k = lib.load(TINY_DECODE)
-    args = k.signature.example_args(SIZES)
+    args = example_args(k.signature, SIZES)
     k(*args)
     names = [a.name for a in k.signature.args]
 
@@ -69,14 +70,14 @@ def test_argument_errors_name_the_argument(lib):
     bad("sm_scale", torch.tensor(0.1), r"'sm_scale': expected a Python number")
     bad("o", args[i("o")][..., :32].contiguous(), r"'o': dim 2 must be 64")
     with pytest.raises(KernelArgumentError, match="multiple of 64"):
-        k.run(*k.signature.example_args({"B": 1, "N": 100, "G": 4})[:-2])
+        k.run(*example_args(k.signature, {"B": 1, "N": 100, "G": 4})[:-2])
     with pytest.raises(KernelArgumentError, match="expected 11 arguments"):
         k(*args[:-1])
 
 
 def test_run_and_custom_op_under_torch_compile(lib):
     k = lib.load(TINY_DECODE)
-    args = k.signature.example_args(SIZES)
+    args = example_args(k.signature, SIZES)
     inputs = args[:-2]
     o, lse = k.run(*inputs)
     k(*args)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from wq_compile import tuning_log
 from wq_compile.compile import KernelDef, kernel_def
 from wq_compile.device import Device
-from wq_compile.measure import time_function
+from wq_compile.measure import example_args, time_function
 from wq_compile.signature import KernelSignature
 from wq_compile.spec import KernelSpec
 
@@ -36,7 +36,7 @@ def measured_log(spec: KernelSpec | KernelDef, device: Device, logs_dir: Path, s
     kdef.schedules.design_space(sch, kdef.spec)
     with device.target:
         lib = tvm.driver.build(sch.mod, target=device.target)
-    args = kdef.signature.example_args(kdef.sizes)
+    args = example_args(kdef.signature, kdef.sizes)
     static_args = [a for a, d in zip(args, kdef.signature.args) if not d.is_scalar]
     f = lib.get_function("main")
     secs = time_function(lambda: f(*static_args), repeat=3)

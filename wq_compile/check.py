@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from .kernels import example_sizes, piece_fields
+from .measure import example_args
 from .quant import (
     QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, quantize_keys, quantize_values, unpack,
 )
@@ -63,7 +64,7 @@ def check_against_reference(kdef: Any, module: Any, device: Any, n_tokens: int |
     if device.kind != "llvm" or spec.kind not in ("decode", "fused", "quantize", "merge"):
         return
     sizes = example_sizes(spec, n_tokens or 2 * spec.chunk)
-    args = kdef.signature.example_args(sizes, scalars={"sm_scale": spec.head_dim**-0.5}, seed=7)
+    args = example_args(kdef.signature, sizes, scalars={"sm_scale": spec.head_dim**-0.5}, seed=7)
     names = kdef.signature.names
     if spec.kind == "quantize":  # inputs are the dense k, v: give them a realistic spread
         args[0].normal_()

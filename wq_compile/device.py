@@ -6,7 +6,7 @@ strings with flags are rejected, so llvm targets are built from a dict. :func:`h
 the runtime *and* of the tests (``mcpu`` from LLVM's host detection, physical cores), so both compile the same code.
 
 :func:`isa_class` reads a target's features (not its name): logs tuned on another CPU of the same class (e.g. an AMD
-znver5 log on an Intel AVX-512 Xeon) replay there as fast as local ones (docs/tvm_traps.md), which is what lets
+znver5 log on an Intel AVX-512 Xeon) replay there as fast as local ones (docs/TVM_NOTES.md), which is what lets
 :mod:`wq_compile.tuning_log` use them.
 """
 

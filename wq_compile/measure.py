@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import torch
+
 from .device import Device, has_local_gpu
 from .signature import KernelSignature
 from .spec import KernelSpec
@@ -68,12 +70,41 @@ def time_function(fn: Callable[[], Any], *, sync: Callable[[], None] | None = No
     return statistics.median(samples)
 
 
+def example_args(
+    sig: KernelSignature,
+    env: Mapping[str, int],
+    device: torch.device | str = "cpu",
+    scalars: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> list[Any]:
+    """Arguments with plausible contents (random floats, random codes, lengths = their axis) for timing."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    args: list[Any] = []
+    for a in sig.args:
+        if a.is_scalar:
+            args.append((scalars or {}).get(a.name, 0.125 if a.dtype.startswith("float") else 1))
+            continue
+        shape = a.shape_at(env)
+        dt = a.torch_dtype
+        if dt.is_floating_point:
+            t = torch.rand(shape, generator=gen, dtype=torch.float32).to(dt)
+            if a.name.endswith("scale"):
+                t = t * 0.1
+        elif a.name.endswith("lens"):
+            # valid lengths: the token capacity (the largest chunk-aligned symbol)
+            caps = [env[s] for s, _ in sig.multiple_of if s in env] or list(env.values()) or [1]
+            fill = max(caps)
+            t = torch.full(shape, int(fill), dtype=dt)
+        else:
+            t = torch.randint(0, 2**30, shape, generator=gen, dtype=torch.int64).to(dt)
+        args.append(t.to(device))
+    return args
+
+
 def measure_local(module: Any, spec: KernelSpec, sig: KernelSignature, sizes: Mapping[str, int],
                   device: Device) -> float:
-    import torch
-
     dev = "cpu" if device.kind == "llvm" else "cuda"
-    args = sig.example_args(sizes, device=dev)
+    args = example_args(sig, sizes, device=dev)
     sig.bind(*args, device_type=dev)
     f = module.get_function(spec.uri)
     sync = torch.cuda.synchronize if dev == "cuda" else None
@@ -95,7 +126,7 @@ def measure_rpc(module: Any, spec: KernelSpec, sig: KernelSignature, sizes: Mapp
     sess.upload(str(path))
     rmod = sess.load_module(path.name)
     dev = sess.device(device.kind, 0)
-    args = [tvm.runtime.tensor(v.numpy(), dev) if hasattr(v, "numpy") else v for v in sig.example_args(sizes)]
+    args = [tvm.runtime.tensor(v.numpy(), dev) if hasattr(v, "numpy") else v for v in example_args(sig, sizes)]
     evaluator = rmod.time_evaluator(spec.uri, dev, number=10, repeat=7, min_repeat_ms=20)
     return float(np.median(evaluator(*args).results))
 

@@ -44,7 +44,7 @@ class TuneSettings:
     seed: int = 0
     n_tokens: int = DEFAULT_N_TOKENS  # token capacity per piece the workload is fixed at
     rpc: RPCSettings | None = None
-    builder_timeout: float = 180.0  # the default build worker imports tensor_intrin for 35-47 s (TVM_NOTES)
+    builder_timeout: float = 180.0  # the default build worker imports tensor_intrin for 35-47 s (docs/TVM_NOTES.md)
     runner_timeout: float = 60.0
     num_trials_per_iter: int = 16
     population_size: int = 128
