@@ -16,6 +16,11 @@ def test_targets_and_tags():
     cuda = resolve_device("nvidia/nvidia-h100")
     assert cuda.kind == "cuda" and cuda.arch == "sm_90a" and cuda.tag == "cuda-nvidia-h100-sm_90a"
     assert resolve_device('{"kind": "llvm", "num-cores": 1}').tag.endswith("-1c")
+    # the form wq-tune's error message suggests is this host's target: same target, same tag, same cache files
+    as_json = resolve_device(f'{{"kind": "llvm", "num-cores": {host.num_cores}}}')
+    assert (as_json.tag, as_json.target_json) == (host.tag, host.target_json)
+    other = resolve_device({"kind": "llvm", "mcpu": "haswell" if "haswell" not in host.tag else "znver5"})
+    assert other.tag != host.tag and other.tag.startswith(host.tag)  # another CPU never shares a module file
     with pytest.raises(ValueError, match="strings with flags"):
         resolve_device("llvm -num-cores 2")
     assert slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-xeon"

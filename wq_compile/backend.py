@@ -102,7 +102,7 @@ def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, hea
         if shared and key in _SHARED:
             return _SHARED[key]
         backend = _compiled_backend(wq, num_q_heads, num_kv_heads, head_dim, dtype, device)
-        if shared and backend.kernels:
+        if shared:  # a fallback too: every later cache would otherwise retry (and warn) again
             _SHARED[key] = backend
         return backend
 

@@ -230,8 +230,11 @@ def resolve_device(target: str | dict | Any = "llvm", num_cores: int | None = No
                 return _cuda_device(target, text.split("/")[-1])
             return _device_from_target(target)
     if isinstance(spec, dict):
-        if spec.get("kind") == "llvm" and "num-cores" not in spec:
-            spec = {**spec, "num-cores": int(num_cores or _physical_cores())}
+        if spec.get("kind") == "llvm":  # unspecified cores / CPU mean this host's (never generic x86-64)
+            from tvm.target import codegen
+
+            spec = {"num-cores": int(num_cores or _physical_cores()), "mcpu": str(codegen.llvm_get_system_cpu()),
+                    **spec}
         try:
             target = Target(spec)
         except Exception as exc:
@@ -241,6 +244,10 @@ def resolve_device(target: str | dict | Any = "llvm", num_cores: int | None = No
 
 
 def _device_from_target(target: Any) -> Device:
+    """A device for an explicit target. An llvm target for another CPU than this host's gets ``-<mcpu>`` in its tag,
+    so its modules never share a cache file with the host's."""
+    from tvm.target import codegen
+
     kind = str(target.kind.name)
     if kind == "cuda":
         return _cuda_device(target, None)
@@ -248,7 +255,9 @@ def _device_from_target(target: Any) -> Device:
         attrs = dict(target.attrs.items())
         cores = int(attrs.get("num-cores", _physical_cores()))
         model = _cpuinfo_model()
+        mcpu = str(attrs.get("mcpu") or "generic")
         tag = f"cpu-{slug(platform.machine())}-{slug(model)}-{cores}c"
-        mcpu = attrs.get("mcpu", "generic")
+        if mcpu != str(codegen.llvm_get_system_cpu()) or attrs.get("mtriple"):
+            tag += f"-{slug(mcpu)}"
         return Device(target=target, tag=tag, name=f"{model} ({mcpu}, {cores} cores)")
     return Device(target=target, tag=slug(kind), name=kind)
