@@ -72,13 +72,15 @@ class Backend:
     #: Modules compiled (cold) vs loaded from the module cache (warm) to set this backend up.
     compiled: int = 0
     cached: int = 0
+    reused: int = 0  # already loaded in this process by another backend of the same library
 
     def tuning_summary(self) -> str:
         """One line for reports: which kernels are tuned, from where, and which are not."""
         if not self.kernels:
             return "torch reference (no compiled kernels)"
         kinds = "; ".join(f"{uri.split('_')[0]} {'/'.join(_widths(uri))}: {how}" for uri, how in self.kernels.items())
-        return f"{kinds} (modules: {self.compiled} compiled, {self.cached} from the module cache)"
+        return (f"{kinds} (modules: {self.compiled} compiled, {self.cached} from the module cache, "
+                f"{self.reused} already loaded in this process)")
 
 
 def _widths(uri: str) -> list[str]:
@@ -113,7 +115,8 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         from .runtime import FusedDecoder, shared_library
 
         library = shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else "llvm"))
-        compiled, cached = library.stats.compiled, library.stats.cache_hits
+        stats = library.stats
+        compiled, cached, reused = stats.compiled, stats.cache_hits, stats.reused
         decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                       v_group=wq.v_group, chunk=wq.chunk, library=library)
         quantizer = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
@@ -123,8 +126,8 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
             library.load(spec)
             uris.append(spec.uri)
         kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
-        return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels,
-                       library.stats.compiled - compiled, library.stats.cache_hits - cached)
+        return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
+                       stats.cache_hits - cached, min(stats.reused - reused, len(kernels)))
     except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
         if wq.backend == "tvm":
             raise

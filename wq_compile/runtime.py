@@ -61,6 +61,7 @@ class LibraryStats:
     compiled: int = 0
     compiled_untuned: int = 0
     cache_hits: int = 0
+    reused: int = 0  # already loaded by this library (no file touched)
 
 
 def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None,
@@ -180,6 +181,7 @@ class KernelLibrary:
     def load(self, spec: KernelSpec) -> CompiledKernel:
         """The kernel of ``spec``: from this library, the module cache, a tuning log, or the default schedule."""
         if spec.uri in self._kernels:
+            self.stats.reused += 1
             return self._kernels[spec.uri]
         paths, provenance, compiled = ensure_module(spec, self.device, self.logs_dir, self.cache_dir,
                                                     allow_untuned=self.allow_untuned)
