@@ -283,8 +283,11 @@ def build_only(specs: Sequence[KernelSpec], device: Device | str = "llvm", *,
     device = resolve_device(device)
     results = []
     for spec in specs:
-        _, provenance, _ = ensure_module(spec, device, logs_dir, cache_dir)
         folder = tuning_log.log_dir(logs_dir, device.tag, spec.uri)
+        for path in tuning_log.repair_log(folder) if folder.is_dir() else []:
+            warnings.warn(f"{path}: removed a torn last line (interrupted write)", tuning_log.TornLogWarning,
+                          stacklevel=2)
+        _, provenance, _ = ensure_module(spec, device, logs_dir, cache_dir)
         valid = 0
         if (folder / tuning_log.META_FILE).exists():
             valid = int(tuning_log.read_meta(folder, device).get("valid_trials", 0))
