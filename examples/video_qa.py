@@ -77,6 +77,7 @@ def main() -> None:
     print(f"WindowQuant tokens: {new}")
     print(f"agreement with the dense cache: {sum(a == b for a, b in zip(new, ref[0, n_in:].tolist())) / len(new):.2f}")
     rep = cache.memory_report()
+    print(f"kernels: {rep['kernels']}")
     print(f"KV memory: dense fp16 {rep['fp16_bytes']:,} B -> WindowQuant {rep['total_bytes']:,} B "
           f"({rep['total_bytes'] / rep['fp16_bytes']:.3f}x); visual part {rep['visual_fp16_bytes']:,} B -> "
           f"{rep['quantized_bytes']:,} B ({rep['quantized_bytes'] / max(rep['visual_fp16_bytes'], 1):.3f}x)")

@@ -1,20 +1,13 @@
 """Per-target schedules of the WindowQuant kernels, installed as ``wq_compile.schedules``.
 
-Each target module (``llvm``, ``cuda``) exposes ``default_schedule(sch, spec)`` (the untuned baseline and fallback),
-``design_space(sch, spec)`` (a MetaSchedule ``ScheduleFn`` body with sampled knobs), ``postprocs()`` and
-``mutator_probs()``.
+Each target module (``llvm``, ``cuda``) follows one fixed protocol (dlight style), used by
+:mod:`wq_compile.compile` and :mod:`wq_compile.tune` and described in docs/kernel_pipeline.md:
+
+- ``default_schedule(sch, spec)``: the untuned baseline and fallback;
+- ``design_space(sch, spec)``: a MetaSchedule ``ScheduleFn`` body with sampled knobs;
+- ``postprocs()`` and ``mutator_probs()``: what goes with that design space.
+
+The module source is part of every module-cache key: editing a schedule rebuilds its modules.
 """
 
-from __future__ import annotations
-
-import importlib
-from types import ModuleType
-
 TARGET_KINDS = ("llvm", "cuda")
-
-
-def for_target(kind: str) -> ModuleType:
-    """The schedule module of a target kind (``"llvm"`` or ``"cuda"``)."""
-    if kind not in TARGET_KINDS:
-        raise ValueError(f"target kind: no schedules for {kind!r}; expected one of {TARGET_KINDS}")
-    return importlib.import_module(f"{__name__}.{kind}")

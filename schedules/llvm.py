@@ -192,15 +192,3 @@ def _attention(sch: s_tir.Schedule, spec: KernelSpec, knobs: dict | None) -> Non
         sch.unroll(ti)
         sch.decompose_reduction(pv, to)
     sch.vectorize(sch.get_loops(sch.get_sblock("final_o"))[-1])
-
-
-def fast_build(mod, target, _params=None):
-    """MetaSchedule ``LocalBuilder(f_build=...)`` without the 35-50 s ``tvm.s_tir.tensor_intrin`` import.
-
-    Valid for these design spaces (no tensorize intrinsics). Returns a runtime Module (exportable).
-    """
-    from tvm.driver import build as tvm_build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)

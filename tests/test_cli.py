@@ -19,9 +19,10 @@ def test_wq_eval_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -
     text = capsys.readouterr().out
     assert "dense (DynamicCache)" in text and "WindowQuant avg 4 bits" in text and "HF QuantizedCache fp8" in text
     rows = {r["method"]: r for r in json.loads(out.read_text())}
-    assert rows["dense (DynamicCache)"]["agreement"] == 1.0
     wq = rows["WindowQuant avg 4 bits"]
-    assert 0 < wq["bytes_vs_dense"] < 1 and wq["mean_kl"] >= 0 and wq["decode_ms"] > 0
+    assert 0 < wq["bytes_vs_dense"] < 1 and wq["decode_ms"] > 0 and 0 <= wq["agreement"] <= 1
+    # quantized K/V change the next-token distributions: KL strictly positive (no clamp hides a negative one)
+    assert 0 < wq["mean_kl"] < 1
 
 
 def test_wq_eval_refuses_unknown_model(capsys: pytest.CaptureFixture) -> None:
@@ -29,7 +30,7 @@ def test_wq_eval_refuses_unknown_model(capsys: pytest.CaptureFixture) -> None:
     assert "nothing is downloaded" in capsys.readouterr().err
 
 
-@pytest.mark.filterwarnings("ignore::wq_compile.build.UntunedKernelWarning")
+@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
 def test_wq_bench_writes_csv_and_png(tmp_path: Path) -> None:
     rc = main_bench(["--model", "tiny", "--tokens", "392", "--mixes", "mixed", "--repeats", "3", "--threads", "1",
                      "--logs-dir", str(tmp_path / "nologs"), "--out", str(tmp_path)])

@@ -10,13 +10,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_video_qa_example_runs() -> None:
+def _run_example(cache_dir: Path) -> str:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "video_qa.py"), "--frames", "2", "--new-tokens", "4"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "WQ_CACHE_DIR": str(cache_dir)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_video_qa_example_runs_and_a_second_run_compiles_nothing(tmp_path: Path) -> None:
+    _run_example(tmp_path)
+    out = _run_example(tmp_path)  # a new process on a warm module cache
+    kernels = next(line for line in out.splitlines() if line.startswith("kernels: "))
+    assert "modules: 0 compiled, 4 from the module cache" in kernels, kernels
+    for how in ("tuned here", "tuned on ", "untuned"):
+        if how in kernels:
+            break
+    else:
+        raise AssertionError(f"the example does not say where its kernels come from: {kernels}")
     assert "generated 4 tokens" in out
     assert "KV memory: dense fp16" in out and "WindowQuant" in out
     assert "decode kernel calls 6, reference calls 0" in out  # 2 layers x 3 decode steps, compiled path

@@ -121,7 +121,7 @@ def test_embedding_scorer(model) -> None:
     assert torch.equal(cache.plan(0).scores[0], cache.plan(0).scores[1])  # one score per window, all layers
 
 
-@pytest.mark.filterwarnings("ignore::wq_compile.build.UntunedKernelWarning")
+@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
 def test_decode_runs_the_compiled_module(model) -> None:
     """Every decode step of every layer is one fused-kernel call; windows are quantized by the compiled kernel;
     the result matches the torch reference path (same quantized data, fp32 accumulation order differs)."""

@@ -1,4 +1,4 @@
-"""KernelLibrary: cache reuse, argument checks naming the argument, custom ops under torch.compile, plan/run."""
+"""KernelLibrary: cache reuse, shared libraries, argument checks naming the argument, custom ops under torch.compile."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 import pytest
 import torch
 
+from wq_compile.check import check_against_reference
+from wq_compile.compile import UntunedKernelWarning, kernel_def
 from wq_compile.device import resolve_device
-from wq_compile.build import ModuleCacheError, UntunedKernelWarning, module_paths
-from wq_compile.runtime import DecodePlan, KernelArgumentError, KernelLibrary
+from wq_compile.measure import example_args
+from wq_compile.module_cache import ModuleCacheError, module_paths
+from wq_compile.runtime import KernelArgumentError, KernelLibrary, shared_library
 from wq_testing import TINY_DECODE, measured_log
 
 SIZES = {"B": 2, "N": 128, "G": 5}
@@ -35,8 +38,8 @@ def test_cache_is_reused_across_libraries(lib, tmp_path):
             assert not untuned.load(TINY_DECODE).tuned
         assert untuned.stats.compiled_untuned == 1
     paths = module_paths(TINY_DECODE, lib.device, tmp_path / "cache")
-    key = json.loads(paths["key"].read_text())
-    paths["key"].write_text(json.dumps({**key, "apache-tvm": "0.1"}))
+    key = json.loads(paths.key.read_text())
+    paths.key.write_text(json.dumps({**key, "apache-tvm": "0.1"}))
     with KernelLibrary("llvm", logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache") as stale:
         with pytest.raises(ModuleCacheError, match="built with apache-tvm 0.1"):
             stale.load(TINY_DECODE)
@@ -44,7 +47,7 @@ def test_cache_is_reused_across_libraries(lib, tmp_path):
 
 def test_argument_errors_name_the_argument(lib):
     k = lib.load(TINY_DECODE)
-    args = k.signature.example_args(SIZES)
+    args = example_args(k.signature, SIZES)
     k(*args)
     names = [a.name for a in k.signature.args]
 
@@ -67,29 +70,26 @@ def test_argument_errors_name_the_argument(lib):
     bad("sm_scale", torch.tensor(0.1), r"'sm_scale': expected a Python number")
     bad("o", args[i("o")][..., :32].contiguous(), r"'o': dim 2 must be 64")
     with pytest.raises(KernelArgumentError, match="multiple of 64"):
-        k.run(*k.signature.example_args({"B": 1, "N": 100, "G": 4})[:-2])
+        k.run(*example_args(k.signature, {"B": 1, "N": 100, "G": 4})[:-2])
     with pytest.raises(KernelArgumentError, match="expected 11 arguments"):
         k(*args[:-1])
 
 
-def test_run_plan_and_custom_op_under_torch_compile(lib):
+def test_run_and_custom_op_under_torch_compile(lib):
     k = lib.load(TINY_DECODE)
-    args = k.signature.example_args(SIZES)
+    args = example_args(k.signature, SIZES)
     inputs = args[:-2]
     o, lse = k.run(*inputs)
     k(*args)
-    torch.testing.assert_close(o, args[-2]) and torch.testing.assert_close(lse, args[-1])
-
-    plan = lib.plan(TINY_DECODE, inputs)
-    assert isinstance(plan, DecodePlan) and plan.sizes == SIZES
-    po, plse = plan.run(*inputs)
-    torch.testing.assert_close(po, o)
-    with pytest.raises(KernelArgumentError, match="plan again|'k_codes'"):
-        plan.run(*k.signature.example_args({"B": 2, "N": 192, "G": 7})[:-2])
+    torch.testing.assert_close(o, args[-2])
+    torch.testing.assert_close(lse, args[-1])
+    assert torch.isfinite(lse).all() and lse.abs().sum() > 0
+    check_against_reference(kernel_def(TINY_DECODE), k.module, lib.device)  # o and lse vs the torch reference
 
     op = lib.op(TINY_DECODE)
     eo, else_ = op(*inputs)
     torch.testing.assert_close(eo, o)
+    torch.testing.assert_close(else_, lse)
 
     def step(*xs):
         out, l = op(*xs)
@@ -99,3 +99,9 @@ def test_run_plan_and_custom_op_under_torch_compile(lib):
     co, clse = compiled(*inputs)
     torch.testing.assert_close(co, 2.0 * o)
     torch.testing.assert_close(clse, lse)
+
+
+def test_shared_library_is_one_per_target_logs_and_cache(tmp_path):
+    a = shared_library("llvm", logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache")
+    assert shared_library("llvm", logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache") is a
+    assert shared_library("llvm", logs_dir=tmp_path / "other", cache_dir=tmp_path / "cache") is not a

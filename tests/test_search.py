@@ -93,14 +93,21 @@ def test_range_error_model_tracks_exact(gen: torch.Generator) -> None:
     assert ((fast / exact - 1).abs() < 0.25).all()
 
 
-def test_search_cost_for_32_frames(gen: torch.Generator) -> None:
-    """32 frames x 196 tokens, 24 layers (llava-ov-0.5b shapes): per-layer allocation at full scale (timed in bench)."""
+def test_search_at_full_scale_32_frames_24_layers(gen: torch.Generator) -> None:
+    """32 frames x 196 tokens, 24 layers (llava-ov-0.5b shapes): per-layer allocation at full scale (its cost is
+    timed by ``wq-bench --search``, not here)."""
     k, v = _kv(gen, layers=24, t=32 * 196 + 60)
     w = make_windows([(30, 32 * 196)], 196)
     scores = torch.rand(24, 32, generator=gen)
     plan = search(scores, k, v, w, 3.0)
     assert plan.bits.shape == (24, 32) and plan.effective_avg_bits() <= 3.0
-    assert set(plan.histogram()) == {16, 8, 4, 2} and sum(plan.histogram().values()) == 24 * 32
+    hist = plan.histogram()
+    assert hist == {b: int((plan.bits == b).sum()) for b in (16, 8, 4, 2)}
+    assert sum(1 for n in hist.values() if n) >= 2  # a 3-bit budget mixes widths: not every window at one width
+    for layer in range(24):
+        order = torch.argsort(scores[layer], descending=True)
+        b = plan.bits[layer][order]
+        assert (b[:-1] >= b[1:]).all()
 
 
 def test_search_validates_shapes(gen: torch.Generator) -> None:

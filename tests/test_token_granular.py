@@ -59,7 +59,7 @@ def test_widths_really_differ_per_group() -> None:
     assert cache.k_words.shape[-1] == 28 * 4 + 28 * 16
 
 
-@pytest.mark.filterwarnings("ignore::wq_compile.build.UntunedKernelWarning")
+@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
 def test_wq_bench_token_granular_writes_tables(tmp_path, capsys) -> None:
     import csv
 

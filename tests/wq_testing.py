@@ -1,5 +1,5 @@
-"""Helpers shared by test_tune / test_build / test_runtime: a tiny spec, a real (measured) tuning log without a
-MetaSchedule run, and a toy kernel for the MetaSchedule driver tests of test_tune."""
+"""Helpers shared by the compiler-layer tests: a tiny spec, a real (measured) tuning log without a MetaSchedule run
+(under this device's tag or another one), and a toy kernel for the MetaSchedule driver tests of test_tune."""
 
 from __future__ import annotations
 
@@ -7,47 +7,52 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from wq_compile.build import KernelProvider, default_provider, kernel_sizes, log_dir_for, make_func, tuning_workload
-from wq_compile.device import Device, versions
+from wq_compile import tuning_log
+from wq_compile.compile import KernelDef, kernel_def
+from wq_compile.device import Device
+from wq_compile.measure import example_args, time_function
+from wq_compile.signature import KernelSignature
 from wq_compile.spec import KernelSpec
-from wq_compile.tune import time_function
 
 TINY_DECODE = KernelSpec("decode", (4,), head_dim=64, num_q_heads=4, num_kv_heads=2)
 N_TOKENS = 128
 
 
-def measured_log(spec: KernelSpec, device: Device, logs_dir: Path, provider: KernelProvider | None = None,
-                 seed: int = 1) -> Path:
-    """A tuning log with one record: a design-space sample, measured here (its time is real)."""
+def measured_log(spec: KernelSpec | KernelDef, device: Device, logs_dir: Path, seed: int = 1,
+                 as_device: dict | None = None) -> Path:
+    """A tuning log with one record: a design-space sample, measured here (its time is real).
+
+    ``as_device`` (``{"tag": ..., "target": {...}}``) files it as another device's log (same record, another tag and
+    target in meta.json), as a log committed from another machine would be.
+    """
     import tvm
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-    provider = provider or default_provider()
-    func = make_func(spec, provider)
-    sig = provider.signature(spec, func)
-    sizes = kernel_sizes(spec, sig, provider, N_TOKENS)
-    workload = tuning_workload(func, sig, sizes)
+    kdef = spec if isinstance(spec, KernelDef) else kernel_def(spec, device.kind, N_TOKENS)
+    workload = kdef.workload()
     sch = s_tir.Schedule(workload, seed=seed)
-    provider.schedules(device.kind).design_space(sch, spec)
+    kdef.schedules.design_space(sch, kdef.spec)
     with device.target:
         lib = tvm.driver.build(sch.mod, target=device.target)
-    args = sig.example_args(sizes)
-    static_args = [a for a, d in zip(args, sig.args) if not d.is_scalar]
+    args = example_args(kdef.signature, kdef.sizes)
+    static_args = [a for a, d in zip(args, kdef.signature.args) if not d.is_scalar]
     f = lib.get_function("main")
     secs = time_function(lambda: f(*static_args), repeat=3)
-    log_dir = log_dir_for(logs_dir, device, spec)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"uri": spec.uri, "versions": versions(), "device_tag": device.tag, "target": device.target_json,
-            "tuning_sizes": sizes, "tuning_scalars": {}, "seed": seed}
-    (log_dir / "meta.json").write_text(json.dumps(meta))
-    db = ms.database.JSONDatabase(str(log_dir / "database_workload.json"), str(log_dir / "database_tuning_record.json"))
+    tag = as_device["tag"] if as_device else device.tag
+    folder = tuning_log.log_dir(logs_dir, tag, kdef.spec.uri)
+    meta = tuning_log.new_meta(device, kdef.spec.uri, {}, kdef.sizes, kdef.scalars, seed)
+    if as_device:
+        target = tvm.target.Target(as_device["target"])
+        meta.update(device_tag=tag, target=str(target), isa=None, num_cores=as_device["target"].get("num-cores"))
+    tuning_log.write_meta(folder, meta)
+    db = ms.database.JSONDatabase(str(folder / tuning_log.WORKLOAD_FILE), str(folder / tuning_log.RECORD_FILE))
     db.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, db.commit_workload(workload), run_secs=[secs], target=device.target,
         args_info=ArgInfo.from_prim_func(workload["main"]),
     ))
-    return log_dir
+    return folder
 
 
 def _toy_kernel(spec: KernelSpec):
@@ -86,23 +91,26 @@ def _toy_llvm_space(sch, spec: KernelSpec) -> None:
     sch.annotate(h, "meta_schedule.unroll_explicit", sch.sample_categorical([0, 16, 64], [1 / 3] * 3))
 
 
-def _toy_schedules(kind: str) -> SimpleNamespace:
-    if kind != "llvm":
-        raise ValueError(f"the toy kernel has llvm schedules only, not {kind!r}: CUDA builds use the real kernels")
+def toy_kernel(spec: KernelSpec | None = None) -> KernelDef:
+    """A toy kernel with llvm schedules following the schedule-module protocol, for the MetaSchedule driver tests
+    of test_tune only: those run several real tunes, and a toy candidate builds and runs in well under a second
+    (a decode/fused candidate takes seconds each). Every build, runtime and CUDA test uses the real kernels."""
     from tvm.s_tir import meta_schedule as ms
 
-    return SimpleNamespace(
+    spec = spec or TOY_SPEC
+    func = _toy_kernel(spec)
+    schedules = SimpleNamespace(
         default_schedule=_toy_llvm_default,
         design_space=_toy_llvm_space,
         postprocs=lambda: [ms.postproc.RewriteParallelVectorizeUnroll(), ms.postproc.RewriteReductionBlock()],
         mutator_probs=lambda: {ms.mutator.MutateTileSize(): 0.5, ms.mutator.MutateUnroll(): 0.5},
     )
+    sig = KernelSignature.from_prim_func(func, spec.uri)
+    return KernelDef(spec, func, sig, schedules, {"n": N_TOKENS}, {"sm_scale": 0.125})
 
 
-#: A toy kernel with llvm schedules, for the MetaSchedule driver tests of test_tune only (real tunes, resume, zero
-#: trials, broken logs). Kept because those tests run several real tunes: a toy candidate builds and runs in well under
-#: a second, a decode/fused candidate takes seconds each (TVM_NOTES: ~7 s a candidate on llvm), which would put the
-#: suite far past its time budget; they also must not depend on the attention kernels evolving. Every build, runtime
-#: and CUDA test uses the real kernels. Its signature is read off the PrimFunc (no ``describe``).
-TOY_PROVIDER = KernelProvider(make_kernel=_toy_kernel, schedules_for=_toy_schedules)
 TOY_SPEC = KernelSpec("decode", (16,), head_dim=64, num_q_heads=4, num_kv_heads=2)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,20 +1,29 @@
 """WindowQuant: window-level mixed-precision KV-cache quantization with TVM-compiled, autotuned kernels.
 
-Importing the package registers the ``"windowquant"`` attention implementation with ``transformers`` (the one
-deliberate import-time effect, so ``from_pretrained(..., attn_implementation=...)`` finds it). The compiler path
-(``kernels``, ``tune``, ``build``, ``runtime``) imports TVM only when first used.
+``import wq_compile`` imports nothing heavy and registers nothing. The names of the transformers integration
+(``ATTN_IMPLEMENTATION``, ``WindowQuantCache``, ``windowquant_attention``, ``register``) load it on first access and
+register the ``"windowquant"`` attention implementation then, so the README's usage
+(``from wq_compile import ATTN_IMPLEMENTATION`` before ``from_pretrained``) still needs one import. MetaSchedule
+build workers, which import this package, pay for neither transformers nor the registration.
 """
 
-from .integrations.transformers import (
-    ATTN_IMPLEMENTATION,
-    WindowQuantCache,
-    WindowQuantConfig,
-    register,
-    windowquant_attention,
-)
+from __future__ import annotations
+
+from typing import Any
+
+from .config import WindowQuantConfig
 
 __version__ = "0.1.0"
 
-register()
+_INTEGRATION = ("ATTN_IMPLEMENTATION", "WindowQuantCache", "register", "windowquant_attention")
 
 __all__ = ["ATTN_IMPLEMENTATION", "WindowQuantCache", "WindowQuantConfig", "register", "windowquant_attention"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _INTEGRATION:
+        from .integrations import transformers as integration
+
+        integration.register()
+        return getattr(integration, name)
+    raise AttributeError(f"module 'wq_compile' has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 import time
 from pathlib import Path
 from typing import Sequence
@@ -59,11 +60,13 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_table(results: Sequence[object]) -> str:
-    """kernel | valid trials | untuned ms | tuned ms | speedup | GB/s (bytes of the inputs read / s / 1e9)."""
-    rows = [("kernel", "valid", "untuned ms", "tuned ms", "speedup", "GB/s")]
+    """kernel | schedule (tuned here / tuned on <tag> / untuned) | valid trials | untuned ms | tuned ms | speedup |
+    GB/s (bytes of the inputs read / s / 1e9)."""
+    rows = [("kernel", "schedule", "valid", "untuned ms", "tuned ms", "speedup", "GB/s")]
     for r in results:
         rows.append((
             r.spec.uri,  # type: ignore[attr-defined]
+            str(r.provenance),  # type: ignore[attr-defined]
             str(r.valid_trials),  # type: ignore[attr-defined]
             _fmt(None if r.untuned_s is None else r.untuned_s * 1e3, ".4f"),  # type: ignore[attr-defined]
             _fmt(None if r.tuned_s is None else r.tuned_s * 1e3, ".4f"),  # type: ignore[attr-defined]
@@ -71,7 +74,7 @@ def format_table(results: Sequence[object]) -> str:
             _fmt(r.gbps, ".2f"),  # type: ignore[attr-defined]
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -82,18 +85,14 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     if (args.rpc is None) != (args.rpc_key is None):
         tune_parser().error("--rpc and --rpc-key go together")
 
+    from pathlib import Path
+
     from .device import resolve_device
+    from .measure import MeasurementUnavailableError, RPCSettings
     from .models import kernel_specs
-    from .build import ModuleCacheError, TuningLogError
-    from .tune import (
-        DEFAULT_BUILDER_TIMEOUT,
-        DEFAULT_N_TOKENS,
-        MeasurementUnavailableError,
-        NoValidTrialsError,
-        RPCSettings,
-        build_only,
-        tune_kernels,
-    )
+    from .module_cache import ModuleCacheError
+    from .tune import NoValidTrialsError, TuneSettings, build_only, tune_kernels
+    from .tuning_log import TuningLogError
 
     try:
         device = resolve_device(args.target)
@@ -109,12 +108,14 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
         if args.build_only:
             results = build_only(specs, device, logs_dir=args.logs_dir, cache_dir=args.cache_dir)
         else:
-            results = tune_kernels(
-                specs, device, trials=args.trials, progress=not args.no_progress, logs_dir=args.logs_dir,
-                seed=args.seed, n_tokens=args.tokens or DEFAULT_N_TOKENS, rpc=rpc,
-                builder_timeout=args.builder_timeout or DEFAULT_BUILDER_TIMEOUT,
-            )
-            build_only(specs, device, logs_dir=args.logs_dir, cache_dir=args.cache_dir)
+            settings = TuneSettings(trials=args.trials, logs_dir=Path(args.logs_dir), seed=args.seed, rpc=rpc)
+            if args.tokens:
+                settings = replace(settings, n_tokens=args.tokens)
+            if args.builder_timeout:
+                settings = replace(settings, builder_timeout=args.builder_timeout)
+            results = tune_kernels(specs, device, settings, progress=not args.no_progress)
+            built = build_only(specs, device, logs_dir=args.logs_dir, cache_dir=args.cache_dir)
+            results = [replace(r, provenance=b.provenance) for r, b in zip(results, built)]
     except MeasurementUnavailableError as exc:
         print(f"wq-tune: {exc}", file=sys.stderr)
         return 2

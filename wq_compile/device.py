@@ -1,8 +1,13 @@
-"""Targets and device tags.
+"""Targets, device tags and ISA classes: the one place that decides what "this machine" compiles for.
 
 A :class:`Device` bundles the TVM target with the tag that names its tuning logs and module cache folder:
 ``cpu-<arch>-<cpu model>-<n>c`` for llvm, ``cuda-<gpu name>-<sm arch>`` for CUDA. In apache-tvm 0.27 target
-strings with flags are rejected, so llvm targets are built from a dict.
+strings with flags are rejected, so llvm targets are built from a dict. :func:`host_device` is the host target of
+the runtime *and* of the tests (``mcpu`` from LLVM's host detection, physical cores), so both compile the same code.
+
+:func:`isa_class` reads a target's features (not its name): logs tuned on another CPU of the same class (e.g. an AMD
+znver5 log on an Intel AVX-512 Xeon) replay there as fast as local ones (docs/TVM_NOTES.md), which is what lets
+:mod:`wq_compile.tuning_log` use them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ def slug(text: str) -> str:
 
 def versions() -> dict[str, str]:
     """Versions that tuning logs and modules are keyed on (tvm, tvm-ffi) plus torch (recorded only)."""
+    return dict(_versions())
+
+
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    """Read once per process: package metadata parsing costs milliseconds per call."""
     out = {}
     for pkg in (*PINNED_PACKAGES, "torch"):
         try:
@@ -61,6 +72,41 @@ class Device:
     def arch(self) -> str | None:
         return str(self.target.arch) if self.kind == "cuda" else None
 
+    @property
+    def isa(self) -> str:
+        """ISA class of the target (see :func:`isa_class`)."""
+        return isa_class(self.target)
+
+    @property
+    def num_cores(self) -> int | None:
+        value = dict(self.target.attrs.items()).get("num-cores")
+        return int(value) if value is not None else None
+
+
+def isa_class(target: Any) -> str:
+    """The class of targets whose tuned schedules replay well on each other, read from the target's features:
+    ``x86_64-avx512``, ``x86_64-avx2``, ``x86_64``, ``aarch64-sve``, ``aarch64-neon``, ``cuda-<arch>`` or the kind."""
+    from tvm.target import Target, codegen
+
+    if isinstance(target, str):
+        target = Target(json.loads(target)) if target.startswith("{") else Target(target)
+    kind = str(target.kind.name)
+    if kind == "cuda":
+        return f"cuda-{target.arch}"
+    if kind != "llvm":
+        return kind
+    features = target.features
+    if getattr(features, "is_aarch64", False):
+        return "aarch64-sve" if getattr(features, "has_sve", False) else "aarch64-neon"
+    triple = str(dict(target.attrs.items()).get("mtriple", "") or codegen.llvm_get_system_triple())
+    if not triple.startswith(("x86_64", "i686", "i386")):
+        return f"llvm-{triple.split('-')[0] or 'unknown'}"
+    if codegen.target_has_features(["avx512f", "avx512bw", "avx512vl"], target):
+        return "x86_64-avx512"
+    if codegen.target_has_features(["avx2", "fma"], target):
+        return "x86_64-avx2"
+    return "x86_64"
+
 
 def _cpuinfo_model() -> str:
     try:
@@ -85,8 +131,10 @@ def _physical_cores() -> int:
     return os.cpu_count() or 1
 
 
+@lru_cache(maxsize=8)
 def host_device(num_cores: int | None = None) -> Device:
-    """The llvm target of this machine (``mcpu`` from LLVM's host detection) and its tag."""
+    """The llvm target of this machine (``mcpu`` from LLVM's host detection, physical cores) and its tag: the
+    target of the runtime and of the tests alike (plain ``"llvm"`` would be generic x86-64, far slower)."""
     from tvm.target import Target, codegen
 
     cores = int(num_cores or _physical_cores())
@@ -136,13 +184,14 @@ def _cuda_device(target: Any, name: str | None) -> Device:
     return Device(target=target, tag=f"cuda-{slug(label)}-{slug(arch)}" if name else f"cuda-{slug(arch)}", name=label)
 
 
-def resolve_device(spec: str | dict | Any = "llvm", num_cores: int | None = None) -> Device:
+def resolve_device(target: str | dict | Any = "llvm", num_cores: int | None = None) -> Device:
     """``llvm`` | ``cuda`` (the local GPU) | a TVM tag such as ``nvidia/nvidia-h100`` | a JSON dict | a Target.
 
     Raises ``ValueError`` with a hint when the target cannot be built (e.g. ``cuda`` without a local GPU).
     """
     from tvm.target import Target
 
+    spec = target
     if isinstance(spec, Device):
         return spec
     if isinstance(spec, str):
@@ -181,8 +230,11 @@ def resolve_device(spec: str | dict | Any = "llvm", num_cores: int | None = None
                 return _cuda_device(target, text.split("/")[-1])
             return _device_from_target(target)
     if isinstance(spec, dict):
-        if spec.get("kind") == "llvm" and "num-cores" not in spec:
-            spec = {**spec, "num-cores": int(num_cores or _physical_cores())}
+        if spec.get("kind") == "llvm":  # unspecified cores / CPU mean this host's (never generic x86-64)
+            from tvm.target import codegen
+
+            spec = {"num-cores": int(num_cores or _physical_cores()), "mcpu": str(codegen.llvm_get_system_cpu()),
+                    **spec}
         try:
             target = Target(spec)
         except Exception as exc:
@@ -192,6 +244,10 @@ def resolve_device(spec: str | dict | Any = "llvm", num_cores: int | None = None
 
 
 def _device_from_target(target: Any) -> Device:
+    """A device for an explicit target. An llvm target for another CPU than this host's gets ``-<mcpu>`` in its tag,
+    so its modules never share a cache file with the host's."""
+    from tvm.target import codegen
+
     kind = str(target.kind.name)
     if kind == "cuda":
         return _cuda_device(target, None)
@@ -199,7 +255,9 @@ def _device_from_target(target: Any) -> Device:
         attrs = dict(target.attrs.items())
         cores = int(attrs.get("num-cores", _physical_cores()))
         model = _cpuinfo_model()
+        mcpu = str(attrs.get("mcpu") or "generic")
         tag = f"cpu-{slug(platform.machine())}-{slug(model)}-{cores}c"
-        mcpu = attrs.get("mcpu", "generic")
+        if mcpu != str(codegen.llvm_get_system_cpu()) or attrs.get("mtriple"):
+            tag += f"-{slug(mcpu)}"
         return Device(target=target, tag=tag, name=f"{model} ({mcpu}, {cores} cores)")
     return Device(target=target, tag=slug(kind), name=kind)

@@ -170,7 +170,7 @@ def run_eval(model: Any, prompt: Prompt, methods: list[Method], new_tokens: int 
             step_ms.append(clock.decode_ms())
         ms = statistics.median(step_ms)
         rows.append(EvalRow(m.name, nbytes, alloc, nbytes / dense_bytes, float((tokens == ref_tokens).float().mean()),
-                            max(kl, 0.0), ms, m.note))
+                            kl, ms, m.note))
     return rows
 
 

@@ -47,7 +47,7 @@ class ModelPreset:
         return cls(str(label), layers, q_heads, kv_heads, int(head_dim))
 
 
-#: Shapes of the text configs of the two LLaVA-OneVision checkpoints (see DESIGN.md) and a tiny test model.
+#: Shapes of the text configs of the two LLaVA-OneVision checkpoints (see docs/DESIGN.md) and a tiny test model.
 PRESETS: dict[str, ModelPreset] = {
     "llava-ov-0.5b": ModelPreset("llava-ov-0.5b", num_layers=24, num_q_heads=14, num_kv_heads=2, head_dim=64),
     "llava-ov-7b": ModelPreset("llava-ov-7b", num_layers=28, num_q_heads=28, num_kv_heads=4, head_dim=128),

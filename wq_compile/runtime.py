@@ -1,54 +1,47 @@
 """Load compiled kernels and call them from PyTorch.
 
-A :class:`KernelLibrary` (held by the caller, no global state) resolves a spec to a module in this order:
-cached module (``wq_compile.build`` cache, keyed on uri + tvm/tvm-ffi versions + target + kernel + schedule) ->
-compile from the tuning log (seconds, no tuning) -> the default schedule with an ``UntunedKernelWarning``.
-A cached module from other versions is refused with :class:`~wq_compile.build.ModuleCacheError`.
+A :class:`KernelLibrary` resolves a spec to a module: the module cache (:mod:`wq_compile.module_cache`, a file
+lookup plus ``load_module`` when current) -> compile from a tuning log of this device or a compatible one
+(:mod:`wq_compile.compile`, seconds, no tuning) -> the default schedule with an ``UntunedKernelWarning``.
+:func:`shared_library` hands out one library per target, logs and cache folder for the whole process, so a second
+cache or a second ``generate`` loads nothing.
 
 Calls pass torch tensors straight through DLPack (zero copy) after checking them against the kernel's argument
-description (errors name the argument). :meth:`KernelLibrary.op` exposes a kernel as a torch custom op
-(``<namespace>::<uri>``, functional: inputs in, outputs out) with a fake implementation, so it runs under
-``torch.compile(fullgraph=True)``. :class:`DecodePlan` is the plan/run split: plan once per decode step
-(sizes bound, outputs allocated), run once per layer.
+description (errors name the argument); the decode path (:class:`FusedDecoder`) checks once per tensor layout and
+then calls unchecked. :meth:`KernelLibrary.op` exposes a kernel as a torch custom op (``<namespace>::<uri>``,
+functional) with a fake implementation, so it runs under ``torch.compile(fullgraph=True)``; it is not on the decode
+path.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .build import (
-    KernelProvider,
-    ModuleCacheError,
-    build_kernel,
-    default_provider,
-    export_kernel,
-    make_func,
-    module_key,
-    module_paths,
-    read_cached_key,
-    best_record,
-)
+from . import module_cache
+from .compile import build_kernel
 from .device import Device, resolve_device
+from .kernels import piece_fields, signature as kernel_signature
 from .signature import KernelArgumentError, KernelSignature
 from .spec import KernelSpec, dtype_tag
+from .tuning_log import Provenance
 
 LOGS_ENV = "WQ_TUNING_LOGS"
 
 __all__ = [
     "CompiledKernel",
-    "DecodePlan",
     "FusedDecoder",
     "KernelArgumentError",
     "KernelLibrary",
     "LibraryStats",
     "default_logs_dir",
+    "ensure_module",
+    "shared_library",
 ]
 
 
@@ -68,24 +61,46 @@ class LibraryStats:
     compiled: int = 0
     compiled_untuned: int = 0
     cache_hits: int = 0
+    reused: int = 0  # already loaded by this library (no file touched)
+
+
+def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None,
+                  cache_dir: str | os.PathLike | None = None, *, allow_untuned: bool = True
+                  ) -> tuple[module_cache.ModulePaths, Provenance, bool]:
+    """Make sure the module cache holds a current module of ``spec``: ``(paths, provenance, compiled now)``.
+
+    A warm call reads files only (key, hash); a miss compiles (:func:`wq_compile.compile.build_kernel`) and stores.
+    """
+    paths = module_cache.module_paths(spec, device, cache_dir)
+    key = module_cache.expected_key(spec, device, logs_dir)
+    provenance = module_cache.lookup(paths, key)
+    if provenance is not None:
+        return paths, provenance, False
+    built = build_kernel(spec, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
+    module_cache.store(built, key, cache_dir)
+    return paths, built.provenance, True
 
 
 class CompiledKernel:
     """One loaded kernel: ``kernel(*inputs, *outputs)`` (checked), :meth:`run` (allocates outputs)."""
 
     def __init__(self, spec: KernelSpec, device: Device, signature: KernelSignature, module: Any,
-                 path: Path | None, tuned: bool) -> None:
+                 path: Path | None, provenance: Provenance) -> None:
         self.spec = spec
         self.device = device
         self.signature = signature
         self.module = module
         self.path = path
-        self.tuned = tuned
+        self.provenance = provenance
         self._func = module.get_function(spec.uri)
         self.torch_device_type = "cpu" if device.kind == "llvm" else "cuda"
 
+    @property
+    def tuned(self) -> bool:
+        return self.provenance.tuned
+
     def __repr__(self) -> str:
-        return f"CompiledKernel({self.spec.uri}, {self.device.tag}, tuned={self.tuned})"
+        return f"CompiledKernel({self.spec.uri}, {self.device.tag}, {self.provenance})"
 
     def __call__(self, *args: Any) -> None:
         """Destination-passing call with every parameter (outputs last), checked first."""
@@ -121,25 +136,6 @@ def _interleave(sig: KernelSignature, inputs: Sequence[Any], outputs: Sequence[A
     return [next(it_out) if a.is_output else next(it_in) for a in sig.args]
 
 
-@contextlib.contextmanager
-def _prebuilt_cuda_binary(binary: bytes | None) -> Iterator[None]:
-    """While loading, answer TVM's ``tvm_callback_cuda_compile`` with the nvcc binary built offline, so the GPU
-    machine needs no compiler (the module carries CUDA source; the loader compiles it through that callback)."""
-    if binary is None:
-        yield
-        return
-    import tvm_ffi
-
-    name = "tvm_callback_cuda_compile"
-    previous = tvm_ffi.get_global_func(name, allow_missing=True)
-    tvm_ffi.register_global_func(name, lambda code, *rest: bytearray(binary), override=True)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func(name, previous, override=True)
-
-
 class KernelLibrary:
     """Compiled kernels for one target, resolved from cache / tuning logs / default schedules.
 
@@ -153,14 +149,12 @@ class KernelLibrary:
         *,
         logs_dir: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
-        provider: KernelProvider | None = None,
         allow_untuned: bool = True,
         namespace: str = "wq",
     ) -> None:
         self.device = resolve_device(target)
         self.logs_dir = Path(logs_dir) if logs_dir is not None else default_logs_dir()
         self.cache_dir = cache_dir
-        self.provider = provider or default_provider()
         self.allow_untuned = allow_untuned
         self.namespace = namespace
         self.stats = LibraryStats()
@@ -184,53 +178,24 @@ class KernelLibrary:
         self._kernels.clear()
 
     # ---- loading -----------------------------------------------------------------------------------------------
-    def expected_key(self, spec: KernelSpec) -> tuple[dict[str, Any], Any, KernelSignature]:
-        func = make_func(spec, self.provider)
-        sig = self.provider.signature(spec, func)
-        choice = best_record(spec, self.device, self.logs_dir, func, sig) if self.logs_dir is not None else None
-        return module_key(spec, self.device, func, choice), func, sig
-
     def load(self, spec: KernelSpec) -> CompiledKernel:
-        """The kernel of ``spec``: from this library, the module cache, the tuning log, or the default schedule."""
+        """The kernel of ``spec``: from this library, the module cache, a tuning log, or the default schedule."""
         if spec.uri in self._kernels:
+            self.stats.reused += 1
             return self._kernels[spec.uri]
-        import tvm
-
-        paths = module_paths(spec, self.device, self.cache_dir)
-        key, _func, sig = self.expected_key(spec)
-        cached = read_cached_key(paths)
-        if cached is not None and cached.get("target") != self.device.target_json:
-            raise ModuleCacheError(
-                f"{paths['module']}: built for target {cached.get('target')}, this library targets "
-                f"{self.device.target_json}; delete it to rebuild"
-            )
-        fresh = cached is not None and all(cached.get(k) == v for k, v in key.items())
-        if fresh:
-            self.stats.cache_hits += 1
-            tuned = bool(cached.get("tuned"))
-        else:
-            built = build_kernel(spec, self.device, logs_dir=self.logs_dir, provider=self.provider,
-                                 allow_untuned=self.allow_untuned)
-            export_kernel(built, self.cache_dir)
-            self.stats.compiled += 1
-            self.stats.compiled_untuned += 0 if built.tuned else 1
-            tuned = built.tuned
-        if self.device.kind == "cuda":
-            from .device import has_local_gpu
-
-            if not has_local_gpu():
-                raise RuntimeError(
-                    f"{spec.uri}: compiled for {self.device.tag} into {paths['module']} (with an nvcc binary), "
-                    "but no CUDA GPU is usable here to load it; load it on the GPU machine"
-                )
-            binary = paths["binary"].read_bytes() if paths["binary"].exists() else None
-            with _prebuilt_cuda_binary(binary):
-                module = tvm.runtime.load_module(str(paths["module"]))
-        else:
-            module = tvm.runtime.load_module(str(paths["module"]))
-        kernel = CompiledKernel(spec, self.device, sig, module, paths["module"], tuned)
+        paths, provenance, compiled = ensure_module(spec, self.device, self.logs_dir, self.cache_dir,
+                                                    allow_untuned=self.allow_untuned)
+        self.stats.compiled += compiled
+        self.stats.compiled_untuned += compiled and not provenance.tuned
+        self.stats.cache_hits += not compiled
+        module = module_cache.load(paths, self.device)
+        kernel = CompiledKernel(spec, self.device, kernel_signature(spec), module, paths.module, provenance)
         self._kernels[spec.uri] = kernel
         return kernel
+
+    def provenance(self) -> dict[str, str]:
+        """``uri -> "tuned here" | "tuned on <tag>" | "untuned"`` of every kernel loaded so far."""
+        return {uri: str(k.provenance) for uri, k in self._kernels.items()}
 
     # ---- torch integration ---------------------------------------------------------------------------------------
     def op(self, spec: KernelSpec) -> Any:
@@ -267,36 +232,23 @@ class KernelLibrary:
         self._ops[spec.uri] = op
         return op
 
-    def plan(self, spec: KernelSpec, inputs: Sequence[Any]) -> "DecodePlan":
-        """Bind sizes once (e.g. per decode step) from example inputs; :meth:`DecodePlan.run` reuses them."""
-        kernel = self.load(spec)
-        env = kernel.bind_inputs(inputs)
-        outputs = kernel.signature.allocate_outputs(env, _first_tensor(inputs).device)
-        return DecodePlan(kernel, env, outputs, _shape_key(inputs))
+
+_SHARED: dict[tuple[str, str, str], KernelLibrary] = {}
+_SHARED_LOCK = threading.Lock()
 
 
-def _shape_key(values: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else type(v) for v in values)
-
-
-@dataclass
-class DecodePlan:
-    """Sizes bound and outputs allocated once; :meth:`run` per layer only checks that shapes did not change."""
-
-    kernel: CompiledKernel
-    sizes: Mapping[str, Any]
-    outputs: list[torch.Tensor]
-    _key: tuple[Any, ...] = field(repr=False, default=())
-
-    def run(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
-        """Run on this layer's inputs; returns the plan's output tensors (overwritten by the next run)."""
-        if _shape_key(inputs) != self._key:
-            self.kernel.bind_inputs(inputs)  # raises naming the argument
-            raise KernelArgumentError(
-                f"{self.kernel.spec.uri}: inputs differ in shape/dtype/device from the planned ones; plan again"
-            )
-        self.kernel.call_unchecked(*_interleave(self.kernel.signature, inputs, self.outputs))
-        return tuple(self.outputs)
+def shared_library(target: Device | str | dict = "llvm", *, logs_dir: str | os.PathLike | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> KernelLibrary:
+    """The process-wide library for ``target`` (and logs / cache folders): loaded kernels are shared by every
+    cache and backend of the process, so only the first one pays for loading."""
+    device = resolve_device(target)
+    logs = Path(logs_dir) if logs_dir is not None else default_logs_dir()
+    cache = module_cache.cache_root(cache_dir)
+    key = (device.target_json, str(logs), str(cache))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = KernelLibrary(device, logs_dir=logs, cache_dir=cache_dir)
+        return _SHARED[key]
 
 
 class FusedDecoder:
@@ -318,7 +270,7 @@ class FusedDecoder:
         """A decoder whose library targets ``target`` (default: llvm for CPU tensors, cuda for CUDA ones);
         the fused kernel for ``bits`` is loaded now so a missing module fails here, not mid-generation."""
         dev = torch.device(device)
-        library = library or KernelLibrary(target or ("cuda" if dev.type == "cuda" else "llvm"))
+        library = library or shared_library(target or ("cuda" if dev.type == "cuda" else "llvm"))
         dec = cls(library, num_q_heads, num_kv_heads, head_dim, dtype, k_group=k_group, v_group=v_group, chunk=chunk)
         dec.kernel(tuple(sorted(bits, reverse=True)))
         return dec
@@ -345,16 +297,13 @@ class FusedDecoder:
     def __call__(self, q: torch.Tensor, layer: Any, sm_scale: float, stats: Any = None) -> torch.Tensor:
         widths = tuple(sorted(layer.buckets, reverse=True))
         kernel = self.kernel(widths)
+        pieces = {f"q{b}": layer.buckets[b] for b in widths}
+        pieces["dense"] = layer.dense
         args: list[Any] = [q.contiguous()]
-        for b in widths:
-            args += list(layer.buckets[b].tensors())
-        args += [layer.dense.k, layer.dense.v, layer.dense.lens, float(sm_scale)]
+        for a in kernel.signature.inputs[1:]:  # the argument order is the signature's: read fields by name
+            tag, fld = piece_fields(a.name)
+            args.append(float(sm_scale) if a.is_scalar else getattr(pieces[tag], fld))
         out = self._run(kernel, args)
         if stats is not None and hasattr(stats, "kernel_calls"):
             stats.kernel_calls += 1
         return out
-
-
-def module_digest(path: Path) -> str:
-    """sha256 prefix of a module file (for logs and tests)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

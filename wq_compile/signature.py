@@ -2,9 +2,9 @@
 
 Each kernel factory (``wq_compile.kernels.signature(spec)``) describes its parameters in call order, with the
 outputs marked and the size rules the TIR cannot express (token capacities in whole chunks, key groups covering
-their tokens); it builds its PrimFunc from that description. A kernel without one (e.g. a test kernel) is described
-by :meth:`KernelSignature.from_prim_func`, which reads the parameters off the PrimFunc (outputs = the buffers the
-body stores into); :meth:`KernelSignature.check_prim_func` checks a factory's description against its PrimFunc.
+their tokens); it builds its PrimFunc from that description, and the runtime reads a bucket's tensors in that order
+by argument name. :meth:`KernelSignature.check_prim_func` checks a description against the PrimFunc (parameters
+read by :meth:`KernelSignature.from_prim_func`: dimensions are constants or symbols, outputs the stored buffers).
 
 Shapes keep the kernel's symbolic dimensions (token counts): :meth:`KernelSignature.bind` checks torch tensors
 against the description, binds the symbols consistently across arguments, applies the size rules and raises a
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -32,8 +32,8 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 
-#: A dimension: a constant, the name of a symbol, or an expression of symbols.
-Dim = Any
+#: A dimension: a constant or the name of a symbol.
+Dim = int | str
 
 
 class KernelArgumentError(TypeError, ValueError):
@@ -51,65 +51,9 @@ def torch_dtype(tvm_dtype: str) -> torch.dtype:
         raise TypeError(f"dtype: TVM dtype {tvm_dtype!r} has no torch equivalent") from None
 
 
-_BINOPS: dict[str, Callable[[Any, Any], Any]] = {
-    "Add": lambda a, b: a + b,
-    "Sub": lambda a, b: a - b,
-    "Mul": lambda a, b: a * b,
-    "FloorDiv": lambda a, b: a // b,
-    "FloorMod": lambda a, b: a % b,
-    "Div": lambda a, b: a // b,
-    "Mod": lambda a, b: a % b,
-    "Min": min,
-    "Max": max,
-}
-
-
-@dataclass(frozen=True)
-class ShapeExpr:
-    """A dimension that is an expression of symbols, e.g. ``(n + 27) // 28``; evaluated in Python."""
-
-    text: str
-    fn: Callable[[Mapping[str, Any]], Any]
-    symbols: tuple[str, ...]
-
-    def __call__(self, env: Mapping[str, Any]) -> Any:
-        return self.fn(env)
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-def _convert(expr: Any) -> tuple[Callable[[Mapping[str, Any]], Any], set[str]]:
-    name = type(expr).__name__
-    if name == "IntImm":
-        value = int(expr.value)
-        return (lambda env: value), set()
-    if name in ("Var", "SizeVar"):
-        var = str(expr.name)
-        return (lambda env: env[var]), {var}
-    if name in _BINOPS:
-        fa, sa = _convert(expr.a)
-        fb, sb = _convert(expr.b)
-        op = _BINOPS[name]
-        return (lambda env: op(fa(env), fb(env))), sa | sb
-    if name == "Cast":
-        return _convert(expr.value)
-    raise TypeError(f"shape expression {expr} ({name}) is not supported")
-
-
-def _dim(expr: Any) -> Dim:
-    name = type(expr).__name__
-    if name == "IntImm":
-        return int(expr.value)
-    if name in ("Var", "SizeVar"):
-        return str(expr.name)
-    fn, symbols = _convert(expr)
-    return ShapeExpr(str(expr), fn, tuple(sorted(symbols)))
-
-
 @dataclass(frozen=True)
 class ArgDesc:
-    """One kernel parameter: a tensor (shape of ints, symbol names and :class:`ShapeExpr`, dtype) or a scalar.
+    """One kernel parameter: a tensor (shape of ints and symbol names, dtype) or a scalar.
 
     Kernel factories build these with :meth:`tensor` / :meth:`scalar`; :meth:`KernelSignature.from_prim_func`
     reads them off a compiled function. ``dtype`` is a TVM dtype string (``"float32"``, ``"int32"``, ...).
@@ -138,27 +82,38 @@ class ArgDesc:
 
     def shape_at(self, env: Mapping[str, Any]) -> tuple[Any, ...]:
         assert self.shape is not None
-        return tuple(d if isinstance(d, int) else (env[d] if isinstance(d, str) else d(env)) for d in self.shape)
+        return tuple(d if isinstance(d, int) else env[d] for d in self.shape)
 
 
-def _stored_buffers(node: Any, out: set[str], depth: int = 0) -> None:
-    """Names of the buffers a TIR body stores into (walks the statement kinds a kernel body is made of)."""
-    if node is None or depth > 400:
-        return
-    kind = type(node).__name__
-    if kind == "BufferStore":
-        out.add(str(node.buffer.name))
-    if kind == "SeqStmt":
-        for s in node.seq:
-            _stored_buffers(s, out, depth + 1)
-        return
-    for attr in ("body", "block", "then_case", "else_case", "init"):
-        try:
-            child = getattr(node, attr)
-        except AttributeError:
+def _stored_buffers(func: Any) -> set[str]:
+    """Names of the buffers a PrimFunc's body stores into (its outputs)."""
+    from tvm import tirx
+
+    out: set[str] = set()
+    stack = [func.body]
+    while stack:  # every statement kind a kernel body is made of nests through these fields
+        node = stack.pop()
+        if isinstance(node, tirx.BufferStore):
+            out.add(str(node.buffer.name))
+        if isinstance(node, tirx.SeqStmt):
+            stack.extend(node.seq)
             continue
-        if child is not None and not isinstance(child, (int, float, str)):
-            _stored_buffers(child, out, depth + 1)
+        for attr in ("body", "block", "then_case", "else_case", "init"):
+            child = getattr(node, attr, None)
+            if isinstance(child, tirx.Stmt):
+                stack.append(child)
+    return out
+
+
+def _dim(expr: Any, pname: str) -> Dim:
+    from tvm import tirx
+
+    if isinstance(expr, tirx.IntImm):
+        return int(expr.value)
+    if isinstance(expr, tirx.Var):
+        return str(expr.name)
+    raise ValueError(f"parameter '{pname}': dimension {expr} is an expression; describe the kernel's arguments "
+                     "with ArgDesc (symbols and constants only)")
 
 
 @dataclass(frozen=True)
@@ -193,8 +148,7 @@ class KernelSignature:
     @classmethod
     def from_prim_func(cls, func: Any, name: str | None = None) -> "KernelSignature":
         """The parameters of ``func`` (no size rules: the PrimFunc does not carry them)."""
-        stored: set[str] = set()
-        _stored_buffers(func.body, stored)
+        stored = _stored_buffers(func)
         args = []
         for p in func.params:
             shape = getattr(p, "shape", None)
@@ -202,7 +156,7 @@ class KernelSignature:
             if shape is None or getattr(p, "dtype", None) is None:
                 args.append(ArgDesc(pname, str(p.ty.dtype if hasattr(p.ty, "dtype") else p.ty), None))
             else:
-                args.append(ArgDesc(pname, str(p.dtype), tuple(_dim(d) for d in shape), pname in stored))
+                args.append(ArgDesc(pname, str(p.dtype), tuple(_dim(d, pname) for d in shape), pname in stored))
         if not any(a.is_output for a in args):
             raise ValueError(f"{name or 'kernel'}: no parameter is written by the kernel; cannot tell outputs apart")
         gsym = func.attrs["global_symbol"] if func.attrs is not None and "global_symbol" in func.attrs else None
@@ -250,8 +204,7 @@ class KernelSignature:
         bound |= {s for s, other, _ in self.groups if other in bound}
         for a in self.outputs:
             for d in a.shape or ():
-                need = {d} if isinstance(d, str) else set(getattr(d, "symbols", ()))
-                if not need <= bound:
+                if isinstance(d, str) and d not in bound:
                     return False
         return True
 
@@ -275,7 +228,6 @@ class KernelSignature:
             names = ", ".join(d.name for d in descs)
             raise KernelArgumentError(f"{self.name}: expected {len(descs)} arguments ({names}), got {len(values)}")
         env: dict[str, Any] = {}
-        deferred: list[tuple[ArgDesc, int, Any, Any]] = []
         for desc, value in zip(descs, values):
             if desc.is_scalar:
                 if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -303,7 +255,7 @@ class KernelSignature:
                         raise self._err(
                             desc.name, f"dim {axis} must be {dim} (shape {list(desc.shape)}), got {tuple(value.shape)}"
                         )
-                elif isinstance(dim, str):
+                else:
                     if dim in env and env[dim] != size:
                         raise self._err(
                             desc.name,
@@ -311,8 +263,6 @@ class KernelSignature:
                             f"(shape {tuple(value.shape)})",
                         )
                     env.setdefault(dim, size)
-                else:
-                    deferred.append((desc, axis, dim, size))
         for sym, k in self.multiple_of:
             if sym in env and (env[sym] % k or env[sym] == 0):
                 # zero-size torch tensors lack the compact strides TVM checks: pass one chunk with lens 0 instead
@@ -332,13 +282,6 @@ class KernelSignature:
                         self._arg_of(sym, descs),
                         f"{sym}={env[sym]} groups of {factor} tokens must exactly cover {other}={env[other]} tokens",
                     )
-        for desc, axis, dim, size in deferred:
-            missing = [s for s in dim.symbols if s not in env]
-            if missing:
-                continue
-            want_size = dim(env)
-            if want_size != size:
-                raise self._err(desc.name, f"dim {axis} must be {dim} = {want_size}, got {size}")
         return env
 
     # ---- allocation ----------------------------------------------------------------------------------------------
@@ -354,33 +297,3 @@ class KernelSignature:
                 continue
             total += math.prod(a.shape_at(env)) * torch.empty((), dtype=torch_dtype(a.dtype)).element_size()
         return total
-
-    def example_args(
-        self,
-        env: Mapping[str, int],
-        device: torch.device | str = "cpu",
-        scalars: Mapping[str, float] | None = None,
-        seed: int = 0,
-    ) -> list[Any]:
-        """Arguments with plausible contents (random floats, random codes, lengths = their axis) for timing."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        args: list[Any] = []
-        for a in self.args:
-            if a.is_scalar:
-                args.append((scalars or {}).get(a.name, 0.125 if a.dtype.startswith("float") else 1))
-                continue
-            shape = a.shape_at(env)
-            dt = torch_dtype(a.dtype)
-            if dt.is_floating_point:
-                t = torch.rand(shape, generator=gen, dtype=torch.float32).to(dt)
-                if a.name.endswith("scale"):
-                    t = t * 0.1
-            elif a.name.endswith("lens"):
-                # valid lengths: the token capacity (the largest chunk-aligned symbol)
-                caps = [env[s] for s, _ in self.multiple_of if s in env] or list(env.values()) or [1]
-                fill = max(caps)
-                t = torch.full(shape, int(fill), dtype=dt)
-            else:
-                t = torch.randint(0, 2**30, shape, generator=gen, dtype=torch.int64).to(dt)
-            args.append(t.to(device))
-        return args

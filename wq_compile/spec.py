@@ -85,10 +85,6 @@ class QuantSpec:
         if head_dim % self.v_group:
             raise ValueError(f"v_group: {self.v_group} does not divide head_dim {head_dim}")
 
-    def bits_per_element(self) -> float:
-        """Average storage bits per K/V element, scale/zero overhead included (whole key groups)."""
-        return self.bits + GROUP_META_BITS / 2 / self.k_group + GROUP_META_BITS / 2 / self.v_group
-
 
 @dataclass(frozen=True)
 class KernelSpec:

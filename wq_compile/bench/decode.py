@@ -133,7 +133,7 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
         dec = FusedDecoder(lib, preset.num_q_heads, preset.num_kv_heads, preset.head_dim, dtype)
         kernel = dec.kernel(widths)
         out.append(Peer(f"WindowQuant fused ({label})", lambda dec=dec: dec(q, layer, sm_scale), quant_bytes,
-                        "tuned" if kernel.tuned else "default schedule"))
+                        str(kernel.provenance)))
     return out
 
 

@@ -146,7 +146,7 @@ def run_decode(model: str = "llava-ov-0.5b", n_tokens: tuple[int, ...] = (2048, 
         rows += [
             GranularityRow("reordered buckets (fused kernel)", n, med["reordered"], qs["reordered"][0],
                            qs["reordered"][-1], 1.0, eff_r, err_r,
-                           "tuned" if kernel.tuned else "default schedule (untuned)"),
+                           str(kernel.provenance)),
             GranularityRow("token-granular in place", n, med["token"], qs["token"][0], qs["token"][-1],
                            base / med["token"], eff_t, err_t, "hand schedule (parallel, inline, vectorized PV)"),
             GranularityRow("token-granular in place, parallel only", n, med["token_par"], qs["token_par"][0],

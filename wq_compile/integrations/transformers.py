@@ -22,51 +22,16 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from ..decode import Backend, make_backend
+from ..config import WindowQuantConfig
+from ..backend import Backend, make_backend
 from ..layout import LayerCache, WindowAssignment
 from ..reference import decode_attention
-from ..search import BIT_WIDTHS, Plan, attention_scores, embedding_scores, make_windows, min_avg_bits, search
-from ..spec import QUANT_BITS
+from ..search import Plan, attention_scores, embedding_scores, make_windows, min_avg_bits, search
 from .llava import SampleLayout, VisualLayout, locate
 
 NAME = "windowquant"
 #: Pass as ``attn_implementation``: WindowQuant for the language model, SDPA for the vision tower.
 ATTN_IMPLEMENTATION = {"text_config": NAME, "vision_config": "sdpa"}
-
-
-@dataclass(frozen=True)
-class WindowQuantConfig:
-    """What to quantize and how. ``avg_bits`` counts scale/zero overhead and fp16 group tails (effective bits)."""
-
-    avg_bits: float = 3.0
-    widths: tuple[int, ...] = BIT_WIDTHS
-    window: str | int = "frame"
-    k_group: int = 28
-    v_group: int = 64
-    residual: int = 128
-    flush_bits: int = 8
-    scorer: str = "attention"
-    backend: str = "auto"
-    target: str | None = None
-    chunk: int = 64
-
-    def __post_init__(self) -> None:
-        if isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float)) or self.avg_bits <= 0:
-            raise ValueError(f"avg_bits: must be a positive number, got {self.avg_bits!r}")
-        for w in self.widths:
-            if w not in BIT_WIDTHS:
-                raise ValueError(f"widths: {w} is not one of {BIT_WIDTHS}")
-        if self.scorer not in ("attention", "embedding"):
-            raise ValueError(f"scorer: must be 'attention' or 'embedding', got {self.scorer!r}")
-        if self.backend not in ("auto", "tvm", "reference"):
-            raise ValueError(f"backend: must be 'auto', 'tvm' or 'reference', got {self.backend!r}")
-        if self.flush_bits not in QUANT_BITS:
-            raise ValueError(f"flush_bits: must be one of {QUANT_BITS}, got {self.flush_bits}")
-        if self.window != "frame" and (not isinstance(self.window, int) or self.window <= 0):
-            raise ValueError(f"window: must be 'frame' or a positive token count, got {self.window!r}")
-        if isinstance(self.window, int) and self.window % self.k_group:
-            raise ValueError(f"window: {self.window} tokens is not a whole number of key groups (k_group="
-                             f"{self.k_group}); the remainder would stay fp16 in every window")
 
 
 class WindowQuantLayer(CacheLayerMixin):
@@ -121,8 +86,8 @@ class WindowQuantCache(Cache):
     """A ``transformers`` cache whose visual windows live in uniform-precision buckets after prefill."""
 
     def __init__(self, config: Any, wq_config: WindowQuantConfig | None = None, backend: Backend | None = None) -> None:
-        """``backend`` (from :func:`wq_compile.decode.make_backend`) lets many caches share loaded modules; by
-        default each cache resolves its own on first use."""
+        """``backend`` (from :func:`wq_compile.backend.make_backend`) pins the kernels explicitly; by default the
+        process-wide backend for these shapes is used (loaded once per process, on first use)."""
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         self.wq = wq_config or WindowQuantConfig()
         self.visual = VisualLayout.from_config(config)
@@ -260,7 +225,9 @@ class WindowQuantCache(Cache):
                 1 for layer in self.layers if layer.store is not None)
         per_token_fp16 = self.num_kv_heads * self.head_dim * 2 * 2
         quantized = sum(v for k, v in used.items() if k != "dense")
+        backend = self._backend
         return {
+            "kernels": backend.tuning_summary() if backend is not None else "not loaded (no prefill yet)",
             "bytes": used,
             "total_bytes": sum(used.values()),
             "fp16_bytes": tokens * per_token_fp16,

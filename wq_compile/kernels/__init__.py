@@ -25,6 +25,11 @@ tensors and returns the symbolic sizes, raising a ``KernelArgumentError`` that n
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from typing import Mapping
+
+import tvm
 from tvm import tirx
 
 from ..spec import KernelSpec
@@ -32,7 +37,10 @@ from . import attention, merge, quantize
 from ..signature import ArgDesc, KernelSignature
 from .common import NEG_BIG
 
-__all__ = ["ArgDesc", "KernelSignature", "NEG_BIG", "example_sizes", "make_kernel", "signature", "static_workload"]
+__all__ = [
+    "ArgDesc", "KernelSignature", "NEG_BIG", "default_scalars", "example_sizes", "make_kernel", "piece_fields",
+    "signature", "source_digest", "specialize", "static_workload", "tuning_module",
+]
 
 
 #: kind -> (factory, argument description); decode and fused share the attention factory.
@@ -61,27 +69,70 @@ def signature(spec: KernelSpec) -> KernelSignature:
     return _factory(spec)[1](spec)
 
 
-def static_workload(spec: KernelSpec, sizes: dict[str, int], scalars: dict[str, float] | None = None) -> tirx.PrimFunc:
+def default_scalars(spec: KernelSpec) -> dict[str, float]:
+    """Scalar parameters a kernel is tuned and timed with (folded into the static workload)."""
+    return {"sm_scale": spec.head_dim**-0.5} if spec.kind in ("decode", "fused") else {}
+
+
+def specialize(func: tirx.PrimFunc, sig: KernelSignature, sizes: Mapping[str, int],
+               scalars: Mapping[str, float]) -> tirx.PrimFunc:
+    """``func`` with every symbolic buffer fixed at ``sizes`` and every scalar parameter folded to ``scalars``.
+
+    Buffers that are already static are left alone, so the workload (and its structural hash, which is how a tuning
+    log finds its records) is the same as when the committed logs were tuned.
+    """
+    missing = sorted(set(sig.symbols) - set(sizes))
+    if missing:
+        raise ValueError(f"sizes: no value for symbols {missing} of {sig.name}")
+    mapping = {}
+    for param, arg in zip(func.params, sig.args):
+        if arg.is_scalar:
+            if arg.name not in scalars:
+                raise ValueError(f"scalars: no value for scalar parameter {arg.name!r} of {sig.name}")
+            mapping[param] = tirx.const(scalars[arg.name], arg.dtype)
+        elif any(not isinstance(d, int) for d in arg.shape or ()):
+            mapping[param] = tirx.decl_buffer(arg.shape_at(sizes), arg.dtype, name=arg.name)
+    return func.specialize(mapping) if mapping else func
+
+
+def static_workload(spec: KernelSpec, sizes: Mapping[str, int],
+                    scalars: Mapping[str, float] | None = None) -> tirx.PrimFunc:
     """``make_kernel(spec)`` with every symbolic size (and scalar parameter) fixed: the tuning workload.
 
     MetaSchedule measures only static shapes (``ArgInfo`` rejects symbolic ones). The design spaces never touch the
     dynamic chunk loop, so a trace tuned on this function replays on the symbolic ``make_kernel(spec)``.
     ``sizes`` maps the symbols of :func:`signature` (``B``, ``N``, ``G``, ``N4``, ...) to ints; scalars default to
-    ``sm_scale = head_dim ** -0.5``.
+    :func:`default_scalars` (``sm_scale = head_dim ** -0.5``).
     """
-    func = make_kernel(spec)
-    sig = signature(spec)
-    scalars = {"sm_scale": spec.head_dim**-0.5, **(scalars or {})}
-    missing = sorted(set(sig.symbols) - set(sizes))
-    if missing:
-        raise ValueError(f"sizes: no value for symbols {missing} of {spec.uri}")
-    mapping = {}
-    for param, arg in zip(func.params, sig.args):
-        if arg.is_scalar:
-            mapping[param] = tirx.const(scalars[arg.name], arg.dtype)
-        else:
-            mapping[param] = tirx.decl_buffer(arg.shape_at(sizes), arg.dtype, name=arg.name)
-    return func.specialize(mapping)
+    return specialize(make_kernel(spec), signature(spec), sizes, {**default_scalars(spec), **(scalars or {})})
+
+
+def tuning_module(func: tirx.PrimFunc, sig: KernelSignature, sizes: Mapping[str, int],
+                  scalars: Mapping[str, float]) -> tvm.IRModule:
+    """The IRModule MetaSchedule tunes and a tuning log is keyed on: the specialized function named ``main``."""
+    return tvm.IRModule({"main": specialize(func, sig, sizes, scalars).with_attr("global_symbol", "main")})
+
+
+def source_digest() -> str:
+    """Digest of the kernel factories' source (this package, the spec and the signature module): part of every
+    module-cache key, so an edited factory never reuses a module built from the old one."""
+    root = Path(__file__).resolve().parent
+    files = sorted(root.glob("*.py")) + [root.parent / "spec.py", root.parent / "signature.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def piece_fields(arg_name: str) -> tuple[str, str]:
+    """``(piece tag, field)`` of a fused/decode argument name: ``q4_k_codes`` -> ``("q4", "k_codes")``,
+    ``dense_lens`` -> ``("dense", "lens")``; a decode kernel's unprefixed names give ``("", field)``. The runtime
+    reads a bucket's tensors by these field names, so the argument order is defined once (the signature)."""
+    tag, sep, rest = arg_name.partition("_")
+    if sep and (tag == "dense" or (tag[:1] == "q" and tag[1:].isdigit())):
+        return tag, rest
+    return "", arg_name
 
 
 def example_sizes(spec: KernelSpec, n_tokens: int, batch: int = 1) -> dict[str, int]:

@@ -1,0 +1,41 @@
+"""The backend a cache runs: compiled modules shared per process, or the torch reference; typed config."""
+
+from __future__ import annotations
+
+import sys
+import subprocess
+
+import pytest
+import torch
+
+from wq_compile.backend import ReferenceDecoder, make_backend
+from wq_compile.config import WindowQuantConfig
+
+
+def test_reference_backend_and_config_validation():
+    b = make_backend(WindowQuantConfig(backend="reference"), 4, 2, 64, torch.float32, "cpu")
+    assert b.name == "reference" and isinstance(b.decode, ReferenceDecoder)
+    assert b.tuning_summary() == "torch reference (no compiled kernels)"
+    with pytest.raises(ValueError, match="backend"):
+        WindowQuantConfig(backend="fast")
+    with pytest.raises(ValueError, match="whole number of key groups"):
+        WindowQuantConfig(window=30)
+
+
+@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
+def test_compiled_backend_is_shared_and_says_where_kernels_come_from():
+    wq = WindowQuantConfig(backend="tvm")
+    a = make_backend(wq, 4, 2, 64, torch.float32, "cpu")
+    assert make_backend(wq, 4, 2, 64, torch.float32, "cpu") is a  # a second cache loads nothing
+    assert make_backend(WindowQuantConfig(backend="tvm", avg_bits=4.0), 4, 2, 64, torch.float32, "cpu") is not a
+    assert a.name.startswith("tvm:") and len(a.kernels) == 4
+    assert all(how == "tuned here" or how == "untuned" or how.startswith("tuned on ") for how in a.kernels.values())
+    assert a.compiled + a.cached + a.reused == 4 and "from the module cache" in a.tuning_summary()
+
+
+def test_import_has_no_side_effects():
+    code = ("import sys, wq_compile; assert 'transformers' not in sys.modules and 'tvm' not in sys.modules; "
+            "from transformers import AttentionInterface; assert 'windowquant' not in AttentionInterface._global_mapping; "
+            "from wq_compile import ATTN_IMPLEMENTATION; assert 'windowquant' in AttentionInterface._global_mapping")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

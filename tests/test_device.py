@@ -1,0 +1,45 @@
+"""Targets, tags and ISA classes; one host target for the runtime and the tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from wq_compile.device import host_device, isa_class, resolve_device, slug
+from wq_compile.measure import RPCSettings
+
+
+def test_targets_and_tags():
+    host = resolve_device("llvm")
+    assert (host.target_json, host.tag) == (host_device().target_json, host_device().tag)  # runtime = tests
+    assert host.tag.startswith("cpu-") and host.tag.endswith(f"{host.num_cores}c")
+    assert dict(host.target.attrs.items())["mcpu"] not in ("generic", "x86-64")
+    cuda = resolve_device("nvidia/nvidia-h100")
+    assert cuda.kind == "cuda" and cuda.arch == "sm_90a" and cuda.tag == "cuda-nvidia-h100-sm_90a"
+    assert resolve_device('{"kind": "llvm", "num-cores": 1}').tag.endswith("-1c")
+    # the form wq-tune's error message suggests is this host's target: same target, same tag, same cache files
+    as_json = resolve_device(f'{{"kind": "llvm", "num-cores": {host.num_cores}}}')
+    assert (as_json.tag, as_json.target_json) == (host.tag, host.target_json)
+    other = resolve_device({"kind": "llvm", "mcpu": "haswell" if "haswell" not in host.tag else "znver5"})
+    assert other.tag != host.tag and other.tag.startswith(host.tag)  # another CPU never shares a module file
+    with pytest.raises(ValueError, match="strings with flags"):
+        resolve_device("llvm -num-cores 2")
+    assert slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-xeon"
+    assert RPCSettings.parse("10.0.0.1:9190", "h100") == RPCSettings("10.0.0.1", 9190, "h100")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        RPCSettings.parse("nohost", "k")
+
+
+@pytest.mark.parametrize("target,isa", [
+    ({"kind": "llvm", "mcpu": "znver5"}, "x86_64-avx512"),
+    ({"kind": "llvm", "mcpu": "sapphirerapids"}, "x86_64-avx512"),
+    ({"kind": "llvm", "mcpu": "haswell"}, "x86_64-avx2"),
+    ({"kind": "llvm", "mcpu": "x86-64"}, "x86_64"),
+    ({"kind": "llvm", "mcpu": "neoverse-v1", "mtriple": "aarch64-linux-gnu"}, "aarch64-sve"),
+    ({"kind": "llvm", "mcpu": "cortex-a72", "mtriple": "aarch64-linux-gnu"}, "aarch64-neon"),
+])
+def test_isa_class_is_read_from_target_features(target, isa):
+    from tvm.target import Target
+
+    assert isa_class(Target(target)) == isa
+    assert isa_class(str(Target(target))) == isa  # as recorded in meta.json
+    assert isa_class(Target("nvidia/nvidia-h100")) == "cuda-sm_90a"

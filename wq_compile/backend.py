@@ -1,0 +1,136 @@
+"""The kernels a WindowQuant cache runs: compiled modules when they can be had, the torch reference otherwise.
+
+A :class:`Backend` is chosen once per cache (``make_backend``): ``decode`` is called once per layer per step (one
+launch of the fused kernel over every bucket and the dense piece), ``quantize`` whenever windows or a residual
+block enter a bucket. The reference path exists for machines where no module can be built, and says so.
+Compiled backends are shared in the process per (config, attention shapes, dtype, device): a second cache or a
+second ``generate`` costs nothing to set up.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from .config import WindowQuantConfig
+from .layout import LayerCache, Quantizer, torch_quantizer
+from .quant import QuantizedKeys, QuantizedValues
+from .reference import decode_attention
+from .spec import KernelSpec, QuantSpec, dtype_tag
+
+if TYPE_CHECKING:
+    from .runtime import KernelLibrary
+
+
+class AttentionDecoder(Protocol):
+    def __call__(self, q: torch.Tensor, layer: LayerCache, sm_scale: float, stats: Any) -> torch.Tensor:
+        """``q [B, Hq, D]`` -> attention output ``[B, Hq, D]`` over every token of ``layer``."""
+
+
+class ReferenceDecoder:
+    """Dequantize-and-attend in torch: the oracle, and the fallback when no compiled module can be had."""
+
+    def __call__(self, q: torch.Tensor, layer: LayerCache, sm_scale: float, stats: Any) -> torch.Tensor:
+        stats.reference_calls += 1
+        return decode_attention(q, layer, sm_scale).to(q.dtype)  # type: ignore[union-attr]
+
+
+class CompiledQuantizer:
+    """The compiled quantize+pack kernel of each width (one module per width, every token count)."""
+
+    def __init__(self, library: "KernelLibrary", num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 chunk: int) -> None:
+        self.library = library
+        self.shape = dict(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                          dtype=dtype_tag(dtype), chunk=chunk)
+        self.dtype = dtype
+        self.calls = 0
+
+    def spec(self, qs: QuantSpec) -> KernelSpec:
+        return KernelSpec("quantize", (qs.bits,), k_group=qs.k_group, v_group=qs.v_group, **self.shape)
+
+    def __call__(self, qs: QuantSpec, k: torch.Tensor, v: torch.Tensor) -> tuple[QuantizedKeys, QuantizedValues]:
+        kernel = self.library.load(self.spec(qs))
+        kc, ks, kz, vc, vs, vz = kernel.run(k.to(self.dtype).contiguous()[None], v.to(self.dtype).contiguous()[None])
+        self.calls += 1
+        return QuantizedKeys(kc[0], ks[0], kz[0], qs), QuantizedValues(vc[0], vs[0], vz[0], qs)
+
+
+@dataclass
+class Backend:
+    """What the cache calls: ``decode`` per layer per step, ``quantize`` when tokens enter a bucket."""
+
+    name: str
+    decode: AttentionDecoder
+    quantize: Quantizer
+    #: ``kernel uri -> "tuned here" | "tuned on <tag>" | "untuned"`` (empty for the reference).
+    kernels: dict[str, str] = field(default_factory=dict)
+    #: Modules compiled (cold) vs loaded from the module cache (warm) to set this backend up.
+    compiled: int = 0
+    cached: int = 0
+    reused: int = 0  # already loaded in this process by another backend of the same library
+
+    def tuning_summary(self) -> str:
+        """One line for reports: which kernels are tuned, from where, and which are not."""
+        if not self.kernels:
+            return "torch reference (no compiled kernels)"
+        kinds = "; ".join(f"{uri.split('_')[0]} {'/'.join(_widths(uri))}: {how}" for uri, how in self.kernels.items())
+        return (f"{kinds} (modules: {self.compiled} compiled, {self.cached} from the module cache, "
+                f"{self.reused} already loaded in this process)")
+
+
+def _widths(uri: str) -> list[str]:
+    return [p for p in uri.split("_") if p[:1] == "k" and p[1:2].isdigit()]
+
+
+_SHARED: dict[tuple[Any, ...], Backend] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, *, shared: bool = True) -> Backend:
+    """Compiled modules for these shapes (``wq.backend`` "auto"/"tvm"); else the torch reference, with a warning
+    ("auto") or an error ("tvm"). Modules load from the cache, else compile from a tuning log of this or a
+    compatible device, else from the default schedule (``UntunedKernelWarning``). With ``shared`` (the default)
+    one backend per config and shapes serves the whole process."""
+    if wq.backend == "reference":
+        return Backend("reference", ReferenceDecoder(), torch_quantizer)
+    key = (wq, num_q_heads, num_kv_heads, head_dim, dtype, str(torch.device(device)))
+    with _SHARED_LOCK:
+        if shared and key in _SHARED:
+            return _SHARED[key]
+        backend = _compiled_backend(wq, num_q_heads, num_kv_heads, head_dim, dtype, device)
+        if shared:  # a fallback too: every later cache would otherwise retry (and warn) again
+            _SHARED[key] = backend
+        return backend
+
+
+def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device | str) -> Backend:
+    try:
+        from .runtime import FusedDecoder, shared_library
+
+        library = shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else "llvm"))
+        stats = library.stats
+        compiled, cached, reused = stats.compiled, stats.cache_hits, stats.reused
+        decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
+                                      v_group=wq.v_group, chunk=wq.chunk, library=library)
+        quantizer = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
+        uris = [decoder.spec((8, 4, 2)).uri]
+        for bits in (8, 4, 2):  # fail here, not in the middle of generation
+            spec = quantizer.spec(QuantSpec(bits, wq.k_group, wq.v_group))
+            library.load(spec)
+            uris.append(spec.uri)
+        kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
+        return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
+                       stats.cache_hits - cached, min(stats.reused - reused, len(kernels)))
+    except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
+        if wq.backend == "tvm":
+            raise
+        warnings.warn(f"WindowQuant: no compiled modules ({type(exc).__name__}: {exc}); using the torch "
+                      f"reference, which dequantizes every step and is slow", RuntimeWarning, stacklevel=3)
+        return Backend("reference", ReferenceDecoder(), torch_quantizer)
