@@ -28,7 +28,7 @@ from __future__ import annotations
 from tvm import tirx
 
 from ..spec import KernelSpec
-from . import attention, merge, quantize
+from . import attention, attention_cpu, merge, quantize
 from ..signature import ArgDesc, KernelSignature
 from .common import NEG_BIG
 
@@ -51,8 +51,15 @@ def _factory(spec: KernelSpec):
         raise ValueError(f"kind: no kernel factory for {spec.kind!r}") from None
 
 
-def make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
-    """The TIR function of ``spec`` (unscheduled; schedule it with ``wq_compile.schedules``)."""
+def make_kernel(spec: KernelSpec, target_kind: str | None = None) -> tirx.PrimFunc:
+    """The TIR function of ``spec`` (unscheduled; schedule it with ``wq_compile.schedules.<target_kind>``).
+
+    ``target_kind="llvm"`` gives the CPU fused kernel (:mod:`.attention_cpu`: plain TIR with its SIMD structure
+    explicit, same signature) for ``kind="fused"``; every other case is the block-style kernel (CUDA, and the
+    per-bucket decode kernels on llvm). ``None`` keeps the block-style kernel.
+    """
+    if target_kind == "llvm" and spec.kind == "fused":
+        return attention_cpu.build_fused_cpu(spec)
     return _factory(spec)[0](spec)
 
 
@@ -61,7 +68,8 @@ def signature(spec: KernelSpec) -> KernelSignature:
     return _factory(spec)[1](spec)
 
 
-def static_workload(spec: KernelSpec, sizes: dict[str, int], scalars: dict[str, float] | None = None) -> tirx.PrimFunc:
+def static_workload(spec: KernelSpec, sizes: dict[str, int], scalars: dict[str, float] | None = None,
+                    target_kind: str | None = None) -> tirx.PrimFunc:
     """``make_kernel(spec)`` with every symbolic size (and scalar parameter) fixed: the tuning workload.
 
     MetaSchedule measures only static shapes (``ArgInfo`` rejects symbolic ones). The design spaces never touch the
@@ -69,7 +77,7 @@ def static_workload(spec: KernelSpec, sizes: dict[str, int], scalars: dict[str, 
     ``sizes`` maps the symbols of :func:`signature` (``B``, ``N``, ``G``, ``N4``, ...) to ints; scalars default to
     ``sm_scale = head_dim ** -0.5``.
     """
-    func = make_kernel(spec)
+    func = make_kernel(spec, target_kind)
     sig = signature(spec)
     scalars = {"sm_scale": spec.head_dim**-0.5, **(scalars or {})}
     missing = sorted(set(sig.symbols) - set(sizes))

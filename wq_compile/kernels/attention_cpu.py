@@ -37,6 +37,9 @@ from .common import NEG_BIG, f32, fast_exp
 
 _F32, _I32, _U8 = "float32", "int32", "uint8"
 
+#: Function attribute marking a kernel whose schedule is written into its TIR (no blocks for a Schedule to
+#: transform): the llvm ``default_schedule`` leaves it as it is.
+PLAIN_TIR_ATTR = "wq.plain_tir"
 #: Token tile of the dense piece (one vector of tokens for its scores).
 DENSE_TILE = 16
 #: Widest vector the factory asks for (AVX-512: 16 fp32 lanes); LLVM splits wider ones.
@@ -99,7 +102,7 @@ def build_fused_cpu(spec: KernelSpec) -> tirx.PrimFunc:
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(spec.uri)
-            T.func_attr({"tirx.noalias": True})
+            T.func_attr({"tirx.noalias": True, PLAIN_TIR_ATTR: True})
             bufs: dict[str, object] = {}
             for a in sig.args:
                 if a.is_scalar:
