@@ -279,7 +279,9 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
         nvalid = tirx.min(kg, nv - g * kg)
         # ---- scale / zero folded into the query ----
         zl = min(LANES, d)
-        with T.serial(0, gs) as h:
+        # opaque trip count (== gs: lens >= 0): LLVM must not fully unroll this loop and then hoist all gs x d
+        # loads of qf out of the group loop (28+ vector registers live across the QK loop spill its accumulators)
+        with T.serial(0, gs + tirx.min(nv, 0)) as h:
             with T.vectorized(0, zl) as ln:
                 T.buffer_store(zt, f32(0.0), [h, ln])
             with T.serial(0, d // zl) as do:
