@@ -354,7 +354,7 @@ def test_signature_rejects_bad_tensors() -> None:
     with pytest.raises(TypeError, match="'q': expected dtype torch.float32"):
         sig.bind(q.double(), *good[1:])
     bad_n, _, _ = _bucket(4, spec, 70, [3, 5], gen)  # not whole chunks
-    with pytest.raises(ValueError, match="'k_codes': size N=70 must be a positive multiple of 64"):
+    with pytest.raises(ValueError, match="'v_codes': size N=70 must be a positive multiple of 64"):
         sig.bind(q, *bad_n, *good[-3:])
     with pytest.raises(ValueError, match="'k_codes': dim 0"):
         sig.bind(q[:1], *good[1:])
