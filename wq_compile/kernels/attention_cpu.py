@@ -121,10 +121,19 @@ def build_fused_cpu(spec: KernelSpec) -> tirx.PrimFunc:
                 b = tirx.floordiv(wi, hkv * nsplit)
                 kh = tirx.floormod(tirx.floordiv(wi, nsplit), hkv)
                 sp = tirx.floormod(wi, nsplit)
-                qf = T.alloc_buffer((gs, d), _F32, scope="local")
+                # one scratch allocation per work item for every buffer over the stack limit (each separate one is
+                # a workspace allocation call: ~0.25 us, dozens per call), carved into views at fixed offsets
+                arena = T.alloc_buffer((4 * gs * d + d * DENSE_TILE,), _F32, scope="local")
+                IRBuilder.name("arena", arena)
+
+                def view(shape, k):
+                    return T.decl_buffer(shape, _F32, data=arena.data, elem_offset=k * gs * d, scope="local")
+
+                scratch = {"pacc": view((gs, d), 2), "qs": view((gs, d), 3), "kt": view((d, DENSE_TILE), 4)}
+                qf = view((gs, d), 0)
                 m_all = T.alloc_buffer((gs,), _F32, scope="local")
                 l_all = T.alloc_buffer((gs,), _F32, scope="local")
-                acc = T.alloc_buffer((gs, d), _F32, scope="local")
+                acc = view((gs, d), 1)
                 with T.serial(0, gs) as h:
                     with _vec(d) as dd:
                         T.buffer_store(qf, q[b, kh * gs + h, dd].astype(_F32) * sm_scale, [h, dd])
@@ -133,16 +142,16 @@ def build_fused_cpu(spec: KernelSpec) -> tirx.PrimFunc:
                     T.buffer_store(l_all, f32(0.0), [h])
                 for p in ps:
                     if p.quantized:
-                        _quant_piece(spec, p, knobs, bufs, b, kh, sp, qf, m_all, l_all, acc)
+                        _quant_piece(spec, p, knobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
                     else:
-                        _dense_piece(spec, p, bufs, b, kh, sp, qf, m_all, l_all, acc)
+                        _dense_piece(spec, p, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
                 with T.serial(0, gs) as h:
                     T.buffer_store(ws_m, m_all[h], [wi * gs + h])
                     T.buffer_store(ws_l, l_all[h], [wi * gs + h])
                     with _vec(d) as dd:
                         T.buffer_store(ws_acc, acc[h, dd], [(wi * gs + h) * d + dd])
             # merge the splits of each (b, kh): out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M)
-            with T.parallel(0, bsz * hkv) as bk:
+            with T.serial(0, bsz * hkv) as bk:  # tiny: one thread, no second pool launch
                 mm = T.alloc_buffer((gs,), _F32, scope="local")
                 ll = T.alloc_buffer((gs,), _F32, scope="local")
                 w = T.alloc_buffer((gs, nsplit), _F32, scope="local")
@@ -227,7 +236,7 @@ def _merge_piece(gs: int, d: int, pm, pl, m_all, l_all, acc, piece_acc) -> None:
         T.buffer_store(m_all, mn, [h])
 
 
-def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, qf, m_all, l_all, acc) -> None:
+def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
     hkv, d, gs, kg = spec.num_kv_heads, spec.head_dim, spec.group_size, spec.k_group
     qspec = spec.quant(p.bits)
     bits, mask = p.bits, (1 << p.bits) - 1
@@ -256,9 +265,10 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
     pm = T.alloc_buffer((gs,), _F32, scope="local")
     pl = T.alloc_buffer((gs,), _F32, scope="local")
     alpha = T.alloc_buffer((gs,), _F32, scope="local")
-    pacc = T.alloc_buffer((gs, fields, vbytes), _F32, scope="local")  # channel = byte * F + field
+    pacc = T.decl_buffer((gs, fields, vbytes), _F32, data=scratch["pacc"].data, elem_offset=scratch["pacc"].elem_offset,
+                         scope="local")  # channel = byte * F + field (F * vbytes == d)
     zacc = T.alloc_buffer((gs, nvg), _F32, scope="local")
-    qs = T.alloc_buffer((gs, d), _F32, scope="local")
+    qs = scratch["qs"]
     zt = T.alloc_buffer((gs, LANES), _F32, scope="local")
     s_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
     p_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
@@ -359,7 +369,7 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
     _merge_piece(gs, d, pm, pl, m_all, l_all, acc, piece_acc)
 
 
-def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, acc) -> None:
+def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
     d, gs = spec.head_dim, spec.group_size
     tile = DENSE_TILE
     pre = f"{p.tag}_"
@@ -371,10 +381,10 @@ def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, 
     pm = T.alloc_buffer((gs,), _F32, scope="local")
     pl = T.alloc_buffer((gs,), _F32, scope="local")
     alpha = T.alloc_buffer((gs,), _F32, scope="local")
-    pacc = T.alloc_buffer((gs, d), _F32, scope="local")
+    pacc = scratch["pacc"]
     s_buf = T.alloc_buffer((gs, tile), _F32, scope="local")
     p_buf = T.alloc_buffer((gs, tile), _F32, scope="local")
-    kt = T.alloc_buffer((d, tile), _F32, scope="local")
+    kt = scratch["kt"]
     with T.serial(0, gs) as h:
         T.buffer_store(pm, f32(NEG_BIG), [h])
         T.buffer_store(pl, f32(0.0), [h])
