@@ -14,6 +14,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from wq_compile.kernels.attention import pieces
+from wq_compile.kernels.attention_cpu import PLAIN_TIR_ATTR
 from wq_compile.kernels.merge import MERGE_BLOCKS
 from wq_compile.kernels.quantize import QUANT_BLOCKS
 from wq_compile.spec import KernelSpec
@@ -49,8 +50,21 @@ def work_on_kernel(sch: s_tir.Schedule) -> None:
         sch.work_on(names[0])
 
 
+def is_plain_tir(sch: s_tir.Schedule) -> bool:
+    """True for a kernel whose loop structure is written in its TIR (the CPU fused kernel): nothing to schedule."""
+    work_on_kernel(sch)
+    names = [gv.name_hint for gv in sch.mod.get_global_vars()]
+    func = sch.mod[names[0] if len(names) == 1 else "main"]
+    return bool(func.attrs is not None and func.attrs.get(PLAIN_TIR_ATTR, False))
+
+
 def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
-    """Untuned baseline: parallel over the outer independent loops, nothing else (no vectorization)."""
+    """Untuned baseline: parallel over the outer independent loops, nothing else (no vectorization).
+
+    The CPU fused kernel (``make_kernel(spec, "llvm")``) carries its own structure; its knobs (token splits,
+    P @ V channel tile, QK head passes) are factory parameters in ``spec.extra`` (see :class:`CpuKnobs`)."""
+    if is_plain_tir(sch):
+        return
     work_on_kernel(sch)
     if spec.kind in ("decode", "fused"):
         outer = sch.get_loops(sch.get_sblock("qscale"))[:2]
@@ -76,6 +90,8 @@ def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
 
 def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     """MetaSchedule ScheduleFn body: the structure of :func:`tuned_schedule` with every knob sampled."""
+    if is_plain_tir(sch):
+        return
     if spec.kind in ("decode", "fused"):
         _attention(sch, spec, None)
     else:

@@ -120,10 +120,10 @@ def test_byte_accounting_is_exact(gen: torch.Generator) -> None:
     k, v = _prompt(gen, 400)
     cache.fill_sample(0, k, v, _windows([0, 196], [196, 200], [4, 2]))
     used = cache.used_bytes()
-    # 4-bit: 196 tokens x 2 heads x (K+V codes 32 dims * 4 bit = 16 B each) + 7 key groups x 32 ch x fp16 x 2
-    #        + 196 tokens x 1 value group x fp16 x 2
-    assert used["int4"] == 2 * (196 * 16 * 2 + 7 * 32 * 2 * 2 + 196 * 1 * 2 * 2)
-    assert used["int2"] == 2 * (196 * 8 * 2 + 7 * 32 * 2 * 2 + 196 * 1 * 2 * 2)
+    # 4-bit, 2 heads: K codes 7 groups x 32 ch x 32 slots x 4 bit (token-packed, 28 of 32 slots used) = 7 x 32 x 16 B,
+    #   V codes 196 tokens x 32 dims x 4 bit = 16 B, + 7 key groups x 32 ch x fp16 x 2 + 196 tokens x 1 value group x fp16 x 2
+    assert used["int4"] == 2 * (7 * 32 * 16 + 196 * 16 + 7 * 32 * 2 * 2 + 196 * 1 * 2 * 2)
+    assert used["int2"] == 2 * (7 * 32 * 8 + 196 * 8 + 7 * 32 * 2 * 2 + 196 * 1 * 2 * 2)
     assert used["int8"] == 0
     assert used["dense"] == (4 + 4) * 2 * 32 * 2 * 2  # the 4-token tail of window 2 and 4 text tokens, fp16
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from wq_compile.quant import (
-    dequantize_keys, dequantize_values, error_bound, pack, quantize_keys, quantize_values, unpack,
+    dequantize_keys, dequantize_values, error_bound, key_lane_bytes, key_words, pack, pack_keys, quantize_keys,
+    quantize_values, unpack, unpack_keys,
 )
 from wq_compile.spec import KernelSpec, QuantSpec
 
@@ -17,6 +18,29 @@ def test_pack_unpack_bit_exact(bits: int, gen: torch.Generator) -> None:
     words = pack(codes, bits)
     assert words.dtype == torch.int32 and words.shape == (3, 5, 64 * bits // 32)
     assert torch.equal(unpack(words, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n", [7, 13, 28, 196, 300])
+def test_pack_keys_unpack_keys_bit_exact(bits: int, n: int, gen: torch.Generator) -> None:
+    codes = torch.randint(0, 1 << bits, (2, 3, n, 64), generator=gen)
+    words = pack_keys(codes, bits, 28)
+    assert words.dtype == torch.int32 and words.shape == (2, 3, -(-n // 28), 64, key_words(bits, 28))
+    assert torch.equal(unpack_keys(words, bits, 28, n), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_keys_byte_layout(bits: int) -> None:
+    """Token slot s of a (group, channel) is field s // L of byte s % L (L = 32 * bits / 8 bytes): the kernel's
+    vector unpack depends on exactly this order."""
+    lb = key_lane_bytes(bits, 28)
+    codes = torch.zeros(28, 2, dtype=torch.int64)
+    codes[:, 1] = torch.arange(28) % (1 << bits)  # channel 1 = slot index (mod 2**bits)
+    raw = pack_keys(codes, bits, 28).view(torch.uint8).reshape(2, lb)  # little-endian words as bytes
+    assert not raw[0].any()
+    for s in range(32):
+        want = s % (1 << bits) if s < 28 else 0  # slots past k_group are code 0
+        assert (int(raw[1, s % lb]) >> (bits * (s // lb))) & ((1 << bits) - 1) == want, s
 
 
 def test_pack_is_little_endian() -> None:
@@ -35,7 +59,7 @@ def test_keys_within_half_step(bits: int, n: int, gen: torch.Generator) -> None:
     groups = -(-n // 28)
     assert qk.scale.shape == (2, groups, 64) and qk.scale.dtype == torch.float16
     idx = torch.arange(n) // 28
-    err = (dequantize_keys(qk) - k).abs()
+    err = (dequantize_keys(qk, n) - k).abs()
     assert (err <= error_bound(k, qk.scale[:, idx, :], qk.zero[:, idx, :])).all()
 
 
@@ -66,16 +90,16 @@ def test_constant_and_tiny_groups_are_finite(bits: int) -> None:
     qk = quantize_keys(k, spec)
     assert torch.isfinite(dequantize_keys(qk)).all()
     assert (qk.scale == 0).all()
-    assert (dequantize_keys(qk) - k).abs().max() <= 0.3 * 2**-11
+    assert (dequantize_keys(qk, 9) - k).abs().max() <= 0.3 * 2**-11
     tiny = torch.full((1, 1, 32), -2.0)
     tiny[..., 0] = -2.0 + 1e-7
-    for qx in (dequantize_keys(quantize_keys(tiny, spec)), dequantize_values(quantize_values(tiny, spec))):
+    for qx in (dequantize_keys(quantize_keys(tiny, spec), 1), dequantize_values(quantize_values(tiny, spec))):
         assert torch.isfinite(qx).all() and (qx - tiny).abs().max() < 1e-3
 
 
 def test_fp16_input_round_trip(gen: torch.Generator) -> None:
     k = torch.randn(1, 13, 64, generator=gen).half()
-    assert (dequantize_keys(quantize_keys(k, QuantSpec(8))) - k.float()).abs().max() < 0.05
+    assert (dequantize_keys(quantize_keys(k, QuantSpec(8)), 13) - k.float()).abs().max() < 0.05
 
 
 @pytest.mark.parametrize(

@@ -59,12 +59,12 @@ def test_argument_errors_name_the_argument(lib):
 
     i = names.index
     bad("k_codes", args[i("k_codes")].float(), r"'k_codes': expected dtype torch.int32")
-    bad("v_codes", args[i("v_codes")][:, :, :64].contiguous(), r"'v_codes': dim 2 is 'N' = 128")
-    bad("k_scale", args[i("k_scale")][:, :, :2].contiguous(), r"'k_zero': dim 2 is 'G' = 2 from an earlier argument")
+    bad("v_scale", args[i("v_scale")][:, :, :64].contiguous(), r"'v_scale': dim 2 is 'N' = 128")
+    bad("k_scale", args[i("k_scale")][:, :, :2].contiguous(), r"'k_scale': dim 2 is 'G' = \d+ from an earlier argument")
     few_groups = list(args)
-    for name in ("k_scale", "k_zero"):
+    for name in ("k_codes", "k_scale", "k_zero"):  # token-packed key codes are per group too
         few_groups[i(name)] = args[i(name)][:, :, :2].contiguous()
-    with pytest.raises(KernelArgumentError, match=r"'k_scale': G=2 groups of 28 tokens do not cover N=128"):
+    with pytest.raises(KernelArgumentError, match=r"'k_codes': G=2 groups of 28 tokens do not cover N=128"):
         k(*few_groups)
     bad("q", args[i("q")].transpose(0, 1).contiguous().transpose(0, 1), r"'q': expected a contiguous tensor")
     bad("sm_scale", torch.tensor(0.1), r"'sm_scale': expected a Python number")

@@ -74,7 +74,7 @@ class KernelDef:
 
 
 def kernel_def(spec: KernelSpec, kind: str = "llvm", n_tokens: int = DEFAULT_N_TOKENS) -> KernelDef:
-    func = kernels.make_kernel(spec)
+    func = kernels.make_kernel(spec, kind)
     if func.attrs is None or func.attrs.get("global_symbol") != spec.uri:
         func = func.with_attr("global_symbol", spec.uri)
     sig = kernels.signature(spec).check_prim_func(func)

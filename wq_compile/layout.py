@@ -17,7 +17,9 @@ from typing import Callable
 
 import torch
 
-from .quant import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from .quant import (
+    QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, key_words, quantize_keys, quantize_values,
+)
 from .spec import QUANT_BITS, QuantSpec
 
 
@@ -48,7 +50,7 @@ class QuantBucket:
     """All tokens of one layer stored at ``spec.bits``, in bucket order, packed as in :mod:`wq_compile.quant`."""
 
     spec: QuantSpec
-    k_codes: torch.Tensor  # [B, Hkv, cap, D/per] int32
+    k_codes: torch.Tensor  # [B, Hkv, ceil(cap/k_group), D, key_words] int32, token-packed per key group
     k_scale: torch.Tensor  # [B, Hkv, ceil(cap/k_group), D] fp16
     k_zero: torch.Tensor
     v_codes: torch.Tensor  # [B, Hkv, cap, D/per] int32
@@ -67,7 +69,7 @@ class QuantBucket:
         z = dict(device=device)
         return cls(
             spec,
-            torch.zeros(batch, kv_heads, cap, words, dtype=torch.int32, **z),
+            torch.zeros(batch, kv_heads, groups, head_dim, key_words(spec.bits, spec.k_group), dtype=torch.int32, **z),
             torch.zeros(batch, kv_heads, groups, head_dim, dtype=torch.float16, **z),
             torch.zeros(batch, kv_heads, groups, head_dim, dtype=torch.float16, **z),
             torch.zeros(batch, kv_heads, cap, words, dtype=torch.int32, **z),
@@ -79,14 +81,14 @@ class QuantBucket:
 
     @property
     def capacity(self) -> int:
-        return self.k_codes.shape[2]
+        return self.v_codes.shape[2]
 
     def _reserve(self, tokens: int) -> None:
         if tokens <= self.capacity:
             return
         cap = _round_up(max(tokens, self.capacity * 3 // 2), self.chunk)  # amortized growth
         groups = -(-cap // self.spec.k_group)
-        self.k_codes, self.v_codes = _grow(self.k_codes, 2, cap), _grow(self.v_codes, 2, cap)
+        self.k_codes, self.v_codes = _grow(self.k_codes, 2, groups), _grow(self.v_codes, 2, cap)
         self.v_scale, self.v_zero = _grow(self.v_scale, 2, cap), _grow(self.v_zero, 2, cap)
         self.k_scale, self.k_zero = _grow(self.k_scale, 2, groups), _grow(self.k_zero, 2, groups)
 
@@ -101,11 +103,13 @@ class QuantBucket:
 
     def append_quantized(self, b: int, qk: QuantizedKeys, qv: QuantizedValues) -> None:
         """Store already-quantized tokens (e.g. from the compiled quantize kernel) after sample ``b``'s tokens."""
-        n = qk.codes.shape[-2]
+        n = qv.codes.shape[-2]
         start = int(self.lens[b])
+        if start % self.spec.k_group:
+            raise ValueError(f"lens: sample {b} holds {start} tokens, not whole key groups of {self.spec.k_group}")
         self._reserve(start + n)
         g0 = start // self.spec.k_group
-        self.k_codes[b, :, start : start + n] = qk.codes
+        self.k_codes[b, :, g0 : g0 + qk.codes.shape[-3]] = qk.codes
         self.v_codes[b, :, start : start + n] = qv.codes
         self.v_scale[b, :, start : start + n] = qv.scale
         self.v_zero[b, :, start : start + n] = qv.zero
@@ -121,12 +125,13 @@ class QuantBucket:
 
     def used_bytes(self) -> int:
         """Exact bytes of the valid tokens: codes, key-group and value-group scale/zero, all samples and heads."""
-        hkv, words = self.k_codes.shape[1], self.k_codes.shape[3]
-        d = self.k_scale.shape[3]
+        hkv, vwords = self.v_codes.shape[1], self.v_codes.shape[3]
+        d, kwords = self.k_codes.shape[3], self.k_codes.shape[4]
         vgroups = self.v_scale.shape[3]
         total = 0
         for n in self.lens.tolist():
-            total += hkv * (2 * n * words * 4 + 2 * (-(-n // self.spec.k_group)) * d * 2 + 2 * n * vgroups * 2)
+            groups = -(-n // self.spec.k_group)
+            total += hkv * (groups * d * kwords * 4 + n * vwords * 4 + 2 * groups * d * 2 + 2 * n * vgroups * 2)
         return total
 
     def allocated_bytes(self) -> int:

@@ -3,7 +3,16 @@
 Format (see DESIGN.md): asymmetric min/max, ``x ~ code * scale + zero`` computed in fp32 from fp16 scale and zero.
 Keys: per channel over groups of ``k_group`` tokens (the last group of a run may be shorter).
 Values: per token over groups of ``v_group`` channels.
-Codes: packed along the channel axis, little-endian, ``32 // bits`` codes per int32 word.
+
+Value codes: packed along the channel axis, little-endian, ``32 // bits`` codes per int32 word (``[..., n, D/per]``).
+Viewed as bytes, byte ``j`` of a token holds channels ``j*F .. j*F+F-1`` (``F = 8 // bits``), lowest bits first.
+
+Key codes: packed along *tokens*, per key group and channel (KIVI packs keys along tokens):
+``[..., G, D, W]`` int32 with ``W = key_words(bits, k_group)``. A group has ``S = key_slots(k_group)`` token slots
+(``k_group`` rounded up to 32; slots past ``k_group`` hold code 0); viewed as ``L = S * bits / 8`` bytes per
+(group, channel), slot ``s`` is field ``s // L`` (bits ``bits * (s // L)``) of byte ``s % L``. So one contiguous
+load of ``L`` bytes, zero-extended to ``L`` lanes, gives ``F`` vectors of consecutive tokens after a constant
+shift and mask: the CPU kernel's dot products run over tokens, never across SIMD lanes.
 """
 
 from __future__ import annotations
@@ -53,6 +62,66 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*words.shape[:-1], words.shape[-1] * per)
 
 
+def key_slots(k_group: int) -> int:
+    """Token slots of one packed key group: ``k_group`` rounded up to a multiple of 32 (whole words at 2/4/8 bits)."""
+    return -(-k_group // WORD_BITS) * WORD_BITS
+
+
+def key_words(bits: int, k_group: int) -> int:
+    """int32 words per (key group, channel) in the token-packed key format."""
+    return key_slots(k_group) * bits // WORD_BITS
+
+
+def key_lane_bytes(bits: int, k_group: int) -> int:
+    """Bytes per (key group, channel): slot ``s`` lives in byte ``s % L`` at field ``s // L``."""
+    return key_slots(k_group) * bits // 8
+
+
+def pack_keys(codes: torch.Tensor, bits: int, k_group: int) -> torch.Tensor:
+    """Key codes ``[..., n, D]`` in ``[0, 2**bits)`` -> token-packed words ``[..., ceil(n/k_group), D, W]`` int32.
+
+    Token ``t`` is slot ``t % k_group`` of group ``t // k_group``; unused slots (the short last group, the padding
+    up to :func:`key_slots`) hold code 0.
+    """
+    elems_per_word(bits)  # validates bits
+    n, d = codes.shape[-2], codes.shape[-1]
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
+        raise ValueError(f"codes: values must lie in [0, {1 << bits}) for {bits} bits")
+    g = -(-n // k_group)
+    slots, lb = key_slots(k_group), key_lane_bytes(bits, k_group)
+    lead = codes.shape[:-2]
+    c = torch.zeros(*lead, g * k_group, d, dtype=torch.int64, device=codes.device)
+    c[..., :n, :] = codes.to(torch.int64)
+    c = c.reshape(*lead, g, k_group, d)
+    c = torch.cat([c, c.new_zeros(*lead, g, slots - k_group, d)], dim=-2)  # [..., G, S, D]
+    c = c.transpose(-1, -2).reshape(*lead, g, d, slots // lb, lb)  # slot = field * L + byte
+    shifts = (torch.arange(slots // lb, dtype=torch.int64, device=codes.device) * bits)[:, None]
+    byte = (c << shifts).sum(-2)  # [..., G, D, L]: disjoint bit ranges, sum == or
+    byte = byte.reshape(*lead, g, d, lb // 4, 4) << (torch.arange(4, dtype=torch.int64, device=codes.device) * 8)
+    words = byte.sum(-1)
+    words = torch.where(words >= 2**31, words - 2**WORD_BITS, words)
+    return words.to(torch.int32)
+
+
+def unpack_keys(words: torch.Tensor, bits: int, k_group: int, n: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_keys`: ``[..., G, D, W]`` int32 -> codes ``[..., n, D]`` int64 (``n`` <= G*k_group)."""
+    if words.dtype != torch.int32:
+        raise TypeError(f"words: expected int32, got {words.dtype}")
+    g, d, w = words.shape[-3], words.shape[-2], words.shape[-1]
+    if w != key_words(bits, k_group):
+        raise ValueError(f"words: expected {key_words(bits, k_group)} words per (group, channel), got {w}")
+    n = g * k_group if n is None else n
+    slots, lb = key_slots(k_group), key_lane_bytes(bits, k_group)
+    lead = words.shape[:-3]
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    byte = (x.unsqueeze(-1) >> (torch.arange(4, dtype=torch.int64, device=words.device) * 8)) & 0xFF
+    byte = byte.reshape(*lead, g, d, 1, lb)
+    shifts = (torch.arange(slots // lb, dtype=torch.int64, device=words.device) * bits)[:, None]
+    c = (byte >> shifts) & ((1 << bits) - 1)  # [..., G, D, F, L] -> slot = f * L + byte
+    c = c.reshape(*lead, g, d, slots)[..., :k_group].transpose(-1, -2)  # [..., G, k_group, D]
+    return c.reshape(*lead, g * k_group, d)[..., :n, :]
+
+
 def _minmax_params(mn: torch.Tensor, mx: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (scale, zero) with ``zero + qmax * scale >= max`` so codes never clip; constant groups get scale 0."""
     zero = mn.to(SCALE_DTYPE)
@@ -76,7 +145,8 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) 
 
 @dataclass(frozen=True)
 class QuantizedKeys:
-    """Keys of ``n`` tokens: codes ``[..., n, d/per_word]`` int32, scale/zero ``[..., ceil(n/k_group), d]`` fp16."""
+    """Keys of ``n`` tokens: codes ``[..., G, d, key_words]`` int32 (token-packed), scale/zero ``[..., G, d]`` fp16,
+    ``G = ceil(n / k_group)``."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -112,7 +182,7 @@ def quantize_keys(k: torch.Tensor, spec: QuantSpec) -> QuantizedKeys:
     scale, zero = _minmax_params(grouped.amin(-2), grouped.amax(-2), spec.qmax)
     idx = torch.arange(n, device=k.device) // spec.k_group
     codes = _codes(kf, scale[..., idx, :], zero[..., idx, :], spec.qmax)
-    return QuantizedKeys(pack(codes, spec.bits), scale, zero, spec)
+    return QuantizedKeys(pack_keys(codes, spec.bits, spec.k_group), scale, zero, spec)
 
 
 def quantize_values(v: torch.Tensor, spec: QuantSpec) -> QuantizedValues:
@@ -128,11 +198,20 @@ def quantize_values(v: torch.Tensor, spec: QuantSpec) -> QuantizedValues:
 
 
 def dequantize_keys(qk: QuantizedKeys, n: int | None = None) -> torch.Tensor:
-    """fp32 keys ``[..., n, d]`` from a :class:`QuantizedKeys` (``n`` defaults to the packed token count)."""
-    n = qk.codes.shape[-2] if n is None else n
-    codes = unpack(qk.codes[..., :n, :], qk.spec.bits).float()
+    """fp32 keys ``[..., n, d]`` from a :class:`QuantizedKeys` (``n`` defaults to ``G * k_group``; a larger ``n``
+    is padded with zero-code tokens of the last group's scale/zero, or zeros if that group does not exist)."""
+    g = qk.codes.shape[-3]
+    n = g * qk.spec.k_group if n is None else n
+    codes = unpack_keys(qk.codes, qk.spec.bits, qk.spec.k_group, min(n, g * qk.spec.k_group)).float()
+    if n > codes.shape[-2]:
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-2], n - codes.shape[-2], codes.shape[-1])], dim=-2)
+    scale, zero = qk.scale, qk.zero
+    ng = -(-n // qk.spec.k_group)
+    if ng > scale.shape[-2]:
+        pad = (*scale.shape[:-2], ng - scale.shape[-2], scale.shape[-1])
+        scale, zero = torch.cat([scale, scale.new_zeros(pad)], -2), torch.cat([zero, zero.new_zeros(pad)], -2)
     idx = torch.arange(n, device=codes.device) // qk.spec.k_group
-    return codes * qk.scale[..., idx, :].float() + qk.zero[..., idx, :].float()
+    return codes * scale[..., idx, :].float() + zero[..., idx, :].float()
 
 
 def dequantize_values(qv: QuantizedValues) -> torch.Tensor:
@@ -147,7 +226,7 @@ def dequantize_values(qv: QuantizedValues) -> torch.Tensor:
 def fake_quant(x: torch.Tensor, spec: QuantSpec, kind: str) -> torch.Tensor:
     """Quantize then dequantize keys (``kind="k"``) or values (``"v"``): the error the cache will see."""
     if kind == "k":
-        return dequantize_keys(quantize_keys(x, spec))
+        return dequantize_keys(quantize_keys(x, spec), x.shape[-2])
     if kind == "v":
         return dequantize_values(quantize_values(x, spec))
     raise ValueError(f"kind: must be 'k' or 'v', got {kind!r}")

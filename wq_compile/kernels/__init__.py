@@ -33,7 +33,7 @@ import tvm
 from tvm import tirx
 
 from ..spec import KernelSpec
-from . import attention, merge, quantize
+from . import attention, attention_cpu, merge, quantize
 from ..signature import ArgDesc, KernelSignature
 from .common import NEG_BIG
 
@@ -59,8 +59,15 @@ def _factory(spec: KernelSpec):
         raise ValueError(f"kind: no kernel factory for {spec.kind!r}") from None
 
 
-def make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
-    """The TIR function of ``spec`` (unscheduled; schedule it with ``wq_compile.schedules``)."""
+def make_kernel(spec: KernelSpec, target_kind: str | None = None) -> tirx.PrimFunc:
+    """The TIR function of ``spec`` (unscheduled; schedule it with ``wq_compile.schedules.<target_kind>``).
+
+    ``target_kind="llvm"`` gives the CPU fused kernel (:mod:`.attention_cpu`: plain TIR with its SIMD structure
+    explicit, same signature) for ``kind="fused"``; every other case is the block-style kernel (CUDA, and the
+    per-bucket decode kernels on llvm). ``None`` keeps the block-style kernel.
+    """
+    if target_kind == "llvm" and spec.kind == "fused":
+        return attention_cpu.build_fused_cpu(spec)
     return _factory(spec)[0](spec)
 
 
@@ -96,7 +103,7 @@ def specialize(func: tirx.PrimFunc, sig: KernelSignature, sizes: Mapping[str, in
 
 
 def static_workload(spec: KernelSpec, sizes: Mapping[str, int],
-                    scalars: Mapping[str, float] | None = None) -> tirx.PrimFunc:
+                    scalars: Mapping[str, float] | None = None, target_kind: str | None = None) -> tirx.PrimFunc:
     """``make_kernel(spec)`` with every symbolic size (and scalar parameter) fixed: the tuning workload.
 
     MetaSchedule measures only static shapes (``ArgInfo`` rejects symbolic ones). The design spaces never touch the
@@ -104,7 +111,8 @@ def static_workload(spec: KernelSpec, sizes: Mapping[str, int],
     ``sizes`` maps the symbols of :func:`signature` (``B``, ``N``, ``G``, ``N4``, ...) to ints; scalars default to
     :func:`default_scalars` (``sm_scale = head_dim ** -0.5``).
     """
-    return specialize(make_kernel(spec), signature(spec), sizes, {**default_scalars(spec), **(scalars or {})})
+    return specialize(make_kernel(spec, target_kind), signature(spec), sizes,
+                      {**default_scalars(spec), **(scalars or {})})
 
 
 def tuning_module(func: tirx.PrimFunc, sig: KernelSignature, sizes: Mapping[str, int],

@@ -39,6 +39,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..quant import key_lane_bytes, key_words
 from ..spec import KernelSpec
 from ..signature import ArgDesc, KernelSignature
 from .common import NEG_BIG, f32, fast_exp
@@ -98,7 +99,7 @@ def piece_args(spec: KernelSpec, p: Piece) -> list[ArgDesc]:
     q = spec.quant(p.bits)
     w = d // q.per_word
     return [
-        ArgDesc.tensor(f"{pre}k_codes", ("B", hkv, p.n_sym, w), _I32),
+        ArgDesc.tensor(f"{pre}k_codes", ("B", hkv, p.g_sym, d, key_words(p.bits, q.k_group)), _I32),
         ArgDesc.tensor(f"{pre}k_scale", ("B", hkv, p.g_sym, d), _F16),
         ArgDesc.tensor(f"{pre}k_zero", ("B", hkv, p.g_sym, d), _F16),
         ArgDesc.tensor(f"{pre}v_codes", ("B", hkv, p.n_sym, w), _I32),
@@ -145,6 +146,16 @@ def max_lanes(chunk: int) -> int:
 def _unpack(word: tirx.PrimExpr, j: tirx.PrimExpr, bits: int) -> tirx.PrimExpr:
     """Code ``j`` of an int32 word as fp32; the mask drops the sign extension of the arithmetic shift."""
     shifted = tirx.shift_right(word, j * bits)
+    return tirx.bitwise_and(shifted, tirx.const((1 << bits) - 1, _I32)).astype(_F32)
+
+
+def key_code(k_codes, b, kh, tok: tirx.PrimExpr, dd: tirx.PrimExpr, bits: int, k_group: int) -> tirx.PrimExpr:
+    """Code of token ``tok``, channel ``dd`` in the token-packed key format (see :mod:`wq_compile.quant`), as fp32."""
+    lb = key_lane_bytes(bits, k_group)
+    grp, slot = tirx.floordiv(tok, k_group), tirx.floormod(tok, k_group)
+    byte, field = tirx.floormod(slot, lb), tirx.floordiv(slot, lb)
+    word = k_codes[b, kh, grp, dd, tirx.floordiv(byte, 4)]
+    shifted = tirx.shift_right(word, tirx.floormod(byte, 4) * 8 + field * bits)
     return tirx.bitwise_and(shifted, tirx.const((1 << bits) - 1, _I32)).astype(_F32)
 
 
@@ -330,7 +341,8 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh) -> None:
                     dd = vw * per + vj
                     grp = tirx.floordiv(tok, spec.k_group)
                     scale = ksc[vb, vkh, grp, dd].astype(_F32)
-                    val = _unpack(kc[vb, vkh, tok, vw], vj, p.bits) * scale + kze[vb, vkh, grp, dd].astype(_F32)
+                    code = key_code(kc, vb, vkh, tok, dd, p.bits, spec.k_group)
+                    val = code * scale + kze[vb, vkh, grp, dd].astype(_F32)
                     T.buffer_store(kd, val, [vb, vkh, tok, vw, vj])
         else:
             kin = bufs[f"{pre}k"]

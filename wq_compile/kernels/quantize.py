@@ -13,6 +13,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ..quant import key_lane_bytes, key_words
 from ..spec import KernelSpec
 from ..signature import ArgDesc, KernelSignature
 from .common import f32
@@ -36,7 +37,7 @@ def signature(spec: KernelSpec) -> KernelSignature:
     args = (
         ArgDesc.tensor("k", ("B", hkv, "n", d), spec.tvm_dtype),
         ArgDesc.tensor("v", ("B", hkv, "n", d), spec.tvm_dtype),
-        ArgDesc.tensor("k_codes", ("B", hkv, "n", w), _I32, output=True),
+        ArgDesc.tensor("k_codes", ("B", hkv, "G", d, key_words(qs.bits, qs.k_group)), _I32, output=True),
         ArgDesc.tensor("k_scale", ("B", hkv, "G", d), _F16, output=True),
         ArgDesc.tensor("k_zero", ("B", hkv, "G", d), _F16, output=True),
         ArgDesc.tensor("v_codes", ("B", hkv, "n", w), _I32, output=True),
@@ -112,17 +113,20 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                         vb, vh, vgr, vd = T.axis.remap("SSSS", [b, h, g, dd])
                         scale, _ = _params(kmn[vb, vh, vgr, vd], kmx[vb, vh, vgr, vd], qmax)
                         T.buffer_store(k_scale, scale, [vb, vh, vgr, vd])
-                with T.grid(bsz, hkv, n_tok, d // per) as (b, h, t, w):
+                # token-packed keys: word w of (group, channel) holds bytes 4w..4w+3; slot s = field * L + byte
+                lb = key_lane_bytes(bits, kg)
+                with T.grid(bsz, hkv, n_grp, d, key_words(bits, kg)) as (b, h, g, dd, w):
                     with T.sblock("k_pack"):
-                        vb, vh, vt, vw = T.axis.remap("SSSS", [b, h, t, w])
-                        grp = tirx.floordiv(vt, kg)
-
-                        def kcode(j, vb=vb, vh=vh, vt=vt, vw=vw, grp=grp):
-                            dd = vw * per + j
-                            x = k[vb, vh, vt, dd].astype(_F32)
-                            return _code(x, k_scale[vb, vh, grp, dd], k_zero[vb, vh, grp, dd], qmax)
-
-                        T.buffer_store(k_codes, pack(kcode), [vb, vh, vt, vw])
+                        vb, vh, vgr, vd, vw = T.axis.remap("SSSSS", [b, h, g, dd, w])
+                        word = tirx.const(0, _U32)
+                        for byte_in_word in range(4):
+                            for field in range(8 // bits):
+                                slot = field * lb + vw * 4 + byte_in_word
+                                x = k[vb, vh, vgr * kg + tirx.min(slot, kg - 1), vd].astype(_F32)
+                                code = _code(x, k_scale[vb, vh, vgr, vd], k_zero[vb, vh, vgr, vd], qmax)
+                                code = tirx.Select(slot < kg, code, tirx.const(0, _U32))
+                                word = tirx.bitwise_or(word, tirx.shift_left(code, tirx.const(byte_in_word * 8 + field * bits, _U32)))
+                        T.buffer_store(k_codes, tirx.reinterpret(_I32, word), [vb, vh, vgr, vd, vw])
                 # ---- values: per token over v_group channels ----
                 for name, buf, op, ident in (("v_min", vmn, tirx.min, float("inf")), ("v_max", vmx, tirx.max, float("-inf"))):
                     with T.grid(bsz, hkv, n_tok, d // vg, vg) as (b, h, t, g, j):

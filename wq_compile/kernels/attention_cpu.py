@@ -1,0 +1,419 @@
+"""CPU (llvm) fused decode attention over token-packed quantized buckets and a dense piece: explicit SIMD structure.
+
+Same arguments as the fused kernel of :mod:`wq_compile.kernels.attention` (``signature`` is shared); written as
+plain (non-block) TIR whose vector loops LLVM turns into the instructions named below, because the work is
+vectorized over *tokens* for QK and over *channels* for P @ V, which needs byte views of the packed words.
+
+Per work item ``(b, kh, split)`` (a parallel loop; ``splits`` token ranges per KV head, merged flash-decoding
+style at the end), for each piece, for each tile (one key group of a quantized piece: ``key_slots`` token slots;
+16 tokens of the dense piece)::
+
+    qs[h, d] = qf[h, d] * k_scale[g, d]            # per-channel key scale folded into the query, once per group
+    z[h]     = sum_d qf[h, d] * k_zero[g, d]        # the key zero point: one number per head and group
+    S[h, s]  = z[h] + sum_d qs[h, d] * code(g, d, s) # s = token slot: the L bytes of (g, d) are one vector load,
+                                                     # zero-extended to int32 lanes, F = 8/bits shift+mask fields
+    online softmax over the tile (vector exp), P folded with the per-token value scale (Pv = P * v_scale[t])
+    acc[h, f, j] += Pv[h, t] * code_v(t, byte j, field f)   # V bytes zero-extended, channel = j * F + f
+    zacc[h, vg]  += sum_t P[h, t] * v_zero[t, vg]            # the value zero point, per head and value group
+
+so the inner loops are a byte load + vpmovzxbd + shift/and + vcvtdq2ps, and FMAs with a broadcast query/probability
+for every query head of the GQA group (all in registers): no horizontal sums except one max and one sum per tile
+and head. Empty pieces and tokens past ``lens`` cost nothing (tile loops run to ``ceil(lens / tile)``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from ..quant import key_lane_bytes, key_slots
+from ..spec import KernelSpec
+from .attention import Piece, pieces, signature
+from .common import NEG_BIG, f32, fast_exp
+
+_F32, _I32, _U8 = "float32", "int32", "uint8"
+
+#: Function attribute marking a kernel whose schedule is written into its TIR (no blocks for a Schedule to
+#: transform): the llvm ``default_schedule`` leaves it as it is.
+PLAIN_TIR_ATTR = "wq.plain_tir"
+#: Token tile of the dense piece (one vector of tokens for its scores).
+DENSE_TILE = 16
+#: Widest vector the factory asks for (AVX-512: 16 fp32 lanes); LLVM splits wider ones.
+LANES = 16
+
+
+@dataclass(frozen=True)
+class CpuKnobs:
+    """Structure knobs of the CPU kernel (factory parameters; they change the generated code, not the results).
+
+    ``splits``: token ranges per (batch, KV head) work item, merged at the end (flash-decoding); more work items
+    than cores balance better, each costs one merge. ``pv_channels``: channel bytes of V per pass over a tile's
+    tokens (the P @ V register tile: group size x fields x pv_channels fp32 accumulators)."""
+
+    splits: int = 2
+    pv_channels: int = 16
+    qk_heads: int = 8
+
+    @staticmethod
+    def of(spec: KernelSpec) -> "CpuKnobs":
+        extra = dict(spec.extra)
+        return CpuKnobs(splits=int(extra.get("splits", 2)), pv_channels=int(extra.get("pvc", 16)),
+                        qk_heads=int(extra.get("qkh", 8)))
+
+
+@contextmanager
+def _vec(n: int):
+    """``for i in range(n)`` as unrolled vectors of at most :data:`LANES` lanes (one register each): wider vector
+    types make LLVM split, mask and reshuffle them through scalar extracts."""
+    lanes = min(LANES, n)
+    if n % lanes:
+        raise ValueError(f"vector loop of {n} is not a multiple of {lanes} lanes")
+    if n == lanes:
+        with T.vectorized(0, n) as i:
+            yield i
+    else:
+        with T.unroll(0, n // lanes) as k:
+            with T.vectorized(0, lanes) as ln:
+                yield k * lanes + ln
+
+
+def _u8(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    return x.astype(_I32)
+
+
+def build_fused_cpu(spec: KernelSpec) -> tirx.PrimFunc:
+    """Plain TIR of the fused decode kernel for llvm targets (see the module docstring)."""
+    if spec.kind != "fused":
+        raise ValueError(f"kind: the CPU kernel is a fused kernel, got {spec.kind!r}")
+    ps = pieces(spec)
+    sig = signature(spec)
+    knobs = CpuKnobs.of(spec)
+    hkv, d, gs = spec.num_kv_heads, spec.head_dim, spec.group_size
+    nsplit = knobs.splits
+    syms: dict[str, tirx.Var] = {}
+
+    def dim(x):
+        return x if isinstance(x, int) else syms.setdefault(x, tirx.Var(x, _I32))
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(spec.uri)
+            T.func_attr({"tirx.noalias": True, PLAIN_TIR_ATTR: True})
+            bufs: dict[str, object] = {}
+            for a in sig.args:
+                if a.is_scalar:
+                    bufs[a.name] = T.arg(a.name, tirx.Var(a.name, a.dtype))
+                else:
+                    bufs[a.name] = T.arg(a.name, T.buffer(tuple(dim(s) for s in a.shape), a.dtype))
+            bsz = syms["B"]
+            q, sm_scale, out = bufs["q"], bufs["sm_scale"], bufs["out"]
+            items = bsz * hkv * nsplit
+            # partial states of every work item, merged after the parallel loop
+            ws_m = T.alloc_buffer((items * gs,), _F32)
+            ws_l = T.alloc_buffer((items * gs,), _F32)
+            ws_acc = T.alloc_buffer((items * gs * d,), _F32)
+            IRBuilder.name_many(["ws_m", "ws_l", "ws_acc"], [ws_m, ws_l, ws_acc])
+            with T.parallel(0, items) as wi:
+                b = tirx.floordiv(wi, hkv * nsplit)
+                kh = tirx.floormod(tirx.floordiv(wi, nsplit), hkv)
+                sp = tirx.floormod(wi, nsplit)
+                # one scratch allocation per work item for every buffer over the stack limit (each separate one is
+                # a workspace allocation call: ~0.25 us, dozens per call), carved into views at fixed offsets
+                arena = T.alloc_buffer((4 * gs * d + d * DENSE_TILE,), _F32, scope="local")
+                IRBuilder.name("arena", arena)
+
+                def view(shape, k):
+                    return T.decl_buffer(shape, _F32, data=arena.data, elem_offset=k * gs * d, scope="local")
+
+                scratch = {"pacc": view((gs, d), 2), "qs": view((gs, d), 3), "kt": view((d, DENSE_TILE), 4)}
+                qf = view((gs, d), 0)
+                m_all = T.alloc_buffer((gs,), _F32, scope="local")
+                l_all = T.alloc_buffer((gs,), _F32, scope="local")
+                acc = view((gs, d), 1)
+                with T.serial(0, gs) as h:
+                    with _vec(d) as dd:
+                        T.buffer_store(qf, q[b, kh * gs + h, dd].astype(_F32) * sm_scale, [h, dd])
+                        T.buffer_store(acc, f32(0.0), [h, dd])
+                    T.buffer_store(m_all, f32(NEG_BIG), [h])
+                    T.buffer_store(l_all, f32(0.0), [h])
+                for p in ps:
+                    if p.quantized:
+                        _quant_piece(spec, p, knobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
+                    else:
+                        _dense_piece(spec, p, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
+                with T.serial(0, gs) as h:
+                    T.buffer_store(ws_m, m_all[h], [wi * gs + h])
+                    T.buffer_store(ws_l, l_all[h], [wi * gs + h])
+                    with _vec(d) as dd:
+                        T.buffer_store(ws_acc, acc[h, dd], [(wi * gs + h) * d + dd])
+            # merge the splits of each (b, kh): out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M)
+            with T.serial(0, bsz * hkv) as bk:  # tiny: one thread, no second pool launch
+                mm = T.alloc_buffer((gs,), _F32, scope="local")
+                ll = T.alloc_buffer((gs,), _F32, scope="local")
+                w = T.alloc_buffer((gs, nsplit), _F32, scope="local")
+                with T.serial(0, gs) as h:
+                    T.buffer_store(mm, f32(NEG_BIG), [h])
+                    with T.serial(0, nsplit) as s:
+                        T.buffer_store(mm, tirx.max(mm[h], ws_m[(bk * nsplit + s) * gs + h]), [h])
+                    T.buffer_store(ll, f32(0.0), [h])
+                    with T.serial(0, nsplit) as s:
+                        i = (bk * nsplit + s) * gs + h
+                        T.buffer_store(w, fast_exp(ws_m[i] - mm[h]), [h, s])
+                        T.buffer_store(ll, ll[h] + ws_l[i] * w[h, s], [h])
+                    with _vec(d) as dd:
+                        tot = f32(0.0)
+                        for s in range(nsplit):
+                            tot = tot + ws_acc[((bk * nsplit + s) * gs + h) * d + dd] * w[h, s]
+                        val = tirx.Select(ll[h] > f32(0.0), tot / ll[h], f32(0.0))
+                        b_ = tirx.floordiv(bk, hkv)
+                        kh_ = tirx.floormod(bk, hkv)
+                        T.buffer_store(out, val.astype(spec.tvm_dtype), [b_, kh_ * gs + h, dd])
+    return ib.get()
+
+
+def _split_range(n_tiles: tirx.PrimExpr, sp: tirx.PrimExpr, nsplit: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    return tirx.floordiv(n_tiles * sp, nsplit), tirx.floordiv(n_tiles * (sp + 1), nsplit)
+
+
+def _tree(op, red, width: int) -> tirx.PrimExpr:
+    """Reduce the local vector ``red[0:width]`` to a scalar by halving shuffles of one vector value (register
+    shuffles, not a serial chain of ``width`` dependent scalar ops)."""
+    v = tirx.BufferLoad(red, [tirx.Ramp(0, 1, width)])
+    w = width
+    while w > 1:
+        half = w // 2
+        lo = tirx.Shuffle([v], [tirx.const(i, _I32) for i in range(half)])
+        hi = tirx.Shuffle([v], [tirx.const(i, _I32) for i in range(half, w)])
+        v = op(lo, hi)
+        w = half
+    return v
+
+
+def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, alpha) -> None:
+    """Online softmax of one tile: scores ``s_buf[h, slot]`` (slots >= nvalid masked) -> ``p_buf``; updates the
+    piece's running max ``pm`` / sum ``pl`` and leaves the rescale factor of the old state in ``alpha``."""
+    lanes = min(LANES, slots)
+    with T.serial(0, gs) as h:
+        red = T.alloc_buffer((lanes,), _F32, scope="local")
+        red2 = T.alloc_buffer((lanes,), _F32, scope="local")
+
+        def masked(slot):
+            return tirx.Select(slot < nvalid, s_buf[h, slot], f32(NEG_BIG))
+
+        with T.vectorized(0, lanes) as ln:
+            mx = masked(ln)
+            for k in range(1, slots // lanes):
+                mx = tirx.max(mx, masked(k * lanes + ln))
+            T.buffer_store(red, mx, [ln])
+        mcur = T.alloc_buffer((1,), _F32, scope="local")
+        T.buffer_store(mcur, tirx.max(pm[h], _tree(tirx.max, red, lanes)), [0])
+        T.buffer_store(alpha, fast_exp(pm[h] - mcur[0]), [h])
+        with _vec(slots) as s:
+            T.buffer_store(p_buf, tirx.Select(s < nvalid, fast_exp(s_buf[h, s] - mcur[0]), f32(0.0)), [h, s])
+        with T.vectorized(0, lanes) as ln:
+            sm = p_buf[h, ln]
+            for k in range(1, slots // lanes):
+                sm = sm + p_buf[h, k * lanes + ln]
+            T.buffer_store(red2, sm, [ln])
+        T.buffer_store(pl, pl[h] * alpha[h] + _tree(lambda a, b: a + b, red2, lanes), [h])
+        T.buffer_store(pm, mcur[0], [h])
+
+
+def _merge_piece(gs: int, d: int, pm, pl, m_all, l_all, acc, piece_acc) -> None:
+    """Fold a piece's state (pm, pl, piece_acc(h, channel)) into the work item's state (m_all, l_all, acc)."""
+    with T.serial(0, gs) as h:
+        mn = tirx.max(m_all[h], pm[h])
+        ea = T.alloc_buffer((2,), _F32, scope="local")
+        T.buffer_store(ea, fast_exp(m_all[h] - mn), [0])
+        T.buffer_store(ea, fast_exp(pm[h] - mn), [1])
+        with _vec(d) as dd:
+            T.buffer_store(acc, acc[h, dd] * ea[0] + piece_acc(h, dd) * ea[1], [h, dd])
+        T.buffer_store(l_all, l_all[h] * ea[0] + pl[h] * ea[1], [h])
+        T.buffer_store(m_all, mn, [h])
+
+
+def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
+    hkv, d, gs, kg = spec.num_kv_heads, spec.head_dim, spec.group_size, spec.k_group
+    qspec = spec.quant(p.bits)
+    bits, mask = p.bits, (1 << p.bits) - 1
+    fields = 8 // bits
+    slots, lb = key_slots(kg), key_lane_bytes(bits, kg)  # slot s = field s // lb of byte s % lb
+    vbytes = d * bits // 8  # value bytes per token: byte j holds channels j*F .. j*F+F-1
+    nvg = d // qspec.v_group
+    vg_bytes = qspec.v_group * bits // 8
+    pvc = min(knobs.pv_channels, vbytes)
+    while vbytes % pvc or vg_bytes % pvc and pvc > 1:
+        pvc //= 2
+    pre = f"{p.tag}_"
+    k_codes, k_scale, k_zero = bufs[pre + "k_codes"], bufs[pre + "k_scale"], bufs[pre + "k_zero"]
+    v_codes, v_scale, v_zero, lens = bufs[pre + "v_codes"], bufs[pre + "v_scale"], bufs[pre + "v_zero"], bufs[pre + "lens"]
+    n_tok, n_grp = k_codes.shape[0] * 0 + v_codes.shape[2], k_codes.shape[2]
+    del n_tok
+    bsz = k_codes.shape[0]
+    # byte views of the packed words (same memory; little-endian)
+    kb = T.decl_buffer((bsz * hkv * n_grp * d * lb,), _U8, data=k_codes.data)
+    vb = T.decl_buffer((bsz * hkv * v_codes.shape[2] * vbytes,), _U8, data=v_codes.data)
+    IRBuilder.name_many([f"{pre}kb", f"{pre}vb"], [kb, vb])
+    nv = lens[b]
+    n_tiles = tirx.floordiv(nv + kg - 1, kg)
+    t0, t1 = _split_range(n_tiles, sp, knobs.splits)
+
+    pm = T.alloc_buffer((gs,), _F32, scope="local")
+    pl = T.alloc_buffer((gs,), _F32, scope="local")
+    alpha = T.alloc_buffer((gs,), _F32, scope="local")
+    pacc = T.decl_buffer((gs, fields, vbytes), _F32, data=scratch["pacc"].data, elem_offset=scratch["pacc"].elem_offset,
+                         scope="local")  # channel = byte * F + field (F * vbytes == d)
+    zacc = T.alloc_buffer((gs, nvg), _F32, scope="local")
+    qs = scratch["qs"]
+    zt = T.alloc_buffer((gs, LANES), _F32, scope="local")
+    s_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
+    p_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
+    pv = T.alloc_buffer((gs, nvg, slots), _F32, scope="local")
+    vsf = T.alloc_buffer((nvg, slots), _F32, scope="local")
+    vzf = T.alloc_buffer((nvg, slots), _F32, scope="local")
+    kv = T.alloc_buffer((fields, lb), _F32, scope="local")
+    vv = T.alloc_buffer((fields, pvc), _F32, scope="local")
+    with T.serial(0, gs) as h:
+        T.buffer_store(pm, f32(NEG_BIG), [h])
+        T.buffer_store(pl, f32(0.0), [h])
+        with T.serial(0, fields) as f:
+            with _vec(vbytes) as j:
+                T.buffer_store(pacc, f32(0.0), [h, f, j])
+        with T.serial(0, nvg) as vg:
+            T.buffer_store(zacc, f32(0.0), [h, vg])
+    with T.serial(t0, t1) as g:
+        nvalid = tirx.min(kg, nv - g * kg)
+        # ---- scale / zero folded into the query ----
+        zl = min(LANES, d)
+        # opaque trip count (== gs: lens >= 0): LLVM must not fully unroll this loop and then hoist all gs x d
+        # loads of qf out of the group loop (28+ vector registers live across the QK loop spill its accumulators)
+        with T.serial(0, gs + tirx.min(nv, 0)) as h:
+            with T.vectorized(0, zl) as ln:
+                T.buffer_store(zt, f32(0.0), [h, ln])
+            with T.serial(0, d // zl) as do:
+                with T.vectorized(0, zl) as ln:
+                    dd = do * zl + ln
+                    T.buffer_store(qs, qf[h, dd] * k_scale[b, kh, g, dd].astype(_F32), [h, dd])
+                    T.buffer_store(zt, zt[h, ln] + qf[h, dd] * k_zero[b, kh, g, dd].astype(_F32), [h, ln])
+        # ---- scores over token slots: S[h, f * lb + j] ----
+        with T.unroll(0, gs) as h:
+            with _vec(slots) as s:
+                T.buffer_store(s_buf, f32(0.0), [h, s])
+        kbase = ((b * hkv + kh) * n_grp + g) * (d * lb)
+        # heads in passes of qk_heads: (qk_heads x slots / 16) accumulators must stay in registers
+        for h0 in range(0, gs, knobs.qk_heads):
+            hn = min(knobs.qk_heads, gs - h0)
+            with T.serial(0, d) as dd:
+                with T.unroll(0, fields) as f:
+                    with _vec(lb) as j:
+                        code = tirx.bitwise_and(tirx.shift_right(_u8(kb[kbase + dd * lb + j]), f * bits), tirx.const(mask, _I32))
+                        T.buffer_store(kv, code.astype(_F32), [f, j])
+                with T.unroll(0, hn) as hi:
+                    h = h0 + hi
+                    with T.unroll(0, fields) as f:
+                        with _vec(lb) as j:
+                            T.buffer_store(s_buf, s_buf[h, f * lb + j] + qs[h, dd] * kv[f, j], [h, f * lb + j])
+        with T.serial(0, gs) as h:
+            zr = T.alloc_buffer((zl,), _F32, scope="local")
+            with T.vectorized(0, zl) as ln:
+                T.buffer_store(zr, zt[h, ln], [ln])
+            zsum = T.alloc_buffer((1,), _F32, scope="local")
+            T.buffer_store(zsum, _tree(lambda a, b: a + b, zr, zl), [0])
+            with _vec(slots) as s:
+                T.buffer_store(s_buf, s_buf[h, s] + zsum[0], [h, s])
+        _tile_softmax(gs, slots, nvalid, s_buf, p_buf, pm, pl, alpha)
+        # ---- P folded with the per-token value scale; zero-point sums (v scale / zero read once per tile) ----
+        tok0 = g * kg
+        with T.serial(0, nvg) as vg:
+            with _vec(slots) as s:
+                tok = tok0 + tirx.min(s, kg - 1)
+                ok = s < nvalid
+                T.buffer_store(vsf, tirx.Select(ok, v_scale[b, kh, tok, vg].astype(_F32), f32(0.0)), [vg, s])
+                T.buffer_store(vzf, tirx.Select(ok, v_zero[b, kh, tok, vg].astype(_F32), f32(0.0)), [vg, s])
+        with T.serial(0, gs) as h:
+            with T.serial(0, nvg) as vg:
+                zr = T.alloc_buffer((LANES,), _F32, scope="local")
+                with _vec(slots) as s:
+                    T.buffer_store(pv, p_buf[h, s] * vsf[vg, s], [h, vg, s])
+                with T.vectorized(0, LANES) as ln:
+                    zz = p_buf[h, ln] * vzf[vg, ln]
+                    for k in range(1, slots // LANES):
+                        zz = zz + p_buf[h, k * LANES + ln] * vzf[vg, k * LANES + ln]
+                    T.buffer_store(zr, zz, [ln])
+                T.buffer_store(zacc, zacc[h, vg] * alpha[h] + _tree(lambda a, b: a + b, zr, LANES), [h, vg])
+            with T.serial(0, fields) as f:
+                with _vec(vbytes) as j:
+                    T.buffer_store(pacc, pacc[h, f, j] * alpha[h], [h, f, j])
+        # ---- P @ V: channel-vectorized, pvc bytes (F * pvc channels) of V per pass over the tile's tokens ----
+        with T.unroll(0, vbytes // pvc) as c:
+            vg = tirx.floordiv(c * pvc, vg_bytes)
+            with T.serial(0, nvalid) as t:
+                vbase = ((b * hkv + kh) * v_codes.shape[2] + tok0 + t) * vbytes + c * pvc
+                with T.unroll(0, fields) as f:
+                    with T.vectorized(0, pvc) as j:
+                        code = tirx.bitwise_and(tirx.shift_right(_u8(vb[vbase + j]), f * bits), tirx.const(mask, _I32))
+                        T.buffer_store(vv, code.astype(_F32), [f, j])
+                with T.unroll(0, gs) as h:
+                    with T.unroll(0, fields) as f:
+                        with T.vectorized(0, pvc) as j:
+                            idx = [h, f, c * pvc + j]
+                            T.buffer_store(pacc, pacc[idx[0], idx[1], idx[2]] + pv[h, vg, t] * vv[f, j], idx)
+
+    def piece_acc(h, dd):
+        return pacc[h, tirx.floormod(dd, fields), tirx.floordiv(dd, fields)] + zacc[h, tirx.floordiv(dd, qspec.v_group)]
+
+    _merge_piece(gs, d, pm, pl, m_all, l_all, acc, piece_acc)
+
+
+def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
+    d, gs = spec.head_dim, spec.group_size
+    tile = DENSE_TILE
+    pre = f"{p.tag}_"
+    k, v, lens = bufs[pre + "k"], bufs[pre + "v"], bufs[pre + "lens"]
+    knobs = CpuKnobs.of(spec)
+    nv = lens[b]
+    n_tiles = tirx.floordiv(nv + tile - 1, tile)
+    t0, t1 = _split_range(n_tiles, sp, knobs.splits)
+    pm = T.alloc_buffer((gs,), _F32, scope="local")
+    pl = T.alloc_buffer((gs,), _F32, scope="local")
+    alpha = T.alloc_buffer((gs,), _F32, scope="local")
+    pacc = scratch["pacc"]
+    s_buf = T.alloc_buffer((gs, tile), _F32, scope="local")
+    p_buf = T.alloc_buffer((gs, tile), _F32, scope="local")
+    kt = scratch["kt"]
+    with T.serial(0, gs) as h:
+        T.buffer_store(pm, f32(NEG_BIG), [h])
+        T.buffer_store(pl, f32(0.0), [h])
+        with _vec(d) as dd:
+            T.buffer_store(pacc, f32(0.0), [h, dd])
+    pc = min(LANES, d)
+    with T.serial(t0, t1) as ti:
+        tok0 = ti * tile
+        nvalid = tirx.min(tile, nv - tok0)
+        # transpose the tile's keys (rows past lens are clamped to a valid row: finite, masked below)
+        with T.serial(0, tile) as t:
+            with _vec(d) as dd:
+                T.buffer_store(kt, k[b, kh, tok0 + tirx.min(t, nvalid - 1), dd].astype(_F32), [dd, t])
+        with T.unroll(0, gs) as h:
+            with _vec(tile) as t:
+                T.buffer_store(s_buf, f32(0.0), [h, t])
+        with T.serial(0, d) as dd:
+            with T.unroll(0, gs) as h:
+                with _vec(tile) as t:
+                    T.buffer_store(s_buf, s_buf[h, t] + qf[h, dd] * kt[dd, t], [h, t])
+        _tile_softmax(gs, tile, nvalid, s_buf, p_buf, pm, pl, alpha)
+        with T.serial(0, gs) as h:
+            with _vec(d) as dd:
+                T.buffer_store(pacc, pacc[h, dd] * alpha[h], [h, dd])
+        with T.unroll(0, d // pc) as c:
+            with T.serial(0, nvalid) as t:
+                with T.unroll(0, gs) as h:
+                    with T.vectorized(0, pc) as j:
+                        dd = c * pc + j
+                        val = pacc[h, dd] + p_buf[h, t] * v[b, kh, tok0 + t, dd].astype(_F32)
+                        T.buffer_store(pacc, val, [h, dd])
+    _merge_piece(gs, d, pm, pl, m_all, l_all, acc, lambda h, dd: pacc[h, dd])
