@@ -5,7 +5,8 @@ capacities ``N`` must be whole multiples of ``spec.chunk`` and tokens ``t >= len
 
 Argument order (``*`` = symbolic; per = 32 // bits codes per int32 word; Dv = D / v_group):
 
-- ``decode``, bits (b,), b in 2/4/8: ``q [B,Hq,D] dtype, k_codes [B,Hkv,N,D/per] i32, k_scale [B,Hkv,G,D] f16,
+- ``decode``, bits (b,), b in 2/4/8: ``q [B,Hq,D] dtype, k_codes [B,Hkv,G,D,W] i32 (token-packed per key group,
+  ``W = quant.key_words(b, k_group)``), k_scale [B,Hkv,G,D] f16,
   k_zero [B,Hkv,G,D] f16, v_codes [B,Hkv,N,D/per] i32, v_scale [B,Hkv,N,Dv] f16, v_zero [B,Hkv,N,Dv] f16,
   lens [B] i32, sm_scale f32, o [B,Hq,D] f32, lse [B,Hq] f32`` (G * k_group >= N; token t uses key group t // k_group).
 - ``decode``, bits (16,): ``q, k [B,Hkv,N,D] dtype, v [B,Hkv,N,D] dtype, lens, sm_scale, o, lse``.
@@ -15,7 +16,8 @@ Argument order (``*`` = symbolic; per = 32 // bits codes per int32 word; Dv = D 
 - ``fused``, bits e.g. (8, 4, 2, 16): ``q``, then per quantized width in spec.bits order its 7 arguments
   ``k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lens`` (own N_b, G_b), then the dense ``k, v, lens``
   (own N_16), then ``sm_scale``, then ``out [B,Hq,D] dtype`` (final normalized attention).
-- ``quantize``, bits (b,): ``k [B,Hkv,n,D] dtype, v [B,Hkv,n,D] dtype`` -> ``k_codes, k_scale [B,Hkv,n/k_group,D],
+- ``quantize``, bits (b,): ``k [B,Hkv,n,D] dtype, v [B,Hkv,n,D] dtype`` -> ``k_codes [B,Hkv,n/k_group,D,W],
+  k_scale [B,Hkv,n/k_group,D],
   k_zero, v_codes, v_scale [B,Hkv,n,Dv], v_zero`` (n a multiple of k_group).
 
 :func:`signature` describes every argument (:class:`wq_compile.signature.KernelSignature`, the same class the build
