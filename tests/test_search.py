@@ -41,7 +41,7 @@ def test_attention_scorer_is_the_mass_on_each_window(gen: torch.Generator) -> No
     assert int(s.argmax()) == 1 and 0 < float(s.sum()) <= 1.0 + 1e-6
 
 
-@pytest.mark.parametrize("avg_bits", [2.9, 3.0, 4.5, 6.0, 9.0, 12.0])
+@pytest.mark.parametrize("avg_bits", [2.97, 3.0, 4.5, 6.0, 9.0, 12.0])
 def test_budget_met_and_monotone(avg_bits: float, gen: torch.Generator) -> None:
     k, v = _kv(gen)
     w = make_windows([(20, 8 * 196)], 196)
@@ -74,7 +74,7 @@ def test_edge_budgets(gen: torch.Generator) -> None:
         search(s, k, v, w, cheapest - 0.01)
     with pytest.raises(ValueError, match="avg_bits"):
         search(s, k, v, w, -1.0)
-    only_4 = search(s, k, v, w, 5.0, widths=(4,))
+    only_4 = search(s, k, v, w, effective_bits(4, 28, 64), widths=(4,))
     assert (only_4.bits == 4).all()
 
 
@@ -99,11 +99,11 @@ def test_search_at_full_scale_32_frames_24_layers(gen: torch.Generator) -> None:
     k, v = _kv(gen, layers=24, t=32 * 196 + 60)
     w = make_windows([(30, 32 * 196)], 196)
     scores = torch.rand(24, 32, generator=gen)
-    plan = search(scores, k, v, w, 3.0)
-    assert plan.bits.shape == (24, 32) and plan.effective_avg_bits() <= 3.0
+    plan = search(scores, k, v, w, 3.1)
+    assert plan.bits.shape == (24, 32) and plan.effective_avg_bits() <= 3.1
     hist = plan.histogram()
     assert hist == {b: int((plan.bits == b).sum()) for b in (16, 8, 4, 2)}
-    assert sum(1 for n in hist.values() if n) >= 2  # a 3-bit budget mixes widths: not every window at one width
+    assert sum(1 for n in hist.values() if n) >= 2  # a budget above the floor mixes widths, not one width
     for layer in range(24):
         order = torch.argsort(scores[layer], descending=True)
         b = plan.bits[layer][order]

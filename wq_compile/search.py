@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .layout import WindowAssignment
-from .quant import fake_quant
+from .quant import fake_quant, key_slots
 from .spec import BIT_WIDTHS, GROUP_META_BITS, QuantSpec
 
 @dataclass(frozen=True)
@@ -98,10 +98,15 @@ def attention_scores(q_text: torch.Tensor, k: torch.Tensor, windows: Windows, sm
 
 
 def effective_bits(bits: int, k_group: int, v_group: int) -> float:
-    """Storage bits per K/V element at ``bits``, fp16 scale/zero of whole groups included (16: dense)."""
+    """Storage bits per K/V element at ``bits``, fp16 scale/zero of whole groups included (16: dense).
+
+    Keys are packed per group in ``key_slots(k_group)`` token slots (28 -> 32: whole words, one vector load per
+    channel in the CPU kernel), so a key code costs ``bits * slots / k_group`` bits.
+    """
     if bits == 16:
         return 16.0
-    return bits + GROUP_META_BITS / 2 / k_group + GROUP_META_BITS / 2 / v_group
+    k_codes = bits * key_slots(k_group) / k_group
+    return (k_codes + bits) / 2 + GROUP_META_BITS / 2 / k_group + GROUP_META_BITS / 2 / v_group
 
 
 def min_avg_bits(windows: Windows, widths: Sequence[int], k_group: int, v_group: int) -> float:

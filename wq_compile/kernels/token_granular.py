@@ -32,7 +32,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..quant import quantize_keys, quantize_values
+from ..quant import pack, quantize_keys, quantize_values, unpack_keys
 from ..spec import QuantSpec
 from .common import NEG_BIG, f32, fast_exp
 
@@ -349,7 +349,10 @@ def pack_token_granular(k: torch.Tensor, v: torch.Tensor, group_bits: torch.Tens
         v_scale[:, tsel], v_zero[:, tsel] = qv.scale, qv.zero
         per = d * b // 32
         idx = (offset[tsel].long()[:, None] + torch.arange(per)[None]).flatten()
-        k_words[:, idx] = qk.codes.reshape(hkv, -1)
+        # this baseline stores every token's key codes in place, packed along channels (per-token widths); the
+        # bucket format packs keys along tokens per group, so repack the reference quantizer's codes
+        k_tok = pack(unpack_keys(qk.codes, b, k_group, tsel.numel()), b)
+        k_words[:, idx] = k_tok.reshape(hkv, -1)
         v_words[:, idx] = qv.codes.reshape(hkv, -1)
     pad_bits = torch.full((cap,), 2, dtype=torch.int32)
     pad_bits[:n] = tok_bits
