@@ -261,6 +261,8 @@ class FusedDecoder:
                           k_group=k_group, v_group=v_group, dtype=dtype_tag(dtype), chunk=chunk)
         self.out_dtype = dtype
         self._checked: set[tuple[Any, ...]] = set()
+        self._kernels: dict[tuple[int, ...], CompiledKernel] = {}
+        self._fields: dict[tuple[int, ...], list[tuple[str, str] | None]] = {}
 
     @classmethod
     def create(cls, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -279,10 +281,10 @@ class FusedDecoder:
         return KernelSpec("fused", tuple(widths) + (16,), **self.shape)
 
     def _run(self, kernel: CompiledKernel, args: list[Any]) -> torch.Tensor:
-        """Run the full argument check once per distinct (shape, dtype, device, contiguity) of every tensor, then
-        call unchecked: the full check costs about as much as the kernel on short caches."""
-        key = (kernel.spec.uri, tuple((a.shape, a.dtype, a.device, a.is_contiguous()) for a in args
-                                      if isinstance(a, torch.Tensor)))
+        """Run the full argument check once per distinct set of tensor shapes, then call unchecked: the full check
+        costs about as much as the kernel on short caches. dtype, device and contiguity are fixed by the layer
+        (its tensors are allocated contiguous, in its dtype, on its device) and by ``q.contiguous()``."""
+        key = (kernel.spec.uri, tuple(a.shape for a in args if isinstance(a, torch.Tensor)))
         if key not in self._checked:
             (out,) = kernel.run(*args)
             self._checked.add(key)
@@ -292,17 +294,23 @@ class FusedDecoder:
         return out
 
     def kernel(self, widths: tuple[int, ...]) -> CompiledKernel:
-        return self.library.load(self.spec(widths))
+        kernel = self._kernels.get(widths)
+        if kernel is None:
+            kernel = self._kernels[widths] = self.library.load(self.spec(widths))
+            # where each input comes from, in signature order: (piece tag, field) or None for sm_scale
+            self._fields[widths] = [None if a.is_scalar else piece_fields(a.name)
+                                    for a in kernel.signature.inputs[1:]]
+        return kernel
 
     def __call__(self, q: torch.Tensor, layer: Any, sm_scale: float, stats: Any = None) -> torch.Tensor:
         widths = tuple(sorted(layer.buckets, reverse=True))
         kernel = self.kernel(widths)
         pieces = {f"q{b}": layer.buckets[b] for b in widths}
         pieces["dense"] = layer.dense
-        args: list[Any] = [q.contiguous()]
-        for a in kernel.signature.inputs[1:]:  # the argument order is the signature's: read fields by name
-            tag, fld = piece_fields(a.name)
-            args.append(float(sm_scale) if a.is_scalar else getattr(pieces[tag], fld))
+        scale = float(sm_scale)
+        # the argument order is the signature's: fields are read by name (resolved once per kernel)
+        args: list[Any] = [q if q.is_contiguous() else q.contiguous()]
+        args += [scale if f is None else getattr(pieces[f[0]], f[1]) for f in self._fields[widths]]
         out = self._run(kernel, args)
         if stats is not None and hasattr(stats, "kernel_calls"):
             stats.kernel_calls += 1
