@@ -28,7 +28,7 @@ from __future__ import annotations
 from tvm import tirx
 
 from ..spec import KernelSpec
-from . import attention, merge, quantize
+from . import attention, merge, quantize, split_decode
 from ..signature import ArgDesc, KernelSignature
 from .common import NEG_BIG
 
@@ -45,6 +45,8 @@ _FACTORIES = {
 
 
 def _factory(spec: KernelSpec):
+    if spec.kind in ("decode", "fused") and split_decode.is_split(spec):
+        return split_decode.build_split_attention, split_decode.signature
     try:
         return _FACTORIES[spec.kind]
     except KeyError:
