@@ -16,7 +16,7 @@ state unchanged. A split with no valid token writes ``o = 0, lse = -inf`` (the m
 Per split and piece (``t`` = token of the chunk, ``g`` = query head of the GQA group)::
 
     kload   Ks[gi, d, w]  = k_codes[min(g0 + gi, G - 1), d, w]     (the chunk's key groups; 128-bit copies on CUDA)
-    kmeta   Kz/Ksc[gi, d] = k_zero / k_scale[min(g0 + gi, G - 1), d]
+    kscale  Ksc[gi, d]    = k_scale[min(g0 + gi, G - 1), d]      (kzero: the same for k_zero)
     vload   Vs[t, w]      = v_codes[t0 + t, w]
     kdeq .. state          as in :mod:`wq_compile.kernels.attention` (scores, chunk max / sum, V scale / zero folded
                            into P, P @ V, running (m, l, acc)), reading the staged codes
@@ -41,9 +41,9 @@ from .common import NEG_BIG, f32, fast_exp
 _F32 = "float32"
 _I32 = "int32"
 
-#: Stages of one piece of the split kernel (block names ``f"{piece.tag}_{stage}"``); ``kload``/``kmeta`` and the
+#: Stages of one piece of the split kernel (block names ``f"{piece.tag}_{stage}"``); ``kload``/``kscale``/``kzero`` and the
 #: V scale / zero stages exist for quantized pieces only.
-SPLIT_STAGES = ("kload", "kmeta", "vload", "kdeq", "qk_part", "qk_fold", "qk", "cmax_part", "cmax", "prob", "lsum",
+SPLIT_STAGES = ("koff", "kload", "kscale", "kzero", "vload", "nvalid", "kdeq", "qk_part", "qk_fold", "qk", "cmax_part", "cmax", "prob", "lsum",
                 "vscale", "vzero_part", "vzero", "vdeq", "pv", "state")
 
 
@@ -73,6 +73,16 @@ def key_groups_per_chunk(spec: KernelSpec) -> int:
     return (c + kg - 2) // kg + 1
 
 
+#: Most splits one launch computes (``o_parts`` rows past it are not written); :func:`choose_splits` never exceeds
+#: it. It also bounds ``P`` for TVM's integer bound analysis (an unbounded int32 ``P`` times the chunk overflows it).
+MAX_SPLITS = 4096
+
+
+def splits_extent(p: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The split loop's extent: ``min(P, MAX_SPLITS)``."""
+    return tirx.min(p, MAX_SPLITS)
+
+
 def choose_splits(sm_count: int, n_tokens: int, batch: int, kv_heads: int, chunk: int = 64,
                   blocks_per_sm: int = 2, min_chunks_per_split: int = 1) -> int:
     """Number of token splits ``P`` of a split-KV decode launch (``batch * kv_heads * P`` thread blocks).
@@ -90,7 +100,7 @@ def choose_splits(sm_count: int, n_tokens: int, batch: int, kv_heads: int, chunk
     chunks = -(-int(n_tokens) // chunk)
     work = batch * kv_heads
     want = -(-(blocks_per_sm * sm_count) // work)
-    return max(1, min(want, chunks // min_chunks_per_split))
+    return max(1, min(want, chunks // min_chunks_per_split, MAX_SPLITS))
 
 
 def signature(spec: KernelSpec) -> KernelSignature:
@@ -133,60 +143,63 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                     bufs[a.name] = T.arg(a.name, tirx.Var(a.name, a.dtype))
                 else:
                     bufs[a.name] = T.arg(a.name, T.buffer(tuple(dim(s) for s in a.shape), a.dtype))
-            bsz, npart = syms["B"], syms["P"]
+            bsz = syms["B"]
+            npart = splits_extent(syms["P"])
             q, sm_scale = bufs["q"], bufs["sm_scale"]
             with T.sblock("root"):
-                qf = alloc("qf", (bsz, npart, hq, d))
+                # intermediates hold one chunk of one (b, kv head); every split and chunk reuses them
+                qf = alloc("qf", (bsz, hq, d))
                 states = []
                 for p in ps:
-                    nc = tirx.floordiv(syms[p.n_sym], c)
-                    cps = tirx.floordiv(nc + npart - 1, npart)
-                    vc = npart * cps  # virtual chunks: every split runs cps of them
-                    nv = vc * c  # virtual tokens
+                    # chunks of the piece, bounded so that virtual token indices provably fit in int32
+                    nc = tirx.min(tirx.floordiv(syms[p.n_sym], c), (2**31 - 1) // c - MAX_SPLITS)
+                    cps = tirx.truncdiv(nc + npart - 1, npart)  # all non-negative: no sign fix-up code
                     t = p.tag
                     per = spec.quant(p.bits).per_word if p.quantized else d
                     st = {
                         "nc": nc, "cps": cps,
-                        "acc": alloc(f"{t}_acc", (bsz, npart, hq, d)),
-                        "m": alloc(f"{t}_m", (bsz, npart, hq)),
-                        "l": alloc(f"{t}_l", (bsz, npart, hq)),
-                        "kd": alloc(f"{t}_kd", (bsz, hkv, nv, d // per, per)),
-                        "vd": alloc(f"{t}_vd", (bsz, hkv, nv, d // per, per)),
-                        "s": alloc(f"{t}_s", (bsz, hq, nv)),
-                        "sp": alloc(f"{t}_sp", (bsz, hkv, gs, nv, qk_lanes(d))),
-                        "sf": alloc(f"{t}_sf", (bsz, hkv, gs, nv, qk_fold_lanes(d))),
-                        "p": alloc(f"{t}_p", (bsz, hq, nv)),
-                        "mc": alloc(f"{t}_mc", (bsz, hq, vc)),
-                        "mp": alloc(f"{t}_mp", (bsz, hq, vc, max_lanes(c))),
-                        "lc": alloc(f"{t}_lc", (bsz, hq, vc)),
-                        "pvc": alloc(f"{t}_pvc", (bsz, vc, hq, d)),
+                        "acc": alloc(f"{t}_acc", (bsz, hq, d)),
+                        "m": alloc(f"{t}_m", (bsz, hq)),
+                        "l": alloc(f"{t}_l", (bsz, hq)),
+                        "kd": alloc(f"{t}_kd", (bsz, hkv, c, d // per, per)),
+                        "vd": alloc(f"{t}_vd", (bsz, hkv, c, d // per, per)),
+                        "s": alloc(f"{t}_s", (bsz, hq, c)),
+                        "sp": alloc(f"{t}_sp", (bsz, hkv, gs, c, qk_lanes(d))),
+                        "sf": alloc(f"{t}_sf", (bsz, hkv, gs, c, qk_fold_lanes(d))),
+                        "p": alloc(f"{t}_p", (bsz, hq, c)),
+                        "mc": alloc(f"{t}_mc", (bsz, hq)),
+                        "mp": alloc(f"{t}_mp", (bsz, hq, max_lanes(c))),
+                        "lc": alloc(f"{t}_lc", (bsz, hq)),
+                        "pvc": alloc(f"{t}_pvc", (bsz, hq, d)),
                     }
                     if p.quantized:
                         qs = spec.quant(p.bits)
                         ngk = key_groups_per_chunk(spec)
                         st.update(
-                            ps=alloc(f"{t}_ps", (bsz, hq, nv, d // qs.v_group)),
-                            pz=alloc(f"{t}_pz", (bsz, hq, vc, d // qs.v_group)),
-                            pzp=alloc(f"{t}_pzp", (bsz, hq, vc, d // qs.v_group, max_lanes(c))),
-                            ks=alloc(f"{t}_ks", (bsz, hkv, vc, ngk, d, key_words(p.bits, spec.k_group)), _I32),
-                            ksc=alloc(f"{t}_ksc", (bsz, hkv, vc, ngk, d), "float16"),
-                            kz=alloc(f"{t}_kz", (bsz, hkv, vc, ngk, d), "float16"),
-                            vs=alloc(f"{t}_vs", (bsz, hkv, nv, d // per), _I32),
+                            ps=alloc(f"{t}_ps", (bsz, hq, c, d // qs.v_group)),
+                            pz=alloc(f"{t}_pz", (bsz, hq, d // qs.v_group)),
+                            pzp=alloc(f"{t}_pzp", (bsz, hq, d // qs.v_group, max_lanes(c))),
+                            koff=alloc(f"{t}_koff", (bsz, hkv), _I32),
+                            ks=alloc(f"{t}_ks", (bsz, hkv, ngk, d, key_words(p.bits, spec.k_group)), _I32),
+                            ksc=alloc(f"{t}_ksc", (bsz, hkv, ngk, d), "float16"),
+                            kz=alloc(f"{t}_kz", (bsz, hkv, ngk, d), "float16"),
+                            vs=alloc(f"{t}_vs", (bsz, hkv, c, d // per), _I32),
                         )
                     else:
-                        st.update(vs=alloc(f"{t}_vs", (bsz, hkv, nv, d), spec.tvm_dtype),
-                                  ks=alloc(f"{t}_ks", (bsz, hkv, nv, d), spec.tvm_dtype))
+                        st.update(vs=alloc(f"{t}_vs", (bsz, hkv, c, d), spec.tvm_dtype),
+                                  nvalid=alloc(f"{t}_nvalid", (bsz, hkv), _I32),
+                                  ks=alloc(f"{t}_ks", (bsz, hkv, c, d), spec.tvm_dtype))
                     states.append(st)
-                m_all = alloc("m_all", (bsz, npart, hq))
-                w_all = alloc("w_all", (bsz, npart, hq, len(ps)))
-                l_all = alloc("l_all", (bsz, npart, hq))
-                with T.grid(bsz, hkv, npart) as (b, kh, s):
-                    IRBuilder.name_many(["b", "kh", "s"], [b, kh, s])
+                m_all = alloc("m_all", (bsz, hq))
+                w_all = alloc("w_all", (bsz, hq, len(ps)))
+                l_all = alloc("l_all", (bsz, hq))
+                with T.grid(npart, bsz, hkv) as (s, b, kh):
+                    IRBuilder.name_many(["s", "b", "kh"], [s, b, kh])
                     with T.grid(gs, d) as (g, dd):
                         with T.sblock("qscale"):
-                            vb, vkh, vs_, vg, vd = T.axis.remap("SSSSS", [b, kh, s, g, dd])
+                            vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
                             h = vkh * gs + vg
-                            T.buffer_store(qf, q[vb, h, vd].astype(_F32) * sm_scale, [vb, vs_, h, vd])
+                            T.buffer_store(qf, q[vb, h, vd].astype(_F32) * sm_scale, [vb, h, vd])
                     for p, st in zip(ps, states):
                         _emit_piece(spec, p, bufs, st, qf, syms, b, kh, s)
                     _emit_final(spec, ps, bufs, states, syms, b, kh, s, m_all, w_all, l_all)
@@ -197,60 +210,64 @@ def _emit_final(spec, ps, bufs, states, syms, b, kh, s, m_all, w_all, l_all) -> 
     """Merge the pieces' states of this split: o = sum_p acc_p e^(m_p - M) / L, lse = M + log L (L = sum_p l_p e^..)."""
     gs, d = spec.group_size, spec.head_dim
     o_parts, lse_parts = bufs["o_parts"], bufs["lse_parts"]
-    npart = syms["P"]
+    npart = splits_extent(syms["P"])
 
     def present(st):
         return st["nc"] > 0
 
     def axes(g):
-        vb, vkh, vs_, vg = T.axis.remap("SSSS", [b, kh, s, g])
-        return vb, vs_, vkh * gs + vg
+        vb, vkh, vg = T.axis.remap("SSS", [b, kh, g])
+        return vb, vkh * gs + vg
 
     with T.grid(gs) as g:
         with T.sblock("final_m"):
-            vb, vs_, h = axes(g)
+            vb, h = axes(g)
             mx = f32(NEG_BIG)
             for st in states:
-                mx = tirx.max(mx, tirx.Select(present(st), st["m"][vb, vs_, h], f32(NEG_BIG)))
-            T.buffer_store(m_all, mx, [vb, vs_, h])
+                mx = tirx.max(mx, tirx.Select(present(st), st["m"][vb, h], f32(NEG_BIG)))
+            T.buffer_store(m_all, mx, [vb, h])
     for i, (p, st) in enumerate(zip(ps, states)):
         with T.grid(gs) as g:
             with T.sblock(p.block("final_w")):
-                vb, vs_, h = axes(g)
-                w = tirx.Select(present(st), tirx.exp(st["m"][vb, vs_, h] - m_all[vb, vs_, h]), f32(0.0))
-                T.buffer_store(w_all, w, [vb, vs_, h, i])
+                vb, h = axes(g)
+                w = tirx.Select(present(st), fast_exp(st["m"][vb, h] - m_all[vb, h]), f32(0.0))
+                T.buffer_store(w_all, w, [vb, h, i])
     with T.grid(gs) as g:
         with T.sblock("final_l"):
-            vb, vs_, h = axes(g)
+            vb, h = axes(g)
             tot = f32(0.0)
             for i, st in enumerate(states):
-                tot = tot + tirx.Select(w_all[vb, vs_, h, i] > f32(0.0), st["l"][vb, vs_, h] * w_all[vb, vs_, h, i], f32(0.0))
-            T.buffer_store(l_all, tot, [vb, vs_, h])
+                tot = tot + tirx.Select(w_all[vb, h, i] > f32(0.0), st["l"][vb, h] * w_all[vb, h, i], f32(0.0))
+            T.buffer_store(l_all, tot, [vb, h])
     with T.grid(gs, d) as (g, dd):
         with T.sblock("final_o"):
-            vb, vkh, vs_, vg, vd = T.axis.remap("SSSSS", [b, kh, s, g, dd])
+            vs_ = T.axis.spatial(npart, s)
+            vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
             h = vkh * gs + vg
             num = f32(0.0)
             for i, st in enumerate(states):
-                wi = w_all[vb, vs_, h, i]
-                num = num + tirx.Select(wi > f32(0.0), st["acc"][vb, vs_, h, vd] * wi, f32(0.0))
-            lv = l_all[vb, vs_, h]
+                wi = w_all[vb, h, i]
+                num = num + tirx.Select(wi > f32(0.0), st["acc"][vb, h, vd] * wi, f32(0.0))
+            lv = l_all[vb, h]
             T.buffer_store(o_parts, tirx.Select(lv > f32(0.0), num / lv, f32(0.0)), [vs_, vb, h, vd])
     with T.grid(gs) as g:
         with T.sblock("final_lse"):
-            vb, vs_, h = axes(g)
-            lv = l_all[vb, vs_, h]
-            val = tirx.Select(lv > f32(0.0), m_all[vb, vs_, h] + tirx.log(lv), f32(float("-inf")))
+            vs_ = T.axis.spatial(npart, s)
+            vb, h = axes(g)
+            lv = l_all[vb, h]
+            val = tirx.Select(lv > f32(0.0), m_all[vb, h] + tirx.log(lv), f32(float("-inf")))
             T.buffer_store(lse_parts, val, [vs_, vb, h])
-    del npart
 
 
 def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
-    """The chunk loop of one piece in split ``s``: chunk ``s * cps + ci`` (virtual; reads clamp to the last chunk)."""
+    """The chunk loop of one piece in split ``s``: virtual chunk ``s * cps + ci`` (reads clamp to the last chunk).
+
+    Intermediates are indexed by the token of the chunk (``t < chunk``); blocks that need the chunk (staging,
+    masks) carry it as the iter var ``vc`` (binding ``s * cps + ci``)."""
     hkv, d, gs, c, kg = spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk, spec.k_group
-    bsz, npart = syms["B"], syms["P"]
+    bsz, npart = syms["B"], splits_extent(syms["P"])
     nc, cps = st["nc"], st["cps"]
-    vcn = npart * cps
+    vcn = nc + npart - 1  # extent of the virtual chunk s * cps + ci (P * cps <= nc + P - 1)
     pre = "" if spec.kind == "decode" else f"{p.tag}_"
     lens = bufs[f"{pre}lens"]
     acc, m_st, l_st = st["acc"], st["m"], st["l"]
@@ -262,149 +279,150 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
         """The chunk actually read for virtual chunk ``vc_`` (always in bounds)."""
         return tirx.min(vc_, nc - 1)
 
-    def chunk_axes(ci):
-        vb = T.axis.spatial(bsz, b)
-        vkh = T.axis.spatial(hkv, kh)
-        vc_ = T.axis.spatial(vcn, s * cps + ci)
-        return vb, vkh, vc_
+    def bk():
+        return T.axis.spatial(bsz, b), T.axis.spatial(hkv, kh)
 
-    def tok_axes(ci, t):
-        vb = T.axis.spatial(bsz, b)
-        vkh = T.axis.spatial(hkv, kh)
-        tok = T.axis.spatial(vcn * c, (s * cps + ci) * c + t)
-        return vb, vkh, tok
-
-    def rtok(tok):
-        """Memory token of virtual token ``tok``."""
-        return rchunk(tirx.floordiv(tok, c)) * c + tirx.floormod(tok, c)
+    def vchunk(ci):
+        return T.axis.spatial(vcn, s * cps + ci)
 
     with T.serial(0, cps) as ci:
         IRBuilder.name(f"{p.tag}_c", ci)
         # ---- staging: the chunk's codes (plain copies; shared memory on CUDA) ----
         if p.quantized:
-            qs = spec.quant(p.bits)
             ngk, kw = key_groups_per_chunk(spec), key_words(p.bits, kg)
             kc, ksc, kze = bufs[f"{pre}k_codes"], bufs[f"{pre}k_scale"], bufs[f"{pre}k_zero"]
             gmax = syms[p.g_sym] - 1
-            ks, ksc_s, kz_s, vs_buf = st["ks"], st["ksc"], st["kz"], st["vs"]
+            ks, ksc_s, kz_s, vs_buf, koff = st["ks"], st["ksc"], st["kz"], st["vs"], st["koff"]
+            with T.sblock(p.block("koff")):
+                vb, vkh = bk()
+                vc_ = vchunk(ci)
+                # token offset of the chunk inside its first key group
+                T.buffer_store(koff, tirx.floormod(rchunk(vc_) * c, kg), [vb, vkh])
             with T.grid(ngk, d, kw) as (gi, dd_, w):
                 with T.sblock(p.block("kload")):
-                    vb, vkh, vc_ = chunk_axes(ci)
+                    vb, vkh = bk()
+                    vc_ = vchunk(ci)
                     vgi, vd, vw = T.axis.remap("SSS", [gi, dd_, w])
                     grp = tirx.min(tirx.floordiv(rchunk(vc_) * c, kg) + vgi, gmax)
-                    T.buffer_store(ks, kc[vb, vkh, grp, vd, vw], [vb, vkh, vc_, vgi, vd, vw])
-            with T.grid(ngk, d) as (gi, dd_):
-                with T.sblock(p.block("kmeta")):
-                    vb, vkh, vc_ = chunk_axes(ci)
-                    vgi, vd = T.axis.remap("SS", [gi, dd_])
-                    grp = tirx.min(tirx.floordiv(rchunk(vc_) * c, kg) + vgi, gmax)
-                    T.buffer_store(ksc_s, ksc[vb, vkh, grp, vd], [vb, vkh, vc_, vgi, vd])
-                    T.buffer_store(kz_s, kze[vb, vkh, grp, vd], [vb, vkh, vc_, vgi, vd])
+                    T.buffer_store(ks, kc[vb, vkh, grp, vd, vw], [vb, vkh, vgi, vd, vw])
+            for stage, src, dst in (("kscale", ksc, ksc_s), ("kzero", kze, kz_s)):
+                with T.grid(ngk, d) as (gi, dd_):
+                    with T.sblock(p.block(stage)):
+                        vb, vkh = bk()
+                        vc_ = vchunk(ci)
+                        vgi, vd = T.axis.remap("SS", [gi, dd_])
+                        grp = tirx.min(tirx.floordiv(rchunk(vc_) * c, kg) + vgi, gmax)
+                        T.buffer_store(dst, src[vb, vkh, grp, vd], [vb, vkh, vgi, vd])
             vcodes = bufs[f"{pre}v_codes"]
             with T.grid(c, d // per) as (t, w):
                 with T.sblock(p.block("vload")):
-                    vb, vkh, tok = tok_axes(ci, t)
-                    vw = T.axis.spatial(d // per, w)
-                    T.buffer_store(vs_buf, vcodes[vb, vkh, rtok(tok), vw], [vb, vkh, tok, vw])
+                    vb, vkh = bk()
+                    vc_ = vchunk(ci)
+                    vt, vw = T.axis.remap("SS", [t, w])
+                    T.buffer_store(vs_buf, vcodes[vb, vkh, rchunk(vc_) * c + vt, vw], [vb, vkh, vt, vw])
             # ---- K dequant from the staged codes (token-packed, see wq_compile.quant) ----
             lb = key_lane_bytes(p.bits, kg)
             with T.grid(c, d // per, per) as (t, w, j):
                 with T.sblock(p.block("kdeq")):
-                    vb, vkh, tok = tok_axes(ci, t)
-                    vw, vj = T.axis.remap("SS", [w, j])
+                    vb, vkh = bk()
+                    vt, vw, vj = T.axis.remap("SSS", [t, w, j])
                     dd = vw * per + vj
-                    vc_ = tirx.floordiv(tok, c)
-                    mt = rtok(tok)
-                    gi = tirx.floordiv(mt, kg) - tirx.floordiv(rchunk(vc_) * c, kg)
-                    slot = tirx.floormod(mt, kg)
+                    off = koff[vb, vkh] + vt
+                    gi, slot = tirx.floordiv(off, kg), tirx.floormod(off, kg)
                     byte, field = tirx.floormod(slot, lb), tirx.floordiv(slot, lb)
-                    word = ks[vb, vkh, vc_, gi, dd, tirx.floordiv(byte, 4)]
+                    word = ks[vb, vkh, gi, dd, tirx.floordiv(byte, 4)]
                     shifted = tirx.shift_right(word, tirx.floormod(byte, 4) * 8 + field * p.bits)
                     code = tirx.bitwise_and(shifted, tirx.const((1 << p.bits) - 1, _I32)).astype(_F32)
-                    val = code * ksc_s[vb, vkh, vc_, gi, dd].astype(_F32) + kz_s[vb, vkh, vc_, gi, dd].astype(_F32)
-                    T.buffer_store(kd, val, [vb, vkh, tok, vw, vj])
+                    val = code * ksc_s[vb, vkh, gi, dd].astype(_F32) + kz_s[vb, vkh, gi, dd].astype(_F32)
+                    T.buffer_store(kd, val, [vb, vkh, vt, vw, vj])
         else:
             kin, vin = bufs[f"{pre}k"], bufs[f"{pre}v"]
             ks, vs_buf = st["ks"], st["vs"]
             for name, src, dst in (("kload", kin, ks), ("vload", vin, vs_buf)):
                 with T.grid(c, d) as (t, dd_):
                     with T.sblock(p.block(name)):
-                        vb, vkh, tok = tok_axes(ci, t)
-                        vd = T.axis.spatial(d, dd_)
-                        T.buffer_store(dst, src[vb, vkh, rtok(tok), vd], [vb, vkh, tok, vd])
+                        vb, vkh = bk()
+                        vc_ = vchunk(ci)
+                        vt, vd = T.axis.remap("SS", [t, dd_])
+                        T.buffer_store(dst, src[vb, vkh, rchunk(vc_) * c + vt, vd], [vb, vkh, vt, vd])
+            nvalid = st["nvalid"]
+            with T.sblock(p.block("nvalid")):
+                vb, vkh = bk()
+                vc_ = vchunk(ci)
+                T.buffer_store(nvalid, lens[vb] - vc_ * c, [vb, vkh])  # valid tokens of the chunk (may be <= 0)
             with T.grid(c, d) as (t, dd_):
                 with T.sblock(p.block("kdeq")):
-                    vb, vkh, tok = tok_axes(ci, t)
-                    vdd = T.axis.spatial(d, dd_)
-                    T.buffer_store(kd, ks[vb, vkh, tok, vdd].astype(_F32), [vb, vkh, tok, vdd // per, vdd % per])
+                    vb, vkh = bk()
+                    vt, vdd = T.axis.remap("SS", [t, dd_])
+                    T.buffer_store(kd, ks[vb, vkh, vt, vdd].astype(_F32), [vb, vkh, vt, vdd // per, vdd % per])
         # ---- scores: partial dot products over qk_lanes channel lanes, fold, lane sum ----
         lanes = qk_lanes(d)
         with T.grid(gs, c, lanes, d // lanes) as (g, t, ln, do):
             with T.sblock(p.block("qk_part")):
-                vb, vkh, tok = tok_axes(ci, t)
-                vg, vl, vdo = T.axis.remap("SSR", [g, ln, do])
+                vb, vkh = bk()
+                vg, vt, vl, vdo = T.axis.remap("SSSR", [g, t, ln, do])
                 h = vkh * gs + vg
                 dd = vdo * lanes + vl
-                vs_ = tirx.floordiv(tirx.floordiv(tok, c), cps)
                 with T.init():
-                    T.buffer_store(sp_buf, f32(0.0), [vb, vkh, vg, tok, vl])
-                val = sp_buf[vb, vkh, vg, tok, vl] + qf[vb, vs_, h, dd] * kd[vb, vkh, tok, dd // per, dd % per]
-                T.buffer_store(sp_buf, val, [vb, vkh, vg, tok, vl])
+                    T.buffer_store(sp_buf, f32(0.0), [vb, vkh, vg, vt, vl])
+                val = sp_buf[vb, vkh, vg, vt, vl] + qf[vb, h, dd] * kd[vb, vkh, vt, dd // per, dd % per]
+                T.buffer_store(sp_buf, val, [vb, vkh, vg, vt, vl])
         fl = qk_fold_lanes(d)
         sf_buf = st["sf"]
         with T.grid(gs, c, fl) as (g, t, ln):
             with T.sblock(p.block("qk_fold")):
-                vb, vkh, tok = tok_axes(ci, t)
-                vg, vl = T.axis.remap("SS", [g, ln])
-                val = sp_buf[vb, vkh, vg, tok, vl]
+                vb, vkh = bk()
+                vg, vt, vl = T.axis.remap("SSS", [g, t, ln])
+                val = sp_buf[vb, vkh, vg, vt, vl]
                 if fl != lanes:
-                    val = val + sp_buf[vb, vkh, vg, tok, vl + fl]
-                T.buffer_store(sf_buf, val, [vb, vkh, vg, tok, vl])
+                    val = val + sp_buf[vb, vkh, vg, vt, vl + fl]
+                T.buffer_store(sf_buf, val, [vb, vkh, vg, vt, vl])
         with T.grid(gs, c, fl) as (g, t, ln):
             with T.sblock(p.block("qk")):
-                vb, vkh, tok = tok_axes(ci, t)
-                vg, vl = T.axis.remap("SR", [g, ln])
+                vb, vkh = bk()
+                vg, vt, vl = T.axis.remap("SSR", [g, t, ln])
                 h = vkh * gs + vg
                 with T.init():
-                    T.buffer_store(s_buf, f32(0.0), [vb, h, tok])
-                T.buffer_store(s_buf, s_buf[vb, h, tok] + sf_buf[vb, vkh, vg, tok, vl], [vb, h, tok])
+                    T.buffer_store(s_buf, f32(0.0), [vb, h, vt])
+                T.buffer_store(s_buf, s_buf[vb, h, vt] + sf_buf[vb, vkh, vg, vt, vl], [vb, h, vt])
         # ---- chunk max / probabilities / sum (virtual tokens past lens are masked) ----
         ml = max_lanes(c)
         mp = st["mp"]
         with T.grid(gs, ml, c // ml) as (g, ln, to):
             with T.sblock(p.block("cmax_part")):
-                vb, vkh, vc_ = chunk_axes(ci)
+                vb, vkh = bk()
+                vc_ = vchunk(ci)
                 vg, vl, vto = T.axis.remap("SSR", [g, ln, to])
                 h = vkh * gs + vg
-                tok = vc_ * c + vto * ml + vl
                 with T.init():
-                    T.buffer_store(mp, f32(NEG_BIG), [vb, h, vc_, vl])
-                masked = tirx.Select(tok < lens[vb], s_buf[vb, h, tok], f32(NEG_BIG))
-                T.buffer_store(mp, tirx.max(mp[vb, h, vc_, vl], masked), [vb, h, vc_, vl])
+                    T.buffer_store(mp, f32(NEG_BIG), [vb, h, vl])
+                valid = vc_ * c + vto * ml + vl < lens[vb]
+                masked = tirx.Select(valid, s_buf[vb, h, vto * ml + vl], f32(NEG_BIG))
+                T.buffer_store(mp, tirx.max(mp[vb, h, vl], masked), [vb, h, vl])
         with T.grid(gs, ml) as (g, ln):
             with T.sblock(p.block("cmax")):
-                vb, vkh, vc_ = chunk_axes(ci)
+                vb, vkh = bk()
                 vg, vl = T.axis.remap("SR", [g, ln])
                 h = vkh * gs + vg
                 with T.init():
-                    T.buffer_store(mc, f32(NEG_BIG), [vb, h, vc_])
-                T.buffer_store(mc, tirx.max(mc[vb, h, vc_], mp[vb, h, vc_, vl]), [vb, h, vc_])
+                    T.buffer_store(mc, f32(NEG_BIG), [vb, h])
+                T.buffer_store(mc, tirx.max(mc[vb, h], mp[vb, h, vl]), [vb, h])
         with T.grid(gs, c) as (g, t):
             with T.sblock(p.block("prob")):
-                vb, vkh, vc_ = chunk_axes(ci)
+                vb, vkh = bk()
+                vc_ = vchunk(ci)
                 vg, vt = T.axis.remap("SS", [g, t])
                 h = vkh * gs + vg
-                tok = vc_ * c + vt
-                val = tirx.Select(tok < lens[vb], fast_exp(s_buf[vb, h, tok] - mc[vb, h, vc_]), f32(0.0))
-                T.buffer_store(p_buf, val, [vb, h, tok])
+                val = tirx.Select(vc_ * c + vt < lens[vb], fast_exp(s_buf[vb, h, vt] - mc[vb, h]), f32(0.0))
+                T.buffer_store(p_buf, val, [vb, h, vt])
         with T.grid(gs, c) as (g, t):
             with T.sblock(p.block("lsum")):
-                vb, vkh, vc_ = chunk_axes(ci)
+                vb, vkh = bk()
                 vg, vt = T.axis.remap("SR", [g, t])
                 h = vkh * gs + vg
                 with T.init():
-                    T.buffer_store(lc, f32(0.0), [vb, h, vc_])
-                T.buffer_store(lc, lc[vb, h, vc_] + p_buf[vb, h, vc_ * c + vt], [vb, h, vc_])
+                    T.buffer_store(lc, f32(0.0), [vb, h])
+                T.buffer_store(lc, lc[vb, h] + p_buf[vb, h, vt], [vb, h])
         # ---- V (quantized: scale / zero folded into P, as in the attention kernel) ----
         if p.quantized:
             qs = spec.quant(p.bits)
@@ -413,85 +431,83 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
             vsc, vze = bufs[f"{pre}v_scale"], bufs[f"{pre}v_zero"]
             with T.grid(gs, nvg, c) as (g, vg_, t):
                 with T.sblock(p.block("vscale")):
-                    vb, vkh, tok = tok_axes(ci, t)
-                    vg, vgi = T.axis.remap("SS", [g, vg_])
+                    vb, vkh = bk()
+                    vc_ = vchunk(ci)
+                    vg, vgi, vt = T.axis.remap("SSS", [g, vg_, t])
                     h = vkh * gs + vg
-                    val = p_buf[vb, h, tok] * vsc[vb, vkh, rtok(tok), vgi].astype(_F32)
-                    T.buffer_store(ps_buf, tirx.Select(tok < lens[vb], val, f32(0.0)), [vb, h, tok, vgi])
+                    val = p_buf[vb, h, vt] * vsc[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
+                    T.buffer_store(ps_buf, tirx.Select(vc_ * c + vt < lens[vb], val, f32(0.0)), [vb, h, vt, vgi])
             with T.grid(gs, nvg, ml, c // ml) as (g, vg_, ln, to):
                 with T.sblock(p.block("vzero_part")):
-                    vb, vkh, vc_ = chunk_axes(ci)
+                    vb, vkh = bk()
+                    vc_ = vchunk(ci)
                     vg, vgi, vl, vto = T.axis.remap("SSSR", [g, vg_, ln, to])
                     h = vkh * gs + vg
-                    tok = vc_ * c + vto * ml + vl
+                    tl = vto * ml + vl
                     with T.init():
-                        T.buffer_store(pzp, f32(0.0), [vb, h, vc_, vgi, vl])
-                    z = vze[vb, vkh, rchunk(vc_) * c + vto * ml + vl, vgi].astype(_F32)
-                    val = tirx.Select(tok < lens[vb], p_buf[vb, h, tok] * z, f32(0.0))
-                    T.buffer_store(pzp, pzp[vb, h, vc_, vgi, vl] + val, [vb, h, vc_, vgi, vl])
+                        T.buffer_store(pzp, f32(0.0), [vb, h, vgi, vl])
+                    z = vze[vb, vkh, rchunk(vc_) * c + tl, vgi].astype(_F32)
+                    val = tirx.Select(vc_ * c + tl < lens[vb], p_buf[vb, h, tl] * z, f32(0.0))
+                    T.buffer_store(pzp, pzp[vb, h, vgi, vl] + val, [vb, h, vgi, vl])
             with T.grid(gs, nvg, ml) as (g, vg_, ln):
                 with T.sblock(p.block("vzero")):
-                    vb, vkh, vc_ = chunk_axes(ci)
+                    vb, vkh = bk()
                     vg, vgi, vl = T.axis.remap("SSR", [g, vg_, ln])
                     h = vkh * gs + vg
                     with T.init():
-                        T.buffer_store(pz_buf, f32(0.0), [vb, h, vc_, vgi])
-                    T.buffer_store(pz_buf, pz_buf[vb, h, vc_, vgi] + pzp[vb, h, vc_, vgi, vl], [vb, h, vc_, vgi])
+                        T.buffer_store(pz_buf, f32(0.0), [vb, h, vgi])
+                    T.buffer_store(pz_buf, pz_buf[vb, h, vgi] + pzp[vb, h, vgi, vl], [vb, h, vgi])
             vs_buf = st["vs"]
             with T.grid(c, d // per, per) as (t, w, j):
                 with T.sblock(p.block("vdeq")):
-                    vb, vkh, tok = tok_axes(ci, t)
-                    vw, vj = T.axis.remap("SS", [w, j])
-                    T.buffer_store(vd_buf, _unpack(vs_buf[vb, vkh, tok, vw], vj, p.bits), [vb, vkh, tok, vw, vj])
+                    vb, vkh = bk()
+                    vt, vw, vj = T.axis.remap("SSS", [t, w, j])
+                    T.buffer_store(vd_buf, _unpack(vs_buf[vb, vkh, vt, vw], vj, p.bits), [vb, vkh, vt, vw, vj])
         else:
             vs_buf = st["vs"]
             with T.grid(c, d) as (t, dd_):
                 with T.sblock(p.block("vdeq")):
-                    vb, vkh, tok = tok_axes(ci, t)
-                    vdd = T.axis.spatial(d, dd_)
-                    val = tirx.Select(tok < lens[vb], vs_buf[vb, vkh, tok, vdd].astype(_F32), f32(0.0))
-                    T.buffer_store(vd_buf, val, [vb, vkh, tok, vdd // per, vdd % per])
+                    vb, vkh = bk()
+                    vt, vdd = T.axis.remap("SS", [t, dd_])
+                    # V past lens may be garbage (NaN): P = 0 there, but 0 * NaN is NaN
+                    val = tirx.Select(vt < st["nvalid"][vb, vkh], vs_buf[vb, vkh, vt, vdd].astype(_F32), f32(0.0))
+                    T.buffer_store(vd_buf, val, [vb, vkh, vt, vdd // per, vdd % per])
         # ---- P @ V of the chunk ----
         with T.grid(gs, d, c) as (g, dd_, t):
             with T.sblock(p.block("pv")):
-                vb, vkh, vc_ = chunk_axes(ci)
+                vb, vkh = bk()
                 vg, vdd, vt = T.axis.remap("SSR", [g, dd_, t])
                 h = vkh * gs + vg
-                tok = vc_ * c + vt
                 with T.init():
-                    T.buffer_store(pvc, f32(0.0), [vb, vc_, h, vdd])
-                weight = st["ps"][vb, h, tok, vdd // spec.v_group] if p.quantized else p_buf[vb, h, tok]
-                T.buffer_store(pvc, pvc[vb, vc_, h, vdd] + weight * vd_buf[vb, vkh, tok, vdd // per, vdd % per],
-                               [vb, vc_, h, vdd])
+                    T.buffer_store(pvc, f32(0.0), [vb, h, vdd])
+                weight = st["ps"][vb, h, vt, vdd // spec.v_group] if p.quantized else p_buf[vb, h, vt]
+                T.buffer_store(pvc, pvc[vb, h, vdd] + weight * vd_buf[vb, vkh, vt, vdd // per, vdd % per], [vb, h, vdd])
         # ---- running state of this split: reduction over its cps chunks ----
         with T.grid(gs) as g:
             with T.sblock(p.block("state")):
-                vb = T.axis.spatial(bsz, b)
-                vkh = T.axis.spatial(hkv, kh)
-                vs_ = T.axis.spatial(npart, s)
+                vb, vkh = bk()
                 vci = T.axis.reduce(cps, ci)
                 vg = T.axis.spatial(gs, g)
                 h = vkh * gs + vg
-                vc_ = vs_ * cps + vci
                 with T.init():
-                    T.buffer_store(m_st, f32(NEG_BIG), [vb, vs_, h])
-                    T.buffer_store(l_st, f32(0.0), [vb, vs_, h])
+                    T.buffer_store(m_st, f32(NEG_BIG), [vb, h])
+                    T.buffer_store(l_st, f32(0.0), [vb, h])
                     with T.serial(0, d) as dd_:
-                        T.buffer_store(acc, f32(0.0), [vb, vs_, h, dd_])
+                        T.buffer_store(acc, f32(0.0), [vb, h, dd_])
 
                 def m_new():
-                    return tirx.max(m_st[vb, vs_, h], mc[vb, h, vc_])
+                    return tirx.max(m_st[vb, h], mc[vb, h])
 
                 def e_old():
-                    return fast_exp(m_st[vb, vs_, h] - m_new())
+                    return fast_exp(m_st[vb, h] - m_new())
 
                 def e_chunk():
-                    return fast_exp(mc[vb, h, vc_] - m_new())
+                    return fast_exp(mc[vb, h] - m_new())
 
                 with T.serial(0, d) as dd_:
-                    chunk = pvc[vb, vc_, h, dd_]
+                    chunk = pvc[vb, h, dd_]
                     if p.quantized:
-                        chunk = chunk + st["pz"][vb, h, vc_, dd_ // spec.v_group]
-                    T.buffer_store(acc, acc[vb, vs_, h, dd_] * e_old() + chunk * e_chunk(), [vb, vs_, h, dd_])
-                T.buffer_store(l_st, l_st[vb, vs_, h] * e_old() + lc[vb, h, vc_] * e_chunk(), [vb, vs_, h])
-                T.buffer_store(m_st, m_new(), [vb, vs_, h])
+                        chunk = chunk + st["pz"][vb, h, dd_ // spec.v_group]
+                    T.buffer_store(acc, acc[vb, h, dd_] * e_old() + chunk * e_chunk(), [vb, h, dd_])
+                T.buffer_store(l_st, l_st[vb, h] * e_old() + lc[vb, h] * e_chunk(), [vb, h])
+                T.buffer_store(m_st, m_new(), [vb, h])
