@@ -23,6 +23,9 @@ from .llvm import work_on_kernel
 DEFAULT_THREADS = 128
 THREAD_CANDIDATES = [32, 64, 128, 256]
 _UNROLL_STEPS = [0, 16, 64, 512]
+#: int32 code words per thread and global load when staging a chunk (4 = 128-bit loads, the default).
+_CODE_VECTORS = [1, 2, 4]
+DEFAULT_CODE_VECTOR = 4
 
 
 def attention_threads(spec: KernelSpec) -> list[int]:
@@ -61,7 +64,7 @@ def mutator_probs() -> dict:
 def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     """Hand schedule: attention with ``attention_threads(spec)[0]`` threads per block, others ``DEFAULT_THREADS``."""
     threads = attention_threads(spec)[0] if spec.kind in ("decode", "fused") else DEFAULT_THREADS
-    _schedule(sch, spec, threads, None)
+    _schedule(sch, spec, threads, None, DEFAULT_CODE_VECTOR)
 
 
 def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
@@ -69,7 +72,8 @@ def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     cands = attention_threads(spec) if spec.kind in ("decode", "fused") else THREAD_CANDIDATES
     threads = sch.sample_categorical(cands, [1.0 / len(cands)] * len(cands))
     unroll = sch.sample_categorical(_UNROLL_STEPS, [0.25] * 4)
-    _schedule(sch, spec, threads, unroll)
+    vec = sch.sample_categorical(_CODE_VECTORS, [1.0 / len(_CODE_VECTORS)] * len(_CODE_VECTORS)) if is_split(spec) else None
+    _schedule(sch, spec, threads, unroll, vec)
 
 
 def _bind_spatial(sch: s_tir.Schedule, block, n_outer: int, n_spatial: int, threads) -> None:
@@ -80,10 +84,10 @@ def _bind_spatial(sch: s_tir.Schedule, block, n_outer: int, n_spatial: int, thre
     sch.bind(tx, "threadIdx.x")
 
 
-def _schedule(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
+def _schedule(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll, vec=DEFAULT_CODE_VECTOR) -> None:
     work_on_kernel(sch)
     if spec.kind in ("decode", "fused"):
-        _attention(sch, spec, threads, unroll)
+        _attention(sch, spec, threads, unroll, vec)
     elif spec.kind == "merge":
         _elementwise_blocks(sch, MERGE_BLOCKS, threads)
     elif spec.kind == "quantize":
@@ -118,7 +122,7 @@ def _stage_copy(sch: s_tir.Schedule, block, n_outer: int, threads, vec: int) -> 
     sch.set_scope(block, 0, "shared")
 
 
-def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
+def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll, code_vec=DEFAULT_CODE_VECTOR) -> None:
     ps = pieces(spec)
     split = is_split(spec)
     # blockIdx.x = (b, kv head); split kernel: blockIdx.y = split (a plain index keeps the regions of the
@@ -136,7 +140,8 @@ def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
     sch.set_scope(qscale, 0, "shared")
     for p in ps:
         if split:  # the chunk's codes: loaded once per KV head into shared memory, 16 bytes per thread and load
-            vec = 8 if (not p.quantized and spec.dtype != "f32") else 4
+            # 16 bytes of fp16/bf16 (dense piece, key scale / zero); code words: the sampled vector width
+            vec = (8 if spec.dtype != "f32" else 4) if not p.quantized else code_vec
             _stage_copy(sch, sch.get_sblock(p.block("kload")), o + 1, threads, vec)
             if p.quantized:  # the chunk's offset in its first key group: one register per thread
                 sch.set_scope(sch.get_sblock(p.block("koff")), 0, "local")
