@@ -86,7 +86,7 @@ def ptxas_report(src: str, arch: str, tmp: Path) -> list[Resources]:
            "-o", str(tmp / "k.cubin"), str(cu)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    threads = {m.group(2): int(m.group(1)) for m in re.finditer(r"__launch_bounds__\((\d+)\)\s+(\w+)\(", src)}
+    threads = {m.group(2): int(m.group(1)) for m in re.finditer(r"__launch_bounds__\((\d+)(?:,\s*\d+)?\)\s+(\w+)\(", src)}
     out, name, frame = [], None, None
     for line in r.stderr.splitlines():
         if m := re.search(r"Compiling entry function '(\w+)'", line):
@@ -96,8 +96,9 @@ def ptxas_report(src: str, arch: str, tmp: Path) -> list[Resources]:
         elif (m := re.search(r"Used (\d+) registers", line)) and name is not None:
             smem = re.search(r"(\d+) bytes smem", line)
             assert frame is not None, r.stderr
+            assert name in threads, f"{name}: no __launch_bounds__ in the generated source"
             out.append(Resources(name, int(m.group(1)), int(smem.group(1)) if smem else 0, frame[0], frame[1], frame[2],
-                                 threads.get(name, 1024)))
+                                 threads[name]))
             name = frame = None
     assert out, f"no ptxas resource report:\n{r.stderr}"
     return out

@@ -73,6 +73,9 @@ def key_groups_per_chunk(spec: KernelSpec) -> int:
     return (c + kg - 2) // kg + 1
 
 
+#: Resident blocks per SM the split kernel is compiled for (a launch-bounds hint on GPU targets).
+MIN_BLOCKS_PER_SM = 2
+
 #: Most splits one launch computes (``o_parts`` rows past it are not written); :func:`choose_splits` never exceeds
 #: it. It also bounds ``P`` for TVM's integer bound analysis (an unbounded int32 ``P`` times the chunk overflows it).
 MAX_SPLITS = 4096
@@ -195,16 +198,24 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                 l_all = alloc("l_all", (bsz, hq))
                 with T.grid(npart, bsz, hkv) as (s, b, kh):
                     IRBuilder.name_many(["s", "b", "kh"], [s, b, kh])
-                    with T.grid(gs, d) as (g, dd):
-                        with T.sblock("qscale"):
-                            vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
-                            h = vkh * gs + vg
-                            T.buffer_store(qf, q[vb, h, vd].astype(_F32) * sm_scale, [vb, h, vd])
-                    for p, st in zip(ps, states):
-                        _emit_piece(spec, p, bufs, st, qf, syms, b, kh, s)
-                    _emit_final(spec, ps, bufs, states, syms, b, kh, s, m_all, w_all, l_all)
+                    # GPU targets: __launch_bounds__(threads, MIN_BLOCKS_PER_SM) (with the thread count alone, ptxas
+                    # of CUDA 13 holds this kernel at 72 registers and spills); CPU targets ignore it
+                    with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MIN_BLOCKS_PER_SM):
+                        _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh, m_all, w_all, l_all)
     return ib.get()
 
+
+def _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh, m_all, w_all, l_all) -> None:
+    """One (split, sample, KV head): scale the query group, every piece's chunk loop, the split's final merge."""
+    gs, d = spec.group_size, spec.head_dim
+    with T.grid(gs, d) as (g, dd):
+        with T.sblock("qscale"):
+            vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
+            h = vkh * gs + vg
+            T.buffer_store(qf, q[vb, h, vd].astype(_F32) * sm_scale, [vb, h, vd])
+    for p, st in zip(ps, states):
+        _emit_piece(spec, p, bufs, st, qf, syms, b, kh, s)
+    _emit_final(spec, ps, bufs, states, syms, b, kh, s, m_all, w_all, l_all)
 
 def _emit_final(spec, ps, bufs, states, syms, b, kh, s, m_all, w_all, l_all) -> None:
     """Merge the pieces' states of this split: o = sum_p acc_p e^(m_p - M) / L, lse = M + log L (L = sum_p l_p e^..)."""
