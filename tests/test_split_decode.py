@@ -139,6 +139,15 @@ def test_split_low_precision(dtype: str) -> None:
         _check(f"{dtype} P={parts}", out, want, *TOL_LOW[dtype])
 
 
+def test_split_signature_matches_prim_func() -> None:
+    for spec in (split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES["7b"])),
+                 split_spec(KernelSpec("decode", (16,), chunk=32, dtype="bf16", **SHAPES["0.5b"]))):
+        func = make_kernel(spec)
+        assert func.attrs["global_symbol"] == spec.uri and spec.uri.endswith("_split1")
+        sig = signature(spec).check_prim_func(func)
+        assert [a.name for a in sig.outputs] == ["o_parts", "lse_parts"]
+
+
 def test_choose_splits_policy() -> None:
     # batch 1 at 8K tokens fills an H200 (132 SMs) with >= 2 blocks per SM; never more splits than chunks
     for hkv, chunk in ((2, 32), (4, 32)):

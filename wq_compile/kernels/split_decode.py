@@ -22,6 +22,17 @@ Per split and piece (``t`` = token of the chunk, ``g`` = query head of the GQA g
                            into P, P @ V, running (m, l, acc)), reading the staged codes
     final   (m, l, acc) of the pieces -> o_parts[s], lse_parts[s]
 
+How the runtime calls it (plan once per step, run per layer)::
+
+    spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), head_dim, hq, hkv, k_group, v_group, dtype, chunk=32))
+    P = choose_splits(sm_count, n_tokens, batch, hkv, spec.chunk)   # n_tokens: the longest piece (capacity)
+    o_parts = torch.empty(P, B, Hq, D, float32); lse_parts = torch.empty(P, B, Hq, float32)
+    split_kernel(q, *pieces..., sm_scale, o_parts, lse_parts)      # grid: blockIdx.x = B * Hkv, blockIdx.y = P
+    merge_kernel(o_parts, lse_parts, out)                           # make_kernel(merge_spec(spec)), P symbolic
+
+Both modules serve every length, batch and ``P`` (``P <= MAX_SPLITS``). Capacities must be whole chunks (the
+layout's 64-token capacities are whole 32-token chunks).
+
 The staging blocks are plain copies: the llvm schedule inlines them, the CUDA schedule puts them in shared memory
 (one load per KV head for the whole query group) with vectorized global loads.
 """
