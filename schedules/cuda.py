@@ -70,6 +70,10 @@ def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
 def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     """ScheduleFn body: samples the thread count (one categorical feeding every threadIdx.x split) and unrolling."""
     cands = attention_threads(spec) if spec.kind in ("decode", "fused") else THREAD_CANDIDATES
+    if spec.kind in ("decode", "fused") and is_split(spec):
+        # at a quarter of group x chunk threads or fewer, 4-word staging vectors fail to vectorize (TVM's
+        # "eval_vec_" check); 112 threads x 4 words at head_dim 128 still fails: MetaSchedule discards that build
+        cands = [t for t in cands if 2 * t >= spec.group_size * spec.chunk]
     threads = sch.sample_categorical(cands, [1.0 / len(cands)] * len(cands))
     unroll = sch.sample_categorical(_UNROLL_STEPS, [0.25] * 4)
     vec = sch.sample_categorical(_CODE_VECTORS, [1.0 / len(_CODE_VECTORS)] * len(_CODE_VECTORS)) if is_split(spec) else None
