@@ -12,6 +12,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from wq_compile.kernels.attention import pieces
+from wq_compile.kernels.split_decode import is_split
 from wq_compile.kernels.merge import MERGE_BLOCKS
 from wq_compile.kernels.quantize import QUANT_BLOCKS
 from wq_compile.spec import KernelSpec
@@ -22,6 +23,9 @@ from .llvm import work_on_kernel
 DEFAULT_THREADS = 128
 THREAD_CANDIDATES = [32, 64, 128, 256]
 _UNROLL_STEPS = [0, 16, 64, 512]
+#: int32 code words per thread and global load when staging a chunk (4 = 128-bit loads, the default).
+_CODE_VECTORS = [1, 2, 4]
+DEFAULT_CODE_VECTOR = 4
 
 
 def attention_threads(spec: KernelSpec) -> list[int]:
@@ -60,15 +64,20 @@ def mutator_probs() -> dict:
 def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     """Hand schedule: attention with ``attention_threads(spec)[0]`` threads per block, others ``DEFAULT_THREADS``."""
     threads = attention_threads(spec)[0] if spec.kind in ("decode", "fused") else DEFAULT_THREADS
-    _schedule(sch, spec, threads, None)
+    _schedule(sch, spec, threads, None, DEFAULT_CODE_VECTOR)
 
 
 def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     """ScheduleFn body: samples the thread count (one categorical feeding every threadIdx.x split) and unrolling."""
     cands = attention_threads(spec) if spec.kind in ("decode", "fused") else THREAD_CANDIDATES
+    if spec.kind in ("decode", "fused") and is_split(spec):
+        # at a quarter of group x chunk threads or fewer, 4-word staging vectors fail to vectorize (TVM's
+        # "eval_vec_" check); 112 threads x 4 words at head_dim 128 still fails: MetaSchedule discards that build
+        cands = [t for t in cands if 2 * t >= spec.group_size * spec.chunk]
     threads = sch.sample_categorical(cands, [1.0 / len(cands)] * len(cands))
     unroll = sch.sample_categorical(_UNROLL_STEPS, [0.25] * 4)
-    _schedule(sch, spec, threads, unroll)
+    vec = sch.sample_categorical(_CODE_VECTORS, [1.0 / len(_CODE_VECTORS)] * len(_CODE_VECTORS)) if is_split(spec) else None
+    _schedule(sch, spec, threads, unroll, vec)
 
 
 def _bind_spatial(sch: s_tir.Schedule, block, n_outer: int, n_spatial: int, threads) -> None:
@@ -79,10 +88,10 @@ def _bind_spatial(sch: s_tir.Schedule, block, n_outer: int, n_spatial: int, thre
     sch.bind(tx, "threadIdx.x")
 
 
-def _schedule(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
+def _schedule(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll, vec=DEFAULT_CODE_VECTOR) -> None:
     work_on_kernel(sch)
     if spec.kind in ("decode", "fused"):
-        _attention(sch, spec, threads, unroll)
+        _attention(sch, spec, threads, unroll, vec)
     elif spec.kind == "merge":
         _elementwise_blocks(sch, MERGE_BLOCKS, threads)
     elif spec.kind == "quantize":
@@ -104,22 +113,53 @@ def _elementwise_blocks(sch: s_tir.Schedule, names, threads) -> None:
         sch.bind(tx, "threadIdx.x")
 
 
-def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
+def _stage_copy(sch: s_tir.Schedule, block, n_outer: int, threads, vec: int) -> None:
+    """A staging copy into shared memory: its loops fused, ``vec`` consecutive elements per thread and step
+    (one 128-bit global load), the vectors spread over threadIdx.x (the predicate of a partial last step does not
+    depend on the vector lane, so the vector survives)."""
+    loops = sch.get_loops(block)
+    fused = sch.fuse(*loops[n_outer:])
+    outer, lanes = sch.split(fused, [None, vec])
+    sch.vectorize(lanes)
+    _, tx = sch.split(outer, [None, threads])
+    sch.bind(tx, "threadIdx.x")
+    sch.set_scope(block, 0, "shared")
+
+
+def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll, code_vec=DEFAULT_CODE_VECTOR) -> None:
     ps = pieces(spec)
-    bx = sch.fuse(*sch.get_loops(sch.get_sblock("qscale"))[:2])
+    split = is_split(spec)
+    # blockIdx.x = (b, kv head); split kernel: blockIdx.y = split (a plain index keeps the regions of the
+    # per-chunk buffers exact). ``o`` = outer loops of every block ((by,) bx).
+    outer = sch.get_loops(sch.get_sblock("qscale"))
+    o = 2 if split else 1
+    if split:  # loops (s, b, kv head): the split outermost, so shared buffers are planned per split
+        sch.bind(outer[0], "blockIdx.y")
+    bx = sch.fuse(outer[o - 1], outer[o])
     sch.bind(bx, "blockIdx.x")
     if unroll is not None:
         sch.annotate(bx, "meta_schedule.unroll_explicit", unroll)
     qscale = sch.get_sblock("qscale")
-    _bind_spatial(sch, qscale, 1, 2, threads)
+    _bind_spatial(sch, qscale, o, 2, threads)
     sch.set_scope(qscale, 0, "shared")
     for p in ps:
+        if split:  # the chunk's codes: loaded once per KV head into shared memory, 16 bytes per thread and load
+            # 16 bytes of fp16/bf16 (dense piece, key scale / zero); code words: the sampled vector width
+            vec = (8 if spec.dtype != "f32" else 4) if not p.quantized else code_vec
+            _stage_copy(sch, sch.get_sblock(p.block("kload")), o + 1, threads, vec)
+            if p.quantized:  # the chunk's offset in its first key group: one register per thread
+                sch.set_scope(sch.get_sblock(p.block("koff")), 0, "local")
+                _stage_copy(sch, sch.get_sblock(p.block("kscale")), o + 1, threads, 8)
+                _stage_copy(sch, sch.get_sblock(p.block("kzero")), o + 1, threads, 8)
+            _stage_copy(sch, sch.get_sblock(p.block("vload")), o + 1, threads, vec)
+            if not p.quantized:  # valid tokens of the chunk (the V mask): one register per thread
+                sch.set_scope(sch.get_sblock(p.block("nvalid")), 0, "local")
         sch.compute_inline(sch.get_sblock(p.block("kdeq")))
         sch.compute_inline(sch.get_sblock(p.block("vdeq")))
         # scores: (g, t) over threads; the lane partial sums stay in registers of that thread
         qk = sch.get_sblock(p.block("qk"))
-        loops = sch.get_loops(qk)  # bx, c, g, t, lane
-        fused = sch.fuse(loops[2], loops[3])
+        loops = sch.get_loops(qk)  # bx, (by,) c, g, t, lane
+        fused = sch.fuse(loops[o + 1], loops[o + 2])
         _, tx = sch.split(fused, [None, threads])
         sch.bind(tx, "threadIdx.x")
         fold = sch.get_sblock(p.block("qk_fold"))
@@ -134,19 +174,22 @@ def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
             stages += [("vscale", 3), ("vzero_part", 3), ("vzero", 2)]
         for stage, n_spatial in (*stages, ("pv", 2)):
             blk = sch.get_sblock(p.block(stage))
-            _bind_spatial(sch, blk, 2, n_spatial, threads)
+            _bind_spatial(sch, blk, o + 1, n_spatial, threads)
             sch.set_scope(blk, 0, "shared")
         # running state (m, l, acc[d]) of query head g lives in registers of thread g; the final blocks use the
         # same head -> thread map, so no shared-memory read-modify-write sits inside a thread predicate.
         state = sch.get_sblock(p.block("state"))
-        _bind_spatial(sch, state, 2, 1, threads)
+        _bind_spatial(sch, state, o + 1, 1, threads)
         for i in range(3):
             sch.set_scope(state, i, "local")
         if unroll is None:  # the design space leaves this to RewriteReductionBlock
-            sch.decompose_reduction(state, sch.get_loops(state)[1])
-    finals = ["final_o", "final_lse"] if len(ps) == 1 else ["final_m", *[p.block("final_w") for p in ps], "final_l", "final_o"]
+            sch.decompose_reduction(state, sch.get_loops(state)[o])
+    if split:
+        finals = ["final_m", *[p.block("final_w") for p in ps], "final_l", "final_o", "final_lse"]
+    else:
+        finals = ["final_o", "final_lse"] if len(ps) == 1 else ["final_m", *[p.block("final_w") for p in ps], "final_l", "final_o"]
     for name in finals:
         blk = sch.get_sblock(name)
-        _bind_spatial(sch, blk, 1, 1, threads)  # head -> thread; the channel loop of final_o stays serial
+        _bind_spatial(sch, blk, o, 1, threads)  # head -> thread; the channel loop of final_o stays serial
         if name == "final_m" or name == "final_l" or name == ps[0].block("final_w"):
             sch.set_scope(blk, 0, "local")

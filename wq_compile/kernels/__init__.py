@@ -35,7 +35,7 @@ import tvm
 from tvm import tirx
 
 from ..spec import KernelSpec
-from . import attention, attention_cpu, merge, quantize
+from . import attention, attention_cpu, merge, quantize, split_decode
 from ..signature import ArgDesc, KernelSignature
 from .common import NEG_BIG
 
@@ -55,6 +55,8 @@ _FACTORIES = {
 
 
 def _factory(spec: KernelSpec):
+    if spec.kind in ("decode", "fused") and split_decode.is_split(spec):
+        return split_decode.build_split_attention, split_decode.signature
     try:
         return _FACTORIES[spec.kind]
     except KeyError:
@@ -66,9 +68,10 @@ def make_kernel(spec: KernelSpec, target_kind: str | None = None) -> tirx.PrimFu
 
     ``target_kind="llvm"`` gives the CPU fused kernel (:mod:`.attention_cpu`: plain TIR with its SIMD structure
     explicit, same signature) for ``kind="fused"``; every other case is the block-style kernel (CUDA, and the
-    per-bucket decode kernels on llvm). ``None`` keeps the block-style kernel.
+    per-bucket decode kernels on llvm), or the split-KV kernel (:mod:`.split_decode`) for a split spec on any
+    target. ``None`` keeps the block-style kernel.
     """
-    if target_kind == "llvm" and spec.kind == "fused":
+    if target_kind == "llvm" and spec.kind == "fused" and not split_decode.is_split(spec):
         return attention_cpu.build_fused_cpu(spec)
     return _factory(spec)[0](spec)
 

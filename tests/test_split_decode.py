@@ -1,0 +1,161 @@
+"""The split-KV decode PrimFunc (the one the CUDA schedule transforms), built for llvm and run against the torch
+reference: split kernel -> o_parts, lse_parts -> merge kernel -> out, for several split counts and irregular lengths.
+
+Tolerances: kernel and reference read the same quantized data; they differ by fp32 summation order and the
+polynomial exp (~2e-7 relative): 1e-4 absolute + 1e-4 relative on outputs of size O(1), 1e-4 on the lse.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tvm
+
+from wq_compile import quant, reference
+from wq_compile.kernels import make_kernel, signature
+from wq_compile.kernels.split_decode import choose_splits, merge_spec, split_spec
+from wq_compile.schedules import llvm as llvm_sched
+from wq_compile.spec import KernelSpec, QuantSpec
+
+TOL = (1e-4, 1e-4)
+TOL_LOW = {"f16": (2e-3, 2e-3), "bf16": (1.6e-2, 1.6e-2)}
+LSE_ATOL = 1e-4
+SM_SCALE = 0.125
+SHAPES = {"0.5b": dict(head_dim=64, num_q_heads=14, num_kv_heads=2), "7b": dict(head_dim=128, num_q_heads=28, num_kv_heads=4)}
+
+_CACHE: dict = {}
+
+
+def _compiled(spec: KernelSpec):
+    if spec not in _CACHE:
+        sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: make_kernel(spec)}))
+        llvm_sched.default_schedule(sch, spec)
+        _CACHE[spec] = tvm.compile(sch.mod, target=llvm_sched.host_target())[spec.uri]
+    return _CACHE[spec]
+
+
+def _piece(bits: int, spec: KernelSpec, n: int, lens: list[int], gen: torch.Generator):
+    """Kernel args of one piece (garbage past lens) and the dense fp32 k, v the reference attends over."""
+    b, hkv, d = len(lens), spec.num_kv_heads, spec.head_dim
+    k = torch.randn(b, hkv, n, d, generator=gen) * 2 + 0.5
+    v = torch.randn(b, hkv, n, d, generator=gen)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    if bits == 16:
+        k, v = k.to(spec.torch_dtype), v.to(spec.torch_dtype)
+        kp, vp = k.clone(), v.clone()
+        for i, ln in enumerate(lens):
+            kp[i, :, ln:] = float("nan")
+            vp[i, :, ln:] = float("nan")
+        return [kp, vp, lens_t], k.float(), v.float()
+    qs = QuantSpec(bits, spec.k_group, spec.v_group)
+    qk, qv = quant.quantize_keys(k, qs), quant.quantize_values(v, qs)
+    v_scale = qv.scale.clone()
+    for i, ln in enumerate(lens):
+        v_scale[i, :, ln:] = float("nan")
+    return [qk.codes, qk.scale, qk.zero, qv.codes, v_scale, qv.zero, lens_t], quant.dequantize_keys(qk, n), quant.dequantize_values(qv)
+
+
+def _case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator):
+    args, outs, lses = [], [], []
+    b = len(next(iter(lens.values())))
+    q = torch.randn(b, spec.num_q_heads, spec.head_dim, generator=gen).to(spec.torch_dtype)
+    for bits in spec.bits:
+        a, k, v = _piece(bits, spec, caps[bits], lens[bits], gen)
+        args += a
+        o, lse = reference.attend_piece(q, k, v, a[-1], SM_SCALE)
+        outs.append(o)
+        lses.append(lse)
+    want, want_lse = reference.merge_states(outs, lses)
+    return [q, *args, SM_SCALE], want, want_lse
+
+
+def _check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.float() - want.float()).abs()
+    bound = atol + rtol * want.float().abs()
+    assert bool((err <= bound).all()), f"{name}: max err {err.max().item():.3g} (atol {atol}, rtol {rtol})"
+
+
+def run_split(spec: KernelSpec, call: list, parts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split kernel with ``parts`` splits, then the merge kernel: (out, o_parts, lse_parts)."""
+    b = call[0].shape[0]
+    hq, d = spec.num_q_heads, spec.head_dim
+    o_parts = torch.full((parts, b, hq, d), float("nan"))
+    lse_parts = torch.full((parts, b, hq), float("nan"))
+    signature(spec).bind(*call, o_parts, lse_parts)
+    _compiled(spec)(*call, o_parts, lse_parts)
+    out = torch.full((b, hq, d), float("nan"), dtype=spec.torch_dtype)
+    _compiled(merge_spec(spec))(o_parts, lse_parts, out)
+    return out, o_parts, lse_parts
+
+
+#: (capacities, lens) per piece: irregular lengths, empty buckets, batch 2 with different lengths.
+SCENARIOS = [
+    ({8: 64, 4: 320, 2: 256, 16: 64}, {8: [7, 13], 4: [300, 0], 2: [196, 256], 16: [5, 0]}),
+    ({8: 64, 4: 64, 2: 128, 16: 64}, {8: [0, 0], 4: [64, 1], 2: [0, 100], 16: [0, 64]}),
+    ({8: 64, 4: 64, 2: 64, 16: 64}, {8: [0, 0], 4: [0, 0], 2: [0, 0], 16: [0, 0]}),
+]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_split_fused_matches_reference(shape: str) -> None:
+    spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES[shape]))
+    gen = torch.Generator().manual_seed(3)
+    for caps, lens in SCENARIOS:
+        call, want, want_lse = _case(spec, caps, lens, gen)
+        for parts in (1, 2, 3, 7, 16):  # more splits than chunks of some pieces: empty splits
+            out, _, lse_parts = run_split(spec, call, parts)
+            _check(f"{shape} P={parts} {lens}", out, want, *TOL)
+            total = torch.logsumexp(lse_parts, 0)
+            for i in range(2):
+                if torch.isfinite(want_lse[i]).all():
+                    _check("lse", total[i], want_lse[i], LSE_ATOL, 1e-6)
+                else:
+                    assert bool(torch.isneginf(total[i]).all()) and bool((out[i] == 0).all())
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_split_decode_single_piece(bits: int) -> None:
+    spec = split_spec(KernelSpec("decode", (bits,), chunk=32, **SHAPES["0.5b"]))
+    gen = torch.Generator().manual_seed(bits)
+    for n, lens in ((64, [7, 13]), (320, [0, 300]), (224, [196, 224])):
+        a, k, v = _piece(bits, spec, n, lens, gen)
+        q = torch.randn(2, 14, 64, generator=gen)
+        want, _ = reference.attend_piece(q, k, v, a[-1], SM_SCALE)
+        for parts in (1, 4, 11):
+            out, _, _ = run_split(spec, [q, *a, SM_SCALE], parts)
+            _check(f"decode bits={bits} n={n} P={parts}", out, want, *TOL)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_split_low_precision(dtype: str) -> None:
+    """f16 / bf16 queries, dense piece and output; partials stay fp32."""
+    spec = split_spec(KernelSpec("fused", (4, 16), chunk=32, dtype=dtype, **SHAPES["0.5b"]))
+    gen = torch.Generator().manual_seed(9)
+    call, want, _ = _case(spec, {4: 320, 16: 64}, {4: [300, 13], 16: [7, 64]}, gen)
+    for parts in (1, 5):
+        out, _, _ = run_split(spec, call, parts)
+        assert out.dtype == spec.torch_dtype
+        _check(f"{dtype} P={parts}", out, want, *TOL_LOW[dtype])
+
+
+def test_split_signature_matches_prim_func() -> None:
+    for spec in (split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES["7b"])),
+                 split_spec(KernelSpec("decode", (16,), chunk=32, dtype="bf16", **SHAPES["0.5b"]))):
+        func = make_kernel(spec)
+        assert func.attrs["global_symbol"] == spec.uri and spec.uri.endswith("_split1")
+        sig = signature(spec).check_prim_func(func)
+        assert [a.name for a in sig.outputs] == ["o_parts", "lse_parts"]
+
+
+def test_choose_splits_policy() -> None:
+    # batch 1 at 8K tokens fills an H200 (132 SMs) with >= 2 blocks per SM; never more splits than chunks
+    for hkv, chunk in ((2, 32), (4, 32)):
+        p = choose_splits(132, 8192, 1, hkv, chunk)
+        assert p * hkv >= 2 * 132 and p <= 8192 // chunk
+    assert choose_splits(132, 2048, 1, 2, 32) == 64  # all 64 chunks of 2K tokens: one chunk per split
+    assert choose_splits(132, 0, 1, 2, 32) == 1
+    assert choose_splits(132, 100, 1, 2, 32) == 4
+    assert choose_splits(132, 1 << 20, 64, 4, 32) == 2  # a big batch fills the GPU by itself: few splits
+    with pytest.raises(ValueError, match="sm_count"):
+        choose_splits(0, 10, 1, 1)
