@@ -105,3 +105,28 @@ def test_shared_library_is_one_per_target_logs_and_cache(tmp_path):
     a = shared_library("llvm", logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache")
     assert shared_library("llvm", logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache") is a
     assert shared_library("llvm", logs_dir=tmp_path / "other", cache_dir=tmp_path / "cache") is not a
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split-kv"])
+def test_fused_decoder_matches_the_reference(split: bool, tmp_path) -> None:
+    """The decoder the cache runs: one fused launch (CPU default), or split-KV + merge (the CUDA path, run here on
+    llvm with the same PrimFuncs), over every bucket mix the bench uses, batch 1."""
+    from wq_compile.bench.decode import MIXES, make_layer
+    from wq_compile.reference import decode_attention
+    from wq_compile.runtime import FusedDecoder
+
+    with KernelLibrary("llvm", logs_dir=tmp_path / "nologs", cache_dir=tmp_path / "cache") as lib:
+        dec = FusedDecoder(lib, 4, 2, 64, torch.float32, split=split, sm_count=3)
+        assert dec.split is split
+        gen = torch.Generator().manual_seed(3)
+        for mix in ("int4", "mixed"):
+            layer = make_layer(600, MIXES[mix], 2, 64, torch.float32)
+            q = torch.randn(1, 4, 64, generator=gen)
+            want = decode_attention(q, layer, 0.125)
+            for _ in range(2):  # first call checked, second unchecked
+                got = dec(q, layer, 0.125)
+                assert got.shape == want.shape and got.dtype == torch.float32
+                assert (got - want).abs().max() < 2e-5
+        if split:  # the merge kernel was loaded and several ranges were used (3 units x 2 blocks / 2 kv heads)
+            assert dec._merge is not None
+            assert any(k[0].endswith("split1") and k[2][0][0] == 3 for k in dec._checked)
