@@ -7,7 +7,6 @@ decision; tiles are sampled only inside the fixed chunk, never on the dynamic ch
 from __future__ import annotations
 
 import math
-import os
 
 import tvm
 from tvm import s_tir
@@ -23,10 +22,11 @@ _UNROLL_STEPS = [0, 16, 64, 512]
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
-    """llvm target for this host CPU: plain ``"llvm"`` means generic x86-64 (no AVX/FMA/F16C) and is far slower."""
-    cores = num_cores or os.cpu_count() or 1
-    mcpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": cores})
+    """The runtime's llvm target for this host (:func:`wq_compile.device.host_device`: ``mcpu`` from LLVM's host
+    detection, physical cores), so tests compile for the same target the runtime uses."""
+    from wq_compile.device import host_device
+
+    return host_device(num_cores).target
 
 
 def postprocs() -> list:

@@ -66,11 +66,6 @@ class Piece:
         return f"{self.tag}_{stage}"
 
 
-#: Stages of one piece, in program order (block names are ``f"{piece.tag}_{stage}"``).
-#: ``vscale`` / ``vzero_part`` / ``vzero`` exist for quantized pieces only.
-PIECE_STAGES = ("kdeq", "qk_part", "qk_fold", "qk", "cmax_part", "cmax", "prob", "lsum", "vscale", "vzero_part", "vzero", "vdeq", "pv", "state")
-
-
 def pieces(spec: KernelSpec) -> tuple[Piece, ...]:
     """The pieces of a decode/fused spec, in argument order."""
     if spec.kind not in ("decode", "fused"):
