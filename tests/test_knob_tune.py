@@ -188,3 +188,12 @@ def test_example_lens_are_each_pieces_capacity():
     sizes = example_sizes(SPEC, 256)
     named = dict(zip(kdef.signature.names, example_args(kdef.signature, sizes)))
     assert int(named["q4_lens"][0]) == sizes["N4"] and int(named["dense_lens"][0]) == sizes["N16"] < sizes["N4"]
+
+
+def test_cli_knob_flags_are_checked(capsys):
+    from wq_compile.cli import main_tune
+
+    for flag in ("--knob-rounds", "--knob-tokens"):
+        with pytest.raises(SystemExit) as exc:
+            main_tune(["--model", "tiny", flag, "0"])
+        assert exc.value.code == 2 and f"{flag}: expected a positive count" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from .kernels import example_sizes
 from .kernels.attention_cpu import CpuKnobs
 from .measure import example_args, time_function
 from .spec import KernelSpec
+from .tune import NoValidTrialsError
 from .tuning_log import Provenance, TuningLogError
 
 #: Tokens per quantized piece the knobs are timed at (a 32-frame video is ~6300 tokens; long videos are longer).
@@ -37,7 +38,7 @@ KNOB_ROUNDS = 7
 PVC_CANDIDATES: tuple[int, ...] = (8, 16, 32)
 
 
-class NoValidKnobsError(RuntimeError):
+class NoValidKnobsError(NoValidTrialsError):
     """Every knob candidate failed its reference check (nothing was recorded)."""
 
 
@@ -204,7 +205,8 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     meta.update({
         "best": {"knobs": dict(best.knobs), "median_ms": best.median_s * 1e3, "uri": knob_lib.with_knobs(
             base, best.knobs).uri},
-        "candidates": [{"knobs": dict(c.knobs), "median_ms": c.median_s * 1e3, "rounds": len(c.samples)}
+        "candidates": [{"knobs": dict(c.knobs), "median_ms": c.median_s * 1e3, "min_ms": min(c.samples) * 1e3,
+                        "rounds": len(c.samples)}
                        for c in sorted(measured, key=lambda c: c.median_s)],
         "failed_reference_check": sorted(failed), "num_candidates": len(measured), "timestamp": _now(),
         "tuned_ms": best.median_s * 1e3,
