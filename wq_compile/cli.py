@@ -47,6 +47,11 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--logs-dir", default="tuning_logs")
     p.add_argument("--cache-dir", default=None, help="module cache root (default $WQ_CACHE_DIR or ~/.cache/wq_compile)")
     p.add_argument("--builder-timeout", type=float, default=None, help="seconds per candidate build (default 180)")
+    p.add_argument("--knob-rounds", type=int, default=None,
+                   help="llvm fused kernel (plain TIR, knob sweep): interleaved timing rounds per candidate (default 7; "
+                        "a larger value on an existing record adds rounds, finished ones are kept)")
+    p.add_argument("--knob-tokens", type=int, default=None,
+                   help="llvm fused kernel: tokens per bucket the knobs are timed at (default 8192)")
     p.add_argument("--build-only", action="store_true",
                    help="compile from existing logs (else the default schedule) into the cache; no tuning")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker that serves the target device")
@@ -84,6 +89,9 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     args = tune_parser().parse_args(argv)
     if (args.rpc is None) != (args.rpc_key is None):
         tune_parser().error("--rpc and --rpc-key go together")
+    for flag, value in (("--knob-rounds", args.knob_rounds), ("--knob-tokens", args.knob_tokens)):
+        if value is not None and value < 1:
+            tune_parser().error(f"{flag}: expected a positive count, got {value}")
 
     from pathlib import Path
 
@@ -113,6 +121,10 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
                 settings = replace(settings, n_tokens=args.tokens)
             if args.builder_timeout:
                 settings = replace(settings, builder_timeout=args.builder_timeout)
+            if args.knob_rounds:
+                settings = replace(settings, knob_rounds=args.knob_rounds)
+            if args.knob_tokens:
+                settings = replace(settings, knob_tokens=args.knob_tokens)
             results = tune_kernels(specs, device, settings, progress=not args.no_progress)
             built = build_only(specs, device, logs_dir=args.logs_dir, cache_dir=args.cache_dir)
             results = [replace(r, provenance=b.provenance) for r, b in zip(results, built)]

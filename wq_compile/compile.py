@@ -202,6 +202,8 @@ def build_kernel(spec: KernelSpec | KernelDef, device: Device | str = "llvm", *,
     :class:`UntunedKernelWarning` (an error when ``allow_untuned`` is False)."""
     device = resolve_device(device)
     kdef = spec if isinstance(spec, KernelDef) else kernel_def(spec, device.kind)
+    if is_plain_tir(kdef):
+        return build_plain_kernel(kdef, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
     sch, provenance, module = choose_schedule(kdef, device, logs_dir)
     if sch is None:
         where = logs_dir if logs_dir is not None else "no logs dir given"
@@ -218,3 +220,33 @@ def build_kernel(spec: KernelSpec | KernelDef, device: Device | str = "llvm", *,
         if cuda_binary:
             built.binary = compile_cuda_binary(built.source, device)
     return built
+
+
+def is_plain_tir(kdef: KernelDef) -> bool:
+    """A kernel whose schedule is written into its TIR (its knobs are factory parameters, not a trace)."""
+    from .kernels.attention_cpu import PLAIN_TIR_ATTR
+
+    attrs = kdef.func.attrs
+    return bool(attrs is not None and attrs.get(PLAIN_TIR_ATTR, False))
+
+
+def build_plain_kernel(kdef: KernelDef, device: Device, *, logs_dir: str | os.PathLike | None = None,
+                       allow_untuned: bool = True) -> BuiltKernel:
+    """Build a plain-TIR kernel as written (its knobs are already in its spec). Provenance comes from the knob
+    record (:func:`wq_compile.knobs.provenance`); knobs from another device are checked once against the reference
+    (a failure raises: knobs never change results, so it is a kernel bug, never a reason to cache the module)."""
+    from . import knobs as knob_lookup
+    from .check import check_against_reference
+
+    provenance, note = knob_lookup.provenance(kdef.spec, device, logs_dir)
+    if not provenance.tuned:
+        msg = (f"{kdef.spec.uri}: no knob record for {device.tag} or a compatible {device.isa} device "
+               f"({logs_dir if logs_dir is not None else 'no logs dir given'}); {note}")
+        if not allow_untuned:
+            raise TuningLogError(msg + " (refused: allow_untuned=False); run wq-tune first")
+        warnings.warn(msg + f" (tune them: wq-tune --target {device.kind} --kernels fused)", UntunedKernelWarning,
+                      stacklevel=3)
+    module = build_module(default_schedule(kdef), device)
+    if provenance.source == "foreign":
+        check_against_reference(kdef, module, device)
+    return BuiltKernel(kdef.spec, device, module, kdef.signature, provenance)

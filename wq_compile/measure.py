@@ -91,8 +91,12 @@ def example_args(
             if a.name.endswith("scale"):
                 t = t * 0.1
         elif a.name.endswith("lens"):
-            # valid lengths: the token capacity (the largest chunk-aligned symbol)
-            caps = [env[s] for s, _ in sig.multiple_of if s in env] or list(env.values()) or [1]
+            # valid lengths: the token capacity of this piece (the chunk-aligned symbol of the arguments with the
+            # same prefix: a fused kernel's dense piece is smaller than its buckets; more would read out of bounds)
+            prefix = a.name[: -len("lens")]
+            own = {s for b in sig.args if b is not a and b.name.startswith(prefix) for s in (b.shape or ())}
+            caps = ([env[s] for s, _ in sig.multiple_of if s in env and s in own]
+                    or [env[s] for s, _ in sig.multiple_of if s in env] or list(env.values()) or [1])
             fill = max(caps)
             t = torch.full(shape, int(fill), dtype=dt)
         else:

@@ -63,8 +63,13 @@ def module_paths(spec: KernelSpec, device: Device, cache_dir: str | os.PathLike 
 
 def expected_key(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None) -> dict[str, Any]:
     """What a cached module of ``spec`` must have been built from (file reads and hashes only)."""
+    from . import knobs
+
     v = versions()
-    sources = tuning_log.candidate_logs(logs_dir, device, spec.uri)
+    if knobs.has_knobs(spec, device):  # plain TIR: its knob record (under the URI without knobs) is what serves it
+        sources = tuning_log.candidate_logs(logs_dir, device, knobs.base_spec(spec).uri, strict=False)
+    else:
+        sources = tuning_log.candidate_logs(logs_dir, device, spec.uri)
     return {
         "uri": spec.uri,
         **{pkg: v[pkg] for pkg in PINNED_PACKAGES},

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import module_cache
+from . import knobs, module_cache
 from .compile import build_kernel
 from .device import Device, resolve_device
 from .kernels import piece_fields, signature as kernel_signature
@@ -181,9 +181,11 @@ class KernelLibrary:
     # ---- loading -----------------------------------------------------------------------------------------------
     def load(self, spec: KernelSpec) -> CompiledKernel:
         """The kernel of ``spec``: from this library, the module cache, a tuning log, or the default schedule."""
-        if spec.uri in self._kernels:
+        requested = spec.uri
+        if requested in self._kernels:
             self.stats.reused += 1
-            return self._kernels[spec.uri]
+            return self._kernels[requested]
+        spec = knobs.resolve(spec, self.device, self.logs_dir)  # plain-TIR kernels: knobs of the knob record
         paths, provenance, compiled = ensure_module(spec, self.device, self.logs_dir, self.cache_dir,
                                                     allow_untuned=self.allow_untuned)
         self.stats.compiled += compiled
@@ -191,7 +193,7 @@ class KernelLibrary:
         self.stats.cache_hits += not compiled
         module = module_cache.load(paths, self.device)
         kernel = CompiledKernel(spec, self.device, kernel_signature(spec), module, paths.module, provenance)
-        self._kernels[spec.uri] = kernel
+        self._kernels[requested] = kernel  # keyed by the URI asked for: the next call skips the knob lookup
         return kernel
 
     def provenance(self) -> dict[str, str]:

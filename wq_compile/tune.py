@@ -51,6 +51,8 @@ class TuneSettings:
     genetic_iters: int = 3
     measure: bool = True  # time the default and the tuned schedule after tuning
     work_dir: Path | None = None  # MetaSchedule's scratch folder (default: next to the module cache)
+    knob_tokens: int = 8192  # plain-TIR kernels (llvm fused): tokens per piece their knob grid is timed at
+    knob_rounds: int = 7  # ... and interleaved rounds per candidate (median)
 
     def trials_for(self, spec: KernelSpec) -> int:
         if self.trials is None:
@@ -269,8 +271,35 @@ def tune_kernels(specs: Sequence[KernelSpec], device: Device | str = "llvm",
                 _b.update(measured)
                 _b.set_postfix(valid=valid)
 
-            results.append(tune_kernel(spec, device, settings, measurers=measurers, on_progress=on_progress))
+            if _has_knobs(spec, device):
+                results.append(tune_knobs(spec, device, settings))
+            else:
+                results.append(tune_kernel(spec, device, settings, measurers=measurers, on_progress=on_progress))
     return results
+
+
+def _has_knobs(spec: KernelSpec, device: Device) -> bool:
+    from .knobs import has_knobs
+
+    return has_knobs(spec, device)
+
+
+def tune_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: TuneSettings = TuneSettings()
+               ) -> TuneResult:
+    """A plain-TIR kernel (no blocks for MetaSchedule): sweep its structure knobs (:mod:`wq_compile.knob_tune`)
+    and record the winner; the result names the winning spec (knobs in its URI)."""
+    from .knob_tune import KnobSweepSettings, sweep_knobs
+
+    device = resolve_device(device)
+    res = sweep_knobs(spec, device, KnobSweepSettings(logs_dir=settings.logs_dir, n_tokens=settings.knob_tokens,
+                                                      rounds=settings.knob_rounds))
+    meta = tuning_log.read_meta(res.log_dir, device)
+    untuned = meta.get("untuned_ms")
+    sizes = {str(k): int(v) for k, v in meta["tuning_sizes"].items()}
+    return TuneResult(res.best_spec, res.log_dir, len(res.candidates), res.new_samples,
+                      None if untuned is None else untuned / 1e3, res.best.median_s,
+                      kernel_def(res.best_spec, device.kind).signature.nbytes(sizes),
+                      Provenance("here", device.tag, res.best.median_s))
 
 
 def build_only(specs: Sequence[KernelSpec], device: Device | str = "llvm", *,
@@ -278,6 +307,7 @@ def build_only(specs: Sequence[KernelSpec], device: Device | str = "llvm", *,
                cache_dir: str | os.PathLike | None = None) -> list[TuneResult]:
     """Load or compile every spec into the module cache (a log of this or a compatible device, else the default
     schedule); no measurement. Each result says where its schedule came from."""
+    from .knobs import resolve as knob_resolve
     from .runtime import ensure_module
 
     device = resolve_device(device)
@@ -287,9 +317,11 @@ def build_only(specs: Sequence[KernelSpec], device: Device | str = "llvm", *,
         for path in tuning_log.repair_log(folder) if folder.is_dir() else []:
             warnings.warn(f"{path}: removed a torn last line (interrupted write)", tuning_log.TornLogWarning,
                           stacklevel=2)
+        spec = knob_resolve(spec, device, logs_dir)  # plain-TIR kernels: the knobs of their record
         _, provenance, _ = ensure_module(spec, device, logs_dir, cache_dir)
         valid = 0
         if (folder / tuning_log.META_FILE).exists():
-            valid = int(tuning_log.read_meta(folder, device).get("valid_trials", 0))
+            meta = tuning_log.read_meta(folder, device)
+            valid = int(meta.get("valid_trials", meta.get("num_candidates", 0)))
         results.append(TuneResult(spec, folder, valid, 0, None, None, 0, provenance))
     return results

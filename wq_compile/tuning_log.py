@@ -27,12 +27,21 @@ from .device import PINNED_PACKAGES, Device, isa_class, versions
 META_FILE = "meta.json"
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
+#: Knob records (plain-TIR kernels whose structure knobs are factory parameters, not a MetaSchedule trace): one JSON
+#: line per measured sample ``{"knobs": {...}, "round": r, "secs": s}``, appended; the winner lives in meta.json.
+KNOB_FILE = "knob_samples.json"
+#: ``meta["kind"]`` of a knob record (MetaSchedule logs have no kind).
+KNOB_KIND = "knobs"
 #: Tuning records with run time at or above this are failed runs (MetaSchedule writes 1e10 s).
 FAILED_RUN_SECS = 1e9
 
 
 class TuningLogError(RuntimeError):
     """A tuning log is unreadable, stale (other versions/target) or does not replay on the kernel."""
+
+
+class KnobRecordWarning(UserWarning):
+    """A knob record is unreadable or incomplete; it is skipped (the next one, else the default knobs, serves)."""
 
 
 class TornLogWarning(UserWarning):
@@ -225,16 +234,23 @@ def _tag_arch(tag: str) -> str:
     return tag.split("-")[1] if tag.startswith("cpu-") and tag.count("-") >= 2 else ""
 
 
-def candidate_logs(logs_dir: str | os.PathLike | None, device: Device, uri: str) -> list[LogSource]:
+def candidate_logs(logs_dir: str | os.PathLike | None, device: Device, uri: str, *,
+                   strict: bool = True) -> list[LogSource]:
     """Logs that may serve ``uri`` on ``device``, in the order to try them: the exact device tag, then logs of the
     same target kind and ISA class (nearest core count first). Logs of other versions are skipped here (the exact
-    one raises :class:`TuningLogError` instead, so a stale local log is never silently ignored)."""
+    one raises :class:`TuningLogError` instead, so a stale local log is never silently ignored; with ``strict``
+    False it is skipped with a :class:`KnobRecordWarning`, as knob lookups at run time do)."""
     if logs_dir is None or not Path(logs_dir).is_dir():
         return []
     out: list[LogSource] = []
     exact = log_dir(logs_dir, device.tag, uri)
     if exact.is_dir():
-        out.append(LogSource(exact, device.tag, True, read_meta(exact, device)))
+        try:
+            out.append(LogSource(exact, device.tag, True, read_meta(exact, device)))
+        except TuningLogError as exc:
+            if strict:
+                raise
+            warnings.warn(f"{exc}; skipped", KnobRecordWarning, stacklevel=2)
     foreign = []
     for folder in sorted(Path(logs_dir).glob(f"*/{uri}")):
         tag = folder.parent.name
@@ -242,7 +258,9 @@ def candidate_logs(logs_dir: str | os.PathLike | None, device: Device, uri: str)
             continue
         try:
             meta = read_meta(folder)
-        except TuningLogError:
+        except TuningLogError as exc:
+            if not strict:
+                warnings.warn(f"{exc}; skipped", KnobRecordWarning, stacklevel=2)
             continue
         try:
             target = json.loads(str(meta.get("target")))
@@ -263,7 +281,7 @@ def digest(sources: list[LogSource]) -> str:
     h = hashlib.sha256()
     for src in sources:
         h.update(f"{src.tag}:{int(src.exact)}\n".encode())
-        for name in (META_FILE, WORKLOAD_FILE, RECORD_FILE):
+        for name in (META_FILE, WORKLOAD_FILE, RECORD_FILE, KNOB_FILE):
             path = src.log_dir / name
             h.update(path.read_bytes() if path.exists() else b"-")
     return h.hexdigest()[:16]
@@ -272,3 +290,75 @@ def digest(sources: list[LogSource]) -> str:
 def record_lines(folder: Path) -> Iterator[str]:
     """The stored record lines of a log (for digests and tests)."""
     yield from _scan(folder / RECORD_FILE, folder)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Knob records: the measured structure knobs of a plain-TIR kernel (no MetaSchedule trace to replay)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KnobRecord:
+    """The winner of one knob sweep as stored: its knobs, median time, and the log (tag, cores) it came from."""
+
+    knobs: Mapping[str, int]
+    median_s: float
+    num_cores: int
+    source: LogSource
+
+    def provenance(self) -> Provenance:
+        return self.source.provenance(self.median_s)
+
+
+def append_knob_sample(folder: Path, knobs: Mapping[str, int], round_: int, secs: float) -> None:
+    """Append one measured sample (one line, flushed and synced: an interrupted sweep keeps every finished one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"knobs": dict(sorted(knobs.items())), "round": int(round_), "secs": float(secs)})
+    with (folder / KNOB_FILE).open("a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_knob_samples(folder: Path) -> list[dict[str, Any]]:
+    """Every stored sample of a knob sweep (a torn last line is skipped; :func:`repair_knob_log` removes it)."""
+    return [json.loads(line) for line in _scan(Path(folder) / KNOB_FILE, Path(folder))[0]]
+
+
+def repair_knob_log(folder: Path) -> bool:
+    """Drop a torn last line of the sample file (rewritten atomically); True when one was dropped."""
+    path = Path(folder) / KNOB_FILE
+    good, torn = _scan(path, Path(folder))
+    if torn:
+        tmp = path.with_name(f".{KNOB_FILE}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in good))
+        os.replace(tmp, path)
+    return torn
+
+
+def read_knob_record(src: LogSource) -> KnobRecord:
+    """The winner stored in ``src``'s meta.json; raises :class:`TuningLogError` naming the file when it is not a
+    complete knob record."""
+    meta, where = src.meta, src.log_dir / META_FILE
+    best = meta.get("best") if meta.get("kind") == KNOB_KIND else None
+    try:
+        knobs = {str(k): int(v) for k, v in best["knobs"].items()}  # type: ignore[index]
+        median_s = float(best["median_ms"]) / 1e3  # type: ignore[index]
+        cores = int(meta.get("num_cores") or 0)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise TuningLogError(f"{where}: not a complete knob record (kind 'knobs' with best.knobs and "
+                             f"best.median_ms); {_fix(src.log_dir)}") from None
+    if not knobs or min(knobs.values()) < 1 or median_s <= 0 or cores < 1:
+        raise TuningLogError(f"{where}: knob record with invalid values (knobs {knobs}, {median_s} s, "
+                             f"{cores} cores); {_fix(src.log_dir)}")
+    return KnobRecord(knobs, median_s, cores, src)
+
+
+def find_knob_record(logs_dir: str | os.PathLike | None, device: Device, base_uri: str) -> KnobRecord | None:
+    """The first knob record that serves ``base_uri`` (the kernel's URI without knobs) on ``device``, with the same
+    compatibility rules as MetaSchedule logs (exact tag, then same ISA class, nearest cores); an unreadable or
+    incomplete one is skipped with a :class:`KnobRecordWarning`."""
+    for src in candidate_logs(logs_dir, device, base_uri, strict=False):
+        try:
+            return read_knob_record(src)
+        except TuningLogError as exc:
+            warnings.warn(f"{exc}; skipped", KnobRecordWarning, stacklevel=2)
+    return None
