@@ -452,7 +452,12 @@ def main_offline(args: Any, error: Any) -> int:
                                 seed=args.seed)
         if args.tokens:
             settings = replace(settings, n_tokens=args.tokens)
-        out = export_candidates(specs, device, args.export_candidates, settings, target_arg=args.target)
+        # A GPU export also carries the runtime's module of each attention kernel, for gpu_visit's benchmarks.
+        from .gpu_visit import DEFAULT_LENGTHS
+
+        bench = DEFAULT_LENGTHS if device.kind == "cuda" else ()
+        out = export_candidates(specs, device, args.export_candidates, settings, target_arg=args.target,
+                                bench_tokens=bench)
     except (OfflineError, TuningLogError, ValueError, FileNotFoundError) as exc:
         print(f"wq-tune: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
