@@ -241,3 +241,15 @@ def test_bundle_is_runtime_only_fits_and_measures(exported, tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import tvm; print(tvm.__file__)"], capture_output=True, text=True,
                            env={**os.environ, "TVM_USE_RUNTIME_LIB": "1", "PYTHONPATH": str(site)}, timeout=120)
     assert probe.stdout.strip().startswith(str(site))
+
+
+def test_cli_export_candidates(tmp_path, capsys):
+    rc = cli.main_tune(["--target", "llvm", "--model", "tiny", "--bits", "4", "--kernels", "decode", "--trials", "1",
+                        "--tokens", "128", "--logs-dir", str(tmp_path / "logs"), "--export-candidates",
+                        str(tmp_path / "x")])
+    assert rc == 0, capsys.readouterr().err
+    (kernel,) = read_json(tmp_path / "x" / MANIFEST)["kernels"]
+    assert [c["role"] for c in kernel["candidates"]] == ["default", "sampled"] and "bench" not in kernel
+    assert "measure_candidates.py" in capsys.readouterr().out
+    assert cli.main_tune(["--target", "llvm", "--model", "tiny", "--export-candidates", str(tmp_path / "x")]) == 1
+    assert "already holds" in capsys.readouterr().err
