@@ -94,3 +94,19 @@ def _check_quantize(spec: Any, named: Mapping[str, Any]) -> None:
                 bad = int((got != ref).sum()) if got.shape == ref.shape else "shape"
                 raise ReferenceMismatch(f"{spec.uri}: {kind}_{part} differs from the reference ({bad} of "
                                         f"{ref.numel()} entries)")
+
+
+def reference_outputs(spec: Any, named: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The reference value of every output argument of a decode/fused/merge/quantize kernel, by name, from its
+    inputs by name: what an offline measurement compares a candidate against without any reference code there."""
+    if spec.kind in ("decode", "fused"):
+        out, lse = _attention(spec, named)
+        return {"out": out} if spec.kind == "fused" else {"o": out, "lse": lse}
+    if spec.kind == "merge":
+        out, _ = merge_states(list(named["o_parts"]), list(named["lse_parts"]))
+        return {"out": out}
+    if spec.kind == "quantize":
+        qs = spec.quant(spec.bits[0])
+        want = {"k": quantize_keys(named["k"], qs), "v": quantize_values(named["v"], qs)}
+        return {f"{kind}_{part}": getattr(want[kind], part) for kind in ("k", "v") for part in ("scale", "zero", "codes")}
+    raise ValueError(f"spec.kind: no reference for kernel kind {spec.kind!r}")

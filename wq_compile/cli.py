@@ -56,6 +56,14 @@ def tune_parser() -> argparse.ArgumentParser:
                    help="compile from existing logs (else the default schedule) into the cache; no tuning")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker that serves the target device")
     p.add_argument("--rpc-key", default=None, metavar="KEY", help="device key registered at the tracker")
+    o = p.add_argument_group("offline tuning (measure on a machine without the TVM compiler; docs/offline_tuning.md)")
+    o.add_argument("--export-candidates", default=None, metavar="DIR",
+                   help="sample and build --trials candidates per kernel into DIR (manifest.json, modules, reference "
+                        "inputs/outputs, measure_candidates.py); nothing is timed")
+    o.add_argument("--import-results", default=None, metavar="RESULTS_JSON",
+                   help="record the times measure_candidates.py wrote as tuning records of --logs-dir")
+    o.add_argument("--export-dir", default=None, metavar="DIR",
+                   help="with --import-results: the export folder (default: the folder of RESULTS_JSON)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -92,6 +100,10 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     for flag, value in (("--knob-rounds", args.knob_rounds), ("--knob-tokens", args.knob_tokens)):
         if value is not None and value < 1:
             tune_parser().error(f"{flag}: expected a positive count, got {value}")
+    if args.export_candidates or args.import_results:
+        from .offline import main_offline
+
+        return main_offline(args, tune_parser().error)
 
     from pathlib import Path
 

@@ -184,6 +184,11 @@ def _cuda_device(target: Any, name: str | None) -> Device:
     return Device(target=target, tag=f"cuda-{slug(label)}-{slug(arch)}" if name else f"cuda-{slug(arch)}", name=label)
 
 
+#: GPUs TVM 0.27 has no tag for, mapped to the tag of a GPU with the same SM (compute capability, registers, shared
+#: memory, threads): the H200 is an H100 chip with more HBM. The device keeps its own name (logs, module cache).
+CUDA_TAG_ALIASES: dict[str, str] = {"nvidia/nvidia-h200": "nvidia/nvidia-h100"}
+
+
 def resolve_device(target: str | dict | Any = "llvm", num_cores: int | None = None) -> Device:
     """``llvm`` | ``cuda`` (the local GPU) | a TVM tag such as ``nvidia/nvidia-h100`` | a JSON dict | a Target.
 
@@ -223,7 +228,7 @@ def resolve_device(target: str | dict | Any = "llvm", num_cores: int | None = No
                     'pass a JSON dict such as {"kind": "llvm", "num-cores": 2}'
                 )
             try:
-                target = Target(text)
+                target = Target(CUDA_TAG_ALIASES.get(text, text))
             except Exception as exc:  # TVM raises several error types for unknown tags
                 raise ValueError(f"target: unknown tag or kind {text!r} ({exc})") from exc
             if target.kind.name == "cuda":

@@ -129,7 +129,7 @@ def measure_rpc(module: Any, spec: KernelSpec, sig: KernelSignature, sizes: Mapp
     sess = tracker.request(rpc.key, priority=1, session_timeout=rpc.session_timeout_sec)
     sess.upload(str(path))
     rmod = sess.load_module(path.name)
-    dev = sess.device(device.kind, 0)
+    dev = sess.device("cpu" if device.kind == "llvm" else device.kind, 0)  # a device name, not a target kind
     args = [tvm.runtime.tensor(v.numpy(), dev) if hasattr(v, "numpy") else v for v in example_args(sig, sizes)]
     evaluator = rmod.time_evaluator(spec.uri, dev, number=10, repeat=7, min_repeat_ms=20)
     return float(np.median(evaluator(*args).results))

@@ -292,6 +292,28 @@ def record_lines(folder: Path) -> Iterator[str]:
     yield from _scan(folder / RECORD_FILE, folder)[0]
 
 
+def commit_records(folder: Path, device: Device, meta: Mapping[str, Any], workload: Any,
+                   measured: list[tuple[Any, list[float]]]) -> int:
+    """Append measured records (``(trace, run_secs)``) of ``workload`` to a log, ``meta.json`` written first.
+
+    For times measured elsewhere (offline measurement): a time that is missing, not positive or at the failed-run
+    mark is refused (``ValueError``), never recorded. Returns the number of records appended."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    for _, secs in measured:
+        if not secs or not all(0.0 < float(s) < FAILED_RUN_SECS for s in secs):
+            raise ValueError(f"run_secs: {secs!r} is no measured time; only measured candidates are recorded")
+    write_meta(folder, meta)
+    db = open_database(folder, device)
+    entry = db.commit_workload(workload)
+    args_info = ArgInfo.from_prim_func(workload["main"])
+    for trace, secs in measured:
+        db.commit_tuning_record(ms.database.TuningRecord(trace, entry, run_secs=[float(s) for s in secs],
+                                                         target=device.target, args_info=args_info))
+    return len(measured)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Knob records: the measured structure knobs of a plain-TIR kernel (no MetaSchedule trace to replay)
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,469 @@
+"""Offline tuning: MetaSchedule proposes and builds candidates here, another machine measures them with the TVM
+runtime only, and the measured times come back as real records.
+
+Why: the GPU machine may have torch but no TVM compiler and no network, and only a few MB can be carried there
+(docs/TVM_NOTES.md). So:
+
+1. :func:`export_candidates` (``wq-tune --export-candidates DIR``): per kernel, the target's design space is sampled
+   by MetaSchedule's evolutionary search (seeded by the records already in the kernel's log, its XGBoost cost model
+   trained on them) through ``TuneContext.generate_measure_candidates``, nothing is timed; each candidate is built
+   (llvm: a shared library; CUDA: the host library with CUDA source plus an nvcc fatbin for the target arch), and
+   ``manifest.json`` holds its workload hash, trace (MetaSchedule JSON), spec, sizes, file and digest. The kernel's
+   inputs and the torch reference's outputs go to ``inputs/<uri>.pt``; the measuring script goes along as
+   ``measure_candidates.py`` (:mod:`wq_compile.offline_measure`).
+2. ``TVM_USE_RUNTIME_LIB=1 python DIR/measure_candidates.py DIR`` on the measuring machine writes ``results.json``.
+3. :func:`import_results` (``wq-tune --import-results DIR/results.json``): every candidate that was measured and
+   matched the reference becomes a record in ``tuning_logs/<device-tag>/<uri>/`` (through
+   :mod:`wq_compile.tuning_log`), ``meta.json`` saying it came from an offline measurement on the named device.
+   Failed or unmeasured candidates are never recorded. The next export reads those records.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from . import offline_measure, tuning_log
+from .compile import KernelDef, compile_cuda_binary, cuda_source, kernel_def
+from .device import Device, resolve_device, versions
+from .measure import example_args
+from .metaschedule import build_candidate, task_logger
+from .spec import KernelSpec
+from .tune import TuneSettings
+
+MANIFEST = offline_measure.MANIFEST
+RESULTS = offline_measure.RESULTS
+FORMAT = offline_measure.FORMAT
+MEASURE_SCRIPT = "measure_candidates.py"
+
+
+class OfflineError(RuntimeError):
+    """An export folder, manifest or results file is unusable (the message names the file and the fix)."""
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What one export wrote: the folder, candidates per kernel URI, and how many seeded records each used."""
+
+    out_dir: Path
+    candidates: Mapping[str, int]
+    seeded_from: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    """What one import recorded: records added per URI, and candidates skipped (failed or unmeasured) per URI."""
+
+    recorded: Mapping[str, int]
+    skipped: Mapping[str, list[str]]
+    log_dirs: Mapping[str, Path]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _spec_fields(spec: KernelSpec) -> dict[str, Any]:
+    return {k: (list(x) if isinstance(x, tuple) else x) for k, x in vars(spec).items()}
+
+
+def _spec_from_fields(fields: Mapping[str, Any]) -> KernelSpec:
+    return KernelSpec(**{k: (tuple(x) if isinstance(x, list) else x) for k, x in fields.items()})
+
+
+def workload_hash(workload: Any) -> str:
+    """Structural hash of the tuning workload: import refuses a manifest whose kernel has changed since."""
+    import tvm_ffi
+
+    return format(int(tvm_ffi.structural_hash(workload)) & (2**64 - 1), "016x")
+
+
+def _log_sizes(kdef: KernelDef, device: Device, folder: Path) -> dict[str, int]:
+    """The log's own tuning sizes when it exists (records are keyed on that workload), else the kernel's."""
+    if (folder / tuning_log.META_FILE).exists():
+        meta = tuning_log.read_meta(folder, device)
+        sizes = {str(k): int(v) for k, v in meta.get("tuning_sizes", {}).items()}
+        if set(sizes) == set(kdef.signature.symbols):
+            return sizes
+    return dict(kdef.sizes)
+
+
+def _trained_cost_model(ctx: Any, workload: Any, records: Sequence[Any]) -> Any:
+    """An XGBoost cost model trained on the measured records of the log (none: an untrained one)."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    model = ms.cost_model.XGBModel(num_warmup_samples=0)
+    if records:
+        candidates, results = [], []
+        for r in records:
+            sch = s_tir.Schedule(workload)
+            r.trace.apply_to_schedule(sch, remove_postproc=False)
+            candidates.append(ms.MeasureCandidate(sch, ArgInfo.from_prim_func(workload["main"])))
+            results.append(ms.runner.RunnerResult([float(x) for x in r.run_secs], None))
+        model.update(ctx, candidates, results)
+    return model
+
+
+def _sample_candidates(kdef: KernelDef, device: Device, workload: Any, n: int, settings: TuneSettings,
+                       folder: Path, work_dir: Path) -> tuple[list[Any], int]:
+    """Up to ``n`` new schedules from MetaSchedule's evolutionary search (no measurement): ``(schedules, number of
+    log records that seeded the search)``."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    logger, handler = task_logger(work_dir, kdef.spec.uri)
+    try:
+        space = ms.space_generator.ScheduleFn(
+            functools.partial(_design_space, kdef), sch_rules=[], postprocs=kdef.schedules.postprocs(),
+            mutator_probs=kdef.schedules.mutator_probs())
+        ctx = ms.TuneContext(
+            mod=workload, target=device.target, space_generator=space,
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=settings.population_size, init_min_unmeasured=min(50, settings.population_size // 2),
+                genetic_num_iters=settings.genetic_iters),
+            task_name=kdef.spec.uri, rand_state=settings.seed, num_threads="physical", logger=logger,
+        ).clone()
+        records: list[Any] = []
+        if (folder / tuning_log.META_FILE).exists():
+            db = tuning_log.open_database(folder, device)
+            records = tuning_log.valid_records(db, workload)
+        else:
+            db = ms.database.MemoryDatabase()
+        # The search hands back measured records it was seeded with too: ask for that many more, drop them below.
+        want = n + len(records)
+        ctx.pre_tuning(max_trials=want, num_trials_per_iter=want, design_spaces=ctx.generate_design_space(),
+                       database=db, cost_model=_trained_cost_model(ctx, workload, records))
+        found = ctx.generate_measure_candidates() or []
+        ctx.post_tuning()
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    seen = {workload_hash(r_mod) for r_mod in (_replay(workload, r.trace).mod for r in records)}
+    out = []
+    for cand in found:
+        h = workload_hash(cand.sch.mod)
+        if h not in seen:
+            seen.add(h)
+            out.append(cand.sch)
+    return out[:n], len(records)
+
+
+def _design_space(kdef: KernelDef, sch: Any) -> None:
+    """The target's design space (the one the local tuner searches: same trace format)."""
+    kdef.schedules.design_space(sch, kdef.spec)
+
+
+def _replay(workload: Any, trace: Any) -> Any:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(workload)
+    trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
+
+
+def _reference_data(kdef: KernelDef, sizes: Mapping[str, int], seed: int) -> dict[str, Any]:
+    """Static inputs of the workload (scalars are folded into it) and the reference outputs by argument index."""
+    import torch
+
+    from .check import TOLERANCE, reference_outputs
+
+    sig = kdef.signature
+    args = example_args(sig, sizes, scalars=kdef.scalars, seed=seed)
+    if kdef.spec.kind == "quantize":  # dense k, v: a realistic spread, as the runtime check uses
+        gen = torch.Generator().manual_seed(seed)
+        for i in (0, 1):
+            args[i] = torch.randn(args[i].shape, generator=gen).to(args[i].dtype)
+    named = dict(zip(sig.names, args))
+    want = reference_outputs(kdef.spec, named)
+    static = [a for a, d in zip(args, sig.args) if not d.is_scalar]
+    names = [d.name for d in sig.args if not d.is_scalar]
+    expected = {names.index(name): t.to(dict(zip(names, static))[name].dtype).contiguous()
+                for name, t in want.items()}
+    atol, rtol = (0.0, 0.0) if kdef.spec.kind == "quantize" else TOLERANCE.get(kdef.spec.dtype, TOLERANCE["f32"])
+    return {"args": [a.contiguous() for a in static], "expected": expected, "atol": atol, "rtol": rtol,
+            "names": names}
+
+
+def _build_and_write(sch: Any, device: Device, out_dir: Path, stem: str) -> dict[str, Any]:
+    """Build one candidate and write its module (and CUDA fatbin): the manifest fields of its files."""
+    with device.target:
+        lib = build_candidate(sch.mod, device.target)
+    path = out_dir / "candidates" / f"{stem}.so"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lib.export_library(str(path))
+    entry = {"file": str(path.relative_to(out_dir)), "sha256": offline_measure.file_sha256(path), "binary": None}
+    if device.kind == "cuda":
+        binary = out_dir / "candidates" / f"{stem}.fatbin"
+        binary.write_bytes(compile_cuda_binary(cuda_source(lib), device))
+        entry.update(binary=str(binary.relative_to(out_dir)), binary_sha256=offline_measure.file_sha256(binary))
+    return entry
+
+
+def _bench_module(spec: KernelSpec, device: Device, out: Path, settings: TuneSettings,
+                  bench_tokens: Sequence[int]) -> dict[str, Any]:
+    """The symbolic module the runtime would use (best log record, else the default schedule) for benchmarks at
+    any length, with each argument's shape and the lengths' values at every benchmark length (so the measuring side
+    needs no signature code): ``bench_tokens`` counts the cached tokens, split evenly over the quantized pieces."""
+    from .compile import build_kernel
+    from .kernels import attention, example_sizes, piece_fields
+
+    built = build_kernel(spec, device, logs_dir=settings.logs_dir)
+    path = out / "modules" / f"{spec.uri}.so"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    built.module.export_library(str(path))
+    entry: dict[str, Any] = {"file": str(path.relative_to(out)), "sha256": offline_measure.file_sha256(path),
+                             "binary": None, "schedule": str(built.provenance), "lengths": {}}
+    if built.binary is not None:
+        binary = path.with_suffix(".fatbin")
+        binary.write_bytes(built.binary)
+        entry["binary"] = str(binary.relative_to(out))
+    n_pieces = max(1, sum(1 for p in attention.pieces(spec) if p.quantized))
+    scalars = {"sm_scale": spec.head_dim**-0.5}
+    for total in bench_tokens:
+        sizes = example_sizes(spec, max(1, total // n_pieces))
+        args = example_args(built.signature, sizes, scalars=scalars)
+        caps = {p.tag: sizes[p.n_sym] for p in attention.pieces(spec)}
+        for i, d in enumerate(built.signature.args):  # every length is its own piece's full capacity
+            if d.name.endswith("lens"):
+                args[i] = args[i].fill_(caps.get(piece_fields(d.name)[0]) or next(iter(caps.values())))
+        entry["lengths"][str(total)] = {
+            "tokens": sum(sizes[p.n_sym] for p in attention.pieces(spec) if p.quantized),
+            "bytes_read": built.signature.nbytes(sizes),
+            "args": [{"name": d.name, "output": d.is_output, "scalar": a if d.is_scalar else None,
+                      "dtype": None if d.is_scalar else str(a.dtype).replace("torch.", ""),
+                      "shape": None if d.is_scalar else list(a.shape),
+                      "values": a.tolist() if d.name.endswith("lens") else None}
+                     for d, a in zip(built.signature.args, args)]}
+    return entry
+
+
+def export_candidates(specs: Sequence[KernelSpec | KernelDef], device: Device | str, out_dir: str | Path,
+                      settings: TuneSettings = TuneSettings(), *, target_arg: str | None = None,
+                      include_default: bool = True, bench_tokens: Sequence[int] = ()) -> ExportSummary:
+    """Sample and build ``settings.trials_for(spec)`` new candidates per kernel into ``out_dir`` (see module doc);
+    the default schedule is added as candidate ``000`` when ``include_default``. Nothing is timed."""
+    from tvm import s_tir
+    import torch
+
+    device = resolve_device(target_arg or device) if not isinstance(device, Device) else device
+    out = Path(out_dir)
+    if (out / MANIFEST).exists():
+        raise OfflineError(f"out_dir: {out} already holds a {MANIFEST}; export into a new folder (a manifest "
+                           "and its results belong together)")
+    (out / "inputs").mkdir(parents=True, exist_ok=True)
+    kernels_doc, counts, seeded = [], {}, {}
+    for i, kernel in enumerate(specs):
+        kdef = kernel if isinstance(kernel, KernelDef) else kernel_def(kernel, device.kind, settings.n_tokens)
+        spec = kdef.spec
+        n = settings.trials_for(spec)
+        if n < 1:
+            raise ValueError(f"trials: must be >= 1, got {n}")
+        folder = tuning_log.log_dir(settings.logs_dir, device.tag, spec.uri)
+        sizes = _log_sizes(kdef, device, folder)
+        workload = kdef.workload(sizes)
+        schedules, seeded[spec.uri] = _sample_candidates(kdef, device, workload, n, settings, folder,
+                                                         settings.work_dir_for(device, spec))
+        roles = ["sampled"] * len(schedules)
+        if include_default and not seeded[spec.uri]:  # the default's time is known once a round was imported
+            sch = s_tir.Schedule(workload)
+            kdef.schedules.default_schedule(sch, spec)
+            schedules.insert(0, sch)
+            roles.insert(0, "default")
+        data = _reference_data(kdef, sizes, seed=settings.seed + 11 * i)
+        inputs = out / "inputs" / f"{spec.uri}.pt"
+        torch.save({k: data[k] for k in ("args", "expected", "atol", "rtol")}, inputs)
+        cands = []
+        for j, (sch, role) in enumerate(zip(schedules, roles)):
+            entry = {"id": f"{spec.uri}/{j:03d}", "role": role, "trace": trace_to_json(workload, sch.trace, device)}
+            entry.update(_build_and_write(sch, device, out, f"{spec.uri}__{j:03d}"))
+            cands.append(entry)
+        counts[spec.uri] = len(cands)
+        kernels_doc.append({
+            "uri": spec.uri, "spec": _spec_fields(spec), "sizes": sizes, "scalars": dict(kdef.scalars),
+            "workload_hash": workload_hash(workload), "inputs": str(inputs.relative_to(out)),
+            "arg_names": data["names"], "outputs": sorted(data["expected"]), "seeded_from_records": seeded[spec.uri],
+            "candidates": cands,
+        })
+        if bench_tokens and spec.kind in ("fused", "decode") and not isinstance(kernel, KernelDef):
+            kernels_doc[-1]["bench"] = _bench_module(spec, device, out, settings, bench_tokens)
+    doc = {"format": FORMAT, "created": _now(), "versions": versions(),
+           "device": {"tag": device.tag, "name": device.name, "kind": device.kind, "arch": device.arch,
+                      "target": device.target_json, "target_arg": target_arg or device.target_json},
+           "kernels": kernels_doc}
+    _write_json(out / MANIFEST, doc)
+    shutil.copyfile(Path(offline_measure.__file__), out / MEASURE_SCRIPT)
+    return ExportSummary(out, counts, seeded)
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def trace_to_json(workload: Any, trace: Any, device: Device) -> list[Any]:
+    """A candidate as MetaSchedule's JSONDatabase serializes an *unmeasured* record of it (``[trace, null, target,
+    args_info]``, plain JSON), so :func:`replay_json` reads back exactly what a tuning log would hold."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    with tempfile.TemporaryDirectory(prefix="wq-trace-") as tmp:
+        db = ms.database.JSONDatabase(f"{tmp}/w.json", f"{tmp}/r.json")
+        db.commit_tuning_record(ms.database.TuningRecord(trace, db.commit_workload(workload), run_secs=None,
+                                                         target=device.target,
+                                                         args_info=ArgInfo.from_prim_func(workload["main"])))
+        line = Path(f"{tmp}/r.json").read_text().splitlines()[-1]
+    return json.loads(line)[1]
+
+
+def replay_json(workload: Any, record_json: list[Any]) -> Any:
+    """The candidate of :func:`trace_to_json`, read back through a JSONDatabase and replayed on ``workload``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    with tempfile.TemporaryDirectory(prefix="wq-trace-") as tmp:
+        ms.database.JSONDatabase(f"{tmp}/w.json", f"{tmp}/r.json").commit_workload(workload)
+        Path(f"{tmp}/r.json").write_text(json.dumps([0, record_json]) + "\n")
+        (rec,) = ms.database.JSONDatabase(f"{tmp}/w.json", f"{tmp}/r.json").get_all_tuning_records()
+        return _replay(workload, rec.trace)
+
+
+def read_manifest(export_dir: str | Path) -> dict[str, Any]:
+    path = Path(export_dir) / MANIFEST
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OfflineError(f"{path}: missing; pass the folder wq-tune --export-candidates wrote") from None
+    except json.JSONDecodeError as exc:
+        raise OfflineError(f"{path}: not valid JSON ({exc}); export again") from exc
+    if doc.get("format") != FORMAT:
+        raise OfflineError(f"{path}: format {doc.get('format')!r}, expected {FORMAT}; export again")
+    return doc
+
+
+def import_results(results_path: str | Path, export_dir: str | Path | None = None,
+                   logs_dir: str | Path = "tuning_logs") -> ImportSummary:
+    """Record every measured, correct candidate of ``results_path`` in the tuning logs (see module doc)."""
+    results_path = Path(results_path)
+    export = Path(export_dir) if export_dir is not None else results_path.parent
+    manifest = read_manifest(export)
+    try:
+        results = json.loads(results_path.read_text())
+    except FileNotFoundError:
+        raise OfflineError(f"import-results: {results_path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise OfflineError(f"{results_path}: not valid JSON ({exc}); measure again") from exc
+    if results.get("manifest_sha256") != offline_measure.file_sha256(export / MANIFEST):
+        raise OfflineError(f"{results_path}: measured another export than {export / MANIFEST} (manifest digest "
+                           "differs); pass the export folder these results belong to (--export-dir)")
+    device = resolve_device(manifest["device"]["target_arg"])
+    if device.tag != manifest["device"]["tag"]:
+        raise OfflineError(f"{export / MANIFEST}: exported for {manifest['device']['tag']}, the target resolves to "
+                           f"{device.tag} here; import where it was exported")
+    vers = versions()
+    if manifest.get("versions") != vers:
+        raise OfflineError(f"{export / MANIFEST}: exported with {manifest.get('versions')}, this environment has "
+                           f"{vers}; traces are only recorded under the versions that built them")
+    measured_on = results.get("measured_on") or {}
+    device_name = str(measured_on.get("device_name") or "an unnamed device")
+    recorded, skipped, folders = {}, {}, {}
+    for kernel in manifest["kernels"]:
+        spec = _spec_from_fields(kernel["spec"])
+        kdef = kernel_def(spec, device.kind)
+        workload = kdef.workload(kernel["sizes"], kernel["scalars"])
+        if workload_hash(workload) != kernel["workload_hash"]:
+            raise OfflineError(f"{export / MANIFEST}: {spec.uri} has changed since the export (workload hash "
+                               "differs); export and measure again")
+        good, bad = [], []
+        for cand in kernel["candidates"]:
+            res = results.get("candidates", {}).get(cand["id"])
+            secs = None if res is None or res.get("error") else res.get("samples") or (
+                [res["seconds"]] if res.get("seconds") is not None else None)
+            if not secs or res.get("sha256") != cand["sha256"]:
+                bad.append(cand["id"])
+                continue
+            try:
+                sch = replay_json(workload, cand["trace"])
+            except Exception as exc:  # noqa: BLE001 - TVM raises several error types on a bad trace
+                raise OfflineError(f"{export / MANIFEST}: the trace of {cand['id']} does not replay on "
+                                   f"{spec.uri} ({type(exc).__name__}: {exc}); export again") from exc
+            good.append((sch.trace, [float(s) for s in secs]))
+        skipped[spec.uri] = bad
+        folder = tuning_log.log_dir(logs_dir, device.tag, spec.uri)
+        folders[spec.uri] = folder
+        if not good:
+            recorded[spec.uri] = 0
+            continue
+        meta: dict[str, Any] = {}
+        if (folder / tuning_log.META_FILE).exists():
+            meta = tuning_log.read_meta(folder, device)
+            if {str(k): int(v) for k, v in meta.get("tuning_sizes", {}).items()} != kernel["sizes"]:
+                raise OfflineError(f"{folder}: tuned at sizes {meta.get('tuning_sizes')}, the export at "
+                                   f"{kernel['sizes']}; import into an empty logs folder or delete {folder}")
+        offline = list(meta.get("offline_measurements", []))
+        meta.update(tuning_log.new_meta(device, spec.uri, kernel["spec"], kernel["sizes"], kernel["scalars"],
+                                        int(meta.get("seed", 0))))
+        offline.append({"measured_on": device_name, "host": measured_on.get("host"), "time": measured_on.get("time"),
+                        "timer": measured_on.get("timer"), "records": len(good),
+                        "manifest_sha256": results["manifest_sha256"], "imported": _now()})
+        meta.update(measurement=f"offline measurement on {device_name}", offline_measurements=offline)
+        recorded[spec.uri] = tuning_log.commit_records(folder, device, meta, workload, good)
+        db = tuning_log.open_database(folder, device)
+        meta["valid_trials"] = len(tuning_log.valid_records(db, workload))
+        tuning_log.write_meta(folder, meta)
+    return ImportSummary(recorded, skipped, folders)
+
+
+def main_offline(args: Any, error: Any) -> int:
+    """``wq-tune --export-candidates DIR`` / ``--import-results FILE`` (parsed by :mod:`wq_compile.cli`)."""
+    import sys
+    from dataclasses import replace
+
+    from .models import kernel_specs
+    from .tuning_log import TuningLogError
+
+    if args.export_candidates and args.import_results:
+        error("--export-candidates and --import-results: one at a time (measure in between)")
+    if args.export_dir and not args.import_results:
+        error("--export-dir goes with --import-results")
+    if args.build_only or args.rpc:
+        error("--export-candidates/--import-results: no --build-only or --rpc (offline means measured elsewhere)")
+    if args.trials is not None and args.trials < 1:
+        error(f"--trials: must be >= 1, got {args.trials}")
+    try:
+        if args.import_results:
+            summary = import_results(args.import_results, args.export_dir, args.logs_dir)
+            for uri, n in summary.recorded.items():
+                bad = summary.skipped[uri]
+                print(f"{uri}: {n} measured records -> {summary.log_dirs[uri]}"
+                      + (f"; not recorded (failed or unmeasured): {', '.join(bad)}" if bad else ""))
+            return 0 if any(summary.recorded.values()) else 1
+        device = resolve_device(args.target)
+        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=args.kernels)
+        settings = TuneSettings(trials=args.trials if args.trials is not None else 8, logs_dir=Path(args.logs_dir),
+                                seed=args.seed)
+        if args.tokens:
+            settings = replace(settings, n_tokens=args.tokens)
+        # A GPU export also carries the runtime's module of each attention kernel, for gpu_visit's benchmarks.
+        from .gpu_visit import DEFAULT_LENGTHS
+
+        bench = DEFAULT_LENGTHS if device.kind == "cuda" else ()
+        out = export_candidates(specs, device, args.export_candidates, settings, target_arg=args.target,
+                                bench_tokens=bench)
+    except (OfflineError, TuningLogError, ValueError, FileNotFoundError) as exc:
+        print(f"wq-tune: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    for uri, n in out.candidates.items():
+        print(f"{uri}: {n} candidates (search seeded by {out.seeded_from[uri]} measured records)")
+    print(f"wrote {out.out_dir}/{MANIFEST}; measure there with: TVM_USE_RUNTIME_LIB=1 python "
+          f"{out.out_dir}/{MEASURE_SCRIPT} {out.out_dir}; then: wq-tune --import-results "
+          f"{out.out_dir}/{RESULTS} --logs-dir {args.logs_dir}")
+    return 0
