@@ -113,7 +113,7 @@ def test_fused_decoder_matches_the_reference(split: bool, tmp_path) -> None:
     llvm with the same PrimFuncs), over every bucket mix the bench uses, batch 1."""
     from wq_compile.bench.decode import MIXES, make_layer
     from wq_compile.reference import decode_attention
-    from wq_compile.runtime import FusedDecoder
+    from wq_compile.decoder import FusedDecoder
 
     with KernelLibrary("llvm", logs_dir=tmp_path / "nologs", cache_dir=tmp_path / "cache") as lib:
         dec = FusedDecoder(lib, 4, 2, 64, torch.float32, split=split, sm_count=3)

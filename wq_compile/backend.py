@@ -112,7 +112,8 @@ def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, hea
 def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device | str) -> Backend:
     try:
-        from .runtime import FusedDecoder, shared_library
+        from .decoder import FusedDecoder
+        from .runtime import shared_library
 
         library = shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else "llvm"))
         stats = library.stats

@@ -7,7 +7,8 @@ lookup plus ``load_module`` when current) -> compile from a tuning log of this d
 cache or a second ``generate`` loads nothing.
 
 Calls pass torch tensors straight through DLPack (zero copy) after checking them against the kernel's argument
-description (errors name the argument); the decode path (:class:`FusedDecoder`) checks once per tensor layout and
+description (errors name the argument); the decode path (:class:`wq_compile.decoder.FusedDecoder`) checks once per
+tensor layout and
 then calls unchecked. :meth:`KernelLibrary.op` exposes a kernel as a torch custom op (``<namespace>::<uri>``,
 functional) with a fake implementation, so it runs under ``torch.compile(fullgraph=True)``; it is not on the decode
 path.
@@ -26,17 +27,15 @@ import torch
 from . import knobs, module_cache
 from .compile import build_kernel
 from .device import Device, resolve_device
-from .kernels import piece_fields, signature as kernel_signature
-from .kernels.split_decode import choose_splits, merge_spec, split_spec
+from .kernels import signature as kernel_signature
 from .signature import KernelArgumentError, KernelSignature
-from .spec import KernelSpec, dtype_tag
+from .spec import KernelSpec
 from .tuning_log import Provenance
 
 LOGS_ENV = "WQ_TUNING_LOGS"
 
 __all__ = [
     "CompiledKernel",
-    "FusedDecoder",
     "KernelArgumentError",
     "KernelLibrary",
     "LibraryStats",
@@ -252,109 +251,3 @@ def shared_library(target: Device | str | dict = "llvm", *, logs_dir: str | os.P
         if key not in _SHARED:
             _SHARED[key] = KernelLibrary(device, logs_dir=logs, cache_dir=cache_dir)
         return _SHARED[key]
-
-
-class FusedDecoder:
-    """One fused decode per layer over every bucket and the dense piece of a ``LayerCache``.
-
-    On CPUs one launch of the fused kernel. With ``split`` (the default on CUDA) the split-KV form instead: the
-    tokens of every piece are cut into ``P`` ranges chosen per call from the SM count and the longest piece
-    (:func:`~wq_compile.kernels.split_decode.choose_splits`), one launch computes the partial outputs and
-    log-sum-exps of every (batch, KV head, range), a second small launch merges them. One compiled module of each
-    serves every length, batch and ``P``.
-    """
-
-    def __init__(self, library: KernelLibrary, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, *, k_group: int = 28, v_group: int = 64, chunk: int = 64,
-                 split: bool | None = None, sm_count: int | None = None) -> None:
-        self.library = library
-        self.split = library.device.kind == "cuda" if split is None else bool(split)
-        if self.split:
-            chunk = SPLIT_CHUNK  # finer ranges: enough thread blocks at batch 1 from ~2K tokens
-        self.shape = dict(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                          k_group=k_group, v_group=v_group, dtype=dtype_tag(dtype), chunk=chunk)
-        self.out_dtype = dtype
-        self.sm_count = sm_count or _parallel_units(library.device)
-        self._checked: set[tuple[Any, ...]] = set()
-        self._kernels: dict[tuple[int, ...], CompiledKernel] = {}
-        self._fields: dict[tuple[int, ...], list[tuple[str, str] | None]] = {}
-        self._merge: CompiledKernel | None = None
-
-    @classmethod
-    def create(cls, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device | str, *, k_group: int = 28, v_group: int = 64, chunk: int = 64,
-               target: str | None = None, bits: tuple[int, ...] = (8, 4, 2),
-               library: KernelLibrary | None = None, split: bool | None = None) -> "FusedDecoder":
-        """A decoder whose library targets ``target`` (default: llvm for CPU tensors, cuda for CUDA ones);
-        the fused kernel for ``bits`` is loaded now so a missing module fails here, not mid-generation."""
-        dev = torch.device(device)
-        library = library or shared_library(target or ("cuda" if dev.type == "cuda" else "llvm"))
-        dec = cls(library, num_q_heads, num_kv_heads, head_dim, dtype, k_group=k_group, v_group=v_group,
-                  chunk=chunk, split=split)
-        dec.kernel(tuple(sorted(bits, reverse=True)))
-        return dec
-
-    def spec(self, widths: tuple[int, ...]) -> KernelSpec:
-        spec = KernelSpec("fused", tuple(widths) + (16,), **self.shape)
-        return split_spec(spec) if self.split else spec
-
-    def _call(self, kernel: CompiledKernel, inputs: list[Any], outputs: list[torch.Tensor]) -> None:
-        """Check every argument once per distinct set of shapes, then call unchecked: the full check costs about
-        as much as the kernel on short caches. dtype, device and contiguity are fixed by the layer (its tensors
-        are allocated contiguous, in its dtype, on its device), by ``q.contiguous()`` and by the outputs made
-        here."""
-        key = (kernel.spec.uri, tuple(a.shape for a in inputs if isinstance(a, torch.Tensor)),
-               tuple(o.shape for o in outputs))
-        if key not in self._checked:
-            kernel(*inputs, *outputs)
-            self._checked.add(key)
-        else:
-            kernel.call_unchecked(*inputs, *outputs)
-
-    def kernel(self, widths: tuple[int, ...]) -> CompiledKernel:
-        kernel = self._kernels.get(widths)
-        if kernel is None:
-            spec = self.spec(widths)
-            kernel = self._kernels[widths] = self.library.load(spec)
-            # where each input comes from, in signature order: (piece tag, field) or None for sm_scale
-            self._fields[widths] = [None if a.is_scalar else piece_fields(a.name)
-                                    for a in kernel.signature.inputs[1:]]
-            if self.split and self._merge is None:
-                self._merge = self.library.load(merge_spec(spec))
-        return kernel
-
-    def __call__(self, q: torch.Tensor, layer: Any, sm_scale: float, stats: Any = None) -> torch.Tensor:
-        widths = tuple(sorted(layer.buckets, reverse=True))
-        kernel = self.kernel(widths)
-        pieces = {f"q{b}": layer.buckets[b] for b in widths}
-        pieces["dense"] = layer.dense
-        scale = float(sm_scale)
-        # the argument order is the signature's: fields are read by name (resolved once per kernel)
-        args: list[Any] = [q if q.is_contiguous() else q.contiguous()]
-        args += [scale if f is None else getattr(pieces[f[0]], f[1]) for f in self._fields[widths]]
-        out = torch.empty(q.shape, dtype=self.out_dtype, device=q.device)
-        if self.split:
-            bsz, hq, d = q.shape
-            longest = max(p.capacity for p in pieces.values())
-            parts = choose_splits(self.sm_count, longest, bsz, self.shape["num_kv_heads"], self.shape["chunk"])
-            o_parts = torch.empty(parts, bsz, hq, d, dtype=torch.float32, device=q.device)
-            lse_parts = torch.empty(parts, bsz, hq, dtype=torch.float32, device=q.device)
-            self._call(kernel, args, [o_parts, lse_parts])
-            assert self._merge is not None
-            self._call(self._merge, [o_parts, lse_parts], [out])
-        else:
-            self._call(kernel, args, [out])
-        if stats is not None and hasattr(stats, "kernel_calls"):
-            stats.kernel_calls += 1
-        return out
-
-
-#: Chunk (tokens) of the split-KV decode: whole chunks per split range (the layout's capacities are multiples).
-SPLIT_CHUNK = 32
-
-
-def _parallel_units(device: Device) -> int:
-    """Streaming multiprocessors of the current CUDA device, or this host's cores (what splits fill)."""
-    if device.kind == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
-    return os.cpu_count() or 1

@@ -128,7 +128,7 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
         if lib is None:
             out.append(Peer(f"WindowQuant fused ({label})", None, quant_bytes, "no tuning log applies here"))
             continue
-        from ..runtime import FusedDecoder
+        from ..decoder import FusedDecoder
 
         dec = FusedDecoder(lib, preset.num_q_heads, preset.num_kv_heads, preset.head_dim, dtype)
         kernel = dec.kernel(widths)

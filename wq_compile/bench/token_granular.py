@@ -1,7 +1,7 @@
 """Claim (2), measured: window-level mixed precision with reordering vs token-granularity mixed precision.
 
 Decode latency of one layer at equal average bits: the reordered cache (one uniform bucket per width, the fused
-kernel called through the public runtime, :class:`wq_compile.runtime.FusedDecoder`, so a faster fused kernel is
+kernel called through the public runtime, :class:`wq_compile.decoder.FusedDecoder`, so a faster fused kernel is
 picked up as soon as it lands) against the token-granular cache (every key group keeps its width in place,
 :mod:`wq_compile.kernels.token_granular`), plus torch SDPA on the dense fp32 cache for scale. Both quantized caches
 hold the same tokens with the same share of each width (the ``mixed`` mix: 1/8 int8, 3/8 int4, 1/2 int2) and a
@@ -93,7 +93,8 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: i
 
 def run_decode(model: str = "llava-ov-0.5b", n_tokens: tuple[int, ...] = (2048, 8192, 32768), repeats: int = 20,
                seed: int = 0, library: Any = None, check_up_to: int = 8192) -> list[GranularityRow]:
-    from ..runtime import FusedDecoder, KernelLibrary
+    from ..decoder import FusedDecoder
+    from ..runtime import KernelLibrary
 
     p = get_preset(model)
     hq, hkv, d = p.num_q_heads, p.num_kv_heads, p.head_dim
