@@ -8,8 +8,7 @@ cache or a second ``generate`` loads nothing.
 
 Calls pass torch tensors straight through DLPack (zero copy) after checking them against the kernel's argument
 description (errors name the argument); the decode path (:class:`wq_compile.decoder.FusedDecoder`) checks once per
-tensor layout and
-then calls unchecked. :meth:`KernelLibrary.op` exposes a kernel as a torch custom op (``<namespace>::<uri>``,
+tensor layout and then calls unchecked. :meth:`KernelLibrary.op` exposes a kernel as a torch custom op (``<namespace>::<uri>``,
 functional) with a fake implementation, so it runs under ``torch.compile(fullgraph=True)``; it is not on the decode
 path.
 """
