@@ -19,8 +19,22 @@ def _bits(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 2,4,8, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _kinds(text: str) -> tuple[str, ...]:
     kinds = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not kinds:
+        raise argparse.ArgumentTypeError(f"expected at least one kernel kind among {','.join(KERNEL_KINDS)}, "
+                                         f"got {text!r}")
     bad = [k for k in kinds if k not in KERNEL_KINDS]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown kernel kinds {bad}; expected some of {','.join(KERNEL_KINDS)}")
@@ -39,11 +53,12 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16"), help="query/dense dtype of the kernels")
     p.add_argument("--kernels", type=_kinds, default=DEFAULT_KERNEL_KINDS,
                    help=f"kernel kinds among {','.join(KERNEL_KINDS)} (default {','.join(DEFAULT_KERNEL_KINDS)})")
-    p.add_argument("--trials", type=int, default=None,
+    p.add_argument("--trials", type=_positive_int, default=None,
                    help="valid trials per kernel, existing records included (default per kind: fused 40, decode 24, "
                         "merge 8, quantize 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=None, help="token capacity per piece to tune at (default 2048)")
+    p.add_argument("--tokens", type=_positive_int, default=None,
+                   help="token capacity per piece to tune at (default 2048)")
     p.add_argument("--logs-dir", default="tuning_logs")
     p.add_argument("--cache-dir", default=None, help="module cache root (default $WQ_CACHE_DIR or ~/.cache/wq_compile)")
     p.add_argument("--builder-timeout", type=float, default=None, help="seconds per candidate build (default 180)")
@@ -218,9 +233,15 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
             return 2
         from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            args.model, attn_implementation=ATTN_IMPLEMENTATION, torch_dtype="auto", local_files_only=True).eval()
-        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        try:
+            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                args.model, attn_implementation=ATTN_IMPLEMENTATION, torch_dtype="auto", local_files_only=True).eval()
+            processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:  # no weights / config / processor files: one line, no traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"wq-eval: --model {args.model!r} is not a loadable LLaVA-OneVision folder (config.json, weights "
+                  f"and processor files needed): {first}", file=sys.stderr)
+            return 2
         video = torch.randint(0, 255, (args.frames, 3, 384, 384), dtype=torch.uint8)
         conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
         text = processor.apply_chat_template(conv, add_generation_prompt=True)
