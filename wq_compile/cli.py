@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 import time
 from pathlib import Path
@@ -95,6 +98,22 @@ def format_table(results: Sequence[object]) -> str:
     return "\n".join(lines)
 
 
+#: Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
+def _exit_on_sigint(signum: int, frame: object) -> None:
+    """SIGINT during tuning: stop now with a message and status 130.
+
+    A KeyboardInterrupt raised inside MetaSchedule's C++ callbacks and builder threads ends in a segfault (exit
+    139); every measured record is already appended to the log (one line per candidate, a torn last line is
+    repaired on the next run), so leaving at once loses nothing finished and the rerun resumes from the log.
+    """
+    print("\nwq-tune: interrupted (Ctrl-C); finished records are kept in the tuning logs, run the same command "
+          "again to resume", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main_tune(argv: Sequence[str] | None = None) -> int:
     args = tune_parser().parse_args(argv)
     if (args.rpc is None) != (args.rpc_key is None):
@@ -119,6 +138,8 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     print(f"wq-tune: {len(specs)} kernels of {args.model} for {device.tag} ({device.name}); logs in "
           f"{args.logs_dir}/{device.tag}")
     t0 = time.perf_counter()
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _exit_on_sigint) if on_main else None
     try:
         if args.build_only:
             results = build_only(specs, device, logs_dir=args.logs_dir, cache_dir=args.cache_dir)
@@ -137,6 +158,9 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     except (NoValidTrialsError, TuningLogError, ModuleCacheError) as exc:
         print(f"wq-tune: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if on_main:
+            signal.signal(signal.SIGINT, previous)
     print(format_table(results))
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     return 0
