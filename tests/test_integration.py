@@ -112,6 +112,21 @@ def test_config_validation() -> None:
         WindowQuantConfig(window="scene")
 
 
+def test_config_is_checked_against_the_model_and_defaults_fit_it() -> None:
+    """Issue 10 items 3 and 6: nonsense is refused when the cache is built (not ~38 tokens into generate), and the
+    default v_group fits a head_dim-32 model (it used to fail inside generate)."""
+    small = tiny_model(ATTN_IMPLEMENTATION, layers=1, text_shapes=dict(hidden_size=128))  # head_dim 32
+    with pytest.raises(ValueError, match="v_group: 64 does not divide the model's head_dim 32"):
+        WindowQuantCache(small.config, WindowQuantConfig(v_group=64))
+    with pytest.raises(ValueError, match="residual"):
+        WindowQuantCache(small.config, WindowQuantConfig(residual=-1))
+    p = video_prompt(small, [2])
+    cache = WindowQuantCache(small.config, WindowQuantConfig(avg_bits=4.0, backend="reference")).prepare(**p.inputs)
+    assert cache.wq.v_group == 32 and WindowQuantConfig().v_group is None
+    assert _generate(small, p, cache, new=4).shape == (1, 4)
+    assert cache.plan(0).histogram()[16] < 2  # windows were quantized with the resolved v_group
+
+
 def test_embedding_scorer(model) -> None:
     p = video_prompt(model, [3])
     cache = WindowQuantCache(model.config, WindowQuantConfig(avg_bits=5.0, scorer="embedding", backend="reference"))

@@ -97,7 +97,12 @@ class CacheStats:
 
 
 class WindowQuantCache(Cache):
-    """A ``transformers`` cache whose visual windows live in uniform-precision buckets after prefill."""
+    """A ``transformers`` cache whose visual windows live in uniform-precision buckets after prefill.
+
+    Windows (prefill) and flushed residual blocks (decode) holding NaN/inf or K/V beyond the fp16 range of
+    scale/zero are never quantized: they stay dense at the model's dtype like a 16-bit window, so attention over
+    them equals dense attention (docs/DESIGN.md, "Inputs no code represents"). Beam search and
+    ``num_return_sequences`` are supported (``reorder_cache`` and the batch hooks reorder every layer)."""
 
     def __init__(self, config: Any, wq_config: WindowQuantConfig | None = None, backend: Backend | None = None) -> None:
         """``backend`` (from :func:`wq_compile.backend.make_backend`) pins the kernels explicitly; by default the
