@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def _start(tmp: Path, trials: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp)
 
 
-def _wait_for_records(proc: subprocess.Popen, logs: Path, more_than: int, timeout: float = 240) -> None:
+def _wait_for_records(proc: subprocess.Popen, logs: Path, more_than: int, timeout: float = 420) -> None:
     t0 = time.monotonic()
     while len(_records(logs)) <= more_than:
         assert proc.poll() is None, proc.communicate()
@@ -45,7 +46,7 @@ def test_ctrl_c_and_sigkill_during_wq_tune_keep_every_finished_record(tmp_path: 
     """Ctrl-C: exit 130 with a message (it used to segfault, 139). SIGKILL: nothing finished is lost. Each rerun
     resumes: the earlier lines stay as they were, new ones are appended, none is duplicated."""
     logs = tmp_path / "logs"
-    proc = _start(tmp_path, trials=64)  # far more than it will reach before the signal
+    proc = _start(tmp_path, trials=3)  # small batches: the first records land within seconds of the first build
     _wait_for_records(proc, logs, 0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -54,7 +55,7 @@ def test_ctrl_c_and_sigkill_during_wq_tune_keep_every_finished_record(tmp_path: 
     first = _records(logs)
     assert first and all(json.loads(line) for line in first)
 
-    proc = _start(tmp_path, trials=64)
+    proc = _start(tmp_path, trials=len(first) + 3)
     _wait_for_records(proc, logs, len(first))
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
@@ -71,7 +72,7 @@ def test_ctrl_c_and_sigkill_during_wq_tune_keep_every_finished_record(tmp_path: 
     final = _records(logs)
     assert final == valid  # every finished record kept, in place, none duplicated, nothing re-measured
     assert len(set(final)) == len(final)
-    assert "tuned here" in out and f"| {len(valid)} " in out
+    assert re.search(rf"tuned here \|\s+{len(valid)} \|", out), out
 
 
 def test_module_build_killed_mid_write_is_rebuilt(tmp_path: Path) -> None:
