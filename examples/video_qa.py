@@ -89,7 +89,7 @@ def main() -> None:
           f"search+quantize+reorder {cache.stats.store_seconds * 1e3:.1f} ms; ~{t_wq / steps * 1e3:.1f} ms/token incl. prefill)")
     plan = cache.plan(0)
     if plan is not None and plan.bits.numel():
-        print(format_plan(plan.bits, plan.scores, plan.windows.lengths, args.avg_bits, wq.k_group, wq.v_group,
+        print(format_plan(plan.bits, plan.scores, plan.windows.lengths, args.avg_bits, cache.wq.k_group, cache.wq.v_group,
                           scorer=wq.scorer))
 
 

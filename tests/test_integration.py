@@ -112,6 +112,21 @@ def test_config_validation() -> None:
         WindowQuantConfig(window="scene")
 
 
+def test_config_is_checked_against_the_model_and_defaults_fit_it() -> None:
+    """Issue 10 items 3 and 6: nonsense is refused when the cache is built (not ~38 tokens into generate), and the
+    default v_group fits a head_dim-32 model (it used to fail inside generate)."""
+    small = tiny_model(ATTN_IMPLEMENTATION, layers=1, text_shapes=dict(hidden_size=128))  # head_dim 32
+    with pytest.raises(ValueError, match="v_group: 64 does not divide the model's head_dim 32"):
+        WindowQuantCache(small.config, WindowQuantConfig(v_group=64))
+    with pytest.raises(ValueError, match="residual"):
+        WindowQuantCache(small.config, WindowQuantConfig(residual=-1))
+    p = video_prompt(small, [2])
+    cache = WindowQuantCache(small.config, WindowQuantConfig(avg_bits=4.0, backend="reference")).prepare(**p.inputs)
+    assert cache.wq.v_group == 32 and WindowQuantConfig().v_group is None
+    assert _generate(small, p, cache, new=4).shape == (1, 4)
+    assert cache.plan(0).histogram()[16] < 2  # windows were quantized with the resolved v_group
+
+
 def test_embedding_scorer(model) -> None:
     p = video_prompt(model, [3])
     cache = WindowQuantCache(model.config, WindowQuantConfig(avg_bits=5.0, scorer="embedding", backend="reference"))
@@ -169,3 +184,120 @@ def test_budget_below_what_partial_windows_allow_warns_and_clamps(model) -> None
         assert _generate(model, p, cache, new=2).shape == (1, 2)
     with pytest.raises(ValueError, match="window"):
         WindowQuantConfig(window=100)
+
+
+# ---- issue 10: non-finite / out-of-range K/V (item 2), video-only prompts (item 4), beams (item 11) -------------------
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """q [B, Hq, D], k/v [B, Hkv, T, D] -> [B, Hq, D] in fp64: the exact answer a dense cache gives."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    p = torch.softmax(torch.einsum("bhd,bhtd->bht", q.double(), kk) * sm_scale, -1)
+    return torch.einsum("bht,bhtd->bhd", p, vv)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 7e4, 1e5])
+def test_unquantizable_window_stays_dense_and_attention_is_exact(model, poison: float) -> None:
+    from wq_compile.reference import decode_attention
+
+    p = video_prompt(model, [3])
+    cache = _wq(model, p, avg_bits=10.0, widths=(16, 8))  # int8 elsewhere: small error, so the poisoned one shows
+    t = p.inputs["input_ids"].shape[1]
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, t, 64, generator=gen) for h in (4, 2, 2))
+    start = int(cache.samples[0].windows.starts[1])
+    k[0, 1, start + 5, 3] = poison  # window 1: one key element ...
+    v[0, 0, start + 9, 60] = poison  # ... and one value element
+    with pytest.warns(UserWarning, match="NaN/inf or K/V beyond the fp16 range"):
+        cache.store_prompt(0, q, k, v, 0.125)
+    bits = cache.plans[0][0]
+    assert int(bits[1]) == 16 and bool((bits[[0, 2]] < 16).any())  # the others are still searched and quantized
+    store = cache.layers[0].store
+    qd = torch.randn(1, 4, 64, generator=gen)
+    got = decode_attention(qd, store, 0.125).double()
+    want = _dense_attention(qd, k, v, 0.125)
+    dense_k = store.dense.k[0, :, : int(store.dense.pinned[0])]
+    assert bool((dense_k == poison).any()) or (poison != poison and bool(dense_k.isnan().any()))  # stored as is
+    if poison != poison:  # NaN propagates exactly as in a dense cache
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got).any())
+        return
+    if poison == float("inf"):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)) or not bool(torch.isfinite(want).all())
+        return
+    # large values are stored exactly (a coded 7e4 had relative error 1.0): only the int8 windows' error remains
+    assert (got - want).abs().max() < 0.01 * want.abs().max()
+
+
+def test_flushed_block_with_nan_stays_dense() -> None:
+    from wq_compile.layout import LayerCache
+    from wq_compile.reference import decode_attention
+
+    gen = torch.Generator().manual_seed(2)
+    layer = LayerCache.empty(1, 2, 64, torch.float32, residual=0, k_group=28)
+    ks, vs = [], []
+    for step in range(130):
+        k, v = torch.randn(1, 2, 1, 64, generator=gen), torch.randn(1, 2, 1, 64, generator=gen)
+        if step == 70:  # inside the second flushed block (tokens 56..111)
+            k[0, 1, 0, 7] = float("nan")
+        ks.append(k)
+        vs.append(v)
+        layer.append(k, v)
+    assert layer.stats["flushes"] == 1 and layer.stats["dense_blocks"] == 1  # block 2 kept dense, not coded
+    q = torch.randn(1, 4, 64, generator=gen)
+    got = decode_attention(q, layer, 0.125)
+    want = _dense_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), 0.125)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got[0, 2:]).all())
+    assert (got[0, :2].double() - want[0, :2]).abs().max() < 0.1  # the finite head group: int8 block + dense
+
+
+def test_video_only_prompt_uses_uniform_scores(model) -> None:
+    p = video_prompt(model, [3], question=0)
+    ids = p.inputs["input_ids"][:, 4:]  # drop [BOS, 5, 6, 7]: video tokens only
+    p.inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    cache = _wq(model, p, avg_bits=3.0)
+    assert not bool(cache.samples[0].text_mask.any())
+    with pytest.warns(UserWarning, match="no text tokens"):
+        out = _generate(model, p, cache, new=4)
+    assert out.shape == (1, 4)
+    plan = cache.plan(0)
+    assert bool((plan.scores == 1).all()) and plan.effective_avg_bits() <= 3.0 + 1e-6
+
+
+def test_num_return_sequences_gives_identical_greedy_rows(model) -> None:
+    p = video_prompt(model, [2], question=44)  # 48 residual tokens: decode flushes a 56-token block soon
+    single = _generate(model, p, _wq(model, p, avg_bits=3.0, residual=0), new=12)
+    cache = _wq(model, p, avg_bits=3.0, residual=0)
+    # transformers refuses greedy with num_return_sequences > 1: top-k 1 sampling is greedy, per returned row
+    out = model.generate(**p.inputs, cache=cache, max_new_tokens=12, do_sample=True, top_k=1,
+                         num_return_sequences=2)
+    rows = out[:, p.inputs["input_ids"].shape[1]:]
+    assert rows.shape == (2, 12) and torch.equal(rows[0], single[0]) and torch.equal(rows[1], single[0])
+    assert cache.layers[0].store.stats["flushes"] > 0  # decode tokens were quantized into the flush bucket
+
+
+def test_beam_search_all_dense_matches_dynamic_cache(model) -> None:
+    p = video_prompt(model, [2])
+    kw = dict(max_new_tokens=8, do_sample=False, num_beams=3, num_return_sequences=2)
+    want = model.generate(**p.inputs, cache=DynamicCache(config=model.config), **kw)
+    got = model.generate(**p.inputs, cache=_wq(model, p, avg_bits=16.0), **kw)
+    assert torch.equal(got, want)
+
+
+def test_beam_search_scores_match_the_caches_own_greedy_path(model) -> None:
+    """Each returned beam's score equals the log-probability the cache gives that sequence when it is decoded on
+    its own (teacher-forced greedy through a fresh cache): reordered buckets, dense piece and lens per beam."""
+    p = video_prompt(model, [2], question=44)
+    n_in, new = p.inputs["input_ids"].shape[1], 12
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, length_penalty=0.0,
+              return_dict_in_generate=True, output_scores=True)
+    cache = _wq(model, p, avg_bits=3.0, residual=0)
+    out = model.generate(**p.inputs, cache=cache, num_beams=3, num_return_sequences=3, **kw)
+    assert cache.layers[0].store.stats["flushes"] > 0 and cache.layers[0].store.dense.lens.shape[0] == 3
+    assert len({tuple(s.tolist()) for s in out.sequences}) == 3
+    for seq, score in zip(out.sequences, out.sequences_scores):
+        gen = seq[n_in:].tolist()
+        forced = model.generate(**p.inputs, cache=_wq(model, p, avg_bits=3.0, residual=0), max_new_tokens=new,
+                                do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                prefix_allowed_tokens_fn=lambda b, ids, g=gen: [g[ids.shape[0] - n_in]])
+        assert forced.sequences[0, n_in:].tolist() == gen
+        logp = sum(float(torch.log_softmax(lg[0].double(), -1)[tok]) for lg, tok in zip(forced.logits, gen))
+        assert abs(logp - float(score)) < 1e-3 * max(1.0, abs(logp))

@@ -176,3 +176,25 @@ def test_several_new_tokens_are_never_quantized_before_they_attend(gen: torch.Ge
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     cache.append(kn[:, :, :1], vn[:, :, :1])
     assert int(cache.buckets[8].lens[0]) > 0
+
+
+def test_select_samples_reorders_buckets_dense_and_lens() -> None:
+    """Beam search / num_return_sequences: sample i becomes old sample idx[i] in every piece (different windows,
+    widths and flushed blocks per sample), so attention per sample follows its source exactly."""
+    from wq_compile.reference import decode_attention
+
+    gen = torch.Generator().manual_seed(5)
+    layer = LayerCache.empty(3, 2, 64, torch.float32, k_group=28, residual=30)
+    for b, bits in enumerate(([8, 4], [2, 16], [4, 4])):
+        k, v = torch.randn(2, 150 + 28 * b, 64, generator=gen), torch.randn(2, 150 + 28 * b, 64, generator=gen)
+        layer.fill_sample(b, k, v, WindowAssignment(torch.tensor([0, 56]), torch.tensor([56, 56 + 28 * b]),
+                                                    torch.tensor(bits)))
+    for _ in range(40):  # decode steps: flushes differ per sample
+        layer.append(torch.randn(3, 2, 1, 64, generator=gen), torch.randn(3, 2, 1, 64, generator=gen))
+    q = torch.randn(3, 4, 64, generator=gen)
+    before = decode_attention(q, layer, 0.125)
+    idx = torch.tensor([2, 0, 0, 1])
+    layer.select_samples(idx)
+    after = decode_attention(q[idx], layer, 0.125)
+    assert torch.allclose(after, before[idx], atol=1e-6)
+    assert layer.num_tokens().tolist() == [int(n) for n in layer.num_tokens()] and layer.dense.lens.shape == (4,)

@@ -18,7 +18,7 @@ import torch
 
 from .config import WindowQuantConfig
 from .layout import LayerCache, Quantizer, torch_quantizer
-from .quant import QuantizedKeys, QuantizedValues
+from .quant import QuantizedKeys, QuantizedValues, check_quantizable
 from .reference import decode_attention
 from .spec import KernelSpec, QuantSpec, dtype_tag
 
@@ -54,6 +54,9 @@ class CompiledQuantizer:
         return KernelSpec("quantize", (qs.bits,), k_group=qs.k_group, v_group=qs.v_group, **self.shape)
 
     def __call__(self, qs: QuantSpec, k: torch.Tensor, v: torch.Tensor) -> tuple[QuantizedKeys, QuantizedValues]:
+        # The kernel would code NaN as its group's minimum and overflow fp16 scales: refuse, as the reference does.
+        check_quantizable("k", k)
+        check_quantizable("v", v)
         kernel = self.library.load(self.spec(qs))
         kc, ks, kz, vc, vs, vz = kernel.run(k.to(self.dtype).contiguous()[None], v.to(self.dtype).contiguous()[None])
         self.calls += 1
@@ -97,6 +100,7 @@ def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, hea
     ("auto") or an error ("tvm"). Modules load from the cache, else compile from a tuning log of this or a
     compatible device, else from the default schedule (``UntunedKernelWarning``). With ``shared`` (the default)
     one backend per config and shapes serves the whole process."""
+    wq = wq.for_model(num_q_heads, num_kv_heads, head_dim)  # v_group=None -> min(64, head_dim); shape checks
     if wq.backend == "reference":
         return Backend("reference", ReferenceDecoder(), torch_quantizer)
     key = (wq, num_q_heads, num_kv_heads, head_dim, dtype, str(torch.device(device)))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 import time
 from pathlib import Path
@@ -19,8 +22,22 @@ def _bits(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 2,4,8, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _kinds(text: str) -> tuple[str, ...]:
     kinds = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not kinds:
+        raise argparse.ArgumentTypeError(f"expected at least one kernel kind among {','.join(KERNEL_KINDS)}, "
+                                         f"got {text!r}")
     bad = [k for k in kinds if k not in KERNEL_KINDS]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown kernel kinds {bad}; expected some of {','.join(KERNEL_KINDS)}")
@@ -39,11 +56,12 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16"), help="query/dense dtype of the kernels")
     p.add_argument("--kernels", type=_kinds, default=DEFAULT_KERNEL_KINDS,
                    help=f"kernel kinds among {','.join(KERNEL_KINDS)} (default {','.join(DEFAULT_KERNEL_KINDS)})")
-    p.add_argument("--trials", type=int, default=None,
+    p.add_argument("--trials", type=_positive_int, default=None,
                    help="valid trials per kernel, existing records included (default per kind: fused 40, decode 24, "
                         "merge 8, quantize 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=None, help="token capacity per piece to tune at (default 2048)")
+    p.add_argument("--tokens", type=_positive_int, default=None,
+                   help="token capacity per piece to tune at (default 2048)")
     p.add_argument("--logs-dir", default="tuning_logs")
     p.add_argument("--cache-dir", default=None, help="module cache root (default $WQ_CACHE_DIR or ~/.cache/wq_compile)")
     p.add_argument("--builder-timeout", type=float, default=None, help="seconds per candidate build (default 180)")
@@ -93,6 +111,22 @@ def format_table(results: Sequence[object]) -> str:
     return "\n".join(lines)
 
 
+#: Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
+def _exit_on_sigint(signum: int, frame: object) -> None:
+    """SIGINT during tuning: stop now with a message and status 130.
+
+    A KeyboardInterrupt raised inside MetaSchedule's C++ callbacks and builder threads ends in a segfault (exit
+    139); every measured record is already appended to the log (one line per candidate, a torn last line is
+    repaired on the next run), so leaving at once loses nothing finished and the rerun resumes from the log.
+    """
+    print("\nwq-tune: interrupted (Ctrl-C); finished records are kept in the tuning logs, run the same command "
+          "again to resume", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main_tune(argv: Sequence[str] | None = None) -> int:
     args = tune_parser().parse_args(argv)
     if (args.rpc is None) != (args.rpc_key is None):
@@ -124,6 +158,8 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     print(f"wq-tune: {len(specs)} kernels of {args.model} for {device.tag} ({device.name}); logs in "
           f"{args.logs_dir}/{device.tag}")
     t0 = time.perf_counter()
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _exit_on_sigint) if on_main else None
     try:
         if args.build_only:
             results = build_only(specs, device, logs_dir=args.logs_dir, cache_dir=args.cache_dir)
@@ -146,6 +182,9 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     except (NoValidTrialsError, TuningLogError, ModuleCacheError) as exc:
         print(f"wq-tune: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if on_main:
+            signal.signal(signal.SIGINT, previous)
     print(format_table(results))
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     return 0
@@ -242,9 +281,15 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
             return 2
         from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            args.model, attn_implementation=ATTN_IMPLEMENTATION, torch_dtype="auto", local_files_only=True).eval()
-        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        try:
+            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                args.model, attn_implementation=ATTN_IMPLEMENTATION, torch_dtype="auto", local_files_only=True).eval()
+            processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:  # no weights / config / processor files: one line, no traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"wq-eval: --model {args.model!r} is not a loadable LLaVA-OneVision folder (config.json, weights "
+                  f"and processor files needed): {first}", file=sys.stderr)
+            return 2
         video = torch.randint(0, 255, (args.frames, 3, 384, 384), dtype=torch.uint8)
         conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
         text = processor.apply_chat_template(conv, add_generation_prompt=True)

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from .quant import (
-    QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, key_words, quantize_keys, quantize_values,
+    QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, key_words, quantizable_tokens, quantize_keys,
+    quantize_values,
 )
 from .spec import QUANT_BITS, QuantSpec
 
@@ -194,6 +195,12 @@ class DensePiece:
     def residual_len(self, b: int) -> int:
         return int(self.lens[b] - self.pinned[b])
 
+    def oldest_quantizable(self, b: int, n: int) -> bool:
+        """Whether the ``n`` oldest residual tokens of sample ``b`` are all finite and within the fp16 range."""
+        p = int(self.pinned[b])
+        blk = slice(p, p + n)
+        return bool((quantizable_tokens(self.k[b, :, blk]) & quantizable_tokens(self.v[b, :, blk])).all())
+
     def pop_oldest(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Remove and return the ``n`` oldest residual tokens of sample ``b`` (``[Hkv, n, D]``)."""
         p, end = int(self.pinned[b]), int(self.lens[b])
@@ -211,6 +218,19 @@ class DensePiece:
 
     def allocated_bytes(self) -> int:
         return (self.k.numel() + self.v.numel()) * self.k.element_size()
+
+
+def unquantizable_windows(k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor
+                          ) -> torch.Tensor:
+    """``[W]`` bool: windows of ``k, v [Hkv, T, D]`` holding a NaN/inf or an element beyond the fp16 range.
+
+    Such a window is stored dense at the model's dtype like a 16-bit window (attention then equals dense attention:
+    NaN propagates, large values stay exact). One vectorized pass over the prompt plus a prefix sum.
+    """
+    bad = ~(quantizable_tokens(k) & quantizable_tokens(v)).all(0)  # [T]
+    cs = torch.cat([bad.new_zeros(1, dtype=torch.long), torch.cumsum(bad.long(), 0)])
+    s, ln = starts.to(cs.device), lengths.to(cs.device)
+    return (cs[s + ln] - cs[s]) > 0
 
 
 @dataclass(frozen=True)
@@ -238,7 +258,7 @@ class LayerCache:
     flush_tokens: int = 56
     flush_bits: int = 8
     quantizer: Quantizer = torch_quantizer
-    stats: dict[str, int] = field(default_factory=lambda: {"flushes": 0})
+    stats: dict[str, int] = field(default_factory=lambda: {"flushes": 0, "dense_windows": 0, "dense_blocks": 0})
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -259,13 +279,19 @@ class LayerCache:
     def fill_sample(self, b: int, k: torch.Tensor, v: torch.Tensor, windows: WindowAssignment,
                     valid: torch.Tensor | None = None) -> None:
         """Store the prompt of sample ``b`` (``k, v [Hkv, T, D]``): windows into buckets in bucket order,
-        everything else (text, padding excluded via ``valid [T]``) into the residual in prompt order."""
+        everything else (text, padding excluded via ``valid [T]``) into the residual in prompt order. A window with
+        NaN/inf or out-of-fp16-range elements is stored as a 16-bit window (dense), whatever its assigned width."""
         t = k.shape[-2]
         if len(windows.starts):
             ends = windows.starts + windows.lengths
             srt = torch.argsort(windows.starts)
             if int(windows.starts.min()) < 0 or int(ends.max()) > t or bool((windows.starts[srt][1:] < ends[srt][:-1]).any()):
                 raise ValueError(f"windows: must be disjoint runs inside the {t}-token prompt")
+            bad = unquantizable_windows(k, v, windows.starts, windows.lengths).to(windows.bits.device)
+            if bool(bad.any()):
+                windows = WindowAssignment(windows.starts, windows.lengths,
+                                           torch.where(bad, torch.full_like(windows.bits, 16), windows.bits))
+                self.stats["dense_windows"] += int(bad.sum())
         in_window = torch.zeros(t, dtype=torch.bool, device=k.device)
         per_bits: dict[int, list[torch.Tensor]] = {bits: [] for bits in self.buckets}
         tails: list[torch.Tensor] = []
@@ -300,15 +326,38 @@ class LayerCache:
         self.dense.append_step(k, v)
 
     def flush(self) -> None:
-        """Quantize the oldest residual blocks of every sample whose residual exceeds ``residual`` tokens."""
+        """Quantize the oldest residual blocks of every sample whose residual exceeds ``residual`` tokens.
+
+        A block with NaN/inf or out-of-fp16-range elements is not quantized: it is pinned where it is (dense,
+        never flushed), so attention over it equals dense attention."""
         limit = self.residual + self.flush_tokens - 1
         if int((self.dense.lens - self.dense.pinned).max()) <= limit:  # the common decode step: one check
             return
         for b in range(self.dense.lens.shape[0]):
             while self.dense.residual_len(b) > limit:
+                if not self.dense.oldest_quantizable(b, self.flush_tokens):
+                    self.dense.pinned[b] += self.flush_tokens
+                    self.stats["dense_blocks"] += 1
+                    continue
                 k_old, v_old = self.dense.pop_oldest(b, self.flush_tokens)
                 self.buckets[self.flush_bits].append(b, k_old, v_old, self.quantizer)
                 self.stats["flushes"] += 1
+
+    def select_samples(self, indices: torch.Tensor) -> None:
+        """Sample ``i`` becomes old sample ``indices[i]`` in every bucket and the dense piece (codes, scales, lens,
+        pinned counts): beam search reorders beams this way, ``num_return_sequences`` repeats them."""
+        idx = torch.as_tensor(indices, device=self.dense.k.device).long()
+        batch = self.dense.lens.shape[0]
+        if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= batch)):
+            raise ValueError(f"indices: expected a 1-d index into the {batch} cached samples, got "
+                             f"{tuple(idx.shape)} {idx.tolist()[:8]}")
+        for bk in self.buckets.values():
+            for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "lens"):
+                t = getattr(bk, name)
+                setattr(bk, name, t.index_select(0, idx.to(t.device)))
+        for name in ("k", "v", "lens", "pinned"):
+            t = getattr(self.dense, name)
+            setattr(self.dense, name, t.index_select(0, idx.to(t.device)))
 
     def num_tokens(self) -> torch.Tensor:
         """Cached tokens per sample ``[B]``."""

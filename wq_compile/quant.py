@@ -25,6 +25,27 @@ from .spec import SCALE_DTYPE, QuantSpec, WORD_BITS, elems_per_word
 
 _FP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+#: Largest finite fp16: scale and zero are fp16, so an element beyond it (or NaN/inf) cannot be coded.
+FP16_MAX = 65504.0
+
+
+def quantizable_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[..., n]`` bool: the token's elements (last axis) are all finite and within +-65504 (fp16 scale/zero).
+
+    One vectorized pass (``NaN <= m`` is False, so NaN and inf fail the same comparison). The one rule that the
+    reference and the compiled quantizers and the cache share: a window or residual block with any such token is
+    not quantized (the cache keeps it dense), and the quantizers refuse it (:func:`check_quantizable`).
+    """
+    return (x.abs() <= FP16_MAX).all(-1)
+
+
+def check_quantizable(name: str, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN/inf or values beyond +-65504 (no code would be right)."""
+    if not bool(quantizable_tokens(x).all()):
+        raise ValueError(f"{name}: contains NaN/inf or values beyond +-{FP16_MAX:g} (the fp16 range of scale/zero), "
+                         f"which no code represents; WindowQuantCache keeps such windows and residual blocks dense "
+                         f"(unquantized) instead of calling the quantizer")
+
 
 def check_float(name: str, x: object, min_dim: int = 2) -> torch.Tensor:
     """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``x`` is a float tensor of >= ``min_dim`` dims."""
@@ -167,6 +188,7 @@ class QuantizedValues:
 def quantize_keys(k: torch.Tensor, spec: QuantSpec) -> QuantizedKeys:
     """Per-channel quantization of ``k [..., n, d]`` over groups of ``spec.k_group`` tokens."""
     check_float("k", k)
+    check_quantizable("k", k)
     n, d = k.shape[-2], k.shape[-1]
     spec.check_head_dim(d)
     g = -(-n // spec.k_group)
@@ -188,6 +210,7 @@ def quantize_keys(k: torch.Tensor, spec: QuantSpec) -> QuantizedKeys:
 def quantize_values(v: torch.Tensor, spec: QuantSpec) -> QuantizedValues:
     """Per-token quantization of ``v [..., n, d]`` over groups of ``spec.v_group`` channels."""
     check_float("v", v)
+    check_quantizable("v", v)
     d = v.shape[-1]
     spec.check_head_dim(d)
     vf = v.float()

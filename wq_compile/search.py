@@ -182,6 +182,12 @@ def allocate_bits(scores: torch.Tensor, errors: torch.Tensor, lengths: torch.Ten
         raise ValueError(f"avg_bits: must be a positive number, got {avg_bits!r}")
     if errors.shape[-1] != len(widths) or errors.shape[:-1] != scores.shape:
         raise ValueError(f"errors: expected shape {(*scores.shape, len(widths))}, got {tuple(errors.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores: window scores must be finite (NaN/inf usually means NaN/inf keys or queries, or a "
+                         "prompt without text tokens); drop those windows or pass uniform scores")
+    if bool(torch.isnan(errors).any()):
+        raise ValueError("errors: quantization errors are NaN (the windows hold NaN/inf K/V); keep such windows "
+                         "dense (wq_compile.layout.unquantizable_windows) and search over the others")
     if lengths.shape != scores.shape[-1:]:
         raise ValueError(f"lengths: expected [{scores.shape[-1]}], got {tuple(lengths.shape)}")
     lead, nw = scores.shape[:-1], scores.shape[-1]

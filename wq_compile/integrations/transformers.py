@@ -24,9 +24,10 @@ from transformers.masking_utils import sdpa_mask
 
 from ..config import WindowQuantConfig
 from ..backend import Backend, make_backend
-from ..layout import LayerCache, WindowAssignment
+from ..layout import LayerCache, WindowAssignment, unquantizable_windows
+from ..quant import quantizable_tokens
 from ..reference import decode_attention
-from ..search import Plan, attention_scores, embedding_scores, make_windows, min_avg_bits, search
+from ..search import Plan, Windows, attention_scores, embedding_scores, make_windows, min_avg_bits, search
 from .llava import SampleLayout, VisualLayout, locate
 
 NAME = "windowquant"
@@ -71,6 +72,19 @@ class WindowQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.store, self.seen, self.is_initialized = None, 0, False
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: sample ``i`` becomes old sample ``beam_idx[i]`` (buckets, dense piece, lens)."""
+        if self.store is not None:
+            self.store.select_samples(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(torch.as_tensor(indices).long())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store is not None:
+            n = self.store.dense.lens.shape[0]
+            self.store.select_samples(torch.arange(n).repeat_interleave(repeats))
+
 
 @dataclass
 class CacheStats:
@@ -83,18 +97,27 @@ class CacheStats:
 
 
 class WindowQuantCache(Cache):
-    """A ``transformers`` cache whose visual windows live in uniform-precision buckets after prefill."""
+    """A ``transformers`` cache whose visual windows live in uniform-precision buckets after prefill.
+
+    Windows (prefill) and flushed residual blocks (decode) holding NaN/inf or K/V beyond the fp16 range of
+    scale/zero are never quantized: they stay dense at the model's dtype like a 16-bit window, so attention over
+    them equals dense attention (docs/DESIGN.md, "Inputs no code represents"). Beam search and
+    ``num_return_sequences`` are supported (``reorder_cache`` and the batch hooks reorder every layer)."""
 
     def __init__(self, config: Any, wq_config: WindowQuantConfig | None = None, backend: Backend | None = None) -> None:
         """``backend`` (from :func:`wq_compile.backend.make_backend`) pins the kernels explicitly; by default the
         process-wide backend for these shapes is used (loaded once per process, on first use)."""
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        self.wq = wq_config or WindowQuantConfig()
+        wq_config = WindowQuantConfig() if wq_config is None else wq_config
+        if not isinstance(wq_config, WindowQuantConfig):
+            raise TypeError(f"wq_config: expected a WindowQuantConfig, got {type(wq_config).__name__}")
         self.visual = VisualLayout.from_config(config)
         self.num_layers = text.num_hidden_layers
         self.num_q_heads = text.num_attention_heads
         self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # Every field checked against the model now (not at prefill); v_group=None -> min(64, head_dim).
+        self.wq = wq_config.for_model(self.num_q_heads, self.num_kv_heads, self.head_dim)
         super().__init__(layers=[WindowQuantLayer() for _ in range(self.num_layers)])
         self.samples: list[SampleLayout] | None = None
         self.plans: dict[int, list[torch.Tensor]] = {}  # layer -> per-sample bits [W]
@@ -103,6 +126,8 @@ class WindowQuantCache(Cache):
         self.stats = CacheStats()
         self._backend: Backend | None = backend
         self._hook: Any = None
+        self._warned_dense: set[int] = set()
+        self._warned_video_only = False
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model: Any = None,
@@ -148,6 +173,29 @@ class WindowQuantCache(Cache):
             fwd["wq_cache"] = self
         return self.layers[layer_idx].update(key_states, value_states)
 
+    # ---- batch reordering: beam search, num_return_sequences, contrastive search -------------------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Called by ``generate`` after every beam-search step: reorder every layer and the per-sample layouts."""
+        super().reorder_cache(beam_idx)
+        self._select_samples(beam_idx.tolist())
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_samples(torch.as_tensor(indices).long().tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.samples is not None:
+            self._select_samples([i for i in range(len(self.samples)) for _ in range(repeats)])
+
+    def _select_samples(self, idx: list[int]) -> None:
+        if self.samples is not None:
+            self.samples = [self.samples[i] for i in idx]
+        self.plans = {li: [bits[i] for i in idx] for li, bits in self.plans.items()}
+        self.scores = {li: [sc[i] for i in idx] for li, sc in self.scores.items()}
+        if self.embed_scores is not None:
+            self.embed_scores = [self.embed_scores[i] for i in idx]
+
     # ---- prefill: search, quantize, reorder ---------------------------------------------------------------------
     def store_prompt(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      sm_scale: float) -> None:
@@ -159,6 +207,9 @@ class WindowQuantCache(Cache):
                           "prompt is kept dense (only the residual flush quantizes)", stacklevel=3)
             ones = torch.ones(t, dtype=torch.bool)
             self.samples = [SampleLayout(make_windows([], 1), ones, ones) for _ in range(bsz)]
+        if bsz != len(self.samples) and bsz % len(self.samples) == 0 and self.samples[0].valid.shape[0] == t:
+            # generate() expands the prompt for num_beams / num_return_sequences (repeat_interleave on the batch)
+            self._select_samples([i for i in range(len(self.samples)) for _ in range(bsz // len(self.samples))])
         if len(self.samples) != bsz or self.samples[0].valid.shape[0] != t:
             raise ValueError(f"input_ids: prepare() saw {len(self.samples)} x {self.samples[0].valid.shape[0]} "
                              f"tokens but prefill has {bsz} x {t}")
@@ -167,38 +218,68 @@ class WindowQuantCache(Cache):
                                  chunk=self.wq.chunk, quantizer=self.backend(key.dtype, key.device).quantize)
         bits_list, score_list = [], []
         for b, sample in enumerate(self.samples):
-            w = sample.windows
-            if len(w) == 0:
-                bits = torch.zeros(0, dtype=torch.long)
-                scores = torch.zeros(0)
-            else:
-                if self.wq.scorer == "embedding":
-                    if self.embed_scores is None:
-                        raise RuntimeError("the embedding scorer saw no input embeddings: prepare(**inputs, "
-                                           "model=model) must be called on the model that runs generate")
-                    scores = self.embed_scores[b]
-                else:
-                    text_idx = torch.nonzero(sample.text_mask).flatten().to(query.device)
-                    scores = attention_scores(query[b][:, text_idx], key[b], w, sm_scale,
-                                              key_mask=sample.valid)
-                budget = self.wq.avg_bits
-                floor = min_avg_bits(w, self.wq.widths, self.wq.k_group, self.wq.v_group)
-                if budget < floor:  # fp16 tails of partial key groups (e.g. the last window of an image)
-                    warnings.warn(f"avg_bits={budget} is below the {floor:.3f} effective bits this prompt's windows "
-                                  f"need at least (fp16 group tails); using {floor:.3f}", stacklevel=3)
-                    budget = floor
-                plan = search(scores.to(key.device), key[b][None], value[b][None], w, budget, self.wq.widths,
-                              self.wq.k_group, self.wq.v_group)
-                bits = plan.bits[0].cpu()
+            bits, scores = self._plan_sample(layer_idx, b, sample, query[b], key[b], value[b], sm_scale)
             bits_list.append(bits)
             score_list.append(scores)
-            store.fill_sample(b, key[b], value[b], WindowAssignment(w.starts, w.lengths, bits),
-                              valid=sample.valid.to(key.device))
+            store.fill_sample(b, key[b], value[b], WindowAssignment(sample.windows.starts, sample.windows.lengths,
+                                                                    bits), valid=sample.valid.to(key.device))
         self.plans[layer_idx] = bits_list
         self.scores[layer_idx] = score_list
         self.layers[layer_idx].store = store
         self.stats.prefill_layers += 1
         self.stats.store_seconds += time.perf_counter() - t0
+
+    def _plan_sample(self, layer_idx: int, b: int, sample: SampleLayout, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bits and scores ``[W]`` of one sample. Windows with NaN/inf or out-of-fp16-range K/V stay at 16 bits
+        (dense, so attention equals dense attention) and the search runs over the others only; a prompt without
+        text tokens (video only) or with non-finite scores gets uniform scores, with a warning."""
+        w = sample.windows
+        if len(w) == 0:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        bad = unquantizable_windows(key, value, w.starts, w.lengths).cpu()
+        bits = torch.full((len(w),), 16, dtype=torch.long)
+        scores = torch.zeros(len(w))
+        if bool(bad.any()) and layer_idx not in self._warned_dense:
+            self._warned_dense.add(layer_idx)
+            warnings.warn(f"layer {layer_idx}: {int(bad.sum())} window(s) hold NaN/inf or K/V beyond the fp16 range; "
+                          f"they stay dense (16 bits) and the budget applies to the other windows", stacklevel=4)
+        good = ~bad
+        if not bool(good.any()):
+            return bits, scores
+        sub = Windows(w.starts[good], w.lengths[good])
+        finite_keys = quantizable_tokens(key).all(0).cpu()
+        if self.wq.scorer == "embedding":
+            if self.embed_scores is None:
+                raise RuntimeError("the embedding scorer saw no input embeddings: prepare(**inputs, "
+                                   "model=model) must be called on the model that runs generate")
+            sub_scores = self.embed_scores[b].float().cpu()[good]
+        elif not bool(sample.text_mask.any()):
+            sub_scores = torch.ones(len(sub))
+            if not self._warned_video_only:
+                self._warned_video_only = True
+                warnings.warn("the prompt has no text tokens (video only): the attention scorer has no queries, "
+                              "so every window gets the same score (uniform allocation under the budget)",
+                              stacklevel=4)
+        else:
+            text_idx = torch.nonzero(sample.text_mask).flatten().to(query.device)
+            mask = (sample.valid.to(torch.bool) & finite_keys).to(key.device)
+            sub_scores = attention_scores(query[:, text_idx], key, sub, sm_scale, key_mask=mask).float().cpu()
+        if not bool(torch.isfinite(sub_scores).all()):
+            warnings.warn(f"layer {layer_idx}: window scores are not finite (NaN/inf queries or embeddings); "
+                          f"using uniform scores", stacklevel=4)
+            sub_scores = torch.ones(len(sub))
+        budget = self.wq.avg_bits
+        floor = min_avg_bits(sub, self.wq.widths, self.wq.k_group, self.wq.v_group)
+        if budget < floor:  # fp16 tails of partial key groups (e.g. the last window of an image)
+            warnings.warn(f"avg_bits={budget} is below the {floor:.3f} effective bits this prompt's windows "
+                          f"need at least (fp16 group tails); using {floor:.3f}", stacklevel=4)
+            budget = floor
+        plan = search(sub_scores.to(key.device), key[None], value[None], sub, budget, self.wq.widths,
+                      self.wq.k_group, self.wq.v_group)
+        bits[good] = plan.bits[0].cpu()
+        scores[good] = sub_scores
+        return bits, scores
 
     def plan(self, sample: int = 0) -> Plan | None:
         """The chosen widths of one sample as a :class:`Plan` (``bits [layers, windows]``), once prefill ran."""
