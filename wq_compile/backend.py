@@ -9,6 +9,7 @@ second ``generate`` costs nothing to set up.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -94,6 +95,14 @@ _SHARED: dict[tuple[Any, ...], Backend] = {}
 _SHARED_LOCK = threading.Lock()
 
 
+def share_cores_with_torch() -> None:
+    """Make TVM's CPU thread pool yield between launches (unless the user set these): by default its workers are
+    pinned and spin after every kernel, which starves torch's own threads running the rest of the model (and any
+    baseline timed next to it) on the same cores. Takes effect when the pool starts, at the first parallel launch."""
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+
 def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str, *, shared: bool = True) -> Backend:
     """Compiled modules for these shapes (``wq.backend`` "auto"/"tvm"); else the torch reference, with a warning
@@ -103,6 +112,7 @@ def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, hea
     wq = wq.for_model(num_q_heads, num_kv_heads, head_dim)  # v_group=None -> min(64, head_dim); shape checks
     if wq.backend == "reference":
         return Backend("reference", ReferenceDecoder(), torch_quantizer)
+    share_cores_with_torch()
     key = (wq, num_q_heads, num_kv_heads, head_dim, dtype, str(torch.device(device)))
     with _SHARED_LOCK:
         if shared and key in _SHARED:

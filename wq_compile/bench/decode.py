@@ -148,8 +148,10 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
     """
     from tqdm import tqdm
 
+    from ..backend import share_cores_with_torch
     from ..runtime import KernelLibrary
 
+    share_cores_with_torch()  # TVM's pool must not spin on the cores torch, ggml and ORT are timed on
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
