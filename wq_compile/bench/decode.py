@@ -1,8 +1,8 @@
 """Decode-attention benchmark: compiled WindowQuant kernels against handwritten and library baselines.
 
 Every method answers the same question (one new query token over ``n`` cached tokens of one layer) and is checked
-against the torch reference before it is timed. Methods are timed in interleaved rounds (``repeats`` rounds after
-warm-up): medians with 20/80% quantiles. Ratios are against the *fastest* dense SDPA call of the same case (fp32 or
+against the torch reference before it is timed. Each method is timed in its own block (``repeats`` calls after
+warm-up; see :func:`time_interleaved` for why not alternating rounds): medians with 20/80% quantiles. Ratios are against the *fastest* dense SDPA call of the same case (fp32 or
 bf16, query group folded or ``enable_gqa``), measured in the same rounds. Bandwidth is the bytes the method must read
 (its own cache format) / s / 1e9, also as a fraction of the copy bandwidth measured at the start of the run.
 """
@@ -85,19 +85,20 @@ def _dense_kv(layer: LayerCache, dtype: torch.dtype) -> tuple[torch.Tensor, torc
 
 
 def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[tuple[float, float, float]]:
-    """(median, p20, p80) ms of each function, timed in interleaved rounds so that drift and noise from other work
-    on the machine hit every method alike (ratios within a round are what the table reports)."""
+    """(median, p20, p80) ms of each function, each timed in its own block (warm-up, then ``repeats`` calls).
+
+    Blocks, not rounds that alternate methods: every runtime here (torch's OpenMP, ggml's and ONNX Runtime's
+    pools, TVM's) keeps its worker threads busy-waiting for a while after a call, and on a small machine the next
+    method's threads would run against them. The warm-up absorbs the previous block's tail."""
+    out = []
     for fn in fns:
         for _ in range(warmup):
             fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        ts = []
+        for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    out = []
-    for ts in times:
+            ts.append((time.perf_counter() - t0) * 1e3)
         qs = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
         out.append((statistics.median(ts), qs[0], qs[-1]))
     return out

@@ -103,6 +103,7 @@ class GgmlAttention:
         self.graph = g.ggml_new_graph(self.ctx)
         g.ggml_build_forward_expand(self.graph, self.out)
         tp_params = g.ggml_threadpool_params_default(threads)
+        tp_params.poll = 0  # no busy-wait after a graph (it would run against the next method's threads)
         self.pool = g.ggml_threadpool_new(ctypes.byref(tp_params))
         self.plan = g.ggml_graph_plan(self.graph, threads, self.pool)
         self.work = (ctypes.c_uint8 * max(1, self.plan.work_size))()
@@ -201,6 +202,7 @@ class OrtGqa:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-wait after a call
         self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         kk, vv = k.float().numpy(), v.float().numpy()
         feeds: dict[str, np.ndarray] = {}
