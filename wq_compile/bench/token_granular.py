@@ -79,12 +79,13 @@ def _eff_bits_tokgran(cache: Any, d: int) -> float:
 
 
 def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    for fn in fns.values():
+    """ms of ``repeats`` calls of each function, each in its own block after its warm-up (see
+    :func:`wq_compile.bench.decode.time_interleaved`: alternating methods lets busy-waiting pools collide)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for name, fn in fns.items():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+        for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
