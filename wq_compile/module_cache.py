@@ -17,20 +17,20 @@ permissions the umask allows (shared caches stay readable).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from filelock import FileLock
 
 from . import kernels, tuning_log
 from .compile import BuiltKernel, schedule_code_digest
 from .device import PINNED_PACKAGES, Device, versions
+from .offline_measure import prebuilt_cuda_binary  # one copy: the file a GPU machine carries alone
 from .spec import KernelSpec
 from .tuning_log import Provenance
 
@@ -165,25 +165,6 @@ def lookup(paths: ModulePaths, key: dict[str, Any]) -> Provenance | None:
     return Provenance.from_json(cached.get("provenance"))
 
 
-@contextlib.contextmanager
-def _prebuilt_cuda_binary(binary: bytes | None) -> Iterator[None]:
-    """While loading, answer TVM's ``tvm_callback_cuda_compile`` with the nvcc binary built offline, so the GPU
-    machine needs no compiler (the module carries CUDA source; the loader compiles it through that callback)."""
-    if binary is None:
-        yield
-        return
-    import tvm_ffi
-
-    name = "tvm_callback_cuda_compile"
-    previous = tvm_ffi.get_global_func(name, allow_missing=True)
-    tvm_ffi.register_global_func(name, lambda code, *rest: bytearray(binary), override=True)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func(name, previous, override=True)
-
-
 def load(paths: ModulePaths, device: Device) -> Any:
     """``tvm.runtime.load_module`` of a cached module (CUDA: with its prebuilt binary, on a machine with a GPU)."""
     import tvm
@@ -195,6 +176,6 @@ def load(paths: ModulePaths, device: Device) -> Any:
             raise RuntimeError(f"{paths.module}: compiled for {device.tag} (with an nvcc binary), but no CUDA GPU is "
                                "usable here to load it; load it on the GPU machine")
         binary = paths.binary.read_bytes() if paths.binary.exists() else None
-        with _prebuilt_cuda_binary(binary):
+        with prebuilt_cuda_binary(binary):
             return tvm.runtime.load_module(str(paths.module))
     return tvm.runtime.load_module(str(paths.module))
