@@ -43,3 +43,22 @@ def test_isa_class_is_read_from_target_features(target, isa):
     assert isa_class(Target(target)) == isa
     assert isa_class(str(Target(target))) == isa  # as recorded in meta.json
     assert isa_class(Target("nvidia/nvidia-h100")) == "cuda-sm_90a"
+
+
+def test_tvm_pool_uses_every_physical_core():
+    """Without TVM_NUM_THREADS, TVM halves hardware_concurrency() on x86 (it assumes hyper-threads): on a VM whose
+    vCPUs are real cores every kernel ran on half of them. The runtime sets the pool to the physical cores."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from wq_compile.backend import share_cores_with_torch; from wq_compile.device import "
+            "physical_cores; share_cores_with_torch(); import tvm_ffi, tvm; "
+            "print(tvm_ffi.get_global_func('runtime.NumThreads')(), physical_cores())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TVM_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    pool, cores = map(int, out.stdout.split()[-2:])
+    assert pool == cores, f"TVM pool has {pool} threads on a machine with {cores} physical cores"
+    env["TVM_NUM_THREADS"] = "1"  # a user's setting wins
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-2]) == 1

@@ -119,16 +119,19 @@ def _cpuinfo_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _physical_cores() -> int:
+def physical_cores() -> int:
+    """Physical cores this process may run on: psutil's count (hyper-threads not counted), capped by the CPU
+    affinity mask (a container or ``taskset`` limit)."""
+    n = os.cpu_count() or 1
     try:
         import psutil
 
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
+        n = int(psutil.cpu_count(logical=False) or n)
     except ImportError:
         pass
-    return os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        n = min(n, len(os.sched_getaffinity(0)))
+    return max(1, n)
 
 
 @lru_cache(maxsize=8)
@@ -137,7 +140,7 @@ def host_device(num_cores: int | None = None) -> Device:
     target of the runtime and of the tests alike (plain ``"llvm"`` would be generic x86-64, far slower)."""
     from tvm.target import Target, codegen
 
-    cores = int(num_cores or _physical_cores())
+    cores = int(num_cores or physical_cores())
     mcpu = str(codegen.llvm_get_system_cpu())
     target = Target({"kind": "llvm", "num-cores": cores, "mcpu": mcpu})
     model = _cpuinfo_model()
@@ -238,7 +241,7 @@ def resolve_device(target: str | dict | Any = "llvm", num_cores: int | None = No
         if spec.get("kind") == "llvm":  # unspecified cores / CPU mean this host's (never generic x86-64)
             from tvm.target import codegen
 
-            spec = {"num-cores": int(num_cores or _physical_cores()), "mcpu": str(codegen.llvm_get_system_cpu()),
+            spec = {"num-cores": int(num_cores or physical_cores()), "mcpu": str(codegen.llvm_get_system_cpu()),
                     **spec}
         try:
             target = Target(spec)
@@ -258,7 +261,7 @@ def _device_from_target(target: Any) -> Device:
         return _cuda_device(target, None)
     if kind == "llvm":
         attrs = dict(target.attrs.items())
-        cores = int(attrs.get("num-cores", _physical_cores()))
+        cores = int(attrs.get("num-cores", physical_cores()))
         model = _cpuinfo_model()
         mcpu = str(attrs.get("mcpu") or "generic")
         tag = f"cpu-{slug(platform.machine())}-{slug(model)}-{cores}c"

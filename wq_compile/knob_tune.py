@@ -133,7 +133,8 @@ def _prepare_log(folder: Path, device: Device, base: KernelSpec, sizes: Mapping[
     meta.update(tuning_log.new_meta(device, base.uri, spec_fields, sizes, scalars, seed=0))
     meta.update({"kind": tuning_log.KNOB_KIND, "rounds": settings.rounds, "timestamp": _now(),
                  "measure": f"median of {settings.rounds} interleaved rounds, each >= {settings.min_sample_s} s "
-                            "of back-to-back calls; TVM_BIND_THREADS=0 TVM_THREAD_POOL_SPIN_COUNT=0"})
+                            f"of back-to-back calls; TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')} "
+                            "TVM_BIND_THREADS=0 TVM_THREAD_POOL_SPIN_COUNT=0"})
     tuning_log.write_meta(folder, meta)  # before any sample: a crash leaves a checkable log
     return meta
 
@@ -143,10 +144,11 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     """Check, time and record every knob candidate of ``spec`` (a plain-TIR kernel); returns the sweep.
 
     Raises :class:`NoValidKnobsError` when no candidate passes the reference check."""
-    # TVM's pool threads pinned and spinning starve torch (the reference check) on a shared 2-core machine;
-    # these take effect when the pool starts (the first parallel call of this process).
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    # TVM's pool as the runtime runs it (every physical core, yielding between launches); takes effect when the
+    # pool starts (the first parallel call of this process).
+    from .backend import share_cores_with_torch
+
+    share_cores_with_torch()
     device = resolve_device(device)
     if not knob_lib.has_knobs(spec, device):
         raise ValueError(f"spec: {spec.uri} on {device.kind} has no structure knobs (only the llvm fused kernel "

@@ -152,10 +152,11 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
     from ..backend import share_cores_with_torch
     from ..runtime import KernelLibrary
 
-    share_cores_with_torch()  # TVM's pool must not spin on the cores torch, ggml and ORT are timed on
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
+    # TVM's pool: as many threads as torch, ggml and ORT get, and not spinning on the cores they are timed on
+    share_cores_with_torch(threads)
     models = models or [model]
     dtype = torch.float32 if target == "llvm" else torch.float16
     n_tokens = n_tokens or [2048, 8192, 32768]
