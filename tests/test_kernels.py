@@ -244,6 +244,36 @@ def test_cpu_fused_constant_key_groups() -> None:
     _check("cpu fused constant groups", out, want, *TOL_OUT["f32"])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_fused_rising_and_falling_scores(bits: int) -> None:
+    """Scores that climb far above every earlier tile (the lazy reference max must move mid-piece, by more than
+    its slack, many times) and then fall (old reference kept, later tokens underflow), in the bucket and in the
+    dense piece: equal to the reference, no overflow."""
+    spec = KernelSpec("fused", (bits, 16), **SHAPES["0.5b"])
+    fn = compiled_cpu(spec)
+    gen = torch.Generator().manual_seed(8)
+    call, _ = _fused_case(spec, {bits: 336, 16: 64}, {bits: [336, 200], 16: [60, 33]}, gen)
+    q = call[0]
+    n = 336
+    ramp = torch.cat([torch.linspace(0.0, 250.0, 224), torch.linspace(250.0, -100.0, n - 224)])  # scores to ~150
+    direction = q.view(2, 2, 7, 64).mean(2)  # keys along the KV head's mean query: every head's score moves
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    k = ramp[None, None, :, None] * direction[:, :, None, :] + 0.1 * torch.randn(2, 2, n, 64, generator=gen)
+    v = torch.randn(2, 2, n, 64, generator=gen)
+    qs = spec.quant(bits)
+    qk, qv = quant.quantize_keys(k, qs), quant.quantize_values(v, qs)
+    call[1:8] = [qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero, call[7]]
+    kd = torch.linspace(-100.0, 300.0, 64)[None, None, :, None] * direction[:, :, None, :]
+    call[8], call[9] = kd.contiguous(), torch.randn(2, 2, 64, 64, generator=gen)
+    o4, l4 = reference.attend_piece(q, quant.dequantize_keys(qk, n), quant.dequantize_values(qv), call[7], SM_SCALE)
+    od, ld = reference.attend_piece(q, call[8], call[9], call[10], SM_SCALE)
+    want, _ = reference.merge_states([o4, od], [l4, ld])
+    out = torch.empty(2, 14, 64)
+    fn(*call, out)
+    assert torch.isfinite(out).all()
+    _check(f"cpu fused rising scores int{bits}", out, want, *TOL_OUT["f32"])
+
+
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_cpu_fused_half_dtypes(dtype: str, shape: str) -> None:

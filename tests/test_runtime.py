@@ -130,3 +130,45 @@ def test_fused_decoder_matches_the_reference(split: bool, tmp_path) -> None:
         if split:  # the merge kernel was loaded and several ranges were used (3 units x 2 blocks / 2 kv heads)
             assert dec._merge is not None
             assert any(k[0].endswith("split1") and k[2][0][0] == 3 for k in dec._checked)
+
+
+def test_fused_decoder_checks_once_per_tensor_set_and_follows_growth(tmp_path, monkeypatch) -> None:
+    """The CPU decoder converts a layer's tensors for TVM once and calls unchecked while the layer holds the same
+    tensor objects; decode tokens appended in place are seen (lens is read by the kernel), and a piece that grows
+    into new tensors is checked and converted again. Counted, not timed."""
+    from wq_compile.bench.decode import MIXES, make_layer
+    from wq_compile.decoder import FusedDecoder
+    from wq_compile.reference import decode_attention
+    from wq_compile.runtime import CompiledKernel
+
+    calls = {"checked": 0, "unchecked": 0}
+    checked, unchecked = CompiledKernel.__call__, CompiledKernel.call_unchecked
+
+    def count_checked(self, *a):
+        calls["checked"] += 1
+        return checked(self, *a)
+
+    def count_unchecked(self, *a):
+        calls["unchecked"] += 1
+        return unchecked(self, *a)
+
+    monkeypatch.setattr(CompiledKernel, "__call__", count_checked)
+    monkeypatch.setattr(CompiledKernel, "call_unchecked", count_unchecked)
+    with KernelLibrary("llvm", logs_dir=tmp_path / "nologs", cache_dir=tmp_path / "cache") as lib:
+        dec = FusedDecoder(lib, 4, 2, 64, torch.float32)
+        gen = torch.Generator().manual_seed(5)
+        layer = make_layer(400, MIXES["mixed"], 2, 64, torch.float32)
+        other = make_layer(300, MIXES["int4"], 2, 64, torch.float32, seed=1)
+        dense_ids = {id(layer.dense.k)}
+        for step in range(40):
+            q = torch.randn(1, 4, 64, generator=gen)
+            for lay in (layer, other):
+                got = dec(q, lay, 0.125)
+                assert (got - decode_attention(q, lay, 0.125)).abs().max() < 2e-5, f"step {step}"
+            kv = torch.randn(2, 1, 2, 1, 64, generator=gen)
+            layer.append(kv[0], kv[1])  # one decode token: in place until the dense piece must grow
+            dense_ids.add(id(layer.dense.k))
+    assert len(dense_ids) > 1, "the dense piece never grew: the test does not cover re-binding"
+    # one full check per distinct tensor set of each layer, every other call unchecked
+    assert calls["checked"] == len(dense_ids) + 1
+    assert calls["unchecked"] == 80 - calls["checked"]

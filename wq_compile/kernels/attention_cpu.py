@@ -193,9 +193,18 @@ def _tree(op, red, width: int) -> tirx.PrimExpr:
     return v
 
 
-def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, alpha) -> None:
-    """Online softmax of one tile: scores ``s_buf[h, slot]`` (slots >= nvalid masked) -> ``p_buf``; updates the
-    piece's running max ``pm`` / sum ``pl`` and leaves the rescale factor of the old state in ``alpha``."""
+#: Lazy rescaling: a head's reference max moves only when a tile's max exceeds it by more than this (natural
+#: log units). Probabilities are then ``exp(s - m_ref) <= e^8`` (no overflow in fp32, and the output is a ratio,
+#: so it is exact up to rounding), and the common tile needs no rescale of the accumulators and no scalar exp:
+#: the vector exps start from the reference max, off the max tree's latency chain.
+RESCALE_SLACK = 8.0
+
+
+def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale) -> None:
+    """Online softmax of one tile with lazy rescaling: scores ``s_buf[h, slot]`` (slots >= nvalid masked) ->
+    ``p_buf[h, slot] = exp(s - pm[h])``; ``pl[h]`` accumulates their sum. Only when the tile's max exceeds the
+    reference max ``pm[h]`` by :data:`RESCALE_SLACK` (always on a piece's first tile) does ``pm`` move, with the
+    head's sum and accumulators scaled by ``exp(old - new)`` (``rescale(h, factor)`` emits the latter)."""
     lanes = min(LANES, slots)
     with T.serial(0, gs) as h:
         red = T.alloc_buffer((lanes,), _F32, scope="local")
@@ -209,18 +218,22 @@ def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, alpha) -> N
             for k in range(1, slots // lanes):
                 mx = tirx.max(mx, masked(k * lanes + ln))
             T.buffer_store(red, mx, [ln])
-        mcur = T.alloc_buffer((1,), _F32, scope="local")
-        T.buffer_store(mcur, tirx.max(pm[h], _tree(tirx.max, red, lanes)), [0])
-        T.buffer_store(alpha, fast_exp(pm[h] - mcur[0]), [h])
+        mcur = T.alloc_buffer((2,), _F32, scope="local")
+        T.buffer_store(mcur, _tree(tirx.max, red, lanes), [0])
+        with T.If(mcur[0] > pm[h] + f32(RESCALE_SLACK)):
+            with T.Then():
+                T.buffer_store(mcur, fast_exp(pm[h] - mcur[0]), [1])
+                T.buffer_store(pl, pl[h] * mcur[1], [h])
+                rescale(h, mcur[1])
+                T.buffer_store(pm, mcur[0], [h])
         with _vec(slots) as s:
-            T.buffer_store(p_buf, tirx.Select(s < nvalid, fast_exp(s_buf[h, s] - mcur[0]), f32(0.0)), [h, s])
+            T.buffer_store(p_buf, tirx.Select(s < nvalid, fast_exp(s_buf[h, s] - pm[h]), f32(0.0)), [h, s])
         with T.vectorized(0, lanes) as ln:
             sm = p_buf[h, ln]
             for k in range(1, slots // lanes):
                 sm = sm + p_buf[h, k * lanes + ln]
             T.buffer_store(red2, sm, [ln])
-        T.buffer_store(pl, pl[h] * alpha[h] + _tree(lambda a, b: a + b, red2, lanes), [h])
-        T.buffer_store(pm, mcur[0], [h])
+        T.buffer_store(pl, pl[h] + _tree(lambda a, b: a + b, red2, lanes), [h])
 
 
 def _merge_piece(gs: int, d: int, pm, pl, m_all, l_all, acc, piece_acc) -> None:
@@ -264,7 +277,6 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
 
     pm = T.alloc_buffer((gs,), _F32, scope="local")
     pl = T.alloc_buffer((gs,), _F32, scope="local")
-    alpha = T.alloc_buffer((gs,), _F32, scope="local")
     pacc = T.decl_buffer((gs, fields, vbytes), _F32, data=scratch["pacc"].data, elem_offset=scratch["pacc"].elem_offset,
                          scope="local")  # channel = byte * F + field (F * vbytes == d)
     zacc = T.alloc_buffer((gs, nvg), _F32, scope="local")
@@ -325,7 +337,14 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
             T.buffer_store(zsum, _tree(lambda a, b: a + b, zr, zl), [0])
             with _vec(slots) as s:
                 T.buffer_store(s_buf, s_buf[h, s] + zsum[0], [h, s])
-        _tile_softmax(gs, slots, nvalid, s_buf, p_buf, pm, pl, alpha)
+        def rescale_q(h, a):
+            with T.serial(0, nvg) as vg:
+                T.buffer_store(zacc, zacc[h, vg] * a, [h, vg])
+            with T.serial(0, fields) as f:
+                with _vec(vbytes) as j:
+                    T.buffer_store(pacc, pacc[h, f, j] * a, [h, f, j])
+
+        _tile_softmax(gs, slots, nvalid, s_buf, p_buf, pm, pl, rescale_q)
         # ---- P folded with the per-token value scale; zero-point sums (v scale / zero read once per tile) ----
         tok0 = g * kg
         with T.serial(0, nvg) as vg:
@@ -344,10 +363,7 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
                     for k in range(1, slots // LANES):
                         zz = zz + p_buf[h, k * LANES + ln] * vzf[vg, k * LANES + ln]
                     T.buffer_store(zr, zz, [ln])
-                T.buffer_store(zacc, zacc[h, vg] * alpha[h] + _tree(lambda a, b: a + b, zr, LANES), [h, vg])
-            with T.serial(0, fields) as f:
-                with _vec(vbytes) as j:
-                    T.buffer_store(pacc, pacc[h, f, j] * alpha[h], [h, f, j])
+                T.buffer_store(zacc, zacc[h, vg] + _tree(lambda a, b: a + b, zr, LANES), [h, vg])
         # ---- P @ V: channel-vectorized, pvc bytes (F * pvc channels) of V per pass over the tile's tokens ----
         with T.unroll(0, vbytes // pvc) as c:
             vg = tirx.floordiv(c * pvc, vg_bytes)
@@ -380,7 +396,6 @@ def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, 
     t0, t1 = _split_range(n_tiles, sp, knobs.splits)
     pm = T.alloc_buffer((gs,), _F32, scope="local")
     pl = T.alloc_buffer((gs,), _F32, scope="local")
-    alpha = T.alloc_buffer((gs,), _F32, scope="local")
     pacc = scratch["pacc"]
     s_buf = T.alloc_buffer((gs, tile), _F32, scope="local")
     p_buf = T.alloc_buffer((gs, tile), _F32, scope="local")
@@ -405,10 +420,11 @@ def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, 
             with T.unroll(0, gs) as h:
                 with _vec(tile) as t:
                     T.buffer_store(s_buf, s_buf[h, t] + qf[h, dd] * kt[dd, t], [h, t])
-        _tile_softmax(gs, tile, nvalid, s_buf, p_buf, pm, pl, alpha)
-        with T.serial(0, gs) as h:
+        def rescale_d(h, a):
             with _vec(d) as dd:
-                T.buffer_store(pacc, pacc[h, dd] * alpha[h], [h, dd])
+                T.buffer_store(pacc, pacc[h, dd] * a, [h, dd])
+
+        _tile_softmax(gs, tile, nvalid, s_buf, p_buf, pm, pl, rescale_d)
         with T.unroll(0, d // pc) as c:
             with T.serial(0, nvalid) as t:
                 with T.unroll(0, gs) as h:
