@@ -133,8 +133,9 @@ def _prepare_log(folder: Path, device: Device, base: KernelSpec, sizes: Mapping[
     meta.update(tuning_log.new_meta(device, base.uri, spec_fields, sizes, scalars, seed=0))
     meta.update({"kind": tuning_log.KNOB_KIND, "rounds": settings.rounds, "timestamp": _now(),
                  "measure": f"median of {settings.rounds} interleaved rounds, each >= {settings.min_sample_s} s "
-                            f"of back-to-back calls; TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')} "
-                            "TVM_BIND_THREADS=0 TVM_THREAD_POOL_SPIN_COUNT=0"})
+                            "of back-to-back calls; " + " ".join(
+                                f"{k}={os.environ.get(k)}" for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS",
+                                                                     "TVM_THREAD_POOL_SPIN_COUNT"))})
     tuning_log.write_meta(folder, meta)  # before any sample: a crash leaves a checkable log
     return meta
 
