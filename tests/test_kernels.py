@@ -191,10 +191,19 @@ CPU_SCENARIOS = [
 ]
 
 
+def _needs_avx512(extra: tuple) -> None:
+    from wq_compile.device import host_device, isa_class
+
+    if dict(extra).get("lut") and isa_class(host_device().target) != "x86_64-avx512":
+        pytest.skip("the lut knob (vpermps table unpack) needs an AVX-512 host")
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("extra", [(), (("splits", 1),), (("splits", 3), ("pvc", 8), ("qkh", 3))],
-                         ids=["default", "1split", "3split-pvc8-qkh3"])
+@pytest.mark.parametrize("extra", [(), (("splits", 1),), (("splits", 3), ("pvc", 8), ("qkh", 3)),
+                                   (("splits", 2), ("lut", 1)), (("pvc", 8), ("lut", 1))],
+                         ids=["default", "1split", "3split-pvc8-qkh3", "lut", "lut-pvc8"])
 def test_cpu_fused_matches_reference(shape: str, extra: tuple) -> None:
+    _needs_avx512(extra)
     spec = KernelSpec("fused", (8, 4, 2, 16), extra=extra, **SHAPES[shape])
     fn = compiled_cpu(spec)
     gen = torch.Generator().manual_seed(13)
@@ -244,12 +253,13 @@ def test_cpu_fused_constant_key_groups() -> None:
     _check("cpu fused constant groups", out, want, *TOL_OUT["f32"])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_cpu_fused_rising_and_falling_scores(bits: int) -> None:
+@pytest.mark.parametrize("bits,extra", [(4, ()), (8, ()), (4, (("lut", 1),))], ids=["int4", "int8", "int4-lut"])
+def test_cpu_fused_rising_and_falling_scores(bits: int, extra: tuple) -> None:
     """Scores that climb far above every earlier tile (the lazy reference max must move mid-piece, by more than
     its slack, many times) and then fall (old reference kept, later tokens underflow), in the bucket and in the
     dense piece: equal to the reference, no overflow."""
-    spec = KernelSpec("fused", (bits, 16), **SHAPES["0.5b"])
+    _needs_avx512(extra)
+    spec = KernelSpec("fused", (bits, 16), extra=extra, **SHAPES["0.5b"])
     fn = compiled_cpu(spec)
     gen = torch.Generator().manual_seed(8)
     call, _ = _fused_case(spec, {bits: 336, 16: 64}, {bits: [336, 200], 16: [60, 33]}, gen)

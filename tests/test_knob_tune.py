@@ -175,6 +175,15 @@ def test_grid_and_settings_are_checked():
     assert sorted({g["splits"] for g in grid}) == [1, 2, 4] and sorted({g["qkh"] for g in grid}) == [4, 8]
     assert sorted({g["splits"] for g in knob_tune.knob_grid(SPEC, 8)}) == [1, 2, 4, 8, 16]
     assert {g["qkh"] for g in knob_tune.knob_grid(SPEC, 2)} == {8}  # a group of 2 heads: one pass only
+    # the AVX-512 table unpack of 4-bit codes: only where the target has it and a bucket is 4-bit
+    wide = knob_tune.knob_grid(KernelSpec("fused", (8, 4, 2, 16), 64, 14, 2), 2, "x86_64-avx512")
+    assert {g.get("lut", 0) for g in wide} == {0, 1} and len(wide) == 2 * len(grid)
+    assert all("lut" not in g for g in knob_tune.knob_grid(KernelSpec("fused", (8, 4, 2, 16), 64, 14, 2), 2,
+                                                             "x86_64-avx2"))
+    assert all("lut" not in g for g in knob_tune.knob_grid(KernelSpec("fused", (8, 2, 16), 64, 14, 2), 2,
+                                                             "x86_64-avx512"))
+    with pytest.raises(ValueError, match="lut must be 0 or 1"):
+        knobs.with_knobs(SPEC, {"lut": 2})
     with pytest.raises(ValueError, match="rounds"):
         knob_tune.KnobSweepSettings(rounds=0)
     with pytest.raises(ValueError, match="knobs: unknown keys"):

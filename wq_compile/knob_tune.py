@@ -22,7 +22,7 @@ from . import knobs as knob_lib
 from . import tuning_log
 from .check import ReferenceMismatch, check_against_reference
 from .compile import KernelDef, build_module, default_schedule, kernel_def
-from .device import Device, resolve_device
+from .device import Device, isa_class, resolve_device
 from .kernels import example_sizes
 from .kernels.attention_cpu import CpuKnobs
 from .measure import example_args, time_function
@@ -89,10 +89,11 @@ def knob_key(knobs: Mapping[str, int]) -> str:
     return ",".join(f"{k}={knobs[k]}" for k in sorted(knobs))
 
 
-def knob_grid(spec: KernelSpec, num_cores: int) -> list[dict[str, int]]:
+def knob_grid(spec: KernelSpec, num_cores: int, isa: str | None = None) -> list[dict[str, int]]:
     """Candidates: splits 1, 2, 4, ... up to 2 x cores (and :data:`knobs.MAX_SPLITS`), P @ V tiles
-    :data:`PVC_CANDIDATES` up to a piece's value bytes, and query heads per QK pass 8 (the whole group of a
-    qwen2 GQA group) plus 4 when the group is larger than 4 (fewer live accumulators)."""
+    :data:`PVC_CANDIDATES` up to a piece's value bytes, query heads per QK pass 8 (the whole group of a
+    qwen2 GQA group) plus 4 when the group is larger than 4 (fewer live accumulators), and on AVX-512 targets
+    (``isa`` ``x86_64-avx512``) with a 4-bit bucket the table unpack ``lut`` 0 and 1."""
     if num_cores < 1:
         raise ValueError(f"num_cores: expected a positive core count, got {num_cores}")
     splits, s = [], 1
@@ -102,7 +103,9 @@ def knob_grid(spec: KernelSpec, num_cores: int) -> list[dict[str, int]]:
     vbytes = max(spec.head_dim * b // 8 for b in spec.bits if b != 16)
     pvcs = [p for p in PVC_CANDIDATES if p <= vbytes] or [min(PVC_CANDIDATES)]
     qkhs = [8] + ([4] if spec.group_size > 4 else [])
-    return [{"splits": sp, "pvc": p, "qkh": q} for sp in splits for p in pvcs for q in qkhs]
+    luts = [0, 1] if isa == "x86_64-avx512" and 4 in spec.bits else [0]
+    return [{"splits": sp, "pvc": p, "qkh": q, "lut": lt} if lt else {"splits": sp, "pvc": p, "qkh": q}
+            for sp in splits for p in pvcs for q in qkhs for lt in luts]
 
 
 def _now() -> str:
@@ -156,7 +159,8 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
                          "has); tune it with MetaSchedule (wq-tune)")
     base = knob_lib.base_spec(spec)
     cores = device.num_cores or os.cpu_count() or 1
-    grid = [dict(g) for g in (settings.grid if settings.grid is not None else knob_grid(base, cores))]
+    isa = isa_class(device.target)
+    grid = [dict(g) for g in (settings.grid if settings.grid is not None else knob_grid(base, cores, isa))]
     if not grid:
         raise ValueError("grid: no knob candidates to measure")
     folder = tuning_log.log_dir(settings.logs_dir, device.tag, base.uri)

@@ -16,8 +16,9 @@ from .kernels.attention_cpu import CpuKnobs
 from .spec import KernelSpec
 from .tuning_log import UNTUNED, Provenance, find_knob_record
 
-#: ``spec.extra`` keys of :class:`CpuKnobs` (token splits, P @ V channel tile, query heads per QK pass).
-KNOB_KEYS: tuple[str, ...] = ("splits", "pvc", "qkh")
+#: ``spec.extra`` keys of :class:`CpuKnobs` (token splits, P @ V channel tile, query heads per QK pass, AVX-512
+#: table unpack of 4-bit codes).
+KNOB_KEYS: tuple[str, ...] = ("splits", "pvc", "qkh", "lut")
 #: Most token splits per KV head the sweep and the core scaling use (each split adds a merge and a workspace row).
 MAX_SPLITS = 64
 
@@ -43,8 +44,9 @@ def with_knobs(spec: KernelSpec, knobs: Mapping[str, int]) -> KernelSpec:
     if bad:
         raise ValueError(f"knobs: unknown keys {bad}; expected some of {list(KNOB_KEYS)}")
     for k, v in knobs.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"knobs: {k} must be a positive int, got {v!r}")
+        lo = 0 if k == "lut" else 1
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo or (k == "lut" and v > 1):
+            raise ValueError(f"knobs: {k} must be {'0 or 1' if k == 'lut' else 'a positive int'}, got {v!r}")
     base = base_spec(spec)
     return replace(base, extra=base.extra + tuple((k, int(knobs[k])) for k in KNOB_KEYS if k in knobs))
 

@@ -57,12 +57,13 @@ class CpuKnobs:
     splits: int = 2
     pv_channels: int = 16
     qk_heads: int = 8
+    lut: int = 0
 
     @staticmethod
     def of(spec: KernelSpec) -> "CpuKnobs":
         extra = dict(spec.extra)
         return CpuKnobs(splits=int(extra.get("splits", 2)), pv_channels=int(extra.get("pvc", 16)),
-                        qk_heads=int(extra.get("qkh", 8)))
+                        qk_heads=int(extra.get("qkh", 8)), lut=int(extra.get("lut", 0)))
 
 
 @contextmanager
@@ -83,6 +84,21 @@ def _vec(n: int):
 
 def _u8(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return x.astype(_I32)
+
+
+#: LLVM's AVX-512 ``vpermps`` (16 fp32 table entries, index = low 4 bits of each int32 lane).
+_PERMPS = "llvm.x86.avx512.permvar.sf.512"
+
+
+def _lut_nibbles(buf, start: tirx.PrimExpr, out, row0: int = 0) -> None:
+    """``out[row0, 0:16]`` / ``out[row0 + 1, 0:16]`` = the low / high nibbles of the 16 bytes at ``buf[start]``,
+    as fp32: one zero-extension, one shift, two table lookups (``vpermps`` of the table 0.0 .. 15.0)."""
+    x = tirx.BufferLoad(buf, [tirx.Ramp(start, 1, LANES)]).astype(f"int32x{LANES}")
+    table = tirx.Ramp(f32(0.0), f32(1.0), LANES)
+    hi = tirx.shift_right(x, tirx.Broadcast(tirx.const(4, _I32), LANES))
+    for f, idx in enumerate((x, hi)):
+        val = tirx.call_llvm_pure_intrin(f"float32x{LANES}", _PERMPS, table, idx)
+        T.buffer_store(out, val, [row0 + f, tirx.Ramp(0, 1, LANES)])
 
 
 def build_fused_cpu(spec: KernelSpec) -> tirx.PrimFunc:
@@ -287,6 +303,7 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
     pv = T.alloc_buffer((gs, nvg, slots), _F32, scope="local")
     vsf = T.alloc_buffer((nvg, slots), _F32, scope="local")
     vzf = T.alloc_buffer((nvg, slots), _F32, scope="local")
+    use_lut = bool(knobs.lut) and bits == 4 and lb == LANES  # 16 slots per nibble: one table lookup each
     kv = T.alloc_buffer((fields, lb), _F32, scope="local")
     vv = T.alloc_buffer((fields, pvc), _F32, scope="local")
     with T.serial(0, gs) as h:
@@ -320,10 +337,14 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
         for h0 in range(0, gs, knobs.qk_heads):
             hn = min(knobs.qk_heads, gs - h0)
             with T.serial(0, d) as dd:
-                with T.unroll(0, fields) as f:
-                    with _vec(lb) as j:
-                        code = tirx.bitwise_and(tirx.shift_right(_u8(kb[kbase + dd * lb + j]), f * bits), tirx.const(mask, _I32))
-                        T.buffer_store(kv, code.astype(_F32), [f, j])
+                if use_lut:
+                    _lut_nibbles(kb, kbase + dd * lb, kv)
+                else:
+                    with T.unroll(0, fields) as f:
+                        with _vec(lb) as j:
+                            code = tirx.bitwise_and(tirx.shift_right(_u8(kb[kbase + dd * lb + j]), f * bits),
+                                                    tirx.const(mask, _I32))
+                            T.buffer_store(kv, code.astype(_F32), [f, j])
                 with T.unroll(0, hn) as hi:
                     h = h0 + hi
                     with T.unroll(0, fields) as f:
@@ -369,10 +390,14 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
             vg = tirx.floordiv(c * pvc, vg_bytes)
             with T.serial(0, nvalid) as t:
                 vbase = ((b * hkv + kh) * v_codes.shape[2] + tok0 + t) * vbytes + c * pvc
-                with T.unroll(0, fields) as f:
-                    with T.vectorized(0, pvc) as j:
-                        code = tirx.bitwise_and(tirx.shift_right(_u8(vb[vbase + j]), f * bits), tirx.const(mask, _I32))
-                        T.buffer_store(vv, code.astype(_F32), [f, j])
+                if use_lut and pvc == LANES:
+                    _lut_nibbles(vb, vbase, vv)
+                else:
+                    with T.unroll(0, fields) as f:
+                        with T.vectorized(0, pvc) as j:
+                            code = tirx.bitwise_and(tirx.shift_right(_u8(vb[vbase + j]), f * bits),
+                                                    tirx.const(mask, _I32))
+                            T.buffer_store(vv, code.astype(_F32), [f, j])
                 with T.unroll(0, gs) as h:
                     with T.unroll(0, fields) as f:
                         with T.vectorized(0, pvc) as j:
