@@ -265,79 +265,85 @@ def _merge_piece(gs: int, d: int, pm, pl, m_all, l_all, acc, piece_acc) -> None:
         T.buffer_store(m_all, mn, [h])
 
 
-def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
-    hkv, d, gs, kg = spec.num_kv_heads, spec.head_dim, spec.group_size, spec.k_group
-    qspec = spec.quant(p.bits)
-    bits, mask = p.bits, (1 << p.bits) - 1
-    fields = 8 // bits
-    slots, lb = key_slots(kg), key_lane_bytes(bits, kg)  # slot s = field s // lb of byte s % lb
-    vbytes = d * bits // 8  # value bytes per token: byte j holds channels j*F .. j*F+F-1
-    nvg = d // qspec.v_group
-    vg_bytes = qspec.v_group * bits // 8
-    pvc = min(knobs.pv_channels, vbytes)
-    while vbytes % pvc or vg_bytes % pvc and pvc > 1:
-        pvc //= 2
-    pre = f"{p.tag}_"
-    k_codes, k_scale, k_zero = bufs[pre + "k_codes"], bufs[pre + "k_scale"], bufs[pre + "k_zero"]
-    v_codes, v_scale, v_zero, lens = bufs[pre + "v_codes"], bufs[pre + "v_scale"], bufs[pre + "v_zero"], bufs[pre + "lens"]
-    n_tok, n_grp = k_codes.shape[0] * 0 + v_codes.shape[2], k_codes.shape[2]
-    del n_tok
-    bsz = k_codes.shape[0]
-    # byte views of the packed words (same memory; little-endian)
-    kb = T.decl_buffer((bsz * hkv * n_grp * d * lb,), _U8, data=k_codes.data)
-    vb = T.decl_buffer((bsz * hkv * v_codes.shape[2] * vbytes,), _U8, data=v_codes.data)
-    IRBuilder.name_many([f"{pre}kb", f"{pre}vb"], [kb, vb])
-    nv = lens[b]
-    n_tiles = tirx.floordiv(nv + kg - 1, kg)
-    t0, t1 = _split_range(n_tiles, sp, knobs.splits)
+class QuantTiles:
+    """The state and the tile body of one quantized width (see the module docstring): the fused kernel runs one
+    per bucket over the bucket's key groups in storage order; a caller may instead feed it key groups from
+    anywhere (the token-granular dispatch baseline feeds them in token order from an in-place stream).
 
-    pm = T.alloc_buffer((gs,), _F32, scope="local")
-    pl = T.alloc_buffer((gs,), _F32, scope="local")
-    pacc = T.decl_buffer((gs, fields, vbytes), _F32, data=scratch["pacc"].data, elem_offset=scratch["pacc"].elem_offset,
-                         scope="local")  # channel = byte * F + field (F * vbytes == d)
-    zacc = T.alloc_buffer((gs, nvg), _F32, scope="local")
-    qs = scratch["qs"]
-    zt = T.alloc_buffer((gs, LANES), _F32, scope="local")
-    s_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
-    p_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
-    pv = T.alloc_buffer((gs, nvg, slots), _F32, scope="local")
-    vsf = T.alloc_buffer((nvg, slots), _F32, scope="local")
-    vzf = T.alloc_buffer((nvg, slots), _F32, scope="local")
-    use_lut = bool(knobs.lut) and bits == 4 and lb == LANES  # 16 slots per nibble: one table lookup each
-    kv = T.alloc_buffer((fields, lb), _F32, scope="local")
-    vv = T.alloc_buffer((fields, pvc), _F32, scope="local")
-    with T.serial(0, gs) as h:
-        T.buffer_store(pm, f32(NEG_BIG), [h])
-        T.buffer_store(pl, f32(0.0), [h])
-        with T.serial(0, fields) as f:
-            with _vec(vbytes) as j:
-                T.buffer_store(pacc, f32(0.0), [h, f, j])
-        with T.serial(0, nvg) as vg:
-            T.buffer_store(zacc, f32(0.0), [h, vg])
-    with T.serial(t0, t1) as g:
-        nvalid = tirx.min(kg, nv - g * kg)
+    Created inside a work item (it allocates its local buffers and zeroes its online-softmax state there);
+    :meth:`tile` emits one key group, :meth:`finish` folds the state into the work item's (m, l, acc)."""
+
+    def __init__(self, spec: KernelSpec, bits: int, knobs: CpuKnobs, scratch: dict, opaque_zero) -> None:
+        self.spec, self.knobs, self.bits = spec, knobs, bits
+        d, gs, kg = spec.head_dim, spec.group_size, spec.k_group
+        self.qspec = qspec = spec.quant(bits)
+        self.fields = fields = 8 // bits
+        self.slots, self.lb = key_slots(kg), key_lane_bytes(bits, kg)  # slot s = field s // lb of byte s % lb
+        self.vbytes = vbytes = d * bits // 8  # value bytes per token: byte j holds channels j*F .. j*F+F-1
+        self.nvg = nvg = d // qspec.v_group
+        self.vg_bytes = qspec.v_group * bits // 8
+        pvc = min(knobs.pv_channels, vbytes)
+        while vbytes % pvc or self.vg_bytes % pvc and pvc > 1:
+            pvc //= 2
+        self.pvc = pvc
+        self.opaque_zero = opaque_zero
+        slots = self.slots
+        self.pm = T.alloc_buffer((gs,), _F32, scope="local")
+        self.pl = T.alloc_buffer((gs,), _F32, scope="local")
+        self.pacc = T.decl_buffer((gs, fields, vbytes), _F32, data=scratch["pacc"].data,
+                                  elem_offset=scratch["pacc"].elem_offset, scope="local")  # channel = byte*F + field
+        self.zacc = T.alloc_buffer((gs, nvg), _F32, scope="local")
+        self.qs = scratch["qs"]
+        self.zt = T.alloc_buffer((gs, LANES), _F32, scope="local")
+        self.s_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
+        self.p_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
+        self.pv = T.alloc_buffer((gs, nvg, slots), _F32, scope="local")
+        self.vsf = T.alloc_buffer((nvg, slots), _F32, scope="local")
+        self.vzf = T.alloc_buffer((nvg, slots), _F32, scope="local")
+        self.use_lut = bool(knobs.lut) and bits == 4 and self.lb == LANES  # 16 slots per nibble: one lookup each
+        self.kv = T.alloc_buffer((fields, self.lb), _F32, scope="local")
+        self.vv = T.alloc_buffer((fields, pvc), _F32, scope="local")
+        with T.serial(0, gs) as h:
+            T.buffer_store(self.pm, f32(NEG_BIG), [h])
+            T.buffer_store(self.pl, f32(0.0), [h])
+            with T.serial(0, fields) as f:
+                with _vec(vbytes) as j:
+                    T.buffer_store(self.pacc, f32(0.0), [h, f, j])
+            with T.serial(0, nvg) as vg:
+                T.buffer_store(self.zacc, f32(0.0), [h, vg])
+
+    def tile(self, qf, nvalid, kb, kbase, k_scale, k_zero, vb, vbase, v_scale, v_zero) -> None:
+        """One key group of ``nvalid`` tokens: key bytes ``kb[kbase ...]`` (channel-major, ``lb`` per channel),
+        ``k_scale(dd)`` / ``k_zero(dd)`` its per-channel scale and zero, value bytes of token ``t`` at
+        ``vb[vbase(t) ...]``, ``v_scale(slot, vg)`` / ``v_zero(slot, vg)`` per token slot (slots past ``nvalid``
+        are read clamped and masked)."""
+        spec, knobs = self.spec, self.knobs
+        d, gs = spec.head_dim, spec.group_size
+        bits, mask, fields, slots, lb = self.bits, (1 << self.bits) - 1, self.fields, self.slots, self.lb
+        vbytes, nvg, pvc, vg_bytes = self.vbytes, self.nvg, self.pvc, self.vg_bytes
+        qs, zt, s_buf, p_buf, kv, vv = self.qs, self.zt, self.s_buf, self.p_buf, self.kv, self.vv
+        pacc, zacc, pv, vsf, vzf = self.pacc, self.zacc, self.pv, self.vsf, self.vzf
         # ---- scale / zero folded into the query ----
         zl = min(LANES, d)
-        # opaque trip count (== gs: lens >= 0): LLVM must not fully unroll this loop and then hoist all gs x d
-        # loads of qf out of the group loop (28+ vector registers live across the QK loop spill its accumulators)
-        with T.serial(0, gs + tirx.min(nv, 0)) as h:
+        # opaque trip count (== gs): LLVM must not fully unroll this loop and then hoist all gs x d loads of qf
+        # out of the group loop (28+ vector registers live across the QK loop spill its accumulators)
+        with T.serial(0, gs + self.opaque_zero) as h:
             with T.vectorized(0, zl) as ln:
                 T.buffer_store(zt, f32(0.0), [h, ln])
             with T.serial(0, d // zl) as do:
                 with T.vectorized(0, zl) as ln:
                     dd = do * zl + ln
-                    T.buffer_store(qs, qf[h, dd] * k_scale[b, kh, g, dd].astype(_F32), [h, dd])
-                    T.buffer_store(zt, zt[h, ln] + qf[h, dd] * k_zero[b, kh, g, dd].astype(_F32), [h, ln])
+                    T.buffer_store(qs, qf[h, dd] * k_scale(dd).astype(_F32), [h, dd])
+                    T.buffer_store(zt, zt[h, ln] + qf[h, dd] * k_zero(dd).astype(_F32), [h, ln])
         # ---- scores over token slots: S[h, f * lb + j] ----
         with T.unroll(0, gs) as h:
             with _vec(slots) as s:
                 T.buffer_store(s_buf, f32(0.0), [h, s])
-        kbase = ((b * hkv + kh) * n_grp + g) * (d * lb)
         # heads in passes of qk_heads: (qk_heads x slots / 16) accumulators must stay in registers
         for h0 in range(0, gs, knobs.qk_heads):
             hn = min(knobs.qk_heads, gs - h0)
             with T.serial(0, d) as dd:
-                if use_lut:
+                if self.use_lut:
                     _lut_nibbles(kb, kbase + dd * lb, kv)
                 else:
                     with T.unroll(0, fields) as f:
@@ -358,22 +364,21 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
             T.buffer_store(zsum, _tree(lambda a, b: a + b, zr, zl), [0])
             with _vec(slots) as s:
                 T.buffer_store(s_buf, s_buf[h, s] + zsum[0], [h, s])
-        def rescale_q(h, a):
+
+        def rescale(h, a):
             with T.serial(0, nvg) as vg:
                 T.buffer_store(zacc, zacc[h, vg] * a, [h, vg])
             with T.serial(0, fields) as f:
                 with _vec(vbytes) as j:
                     T.buffer_store(pacc, pacc[h, f, j] * a, [h, f, j])
 
-        _tile_softmax(gs, slots, nvalid, s_buf, p_buf, pm, pl, rescale_q)
+        _tile_softmax(gs, slots, nvalid, s_buf, p_buf, self.pm, self.pl, rescale)
         # ---- P folded with the per-token value scale; zero-point sums (v scale / zero read once per tile) ----
-        tok0 = g * kg
         with T.serial(0, nvg) as vg:
             with _vec(slots) as s:
-                tok = tok0 + tirx.min(s, kg - 1)
                 ok = s < nvalid
-                T.buffer_store(vsf, tirx.Select(ok, v_scale[b, kh, tok, vg].astype(_F32), f32(0.0)), [vg, s])
-                T.buffer_store(vzf, tirx.Select(ok, v_zero[b, kh, tok, vg].astype(_F32), f32(0.0)), [vg, s])
+                T.buffer_store(vsf, tirx.Select(ok, v_scale(s, vg).astype(_F32), f32(0.0)), [vg, s])
+                T.buffer_store(vzf, tirx.Select(ok, v_zero(s, vg).astype(_F32), f32(0.0)), [vg, s])
         with T.serial(0, gs) as h:
             with T.serial(0, nvg) as vg:
                 zr = T.alloc_buffer((LANES,), _F32, scope="local")
@@ -389,13 +394,13 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
         with T.unroll(0, vbytes // pvc) as c:
             vg = tirx.floordiv(c * pvc, vg_bytes)
             with T.serial(0, nvalid) as t:
-                vbase = ((b * hkv + kh) * v_codes.shape[2] + tok0 + t) * vbytes + c * pvc
-                if use_lut and pvc == LANES:
-                    _lut_nibbles(vb, vbase, vv)
+                vb0 = vbase(t) + c * pvc
+                if self.use_lut and pvc == LANES:
+                    _lut_nibbles(vb, vb0, vv)
                 else:
                     with T.unroll(0, fields) as f:
                         with T.vectorized(0, pvc) as j:
-                            code = tirx.bitwise_and(tirx.shift_right(_u8(vb[vbase + j]), f * bits),
+                            code = tirx.bitwise_and(tirx.shift_right(_u8(vb[vb0 + j]), f * bits),
                                                     tirx.const(mask, _I32))
                             T.buffer_store(vv, code.astype(_F32), [f, j])
                 with T.unroll(0, gs) as h:
@@ -404,10 +409,41 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
                             idx = [h, f, c * pvc + j]
                             T.buffer_store(pacc, pacc[idx[0], idx[1], idx[2]] + pv[h, vg, t] * vv[f, j], idx)
 
-    def piece_acc(h, dd):
-        return pacc[h, tirx.floormod(dd, fields), tirx.floordiv(dd, fields)] + zacc[h, tirx.floordiv(dd, qspec.v_group)]
+    def finish(self, m_all, l_all, acc) -> None:
+        pacc, zacc, fields, vgrp = self.pacc, self.zacc, self.fields, self.qspec.v_group
 
-    _merge_piece(gs, d, pm, pl, m_all, l_all, acc, piece_acc)
+        def piece_acc(h, dd):
+            return pacc[h, tirx.floormod(dd, fields), tirx.floordiv(dd, fields)] + zacc[h, tirx.floordiv(dd, vgrp)]
+
+        _merge_piece(self.spec.group_size, self.spec.head_dim, self.pm, self.pl, m_all, l_all, acc, piece_acc)
+
+
+def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
+    """One bucket: its key groups in storage order through :class:`QuantTiles`."""
+    hkv, d, kg = spec.num_kv_heads, spec.head_dim, spec.k_group
+    pre = f"{p.tag}_"
+    k_codes, k_scale, k_zero = bufs[pre + "k_codes"], bufs[pre + "k_scale"], bufs[pre + "k_zero"]
+    v_codes, v_scale, v_zero, lens = bufs[pre + "v_codes"], bufs[pre + "v_scale"], bufs[pre + "v_zero"], bufs[pre + "lens"]
+    nv = lens[b]
+    st = QuantTiles(spec, p.bits, knobs, scratch, tirx.min(nv, 0))  # lens >= 0: an opaque 0
+    n_grp, n_tok, bsz = k_codes.shape[2], v_codes.shape[2], k_codes.shape[0]
+    # byte views of the packed words (same memory; little-endian)
+    kb = T.decl_buffer((bsz * hkv * n_grp * d * st.lb,), _U8, data=k_codes.data)
+    vb = T.decl_buffer((bsz * hkv * n_tok * st.vbytes,), _U8, data=v_codes.data)
+    IRBuilder.name_many([f"{pre}kb", f"{pre}vb"], [kb, vb])
+    n_tiles = tirx.floordiv(nv + kg - 1, kg)
+    t0, t1 = _split_range(n_tiles, sp, knobs.splits)
+    with T.serial(t0, t1) as g:
+        tok0 = g * kg
+
+        def tok(s):
+            return tok0 + tirx.min(s, kg - 1)
+
+        st.tile(qf, tirx.min(kg, nv - g * kg), kb, ((b * hkv + kh) * n_grp + g) * (d * st.lb),
+                lambda dd: k_scale[b, kh, g, dd], lambda dd: k_zero[b, kh, g, dd],
+                vb, lambda t: ((b * hkv + kh) * n_tok + tok0 + t) * st.vbytes,
+                lambda s, vg: v_scale[b, kh, tok(s), vg], lambda s, vg: v_zero[b, kh, tok(s), vg])
+    st.finish(m_all, l_all, acc)
 
 
 def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
