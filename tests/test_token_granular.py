@@ -72,6 +72,7 @@ def test_wq_bench_token_granular_writes_tables(tmp_path, capsys) -> None:
     tok, reo = rows["token-granular in place"], rows["reordered buckets (fused kernel)"]
     assert float(tok["max_err"]) < 1e-5 and float(reo["max_err"]) < 1e-4
     assert float(rows["token-granular in place, parallel only"]["max_err"]) < 1e-5
+    assert float(rows["token-granular in place, per-group dispatch"]["max_err"]) < 1e-4
     assert abs(float(tok["eff_bits"]) - float(reo["eff_bits"])) < 0.3  # equal memory, up to rounding of the mix
     search = list(csv.DictReader(open(tmp_path / "granularity_search.csv")))
     assert {(r["granularity"], r["policy"]) for r in search} == {

@@ -94,9 +94,14 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: i
 
 def run_decode(model: str = "llava-ov-0.5b", n_tokens: tuple[int, ...] = (2048, 8192, 32768), repeats: int = 20,
                seed: int = 0, library: Any = None, check_up_to: int = 8192) -> list[GranularityRow]:
+    from ..backend import share_cores_with_torch
     from ..decoder import FusedDecoder
+    from ..kernels.attention_cpu import CpuKnobs
+    from ..kernels.granular_cpu import (compile_group_dispatch, dispatch_spec, pack_group_dispatch,
+                                        reference_group_dispatch)
     from ..runtime import KernelLibrary
 
+    share_cores_with_torch(torch.get_num_threads())  # every kernel here on torch's threads (TVM's pool starts now)
     p = get_preset(model)
     hq, hkv, d = p.num_q_heads, p.num_kv_heads, p.head_dim
     library = library or KernelLibrary("llvm")
@@ -104,6 +109,9 @@ def run_decode(model: str = "llava-ov-0.5b", n_tokens: tuple[int, ...] = (2048, 
     kernel = fused.kernel((8, 4, 2))
     spec = TokenGranularSpec(d, hq, hkv)
     toks = {kind: compile_token_granular(spec, schedule=kind) for kind in ("vectorized", "parallel")}
+    # per-key-group dispatch to the fused kernel's own SIMD tiles, with the fused kernel's knobs
+    dspec = dispatch_spec(d, hq, hkv, CpuKnobs.of(kernel.spec))
+    disp = compile_group_dispatch(dspec)
     sm = d ** -0.5
     rows = []
     for n in n_tokens:
@@ -113,10 +121,17 @@ def run_decode(model: str = "llava-ov-0.5b", n_tokens: tuple[int, ...] = (2048, 
         k = torch.randn(hkv, frames * 196, d, generator=gen)
         v = torch.randn(hkv, frames * 196, d, generator=gen)
         dk, dv = torch.randn(hkv, RESIDUAL, d, generator=gen), torch.randn(hkv, RESIDUAL, d, generator=gen)
-        cache = pack_token_granular(k, v, _group_bits(frames, 28, MIXES["mixed"], seed), dk, dv)
+        gbits = _group_bits(frames, 28, MIXES["mixed"], seed)
+        cache = pack_token_granular(k, v, gbits, dk, dv)
+        gcache = pack_group_dispatch(dspec, k, v, gbits, dk, dv)
+        gargs = gcache.args()
         q = torch.randn(1, hq, d, generator=gen)
         out = torch.empty(1, hq, d)
         args = cache.args()
+
+        def run_disp() -> torch.Tensor:
+            disp(q, *gargs, sm, out)
+            return out
 
         def run_tok(kind: str = "vectorized") -> torch.Tensor:
             toks[kind](q, *args, sm, out)
@@ -136,19 +151,25 @@ def run_decode(model: str = "llava-ov-0.5b", n_tokens: tuple[int, ...] = (2048, 
             want = reference_token_granular(q, cache, sm)
             err_t = float((run_tok().clone() - want).abs().max())
             err_p = float((run_tok("parallel").clone() - want).abs().max())
+            err_d = float((run_disp().clone() - reference_group_dispatch(q, gcache, sm)).abs().max())
         else:
-            err_t = err_p = float("nan")
+            err_t = err_p = err_d = float("nan")
         times = _time_interleaved({"reordered": lambda: fused(q, layer, sm), "token": run_tok,
-                                   "token_par": lambda: run_tok("parallel"), "sdpa": sdpa}, repeats)
+                                   "token_par": lambda: run_tok("parallel"), "dispatch": run_disp, "sdpa": sdpa},
+                                  repeats)
         med = {k_: statistics.median(v_) for k_, v_ in times.items()}
         qs = {k_: statistics.quantiles(v_, n=5) for k_, v_ in times.items()}
         eff_r = sum(layer.used_bytes()[f"int{b}"] for b in (8, 4, 2)) * 8 / (hkv * frames * 196 * d * 2)
         eff_t = _eff_bits_tokgran(cache, d)
+        eff_d = gcache.bytes_read() * 8 / (hkv * frames * 196 * d * 2)  # codes, scales, zeros and the 3 tables
         base = med["reordered"]
         rows += [
             GranularityRow("reordered buckets (fused kernel)", n, med["reordered"], qs["reordered"][0],
                            qs["reordered"][-1], 1.0, eff_r, err_r,
                            str(kernel.provenance)),
+            GranularityRow("token-granular in place, per-group dispatch", n, med["dispatch"], qs["dispatch"][0],
+                           qs["dispatch"][-1], base / med["dispatch"], eff_d, err_d,
+                           "width read per key group, then the fused kernel's SIMD tile for it (same knobs)"),
             GranularityRow("token-granular in place", n, med["token"], qs["token"][0], qs["token"][-1],
                            base / med["token"], eff_t, err_t, "hand schedule (parallel, inline, vectorized PV)"),
             GranularityRow("token-granular in place, parallel only", n, med["token_par"], qs["token_par"][0],

@@ -106,10 +106,25 @@ def build_fused_cpu(spec: KernelSpec) -> tirx.PrimFunc:
     if spec.kind != "fused":
         raise ValueError(f"kind: the CPU kernel is a fused kernel, got {spec.kind!r}")
     ps = pieces(spec)
-    sig = signature(spec)
     knobs = CpuKnobs.of(spec)
+
+    def body(bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
+        for p in ps:
+            if p.quantized:
+                _quant_piece(spec, p, knobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
+            else:
+                _dense_piece(spec, p, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
+
+    return decode_frame(spec, spec.uri, signature(spec).args, knobs.splits, 1, body)
+
+
+def decode_frame(spec: KernelSpec, name: str, args, nsplit: int, pacc_views: int, body) -> tirx.PrimFunc:
+    """A plain-TIR decode kernel around ``body``: the parameters ``args`` (``ArgDesc``; ``q``, ``sm_scale`` and
+    ``out`` among them), one parallel work item per (sample, KV head, token split) with its scaled query ``qf``,
+    its (m, l, acc) state and a scratch arena (``pacc_views`` accumulator views ``pacc``, ``pacc1``, ... plus
+    ``qs`` and ``kt``), then the flash-decoding merge of the splits into ``out``.
+    ``body(bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)`` emits the pieces of one work item."""
     hkv, d, gs = spec.num_kv_heads, spec.head_dim, spec.group_size
-    nsplit = knobs.splits
     syms: dict[str, tirx.Var] = {}
 
     def dim(x):
@@ -117,10 +132,10 @@ def build_fused_cpu(spec: KernelSpec) -> tirx.PrimFunc:
 
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name(spec.uri)
+            T.func_name(name)
             T.func_attr({"tirx.noalias": True, PLAIN_TIR_ATTR: True})
             bufs: dict[str, object] = {}
-            for a in sig.args:
+            for a in args:
                 if a.is_scalar:
                     bufs[a.name] = T.arg(a.name, tirx.Var(a.name, a.dtype))
                 else:
@@ -139,28 +154,26 @@ def build_fused_cpu(spec: KernelSpec) -> tirx.PrimFunc:
                 sp = tirx.floormod(wi, nsplit)
                 # one scratch allocation per work item for every buffer over the stack limit (each separate one is
                 # a workspace allocation call: ~0.25 us, dozens per call), carved into views at fixed offsets
-                arena = T.alloc_buffer((4 * gs * d + d * DENSE_TILE,), _F32, scope="local")
+                nviews = 3 + pacc_views
+                arena = T.alloc_buffer((nviews * gs * d + d * DENSE_TILE,), _F32, scope="local")
                 IRBuilder.name("arena", arena)
 
                 def view(shape, k):
                     return T.decl_buffer(shape, _F32, data=arena.data, elem_offset=k * gs * d, scope="local")
 
-                scratch = {"pacc": view((gs, d), 2), "qs": view((gs, d), 3), "kt": view((d, DENSE_TILE), 4)}
-                qf = view((gs, d), 0)
+                qf, acc = view((gs, d), 0), view((gs, d), 1)
+                scratch = {"qs": view((gs, d), 2), "kt": view((d, DENSE_TILE), nviews)}
+                for i in range(pacc_views):
+                    scratch["pacc" if i == 0 else f"pacc{i}"] = view((gs, d), 3 + i)
                 m_all = T.alloc_buffer((gs,), _F32, scope="local")
                 l_all = T.alloc_buffer((gs,), _F32, scope="local")
-                acc = view((gs, d), 1)
                 with T.serial(0, gs) as h:
                     with _vec(d) as dd:
                         T.buffer_store(qf, q[b, kh * gs + h, dd].astype(_F32) * sm_scale, [h, dd])
                         T.buffer_store(acc, f32(0.0), [h, dd])
                     T.buffer_store(m_all, f32(NEG_BIG), [h])
                     T.buffer_store(l_all, f32(0.0), [h])
-                for p in ps:
-                    if p.quantized:
-                        _quant_piece(spec, p, knobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
-                    else:
-                        _dense_piece(spec, p, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
+                body(bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
                 with T.serial(0, gs) as h:
                     T.buffer_store(ws_m, m_all[h], [wi * gs + h])
                     T.buffer_store(ws_l, l_all[h], [wi * gs + h])
