@@ -95,10 +95,6 @@ _SHARED: dict[tuple[Any, ...], Backend] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-#: Yields a TVM pool worker spins after a launch before it sleeps (see :func:`share_cores_with_torch`).
-POOL_SPIN_YIELDS = 300
-
-
 def share_cores_with_torch(threads: int | None = None) -> None:
     """Size TVM's CPU thread pool to ``threads`` (default: the physical cores) and make it yield between launches,
     unless the user set these. Takes effect when the pool starts, at the first parallel launch.
@@ -108,15 +104,15 @@ def share_cores_with_torch(threads: int | None = None) -> None:
       here, the fused int4 decode at 8K tokens took 0.39 ms instead of 0.20.
     * ``TVM_BIND_THREADS`` / ``TVM_THREAD_POOL_SPIN_COUNT``: by default its workers are pinned and spin for
       300000 yields after every kernel, which starves torch's own threads running the rest of the model (and any
-      baseline timed next to it) on the same cores. Unpinned, with :data:`POOL_SPIN_YIELDS` yields (about 0.1 ms)
-      a worker still catches a launch that follows at once (the next layer's kernel in a decode loop without
-      Python work between, a benchmark loop) instead of paying a futex wake-up (~20 us measured here, per call),
-      and then sleeps."""
+      baseline timed next to it) on the same cores. Even 300 yields, unpinned, made the tiny model's decode 3.5x
+      slower end to end here (25 -> 88 ms per token: torch's threads run the layer between two attention calls
+      while a TVM worker spins beside them), so workers sleep at once and every launch pays a futex wake-up
+      (~20 us per call measured here, visible at 2K tokens in ``wq-bench``)."""
     from .device import physical_cores
 
     os.environ.setdefault("TVM_NUM_THREADS", str(threads or physical_cores()))
     os.environ.setdefault("TVM_BIND_THREADS", "0")
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(POOL_SPIN_YIELDS))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
