@@ -108,6 +108,12 @@ def test_run_ratios_are_against_the_fastest_dense_call(tmp_path) -> None:
     assert by["WindowQuant fused (tuned)"].note  # absent tuned module: a row that says why
     assert (tmp_path / "decode.csv").exists() and (tmp_path / "decode.png").stat().st_size > 10_000
     assert "vs best dense" in bench.format_table(rows)
+    # the README's table: one row per method, the fp32 ratio against the fastest fp32 SDPA call of the case
+    md = (tmp_path / "decode.md").read_text()
+    assert md == bench.format_markdown(rows)
+    line = next(x for x in md.splitlines() if x.startswith("| WindowQuant fused (default schedule)"))
+    best32 = min(r.median_ms for r in dense if r.method.startswith("SDPA fp32"))
+    assert f"| {best32 / fused.median_ms:.2f}x |" in line and f"| {fused.median_ms:.3f} |" in line
 
 
 def test_e2e_cold_then_warm_in_fresh_processes(tmp_path) -> None:

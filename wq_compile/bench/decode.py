@@ -200,8 +200,49 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "decode.csv")
+    (out / "decode.md").write_text(format_markdown(rows))
     plot(rows, out / "decode.png", f"decode attention, {target}, {threads} threads")
     return rows
+
+
+def format_markdown(rows: list[BenchRow]) -> str:
+    """One markdown table per (model, mix), a column per length: the README's tables. Two ratios per length: the
+    fastest dense fp32 SDPA call over this method (the issue's bar) and the fastest dense call of any dtype."""
+    by_case: dict[tuple[str, str, int], list[BenchRow]] = {}
+    for r in rows:
+        by_case.setdefault((r.model, r.mix, r.n_tokens), []).append(r)
+
+    def best(case: list[BenchRow], prefix: str) -> float:
+        ts = [r.median_ms for r in case if r.method.startswith(prefix) and r.median_ms == r.median_ms]
+        return min(ts) if ts else float("nan")
+
+    out: list[str] = []
+    for model, mix in dict.fromkeys((r.model, r.mix) for r in rows):
+        lens = sorted({r.n_tokens for r in rows if (r.model, r.mix) == (model, mix)})
+        top = lens[-1]
+        out.append(f"**{model}, {mix} cache** (median ms; x = fastest dense fp32 SDPA call / this, and fastest dense "
+                   f"call of any dtype / this; GB/s, share of the copy bandwidth and max error at {top} tokens)\n")
+        ls = " | ".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lens)
+        out.append(f"| method | {ls} | vs best fp32 | vs best dense | GB/s | of copy | max err | note |")
+        out.append("|---|" + "---|" * len(lens) + "---|---|---|---|---|---|")
+        methods = list(dict.fromkeys(r.method for r in rows if (r.model, r.mix) == (model, mix)))
+        for m in methods:
+            cells, r32, rbest, last = [], [], [], None
+            for n in lens:
+                case = by_case.get((model, mix, n), [])
+                r = next((x for x in case if x.method == m), None)
+                ok = r is not None and r.median_ms == r.median_ms
+                cells.append(f"{r.median_ms:.3f}" if ok else "-")
+                r32.append(f"{best(case, 'SDPA fp32') / r.median_ms:.2f}x" if ok else "-")
+                rbest.append(f"{best(case, 'SDPA') / r.median_ms:.2f}x" if ok else "-")
+                last = r if n == top else last
+            ok = last is not None and last.median_ms == last.median_ms
+            tail = (f"{last.gbps:.1f} | {last.copy_frac:.0%} | {last.max_err:.1e}" if ok else "- | - | -")
+            name = f"**{m}**" if m.startswith("WindowQuant") and "(tuned)" in m else m
+            out.append(f"| {name} | {' | '.join(cells)} | {' / '.join(r32)} | {' / '.join(rbest)} | {tail} | "
+                       f"{last.note if last is not None and m.startswith('WindowQuant') else ''} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def write_csv(rows: list[BenchRow], path: Path) -> None:
