@@ -130,18 +130,20 @@ def _scan(path: Path, folder: Path) -> tuple[list[str], bool]:
     return good, torn
 
 
+def _repair(path: Path, folder: Path) -> bool:
+    """Drop a torn last line of one JSON-lines file (rewritten atomically); True when one was dropped."""
+    good, torn = _scan(path, folder)
+    if torn:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in good))
+        os.replace(tmp, path)
+    return torn
+
+
 def repair_log(folder: Path) -> list[Path]:
     """Drop a torn last line from the log's JSON files (rewritten atomically); returns the files repaired."""
-    repaired = []
-    for name in (WORKLOAD_FILE, RECORD_FILE):
-        path = Path(folder) / name
-        good, torn = _scan(path, Path(folder))
-        if torn:
-            tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in good))
-            os.replace(tmp, path)
-            repaired.append(path)
-    return repaired
+    paths = [Path(folder) / name for name in (WORKLOAD_FILE, RECORD_FILE)]
+    return [path for path in paths if _repair(path, Path(folder))]
 
 
 def open_database(folder: Path, device: Device | None = None, *, require_meta: bool = True) -> Any:
@@ -235,10 +237,4 @@ def read_knob_samples(folder: Path) -> list[dict[str, Any]]:
 
 def repair_knob_log(folder: Path) -> bool:
     """Drop a torn last line of the sample file (rewritten atomically); True when one was dropped."""
-    path = Path(folder) / KNOB_FILE
-    good, torn = _scan(path, Path(folder))
-    if torn:
-        tmp = path.with_name(f".{KNOB_FILE}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in good))
-        os.replace(tmp, path)
-    return torn
+    return _repair(Path(folder) / KNOB_FILE, Path(folder))

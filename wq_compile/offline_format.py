@@ -68,14 +68,20 @@ def replay_json(workload: Any, record_json: list[Any]) -> Any:
         return replay(workload, rec.trace)
 
 
+def load_json(path: Path, missing: str, fix: str) -> Any:
+    """A JSON file of the round trip; :class:`OfflineError` with ``missing`` when it is absent, with ``fix`` when it
+    does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OfflineError(missing) from None
+    except json.JSONDecodeError as exc:
+        raise OfflineError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+
+
 def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     path = Path(export_dir) / MANIFEST
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OfflineError(f"{path}: missing; pass the folder wq-tune --export-candidates wrote") from None
-    except json.JSONDecodeError as exc:
-        raise OfflineError(f"{path}: not valid JSON ({exc}); export again") from exc
+    doc = load_json(path, f"{path}: missing; pass the folder wq-tune --export-candidates wrote", "export again")
     if doc.get("format") != FORMAT:
         raise OfflineError(f"{path}: format {doc.get('format')!r}, expected {FORMAT}; export again")
     return doc

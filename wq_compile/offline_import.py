@@ -5,7 +5,6 @@ or unmeasured candidates are never recorded. See :mod:`wq_compile.offline` for t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,7 +12,9 @@ from typing import Any, Mapping
 from . import offline_measure, tuning_log
 from .compile import kernel_def
 from .device import resolve_device, versions
-from .offline_format import MANIFEST, OfflineError, read_manifest, replay_json, spec_from_fields, workload_hash
+from .offline_format import (
+    MANIFEST, OfflineError, load_json, read_manifest, replay_json, spec_from_fields, workload_hash,
+)
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,7 @@ def import_results(results_path: str | Path, export_dir: str | Path | None = Non
     results_path = Path(results_path)
     export = Path(export_dir) if export_dir is not None else results_path.parent
     manifest = read_manifest(export)
-    try:
-        results = json.loads(results_path.read_text())
-    except FileNotFoundError:
-        raise OfflineError(f"import-results: {results_path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise OfflineError(f"{results_path}: not valid JSON ({exc}); measure again") from exc
+    results = load_json(results_path, f"import-results: {results_path} does not exist", "measure again")
     if results.get("manifest_sha256") != offline_measure.file_sha256(export / MANIFEST):
         raise OfflineError(f"{results_path}: measured another export than {export / MANIFEST} (manifest digest "
                            "differs); pass the export folder these results belong to (--export-dir)")
