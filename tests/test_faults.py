@@ -9,14 +9,13 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 from wq_compile import tuning_log
 from wq_compile.device import resolve_device
 from wq_compile.models import kernel_specs
-from wq_testing import TINY_DECODE
+from wq_testing import load_tiny_decode, run_python
 
 TUNE = [sys.executable, "-m", "wq_compile.cli", "--model", "tiny", "--kernels", "decode", "--bits", "4",
         "--tokens", "64", "--no-progress"]
@@ -79,12 +78,11 @@ def test_module_build_killed_mid_write_is_rebuilt(tmp_path: Path) -> None:
     """A process SIGKILLed while exporting a module leaves a half-written temporary file and no key: the next
     process ignores the leftover, builds the module again and loads it."""
     logs, cache = tmp_path / "logs", tmp_path / "cache"
-    here = os.path.dirname(__file__)
-    build = textwrap.dedent(f"""
-        import os, signal, sys; sys.path.insert(0, {here!r})
+    proc = run_python(f"""
+        import os, signal
         import tvm
         from wq_compile.runtime import KernelLibrary
-        from wq_testing import TINY_DECODE
+        from wq_testing import load_tiny_decode, run_python
         original = tvm.runtime.Module.export_library
         def export_then_die(self, path, *a, **k):
             original(self, path, *a, **k)
@@ -94,22 +92,10 @@ def test_module_build_killed_mid_write_is_rebuilt(tmp_path: Path) -> None:
         tvm.runtime.Module.export_library = export_then_die
         KernelLibrary("llvm", logs_dir={str(logs)!r}, cache_dir={str(cache)!r}).load(TINY_DECODE)
     """)
-    proc = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     leftovers = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
     assert leftovers and all(p.name.startswith(".") for p in leftovers)  # only the torn temporary file
-    load = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {here!r})
-        from wq_compile.runtime import KernelLibrary
-        from wq_compile.measure import example_args
-        from wq_testing import TINY_DECODE
-        lib = KernelLibrary("llvm", logs_dir={str(logs)!r}, cache_dir={str(cache)!r})
-        k = lib.load(TINY_DECODE)
-        k(*example_args(k.signature, {{"B": 1, "N": 64, "G": 3}}))
-        print("compiled", lib.stats.compiled)
-    """)
-    proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300)
+    proc = load_tiny_decode(logs, cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compiled 1" in proc.stdout
     assert any(p.suffix == ".so" and not p.name.startswith(".") for p in cache.rglob("*.so"))
-

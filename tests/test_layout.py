@@ -11,6 +11,7 @@ from wq_compile.layout import LayerCache, WindowAssignment
 from wq_compile.quant import fake_quant
 from wq_compile.reference import attend_piece, decode_attention, merge_states
 from wq_compile.spec import QuantSpec
+from tolerances import ATOL, RTOL
 
 HQ, HKV, D, KG, VG = 4, 2, 32, 28, 32
 
@@ -33,6 +34,45 @@ def _in_order(k: torch.Tensor, v: torch.Tensor, w: WindowAssignment) -> tuple[to
             k[:, s : s + whole] = fake_quant(k[:, s : s + whole], spec, "k")
             v[:, s : s + whole] = fake_quant(v[:, s : s + whole], spec, "v")
     return k, v
+
+
+def _as_cached(k: torch.Tensor, v: torch.Tensor, w: WindowAssignment, steps: list[tuple[torch.Tensor, torch.Tensor]],
+               residual: int, flush_tokens: int, flush_bits: int, valid: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The tokens a LayerCache holds after ``fill_sample`` and one ``append`` per step, computed independently: the
+    windows as :func:`_in_order` leaves them, then the residual (text tokens in prompt order, padding dropped, then
+    the appended ones) with every flushed block fake-quantized at ``flush_bits``. Blocks of ``flush_tokens`` are
+    flushed from the oldest residual token while more than ``residual + flush_tokens - 1`` are left, after the prompt
+    and before each append (a step's tokens are its queries: never quantized before they attend). Returns
+    ``(k, v, number of flushed blocks)``."""
+    kq, vq = _in_order(k, v, w)
+    in_window = torch.zeros(k.shape[1], dtype=torch.bool)
+    for s, n in zip(w.starts.tolist(), w.lengths.tolist()):
+        in_window[s : s + n] = True
+    rest = ~in_window if valid is None else ~in_window & valid
+    res_k, res_v = k[:, rest].float(), v[:, rest].float()
+    flushed = 0
+
+    def flush() -> int:
+        n = flushed
+        while res_k.shape[1] - n > residual + flush_tokens - 1:
+            n += flush_tokens
+        return n
+
+    flushed = flush()
+    for kn, vn in steps:
+        flushed = flush()
+        res_k, res_v = torch.cat([res_k, kn.float()], 1), torch.cat([res_v, vn.float()], 1)
+    spec = QuantSpec(flush_bits, KG, VG)
+    for s in range(0, flushed, flush_tokens):
+        res_k[:, s : s + flush_tokens] = fake_quant(res_k[:, s : s + flush_tokens], spec, "k")
+        res_v[:, s : s + flush_tokens] = fake_quant(res_v[:, s : s + flush_tokens], spec, "v")
+    return torch.cat([kq[:, in_window], res_k], 1), torch.cat([vq[:, in_window], res_v], 1), flushed // flush_tokens
+
+
+def _tol(widths: list[int]) -> dict[str, float]:
+    """The shared tolerance table's bound for attention over pieces of these widths (the loosest of them)."""
+    return {"atol": max(ATOL[b] for b in widths), "rtol": max(RTOL[b] for b in widths)}
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -77,8 +117,11 @@ def test_all_16_bit_equals_sdpa_on_original(gen: torch.Generator) -> None:
 
 
 def test_batch_with_padding_and_decode_steps(gen: torch.Generator) -> None:
-    """Two samples with different windows; padding tokens are dropped; appended decode tokens are attended."""
-    cache = LayerCache.empty(2, HKV, D, torch.float32, k_group=KG, v_group=VG, residual=16)
+    """Two samples with different windows; padding tokens are dropped; appended decode tokens are attended; the
+    flushed residual blocks are quantized at ``flush_bits`` exactly as the expected side quantizes them."""
+    residual, flush_tokens, flush_bits = 16, 2 * KG, 8
+    cache = LayerCache.empty(2, HKV, D, torch.float32, k_group=KG, v_group=VG, residual=residual,
+                             flush_tokens=flush_tokens, flush_bits=flush_bits)
     k0, v0 = _prompt(gen, 450)
     k1, v1 = _prompt(gen, 450)
     w0 = _windows([10, 206], [196, 196], [4, 2])
@@ -88,20 +131,20 @@ def test_batch_with_padding_and_decode_steps(gen: torch.Generator) -> None:
     cache.fill_sample(0, k0, v0, w0)
     cache.fill_sample(1, k1, v1, w1, valid=valid1)
     assert cache.num_tokens().tolist() == [450, 400]
-    kq0, vq0 = _in_order(k0, v0, w0)
-    kq1, vq1 = _in_order(k1, v1, w1)
-    kq1, vq1 = kq1[:, 50:], vq1[:, 50:]
-    for _ in range(3):
-        kn, vn = torch.randn(2, HKV, 1, D, generator=gen), torch.randn(2, HKV, 1, D, generator=gen)
+    steps = [(torch.randn(2, HKV, 1, D, generator=gen), torch.randn(2, HKV, 1, D, generator=gen)) for _ in range(40)]
+    for kn, vn in steps:
         cache.append(kn, vn)
-        kq0, vq0 = torch.cat([kq0, kn[0]], 1), torch.cat([vq0, vn[0]], 1)
-        kq1, vq1 = torch.cat([kq1, kn[1]], 1), torch.cat([vq1, vn[1]], 1)
     q = torch.randn(2, HQ, D, generator=gen)
     got = decode_attention(q, cache, D**-0.5)
-    # flushed residual tokens were quantized at 8 bits: compare loosely there, exactly elsewhere
-    assert cache.stats["flushes"] > 0
-    torch.testing.assert_close(got[0], _sdpa(q[0], kq0, vq0), atol=0.02, rtol=0.02)
-    torch.testing.assert_close(got[1], _sdpa(q[1], kq1, vq1), atol=0.02, rtol=0.02)
+    flushes = 0
+    for i, (k, v, w, valid) in enumerate(((k0, v0, w0, None), (k1, v1, w1, valid1))):
+        kq, vq, n = _as_cached(k, v, w, [(kn[i], vn[i]) for kn, vn in steps], residual, flush_tokens, flush_bits,
+                               valid)
+        assert kq.shape[1] == int(cache.num_tokens()[i])
+        torch.testing.assert_close(got[i], _sdpa(q[i], kq, vq), **_tol(w.bits.tolist() + [flush_bits]))
+        flushes += n
+    # sample 0 flushes during decode (58 text tokens, then 40 steps), sample 1 after its prompt (204) and once more
+    assert flushes == 5 and cache.stats["flushes"] == flushes
 
 
 def test_residual_flush_keeps_recent_tokens_dense(gen: torch.Generator) -> None:

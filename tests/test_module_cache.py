@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -17,7 +14,7 @@ from wq_compile.device import resolve_device, versions
 from wq_compile.measure import example_args
 from wq_compile.module_cache import ModuleCacheError, cache_root, expected_key, module_paths
 from wq_compile.runtime import KernelLibrary
-from wq_testing import TINY_DECODE, measured_log
+from wq_testing import TINY_DECODE, load_tiny_decode, measured_log
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +121,7 @@ def test_truncated_module_is_rebuilt_never_loaded(warm, host):
     # a new file in its place (as a torn copy leaves it): truncating the loaded file in place would SIGBUS *this*
     # process, which still maps it from the warm load above
     os.replace(cut, paths.module)
-    script = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-        from wq_compile.runtime import KernelLibrary
-        from wq_testing import TINY_DECODE
-        from wq_compile.measure import example_args
-        lib = KernelLibrary("llvm", logs_dir={str(logs)!r}, cache_dir={str(cache)!r})
-        k = lib.load(TINY_DECODE)
-        k(*example_args(k.signature, {{"B": 1, "N": 64, "G": 3}}))
-        print("compiled", lib.stats.compiled)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = load_tiny_decode(logs, cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compiled 1" in proc.stdout
     assert paths.module.stat().st_size == json.loads(paths.key.read_text())["module_size"]

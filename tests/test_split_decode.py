@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import tvm
 
-from wq_compile import quant, reference
+from wq_compile import reference
 from wq_compile.kernels import make_kernel, signature
 from wq_compile.kernels.split_decode import choose_splits, merge_spec, split_spec
-from wq_compile.schedules import llvm as llvm_sched
-from wq_compile.spec import KernelSpec, QuantSpec
+from wq_compile.spec import KernelSpec
+from wq_testing import check_close, compiled_default, quantized_piece
 
 TOL = (1e-4, 1e-4)
 TOL_LOW = {"f16": (2e-3, 2e-3), "bf16": (1.6e-2, 1.6e-2)}
@@ -23,57 +22,19 @@ LSE_ATOL = 1e-4
 SM_SCALE = 0.125
 SHAPES = {"0.5b": dict(head_dim=64, num_q_heads=14, num_kv_heads=2), "7b": dict(head_dim=128, num_q_heads=28, num_kv_heads=4)}
 
-_CACHE: dict = {}
-
-
-def _compiled(spec: KernelSpec):
-    if spec not in _CACHE:
-        sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: make_kernel(spec)}))
-        llvm_sched.default_schedule(sch, spec)
-        _CACHE[spec] = tvm.compile(sch.mod, target=llvm_sched.host_target())[spec.uri]
-    return _CACHE[spec]
-
-
-def _piece(bits: int, spec: KernelSpec, n: int, lens: list[int], gen: torch.Generator):
-    """Kernel args of one piece (garbage past lens) and the dense fp32 k, v the reference attends over."""
-    b, hkv, d = len(lens), spec.num_kv_heads, spec.head_dim
-    k = torch.randn(b, hkv, n, d, generator=gen) * 2 + 0.5
-    v = torch.randn(b, hkv, n, d, generator=gen)
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    if bits == 16:
-        k, v = k.to(spec.torch_dtype), v.to(spec.torch_dtype)
-        kp, vp = k.clone(), v.clone()
-        for i, ln in enumerate(lens):
-            kp[i, :, ln:] = float("nan")
-            vp[i, :, ln:] = float("nan")
-        return [kp, vp, lens_t], k.float(), v.float()
-    qs = QuantSpec(bits, spec.k_group, spec.v_group)
-    qk, qv = quant.quantize_keys(k, qs), quant.quantize_values(v, qs)
-    v_scale = qv.scale.clone()
-    for i, ln in enumerate(lens):
-        v_scale[i, :, ln:] = float("nan")
-    return [qk.codes, qk.scale, qk.zero, qv.codes, v_scale, qv.zero, lens_t], quant.dequantize_keys(qk, n), quant.dequantize_values(qv)
-
 
 def _case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator):
     args, outs, lses = [], [], []
     b = len(next(iter(lens.values())))
     q = torch.randn(b, spec.num_q_heads, spec.head_dim, generator=gen).to(spec.torch_dtype)
     for bits in spec.bits:
-        a, k, v = _piece(bits, spec, caps[bits], lens[bits], gen)
+        a, k, v = quantized_piece(bits, spec, caps[bits], lens[bits], gen)
         args += a
         o, lse = reference.attend_piece(q, k, v, a[-1], SM_SCALE)
         outs.append(o)
         lses.append(lse)
     want, want_lse = reference.merge_states(outs, lses)
     return [q, *args, SM_SCALE], want, want_lse
-
-
-def _check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got.float() - want.float()).abs()
-    bound = atol + rtol * want.float().abs()
-    assert bool((err <= bound).all()), f"{name}: max err {err.max().item():.3g} (atol {atol}, rtol {rtol})"
 
 
 def run_split(spec: KernelSpec, call: list, parts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,9 +44,9 @@ def run_split(spec: KernelSpec, call: list, parts: int) -> tuple[torch.Tensor, t
     o_parts = torch.full((parts, b, hq, d), float("nan"))
     lse_parts = torch.full((parts, b, hq), float("nan"))
     signature(spec).bind(*call, o_parts, lse_parts)
-    _compiled(spec)(*call, o_parts, lse_parts)
+    compiled_default(spec)(*call, o_parts, lse_parts)
     out = torch.full((b, hq, d), float("nan"), dtype=spec.torch_dtype)
-    _compiled(merge_spec(spec))(o_parts, lse_parts, out)
+    compiled_default(merge_spec(spec))(o_parts, lse_parts, out)
     return out, o_parts, lse_parts
 
 
@@ -105,11 +66,11 @@ def test_split_fused_matches_reference(shape: str) -> None:
         call, want, want_lse = _case(spec, caps, lens, gen)
         for parts in (1, 2, 3, 7, 16):  # more splits than chunks of some pieces: empty splits
             out, _, lse_parts = run_split(spec, call, parts)
-            _check(f"{shape} P={parts} {lens}", out, want, *TOL)
+            check_close(f"{shape} P={parts} {lens}", out, want, *TOL)
             total = torch.logsumexp(lse_parts, 0)
             for i in range(2):
                 if torch.isfinite(want_lse[i]).all():
-                    _check("lse", total[i], want_lse[i], LSE_ATOL, 1e-6)
+                    check_close("lse", total[i], want_lse[i], LSE_ATOL, 1e-6)
                 else:
                     assert bool(torch.isneginf(total[i]).all()) and bool((out[i] == 0).all())
 
@@ -119,12 +80,12 @@ def test_split_decode_single_piece(bits: int) -> None:
     spec = split_spec(KernelSpec("decode", (bits,), chunk=32, **SHAPES["0.5b"]))
     gen = torch.Generator().manual_seed(bits)
     for n, lens in ((64, [7, 13]), (320, [0, 300]), (224, [196, 224])):
-        a, k, v = _piece(bits, spec, n, lens, gen)
+        a, k, v = quantized_piece(bits, spec, n, lens, gen)
         q = torch.randn(2, 14, 64, generator=gen)
         want, _ = reference.attend_piece(q, k, v, a[-1], SM_SCALE)
         for parts in (1, 4, 11):
             out, _, _ = run_split(spec, [q, *a, SM_SCALE], parts)
-            _check(f"decode bits={bits} n={n} P={parts}", out, want, *TOL)
+            check_close(f"decode bits={bits} n={n} P={parts}", out, want, *TOL)
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
@@ -136,7 +97,7 @@ def test_split_low_precision(dtype: str) -> None:
     for parts in (1, 5):
         out, _, _ = run_split(spec, call, parts)
         assert out.dtype == spec.torch_dtype
-        _check(f"{dtype} P={parts}", out, want, *TOL_LOW[dtype])
+        check_close(f"{dtype} P={parts}", out, want, *TOL_LOW[dtype])
 
 
 def test_split_signature_matches_prim_func() -> None:

@@ -1,18 +1,26 @@
 """Helpers shared by the compiler-layer tests: a tiny spec, a real (measured) tuning log without a MetaSchedule run
-(under this device's tag or another one), and a toy kernel for the MetaSchedule driver tests of test_tune."""
+(under this device's tag or another one), a toy kernel for the MetaSchedule driver tests of test_tune, a kernel built
+with the llvm default schedule plus the quantized inputs and the closeness check of the kernel tests, and a fresh
+Python process for what must not run in the test process (a crash, a SIGKILL, a torn file it still maps)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
-from wq_compile import tuning_log
+import torch
+
+from wq_compile import quant, tuning_log
 from wq_compile.compile import KernelDef, kernel_def
 from wq_compile.device import Device
 from wq_compile.measure import example_args, time_function
 from wq_compile.signature import KernelSignature
-from wq_compile.spec import KernelSpec
+from wq_compile.spec import KernelSpec, QuantSpec
 
 TINY_DECODE = KernelSpec("decode", (4,), head_dim=64, num_q_heads=4, num_kv_heads=2)
 N_TOKENS = 128
@@ -114,3 +122,85 @@ TOY_SPEC = KernelSpec("decode", (16,), head_dim=64, num_q_heads=4, num_kv_heads=
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels built with the llvm default schedule, their quantized inputs, and the closeness check
+# ---------------------------------------------------------------------------------------------------------------------
+_COMPILED: dict = {}
+
+
+def compiled_default(spec: KernelSpec, kind: str | None = None):
+    """The kernel's ``main`` through the llvm default schedule, built once per (spec, factory kind) for the session
+    (``kind`` picks a target's factory, e.g. ``"llvm"`` for the CPU fused kernel; None: the block-style one)."""
+    import tvm
+
+    from wq_compile.kernels import make_kernel
+    from wq_compile.schedules import llvm as llvm_sched
+
+    key = (spec, kind)
+    if key not in _COMPILED:
+        func = make_kernel(spec) if kind is None else make_kernel(spec, kind)
+        sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: func}))
+        llvm_sched.default_schedule(sch, spec)
+        _COMPILED[key] = tvm.compile(sch.mod, target=llvm_sched.host_target())[spec.uri]
+    return _COMPILED[key]
+
+
+def quantized_piece(bits: int, spec: KernelSpec, n: int, lens: list[int], gen: torch.Generator):
+    """Random K/V of one piece (capacity ``n``, ``lens`` valid tokens per sample) quantized by the reference format:
+    ``(kernel args, dense fp32 k, v the oracle attends over)``. Everything past ``lens`` is NaN in the kernel's
+    arguments (dense k/v, or the value scales), so garbage past the length can never reach an output unnoticed."""
+    b, hkv, d = len(lens), spec.num_kv_heads, spec.head_dim
+    k = torch.randn(b, hkv, n, d, generator=gen) * 2 + 0.5
+    v = torch.randn(b, hkv, n, d, generator=gen)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    if bits == 16:
+        k, v = k.to(spec.torch_dtype), v.to(spec.torch_dtype)
+        kp, vp = k.clone(), v.clone()
+        for i, ln in enumerate(lens):
+            kp[i, :, ln:] = float("nan")
+            vp[i, :, ln:] = float("nan")
+        return [kp, vp, lens_t], k.float(), v.float()
+    qs = QuantSpec(bits, spec.k_group, spec.v_group)
+    qk, qv = quant.quantize_keys(k, qs), quant.quantize_values(v, qs)
+    v_scale = qv.scale.clone()
+    for i, ln in enumerate(lens):
+        v_scale[i, :, ln:] = float("nan")
+    args = [qk.codes, qk.scale, qk.zero, qv.codes, v_scale, qv.zero, lens_t]
+    return args, quant.dequantize_keys(qk, n), quant.dequantize_values(qv)
+
+
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
+    """Every element finite and within ``atol + rtol * |want|`` (the message names the worst error)."""
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.float() - want.float()).abs()
+    bound = atol + rtol * want.float().abs()
+    assert bool((err <= bound).all()), f"{name}: max err {err.max().item():.3g} (atol {atol}, rtol {rtol})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A fresh Python process
+# ---------------------------------------------------------------------------------------------------------------------
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_python(body: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``body`` (dedented) in a fresh Python with tests/ importable (for wq_testing); output captured as text."""
+    script = f"import sys; sys.path.insert(0, {TESTS_DIR!r})\n" + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def load_tiny_decode(logs: Path, cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """In a fresh process: load TINY_DECODE through a KernelLibrary over ``logs`` and ``cache``, run it once and print
+    ``compiled <n>`` (how many modules that process had to build)."""
+    return run_python(f"""
+        from wq_compile.runtime import KernelLibrary
+        from wq_compile.measure import example_args
+        from wq_testing import TINY_DECODE
+        lib = KernelLibrary("llvm", logs_dir={str(logs)!r}, cache_dir={str(cache)!r})
+        k = lib.load(TINY_DECODE)
+        k(*example_args(k.signature, {{"B": 1, "N": 64, "G": 3}}))
+        print("compiled", lib.stats.compiled)
+    """, timeout)

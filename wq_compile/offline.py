@@ -16,17 +16,15 @@ Why: the GPU machine may have torch but no TVM compiler and no network, and only
    matched the reference becomes a record in ``tuning_logs/<device-tag>/<uri>/`` (through
    :mod:`wq_compile.tuning_log`), ``meta.json`` saying it came from an offline measurement on the named device.
    Failed or unmeasured candidates are never recorded. The next export reads those records.
+
+This module is the export (and ``wq-tune``'s offline flags); the import is :mod:`wq_compile.offline_import`, the
+folder's format (manifest, traces) :mod:`wq_compile.offline_format`; every public name is importable from here.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import shutil
-import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,17 +33,18 @@ from .compile import KernelDef, compile_cuda_binary, cuda_source, kernel_def
 from .device import Device, resolve_device, versions
 from .measure import example_args
 from .metaschedule import build_candidate, task_logger
+from .ms_task import replay, tune_context
+from .offline_format import (
+    FORMAT, MANIFEST, MEASURE_SCRIPT, RESULTS, OfflineError, read_manifest, replay_json, trace_to_json,
+    workload_hash, write_json,
+)
+from .offline_import import ImportSummary, import_results
 from .spec import KernelSpec
 from .tune import TuneSettings
 
-MANIFEST = offline_measure.MANIFEST
-RESULTS = offline_measure.RESULTS
-FORMAT = offline_measure.FORMAT
-MEASURE_SCRIPT = "measure_candidates.py"
-
-
-class OfflineError(RuntimeError):
-    """An export folder, manifest or results file is unusable (the message names the file and the fix)."""
+__all__ = ["FORMAT", "MANIFEST", "MEASURE_SCRIPT", "RESULTS", "ExportSummary", "ImportSummary", "OfflineError",
+           "export_candidates", "import_results", "main_offline", "read_manifest", "replay_json", "trace_to_json",
+           "workload_hash"]
 
 
 @dataclass(frozen=True)
@@ -55,34 +54,6 @@ class ExportSummary:
     out_dir: Path
     candidates: Mapping[str, int]
     seeded_from: Mapping[str, int]
-
-
-@dataclass(frozen=True)
-class ImportSummary:
-    """What one import recorded: records added per URI, and candidates skipped (failed or unmeasured) per URI."""
-
-    recorded: Mapping[str, int]
-    skipped: Mapping[str, list[str]]
-    log_dirs: Mapping[str, Path]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _spec_fields(spec: KernelSpec) -> dict[str, Any]:
-    return {k: (list(x) if isinstance(x, tuple) else x) for k, x in vars(spec).items()}
-
-
-def _spec_from_fields(fields: Mapping[str, Any]) -> KernelSpec:
-    return KernelSpec(**{k: (tuple(x) if isinstance(x, list) else x) for k, x in fields.items()})
-
-
-def workload_hash(workload: Any) -> str:
-    """Structural hash of the tuning workload: import refuses a manifest whose kernel has changed since."""
-    import tvm_ffi
-
-    return format(int(tvm_ffi.structural_hash(workload)) & (2**64 - 1), "016x")
 
 
 def _log_sizes(kdef: KernelDef, device: Device, folder: Path) -> dict[str, int]:
@@ -117,21 +88,11 @@ def _sample_candidates(kdef: KernelDef, device: Device, workload: Any, n: int, s
                        folder: Path, work_dir: Path) -> tuple[list[Any], int]:
     """Up to ``n`` new schedules from MetaSchedule's evolutionary search (no measurement): ``(schedules, number of
     log records that seeded the search)``."""
-    from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
     logger, handler = task_logger(work_dir, kdef.spec.uri)
     try:
-        space = ms.space_generator.ScheduleFn(
-            functools.partial(_design_space, kdef), sch_rules=[], postprocs=kdef.schedules.postprocs(),
-            mutator_probs=kdef.schedules.mutator_probs())
-        ctx = ms.TuneContext(
-            mod=workload, target=device.target, space_generator=space,
-            search_strategy=ms.search_strategy.EvolutionarySearch(
-                population_size=settings.population_size, init_min_unmeasured=min(50, settings.population_size // 2),
-                genetic_num_iters=settings.genetic_iters),
-            task_name=kdef.spec.uri, rand_state=settings.seed, num_threads="physical", logger=logger,
-        ).clone()
+        ctx = tune_context(kdef, device, workload, settings, settings.seed, logger)
         records: list[Any] = []
         if (folder / tuning_log.META_FILE).exists():
             db = tuning_log.open_database(folder, device)
@@ -147,7 +108,7 @@ def _sample_candidates(kdef: KernelDef, device: Device, workload: Any, n: int, s
     finally:
         logger.removeHandler(handler)
         handler.close()
-    seen = {workload_hash(r_mod) for r_mod in (_replay(workload, r.trace).mod for r in records)}
+    seen = {workload_hash(r_mod) for r_mod in (replay(workload, r.trace).mod for r in records)}
     out = []
     for cand in found:
         h = workload_hash(cand.sch.mod)
@@ -155,19 +116,6 @@ def _sample_candidates(kdef: KernelDef, device: Device, workload: Any, n: int, s
             seen.add(h)
             out.append(cand.sch)
     return out[:n], len(records)
-
-
-def _design_space(kdef: KernelDef, sch: Any) -> None:
-    """The target's design space (the one the local tuner searches: same trace format)."""
-    kdef.schedules.design_space(sch, kdef.spec)
-
-
-def _replay(workload: Any, trace: Any) -> Any:
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(workload)
-    trace.apply_to_schedule(sch, remove_postproc=False)
-    return sch
 
 
 def _reference_data(kdef: KernelDef, sizes: Mapping[str, int], seed: int) -> dict[str, Any]:
@@ -288,138 +236,20 @@ def export_candidates(specs: Sequence[KernelSpec | KernelDef], device: Device | 
             cands.append(entry)
         counts[spec.uri] = len(cands)
         kernels_doc.append({
-            "uri": spec.uri, "spec": _spec_fields(spec), "sizes": sizes, "scalars": dict(kdef.scalars),
+            "uri": spec.uri, "spec": tuning_log.spec_fields(spec), "sizes": sizes, "scalars": dict(kdef.scalars),
             "workload_hash": workload_hash(workload), "inputs": str(inputs.relative_to(out)),
             "arg_names": data["names"], "outputs": sorted(data["expected"]), "seeded_from_records": seeded[spec.uri],
             "candidates": cands,
         })
         if bench_tokens and spec.kind in ("fused", "decode") and not isinstance(kernel, KernelDef):
             kernels_doc[-1]["bench"] = _bench_module(spec, device, out, settings, bench_tokens)
-    doc = {"format": FORMAT, "created": _now(), "versions": versions(),
+    doc = {"format": FORMAT, "created": tuning_log.timestamp(), "versions": versions(),
            "device": {"tag": device.tag, "name": device.name, "kind": device.kind, "arch": device.arch,
                       "target": device.target_json, "target_arg": target_arg or device.target_json},
            "kernels": kernels_doc}
-    _write_json(out / MANIFEST, doc)
+    write_json(out / MANIFEST, doc)
     shutil.copyfile(Path(offline_measure.__file__), out / MEASURE_SCRIPT)
     return ExportSummary(out, counts, seeded)
-
-
-def _write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def trace_to_json(workload: Any, trace: Any, device: Device) -> list[Any]:
-    """A candidate as MetaSchedule's JSONDatabase serializes an *unmeasured* record of it (``[trace, null, target,
-    args_info]``, plain JSON), so :func:`replay_json` reads back exactly what a tuning log would hold."""
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
-    with tempfile.TemporaryDirectory(prefix="wq-trace-") as tmp:
-        db = ms.database.JSONDatabase(f"{tmp}/w.json", f"{tmp}/r.json")
-        db.commit_tuning_record(ms.database.TuningRecord(trace, db.commit_workload(workload), run_secs=None,
-                                                         target=device.target,
-                                                         args_info=ArgInfo.from_prim_func(workload["main"])))
-        line = Path(f"{tmp}/r.json").read_text().splitlines()[-1]
-    return json.loads(line)[1]
-
-
-def replay_json(workload: Any, record_json: list[Any]) -> Any:
-    """The candidate of :func:`trace_to_json`, read back through a JSONDatabase and replayed on ``workload``."""
-    from tvm.s_tir import meta_schedule as ms
-
-    with tempfile.TemporaryDirectory(prefix="wq-trace-") as tmp:
-        ms.database.JSONDatabase(f"{tmp}/w.json", f"{tmp}/r.json").commit_workload(workload)
-        Path(f"{tmp}/r.json").write_text(json.dumps([0, record_json]) + "\n")
-        (rec,) = ms.database.JSONDatabase(f"{tmp}/w.json", f"{tmp}/r.json").get_all_tuning_records()
-        return _replay(workload, rec.trace)
-
-
-def read_manifest(export_dir: str | Path) -> dict[str, Any]:
-    path = Path(export_dir) / MANIFEST
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OfflineError(f"{path}: missing; pass the folder wq-tune --export-candidates wrote") from None
-    except json.JSONDecodeError as exc:
-        raise OfflineError(f"{path}: not valid JSON ({exc}); export again") from exc
-    if doc.get("format") != FORMAT:
-        raise OfflineError(f"{path}: format {doc.get('format')!r}, expected {FORMAT}; export again")
-    return doc
-
-
-def import_results(results_path: str | Path, export_dir: str | Path | None = None,
-                   logs_dir: str | Path = "tuning_logs") -> ImportSummary:
-    """Record every measured, correct candidate of ``results_path`` in the tuning logs (see module doc)."""
-    results_path = Path(results_path)
-    export = Path(export_dir) if export_dir is not None else results_path.parent
-    manifest = read_manifest(export)
-    try:
-        results = json.loads(results_path.read_text())
-    except FileNotFoundError:
-        raise OfflineError(f"import-results: {results_path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise OfflineError(f"{results_path}: not valid JSON ({exc}); measure again") from exc
-    if results.get("manifest_sha256") != offline_measure.file_sha256(export / MANIFEST):
-        raise OfflineError(f"{results_path}: measured another export than {export / MANIFEST} (manifest digest "
-                           "differs); pass the export folder these results belong to (--export-dir)")
-    device = resolve_device(manifest["device"]["target_arg"])
-    if device.tag != manifest["device"]["tag"]:
-        raise OfflineError(f"{export / MANIFEST}: exported for {manifest['device']['tag']}, the target resolves to "
-                           f"{device.tag} here; import where it was exported")
-    vers = versions()
-    if manifest.get("versions") != vers:
-        raise OfflineError(f"{export / MANIFEST}: exported with {manifest.get('versions')}, this environment has "
-                           f"{vers}; traces are only recorded under the versions that built them")
-    measured_on = results.get("measured_on") or {}
-    device_name = str(measured_on.get("device_name") or "an unnamed device")
-    recorded, skipped, folders = {}, {}, {}
-    for kernel in manifest["kernels"]:
-        spec = _spec_from_fields(kernel["spec"])
-        kdef = kernel_def(spec, device.kind)
-        workload = kdef.workload(kernel["sizes"], kernel["scalars"])
-        if workload_hash(workload) != kernel["workload_hash"]:
-            raise OfflineError(f"{export / MANIFEST}: {spec.uri} has changed since the export (workload hash "
-                               "differs); export and measure again")
-        good, bad = [], []
-        for cand in kernel["candidates"]:
-            res = results.get("candidates", {}).get(cand["id"])
-            secs = None if res is None or res.get("error") else res.get("samples") or (
-                [res["seconds"]] if res.get("seconds") is not None else None)
-            if not secs or res.get("sha256") != cand["sha256"]:
-                bad.append(cand["id"])
-                continue
-            try:
-                sch = replay_json(workload, cand["trace"])
-            except Exception as exc:  # noqa: BLE001 - TVM raises several error types on a bad trace
-                raise OfflineError(f"{export / MANIFEST}: the trace of {cand['id']} does not replay on "
-                                   f"{spec.uri} ({type(exc).__name__}: {exc}); export again") from exc
-            good.append((sch.trace, [float(s) for s in secs]))
-        skipped[spec.uri] = bad
-        folder = tuning_log.log_dir(logs_dir, device.tag, spec.uri)
-        folders[spec.uri] = folder
-        if not good:
-            recorded[spec.uri] = 0
-            continue
-        meta: dict[str, Any] = {}
-        if (folder / tuning_log.META_FILE).exists():
-            meta = tuning_log.read_meta(folder, device)
-            if {str(k): int(v) for k, v in meta.get("tuning_sizes", {}).items()} != kernel["sizes"]:
-                raise OfflineError(f"{folder}: tuned at sizes {meta.get('tuning_sizes')}, the export at "
-                                   f"{kernel['sizes']}; import into an empty logs folder or delete {folder}")
-        offline = list(meta.get("offline_measurements", []))
-        meta.update(tuning_log.new_meta(device, spec.uri, kernel["spec"], kernel["sizes"], kernel["scalars"],
-                                        int(meta.get("seed", 0))))
-        offline.append({"measured_on": device_name, "host": measured_on.get("host"), "time": measured_on.get("time"),
-                        "timer": measured_on.get("timer"), "records": len(good),
-                        "manifest_sha256": results["manifest_sha256"], "imported": _now()})
-        meta.update(measurement=f"offline measurement on {device_name}", offline_measurements=offline)
-        recorded[spec.uri] = tuning_log.commit_records(folder, device, meta, workload, good)
-        db = tuning_log.open_database(folder, device)
-        meta["valid_trials"] = len(tuning_log.valid_records(db, workload))
-        tuning_log.write_meta(folder, meta)
-    return ImportSummary(recorded, skipped, folders)
 
 
 def main_offline(args: Any, error: Any) -> int:

@@ -11,20 +11,19 @@ raises :class:`NoValidTrialsError`; a CUDA target is never measured without a GP
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import tuning_log
 from .compile import DEFAULT_N_TOKENS, KernelDef, apply_trace, build_module, default_schedule, kernel_def
 from .device import Device, resolve_device
-from .metaschedule import build_candidate, evaluator_config, progress_callback, task_logger
 from .measure import RPCSettings, measure_local, measure_rpc, require_measurable
+from .metaschedule import build_candidate, evaluator_config, progress_callback, task_logger
 from .module_cache import cache_root
+from .ms_task import samples_anything, tune_context
 from .spec import KernelSpec
 from .tuning_log import Provenance, TuningLogError
 
@@ -136,23 +135,22 @@ def tune_kernel(kernel: KernelSpec | KernelDef, device: Device | str = "llvm",
         raise ValueError(f"trials: must be >= 1, got {trials}")
     folder = tuning_log.log_dir(settings.logs_dir, device.tag, spec.uri)
     sizes, meta = _sizes_and_meta(kdef, device, folder, settings)
-    spec_fields = {k: (list(x) if isinstance(x, tuple) else x) for k, x in vars(spec).items()}
-    meta.update(tuning_log.new_meta(device, spec.uri, spec_fields, sizes, kdef.scalars, settings.seed))
+    meta.update(tuning_log.new_meta(device, spec.uri, tuning_log.spec_fields(spec), sizes, kdef.scalars,
+                                    settings.seed))
     tuning_log.write_meta(folder, meta)  # before any record: a crash leaves a checkable log
 
     db = tuning_log.open_database(folder, device)
     workload = kdef.workload(sizes)
     before = len(tuning_log.valid_records(db, workload))
     remaining = 0
-    if before < trials:
-        probe = _space_probe(workload, kdef)
-        remaining = trials - before if _num_sampling_instructions(probe) else max(0, 1 - before)
+    if before < trials:  # a space that samples nothing has one schedule: one record is all there is
+        remaining = trials - before if samples_anything(workload, kdef) else max(0, 1 - before)
     new_valid = 0
     if remaining > 0:
         new_valid = _run_search(kdef, device, settings, workload, db, before, remaining, measurers, on_progress)
         db = tuning_log.open_database(folder, device)
     records = tuning_log.valid_records(db, workload)
-    meta.update({"trials_requested": trials, "valid_trials": len(records), "timestamp": _now()})
+    meta.update({"trials_requested": trials, "valid_trials": len(records), "timestamp": tuning_log.timestamp()})
     tuning_log.write_meta(folder, meta)
     if not records:
         raise NoValidTrialsError(
@@ -164,7 +162,7 @@ def tune_kernel(kernel: KernelSpec | KernelDef, device: Device | str = "llvm",
     untuned_s = tuned_s = None
     if settings.measure:
         untuned_s, tuned_s = _measure_pair(kdef, device, sizes, records[0].trace, folder, settings)
-        meta.update({"untuned_ms": untuned_s * 1e3, "tuned_ms": tuned_s * 1e3, "timestamp": _now()})
+        meta.update({"untuned_ms": untuned_s * 1e3, "tuned_ms": tuned_s * 1e3, "timestamp": tuning_log.timestamp()})
         tuning_log.write_meta(folder, meta)
     here = Provenance("here", device.tag, tuning_log.median(records[0].run_secs))
     return TuneResult(spec, folder, len(records), new_valid, untuned_s, tuned_s, kdef.signature.nbytes(sizes), here)
@@ -179,20 +177,8 @@ def _run_search(kdef: KernelDef, device: Device, settings: TuneSettings, workloa
     wd = settings.work_dir_for(device, spec)
     wd.mkdir(parents=True, exist_ok=True)
     logger, log_handler = task_logger(wd, spec.uri)
-    space = ms.space_generator.ScheduleFn(
-        functools.partial(_design_space, kdef), sch_rules=[], postprocs=kdef.schedules.postprocs(),
-        mutator_probs=kdef.schedules.mutator_probs(),
-    )
-    ctx = ms.TuneContext(
-        mod=workload, target=device.target, space_generator=space,
-        search_strategy=ms.search_strategy.EvolutionarySearch(
-            population_size=settings.population_size, init_min_unmeasured=min(50, settings.population_size // 2),
-            genetic_num_iters=settings.genetic_iters,
-        ),
-        task_name=spec.uri,
-        rand_state=settings.seed + before,  # a resumed run explores from another random state
-        num_threads="physical", logger=logger,
-    ).clone()
+    # a resumed run explores from another random state
+    ctx = tune_context(kdef, device, workload, settings, settings.seed + before, logger)
     counts = {"valid": 0}
 
     def _count(measured: int, valid: int) -> None:
@@ -221,22 +207,6 @@ def _run_search(kdef: KernelDef, device: Device, settings: TuneSettings, workloa
     return counts["valid"]
 
 
-def _num_sampling_instructions(sch: Any) -> int:
-    return sum(1 for inst in sch.trace.insts if str(inst.kind.name).startswith("Sample"))
-
-
-def _design_space(kdef: KernelDef, sch: Any) -> None:
-    kdef.schedules.design_space(sch, kdef.spec)
-
-
-def _space_probe(workload: Any, kdef: KernelDef) -> Any:
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(workload)
-    kdef.schedules.design_space(sch, kdef.spec)
-    return sch
-
-
 def _measure_pair(kdef: KernelDef, device: Device, sizes: Mapping[str, int], trace: Any, folder: Path,
                   settings: TuneSettings) -> tuple[float, float]:
     """Default vs best tuned schedule of the symbolic kernel, timed at the tuning sizes."""
@@ -247,10 +217,6 @@ def _measure_pair(kdef: KernelDef, device: Device, sizes: Mapping[str, int], tra
         return tuple(measure_rpc(m, kdef.spec, kdef.signature, sizes, device, settings.rpc, wd)  # type: ignore
                      for m in (untuned, tuned))
     return tuple(measure_local(m, kdef.spec, kdef.signature, sizes, device) for m in (untuned, tuned))  # type: ignore
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def tune_kernels(specs: Sequence[KernelSpec], device: Device | str = "llvm",

@@ -1,13 +1,13 @@
 """Tuning logs: the only code that reads or writes ``tuning_logs/<device-tag>/<kernel-uri>/``.
 
-A log folder holds MetaSchedule's ``database_workload.json`` and ``database_tuning_record.json`` (one JSON line per
-measured candidate, appended) and ``meta.json`` (versions, device tag, target, ISA class, tuning sizes, trials).
+The files of one log folder (format, ``meta.json``, MetaSchedule's database, appends, repair) are
+:mod:`wq_compile.log_store`, re-exported here; this module adds which log serves a device and what it says about
+the schedule:
 
 Lookup (:func:`candidate_logs`): the log of this exact device tag first, then logs of *compatible* devices (same
 target kind and ISA class, read from the target's features; nearest core count first), then none (the default
 schedule). Which one served a kernel is a :class:`Provenance`: "tuned here", "tuned on <tag>" or "untuned".
-A log from other tvm/tvm-ffi versions is never used. A torn last line (an interrupted append) is skipped with a
-warning when reading and removed by :func:`repair_log` (``wq-tune`` calls it); any other broken line is an error.
+Plain-TIR kernels store the winner of a knob sweep in ``meta.json`` (:func:`find_knob_record`).
 """
 
 from __future__ import annotations
@@ -15,37 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-from .device import PINNED_PACKAGES, Device, isa_class, versions
-
-META_FILE = "meta.json"
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
-#: Knob records (plain-TIR kernels whose structure knobs are factory parameters, not a MetaSchedule trace): one JSON
-#: line per measured sample ``{"knobs": {...}, "round": r, "secs": s}``, appended; the winner lives in meta.json.
-KNOB_FILE = "knob_samples.json"
-#: ``meta["kind"]`` of a knob record (MetaSchedule logs have no kind).
-KNOB_KIND = "knobs"
-#: Tuning records with run time at or above this are failed runs (MetaSchedule writes 1e10 s).
-FAILED_RUN_SECS = 1e9
-
-
-class TuningLogError(RuntimeError):
-    """A tuning log is unreadable, stale (other versions/target) or does not replay on the kernel."""
-
-
-class KnobRecordWarning(UserWarning):
-    """A knob record is unreadable or incomplete; it is skipped (the next one, else the default knobs, serves)."""
-
-
-class TornLogWarning(UserWarning):
-    """The last line of a tuning log was cut off (an interrupted append); it is skipped."""
+from .device import Device, isa_class
+from .log_store import (  # noqa: F401 - re-exported: importers use tuning_log only
+    FAILED_RUN_SECS, KNOB_FILE, KNOB_KIND, META_FILE, RECORD_FILE, WORKLOAD_FILE, KnobRecordWarning, TornLogWarning,
+    TuningLogError, append_knob_sample, commit_records, fix_hint, log_dir, median, new_meta, open_database,
+    read_knob_samples, read_meta, record_lines, repair_knob_log, repair_log, spec_fields, timestamp, valid_records,
+    write_meta,
+)
 
 
 @dataclass(frozen=True)
@@ -88,137 +69,6 @@ class LogSource:
 
     def provenance(self, run_secs: float | None) -> Provenance:
         return Provenance("here" if self.exact else "foreign", self.tag, run_secs)
-
-
-def log_dir(logs_dir: str | os.PathLike, tag: str, uri: str) -> Path:
-    return Path(logs_dir) / tag / uri
-
-
-def _fix(folder: Path) -> str:
-    return f"re-tune it (wq-tune) or delete {folder}"
-
-
-def read_meta(folder: Path, device: Device | None = None) -> dict[str, Any]:
-    """``meta.json`` of a log, checked: parsable, same tvm/tvm-ffi versions, and (given ``device``) its tag.
-
-    Raises :class:`TuningLogError` naming the file and the fix.
-    """
-    path = Path(folder) / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TuningLogError(f"{path}: missing; a tuning log without meta.json cannot be version-checked; "
-                             f"{_fix(folder)}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TuningLogError(f"{path}: not valid JSON ({exc}); {_fix(folder)}") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("versions"), dict):
-        raise TuningLogError(f"{path}: no 'versions' object; {_fix(folder)}")
-    now = versions()
-    for pkg in PINNED_PACKAGES:
-        if meta["versions"].get(pkg) != now[pkg]:
-            raise TuningLogError(f"{path}: tuned with {pkg} {meta['versions'].get(pkg)}, this environment has "
-                                 f"{now[pkg]}; a log from other versions is never used: {_fix(folder)}")
-    if device is not None and meta.get("device_tag") not in (None, device.tag):
-        raise TuningLogError(f"{path}: log of device {meta.get('device_tag')!r}, not {device.tag!r}; {_fix(folder)}")
-    return meta
-
-
-def write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
-    """Replace ``meta.json`` atomically (a crash leaves the old or the new file, never half of one)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{META_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(dict(meta), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, folder / META_FILE)
-
-
-def new_meta(device: Device, uri: str, spec_fields: Mapping[str, Any], sizes: Mapping[str, int],
-             scalars: Mapping[str, float], seed: int) -> dict[str, Any]:
-    """The fields a tuning run records before its first candidate (a crash leaves a checkable log)."""
-    return {"uri": uri, "spec": dict(spec_fields), "versions": versions(), "device_tag": device.tag,
-            "device_name": device.name, "target": device.target_json, "isa": device.isa,
-            "num_cores": device.num_cores, "tuning_sizes": dict(sizes), "tuning_scalars": dict(scalars),
-            "seed": seed}
-
-
-def _scan(path: Path, folder: Path) -> tuple[list[str], bool]:
-    """The JSON lines of ``path`` and whether a torn last line was dropped; raises on any other bad line."""
-    if not path.exists():
-        return [], False
-    lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
-    good: list[str] = []
-    torn = False
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-        except json.JSONDecodeError as exc:
-            if i == len(lines) - 1:
-                torn = True
-                continue
-            raise TuningLogError(f"{path}:{i + 1}: not valid JSON ({exc}); {_fix(folder)}") from exc
-        good.append(line)
-    return good, torn
-
-
-def repair_log(folder: Path) -> list[Path]:
-    """Drop a torn last line from the log's JSON files (rewritten atomically); returns the files repaired."""
-    repaired = []
-    for name in (WORKLOAD_FILE, RECORD_FILE):
-        path = Path(folder) / name
-        good, torn = _scan(path, Path(folder))
-        if torn:
-            tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in good))
-            os.replace(tmp, path)
-            repaired.append(path)
-    return repaired
-
-
-def open_database(folder: Path, device: Device | None = None, *, require_meta: bool = True) -> Any:
-    """The JSONDatabase of one kernel's log after checking meta.json and every JSON line.
-
-    A torn last line is skipped with a :class:`TornLogWarning` (the database is read from a repaired copy, the
-    log itself is left for :func:`repair_log`)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    folder = Path(folder)
-    if require_meta:
-        read_meta(folder, device)
-    scans = {name: _scan(folder / name, folder) for name in (WORKLOAD_FILE, RECORD_FILE)}
-    torn = [name for name, (_, t) in scans.items() if t]
-    src = folder
-    if torn:
-        warnings.warn(f"{folder}: torn last line in {', '.join(torn)} (interrupted write) skipped; "
-                      "wq-tune repairs it", TornLogWarning, stacklevel=2)
-        src = Path(tempfile.mkdtemp(prefix="wq-log-"))
-        for name, (lines, _) in scans.items():
-            (src / name).write_text("".join(line + "\n" for line in lines))
-    try:
-        return ms.database.JSONDatabase(path_workload=str(src / WORKLOAD_FILE),
-                                        path_tuning_record=str(src / RECORD_FILE))
-    except Exception as exc:  # TVM raises its own error types on malformed records
-        raise TuningLogError(f"{folder}: the tuning database does not load ({exc}); {_fix(folder)}") from exc
-    finally:
-        if src != folder:
-            shutil.rmtree(src, ignore_errors=True)
-
-
-def valid_records(db: Any, workload: Any, limit: int = 100000) -> list[Any]:
-    """Records of ``workload`` with a real measured time, best first (the workload is not committed)."""
-    if not db.has_workload(workload):
-        return []
-    out = []
-    for r in db.get_top_k(db.commit_workload(workload), limit):
-        secs = [float(x) for x in (r.run_secs or [])]
-        if secs and max(secs) < FAILED_RUN_SECS:
-            out.append(r)
-    return out
-
-
-def median(values: Any) -> float:
-    secs = sorted(float(x) for x in values)
-    return secs[len(secs) // 2]
 
 
 def _log_isa(meta: Mapping[str, Any]) -> str | None:
@@ -287,33 +137,6 @@ def digest(sources: list[LogSource]) -> str:
     return h.hexdigest()[:16]
 
 
-def record_lines(folder: Path) -> Iterator[str]:
-    """The stored record lines of a log (for digests and tests)."""
-    yield from _scan(folder / RECORD_FILE, folder)[0]
-
-
-def commit_records(folder: Path, device: Device, meta: Mapping[str, Any], workload: Any,
-                   measured: list[tuple[Any, list[float]]]) -> int:
-    """Append measured records (``(trace, run_secs)``) of ``workload`` to a log, ``meta.json`` written first.
-
-    For times measured elsewhere (offline measurement): a time that is missing, not positive or at the failed-run
-    mark is refused (``ValueError``), never recorded. Returns the number of records appended."""
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
-    for _, secs in measured:
-        if not secs or not all(0.0 < float(s) < FAILED_RUN_SECS for s in secs):
-            raise ValueError(f"run_secs: {secs!r} is no measured time; only measured candidates are recorded")
-    write_meta(folder, meta)
-    db = open_database(folder, device)
-    entry = db.commit_workload(workload)
-    args_info = ArgInfo.from_prim_func(workload["main"])
-    for trace, secs in measured:
-        db.commit_tuning_record(ms.database.TuningRecord(trace, entry, run_secs=[float(s) for s in secs],
-                                                         target=device.target, args_info=args_info))
-    return len(measured)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Knob records: the measured structure knobs of a plain-TIR kernel (no MetaSchedule trace to replay)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,32 +153,6 @@ class KnobRecord:
         return self.source.provenance(self.median_s)
 
 
-def append_knob_sample(folder: Path, knobs: Mapping[str, int], round_: int, secs: float) -> None:
-    """Append one measured sample (one line, flushed and synced: an interrupted sweep keeps every finished one)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"knobs": dict(sorted(knobs.items())), "round": int(round_), "secs": float(secs)})
-    with (folder / KNOB_FILE).open("a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def read_knob_samples(folder: Path) -> list[dict[str, Any]]:
-    """Every stored sample of a knob sweep (a torn last line is skipped; :func:`repair_knob_log` removes it)."""
-    return [json.loads(line) for line in _scan(Path(folder) / KNOB_FILE, Path(folder))[0]]
-
-
-def repair_knob_log(folder: Path) -> bool:
-    """Drop a torn last line of the sample file (rewritten atomically); True when one was dropped."""
-    path = Path(folder) / KNOB_FILE
-    good, torn = _scan(path, Path(folder))
-    if torn:
-        tmp = path.with_name(f".{KNOB_FILE}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in good))
-        os.replace(tmp, path)
-    return torn
-
-
 def read_knob_record(src: LogSource) -> KnobRecord:
     """The winner stored in ``src``'s meta.json; raises :class:`TuningLogError` naming the file when it is not a
     complete knob record."""
@@ -367,10 +164,10 @@ def read_knob_record(src: LogSource) -> KnobRecord:
         cores = int(meta.get("num_cores") or 0)
     except (TypeError, KeyError, ValueError, AttributeError):
         raise TuningLogError(f"{where}: not a complete knob record (kind 'knobs' with best.knobs and "
-                             f"best.median_ms); {_fix(src.log_dir)}") from None
+                             f"best.median_ms); {fix_hint(src.log_dir)}") from None
     if not knobs or min(knobs.values()) < 1 or median_s <= 0 or cores < 1:
         raise TuningLogError(f"{where}: knob record with invalid values (knobs {knobs}, {median_s} s, "
-                             f"{cores} cores); {_fix(src.log_dir)}")
+                             f"{cores} cores); {fix_hint(src.log_dir)}")
     return KnobRecord(knobs, median_s, cores, src)
 
 
