@@ -72,16 +72,18 @@ def test_missing_peers_are_rows_that_say_how_to_install(monkeypatch: pytest.Monk
 
 
 def test_interleaved_timing_reports_every_function() -> None:
-    calls = {"a": 0, "b": 0}
+    seq: list[str] = []
 
     def a() -> None:
-        calls["a"] += 1
+        seq.append("a")
 
     def b() -> None:
-        calls["b"] += 1
+        seq.append("b")
 
-    stats = bench.time_interleaved([a, b], repeats=5, warmup=2)
-    assert calls == {"a": 7, "b": 7}
+    stats = bench.time_interleaved([a, b], repeats=5, warmup=2, rounds=2)
+    assert seq.count("a") == 5 + 2 * 2 and seq.count("b") == 5 + 2 * 2  # every round has its own warm-up
+    # blocks: round 1 a (2 warm-up + 3) then b, round 2 rotated: b (2 + 2) then a
+    assert "".join(seq) == "a" * 5 + "b" * 5 + "b" * 4 + "a" * 4
     assert all(p20 <= med <= p80 for med, p20, p80 in stats)
 
 

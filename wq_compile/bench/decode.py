@@ -84,21 +84,31 @@ def _dense_kv(layer: LayerCache, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return torch.cat(ks, 2).to(dtype).contiguous(), torch.cat(vs, 2).to(dtype).contiguous()
 
 
-def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[tuple[float, float, float]]:
-    """(median, p20, p80) ms of each function, each timed in its own block (warm-up, then ``repeats`` calls).
+def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3,
+                     rounds: int = 3) -> list[tuple[float, float, float]]:
+    """(median, p20, p80) ms of each function over ``repeats`` calls, taken as ``rounds`` blocks per function
+    (a warm-up, then a block of back-to-back calls), the functions' order rotating from round to round.
 
-    Blocks, not rounds that alternate methods: every runtime here (torch's OpenMP, ggml's and ONNX Runtime's
-    pools, TVM's) keeps its worker threads busy-waiting for a while after a call, and on a small machine the next
-    method's threads would run against them. The warm-up absorbs the previous block's tail."""
+    Blocks, not calls that alternate methods: every runtime here (torch's OpenMP, ggml's and ONNX Runtime's pools)
+    keeps its worker threads busy-waiting for a while after a call, and on a small machine the next method's
+    threads would run against them; the warm-up absorbs the previous block's tail. Several rounds, not one block:
+    this VM's host noise comes in bursts of seconds, and one block can fall into one."""
+    rounds = max(1, min(rounds, repeats))
+    sizes = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+    times: list[list[float]] = [[] for _ in fns]
+    for r, size in enumerate(sizes):
+        order = list(range(len(fns)))
+        order = order[r % len(order):] + order[:r % len(order)] if order else order
+        for i in order:
+            fn = fns[i]
+            for _ in range(warmup):
+                fn()
+            for _ in range(size):
+                t0 = time.perf_counter()
+                fn()
+                times[i].append((time.perf_counter() - t0) * 1e3)
     out = []
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
+    for ts in times:
         qs = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
         out.append((statistics.median(ts), qs[0], qs[-1]))
     return out
