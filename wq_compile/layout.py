@@ -275,9 +275,10 @@ class Windows:
         return int(self.starts.numel())
 
     def with_bits(self, bits: torch.Tensor) -> "Windows":
-        """The same windows stored at ``bits [W]`` (the derived token indices are shared, not recomputed)."""
+        """The same windows stored at ``bits [W]``: the derived token indices are shared with this object (one
+        cache for both), so what any layer derives is there for every later one."""
         out = Windows(self.starts, self.lengths, bits)
-        out._derived.update(self._derived)
+        object.__setattr__(out, "_derived", self._derived)  # one cache: nothing in it depends on bits
         return out
 
     def _cached(self, key: tuple, make: Callable[[], object]) -> Any:
