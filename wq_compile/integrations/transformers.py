@@ -309,8 +309,9 @@ class WindowQuantCache(Cache):
                               "so every window gets the same score (uniform allocation under the budget)",
                               stacklevel=4)
         else:
+            mask = ps.valid & finite_keys
             sub_scores = attention_scores(query[:, ps.text_idx], key, sub, sm_scale,
-                                          key_mask=ps.valid & finite_keys).float().cpu()
+                                          key_mask=None if bool(mask.all()) else mask).float().cpu()
         if not bool(torch.isfinite(sub_scores).all()):
             warnings.warn(f"layer {layer_idx}: window scores are not finite (NaN/inf queries or embeddings); "
                           f"using uniform scores", stacklevel=4)
