@@ -263,7 +263,8 @@ class Windows:
 
     The token indices derived from the windows (every windowed token's position and window, which tokens fill whole
     key groups, the start order) are computed once per object and device and then reused: a prompt's windows are
-    the same at every layer, only ``bits`` changes, and :meth:`with_bits` keeps the derived indices.
+    the same at every layer, only ``bits`` changes, and :meth:`with_bits` keeps the derived indices. The index
+    tensors handed out are those cached: read them, never modify them in place.
     """
 
     starts: torch.Tensor  # [W] long
