@@ -39,3 +39,24 @@ def test_import_has_no_side_effects():
             "from wq_compile import ATTN_IMPLEMENTATION; assert 'windowquant' in AttentionInterface._global_mapping")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_screened_quantize_is_the_checked_call_without_the_check():
+    """The cache screens windows once per layer and calls ``screened``; a direct call still refuses NaN."""
+    import pytest
+
+    from wq_compile.backend import CompiledQuantizer
+    from wq_compile.layout import screened_quantizer, torch_quantizer
+    from wq_compile.runtime import shared_library
+    from wq_compile.spec import QuantSpec
+
+    q = CompiledQuantizer(shared_library("llvm"), 4, 2, 64, torch.float32, 64)
+    assert screened_quantizer(q) == q.screened and screened_quantizer(torch_quantizer) is torch_quantizer
+    qs = QuantSpec(4, 28, 64)
+    k, v = torch.randn(2, 56, 64), torch.randn(2, 56, 64)
+    a, b = q(qs, k, v), q.screened(qs, k, v)
+    for x, y in zip((a[0].codes, a[0].scale, a[1].codes, a[1].zero), (b[0].codes, b[0].scale, b[1].codes, b[1].zero)):
+        assert torch.equal(x, y)
+    k[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        q(qs, k, v)

@@ -127,8 +127,10 @@ def test_e2e_cold_then_warm_in_fresh_processes(tmp_path) -> None:
         assert r.prompt_tokens > 196 and r.layers == 1
         assert r.backend.startswith("tvm")  # the compiled kernels ran, not the torch fallback
         assert min(r.dense_ttft_ms, r.wq_first_ttft_ms, r.wq_next_ttft_ms, r.dense_decode_ms, r.wq_decode_ms) > 0
-        assert 0 < r.store_ms < r.wq_next_ttft_ms
+        assert 0 < r.store_ms < r.wq_next_ttft_ms and r.dense_first_ttft_ms > 0
+        stages = (r.screen_ms, r.score_ms, r.search_ms, r.fill_ms)
+        assert min(stages) >= 0 and r.fill_ms > 0 and sum(stages) <= r.store_ms + 1e-6
     assert any((tmp_path / "tiny").rglob("*.so"))  # the cold run built modules where the warm run found them
     with pytest.raises(RuntimeError, match="cold run needs an empty folder"):
         e2e.run(["tiny"], frames=1, new_tokens=3, repeats=1, layers=1, cache_dir=str(tmp_path), progress=False)
-    assert "ms/tok WQ" in e2e.format_table(rows)
+    assert "ms/tok WQ" in e2e.format_table(rows) and "screen/score/search/fill" in e2e.format_table(rows)

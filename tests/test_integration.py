@@ -301,3 +301,98 @@ def test_beam_search_scores_match_the_caches_own_greedy_path(model) -> None:
         assert forced.sequences[0, n_in:].tolist() == gen
         logp = sum(float(torch.log_softmax(lg[0].double(), -1)[tok]) for lg, tok in zip(forced.logits, gen))
         assert abs(logp - float(score)) < 1e-3 * max(1.0, abs(logp))
+
+
+def _fill_per_window(layer, b, k, v, windows, valid) -> None:
+    """The pre-vectorization fill_sample: one Python step per window in bucket order (the oracle for the layout)."""
+    from wq_compile.layout import unquantizable_windows
+
+    bad = unquantizable_windows(k, v, windows.starts, windows.lengths)
+    bits = torch.where(bad, torch.full_like(windows.bits, 16), windows.bits)
+    order = windows.with_bits(bits).bucket_order().tolist()
+    in_window = torch.zeros(k.shape[1], dtype=torch.bool)
+    per_bits, tails = {w: [] for w in layer.buckets}, []
+    for w in order:
+        s, n, width = int(windows.starts[w]), int(windows.lengths[w]), int(bits[w])
+        idx = torch.arange(s, s + n)
+        in_window[idx] = True
+        whole = 0 if width == 16 else n // layer.k_group * layer.k_group
+        if whole:
+            per_bits[width].append(idx[:whole])
+        tails.append(idx[whole:])
+    for width, parts in per_bits.items():
+        if parts:
+            idx = torch.cat(parts)
+            layer.buckets[width].append(b, k[:, idx], v[:, idx], layer.quantizer)
+    idx = torch.cat(tails)
+    if idx.numel():
+        layer.dense.append(b, k[:, idx], v[:, idx], pinned=True)
+    idx = torch.nonzero(~in_window & valid).flatten()
+    layer.dense.append(b, k[:, idx], v[:, idx])
+    layer.flush()
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_vectorized_fill_is_bit_identical_to_the_per_window_fill(shuffled: bool) -> None:
+    """Unsorted windows, every width, group tails, a NaN window and an out-of-fp16-range one, padding."""
+    from wq_compile.layout import LayerCache, Windows
+
+    gen = torch.Generator().manual_seed(3)
+    t = 900
+    k, v = torch.randn(2, t, 64, generator=gen), torch.randn(2, t, 64, generator=gen)
+    lengths = [84, 57, 196, 30, 61, 112, 5, 140]
+    starts, s = [], 7
+    for n in lengths:
+        starts.append(s)
+        s += n + 3
+    bits = [8, 16, 2, 4, 8, 2, 4, 2]
+    k[1, starts[3] + 2, 9] = float("nan")
+    v[0, starts[5] + 100, 1] = 1e6
+    perm = torch.randperm(len(lengths), generator=gen) if shuffled else torch.arange(len(lengths))
+    w = Windows(torch.tensor(starts)[perm], torch.tensor(lengths)[perm], torch.tensor(bits)[perm])
+    valid = torch.ones(t, dtype=torch.bool)
+    valid[:4] = False
+    want = LayerCache.empty(1, 2, 64, torch.float32, residual=64)
+    got = LayerCache.empty(1, 2, 64, torch.float32, residual=64)
+    _fill_per_window(want, 0, k, v, w, valid)
+    got.fill_sample(0, k, v, w, valid=valid)
+    for width in want.buckets:
+        for a, b in zip(want.buckets[width].tensors(), got.buckets[width].tensors()):
+            assert torch.equal(a, b)
+    for name in ("k", "v", "lens", "pinned"):
+        assert torch.equal(getattr(want.dense, name).nan_to_num(7.0), getattr(got.dense, name).nan_to_num(7.0))
+    assert got.stats["dense_windows"] == 2
+
+
+def test_prompt_plan_is_built_once_and_shared_by_every_layer(monkeypatch) -> None:
+    """Windows' token indices, text index and masks are derived once per prompt, not once per layer."""
+    from wq_compile.layout import Windows
+
+    built: list[tuple] = []
+    real = Windows._cached
+
+    def counting(self, key, make):
+        def counted():
+            built.append(key)
+            return make()
+        return real(self, key, counted)
+
+    monkeypatch.setattr(Windows, "_cached", counting)
+    torch.set_grad_enabled(False)
+    layers = 5
+    m = tiny_model(ATTN_IMPLEMENTATION, layers=layers)
+    p = video_prompt(m, [3, 2])
+    cache = _wq(m, p, avg_bits=3.0)
+    _generate(m, p, cache, new=2)
+    assert cache.stats.prefill_layers == layers
+    assert cache.stats.prompt_plans == 2  # one per sample, not per layer
+    assert built
+    kinds = [k[0] for k in built]
+    for kind in set(kinds):  # each derivation at most once per sample, whatever the number of layers
+        assert kinds.count(kind) <= 2, (kind, kinds.count(kind))
+    assert set(cache.stats.stage_seconds) == {"screen", "score", "search", "fill"}
+    assert all(s >= 0 for s in cache.stats.stage_seconds.values())
+    assert sum(cache.stats.stage_seconds.values()) <= cache.stats.store_seconds
+    cache.prepare(**p.inputs)  # a new conversation derives its prompt again
+    _generate(m, p, cache, new=2)
+    assert cache.stats.prompt_plans == 4

@@ -149,3 +149,18 @@ def test_kernel_spec_uri_and_validation() -> None:
         KernelSpec("decode", (4,), head_dim=64, num_q_heads=14, num_kv_heads=2, dtype="f8")
     with pytest.raises(TypeError, match="bits"):
         KernelSpec("decode", [4], head_dim=64, num_q_heads=14, num_kv_heads=2)  # type: ignore[arg-type]
+
+
+def test_quantizable_tokens_matches_the_elementwise_rule() -> None:
+    """``|x| <= 65504`` for every element of the token: NaN, +-inf and out-of-range values fail, the bound passes."""
+    from wq_compile.quant import FP16_MAX, quantizable_tokens
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(3, 40, 16).to(dtype)
+        x[0, 1, 2], x[1, 2, 3], x[2, 3, 4], x[0, 4, 0] = float("nan"), float("inf"), float("-inf"), -FP16_MAX
+        if dtype != torch.float16:
+            x[1, 5, 7] = 7e4
+        want = (x.abs() <= FP16_MAX).all(-1)
+        assert torch.equal(quantizable_tokens(x), want)
+        assert not bool(want[0, 1]) and not bool(want[1, 2]) and not bool(want[2, 3]) and bool(want[0, 4])
+    assert quantizable_tokens(torch.zeros(2, 5, 0)).shape == (2, 5)

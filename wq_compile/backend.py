@@ -58,6 +58,11 @@ class CompiledQuantizer:
         # The kernel would code NaN as its group's minimum and overflow fp16 scales: refuse, as the reference does.
         check_quantizable("k", k)
         check_quantizable("v", v)
+        return self.screened(qs, k, v)
+
+    def screened(self, qs: QuantSpec, k: torch.Tensor, v: torch.Tensor) -> tuple[QuantizedKeys, QuantizedValues]:
+        """The call for tokens already screened by the caller (``LayerCache.fill_sample`` checks every window once
+        per layer before it reaches a bucket): the same kernel call without a second pass over ``k, v``."""
         kernel = self.library.load(self.spec(qs))
         kc, ks, kz, vc, vs, vz = kernel.run(k.to(self.dtype).contiguous()[None], v.to(self.dtype).contiguous()[None])
         self.calls += 1

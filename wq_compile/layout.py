@@ -13,7 +13,7 @@ different windows), and capacity is a multiple of ``chunk`` so kernels loop over
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +33,13 @@ def torch_quantizer(spec: QuantSpec, k: torch.Tensor, v: torch.Tensor) -> tuple[
     return quantize_keys(k, spec), quantize_values(v, spec)
 
 
+def screened_quantizer(quantizer: Quantizer) -> Quantizer:
+    """The form of ``quantizer`` for tokens the caller already screened (:func:`quantizable_mask`): its
+    ``screened`` attribute when it has one (the compiled quantizer, which then skips its own NaN/range check),
+    else ``quantizer`` itself."""
+    return getattr(quantizer, "screened", quantizer)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -42,8 +49,10 @@ def _grow(t: torch.Tensor, dim: int, new: int) -> torch.Tensor:
     if t.shape[dim] >= new:
         return t
     shape = list(t.shape)
-    shape[dim] = new - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+    shape[dim] = new
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
 
 
 @dataclass
@@ -227,24 +236,146 @@ def unquantizable_windows(k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor
     Such a window is stored dense at the model's dtype like a 16-bit window (attention then equals dense attention:
     NaN propagates, large values stay exact). One vectorized pass over the prompt plus a prefix sum.
     """
-    bad = ~(quantizable_tokens(k) & quantizable_tokens(v)).all(0)  # [T]
+    return _bad_runs(~quantizable_mask(k, v), starts, lengths)
+
+
+def windows_holding(tokens: torch.Tensor, windows: "Windows") -> torch.Tensor:
+    """``[W]`` bool: the windows holding any True of ``tokens [T]`` (e.g. ``~quantizable_mask(k, v)``)."""
+    return _bad_runs(tokens, windows.starts, windows.lengths)
+
+
+def quantizable_mask(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[T]`` bool: token ``t`` of ``k, v [Hkv, T, D]`` is finite and within the fp16 range in every head."""
+    return (quantizable_tokens(k) & quantizable_tokens(v)).all(0)
+
+
+def _bad_runs(bad: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[W]`` bool: runs ``[starts, starts + lengths)`` holding any True of ``bad [T]`` (one prefix sum)."""
     cs = torch.cat([bad.new_zeros(1, dtype=torch.long), torch.cumsum(bad.long(), 0)])
     s, ln = starts.to(cs.device), lengths.to(cs.device)
     return (cs[s + ln] - cs[s]) > 0
 
 
 @dataclass(frozen=True)
-class WindowAssignment:
-    """Windows of one sample at one layer: token ``[start, start+length)`` stored at ``bits``."""
+class Windows:
+    """Windows of one sample: token runs ``[starts[i], starts[i] + lengths[i])`` of the prompt, and (once a search
+    assigned them) the width ``bits[i]`` each is stored at (16: dense).
+
+    The token indices derived from the windows (every windowed token's position and window, which tokens fill whole
+    key groups, the start order) are computed once per object and device and then reused: a prompt's windows are
+    the same at every layer, only ``bits`` changes, and :meth:`with_bits` keeps the derived indices. The index
+    tensors handed out are those cached: read them, never modify them in place.
+    """
 
     starts: torch.Tensor  # [W] long
     lengths: torch.Tensor  # [W] long
-    bits: torch.Tensor  # [W] long, in {16, 8, 4, 2}
+    bits: torch.Tensor | None = None  # [W] long, in {16, 8, 4, 2}; None before the search
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return int(self.starts.numel())
+
+    def with_bits(self, bits: torch.Tensor) -> "Windows":
+        """The same windows stored at ``bits [W]``: the derived token indices are shared with this object (one
+        cache for both), so what any layer derives is there for every later one."""
+        out = Windows(self.starts, self.lengths, bits)
+        object.__setattr__(out, "_derived", self._derived)  # one cache: nothing in it depends on bits
+        return out
+
+    def _cached(self, key: tuple, make: Callable[[], object]) -> Any:
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
+    def token_index(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, window_id)`` of every windowed token, both ``[sum(lengths)]``, window-major."""
+        dev = torch.device(device) if device is not None else self.starts.device
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            starts, lengths = self.starts.to(dev), self.lengths.to(dev)
+            wid = torch.repeat_interleave(torch.arange(len(self), device=dev), lengths)
+            first = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
+            pos = first + torch.arange(int(self.lengths.sum()), device=dev)
+            return pos, wid
+
+        return self._cached(("token_index", dev), make)
+
+    def whole_groups(self, k_group: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[sum(lengths)]`` bool over :meth:`token_index`: the token lies in a whole key group of its window
+        (what a bucket quantizes; the tail of a window stays fp16)."""
+        dev = torch.device(device) if device is not None else self.starts.device
+
+        def make() -> torch.Tensor:
+            pos, wid = self.token_index(dev)
+            starts, lengths = self.starts.to(dev), self.lengths.to(dev)
+            return (pos - starts[wid]) < (lengths // k_group * k_group)[wid]
+
+        return self._cached(("whole_groups", k_group, dev), make)
+
+    def whole_positions(self, k_group: int, device: torch.device | str | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, window_id)`` of the tokens in whole key groups, window-major."""
+        dev = torch.device(device) if device is not None else self.starts.device
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            pos, wid = self.token_index(dev)
+            keep = self.whole_groups(k_group, dev)
+            return pos[keep], wid[keep]
+
+        return self._cached(("whole_positions", k_group, dev), make)
+
+    def prompt_order(self, k_group: int, device: torch.device | str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(positions, window_id, whole)`` of every windowed token in prompt order (windows sorted by start);
+        ``whole`` as in :meth:`whole_groups`."""
+        dev = torch.device(device) if device is not None else self.starts.device
+
+        def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            pos, wid = self.token_index(dev)
+            whole = self.whole_groups(k_group, dev)
+            if len(self) < 2 or bool((self.starts[1:] >= self.starts[:-1]).all()):
+                return pos, wid, whole
+            order = torch.argsort(pos, stable=True)
+            return pos[order], wid[order], whole[order]
+
+        return self._cached(("prompt_order", k_group, dev), make)
+
+    def whole_run_start(self, k_group: int, device: torch.device | str | None = None) -> int | None:
+        """The first position when the whole-group tokens (:meth:`whole_positions`) are one run of consecutive
+        positions (back-to-back frames of a video), else None: callers slice instead of gathering."""
+        dev = torch.device(device) if device is not None else self.starts.device
+
+        def make() -> int | None:
+            pos = self.whole_positions(k_group, dev)[0]
+            if pos.numel() == 0:
+                return None
+            first = int(pos[0])
+            return first if int(pos[-1]) - first + 1 == pos.numel() and bool((pos.diff() == 1).all()) else None
+
+        return self._cached(("whole_run_start", k_group, dev), make)
+
+    def check_disjoint(self, tokens: int) -> None:
+        """Raise ``ValueError`` unless the windows are disjoint runs inside a ``tokens``-token prompt (checked once)."""
+        ok = self._derived.get(("disjoint", tokens))
+        if ok is None:
+            ends = self.starts + self.lengths
+            srt = torch.argsort(self.starts)
+            ok = not (int(self.starts.min()) < 0 or int(ends.max()) > tokens
+                      or bool((self.starts[srt][1:] < ends[srt][:-1]).any()))
+            self._derived[("disjoint", tokens)] = ok
+        if not ok:
+            raise ValueError(f"windows: must be disjoint runs inside the {tokens}-token prompt")
 
     def bucket_order(self) -> torch.Tensor:
         """Window indices grouped by width (wide first), original order inside a bucket."""
+        if self.bits is None:
+            raise ValueError("windows: no widths assigned (bits is None)")
         key = (16 - self.bits) * (int(self.starts.max()) + 1 if len(self.starts) else 1) + self.starts
         return torch.argsort(key, stable=True)
+
+
+#: A prompt's windows with their widths: the same type as :class:`Windows` (kept as a name for callers).
+WindowAssignment = Windows
 
 
 @dataclass
@@ -276,45 +407,50 @@ class LayerCache:
         dense = DensePiece.empty(batch, kv_heads, head_dim, dtype, device, chunk)
         return cls(buckets, dense, k_group, residual, flush, flush_bits, quantizer)
 
-    def fill_sample(self, b: int, k: torch.Tensor, v: torch.Tensor, windows: WindowAssignment,
-                    valid: torch.Tensor | None = None) -> None:
+    def fill_sample(self, b: int, k: torch.Tensor, v: torch.Tensor, windows: Windows,
+                    valid: torch.Tensor | None = None, *, quantizable: torch.Tensor | None = None) -> None:
         """Store the prompt of sample ``b`` (``k, v [Hkv, T, D]``): windows into buckets in bucket order,
         everything else (text, padding excluded via ``valid [T]``) into the residual in prompt order. A window with
-        NaN/inf or out-of-fp16-range elements is stored as a 16-bit window (dense), whatever its assigned width."""
+        NaN/inf or out-of-fp16-range elements is stored as a 16-bit window (dense), whatever its assigned width.
+
+        ``quantizable [T]`` (:func:`quantizable_mask` of ``k, v``) may be passed when the caller already has it.
+        Vectorized: one gather per bucket and one for the dense piece, whatever the number of windows; the token
+        indices come from ``windows`` (computed once per windows object, see :class:`Windows`)."""
         t = k.shape[-2]
+        dev = k.device
+        in_window = torch.zeros(t, dtype=torch.bool, device=dev)
         if len(windows.starts):
-            ends = windows.starts + windows.lengths
-            srt = torch.argsort(windows.starts)
-            if int(windows.starts.min()) < 0 or int(ends.max()) > t or bool((windows.starts[srt][1:] < ends[srt][:-1]).any()):
-                raise ValueError(f"windows: must be disjoint runs inside the {t}-token prompt")
-            bad = unquantizable_windows(k, v, windows.starts, windows.lengths).to(windows.bits.device)
-            if bool(bad.any()):
-                windows = WindowAssignment(windows.starts, windows.lengths,
-                                           torch.where(bad, torch.full_like(windows.bits, 16), windows.bits))
-                self.stats["dense_windows"] += int(bad.sum())
-        in_window = torch.zeros(t, dtype=torch.bool, device=k.device)
-        per_bits: dict[int, list[torch.Tensor]] = {bits: [] for bits in self.buckets}
-        tails: list[torch.Tensor] = []
-        for w in windows.bucket_order().tolist():
-            s, n, bits = int(windows.starts[w]), int(windows.lengths[w]), int(windows.bits[w])
-            idx = torch.arange(s, s + n, device=k.device)
-            in_window[idx] = True
-            if bits == 16:
-                tails.append(idx)
-                continue
-            whole = n // self.k_group * self.k_group
-            per_bits[bits].append(idx[:whole])
-            tails.append(idx[whole:])
-        for bits, parts in per_bits.items():
-            if parts:
-                idx = torch.cat(parts)
-                self.buckets[bits].append(b, k[:, idx], v[:, idx], self.quantizer)
-        if tails:
-            idx = torch.cat(tails)
-            self.dense.append(b, k[:, idx], v[:, idx], pinned=True)
-        rest = ~in_window if valid is None else (~in_window & valid.to(torch.bool))
+            if windows.bits is None:
+                raise ValueError("windows: fill_sample needs widths (Windows.bits)")
+            windows.check_disjoint(t)
+            widths = {int(x) for x in windows.bits.unique().tolist()}
+            if not widths <= set(self.buckets) | {16}:
+                raise ValueError(f"windows: widths {sorted(widths)} not in {sorted(set(self.buckets) | {16})}")
+            ok = quantizable_mask(k, v) if quantizable is None else quantizable.to(dev)
+            bad = _bad_runs(~ok, windows.starts, windows.lengths).to(windows.bits.device)
+            bits = windows.bits
+            n_bad = int(bad.sum())
+            if n_bad:
+                bits = torch.where(bad, torch.full_like(bits, 16), bits)
+                self.stats["dense_windows"] += n_bad
+            pos, wid, whole = windows.prompt_order(self.k_group, dev)
+            tok_bits = bits.to(dev)[wid]
+            in_window[pos] = True
+            for width in self.buckets:  # bucket order inside a width = prompt order (windows by start)
+                if width in widths:
+                    idx = pos[(tok_bits == width) & whole]
+                    if idx.numel():  # screened above: the quantizer need not check again
+                        self.buckets[width].append(b, k.index_select(1, idx), v.index_select(1, idx),
+                                                   screened_quantizer(self.quantizer))
+            pinned = (tok_bits == 16) | ~whole  # 16-bit windows and group tails, in bucket order (wide first)
+            idx, tb = pos[pinned], tok_bits[pinned]
+            if idx.numel():
+                if len(widths) > 1:
+                    idx = idx[torch.argsort(16 - tb, stable=True)]
+                self.dense.append(b, k.index_select(1, idx), v.index_select(1, idx), pinned=True)
+        rest = ~in_window if valid is None else (~in_window & valid.to(device=dev, dtype=torch.bool))
         idx = torch.nonzero(rest).flatten()
-        self.dense.append(b, k[:, idx], v[:, idx])
+        self.dense.append(b, k.index_select(1, idx), v.index_select(1, idx))
         self.flush()
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:

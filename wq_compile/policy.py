@@ -41,11 +41,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -
 
 def _whole_positions(windows: Windows, k_group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(positions, window_id)`` of the tokens in whole key groups (what a bucket quantizes; tails stay fp16)."""
-    pos, wid = windows.token_index()
-    whole = (windows.lengths // k_group) * k_group
-    local = pos - torch.repeat_interleave(windows.starts, windows.lengths)
-    keep = local < torch.repeat_interleave(whole, windows.lengths)
-    return pos[keep], wid[keep]
+    return windows.whole_positions(k_group)
 
 
 def fake_quant_fast(x: torch.Tensor, bits: int, group: int, kind: str) -> torch.Tensor:

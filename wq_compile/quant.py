@@ -36,7 +36,9 @@ def quantizable_tokens(x: torch.Tensor) -> torch.Tensor:
     reference and the compiled quantizers and the cache share: a window or residual block with any such token is
     not quantized (the cache keeps it dense), and the quantizers refuse it (:func:`check_quantizable`).
     """
-    return (x.abs() <= FP16_MAX).all(-1)
+    if x.shape[-1] == 0:
+        return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return x.abs().amax(-1) <= FP16_MAX  # amax propagates NaN, and NaN <= m is False
 
 
 def check_quantizable(name: str, x: torch.Tensor) -> None:

@@ -12,27 +12,9 @@ from typing import Sequence
 
 import torch
 
-from .layout import WindowAssignment
+from .layout import Windows
 from .quant import fake_quant, key_slots
 from .spec import BIT_WIDTHS, GROUP_META_BITS, QuantSpec
-
-@dataclass(frozen=True)
-class Windows:
-    """Windows of one sample: token runs ``[starts[i], starts[i] + lengths[i])`` of the prompt."""
-
-    starts: torch.Tensor  # [W] long
-    lengths: torch.Tensor  # [W] long
-
-    def __len__(self) -> int:
-        return int(self.starts.numel())
-
-    def token_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(positions, window_id)`` of every windowed token, both ``[sum(lengths)]``."""
-        wid = torch.repeat_interleave(torch.arange(len(self), device=self.starts.device), self.lengths)
-        first = torch.repeat_interleave(self.starts - torch.cumsum(self.lengths, 0) + self.lengths, self.lengths)
-        pos = first + torch.arange(int(self.lengths.sum()), device=self.starts.device)
-        return pos, wid
-
 
 def make_windows(spans: Sequence[tuple[int, int]], size: int) -> Windows:
     """Split visual spans ``(start, length)`` into windows of ``size`` tokens (the last of a span may be shorter).
@@ -68,9 +50,9 @@ def embedding_scores(embeds: torch.Tensor, windows: Windows, text_mask: torch.Te
         raise ValueError(f"embeds: expected [tokens, hidden], got shape {tuple(embeds.shape)}")
     if not bool(text_mask.any()):
         return torch.ones(len(windows), device=embeds.device)
-    pos, wid = windows.token_index()
     e = embeds.float()
-    win = _segment_mean(e[pos.to(e.device)], wid.to(e.device), len(windows))
+    pos, wid = windows.token_index(e.device)
+    win = _segment_mean(e[pos], wid, len(windows))
     txt = e[text_mask.to(e.device)].mean(0, keepdim=True)
     return torch.nn.functional.cosine_similarity(win, txt, dim=-1)
 
@@ -93,8 +75,8 @@ def attention_scores(q_text: torch.Tensor, k: torch.Tensor, windows: Windows, sm
         logits = logits.masked_fill(~key_mask.to(logits.device, torch.bool), float("-inf"))
     p = torch.softmax(logits, dim=-1)
     mass = p.mean(dim=(0, 1))  # [T]
-    pos, wid = windows.token_index()
-    return mass.new_zeros(len(windows)).index_add_(0, wid.to(mass.device), mass[pos.to(mass.device)])
+    pos, wid = windows.token_index(mass.device)
+    return mass.new_zeros(len(windows)).index_add_(0, wid, mass[pos])
 
 
 def effective_bits(bits: int, k_group: int, v_group: int) -> float:
@@ -128,13 +110,13 @@ def window_errors(k: torch.Tensor, v: torch.Tensor, windows: Windows, widths: Se
     The default measures each group's range and uses the uniform-quantizer error ``(range / qmax)^2 / 12``: one
     min/max pass for all widths. ``exact=True`` quantizes at every width and measures (about 100x slower).
     """
-    pos, wid = windows.token_index()
-    whole = (windows.lengths // k_group) * k_group
-    local = pos - torch.repeat_interleave(windows.starts, windows.lengths)
-    keep = local < torch.repeat_interleave(whole, windows.lengths)
-    pos, wid = pos[keep].to(k.device), wid[keep].to(k.device)
+    pos, wid = windows.whole_positions(k_group, k.device)
     nw = len(windows)
-    kw, vw = k[..., pos, :].float(), v[..., pos, :].float()
+    first = windows.whole_run_start(k_group, k.device)
+    if first is not None:  # back-to-back windows of whole groups (video frames): a view, no gather
+        kw, vw = k[..., first : first + pos.numel(), :].float(), v[..., first : first + pos.numel(), :].float()
+    else:
+        kw, vw = k.index_select(-2, pos).float(), v.index_select(-2, pos).float()
     cnt = torch.bincount(wid, minlength=nw).clamp_min(1)
     lead = k.shape[:-3]
 
@@ -256,8 +238,9 @@ class Plan:
     k_group: int
     v_group: int
 
-    def layer(self, i: int) -> WindowAssignment:
-        return WindowAssignment(self.windows.starts, self.windows.lengths, self.bits[i])
+    def layer(self, i: int) -> Windows:
+        """The windows of layer ``i`` with their widths."""
+        return self.windows.with_bits(self.bits[i])
 
     def effective_avg_bits(self) -> float:
         """Average effective bits per windowed K/V element over all layers (what the budget constrains)."""

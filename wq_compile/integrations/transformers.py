@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,10 +24,10 @@ from transformers.masking_utils import sdpa_mask
 
 from ..config import WindowQuantConfig
 from ..backend import Backend, make_backend
-from ..layout import LayerCache, WindowAssignment, unquantizable_windows
+from ..layout import LayerCache, Windows, windows_holding
 from ..quant import quantizable_tokens
 from ..reference import decode_attention
-from ..search import Plan, Windows, attention_scores, embedding_scores, make_windows, min_avg_bits, search
+from ..search import Plan, attention_scores, embedding_scores, make_windows, min_avg_bits, search
 from .llava import SampleLayout, VisualLayout, locate
 
 NAME = "windowquant"
@@ -94,6 +94,21 @@ class CacheStats:
     reference_calls: int = 0
     prefill_layers: int = 0
     store_seconds: float = 0.0  # prefill: window search, quantization and reordering, all layers
+    #: ``store_seconds`` by stage: "screen" (NaN/inf/fp16-range check of K/V), "score" (attention scores),
+    #: "search" (errors + allocation), "fill" (quantize kernel, reorder into buckets, residual)
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("screen", "score", "search", "fill"), 0.0))
+    prompt_plans: int = 0  # per-sample prompt derivations (text index, masks, windows' token indices): once a prompt
+
+
+@dataclass
+class _PromptSample:
+    """What every layer's store needs of one sample's prompt, derived once per prompt (never per layer)."""
+
+    windows: Windows  # its token indices are cached on it, so every layer reuses them
+    valid: torch.Tensor  # [T] bool on the model's device
+    text_idx: torch.Tensor | None  # positions of the text tokens (scoring queries); None: video only
+    floor: float  # the smallest budget the windows allow (fp16 group tails)
 
 
 class WindowQuantCache(Cache):
@@ -120,6 +135,7 @@ class WindowQuantCache(Cache):
         self.wq = wq_config.for_model(self.num_q_heads, self.num_kv_heads, self.head_dim)
         super().__init__(layers=[WindowQuantLayer() for _ in range(self.num_layers)])
         self.samples: list[SampleLayout] | None = None
+        self._prompt: list[_PromptSample] | None = None
         self.plans: dict[int, list[torch.Tensor]] = {}  # layer -> per-sample bits [W]
         self.scores: dict[int, list[torch.Tensor]] = {}
         self.embed_scores: list[torch.Tensor] | None = None
@@ -139,6 +155,7 @@ class WindowQuantCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.plans, self.scores, self.embed_scores = {}, {}, None
+        self._prompt = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -191,15 +208,34 @@ class WindowQuantCache(Cache):
     def _select_samples(self, idx: list[int]) -> None:
         if self.samples is not None:
             self.samples = [self.samples[i] for i in idx]
+        if self._prompt is not None:
+            self._prompt = [self._prompt[i] for i in idx]
         self.plans = {li: [bits[i] for i in idx] for li, bits in self.plans.items()}
         self.scores = {li: [sc[i] for i in idx] for li, sc in self.scores.items()}
         if self.embed_scores is not None:
             self.embed_scores = [self.embed_scores[i] for i in idx]
 
     # ---- prefill: search, quantize, reorder ---------------------------------------------------------------------
+    def _prompt_samples(self, device: torch.device) -> list[_PromptSample]:
+        """The per-sample prompt derivations, built at the first layer and reused by every later one."""
+        if self._prompt is None:
+            assert self.samples is not None
+            out = []
+            for s in self.samples:
+                w = s.windows
+                text_idx = torch.nonzero(s.text_mask).flatten().to(device) if bool(s.text_mask.any()) else None
+                floor = min_avg_bits(w, self.wq.widths, self.wq.k_group, self.wq.v_group)
+                out.append(_PromptSample(w, s.valid.to(device=device, dtype=torch.bool), text_idx, floor))
+                self.stats.prompt_plans += 1
+            self._prompt = out
+        return self._prompt
+
     def store_prompt(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      sm_scale: float) -> None:
-        """Window search for this layer, then fill its buckets (one sample at a time: windows differ per sample)."""
+        """Window search for this layer, then fill its buckets (one sample at a time: windows differ per sample).
+
+        Everything that depends on the prompt only (windows' token indices, text positions, masks, the budget
+        floor) is derived once per prompt at the first layer; a layer costs its own K/V passes only."""
         t0 = time.perf_counter()
         bsz, _, t, _ = key.shape
         if self.samples is None:
@@ -213,48 +249,59 @@ class WindowQuantCache(Cache):
         if len(self.samples) != bsz or self.samples[0].valid.shape[0] != t:
             raise ValueError(f"input_ids: prepare() saw {len(self.samples)} x {self.samples[0].valid.shape[0]} "
                              f"tokens but prefill has {bsz} x {t}")
+        prompt = self._prompt_samples(key.device)
         store = LayerCache.empty(bsz, key.shape[1], key.shape[3], key.dtype, key.device, self.wq.k_group,
                                  self.wq.v_group, self.wq.residual, flush_bits=self.wq.flush_bits,
                                  chunk=self.wq.chunk, quantizer=self.backend(key.dtype, key.device).quantize)
+        stages = self.stats.stage_seconds
         bits_list, score_list = [], []
-        for b, sample in enumerate(self.samples):
-            bits, scores = self._plan_sample(layer_idx, b, sample, query[b], key[b], value[b], sm_scale)
+        for b, ps in enumerate(prompt):
+            bits, scores, ok = self._plan_sample(layer_idx, b, ps, query[b], key[b], value[b], sm_scale)
             bits_list.append(bits)
             score_list.append(scores)
-            store.fill_sample(b, key[b], value[b], WindowAssignment(sample.windows.starts, sample.windows.lengths,
-                                                                    bits), valid=sample.valid.to(key.device))
+            t1 = time.perf_counter()
+            store.fill_sample(b, key[b], value[b], ps.windows.with_bits(bits), valid=ps.valid, quantizable=ok)
+            stages["fill"] += time.perf_counter() - t1
         self.plans[layer_idx] = bits_list
         self.scores[layer_idx] = score_list
         self.layers[layer_idx].store = store
         self.stats.prefill_layers += 1
         self.stats.store_seconds += time.perf_counter() - t0
 
-    def _plan_sample(self, layer_idx: int, b: int, sample: SampleLayout, query: torch.Tensor, key: torch.Tensor,
-                     value: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bits and scores ``[W]`` of one sample. Windows with NaN/inf or out-of-fp16-range K/V stay at 16 bits
-        (dense, so attention equals dense attention) and the search runs over the others only; a prompt without
-        text tokens (video only) or with non-finite scores gets uniform scores, with a warning."""
-        w = sample.windows
+    def _plan_sample(self, layer_idx: int, b: int, ps: _PromptSample, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Bits and scores ``[W]`` of one sample, and its per-token quantizable mask ``[T]`` (for the fill).
+        Windows with NaN/inf or out-of-fp16-range K/V stay at 16 bits (dense, so attention equals dense
+        attention) and the search runs over the others only; a prompt without text tokens (video only) or with
+        non-finite scores gets uniform scores, with a warning."""
+        stages = self.stats.stage_seconds
+        w = ps.windows
         if len(w) == 0:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        bad = unquantizable_windows(key, value, w.starts, w.lengths).cpu()
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0), None
+        t0 = time.perf_counter()
+        finite_keys = quantizable_tokens(key).all(0)  # [T]: one pass over K, one over V, shared by every use
+        ok = finite_keys & quantizable_tokens(value).all(0)
+        bad = windows_holding(~ok, w).cpu()
+        n_bad = int(bad.sum())
+        stages["screen"] += time.perf_counter() - t0
         bits = torch.full((len(w),), 16, dtype=torch.long)
         scores = torch.zeros(len(w))
-        if bool(bad.any()) and layer_idx not in self._warned_dense:
+        if n_bad and layer_idx not in self._warned_dense:
             self._warned_dense.add(layer_idx)
-            warnings.warn(f"layer {layer_idx}: {int(bad.sum())} window(s) hold NaN/inf or K/V beyond the fp16 range; "
+            warnings.warn(f"layer {layer_idx}: {n_bad} window(s) hold NaN/inf or K/V beyond the fp16 range; "
                           f"they stay dense (16 bits) and the budget applies to the other windows", stacklevel=4)
+        if n_bad == len(w):
+            return bits, scores, ok
         good = ~bad
-        if not bool(good.any()):
-            return bits, scores
-        sub = Windows(w.starts[good], w.lengths[good])
-        finite_keys = quantizable_tokens(key).all(0).cpu()
+        sub = w if n_bad == 0 else Windows(w.starts[good], w.lengths[good])
+        t0 = time.perf_counter()
         if self.wq.scorer == "embedding":
             if self.embed_scores is None:
                 raise RuntimeError("the embedding scorer saw no input embeddings: prepare(**inputs, "
                                    "model=model) must be called on the model that runs generate")
-            sub_scores = self.embed_scores[b].float().cpu()[good]
-        elif not bool(sample.text_mask.any()):
+            sub_scores = self.embed_scores[b].float().cpu()
+            sub_scores = sub_scores if n_bad == 0 else sub_scores[good]
+        elif ps.text_idx is None:
             sub_scores = torch.ones(len(sub))
             if not self._warned_video_only:
                 self._warned_video_only = True
@@ -262,24 +309,30 @@ class WindowQuantCache(Cache):
                               "so every window gets the same score (uniform allocation under the budget)",
                               stacklevel=4)
         else:
-            text_idx = torch.nonzero(sample.text_mask).flatten().to(query.device)
-            mask = (sample.valid.to(torch.bool) & finite_keys).to(key.device)
-            sub_scores = attention_scores(query[:, text_idx], key, sub, sm_scale, key_mask=mask).float().cpu()
+            mask = ps.valid & finite_keys
+            sub_scores = attention_scores(query[:, ps.text_idx], key, sub, sm_scale,
+                                          key_mask=None if bool(mask.all()) else mask).float().cpu()
         if not bool(torch.isfinite(sub_scores).all()):
             warnings.warn(f"layer {layer_idx}: window scores are not finite (NaN/inf queries or embeddings); "
                           f"using uniform scores", stacklevel=4)
             sub_scores = torch.ones(len(sub))
+        t1 = time.perf_counter()
+        stages["score"] += t1 - t0
         budget = self.wq.avg_bits
-        floor = min_avg_bits(sub, self.wq.widths, self.wq.k_group, self.wq.v_group)
+        floor = ps.floor if n_bad == 0 else min_avg_bits(sub, self.wq.widths, self.wq.k_group, self.wq.v_group)
         if budget < floor:  # fp16 tails of partial key groups (e.g. the last window of an image)
             warnings.warn(f"avg_bits={budget} is below the {floor:.3f} effective bits this prompt's windows "
                           f"need at least (fp16 group tails); using {floor:.3f}", stacklevel=4)
             budget = floor
         plan = search(sub_scores.to(key.device), key[None], value[None], sub, budget, self.wq.widths,
                       self.wq.k_group, self.wq.v_group)
-        bits[good] = plan.bits[0].cpu()
-        scores[good] = sub_scores
-        return bits, scores
+        if n_bad == 0:
+            bits, scores = plan.bits[0].cpu(), sub_scores
+        else:
+            bits[good] = plan.bits[0].cpu()
+            scores[good] = sub_scores
+        stages["search"] += time.perf_counter() - t1
+        return bits, scores, ok
 
     def plan(self, sample: int = 0) -> Plan | None:
         """The chosen widths of one sample as a :class:`Plan` (``bits [layers, windows]``), once prefill ran."""
