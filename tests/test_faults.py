@@ -82,7 +82,7 @@ def test_module_build_killed_mid_write_is_rebuilt(tmp_path: Path) -> None:
         import os, signal
         import tvm
         from wq_compile.runtime import KernelLibrary
-        from wq_testing import load_tiny_decode, run_python
+        from wq_testing import TINY_DECODE
         original = tvm.runtime.Module.export_library
         def export_then_die(self, path, *a, **k):
             original(self, path, *a, **k)

@@ -141,3 +141,21 @@ def test_cli_parsing_and_table():
     assert TOY_SPEC.uri in table and "2.00x" in table and "4.00" in table  # 4e6 B / 1e-3 s = 4 GB/s
     assert "tuned on cpu-x86_64-amd-epyc-2c" in table
     assert TuneSettings(trials={"fused": 3}).trials_for(TOY_SPEC) == 24  # per kind, default for the others
+
+
+def test_tensor_intrin_is_imported_with_a_shallow_stack_and_inspect_restored():
+    """``TuneContext`` needs ``tvm.s_tir.tensor_intrin``; wq_compile imports it with a cheap ``inspect.stack``
+    (about 8 s of CPU instead of 78 s with torch loaded, see wq_compile.ms_task): the intrinsics are registered as
+    with the plain import and ``inspect.stack`` is the standard one again afterwards."""
+    import inspect
+
+    from tvm.s_tir import TensorIntrin
+
+    from wq_compile.ms_task import import_tensor_intrin
+
+    before = inspect.stack
+    import_tensor_intrin()
+    assert inspect.stack is before
+    from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN
+
+    assert TensorIntrin.get(VNNI_DOT_16x4_INTRIN) is not None
