@@ -1,6 +1,6 @@
 """CPU (llvm) schedules: a hand default (the untuned baseline) and a MetaSchedule design space with sampled knobs.
 
-Knob rules (see TVM_NOTES): sampled values only feed schedule instructions; the loop structure never depends on a
+Knob rules (see docs/TVM_NOTES.md): sampled values only feed schedule instructions; the loop structure never depends on a
 decision; tiles are sampled only inside the fixed chunk, never on the dynamic chunk loop.
 """
 

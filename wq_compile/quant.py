@@ -1,6 +1,6 @@
 """Quantize / pack / unpack / dequantize in plain torch: the independent reference every kernel is checked against.
 
-Format (see DESIGN.md): asymmetric min/max, ``x ~ code * scale + zero`` computed in fp32 from fp16 scale and zero.
+Format (see docs/DESIGN.md): asymmetric min/max, ``x ~ code * scale + zero`` computed in fp32 from fp16 scale and zero.
 Keys: per channel over groups of ``k_group`` tokens (the last group of a run may be shorter).
 Values: per token over groups of ``v_group`` channels.
 
