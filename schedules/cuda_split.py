@@ -78,23 +78,29 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
     channel_lanes(dd)
     sch.set_scope(qscale, 0, "shared")
 
-    def stage_copy(name: str, vec: int) -> None:
+    def stage_copy(name: str, vec: int, serial: int = 0) -> None:
+        """A staging copy; its first ``serial`` loops (the key groups of a chunk) stay serial, so the clamped group
+        index is one value per vector and the 16-byte load survives (fused in, TVM cannot prove it at head_dim
+        128 with 2 words per channel)."""
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)
-        fused = sch.fuse(*loops[o + 1:])
-        _, z, lane, lanes = sch.split(fused, [None, gs, WARP, vec])
+        fused = sch.fuse(*loops[o + 1 + serial:])
+        # vector lanes split off first: a partial last step is then predicated on the vector index only, never on
+        # the lane inside the vector (else TVM drops the 16-byte load)
+        outer, lanes = sch.split(fused, [None, vec])
         sch.vectorize(lanes)
+        _, z, lane = sch.split(outer, [None, gs, WARP])
         sch.bind(z, "threadIdx.z")
         warp_lanes(lane)
         sch.set_scope(blk, 0, "shared")
 
     for p in pieces(spec):
         vec16 = 8 if spec.dtype != "f32" else 4  # 16 bytes of the dense piece / key scale and zero
-        stage_copy(p.block("kload"), code_vec if p.quantized else vec16)
+        stage_copy(p.block("kload"), code_vec if p.quantized else vec16, serial=1 if p.quantized else 0)
         if p.quantized:
             sch.set_scope(sch.get_sblock(p.block("koff")), 0, "local")
-            stage_copy(p.block("kscale"), 8)
-            stage_copy(p.block("kzero"), 8)
+            stage_copy(p.block("kscale"), 8, serial=1)
+            stage_copy(p.block("kzero"), 8, serial=1)
         stage_copy(p.block("vload"), code_vec if p.quantized else vec16)
         if not p.quantized:
             sch.set_scope(sch.get_sblock(p.block("nvalid")), 0, "local")
@@ -124,7 +130,10 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
             t_o, y, x = token_lanes(t)
             if stage in reductions:
                 sch.reorder(y, x, t_o)
-                sch.set_scope(blk, 0, "local")
+                # the zero-point term per value group: with several groups a lane reads the one of its channels,
+                # an index that depends on the lane: shared memory, not a local array (which would go to the stack)
+                several = stage == "vzero" and spec.head_dim // spec.quant(p.bits).v_group > 1
+                sch.set_scope(blk, 0, "shared" if several else "local")
             else:
                 sch.set_scope(blk, 0, "shared")
 
