@@ -1,9 +1,11 @@
-"""CUDA schedules: a hand default (one thread block per batch sample x KV head) and a design space sampling the
-thread count and the per-thread tiles.
+"""CUDA schedules: a hand default and a design space per kernel kind.
 
-Attention layout: blockIdx.x = (b, kv head); inside, every stage of a chunk spreads its spatial iterations over
-``threadIdx.x`` (one extent for the whole kernel), reductions run per thread; dequantization is inlined into its
-consumers (no K/V tile in shared memory); chunk intermediates and the running state live in shared memory.
+- split-KV decode (the decode loop's kernel on GPUs): :mod:`.cuda_split` (grid batch x KV heads x token splits,
+  one warp per query head, warp-shuffle reductions, state in registers, 16-byte staging loads);
+- merge of the split partials: one launch, one thread block per (batch, query head) (:func:`_merge`);
+- the one-block-per-(batch, KV head) decode / fused kernels (a comparison on GPUs): every stage of a chunk spreads
+  its spatial iterations over ``threadIdx.x``, reductions run per thread, dequantization is inlined;
+- quantize: element-wise blocks over blockIdx.x / threadIdx.x.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from tvm.s_tir import meta_schedule as ms
 
 from wq_compile.kernels.attention import pieces
 from wq_compile.kernels.split_decode import is_split
-from wq_compile.kernels.merge import MERGE_BLOCKS
 from wq_compile.kernels.quantize import QUANT_BLOCKS
 from wq_compile.spec import KernelSpec
 
+from .cuda_split import DEFAULT_DL, DL_CANDIDATES, schedule_split
 from .llvm import work_on_kernel
 
 #: Threads per block of the element-wise kernels (merge, quantize) and the candidates of their design space.
@@ -63,21 +65,31 @@ def mutator_probs() -> dict:
 
 def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     """Hand schedule: attention with ``attention_threads(spec)[0]`` threads per block, others ``DEFAULT_THREADS``."""
-    threads = attention_threads(spec)[0] if spec.kind in ("decode", "fused") else DEFAULT_THREADS
-    _schedule(sch, spec, threads, None, DEFAULT_CODE_VECTOR)
+    if spec.kind in ("decode", "fused") and is_split(spec):
+        work_on_kernel(sch)
+        schedule_split(sch, spec, DEFAULT_DL, None, DEFAULT_CODE_VECTOR)
+        return
+    if spec.kind in ("decode", "fused"):
+        threads = attention_threads(spec)[0]
+    else:
+        threads = min(spec.head_dim, 1024) if spec.kind == "merge" else DEFAULT_THREADS
+    _schedule(sch, spec, threads, None)
 
 
 def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     """ScheduleFn body: samples the thread count (one categorical feeding every threadIdx.x split) and unrolling."""
-    cands = attention_threads(spec) if spec.kind in ("decode", "fused") else THREAD_CANDIDATES
     if spec.kind in ("decode", "fused") and is_split(spec):
-        # at a quarter of group x chunk threads or fewer, 4-word staging vectors fail to vectorize (TVM's
-        # "eval_vec_" check); 112 threads x 4 words at head_dim 128 still fails: MetaSchedule discards that build
-        cands = [t for t in cands if 2 * t >= spec.group_size * spec.chunk]
+        # the split between head_dim lanes and token lanes of a warp, unrolling, code vector width
+        work_on_kernel(sch)
+        dl = sch.sample_categorical(DL_CANDIDATES, [1.0 / len(DL_CANDIDATES)] * len(DL_CANDIDATES))
+        unroll = sch.sample_categorical(_UNROLL_STEPS, [0.25] * 4)
+        vec = sch.sample_categorical(_CODE_VECTORS, [1.0 / len(_CODE_VECTORS)] * len(_CODE_VECTORS))
+        schedule_split(sch, spec, dl, unroll, vec)
+        return
+    cands = attention_threads(spec) if spec.kind in ("decode", "fused") else THREAD_CANDIDATES
     threads = sch.sample_categorical(cands, [1.0 / len(cands)] * len(cands))
     unroll = sch.sample_categorical(_UNROLL_STEPS, [0.25] * 4)
-    vec = sch.sample_categorical(_CODE_VECTORS, [1.0 / len(_CODE_VECTORS)] * len(_CODE_VECTORS)) if is_split(spec) else None
-    _schedule(sch, spec, threads, unroll, vec)
+    _schedule(sch, spec, threads, unroll)
 
 
 def _bind_spatial(sch: s_tir.Schedule, block, n_outer: int, n_spatial: int, threads) -> None:
@@ -88,16 +100,37 @@ def _bind_spatial(sch: s_tir.Schedule, block, n_outer: int, n_spatial: int, thre
     sch.bind(tx, "threadIdx.x")
 
 
-def _schedule(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll, vec=DEFAULT_CODE_VECTOR) -> None:
+def _schedule(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
     work_on_kernel(sch)
     if spec.kind in ("decode", "fused"):
-        _attention(sch, spec, threads, unroll, vec)
+        _attention(sch, spec, threads, unroll)
     elif spec.kind == "merge":
-        _elementwise_blocks(sch, MERGE_BLOCKS, threads)
+        _merge(sch, threads)
     elif spec.kind == "quantize":
         _elementwise_blocks(sch, QUANT_BLOCKS, threads)
     else:  # pragma: no cover
         raise ValueError(f"kind: no cuda schedule for {spec.kind!r}")
+
+
+def _merge(sch: s_tir.Schedule, threads) -> None:
+    """The merge in one launch: blockIdx.x = (batch, query head), channels and splits over threadIdx.x; the max and
+    the weight sum over splits are cross-thread reductions (warp shuffles), the weights are recomputed by their two
+    consumers (``merge_w`` inlined: nothing of symbolic size ``P`` lives in shared memory)."""
+    cast = sch.get_sblock("merge_cast")
+    b, h, d = sch.get_loops(cast)
+    bx = sch.fuse(b, h)
+    sch.bind(bx, "blockIdx.x")
+    _, tx = sch.split(d, [None, threads])
+    sch.bind(tx, "threadIdx.x")
+    sch.compute_inline(sch.get_sblock("merge_w"))
+    for name in ("merge_out", "merge_wsum", "merge_max"):
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, bx, preserve_unit_loops=True)
+        loops = sch.get_loops(blk)  # bx, unit loops of (b, h), then (d, p) or (p)
+        # merge_out: channels over threads, splits serial; max / weight sum: splits over threads, then across them
+        _, tx = sch.split(loops[-2] if name == "merge_out" else loops[-1], [None, threads])
+        sch.bind(tx, "threadIdx.x")
+        sch.set_scope(blk, 0, "local")
 
 
 def _elementwise_blocks(sch: s_tir.Schedule, names, threads) -> None:
@@ -113,29 +146,13 @@ def _elementwise_blocks(sch: s_tir.Schedule, names, threads) -> None:
         sch.bind(tx, "threadIdx.x")
 
 
-def _stage_copy(sch: s_tir.Schedule, block, n_outer: int, threads, vec: int) -> None:
-    """A staging copy into shared memory: its loops fused, ``vec`` consecutive elements per thread and step
-    (one 128-bit global load), the vectors spread over threadIdx.x (the predicate of a partial last step does not
-    depend on the vector lane, so the vector survives)."""
-    loops = sch.get_loops(block)
-    fused = sch.fuse(*loops[n_outer:])
-    outer, lanes = sch.split(fused, [None, vec])
-    sch.vectorize(lanes)
-    _, tx = sch.split(outer, [None, threads])
-    sch.bind(tx, "threadIdx.x")
-    sch.set_scope(block, 0, "shared")
-
-
-def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll, code_vec=DEFAULT_CODE_VECTOR) -> None:
+def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
+    """The one-block-per-(batch, KV head) attention kernels (decode / fused without split)."""
     ps = pieces(spec)
-    split = is_split(spec)
-    # blockIdx.x = (b, kv head); split kernel: blockIdx.y = split (a plain index keeps the regions of the
-    # per-chunk buffers exact). ``o`` = outer loops of every block ((by,) bx).
+    # blockIdx.x = (b, kv head); ``o`` = outer loops of every block (bx)
     outer = sch.get_loops(sch.get_sblock("qscale"))
-    o = 2 if split else 1
-    if split:  # loops (s, b, kv head): the split outermost, so shared buffers are planned per split
-        sch.bind(outer[0], "blockIdx.y")
-    bx = sch.fuse(outer[o - 1], outer[o])
+    o = 1
+    bx = sch.fuse(outer[0], outer[1])
     sch.bind(bx, "blockIdx.x")
     if unroll is not None:
         sch.annotate(bx, "meta_schedule.unroll_explicit", unroll)
@@ -143,17 +160,6 @@ def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll, code_vec=
     _bind_spatial(sch, qscale, o, 2, threads)
     sch.set_scope(qscale, 0, "shared")
     for p in ps:
-        if split:  # the chunk's codes: loaded once per KV head into shared memory, 16 bytes per thread and load
-            # 16 bytes of fp16/bf16 (dense piece, key scale / zero); code words: the sampled vector width
-            vec = (8 if spec.dtype != "f32" else 4) if not p.quantized else code_vec
-            _stage_copy(sch, sch.get_sblock(p.block("kload")), o + 1, threads, vec)
-            if p.quantized:  # the chunk's offset in its first key group: one register per thread
-                sch.set_scope(sch.get_sblock(p.block("koff")), 0, "local")
-                _stage_copy(sch, sch.get_sblock(p.block("kscale")), o + 1, threads, 8)
-                _stage_copy(sch, sch.get_sblock(p.block("kzero")), o + 1, threads, 8)
-            _stage_copy(sch, sch.get_sblock(p.block("vload")), o + 1, threads, vec)
-            if not p.quantized:  # valid tokens of the chunk (the V mask): one register per thread
-                sch.set_scope(sch.get_sblock(p.block("nvalid")), 0, "local")
         sch.compute_inline(sch.get_sblock(p.block("kdeq")))
         sch.compute_inline(sch.get_sblock(p.block("vdeq")))
         # scores: (g, t) over threads; the lane partial sums stay in registers of that thread
@@ -184,10 +190,7 @@ def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll, code_vec=
             sch.set_scope(state, i, "local")
         if unroll is None:  # the design space leaves this to RewriteReductionBlock
             sch.decompose_reduction(state, sch.get_loops(state)[o])
-    if split:
-        finals = ["final_m", *[p.block("final_w") for p in ps], "final_l", "final_o", "final_lse"]
-    else:
-        finals = ["final_o", "final_lse"] if len(ps) == 1 else ["final_m", *[p.block("final_w") for p in ps], "final_l", "final_o"]
+    finals = ["final_o", "final_lse"] if len(ps) == 1 else ["final_m", *[p.block("final_w") for p in ps], "final_l", "final_o"]
     for name in finals:
         blk = sch.get_sblock(name)
         _bind_spatial(sch, blk, o, 1, threads)  # head -> thread; the channel loop of final_o stays serial

@@ -1,8 +1,11 @@
 """CUDA kernels checked without a GPU: codegen, nvcc/ptxas resource usage for sm_90a (H100/H200) and sm_80 (A100),
-vectorized code loads, and the launch configuration of the split-KV decode at 8K tokens on an H200.
+warp-shuffle reductions, vectorized code loads, the merge in one launch, and the launch configuration of the
+split-KV decode at 8K tokens on an H200.
 
-ptxas' report (``-Xptxas -v``) is read back: no register spills, shared memory within the per-block limit, and
-registers x threads small enough for at least 2 resident blocks per SM (65536 registers per SM).
+ptxas' report (``-Xptxas -v``) is read back: no stack frame and no register spills (the running state lives in
+registers), shared memory within the per-block limit, and registers and shared memory small enough for at least
+2 resident blocks per SM (65536 registers per SM). The computation of the PrimFunc these schedules transform is
+checked on llvm against the torch reference in tests/test_split_decode.py (``test_cuda_specs_on_llvm``).
 No test here runs a kernel: that needs a GPU (see the issue's GPU visit).
 """
 
@@ -113,7 +116,46 @@ def test_ptxas_resources(key: str, arch: str, tmp_path: Path) -> None:
     for res in ptxas_report(src, arch, tmp_path):
         assert res.spill_stores == 0 and res.spill_loads == 0, f"{key} {arch}: register spills {res}"
         assert res.smem <= SMEM_LIMIT[arch], f"{key} {arch}: shared memory {res.smem} B over the limit"
-        assert res.blocks_per_sm(arch) >= 2, f"{key} {arch}: {res.registers} regs x {res.threads} threads: < 2 blocks/SM"
+        assert res.blocks_per_sm(arch) >= 2, f"{key} {arch}: {res.registers} regs x {res.threads} threads, {res.smem} B smem: < 2 blocks/SM"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+@pytest.mark.parametrize("key", [k for k in KERNELS if k.startswith("split")])
+def test_split_state_in_registers(key: str, arch: str, tmp_path: Path) -> None:
+    """The split kernel's running state (m, l, acc per lane) and partial sums are registers: no stack frame."""
+    (res,) = ptxas_report(cuda_source(KERNELS[key]), arch, tmp_path)
+    assert res.stack == 0, f"{key} {arch}: {res.stack} bytes stack frame (a local array ptxas could not promote)"
+    assert res.threads == 32 * KERNELS[key].group_size, res
+
+
+def _shuffle_reductions(src: str) -> list[int]:
+    """Widest offset of each shuffle reduction in ``src`` (TVM emits one mask variable per reduction and a
+    ``__shfl_down_sync(mask, value, offset, 32)`` per halving step)."""
+    widest: dict[str, int] = {}
+    for m in re.finditer(r"__shfl_down_sync\((\w+)\[0\], \w+\[0\], (\d+), 32\)", src):
+        widest[m.group(1)] = max(widest.get(m.group(1), 0), int(m.group(2)))
+    return list(widest.values())
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_split_reductions_are_warp_shuffles(shape: str) -> None:
+    """Scores: the head_dim slices of ``dl`` lanes are summed with shuffles (widest offset dl / 2), one reduction
+    per piece; chunk max, chunk sum and the value zero-point term: whole-warp shuffles (widest offset 16)."""
+    spec = split_kernel(shape, "f16")
+    red = _shuffle_reductions(cuda_source(spec))
+    n_pieces, n_quant = len(spec.bits), sum(1 for b in spec.bits if b != 16)
+    assert red.count(sched.DEFAULT_DL // 2) >= n_pieces, f"score reductions over head_dim lanes: {sorted(red)}"
+    # per piece: max and sum; per quantized piece: the zero-point term; and the split's lse
+    assert red.count(16) >= 2 * n_pieces + n_quant, f"token reductions over the warp: {sorted(red)}"
+
+
+def test_merge_is_one_launch() -> None:
+    for shape in SHAPES:
+        src = cuda_source(merge_spec(split_kernel(shape, "f16")))
+        kernels = sorted(set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([\d, ]+\)\s+)?(\w+)\(", src)))
+        assert len(kernels) == 1, f"{shape}: the merge launches {len(kernels)} kernels: {kernels}"
+        assert _shuffle_reductions(src), f"{shape}: the merge's max / weight sum are not warp shuffles"
 
 
 def test_code_loads_are_128_bit() -> None:
@@ -149,7 +191,8 @@ def test_launch_fills_h200_at_8k(shape: str) -> None:
     spec = split_kernel(shape, "f16")
     p = choose_splits(H200_SMS, 8192, 1, spec.num_kv_heads, spec.chunk)
     cfg = launch_config(spec, 1, p)
-    assert set(cfg) == {"blockIdx.x", "blockIdx.y", "threadIdx.x"}, cfg
+    assert set(cfg) == {"blockIdx.x", "blockIdx.y", "threadIdx.x", "threadIdx.y", "threadIdx.z"}, cfg
+    assert cfg["threadIdx.x"] * cfg["threadIdx.y"] == 32 and cfg["threadIdx.z"] == spec.group_size, cfg
     assert cfg["blockIdx.y"] == p <= min(MAX_SPLITS, 8192 // spec.chunk)  # never more splits than chunks
     blocks = cfg["blockIdx.x"] * cfg["blockIdx.y"]
     assert blocks >= 2 * H200_SMS, f"{shape}: {blocks} blocks for {H200_SMS} SMs"

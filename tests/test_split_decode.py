@@ -120,3 +120,15 @@ def test_choose_splits_policy() -> None:
     assert choose_splits(132, 1 << 20, 64, 4, 32) == 2  # a big batch fills the GPU by itself: few splits
     with pytest.raises(ValueError, match="sm_count"):
         choose_splits(0, 10, 1, 1)
+
+
+@pytest.mark.parametrize("shape,dtype", [("0.5b", "f16"), ("7b", "bf16")])
+def test_cuda_specs_on_llvm(shape: str, dtype: str) -> None:
+    """The PrimFunc the CUDA schedule transforms (tests/test_split_cuda.py: ``make_kernel`` of these very specs),
+    built for llvm and run against the torch reference: on a GPU only the schedule is left to check."""
+    spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, dtype=dtype, **SHAPES[shape]))
+    gen = torch.Generator().manual_seed(21)
+    call, want, _ = _case(spec, {8: 64, 4: 320, 2: 256, 16: 64}, {8: [7, 64], 4: [300, 0], 2: [196, 256], 16: [5, 0]}, gen)
+    for parts in (1, 6):
+        out, _, _ = run_split(spec, call, parts)
+        _check(f"{shape} {dtype} P={parts}", out, want, *TOL_LOW[dtype])

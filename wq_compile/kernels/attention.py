@@ -42,7 +42,7 @@ from tvm.script.ir_builder import tirx as T
 from ..quant import key_lane_bytes, key_words
 from ..spec import KernelSpec
 from ..signature import ArgDesc, KernelSignature
-from .common import NEG_BIG, f32, fast_exp
+from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp, signature_params
 
 _F32 = "float32"
 _I32 = "int32"
@@ -159,26 +159,12 @@ def build_attention(spec: KernelSpec) -> tirx.PrimFunc:
     ps = pieces(spec)
     sig = signature(spec)
     hq, hkv, d, gs = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.group_size
-    syms: dict[str, tirx.Var] = {}
-
-    def dim(x: int | str) -> tirx.PrimExpr:
-        if isinstance(x, int):
-            return x
-        return syms.setdefault(x, tirx.Var(x, "int32"))
-
-    def alloc(name: str, shape, dtype: str = _F32):
-        return IRBuilder.name(name, T.sblock_alloc_buffer(shape, dtype))
 
     with IRBuilder() as ib:
         with T.prim_func(s_tir=True):
             T.func_name(spec.uri)
             T.func_attr({"tirx.noalias": True})
-            bufs: dict[str, object] = {}
-            for a in sig.args:
-                if a.is_scalar:
-                    bufs[a.name] = T.arg(a.name, tirx.Var(a.name, a.dtype))
-                else:
-                    bufs[a.name] = T.arg(a.name, T.buffer(tuple(dim(s) for s in a.shape), a.dtype))
+            bufs, syms = declare_params(signature_params(sig))
             bsz = syms["B"]
             q, sm_scale = bufs["q"], bufs["sm_scale"]
             with T.sblock("root"):
@@ -479,31 +465,20 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh) -> None:
                     weight = p_buf[vb, h, tok]
                 T.buffer_store(pvc, pvc[vb, vc, h, vdd] + weight * vd_buf[vb, vkh, tok, vdd // per, vdd % per], [vb, vc, h, vdd])
         # ---- merge the chunk into the running state: the only block touching (m, l, acc) of this piece ----
+        vc_cell: list = []
+
+        def state_axes():
+            vb, vkh, vc = axes(ci, "R")
+            vg = T.axis.spatial(gs, g)
+            vc_cell[:] = [vc]
+            return (vb, vkh * gs + vg), None
+
+        def chunk_acc(row, dd_):
+            val = pvc[row[0], vc_cell[0], row[1], dd_]
+            if p.quantized:
+                val = val + st["pz"][row[0], row[1], vc_cell[0], dd_ // spec.v_group]
+            return val
+
         with T.grid(gs) as g:
-            with T.sblock(p.block("state")):
-                vb, vkh, vc = axes(ci, "R")
-                vg = T.axis.spatial(gs, g)
-                h = vkh * gs + vg
-                with T.init():
-                    T.buffer_store(m_st, f32(NEG_BIG), [vb, h])
-                    T.buffer_store(l_st, f32(0.0), [vb, h])
-                    with T.serial(0, d) as dd_:
-                        T.buffer_store(acc, f32(0.0), [vb, h, dd_])
-
-                def m_new():
-                    return tirx.max(m_st[vb, h], mc[vb, h, vc])
-
-                # fresh Let variables per use (a Let expression may appear only once in the function)
-                def e_old():
-                    return fast_exp(m_st[vb, h] - m_new())
-
-                def e_chunk():
-                    return fast_exp(mc[vb, h, vc] - m_new())
-
-                with T.serial(0, d) as dd_:
-                    chunk = pvc[vb, vc, h, dd_]
-                    if p.quantized:
-                        chunk = chunk + st["pz"][vb, h, vc, dd_ // spec.v_group]
-                    T.buffer_store(acc, acc[vb, h, dd_] * e_old() + chunk * e_chunk(), [vb, h, dd_])
-                T.buffer_store(l_st, l_st[vb, h] * e_old() + lc[vb, h, vc] * e_chunk(), [vb, h])
-                T.buffer_store(m_st, m_new(), [vb, h])
+            emit_state_update(p.block("state"), state_axes, m_st, l_st, acc,
+                              lambda row: mc[(*row, vc_cell[0])], lambda row: lc[(*row, vc_cell[0])], chunk_acc, d)

@@ -2,6 +2,9 @@
 
 ``out = sum_p o_p * exp(lse_p - M) / sum_p exp(lse_p - M)`` with ``M = max_p lse_p``; pieces with ``lse = -inf``
 (empty) weigh 0 and a row whose pieces are all empty gives 0. ``P`` is symbolic unless ``spec.extra`` has ``("p", n)``.
+
+The CUDA schedule computes every block of a row (batch, query head) in one thread block: one launch
+(``merge_w`` is inlined into its two consumers, so no buffer of symbolic size ``P`` is materialized).
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ def build_merge(spec: KernelSpec) -> tirx.PrimFunc:
                 with T.grid(bsz, hq, n_parts) as (b, h, p):
                     with T.sblock("merge_max"):
                         vb, vh, vp = T.axis.remap("SSR", [b, h, p])
-                        with T.init():
-                            T.buffer_store(mx, neg_inf, [vb, vh])
+                        with T.init():  # the max reducer's identity (TVM lowers it to warp shuffles on GPUs)
+                            T.buffer_store(mx, tirx.min_value(_F32), [vb, vh])
                         T.buffer_store(mx, tirx.max(mx[vb, vh], lse_parts[vp, vb, vh]), [vb, vh])
                 with T.grid(bsz, hq, n_parts) as (b, h, p):
                     with T.sblock("merge_w"):

@@ -18,9 +18,18 @@ Per split and piece (``t`` = token of the chunk, ``g`` = query head of the GQA g
     kload   Ks[gi, d, w]  = k_codes[min(g0 + gi, G - 1), d, w]     (the chunk's key groups; 128-bit copies on CUDA)
     kscale  Ksc[gi, d]    = k_scale[min(g0 + gi, G - 1), d]      (kzero: the same for k_zero)
     vload   Vs[t, w]      = v_codes[t0 + t, w]
-    kdeq .. state          as in :mod:`wq_compile.kernels.attention` (scores, chunk max / sum, V scale / zero folded
-                           into P, P @ V, running (m, l, acc)), reading the staged codes
-    final   (m, l, acc) of the pieces -> o_parts[s], lse_parts[s]
+    kdeq    Kd[t, d]      = dequant(staged codes)                 (inlined into qk)
+    qk      S[g, t]       = sum_d qf[g, d] * Kd[t, d]
+    cmax    mc[g]         = max_t (t valid ? S : NEG_BIG);   prob P[g, t] = t valid ? exp(S - mc) : 0
+    lsum    lc[g]         = sum_t P[g, t]
+    vscale  Ps[g, t, vg]  = t valid ? P * v_scale : 0;      vzero pz[g, vg] = sum_t (t valid ? P * v_zero : 0)
+    pv      pvc[g, d]     = sum_t Ps[g, t, d // v_group] * code(V[t, d])     (dense: P * V, V masked)
+    state   (m, l, acc)[g, d] <- online-softmax merge with (mc, lc, pvc + pz)   (one (m, l) copy per channel)
+    final   the pieces' states -> o_parts[s] per (g, d);  lse_parts[s] = M + log L, read at channel 0
+
+Each stage is one plain reduction or element-wise block, so a GPU schedule binds tokens or channels to lanes and
+lowers every reduction to warp shuffles; the per-channel state (:func:`~wq_compile.kernels.common.emit_state_update`)
+lets each lane keep the channels it owns in registers, with no lane reading another's state.
 
 How the runtime calls it (plan once per step, run per layer)::
 
@@ -33,8 +42,9 @@ How the runtime calls it (plan once per step, run per layer)::
 Both modules serve every length, batch and ``P`` (``P <= MAX_SPLITS``). Capacities must be whole chunks (the
 layout's 64-token capacities are whole 32-token chunks).
 
-The staging blocks are plain copies: the llvm schedule inlines them, the CUDA schedule puts them in shared memory
-(one load per KV head for the whole query group) with vectorized global loads.
+The staging blocks are plain copies: the llvm schedule inlines them, the CUDA schedule
+(``wq_compile.schedules.cuda_split``) puts them in shared memory (one load per KV head for the whole query group)
+with 16-byte global loads.
 """
 
 from __future__ import annotations
@@ -46,16 +56,16 @@ from tvm.script.ir_builder import tirx as T
 from ..quant import key_lane_bytes, key_words
 from ..signature import ArgDesc, KernelSignature
 from ..spec import KernelSpec
-from .attention import Piece, _unpack, max_lanes, piece_args, pieces, qk_fold_lanes, qk_lanes
-from .common import NEG_BIG, f32, fast_exp
+from .attention import Piece, _unpack, piece_args, pieces
+from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp, signature_params
 
 _F32 = "float32"
 _I32 = "int32"
 
 #: Stages of one piece of the split kernel (block names ``f"{piece.tag}_{stage}"``); ``kload``/``kscale``/``kzero`` and the
 #: V scale / zero stages exist for quantized pieces only.
-SPLIT_STAGES = ("koff", "kload", "kscale", "kzero", "vload", "nvalid", "kdeq", "qk_part", "qk_fold", "qk", "cmax_part", "cmax", "prob", "lsum",
-                "vscale", "vzero_part", "vzero", "vdeq", "pv", "state")
+SPLIT_STAGES = ("koff", "kload", "kscale", "kzero", "vload", "nvalid", "kdeq", "qk", "cmax", "prob", "lsum",
+                "vscale", "vzero", "vdeq", "pv", "state")
 
 
 def is_split(spec: KernelSpec) -> bool:
@@ -139,24 +149,12 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
     ps = pieces(spec)
     sig = signature(spec)
     hq, hkv, d, gs, c = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk
-    syms: dict[str, tirx.Var] = {}
-
-    def dim(x):
-        return x if isinstance(x, int) else syms.setdefault(x, tirx.Var(x, "int32"))
-
-    def alloc(name: str, shape, dtype: str = _F32):
-        return IRBuilder.name(name, T.sblock_alloc_buffer(shape, dtype))
 
     with IRBuilder() as ib:
         with T.prim_func(s_tir=True):
             T.func_name(spec.uri)
             T.func_attr({"tirx.noalias": True})
-            bufs: dict[str, object] = {}
-            for a in sig.args:
-                if a.is_scalar:
-                    bufs[a.name] = T.arg(a.name, tirx.Var(a.name, a.dtype))
-                else:
-                    bufs[a.name] = T.arg(a.name, T.buffer(tuple(dim(s) for s in a.shape), a.dtype))
+            bufs, syms = declare_params(signature_params(sig))
             bsz = syms["B"]
             npart = splits_extent(syms["P"])
             q, sm_scale = bufs["q"], bufs["sm_scale"]
@@ -172,17 +170,15 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                     per = spec.quant(p.bits).per_word if p.quantized else d
                     st = {
                         "nc": nc, "cps": cps,
+                        # running state, one (m, l) copy per channel (see common.emit_state_update)
                         "acc": alloc(f"{t}_acc", (bsz, hq, d)),
-                        "m": alloc(f"{t}_m", (bsz, hq)),
-                        "l": alloc(f"{t}_l", (bsz, hq)),
+                        "m": alloc(f"{t}_m", (bsz, hq, d)),
+                        "l": alloc(f"{t}_l", (bsz, hq, d)),
                         "kd": alloc(f"{t}_kd", (bsz, hkv, c, d // per, per)),
                         "vd": alloc(f"{t}_vd", (bsz, hkv, c, d // per, per)),
                         "s": alloc(f"{t}_s", (bsz, hq, c)),
-                        "sp": alloc(f"{t}_sp", (bsz, hkv, gs, c, qk_lanes(d))),
-                        "sf": alloc(f"{t}_sf", (bsz, hkv, gs, c, qk_fold_lanes(d))),
                         "p": alloc(f"{t}_p", (bsz, hq, c)),
                         "mc": alloc(f"{t}_mc", (bsz, hq)),
-                        "mp": alloc(f"{t}_mp", (bsz, hq, max_lanes(c))),
                         "lc": alloc(f"{t}_lc", (bsz, hq)),
                         "pvc": alloc(f"{t}_pvc", (bsz, hq, d)),
                     }
@@ -192,7 +188,6 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                         st.update(
                             ps=alloc(f"{t}_ps", (bsz, hq, c, d // qs.v_group)),
                             pz=alloc(f"{t}_pz", (bsz, hq, d // qs.v_group)),
-                            pzp=alloc(f"{t}_pzp", (bsz, hq, d // qs.v_group, max_lanes(c))),
                             koff=alloc(f"{t}_koff", (bsz, hkv), _I32),
                             ks=alloc(f"{t}_ks", (bsz, hkv, ngk, d, key_words(p.bits, spec.k_group)), _I32),
                             ksc=alloc(f"{t}_ksc", (bsz, hkv, ngk, d), "float16"),
@@ -204,19 +199,16 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                                   nvalid=alloc(f"{t}_nvalid", (bsz, hkv), _I32),
                                   ks=alloc(f"{t}_ks", (bsz, hkv, c, d), spec.tvm_dtype))
                     states.append(st)
-                m_all = alloc("m_all", (bsz, hq))
-                w_all = alloc("w_all", (bsz, hq, len(ps)))
-                l_all = alloc("l_all", (bsz, hq))
                 with T.grid(npart, bsz, hkv) as (s, b, kh):
                     IRBuilder.name_many(["s", "b", "kh"], [s, b, kh])
                     # GPU targets: __launch_bounds__(threads, MIN_BLOCKS_PER_SM) (with the thread count alone, ptxas
                     # of CUDA 13 holds this kernel at 72 registers and spills); CPU targets ignore it
                     with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MIN_BLOCKS_PER_SM):
-                        _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh, m_all, w_all, l_all)
+                        _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh)
     return ib.get()
 
 
-def _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh, m_all, w_all, l_all) -> None:
+def _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh) -> None:
     """One (split, sample, KV head): scale the query group, every piece's chunk loop, the split's final merge."""
     gs, d = spec.group_size, spec.head_dim
     with T.grid(gs, d) as (g, dd):
@@ -226,59 +218,47 @@ def _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh, m_all, w
             T.buffer_store(qf, q[vb, h, vd].astype(_F32) * sm_scale, [vb, h, vd])
     for p, st in zip(ps, states):
         _emit_piece(spec, p, bufs, st, qf, syms, b, kh, s)
-    _emit_final(spec, ps, bufs, states, syms, b, kh, s, m_all, w_all, l_all)
+    _emit_final(spec, ps, bufs, states, syms, b, kh, s)
 
-def _emit_final(spec, ps, bufs, states, syms, b, kh, s, m_all, w_all, l_all) -> None:
-    """Merge the pieces' states of this split: o = sum_p acc_p e^(m_p - M) / L, lse = M + log L (L = sum_p l_p e^..)."""
+def _combine(states, row, dd):
+    """This split's pieces combined at channel ``dd`` of query row ``row``: ``(num, den, M)`` with
+    ``M = max_p m_p``, ``den = sum_p l_p e^(m_p - M)``, ``num = sum_p acc_p e^(m_p - M)`` (absent pieces weigh 0)."""
+    mx = f32(NEG_BIG)
+    for st in states:
+        mx = tirx.max(mx, tirx.Select(st["nc"] > 0, st["m"][(*row, dd)], f32(NEG_BIG)))
+    num, den = f32(0.0), f32(0.0)
+    for st in states:
+        w = tirx.Select(st["nc"] > 0, fast_exp(st["m"][(*row, dd)] - mx), f32(0.0))
+        num = num + tirx.Select(w > f32(0.0), st["acc"][(*row, dd)] * w, f32(0.0))
+        den = den + tirx.Select(w > f32(0.0), st["l"][(*row, dd)] * w, f32(0.0))
+    return num, den, mx
+
+
+def _emit_final(spec, ps, bufs, states, syms, b, kh, s) -> None:
+    """The split's partial: ``o = num / den`` per channel, ``lse = M + log(den)`` (every channel holds the same
+    ``M, den``; a reduction over the channels picks channel 0's, so a GPU reads it from the registers of the lane
+    that owns it and no lane reads another's state)."""
     gs, d = spec.group_size, spec.head_dim
     o_parts, lse_parts = bufs["o_parts"], bufs["lse_parts"]
     npart = splits_extent(syms["P"])
-
-    def present(st):
-        return st["nc"] > 0
-
-    def axes(g):
-        vb, vkh, vg = T.axis.remap("SSS", [b, kh, g])
-        return vb, vkh * gs + vg
-
-    with T.grid(gs) as g:
-        with T.sblock("final_m"):
-            vb, h = axes(g)
-            mx = f32(NEG_BIG)
-            for st in states:
-                mx = tirx.max(mx, tirx.Select(present(st), st["m"][vb, h], f32(NEG_BIG)))
-            T.buffer_store(m_all, mx, [vb, h])
-    for i, (p, st) in enumerate(zip(ps, states)):
-        with T.grid(gs) as g:
-            with T.sblock(p.block("final_w")):
-                vb, h = axes(g)
-                w = tirx.Select(present(st), fast_exp(st["m"][vb, h] - m_all[vb, h]), f32(0.0))
-                T.buffer_store(w_all, w, [vb, h, i])
-    with T.grid(gs) as g:
-        with T.sblock("final_l"):
-            vb, h = axes(g)
-            tot = f32(0.0)
-            for i, st in enumerate(states):
-                tot = tot + tirx.Select(w_all[vb, h, i] > f32(0.0), st["l"][vb, h] * w_all[vb, h, i], f32(0.0))
-            T.buffer_store(l_all, tot, [vb, h])
     with T.grid(gs, d) as (g, dd):
         with T.sblock("final_o"):
             vs_ = T.axis.spatial(npart, s)
             vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
             h = vkh * gs + vg
-            num = f32(0.0)
-            for i, st in enumerate(states):
-                wi = w_all[vb, h, i]
-                num = num + tirx.Select(wi > f32(0.0), st["acc"][vb, h, vd] * wi, f32(0.0))
-            lv = l_all[vb, h]
-            T.buffer_store(o_parts, tirx.Select(lv > f32(0.0), num / lv, f32(0.0)), [vs_, vb, h, vd])
-    with T.grid(gs) as g:
+            num, den, _ = _combine(states, (vb, h), vd)
+            T.buffer_store(o_parts, tirx.Select(den > f32(0.0), num / den, f32(0.0)), [vs_, vb, h, vd])
+    with T.grid(gs, d) as (g, dd):
         with T.sblock("final_lse"):
             vs_ = T.axis.spatial(npart, s)
-            vb, h = axes(g)
-            lv = l_all[vb, h]
-            val = tirx.Select(lv > f32(0.0), m_all[vb, h] + tirx.log(lv), f32(float("-inf")))
-            T.buffer_store(lse_parts, val, [vs_, vb, h])
+            vb, vkh, vg, vd = T.axis.remap("SSSR", [b, kh, g, dd])
+            h = vkh * gs + vg
+            with T.init():
+                T.buffer_store(lse_parts, f32(0.0), [vs_, vb, h])
+            _, den, mx = _combine(states, (vb, h), vd)
+            val = tirx.Select(den > f32(0.0), mx + tirx.log(den), f32(float("-inf")))
+            # channel 0's value, as a sum (a reducer TVM lowers to warp shuffles; -inf + 0 stays -inf)
+            T.buffer_store(lse_parts, lse_parts[vs_, vb, h] + tirx.Select(vd == 0, val, f32(0.0)), [vs_, vb, h])
 
 
 def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
@@ -294,7 +274,7 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
     lens = bufs[f"{pre}lens"]
     acc, m_st, l_st = st["acc"], st["m"], st["l"]
     kd, vd_buf, s_buf, p_buf = st["kd"], st["vd"], st["s"], st["p"]
-    mc, lc, pvc, sp_buf = st["mc"], st["lc"], st["pvc"], st["sp"]
+    mc, lc, pvc = st["mc"], st["lc"], st["pvc"]
     per = spec.quant(p.bits).per_word if p.quantized else d
 
     def rchunk(vc_):
@@ -377,58 +357,27 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
                     vb, vkh = bk()
                     vt, vdd = T.axis.remap("SS", [t, dd_])
                     T.buffer_store(kd, ks[vb, vkh, vt, vdd].astype(_F32), [vb, vkh, vt, vdd // per, vdd % per])
-        # ---- scores: partial dot products over qk_lanes channel lanes, fold, lane sum ----
-        lanes = qk_lanes(d)
-        with T.grid(gs, c, lanes, d // lanes) as (g, t, ln, do):
-            with T.sblock(p.block("qk_part")):
-                vb, vkh = bk()
-                vg, vt, vl, vdo = T.axis.remap("SSSR", [g, t, ln, do])
-                h = vkh * gs + vg
-                dd = vdo * lanes + vl
-                with T.init():
-                    T.buffer_store(sp_buf, f32(0.0), [vb, vkh, vg, vt, vl])
-                val = sp_buf[vb, vkh, vg, vt, vl] + qf[vb, h, dd] * kd[vb, vkh, vt, dd // per, dd % per]
-                T.buffer_store(sp_buf, val, [vb, vkh, vg, vt, vl])
-        fl = qk_fold_lanes(d)
-        sf_buf = st["sf"]
-        with T.grid(gs, c, fl) as (g, t, ln):
-            with T.sblock(p.block("qk_fold")):
-                vb, vkh = bk()
-                vg, vt, vl = T.axis.remap("SSS", [g, t, ln])
-                val = sp_buf[vb, vkh, vg, vt, vl]
-                if fl != lanes:
-                    val = val + sp_buf[vb, vkh, vg, vt, vl + fl]
-                T.buffer_store(sf_buf, val, [vb, vkh, vg, vt, vl])
-        with T.grid(gs, c, fl) as (g, t, ln):
+        # ---- scores: one reduction over head_dim per (query head, token) ----
+        with T.grid(gs, c, d) as (g, t, dd_):
             with T.sblock(p.block("qk")):
                 vb, vkh = bk()
-                vg, vt, vl = T.axis.remap("SSR", [g, t, ln])
+                vg, vt, vdd = T.axis.remap("SSR", [g, t, dd_])
                 h = vkh * gs + vg
                 with T.init():
                     T.buffer_store(s_buf, f32(0.0), [vb, h, vt])
-                T.buffer_store(s_buf, s_buf[vb, h, vt] + sf_buf[vb, vkh, vg, vt, vl], [vb, h, vt])
-        # ---- chunk max / probabilities / sum (virtual tokens past lens are masked) ----
-        ml = max_lanes(c)
-        mp = st["mp"]
-        with T.grid(gs, ml, c // ml) as (g, ln, to):
-            with T.sblock(p.block("cmax_part")):
-                vb, vkh = bk()
-                vc_ = vchunk(ci)
-                vg, vl, vto = T.axis.remap("SSR", [g, ln, to])
-                h = vkh * gs + vg
-                with T.init():
-                    T.buffer_store(mp, f32(NEG_BIG), [vb, h, vl])
-                valid = vc_ * c + vto * ml + vl < lens[vb]
-                masked = tirx.Select(valid, s_buf[vb, h, vto * ml + vl], f32(NEG_BIG))
-                T.buffer_store(mp, tirx.max(mp[vb, h, vl], masked), [vb, h, vl])
-        with T.grid(gs, ml) as (g, ln):
+                val = s_buf[vb, h, vt] + qf[vb, h, vdd] * kd[vb, vkh, vt, vdd // per, vdd % per]
+                T.buffer_store(s_buf, val, [vb, h, vt])
+        # ---- chunk max / probabilities / sum (virtual tokens past lens are masked): reductions over tokens ----
+        with T.grid(gs, c) as (g, t):
             with T.sblock(p.block("cmax")):
                 vb, vkh = bk()
-                vg, vl = T.axis.remap("SR", [g, ln])
+                vc_ = vchunk(ci)
+                vg, vt = T.axis.remap("SR", [g, t])
                 h = vkh * gs + vg
-                with T.init():
-                    T.buffer_store(mc, f32(NEG_BIG), [vb, h])
-                T.buffer_store(mc, tirx.max(mc[vb, h], mp[vb, h, vl]), [vb, h])
+                with T.init():  # the max reducer's identity (TVM matches it to lower to shuffles); >= 1 token
+                    T.buffer_store(mc, tirx.min_value(_F32), [vb, h])
+                masked = tirx.Select(vc_ * c + vt < lens[vb], s_buf[vb, h, vt], f32(NEG_BIG))
+                T.buffer_store(mc, tirx.max(mc[vb, h], masked), [vb, h])
         with T.grid(gs, c) as (g, t):
             with T.sblock(p.block("prob")):
                 vb, vkh = bk()
@@ -449,7 +398,7 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
         if p.quantized:
             qs = spec.quant(p.bits)
             nvg = d // qs.v_group
-            ps_buf, pz_buf, pzp = st["ps"], st["pz"], st["pzp"]
+            ps_buf, pz_buf = st["ps"], st["pz"]
             vsc, vze = bufs[f"{pre}v_scale"], bufs[f"{pre}v_zero"]
             with T.grid(gs, nvg, c) as (g, vg_, t):
                 with T.sblock(p.block("vscale")):
@@ -459,26 +408,17 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
                     h = vkh * gs + vg
                     val = p_buf[vb, h, vt] * vsc[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
                     T.buffer_store(ps_buf, tirx.Select(vc_ * c + vt < lens[vb], val, f32(0.0)), [vb, h, vt, vgi])
-            with T.grid(gs, nvg, ml, c // ml) as (g, vg_, ln, to):
-                with T.sblock(p.block("vzero_part")):
-                    vb, vkh = bk()
-                    vc_ = vchunk(ci)
-                    vg, vgi, vl, vto = T.axis.remap("SSSR", [g, vg_, ln, to])
-                    h = vkh * gs + vg
-                    tl = vto * ml + vl
-                    with T.init():
-                        T.buffer_store(pzp, f32(0.0), [vb, h, vgi, vl])
-                    z = vze[vb, vkh, rchunk(vc_) * c + tl, vgi].astype(_F32)
-                    val = tirx.Select(vc_ * c + tl < lens[vb], p_buf[vb, h, tl] * z, f32(0.0))
-                    T.buffer_store(pzp, pzp[vb, h, vgi, vl] + val, [vb, h, vgi, vl])
-            with T.grid(gs, nvg, ml) as (g, vg_, ln):
+            with T.grid(gs, nvg, c) as (g, vg_, t):
                 with T.sblock(p.block("vzero")):
                     vb, vkh = bk()
-                    vg, vgi, vl = T.axis.remap("SSR", [g, vg_, ln])
+                    vc_ = vchunk(ci)
+                    vg, vgi, vt = T.axis.remap("SSR", [g, vg_, t])
                     h = vkh * gs + vg
                     with T.init():
                         T.buffer_store(pz_buf, f32(0.0), [vb, h, vgi])
-                    T.buffer_store(pz_buf, pz_buf[vb, h, vgi] + pzp[vb, h, vgi, vl], [vb, h, vgi])
+                    z = vze[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
+                    val = tirx.Select(vc_ * c + vt < lens[vb], p_buf[vb, h, vt] * z, f32(0.0))
+                    T.buffer_store(pz_buf, pz_buf[vb, h, vgi] + val, [vb, h, vgi])
             vs_buf = st["vs"]
             with T.grid(c, d // per, per) as (t, w, j):
                 with T.sblock(p.block("vdeq")):
@@ -504,32 +444,17 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
                     T.buffer_store(pvc, f32(0.0), [vb, h, vdd])
                 weight = st["ps"][vb, h, vt, vdd // spec.v_group] if p.quantized else p_buf[vb, h, vt]
                 T.buffer_store(pvc, pvc[vb, h, vdd] + weight * vd_buf[vb, vkh, vt, vdd // per, vdd % per], [vb, h, vdd])
-        # ---- running state of this split: reduction over its cps chunks ----
-        with T.grid(gs) as g:
-            with T.sblock(p.block("state")):
-                vb, vkh = bk()
-                vci = T.axis.reduce(cps, ci)
-                vg = T.axis.spatial(gs, g)
-                h = vkh * gs + vg
-                with T.init():
-                    T.buffer_store(m_st, f32(NEG_BIG), [vb, h])
-                    T.buffer_store(l_st, f32(0.0), [vb, h])
-                    with T.serial(0, d) as dd_:
-                        T.buffer_store(acc, f32(0.0), [vb, h, dd_])
+        # ---- running state of this split: reduction over its cps chunks, one instance per (head, channel) ----
+        def state_axes():
+            vb, vkh = bk()
+            T.axis.reduce(cps, ci)
+            vg, vdd = T.axis.remap("SS", [g, dd_])
+            return (vb, vkh * gs + vg), vdd
 
-                def m_new():
-                    return tirx.max(m_st[vb, h], mc[vb, h])
+        def chunk_acc(row, dd):
+            val = pvc[(*row, dd)]
+            return val + st["pz"][(*row, dd // spec.v_group)] if p.quantized else val
 
-                def e_old():
-                    return fast_exp(m_st[vb, h] - m_new())
-
-                def e_chunk():
-                    return fast_exp(mc[vb, h] - m_new())
-
-                with T.serial(0, d) as dd_:
-                    chunk = pvc[vb, h, dd_]
-                    if p.quantized:
-                        chunk = chunk + st["pz"][vb, h, dd_ // spec.v_group]
-                    T.buffer_store(acc, acc[vb, h, dd_] * e_old() + chunk * e_chunk(), [vb, h, dd_])
-                T.buffer_store(l_st, l_st[vb, h] * e_old() + lc[vb, h] * e_chunk(), [vb, h])
-                T.buffer_store(m_st, m_new(), [vb, h])
+        with T.grid(gs, d) as (g, dd_):
+            emit_state_update(p.block("state"), state_axes, m_st, l_st, acc, lambda row: mc[row], lambda row: lc[row],
+                              chunk_acc, d, per_channel=True)

@@ -34,7 +34,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ..quant import pack, quantize_keys, quantize_values, unpack_keys
 from ..spec import QuantSpec
-from .common import NEG_BIG, f32, fast_exp
+from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp
 
 _F32, _I32, _F16 = "float32", "int32", "float16"
 
@@ -67,27 +67,21 @@ def build_token_granular(spec: TokenGranularSpec) -> tirx.PrimFunc:
     hq, hkv, d, c = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.chunk
     gs, kg, vg = hq // hkv, spec.k_group, spec.v_group
     nvg = d // vg
-    syms = {n: tirx.Var(n, _I32) for n in ("B", "N", "NW", "G", "Nd")}
-    bsz, n, nw, g_, nd = (syms[x] for x in ("B", "N", "NW", "G", "Nd"))
-    shapes = {
-        "q": ((bsz, hq, d), _F32), "k_words": ((bsz, hkv, nw), _I32), "v_words": ((bsz, hkv, nw), _I32),
-        "bits": ((bsz, n), _I32), "offset": ((bsz, n), _I32),
-        "k_scale": ((bsz, hkv, g_, d), _F16), "k_zero": ((bsz, hkv, g_, d), _F16),
-        "v_scale": ((bsz, hkv, n, nvg), _F16), "v_zero": ((bsz, hkv, n, nvg), _F16), "lens": ((bsz,), _I32),
-        "dense_k": ((bsz, hkv, nd, d), _F32), "dense_v": ((bsz, hkv, nd, d), _F32), "dense_lens": ((bsz,), _I32),
-    }
+    shapes = [
+        ("q", ("B", hq, d), _F32), ("k_words", ("B", hkv, "NW"), _I32), ("v_words", ("B", hkv, "NW"), _I32),
+        ("bits", ("B", "N"), _I32), ("offset", ("B", "N"), _I32),
+        ("k_scale", ("B", hkv, "G", d), _F16), ("k_zero", ("B", hkv, "G", d), _F16),
+        ("v_scale", ("B", hkv, "N", nvg), _F16), ("v_zero", ("B", hkv, "N", nvg), _F16), ("lens", ("B",), _I32),
+        ("dense_k", ("B", hkv, "Nd", d), _F32), ("dense_v", ("B", hkv, "Nd", d), _F32), ("dense_lens", ("B",), _I32),
+        ("sm_scale", None, _F32), ("out", ("B", hq, d), _F32),
+    ]
     with IRBuilder() as ib:
         with T.prim_func(s_tir=True):
             T.func_name(spec.uri)
             T.func_attr({"tirx.noalias": True})
-            buf = {}
-            for name, (shape, dtype) in shapes.items():
-                buf[name] = T.arg(name, T.buffer(shape, dtype))
-            sm_scale = T.arg("sm_scale", tirx.Var("sm_scale", _F32))
-            out = T.arg("out", T.buffer((bsz, hq, d), _F32))
-
-            def alloc(name: str, shape, dtype: str = _F32):
-                return IRBuilder.name(name, T.sblock_alloc_buffer(shape, dtype))
+            buf, syms = declare_params(shapes)
+            bsz, n, nd = syms["B"], syms["N"], syms["Nd"]
+            sm_scale, out = buf["sm_scale"], buf["out"]
 
             with T.sblock("root"):
                 qf = alloc("qf", (bsz, hq, d))
@@ -204,30 +198,18 @@ def _emit(spec: TokenGranularSpec, tag: str, cap, buf, st, qf, bsz, b, kh) -> No
                 with T.init():
                     T.buffer_store(pvc, f32(0.0), [vb, vc, h, vd])
                 T.buffer_store(pvc, pvc[vb, vc, h, vd] + p_buf[vb, h, tok] * vd_buf[vb, vkh, tok, vd], [vb, vc, h, vd])
+        vc_cell: list = []
+
+        def state_axes():
+            vb, vkh, vc = axes(ci, "R")
+            vg = T.axis.spatial(gs, g)
+            vc_cell[:] = [vc]
+            return (vb, vkh * gs + vg), None
+
         with T.grid(gs) as g:
-            with T.sblock(f"{tag}_state"):
-                vb, vkh, vc = axes(ci, "R")
-                vg = T.axis.spatial(gs, g)
-                h = vkh * gs + vg
-                with T.init():
-                    T.buffer_store(m_st, f32(NEG_BIG), [vb, h])
-                    T.buffer_store(l_st, f32(0.0), [vb, h])
-                    with T.serial(0, d) as dd_:
-                        T.buffer_store(acc, f32(0.0), [vb, h, dd_])
-
-                def m_new():
-                    return tirx.max(m_st[vb, h], mc[vb, h, vc])
-
-                def e_old():
-                    return fast_exp(m_st[vb, h] - m_new())
-
-                def e_chunk():
-                    return fast_exp(mc[vb, h, vc] - m_new())
-
-                with T.serial(0, d) as dd_:
-                    T.buffer_store(acc, acc[vb, h, dd_] * e_old() + pvc[vb, vc, h, dd_] * e_chunk(), [vb, h, dd_])
-                T.buffer_store(l_st, l_st[vb, h] * e_old() + lc[vb, h, vc] * e_chunk(), [vb, h])
-                T.buffer_store(m_st, m_new(), [vb, h])
+            emit_state_update(f"{tag}_state", state_axes, m_st, l_st, acc,
+                              lambda row: mc[(*row, vc_cell[0])], lambda row: lc[(*row, vc_cell[0])],
+                              lambda row, dd_: pvc[row[0], vc_cell[0], row[1], dd_], d)
 
 
 def _emit_final(spec: TokenGranularSpec, n, nd, st, out, b, kh) -> None:
