@@ -28,3 +28,22 @@ def test_model_presets_and_kernel_sets():
         ModelPreset("bad", 1, 14, 4, 64)
     with pytest.raises(ValueError, match="unknown kernel kinds"):
         kernel_specs("tiny", kinds=("bogus",))
+
+
+def test_split_kind_is_what_the_cuda_decoder_runs():
+    """``--kernels split`` tunes/exports the split-KV fused kernel and its merge, with the decoder's chunk, and a
+    tuning workload whose split count fills a 132-SM GPU (the symbol ``P`` has a value)."""
+    from wq_compile.compile import kernel_def
+    from wq_compile.decoder import FusedDecoder
+    from wq_compile.kernels import example_sizes
+    from wq_compile.kernels.split_decode import choose_splits, is_split
+
+    split, merge = kernel_specs("llava-ov-0.5b", dtype="f16", kinds=("split",))
+    assert is_split(split) and split.kind == "fused" and merge.kind == "merge"
+    dec = FusedDecoder.__new__(FusedDecoder)  # the spec the CUDA decoder would load, without a library
+    dec.split, dec.shape = True, dict(head_dim=64, num_q_heads=14, num_kv_heads=2, k_group=28, v_group=64,
+                                      dtype="f16", chunk=split.chunk)
+    assert dec.spec((8, 4, 2)) == split
+    sizes = example_sizes(split, 8192)
+    assert sizes["P"] == choose_splits(132, 8192, 1, 2, split.chunk) == 132
+    kernel_def(split, "cuda", 8192).workload()  # every symbol bound

@@ -13,7 +13,7 @@ import torch
 
 from .device import Device
 from .kernels import piece_fields
-from .kernels.split_decode import choose_splits, merge_spec, split_spec
+from .kernels.split_decode import SPLIT_CHUNK, choose_splits, merge_spec, split_spec
 from .runtime import CompiledKernel, KernelLibrary, shared_library
 from .spec import KernelSpec, dtype_tag
 
@@ -146,8 +146,6 @@ class FusedDecoder:
 
 #: Layers whose converted arguments a decoder keeps (one model's layers; beyond it the cache starts over).
 _MAX_BOUND_LAYERS = 256
-#: Chunk (tokens) of the split-KV decode: whole chunks per split range (the layout's capacities are multiples).
-SPLIT_CHUNK = 32
 
 
 def _parallel_units(device: Device) -> int:

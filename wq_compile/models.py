@@ -56,7 +56,7 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 #: Kernel kinds in the order ``kernel_specs`` lists them; ``dense`` is the decode kernel over an fp residual.
-KERNEL_KINDS: tuple[str, ...] = ("decode", "dense", "merge", "fused", "quantize")
+KERNEL_KINDS: tuple[str, ...] = ("decode", "dense", "merge", "fused", "split", "quantize")
 #: What the runtime uses by default (one fused launch per layer plus the quantizer of the residual).
 DEFAULT_KERNEL_KINDS: tuple[str, ...] = ("fused", "quantize")
 
@@ -86,7 +86,7 @@ def kernel_specs(
 
     decode: one per-bucket kernel per width; dense: decode over the fp residual (bits ``(16,)``);
     merge: merges the partial states of every bucket and the residual; fused: every width plus the residual in
-    one launch; quantize: one per width.
+    one launch; split: the split-KV form of fused and its merge (the CUDA decode path); quantize: one per width.
     """
     p = get_preset(preset)
     widths = tuple(sorted({check_bits(b, QUANT_BITS) for b in bits}, reverse=True))
@@ -114,6 +114,11 @@ def kernel_specs(
             specs.append(KernelSpec("merge", widths + (16,), **common))
         elif kind == "fused":
             specs.append(KernelSpec("fused", widths + (16,), **common))
+        elif kind == "split":  # what the CUDA decoder runs: split-KV fused kernel (its own chunk) + one merge
+            from .kernels.split_decode import SPLIT_CHUNK, merge_spec, split_spec
+
+            fused = split_spec(KernelSpec("fused", widths + (16,), **{**common, "chunk": SPLIT_CHUNK}))
+            specs += [fused, merge_spec(fused)]
         elif kind == "quantize":
             specs += [KernelSpec("quantize", (b,), **common) for b in widths]
     return specs

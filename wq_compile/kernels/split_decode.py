@@ -73,6 +73,12 @@ def is_split(spec: KernelSpec) -> bool:
     return dict(spec.extra).get("split", 0) == 1
 
 
+#: Chunk (tokens) of the split-KV decode: whole chunks per split range (the layout's capacities are multiples).
+SPLIT_CHUNK = 32
+#: SMs of the GPU a tuning workload's split count ``P`` is chosen for (H100/H200); one module serves every ``P``.
+TUNING_SM_COUNT = 132
+
+
 def split_spec(spec: KernelSpec) -> KernelSpec:
     """The split-KV form of a decode/fused spec (its URI ends in ``_split1``)."""
     if spec.kind not in ("decode", "fused"):
