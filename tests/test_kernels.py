@@ -15,7 +15,8 @@ import tvm
 from wq_compile import quant, reference
 from wq_compile.kernels import KernelSignature, make_kernel, signature
 from wq_compile.schedules import llvm as sched
-from wq_compile.spec import KernelSpec, QuantSpec
+from wq_compile.spec import KernelSpec
+from wq_testing import check_close as _check, quantized_piece as _bucket
 
 #: bits -> (atol, rtol) for o / out (fp32 outputs) and atol for lse.
 TOL = {2: (1e-4, 1e-4), 4: (1e-4, 1e-4), 8: (1e-4, 1e-4), 16: (1e-4, 1e-4)}
@@ -56,35 +57,6 @@ def compiled(spec: KernelSpec, knobs: dict | None = None):
             sched.tuned_schedule(sch, spec, knobs)
         _CACHE[key] = tvm.compile(sch.mod, target=sched.host_target())[spec.uri]
     return _CACHE[key]
-
-
-def _bucket(bits: int, spec: KernelSpec, n: int, lens: list[int], gen: torch.Generator):
-    """Random K/V of capacity n quantized by the reference; returns (kernel args, dense fp32 k, v for the oracle)."""
-    b, hkv, d = len(lens), spec.num_kv_heads, spec.head_dim
-    k = torch.randn(b, hkv, n, d, generator=gen) * 2 + 0.5
-    v = torch.randn(b, hkv, n, d, generator=gen)
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    if bits == 16:
-        k, v = k.to(spec.torch_dtype), v.to(spec.torch_dtype)
-        kp, vp = k.clone(), v.clone()
-        for i, ln in enumerate(lens):  # garbage past lens must never reach the output
-            kp[i, :, ln:] = float("nan")
-            vp[i, :, ln:] = float("nan")
-        return [kp, vp, lens_t], k.float(), v.float()
-    qs = QuantSpec(bits, spec.k_group, spec.v_group)
-    qk, qv = quant.quantize_keys(k, qs), quant.quantize_values(v, qs)
-    v_scale = qv.scale.clone()
-    for i, ln in enumerate(lens):
-        v_scale[i, :, ln:] = float("nan")
-    args = [qk.codes, qk.scale, qk.zero, qv.codes, v_scale, qv.zero, lens_t]
-    return args, quant.dequantize_keys(qk, n), quant.dequantize_values(qv)
-
-
-def _check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got.float() - want.float()).abs()
-    bound = atol + rtol * want.float().abs()
-    assert bool((err <= bound).all()), f"{name}: max err {err.max().item():.3g} (atol {atol}, rtol {rtol})"
 
 
 def _check_lse(got: torch.Tensor, want: torch.Tensor, lens: list[int]) -> None:
