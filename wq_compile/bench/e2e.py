@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
 import tempfile
@@ -163,11 +164,15 @@ def run(models: list[str], frames: int = 32, new_tokens: int = 16, repeats: int 
             raise RuntimeError(f"cache_dir: {mod_dir} already holds modules; a cold run needs an empty folder")
         args = dict(model_name=name, layers=n_layers, frames=frames, new_tokens=new_tokens, repeats=repeats,
                     avg_bits=avg_bits, module_cache=state)
-        env = dict(os.environ, WQ_CACHE_DIR=str(mod_dir))
+        # a crash in native code (TVM, torch) leaves a Python traceback on stderr instead of nothing
+        env = dict(os.environ, WQ_CACHE_DIR=str(mod_dir), PYTHONFAULTHANDLER="1")
         proc = subprocess.run([sys.executable, "-m", "wq_compile.bench.e2e", json.dumps(args)], env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"end-to-end child for {name} ({state}) failed:\n{proc.stderr[-3000:]}")
+            how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                   else f"exit status {proc.returncode}")
+            raise RuntimeError(f"end-to-end child for {name} ({state}) failed ({how}):\n{proc.stderr[-3000:]}\n"
+                               f"stdout tail:\n{proc.stdout[-1000:]}")
         rows.append(E2ERow(**json.loads(proc.stdout.strip().splitlines()[-1])))
     return rows
 
