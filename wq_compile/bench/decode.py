@@ -84,10 +84,9 @@ def _dense_kv(layer: LayerCache, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return torch.cat(ks, 2).to(dtype).contiguous(), torch.cat(vs, 2).to(dtype).contiguous()
 
 
-def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3,
-                     rounds: int = 3) -> list[tuple[float, float, float]]:
-    """(median, p20, p80) ms of each function over ``repeats`` calls, taken as ``rounds`` blocks per function
-    (a warm-up, then a block of back-to-back calls), the functions' order rotating from round to round.
+def time_blocks(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3, rounds: int = 3) -> list[list[float]]:
+    """ms of each of ``repeats`` calls per function, taken as ``rounds`` blocks per function (a warm-up, then a
+    block of back-to-back calls), the functions' order rotating from round to round.
 
     Blocks, not calls that alternate methods: every runtime here (torch's OpenMP, ggml's and ONNX Runtime's pools)
     keeps its worker threads busy-waiting for a while after a call, and on a small machine the next method's
@@ -107,8 +106,14 @@ def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3
                 t0 = time.perf_counter()
                 fn()
                 times[i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3,
+                     rounds: int = 3) -> list[tuple[float, float, float]]:
+    """(median, p20, p80) ms of each function over the calls of :func:`time_blocks`."""
     out = []
-    for ts in times:
+    for ts in time_blocks(fns, repeats, warmup, rounds):
         qs = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
         out.append((statistics.median(ts), qs[0], qs[-1]))
     return out

@@ -33,7 +33,7 @@ from ..kernels.token_granular import (
 )
 from ..models import get_preset
 from ..reference import decode_attention
-from .decode import MIXES, make_layer
+from .decode import MIXES, make_layer, time_blocks
 
 RESIDUAL = 64
 
@@ -79,17 +79,9 @@ def _eff_bits_tokgran(cache: Any, d: int) -> float:
 
 
 def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """ms of ``repeats`` calls of each function, each in its own block after its warm-up (see
-    :func:`wq_compile.bench.decode.time_interleaved`: alternating methods lets busy-waiting pools collide)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+    """ms of ``repeats`` calls of each function, each in one block after its warm-up
+    (:func:`wq_compile.bench.decode.time_blocks` with one round)."""
+    return dict(zip(fns, time_blocks(list(fns.values()), repeats, warmup, rounds=1)))
 
 
 def run_decode(model: str = "llava-ov-0.5b", n_tokens: tuple[int, ...] = (2048, 8192, 32768), repeats: int = 20,
