@@ -158,6 +158,9 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
         raise ValueError(f"spec: {spec.uri} on {device.kind} has no structure knobs (only the llvm fused kernel "
                          "has); tune it with MetaSchedule (wq-tune)")
     base = knob_lib.base_spec(spec)
+    if knob_lib.record_uri(spec) != base.uri:
+        raise ValueError(f"spec: {spec.uri} has a precision mode ({dict(spec.extra)}); sweep the kernel without it, "
+                         "whose knob record the mode's kernel is built with")
     cores = device.num_cores or os.cpu_count() or 1
     isa = isa_class(device.target)
     grid = [dict(g) for g in (settings.grid if settings.grid is not None else knob_grid(base, cores, isa))]

@@ -33,6 +33,16 @@ def knobs_of(spec: KernelSpec) -> dict[str, int]:
     return {k: int(v) for k, v in spec.extra if k in KNOB_KEYS}
 
 
+#: ``spec.extra`` keys of precision modes: part of the kernel's URI, not of its knob record's (the structure that
+#: wins for the exact-query kernel is the one the int8-query kernel is built with).
+MODE_KEYS: tuple[str, ...] = ("q8",)
+
+
+def record_uri(spec: KernelSpec) -> str:
+    """The URI naming ``spec``'s knob record folder: without knobs and precision modes."""
+    return replace(spec, extra=tuple((k, v) for k, v in spec.extra if k not in KNOB_KEYS + MODE_KEYS)).uri
+
+
 def base_spec(spec: KernelSpec) -> KernelSpec:
     """``spec`` without knobs: its URI names the knob record's folder."""
     return replace(spec, extra=tuple((k, v) for k, v in spec.extra if k not in KNOB_KEYS))
@@ -76,7 +86,7 @@ def choose_knobs(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike |
     """Knobs for ``spec`` on ``device``: the knob record of this device tag, else of the same ISA class with the
     nearest core count (``splits`` rescaled to the local cores when they differ, and the note says so), else the
     factory defaults (``untuned``)."""
-    rec = find_knob_record(logs_dir, device, base_spec(spec).uri)
+    rec = find_knob_record(logs_dir, device, record_uri(spec))
     if rec is None:
         return KnobChoice({}, UNTUNED, "no knob record: default knobs")
     knobs = dict(rec.knobs)

@@ -67,7 +67,7 @@ def expected_key(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike |
 
     v = versions()
     if knobs.has_knobs(spec, device):  # plain TIR: its knob record (under the URI without knobs) is what serves it
-        sources = tuning_log.candidate_logs(logs_dir, device, knobs.base_spec(spec).uri, strict=False)
+        sources = tuning_log.candidate_logs(logs_dir, device, knobs.record_uri(spec), strict=False)
     else:
         sources = tuning_log.candidate_logs(logs_dir, device, spec.uri)
     return {

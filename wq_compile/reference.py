@@ -9,26 +9,30 @@ from __future__ import annotations
 import torch
 
 from .layout import DensePiece, LayerCache, QuantBucket
+from .quant import QuantizedKeys, unpack_keys
 
 
 def attend_piece(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, sm_scale: float, causal_tail: int = 0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, sm_scale: float, causal_tail: int = 0,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [B,Hq,(S,)D]`` over ``k, v [B,Hkv,N,D]``, token ``t`` of sample ``b`` valid iff ``t < lens[b]``.
 
     Returns the normalized output (fp32, same shape as ``q``) and the natural-log log-sum-exp of the scaled scores
     ``[B,Hq(,S)]``; a sample with no valid token gives output 0 and lse ``-inf``. ``causal_tail`` = S marks the last
     S valid tokens as the queries themselves (query ``i`` sees tail tokens ``<= i``): several-token decode.
+    ``scores [B,Hq,N]`` (one query token) replaces ``q k^T * sm_scale`` (e.g. :func:`int8_query_scores`).
     """
     squeeze = q.dim() == 3
     qf = (q.unsqueeze(2) if squeeze else q).float()
     bsz, hq, s, d = qf.shape
-    hkv, n = k.shape[1], k.shape[2]
+    hkv, n = v.shape[1], v.shape[2]
     if hq % hkv:
         raise ValueError(f"q: {hq} query heads is not a multiple of {hkv} KV heads")
-    qg = qf.reshape(bsz, hkv, hq // hkv * s, d)
-    scores = torch.einsum("bhqd,bhnd->bhqn", qg, k.float()) * sm_scale
-    scores = scores.reshape(bsz, hkv, hq // hkv, s, n)
+    if scores is None:
+        qg = qf.reshape(bsz, hkv, hq // hkv * s, d)
+        scores = torch.einsum("bhqd,bhnd->bhqn", qg, k.float()) * sm_scale
+    scores = scores.float().reshape(bsz, hkv, hq // hkv, s, n)
     pos = torch.arange(n, device=q.device)
     lens = lens.to(device=q.device, dtype=torch.long)
     valid = pos[None, :] < lens[:, None]  # [B, N]
@@ -46,6 +50,32 @@ def attend_piece(
     if squeeze:
         return out.squeeze(2), lse.squeeze(2)
     return out, lse
+
+
+def int8_query_scores(q: torch.Tensor, qk: QuantizedKeys, n: int, sm_scale: float) -> torch.Tensor:
+    """Scores ``[B,Hq,n]`` of the int8-query mode of the CPU kernel, emulated in float64: per key group and head the
+    scaled query ``qs = (q sm_scale) * k_scale`` (fp32, as the kernel rounds it) is quantized symmetrically to
+    int8 (``qsc = max|qs| / 127``); the codes' dot product uses the int8 query around the code range's middle
+    ``c0`` and ``c0 sum(qs)`` exactly; the zero-point term is exact. 8-bit keys keep the fp32 query."""
+    bits, kg = qk.spec.bits, qk.spec.k_group
+    bsz, hq, d = q.shape
+    hkv, g = qk.codes.shape[1], qk.codes.shape[2]
+    qf = (q.float() * sm_scale).reshape(bsz, hkv, 1, hq // hkv, d)
+    codes = unpack_keys(qk.codes, bits, kg, g * kg).double().reshape(bsz, hkv, g, kg, d)
+    ks, kz = qk.scale.float()[:, :, :, None, :], qk.zero.float()[:, :, :, None, :]
+    qs = qf * ks  # [B, Hkv, G, group, D], fp32
+    zero_term = (qf.double() * kz.double()).sum(-1)
+    if bits == 8:
+        dot = torch.einsum("bhgqd,bhgtd->bhgqt", qs.double(), codes)
+    else:
+        amax = qs.abs().amax(-1, keepdim=True)
+        qsc = amax * (1.0 / 127.0)
+        qi = torch.round(qs * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+        c0 = ((1 << bits) - 1) / 2.0
+        dot = torch.einsum("bhgqd,bhgtd->bhgqt", qi.double(), codes - c0) * qsc.double() \
+            + c0 * qs.double().sum(-1, keepdim=True)
+    scores = dot + zero_term[..., None]  # [B, Hkv, G, group, kg]
+    return scores.permute(0, 1, 3, 2, 4).reshape(bsz, hq, g * kg)[..., :n]
 
 
 def merge_states(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,7 +150,24 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
         kernel = dec.kernel(widths)
         out.append(Peer(f"WindowQuant fused ({label})", lambda dec=dec: dec(q, layer, sm_scale), quant_bytes,
                         str(kernel.provenance)))
+        if label == "tuned" and _int8_query_here(lib):
+            dec8 = FusedDecoder(lib, preset.num_q_heads, preset.num_kv_heads, preset.head_dim, dtype,
+                                int8_query=True)
+            kernel = dec8.kernel(widths)
+            out.append(Peer(f"WindowQuant fused ({label}, int8 query)", lambda dec=dec8: dec(q, layer, sm_scale),
+                            quant_bytes, f"{kernel.provenance}; WindowQuantConfig(int8_query=True): QK of 4/2-bit "
+                            "buckets with the query in int8 (VNNI)"))
     return out
+
+
+def _int8_query_here(lib: Any) -> bool:
+    from ..decoder import check_int8_query
+
+    try:
+        check_int8_query(lib.device, split=False)
+        return True
+    except ValueError:
+        return False
 
 
 def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: list[str] | None = None,
@@ -253,7 +270,7 @@ def format_markdown(rows: list[BenchRow]) -> str:
                 last = r if n == top else last
             ok = last is not None and last.median_ms == last.median_ms
             tail = (f"{last.gbps:.1f} | {last.copy_frac:.0%} | {last.max_err:.1e}" if ok else "- | - | -")
-            name = f"**{m}**" if m.startswith("WindowQuant") and "(tuned)" in m else m
+            name = f"**{m}**" if m.startswith("WindowQuant") and "(tuned" in m else m
             out.append(f"| {name} | {' | '.join(cells)} | {' / '.join(r32)} | {' / '.join(rbest)} | {tail} | "
                        f"{last.note if last is not None and m.startswith('WindowQuant') else ''} |")
         out.append("")

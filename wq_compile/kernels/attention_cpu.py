@@ -90,6 +90,18 @@ def _u8(x: tirx.PrimExpr) -> tirx.PrimExpr:
 _PERMPS = "llvm.x86.avx512.permvar.sf.512"
 
 
+#: LLVM's AVX-512 VNNI ``vpdpbusd``: acc += 4 unsigned x signed byte products per int32 lane. The LLVM that the
+#: pinned TVM links declares it ``(<16 x i32>, <64 x i8>, <64 x i8>)`` (TVM's own ``dot_16x4_vnni`` intrinsic
+#: passes ``<16 x i32>`` operands and fails LLVM's verifier).
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def int8_query(spec: KernelSpec) -> bool:
+    """True when ``spec`` asks for QK with an int8 query (``("q8", 1)`` in ``spec.extra``): a precision mode, not
+    a structure knob (it changes results within the tolerance of the key codes); needs AVX-512 VNNI and VBMI."""
+    return bool(dict(spec.extra).get("q8", 0))
+
+
 def _lut_nibbles(buf, start: tirx.PrimExpr, out, row0: int = 0) -> None:
     """``out[row0, 0:16]`` / ``out[row0 + 1, 0:16]`` = the low / high nibbles of the 16 bytes at ``buf[start]``,
     as fp32: one zero-extension, one shift, two table lookups (``vpermps`` of the table 0.0 .. 15.0)."""
@@ -316,6 +328,13 @@ class QuantTiles:
         self.use_lut = bool(knobs.lut) and bits == 4 and self.lb == LANES  # 16 slots per nibble: one lookup each
         self.kv = T.alloc_buffer((fields, self.lb), _F32, scope="local")
         self.vv = T.alloc_buffer((fields, pvc), _F32, scope="local")
+        self.int8_query = int8_query(spec) and bits < 8  # int8 keys: the query's rounding would dominate
+        if self.int8_query:  # the query of a key group as int8 (+ one scale per head), read 4 channels at a time
+            self.qi = T.alloc_buffer((gs * d,), "int8", scope="local")
+            self.qi32 = T.decl_buffer((gs * d // 4,), _I32, data=self.qi.data, scope="local")
+            self.qsc = T.alloc_buffer((gs,), _F32, scope="local")
+            self.qcorr = T.alloc_buffer((gs,), _F32, scope="local")
+            self.iacc = T.alloc_buffer((gs, slots // LANES, LANES), _I32, scope="local")
         with T.serial(0, gs) as h:
             T.buffer_store(self.pm, f32(NEG_BIG), [h])
             T.buffer_store(self.pl, f32(0.0), [h])
@@ -349,11 +368,13 @@ class QuantTiles:
                     T.buffer_store(qs, qf[h, dd] * k_scale(dd).astype(_F32), [h, dd])
                     T.buffer_store(zt, zt[h, ln] + qf[h, dd] * k_zero(dd).astype(_F32), [h, ln])
         # ---- scores over token slots: S[h, f * lb + j] ----
-        with T.unroll(0, gs) as h:
+        if self.int8_query:
+            self._scores_int8(kb, kbase)
+        with T.unroll(0, gs if not self.int8_query else 0) as h:
             with _vec(slots) as s:
                 T.buffer_store(s_buf, f32(0.0), [h, s])
         # heads in passes of qk_heads: (qk_heads x slots / 16) accumulators must stay in registers
-        for h0 in range(0, gs, knobs.qk_heads):
+        for h0 in range(0, gs, knobs.qk_heads) if not self.int8_query else ():
             hn = min(knobs.qk_heads, gs - h0)
             with T.serial(0, d) as dd:
                 if self.use_lut:
@@ -376,7 +397,11 @@ class QuantTiles:
             zsum = T.alloc_buffer((1,), _F32, scope="local")
             T.buffer_store(zsum, _tree(lambda a, b: a + b, zr, zl), [0])
             with _vec(slots) as s:
-                T.buffer_store(s_buf, s_buf[h, s] + zsum[0], [h, s])
+                if self.int8_query:
+                    dot = self.iacc[h, s // LANES, s % LANES].astype(_F32) * self.qsc[h] + self.qcorr[h]
+                else:
+                    dot = s_buf[h, s]
+                T.buffer_store(s_buf, dot + zsum[0], [h, s])
 
         def rescale(h, a):
             with T.serial(0, nvg) as vg:
@@ -421,6 +446,68 @@ class QuantTiles:
                         with T.vectorized(0, pvc) as j:
                             idx = [h, f, c * pvc + j]
                             T.buffer_store(pacc, pacc[idx[0], idx[1], idx[2]] + pv[h, vg, t] * vv[f, j], idx)
+
+    def _scores_int8(self, kb, kbase) -> None:
+        """Integer key codes x the int8 query with VNNI: ``iacc[h, k, lane]`` = the code dot product of slot
+        ``16 k + lane``. The scaled query ``qs`` is quantized per head (symmetric, scale ``qsc[h] = max|qs| / 127``);
+        the ``4 lb`` key bytes of 4 channels are shuffled into one dword of 4 channel codes per token slot
+        (``vpermb``/``vpermt2b``), the fields shifted out per lane (``vpsrlvd``), and one ``vpdpbusd`` per head and
+        16 slots does 64 multiply-adds (the fp32 path: 16 FMAs plus an unpack per channel)."""
+        spec = self.spec
+        d, gs = spec.head_dim, spec.group_size
+        bits, lb, slots = self.bits, self.lb, self.slots
+        qs, qi, qi32, qsc, iacc = self.qs, self.qi, self.qi32, self.qsc, self.iacc
+        zl = min(LANES, d)
+        with T.serial(0, gs + self.opaque_zero) as h:
+            red = T.alloc_buffer((zl,), _F32, scope="local")
+            with T.vectorized(0, zl) as ln:
+                mx = tirx.abs(qs[h, ln])
+                for k in range(1, d // zl):
+                    mx = tirx.max(mx, tirx.abs(qs[h, k * zl + ln]))
+                T.buffer_store(red, mx, [ln])
+            amax = T.alloc_buffer((2,), _F32, scope="local")
+            T.buffer_store(amax, _tree(tirx.max, red, zl), [0])
+            T.buffer_store(qsc, amax[0] * f32(1.0 / 127.0), [h])
+            T.buffer_store(amax, tirx.Select(amax[0] > f32(0.0), f32(127.0) / amax[0], f32(0.0)), [1])
+            with _vec(d) as dd:
+                T.buffer_store(qi, tirx.round(qs[h, dd] * amax[1]).astype(_I32).astype("int8"), [h * d + dd])
+            # sum_d code * (qs - qsc qi) = sum_d (code - c0)(...) + c0 sum_d (qs - qsc qi): the second term is known
+            # exactly, so only the centered codes (half the magnitude) carry the query's rounding error
+            rq = T.alloc_buffer((zl,), _F32, scope="local")
+            with T.vectorized(0, zl) as ln:
+                sq, sr = qs[h, ln], tirx.round(qs[h, ln] * amax[1])
+                for k in range(1, d // zl):
+                    sq = sq + qs[h, k * zl + ln]
+                    sr = sr + tirx.round(qs[h, k * zl + ln] * amax[1])
+                T.buffer_store(red, sq - sr * qsc[h], [ln])
+            T.buffer_store(self.qcorr, _tree(lambda a, b: a + b, red, zl) * f32(((1 << bits) - 1) / 2.0), [h])
+        nvec = slots // LANES
+        nin = max(1, 4 * lb // 64)  # input vectors of the 4 channels' bytes (64 bytes each, or one of 4 lb)
+        inw = 4 * lb // nin
+        mask = ((1 << bits) - 1) * 0x01010101
+        with T.unroll(0, gs) as h:
+            with T.unroll(0, nvec) as k:
+                with T.vectorized(0, LANES) as ln:
+                    T.buffer_store(iacc, tirx.const(0, _I32), [h, k, ln])
+        with T.serial(0, d // 4) as c4:
+            xs = [tirx.BufferLoad(kb, [tirx.Ramp(kbase + c4 * 4 * lb + i * inw, 1, inw)]) for i in range(nin)]
+            xs = xs * max(1, 64 // (inw * nin))  # int2: 32 bytes, listed twice (a shuffle yields at most its input lanes)
+            codes = []
+            for k in range(nvec):
+                idx = [tirx.const(ch * lb + (k * LANES + ln) % lb, _I32) for ln in range(LANES) for ch in range(4)]
+                y = tirx.reinterpret(f"uint32x{LANES}", tirx.Shuffle(xs, idx))
+                if lb < slots:  # slot s is field s // lb of its byte: shift it down (per lane, vpsrlvd)
+                    field = tirx.floordiv(tirx.Ramp(k * LANES, 1, LANES), lb)
+                    y = tirx.shift_right(y, (field * bits).astype(f"uint32x{LANES}"))
+                if bits < 8:
+                    y = tirx.bitwise_and(y, tirx.Broadcast(tirx.const(mask, "uint32"), LANES))
+                codes.append(tirx.reinterpret("int8x64", y))
+            with T.unroll(0, gs) as h:
+                qv = tirx.reinterpret("int8x64", tirx.Broadcast(qi32[h * (d // 4) + c4], LANES))
+                for k in range(nvec):
+                    cur = tirx.BufferLoad(iacc, [h, k, tirx.Ramp(0, 1, LANES)])
+                    val = tirx.call_llvm_pure_intrin(f"int32x{LANES}", _VPDPBUSD, cur, codes[k], qv)
+                    T.buffer_store(iacc, val, [h, k, tirx.Ramp(0, 1, LANES)])
 
     def finish(self, m_all, l_all, acc) -> None:
         pacc, zacc, fields, vgrp = self.pacc, self.zacc, self.fields, self.qspec.v_group
