@@ -62,31 +62,31 @@ def test_screened_quantize_is_the_checked_call_without_the_check():
         q(qs, k, v)
 
 
-def test_int8_query_mode_is_explicit_and_refused_where_no_kernel_has_it():
-    """``int8_query`` is a typed config switch; a target without the mode is an error at make_backend (also with
+def test_int8_dots_mode_is_explicit_and_refused_where_no_kernel_has_it():
+    """``int8_dots`` is a typed config switch; a target without the mode is an error at make_backend (also with
     backend="auto": no silent fallback to another precision or to the reference); on a VNNI host the backend's
     fused kernel is the int8-query one, says so, and stays close to the reference over a real layer."""
     from wq_compile.bench.decode import make_layer
-    from wq_compile.decoder import FusedDecoder, check_int8_query
+    from wq_compile.decoder import FusedDecoder, check_int8_dots
     from wq_compile.device import host_device
     from wq_compile.reference import decode_attention
     from wq_compile.runtime import shared_library
 
-    with pytest.raises(ValueError, match="int8_query"):
-        WindowQuantConfig(int8_query=1)
+    with pytest.raises(ValueError, match="int8_dots"):
+        WindowQuantConfig(int8_dots=1)
     with pytest.raises(ValueError, match="only the CPU fused kernel"):
-        make_backend(WindowQuantConfig(int8_query=True, target="nvidia/nvidia-h100"), 14, 2, 64, torch.float32, "cpu")
+        make_backend(WindowQuantConfig(int8_dots=True, target="nvidia/nvidia-h100"), 14, 2, 64, torch.float32, "cpu")
     with pytest.raises(ValueError, match="split-KV"):
-        FusedDecoder(shared_library("llvm"), 14, 2, 64, torch.float32, split=True, int8_query=True)
+        FusedDecoder(shared_library("llvm"), 14, 2, 64, torch.float32, split=True, int8_dots=True)
     try:
-        check_int8_query(host_device(), split=False)
+        check_int8_dots(host_device(), split=False)
     except ValueError as exc:
         pytest.skip(str(exc))
-    b = make_backend(WindowQuantConfig(int8_query=True), 14, 2, 64, torch.float32, "cpu")
-    assert "(int8 query)" in b.tuning_summary() and any("_q81" in uri for uri in b.kernels)
+    b = make_backend(WindowQuantConfig(int8_dots=True), 14, 2, 64, torch.float32, "cpu")
+    assert "(int8 dots)" in b.tuning_summary() and any("_dot81" in uri for uri in b.kernels)
     layer = make_layer(1200, {8: 0.25, 4: 0.25, 2: 0.5}, 2, 64, torch.float32, residual=40)
     q = torch.randn(1, 14, 64) * 2
     got = b.decode(q, layer, 0.125, stats=None)
     want = decode_attention(q, layer, 0.125)
     rel = ((got - want).norm() / want.norm()).item()
-    assert 0 < rel < 0.05, f"int8 query vs the exact reference: relative error {rel:.4f}"
+    assert 0 < rel < 0.05, f"int8 dots vs the exact reference: relative error {rel:.4f}"

@@ -440,29 +440,30 @@ def test_example_sizes_satisfy_signature() -> None:
         assert bound == sizes, spec.uri
 
 
-def _needs_int8_query() -> None:
-    from wq_compile.decoder import check_int8_query
+def _needs_int8_dots() -> None:
+    from wq_compile.decoder import check_int8_dots
     from wq_compile.device import host_device
 
     try:
-        check_int8_query(host_device(), split=False)
+        check_int8_dots(host_device(), split=False)
     except ValueError as exc:
         pytest.skip(str(exc))
 
 
-def _int8_query_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator):
-    """Like :func:`_fused_case`, the expected output from :func:`reference.int8_query_scores` for 4/2-bit buckets."""
+def _int8_dots_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator):
+    """Like :func:`_fused_case`, the expected output of quantized pieces from :func:`reference.int8_dots_attend_piece`."""
     args, outs, lses = [], [], []
     b = len(next(iter(lens.values())))
     q = torch.randn(b, spec.num_q_heads, spec.head_dim, generator=gen) * 3
     for bits in spec.bits:
         a, k, v = _bucket(bits, spec, caps[bits], lens[bits], gen)
         args += a
-        scores = None
         if bits < 16:
             qk = quant.QuantizedKeys(a[0], a[1], a[2], spec.quant(bits))
-            scores = reference.int8_query_scores(q, qk, caps[bits], SM_SCALE)
-        o, lse = reference.attend_piece(q, k, v, a[-1], SM_SCALE, scores=scores)
+            qv = quant.QuantizedValues(a[3], a[4], a[5], spec.quant(bits))
+            o, lse = reference.int8_dots_attend_piece(q, qk, qv, a[-1], SM_SCALE)
+        else:
+            o, lse = reference.attend_piece(q, k, v, a[-1], SM_SCALE)
         outs.append(o)
         lses.append(lse)
     want, _ = reference.merge_states(outs, lses)
@@ -470,26 +471,28 @@ def _int8_query_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, lis
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_cpu_fused_int8_query_matches_its_reference(shape: str) -> None:
-    """The int8-query mode against its own torch emulation (same query rounding, float64 sums): only summation
-    order differs, so the fp32 tolerance applies."""
-    _needs_int8_query()
-    spec = KernelSpec("fused", (8, 4, 2, 16), extra=(("splits", 2), ("q8", 1)), **SHAPES[shape])
+def test_cpu_fused_int8_dots_match_their_reference(shape: str) -> None:
+    """The int8 dot-product mode against its own torch emulation (same query and probability rounding, float64
+    sums): only summation order differs, so the fp32 tolerance applies (a probability scale of max/250 instead of
+    max/255 fails it)."""
+    _needs_int8_dots()
+    spec = KernelSpec("fused", (8, 4, 2, 16), extra=(("splits", 2), ("dot8", 1)), **SHAPES[shape])
     fn = compiled_cpu(spec)
     gen = torch.Generator().manual_seed(21)
     for caps, lens in CPU_SCENARIOS:
-        call, want = _int8_query_case(spec, caps, lens, gen)
+        call, want = _int8_dots_case(spec, caps, lens, gen)
         out = torch.full((2, spec.num_q_heads, spec.head_dim), float("nan"))
         fn(*call, out)
-        _check(f"cpu fused int8 query {shape} {caps} {lens}", out, want, 2e-4, 2e-4)
+        _check(f"cpu fused int8 dots {shape} {caps} {lens}", out, want, 2e-4, 2e-4)
 
 
 @pytest.mark.parametrize("bits", [4, 2])
-def test_int8_query_error_is_small_next_to_key_quantization(bits: int) -> None:
+def test_int8_dots_error_is_small_next_to_quantization(bits: int) -> None:
     """What the mode costs, on keys with outlier channels (which stretch the folded query's range): the error it adds
     to the exact-query output is a fraction of the error key/value quantization already makes (relative L2;
-    measured 0.165 at 4 bits, 0.041 at 2 bits; without the centered-code correction 0.287 and 0.099, which fail)."""
-    _needs_int8_query()
+    measured 0.167 at 4 bits, 0.042 at 2 bits, of which the uint8 probabilities add 0.002; without the
+    centered-code correction of the query 0.287 and 0.099, which fail)."""
+    _needs_int8_dots()
     shape = SHAPES["7b"]
     d, hq, hkv, n = shape["head_dim"], shape["num_q_heads"], shape["num_kv_heads"], 1024
     gen = torch.Generator().manual_seed(5)
@@ -497,7 +500,7 @@ def test_int8_query_error_is_small_next_to_key_quantization(bits: int) -> None:
     k[..., :4] *= 6
     v = torch.randn(1, hkv, n, d, generator=gen)
     q = torch.randn(1, hq, d, generator=gen) * 2
-    spec = KernelSpec("fused", (bits, 16), extra=(("splits", 1), ("q8", 1)), **shape)
+    spec = KernelSpec("fused", (bits, 16), extra=(("splits", 1), ("dot8", 1)), **shape)
     qk, qv = quant.quantize_keys(k, spec.quant(bits)), quant.quantize_values(v, spec.quant(bits))
     lens = torch.tensor([n], dtype=torch.int32)
     exact, _ = reference.attend_piece(q, k, v, lens, d**-0.5)
@@ -508,4 +511,4 @@ def test_int8_query_error_is_small_next_to_key_quantization(bits: int) -> None:
                        d**-0.5, out)
     added = ((out - deq).norm() / deq.norm()).item()
     quantization = ((deq - exact).norm() / exact.norm()).item()
-    assert added < {4: 0.22, 2: 0.07}[bits] * quantization, f"int8 query adds {added:.3f} (quantization error {quantization:.3f})"
+    assert added < {4: 0.22, 2: 0.07}[bits] * quantization, f"int8 dots add {added:.3f} (quantization error {quantization:.3f})"

@@ -87,7 +87,7 @@ class Backend:
         """One line for reports: which kernels are tuned, from where, and which are not."""
         if not self.kernels:
             return "torch reference (no compiled kernels)"
-        kinds = "; ".join(f"{uri.split('_')[0]} {'/'.join(_widths(uri))}{' (int8 query)' if '_q81' in uri else ''}: "
+        kinds = "; ".join(f"{uri.split('_')[0]} {'/'.join(_widths(uri))}{' (int8 dots)' if '_dot81' in uri else ''}: "
                           f"{how}" for uri, how in self.kernels.items())
         return (f"{kinds} (modules: {self.compiled} compiled, {self.cached} from the module cache, "
                 f"{self.reused} already loaded in this process)")
@@ -130,11 +130,11 @@ def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, hea
     wq = wq.for_model(num_q_heads, num_kv_heads, head_dim)  # v_group=None -> min(64, head_dim); shape checks
     if wq.backend == "reference":
         return Backend("reference", ReferenceDecoder(), torch_quantizer)
-    if wq.int8_query:  # a mode the target cannot run is an error even with backend="auto" (no silent fallback)
-        from .decoder import check_int8_query
+    if wq.int8_dots:  # a mode the target cannot run is an error even with backend="auto" (no silent fallback)
+        from .decoder import check_int8_dots
         from .runtime import shared_library
 
-        check_int8_query(shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else
+        check_int8_dots(shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else
                                                       "llvm")).device, split=False)
     share_cores_with_torch()
     key = (wq, num_q_heads, num_kv_heads, head_dim, dtype, str(torch.device(device)))
@@ -158,7 +158,7 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         compiled, cached, reused = stats.compiled, stats.cache_hits, stats.reused
         decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                       v_group=wq.v_group, chunk=wq.chunk, library=library,
-                                      int8_query=wq.int8_query)
+                                      int8_dots=wq.int8_dots)
         quantizer = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
         uris = [decoder.spec((8, 4, 2)).uri]
         for bits in (8, 4, 2):  # fail here, not in the middle of generation

@@ -29,9 +29,10 @@ class WindowQuantConfig:
     ``backend``: ``"auto"`` (compiled modules, else the torch reference with a warning), ``"tvm"`` (compiled or an
     error) or ``"reference"``. ``target``: a target for :func:`wq_compile.device.resolve_device` (default: the
     host CPU for CPU tensors, the local GPU for CUDA tensors). ``v_group=None``: ``min(64, head_dim)`` of the model.
-    ``int8_query``: the CPU kernel's QK over 4- and 2-bit buckets with the query quantized to int8 per key group
-    (AVX-512 VNNI; faster, and adds a measured error well below the key quantization's: see the README); off by
-    default, because results then differ from the exact-query kernel and from other machines.
+    ``int8_dots``: the CPU kernel computes QK and P @ V of 4- and 2-bit buckets as int8 dot products (AVX-512
+    VNNI): the query quantized to int8 per head and key group, the probabilities to uint8 per head, value group
+    and key group. Faster, and adds a measured error well below what quantizing the cache costs (see the README);
+    off by default, because results then differ from the exact kernel's and from other machines'.
     """
 
     avg_bits: float = 3.0
@@ -45,7 +46,7 @@ class WindowQuantConfig:
     backend: str = "auto"
     target: str | None = None
     chunk: int = 64
-    int8_query: bool = False
+    int8_dots: bool = False
 
     def __post_init__(self) -> None:
         if (isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float))
@@ -64,8 +65,8 @@ class WindowQuantConfig:
         if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"residual: must be an int >= 0 (recent tokens kept dense), got {self.residual!r}; "
                              f"use e.g. 128")
-        if not isinstance(self.int8_query, bool):
-            raise ValueError(f"int8_query: must be True or False, got {self.int8_query!r}")
+        if not isinstance(self.int8_dots, bool):
+            raise ValueError(f"int8_dots: must be True or False, got {self.int8_dots!r}")
         if self.scorer not in ("attention", "embedding"):
             raise ValueError(f"scorer: must be 'attention' or 'embedding', got {self.scorer!r}")
         if self.backend not in ("auto", "tvm", "reference"):

@@ -18,21 +18,21 @@ from .runtime import CompiledKernel, KernelLibrary, shared_library
 from .spec import KernelSpec, dtype_tag
 
 
-#: LLVM features the int8-query QK needs: ``vpdpbusd`` (VNNI) and ``vpermb``/``vpermt2b`` (VBMI) on 512-bit vectors.
-INT8_QUERY_FEATURES = ("avx512vnni", "avx512vbmi", "avx512bw")
+#: LLVM features the int8 dot-product mode needs: ``vpdpbusd`` (VNNI) and ``vpermb``/``vpermt2b`` (VBMI) on 512-bit vectors.
+INT8_DOT_FEATURES = ("avx512vnni", "avx512vbmi", "avx512bw")
 
 
-def check_int8_query(device: Device, split: bool) -> None:
-    """Refuse the int8-query mode where no kernel implements it, at construction (not at the first decode step):
+def check_int8_dots(device: Device, split: bool) -> None:
+    """Refuse the int8 dot-product mode where no kernel implements it, at construction (not at the first decode step):
     it exists in the CPU fused kernel only, for targets with the instructions it is built from."""
     if device.kind != "llvm" or split:
-        raise ValueError(f"int8_query: only the CPU fused kernel has an int8-query mode (target {device.tag}"
-                         f"{', split-KV form' if split else ''}); use int8_query=False")
+        raise ValueError(f"int8_dots: only the CPU fused kernel has an int8 dot-product mode (target {device.tag}"
+                         f"{', split-KV form' if split else ''}); use int8_dots=False")
     from tvm.target import codegen
 
-    if not codegen.target_has_features(list(INT8_QUERY_FEATURES), device.target):
-        raise ValueError(f"int8_query: target {device.tag} lacks {'/'.join(INT8_QUERY_FEATURES)} (AVX-512 VNNI "
-                         "and VBMI); use int8_query=False")
+    if not codegen.target_has_features(list(INT8_DOT_FEATURES), device.target):
+        raise ValueError(f"int8_dots: target {device.tag} lacks {'/'.join(INT8_DOT_FEATURES)} (AVX-512 VNNI "
+                         "and VBMI); use int8_dots=False")
 
 
 class FusedDecoder:
@@ -47,12 +47,12 @@ class FusedDecoder:
 
     def __init__(self, library: KernelLibrary, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, *, k_group: int = 28, v_group: int = 64, chunk: int = 64,
-                 split: bool | None = None, sm_count: int | None = None, int8_query: bool = False) -> None:
+                 split: bool | None = None, sm_count: int | None = None, int8_dots: bool = False) -> None:
         self.library = library
         self.split = library.device.kind == "cuda" if split is None else bool(split)
-        if int8_query:
-            check_int8_query(library.device, self.split)
-        self.int8_query = bool(int8_query)
+        if int8_dots:
+            check_int8_dots(library.device, self.split)
+        self.int8_dots = bool(int8_dots)
         if self.split:
             chunk = SPLIT_CHUNK  # finer ranges: enough thread blocks at batch 1 from ~2K tokens
         self.shape = dict(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
@@ -72,18 +72,18 @@ class FusedDecoder:
                device: torch.device | str, *, k_group: int = 28, v_group: int = 64, chunk: int = 64,
                target: str | None = None, bits: tuple[int, ...] = (8, 4, 2),
                library: KernelLibrary | None = None, split: bool | None = None,
-               int8_query: bool = False) -> "FusedDecoder":
+               int8_dots: bool = False) -> "FusedDecoder":
         """A decoder whose library targets ``target`` (default: llvm for CPU tensors, cuda for CUDA ones);
         the fused kernel for ``bits`` is loaded now so a missing module fails here, not mid-generation."""
         dev = torch.device(device)
         library = library or shared_library(target or ("cuda" if dev.type == "cuda" else "llvm"))
         dec = cls(library, num_q_heads, num_kv_heads, head_dim, dtype, k_group=k_group, v_group=v_group,
-                  chunk=chunk, split=split, int8_query=int8_query)
+                  chunk=chunk, split=split, int8_dots=int8_dots)
         dec.kernel(tuple(sorted(bits, reverse=True)))
         return dec
 
     def spec(self, widths: tuple[int, ...]) -> KernelSpec:
-        extra = (("q8", 1),) if self.int8_query and any(w < 8 for w in widths) else ()
+        extra = (("dot8", 1),) if self.int8_dots and any(w < 8 for w in widths) else ()
         spec = KernelSpec("fused", tuple(widths) + (16,), extra=extra, **self.shape)
         return split_spec(spec) if self.split else spec
 

@@ -35,7 +35,7 @@ def knobs_of(spec: KernelSpec) -> dict[str, int]:
 
 #: ``spec.extra`` keys of precision modes: part of the kernel's URI, not of its knob record's (the structure that
 #: wins for the exact-query kernel is the one the int8-query kernel is built with).
-MODE_KEYS: tuple[str, ...] = ("q8",)
+MODE_KEYS: tuple[str, ...] = ("dot8",)
 
 
 def record_uri(spec: KernelSpec) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .layout import DensePiece, LayerCache, QuantBucket
-from .quant import QuantizedKeys, unpack_keys
+from .quant import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, unpack, unpack_keys
 
 
 def attend_piece(
@@ -76,6 +76,45 @@ def int8_query_scores(q: torch.Tensor, qk: QuantizedKeys, n: int, sm_scale: floa
             + c0 * qs.double().sum(-1, keepdim=True)
     scores = dot + zero_term[..., None]  # [B, Hkv, G, group, kg]
     return scores.permute(0, 1, 3, 2, 4).reshape(bsz, hq, g * kg)[..., :n]
+
+
+def int8_dots_attend_piece(q: torch.Tensor, qk: QuantizedKeys, qv: QuantizedValues, lens: torch.Tensor,
+                           sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, lse) of one quantized piece in the CPU kernel's int8 dot-product mode, emulated in float64: scores
+    from :func:`int8_query_scores`; per head, value group and key group the weights ``p * v_scale`` are quantized
+    to uint8 (scale ``max / 255``; the kernel's running max cancels in the ratio) for the codes' sum, while the
+    zero-point sum and the softmax denominator use the exact ``p``. 8-bit buckets are exact in this mode."""
+    bits, kg, vgrp = qk.spec.bits, qk.spec.k_group, qk.spec.v_group
+    n = qv.scale.shape[-2]
+    valid = torch.arange(n)[None, :] < lens.long()[:, None]  # [B, n]: scales past lens may be anything (NaN)
+    if bits == 8:
+        v = torch.where(valid[:, None, :, None], dequantize_values(qv), 0.0)
+        return attend_piece(q, dequantize_keys(qk, n), v, lens, sm_scale)
+    bsz, hq, d = q.shape
+    hkv = qv.scale.shape[1]
+    group = hq // hkv
+    s = int8_query_scores(q, qk, n, sm_scale)  # [B, Hq, n] float64
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))  # [B, Hq, n]
+    codes = unpack(qv.codes, bits).double().repeat_interleave(group, 1)  # [B, Hq, n, D]
+    keep = valid[:, None, :, None]
+    vs = torch.where(keep, qv.scale.double(), 0.0).repeat_interleave(group, 1)  # [B, Hq, n, nvg]
+    vz = torch.where(keep, qv.zero.double(), 0.0).repeat_interleave(group, 1)
+    g = -(-n // kg)
+    pad = g * kg - n
+    num = torch.zeros(bsz, hq, d, dtype=torch.float64)
+    for vg in range(d // vgrp):
+        w = torch.nn.functional.pad(p * vs[..., vg], (0, pad)).reshape(bsz, hq, g, kg)
+        wmax = w.amax(-1, keepdim=True)
+        wq = torch.round(w * torch.where(wmax > 0, 255.0 / wmax, torch.zeros_like(wmax))) * (wmax / 255.0)
+        wq = wq.reshape(bsz, hq, g * kg)[..., :n]
+        ch = slice(vg * vgrp, (vg + 1) * vgrp)
+        num[..., ch] = torch.einsum("bhn,bhnc->bhc", wq, codes[..., ch]) + (p * vz[..., vg]).sum(-1, keepdim=True)
+    den = p.sum(-1)
+    out = torch.where(den[..., None] > 0, num / den[..., None].clamp_min(1e-300), torch.zeros_like(num))
+    lse = torch.where(den > 0, m[..., 0] + torch.log(den.clamp_min(1e-300)), torch.full_like(den, float("-inf")))
+    return out.float(), lse.float()
 
 
 def merge_states(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

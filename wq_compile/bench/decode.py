@@ -150,21 +150,21 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
         kernel = dec.kernel(widths)
         out.append(Peer(f"WindowQuant fused ({label})", lambda dec=dec: dec(q, layer, sm_scale), quant_bytes,
                         str(kernel.provenance)))
-        if label == "tuned" and _int8_query_here(lib):
+        if label == "tuned" and _int8_dots_here(lib):
             dec8 = FusedDecoder(lib, preset.num_q_heads, preset.num_kv_heads, preset.head_dim, dtype,
-                                int8_query=True)
+                                int8_dots=True)
             kernel = dec8.kernel(widths)
-            out.append(Peer(f"WindowQuant fused ({label}, int8 query)", lambda dec=dec8: dec(q, layer, sm_scale),
-                            quant_bytes, f"{kernel.provenance}; WindowQuantConfig(int8_query=True): QK of 4/2-bit "
-                            "buckets with the query in int8 (VNNI)"))
+            out.append(Peer(f"WindowQuant fused ({label}, int8 dots)", lambda dec=dec8: dec(q, layer, sm_scale),
+                            quant_bytes, f"{kernel.provenance}; WindowQuantConfig(int8_dots=True): QK and P@V of "
+                            "4/2-bit buckets as int8 dot products (VNNI)"))
     return out
 
 
-def _int8_query_here(lib: Any) -> bool:
-    from ..decoder import check_int8_query
+def _int8_dots_here(lib: Any) -> bool:
+    from ..decoder import check_int8_dots
 
     try:
-        check_int8_query(lib.device, split=False)
+        check_int8_dots(lib.device, split=False)
         return True
     except ValueError:
         return False

@@ -19,6 +19,13 @@ style at the end), for each piece, for each tile (one key group of a quantized p
 so the inner loops are a byte load + vpmovzxbd + shift/and + vcvtdq2ps, and FMAs with a broadcast query/probability
 for every query head of the GQA group (all in registers): no horizontal sums except one max and one sum per tile
 and head. Empty pieces and tokens past ``lens`` cost nothing (tile loops run to ``ceil(lens / tile)``).
+
+Int8 dot-product mode (``("dot8", 1)`` in ``spec.extra``, :func:`int8_dots`; AVX-512 VNNI + VBMI), for 4- and
+2-bit buckets: ``qs`` is quantized to int8 per head and key group, and 4 channels x 16 token slots of key codes
+are shuffled into one ``vpdpbusd`` operand (:meth:`QuantTiles._scores_int8`); ``P * v_scale`` is quantized to
+uint8 per head, value group and key group, and 4 tokens x 16 bytes of value codes are shuffled the same way
+(:meth:`QuantTiles._pv_int8`). Zero-point terms, the softmax and the accumulators across key groups stay fp32;
+the torch emulation is :func:`wq_compile.reference.int8_dots_attend_piece`.
 """
 
 from __future__ import annotations
@@ -96,10 +103,11 @@ _PERMPS = "llvm.x86.avx512.permvar.sf.512"
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 
-def int8_query(spec: KernelSpec) -> bool:
-    """True when ``spec`` asks for QK with an int8 query (``("q8", 1)`` in ``spec.extra``): a precision mode, not
-    a structure knob (it changes results within the tolerance of the key codes); needs AVX-512 VNNI and VBMI."""
-    return bool(dict(spec.extra).get("q8", 0))
+def int8_dots(spec: KernelSpec) -> bool:
+    """True when ``spec`` asks for int8 dot products (``("dot8", 1)`` in ``spec.extra``): QK with an int8 query and
+    P @ V with uint8 probabilities over 4/2-bit buckets. A precision mode, not a structure knob (it changes results);
+    needs AVX-512 VNNI and VBMI."""
+    return bool(dict(spec.extra).get("dot8", 0))
 
 
 def _lut_nibbles(buf, start: tirx.PrimExpr, out, row0: int = 0) -> None:
@@ -328,13 +336,21 @@ class QuantTiles:
         self.use_lut = bool(knobs.lut) and bits == 4 and self.lb == LANES  # 16 slots per nibble: one lookup each
         self.kv = T.alloc_buffer((fields, self.lb), _F32, scope="local")
         self.vv = T.alloc_buffer((fields, pvc), _F32, scope="local")
-        self.int8_query = int8_query(spec) and bits < 8  # int8 keys: the query's rounding would dominate
-        if self.int8_query:  # the query of a key group as int8 (+ one scale per head), read 4 channels at a time
+        self.int8_dots = int8_dots(spec) and bits < 8  # int8 codes: the query's rounding would dominate
+        if self.int8_dots:  # the query of a key group as int8 (+ one scale per head), read 4 channels at a time
             self.qi = T.alloc_buffer((gs * d,), "int8", scope="local")
             self.qi32 = T.decl_buffer((gs * d // 4,), _I32, data=self.qi.data, scope="local")
             self.qsc = T.alloc_buffer((gs,), _F32, scope="local")
             self.qcorr = T.alloc_buffer((gs,), _F32, scope="local")
             self.iacc = T.alloc_buffer((gs, slots // LANES, LANES), _I32, scope="local")
+        # P @ V as uint8 probabilities x value codes (VNNI) where 16-byte blocks of V stay in one value group
+        self.int_pv = self.int8_dots and vbytes % 16 == 0 and self.vg_bytes % 16 == 0
+        if self.int_pv:
+            self.pq = T.alloc_buffer((gs * nvg * slots,), "uint8", scope="local")
+            self.pq32 = T.decl_buffer((gs * nvg * slots // 4,), _I32, data=self.pq.data, scope="local")
+            self.psc = T.alloc_buffer((gs, nvg), _F32, scope="local")
+            self.pv_heads = max(1, min(gs, 16 // fields))  # fields x heads int32 accumulators per pass
+            self.vacc = T.alloc_buffer((self.pv_heads, fields, LANES), _I32, scope="local")
         with T.serial(0, gs) as h:
             T.buffer_store(self.pm, f32(NEG_BIG), [h])
             T.buffer_store(self.pl, f32(0.0), [h])
@@ -368,13 +384,13 @@ class QuantTiles:
                     T.buffer_store(qs, qf[h, dd] * k_scale(dd).astype(_F32), [h, dd])
                     T.buffer_store(zt, zt[h, ln] + qf[h, dd] * k_zero(dd).astype(_F32), [h, ln])
         # ---- scores over token slots: S[h, f * lb + j] ----
-        if self.int8_query:
+        if self.int8_dots:
             self._scores_int8(kb, kbase)
-        with T.unroll(0, gs if not self.int8_query else 0) as h:
+        with T.unroll(0, gs if not self.int8_dots else 0) as h:
             with _vec(slots) as s:
                 T.buffer_store(s_buf, f32(0.0), [h, s])
         # heads in passes of qk_heads: (qk_heads x slots / 16) accumulators must stay in registers
-        for h0 in range(0, gs, knobs.qk_heads) if not self.int8_query else ():
+        for h0 in range(0, gs, knobs.qk_heads) if not self.int8_dots else ():
             hn = min(knobs.qk_heads, gs - h0)
             with T.serial(0, d) as dd:
                 if self.use_lut:
@@ -397,7 +413,7 @@ class QuantTiles:
             zsum = T.alloc_buffer((1,), _F32, scope="local")
             T.buffer_store(zsum, _tree(lambda a, b: a + b, zr, zl), [0])
             with _vec(slots) as s:
-                if self.int8_query:
+                if self.int8_dots:
                     dot = self.iacc[h, s // LANES, s % LANES].astype(_F32) * self.qsc[h] + self.qcorr[h]
                 else:
                     dot = s_buf[h, s]
@@ -428,6 +444,9 @@ class QuantTiles:
                         zz = zz + p_buf[h, k * LANES + ln] * vzf[vg, k * LANES + ln]
                     T.buffer_store(zr, zz, [ln])
                 T.buffer_store(zacc, zacc[h, vg] + _tree(lambda a, b: a + b, zr, LANES), [h, vg])
+        if self.int_pv:
+            self._pv_int8(nvalid, vb, vbase)
+            return
         # ---- P @ V: channel-vectorized, pvc bytes (F * pvc channels) of V per pass over the tile's tokens ----
         with T.unroll(0, vbytes // pvc) as c:
             vg = tirx.floordiv(c * pvc, vg_bytes)
@@ -508,6 +527,67 @@ class QuantTiles:
                     cur = tirx.BufferLoad(iacc, [h, k, tirx.Ramp(0, 1, LANES)])
                     val = tirx.call_llvm_pure_intrin(f"int32x{LANES}", _VPDPBUSD, cur, codes[k], qv)
                     T.buffer_store(iacc, val, [h, k, tirx.Ramp(0, 1, LANES)])
+
+    def _pv_int8(self, nvalid, vb, vbase) -> None:
+        """P @ V with VNNI: per head and value group the tile's ``P * v_scale`` (>= 0) is quantized to uint8
+        (scale ``max / 255``), 4 tokens' bytes of a 16-byte block of V are interleaved into one dword per byte
+        (the same shuffle as the keys'), each field shifted out uniformly: one ``vpdpbusd`` per head, field and
+        4 tokens adds 64 products into the int32 accumulators of 16 channels (``pacc``'s layout: byte x field),
+        which are scaled into ``pacc`` once per tile. Tokens past ``nvalid`` have probability 0 and read a valid
+        token's bytes."""
+        spec = self.spec
+        gs = spec.group_size
+        bits, fields, slots, vbytes, nvg, vg_bytes = self.bits, self.fields, self.slots, self.vbytes, self.nvg, \
+            self.vg_bytes
+        pv, pq, pq32, psc, vacc, pacc = self.pv, self.pq, self.pq32, self.psc, self.vacc, self.pacc
+        with T.serial(0, gs + self.opaque_zero) as h:
+            with T.serial(0, nvg) as vg:
+                red = T.alloc_buffer((LANES,), _F32, scope="local")
+                with T.vectorized(0, LANES) as ln:
+                    mx = pv[h, vg, ln]
+                    for k in range(1, slots // LANES):
+                        mx = tirx.max(mx, pv[h, vg, k * LANES + ln])
+                    T.buffer_store(red, mx, [ln])
+                pmax = T.alloc_buffer((2,), _F32, scope="local")
+                T.buffer_store(pmax, _tree(tirx.max, red, LANES), [0])
+                T.buffer_store(psc, pmax[0] * f32(1.0 / 255.0), [h, vg])
+                T.buffer_store(pmax, tirx.Select(pmax[0] > f32(0.0), f32(255.0) / pmax[0], f32(0.0)), [1])
+                with _vec(slots) as s_:
+                    T.buffer_store(pq, tirx.round(pv[h, vg, s_] * pmax[1]).astype(_I32).astype("uint8"),
+                                   [(h * nvg + vg) * slots + s_])
+        mask = ((1 << bits) - 1) * 0x01010101
+        idx = [tirx.const(ti * 16 + ln, _I32) for ln in range(LANES) for ti in range(4)]
+        last = tirx.max(nvalid - 1, 0)
+        for jb in range(vbytes // 16):
+            vg = jb * 16 // vg_bytes
+            for h0 in range(0, gs, self.pv_heads):
+                hn = min(self.pv_heads, gs - h0)
+                with T.unroll(0, hn) as hi:
+                    with T.unroll(0, fields) as f:
+                        with T.vectorized(0, LANES) as ln:
+                            T.buffer_store(vacc, tirx.const(0, _I32), [hi, f, ln])
+                with T.serial(0, tirx.floordiv(nvalid + 3, 4)) as t4:
+                    xs = [tirx.BufferLoad(vb, [tirx.Ramp(vbase(tirx.min(t4 * 4 + ti, last)) + jb * 16, 1, 16)])
+                          for ti in range(4)]
+                    y = tirx.reinterpret(f"uint32x{LANES}", tirx.Shuffle(xs, idx))
+                    codes = []
+                    for f in range(fields):
+                        yf = tirx.shift_right(y, tirx.Broadcast(tirx.const(f * bits, "uint32"), LANES)) if f else y
+                        yf = tirx.bitwise_and(yf, tirx.Broadcast(tirx.const(mask, "uint32"), LANES))
+                        codes.append(tirx.reinterpret("int8x64", yf))
+                    with T.unroll(0, hn) as hi:
+                        pb = tirx.reinterpret("int8x64", tirx.Broadcast(
+                            pq32[((h0 + hi) * nvg + vg) * (slots // 4) + t4], LANES))
+                        for f in range(fields):
+                            cur = tirx.BufferLoad(vacc, [hi, f, tirx.Ramp(0, 1, LANES)])
+                            val = tirx.call_llvm_pure_intrin(f"int32x{LANES}", _VPDPBUSD, cur, pb, codes[f])
+                            T.buffer_store(vacc, val, [hi, f, tirx.Ramp(0, 1, LANES)])
+                with T.unroll(0, hn) as hi:
+                    with T.unroll(0, fields) as f:
+                        with T.vectorized(0, LANES) as ln:
+                            j = jb * 16 + ln
+                            T.buffer_store(pacc, pacc[h0 + hi, f, j] + vacc[hi, f, ln].astype(_F32)
+                                           * psc[h0 + hi, vg], [h0 + hi, f, j])
 
     def finish(self, m_all, l_all, acc) -> None:
         pacc, zacc, fields, vgrp = self.pacc, self.zacc, self.fields, self.qspec.v_group
