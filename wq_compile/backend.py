@@ -82,6 +82,8 @@ class Backend:
     compiled: int = 0
     cached: int = 0
     reused: int = 0  # already loaded in this process by another backend of the same library
+    #: What runs the CPU kernels' parallel loops ("torch OpenMP", or "TVM pool (why)"); empty on GPUs.
+    threads: str = ""
 
     def tuning_summary(self) -> str:
         """One line for reports: which kernels are tuned, from where, and which are not."""
@@ -89,8 +91,9 @@ class Backend:
             return "torch reference (no compiled kernels)"
         kinds = "; ".join(f"{uri.split('_')[0]} {'/'.join(_widths(uri))}{' (int8 dots)' if '_dot81' in uri else ''}: "
                           f"{how}" for uri, how in self.kernels.items())
+        threads = f"; CPU threads: {self.threads}" if self.threads else ""
         return (f"{kinds} (modules: {self.compiled} compiled, {self.cached} from the module cache, "
-                f"{self.reused} already loaded in this process)")
+                f"{self.reused} already loaded in this process{threads})")
 
 
 def _widths(uri: str) -> list[str]:
@@ -166,8 +169,10 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
             library.load(spec)
             uris.append(spec.uri)
         kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
+        fused = decoder.kernel((8, 4, 2))
         return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
-                       stats.cache_hits - cached, min(stats.reused - reused, len(kernels)))
+                       stats.cache_hits - cached, min(stats.reused - reused, len(kernels)),
+                       fused.threads if library.device.kind == "llvm" else "")
     except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
         if wq.backend == "tvm":
             raise

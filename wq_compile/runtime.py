@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import knobs, module_cache
+from . import cpu_threads, knobs, module_cache
 from .compile import build_kernel
 from .device import Device, resolve_device
 from .kernels import signature as kernel_signature
@@ -93,6 +93,8 @@ class CompiledKernel:
         self.provenance = provenance
         self._func = module.get_function(spec.uri)
         self.torch_device_type = "cpu" if device.kind == "llvm" else "cuda"
+        #: Which threads run its parallel loops (CPU: "torch OpenMP" after :func:`wq_compile.cpu_threads.attach`).
+        self.threads = "TVM pool" if device.kind == "llvm" else "GPU"
 
     @property
     def tuned(self) -> bool:
@@ -191,6 +193,8 @@ class KernelLibrary:
         self.stats.cache_hits += not compiled
         module = module_cache.load(paths, self.device)
         kernel = CompiledKernel(spec, self.device, kernel_signature(spec), module, paths.module, provenance)
+        if self.device.kind == "llvm":
+            kernel.threads = cpu_threads.attach(paths.module, module_cache.cache_root(self.cache_dir))
         self._kernels[requested] = kernel  # keyed by the URI asked for: the next call skips the knob lookup
         return kernel
 
