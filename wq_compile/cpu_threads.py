@@ -126,6 +126,17 @@ def launcher(cache_root: str) -> Launcher:
     return Launcher(ctypes.cast(lib.wq_launch, ctypes.c_void_p).value, f"torch's OpenMP threads ({omp})")
 
 
+def load_attached(module: object, folder: str | os.PathLike, cache_root: str | os.PathLike) -> tuple[object, str]:
+    """A just-built CPU module as the runtime runs it: exported to ``folder``, loaded, attached (:func:`attach`).
+    What a knob sweep times, so its ranking holds for the threads the kernels will run on."""
+    import tvm
+
+    path = Path(folder) / f"m{len(list(Path(folder).glob('m*.so')))}.so"
+    module.export_library(str(path))  # type: ignore[attr-defined]
+    loaded = tvm.runtime.load_module(str(path))
+    return loaded, attach(path, cache_root)
+
+
 def attach(module_path: str | os.PathLike, cache_root: str | os.PathLike) -> str:
     """Point the loaded CPU module at ``module_path`` to the OpenMP launcher; returns which threads it runs on
     ("torch OpenMP" or "TVM pool (<why>)"). The module must already be loaded by this process (TVM dlopen'ed it;

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import statistics
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from . import cpu_threads, module_cache, tuning_log
 from . import knobs as knob_lib
-from . import tuning_log
 from .check import ReferenceMismatch, check_against_reference
 from .compile import KernelDef, build_module, default_schedule, kernel_def
 from .device import Device, isa_class, resolve_device
@@ -178,12 +179,15 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     probe.signature.bind(*args, device_type="cpu")
     funcs: dict[str, Callable[[], Any]] = {}
     failed: dict[str, str] = {}
+    # candidates run as the runtime runs them: loaded from a file, parallel loops on torch's OpenMP threads
+    scratch = tempfile.TemporaryDirectory(prefix="wq-knobs-")
     for knobs in grid:
         key = knob_key(knobs)
         if len(done.get(key, [])) >= settings.rounds:
             continue  # finished before an interruption: not built or measured again
         kdef: KernelDef = kernel_def(knob_lib.with_knobs(base, knobs), device.kind, settings.n_tokens)
-        module = build_module(default_schedule(kdef), device)
+        module, threads = cpu_threads.load_attached(build_module(default_schedule(kdef), device), scratch.name,
+                                              module_cache.cache_root())
         try:
             check_against_reference(kdef, module, device)
         except ReferenceMismatch as exc:
@@ -225,7 +229,9 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     default = knob_key({"splits": d.splits, "pvc": d.pv_channels, "qkh": d.qk_heads})
     if default in done:
         meta["untuned_ms"] = statistics.median(done[default]) * 1e3  # the factory's defaults
+    meta["threads"] = threads if funcs else None  # what ran the candidates' parallel loops
     tuning_log.write_meta(folder, meta)
+    scratch.cleanup()
     return KnobSweepResult(base, folder, tuple(measured), best, new, failed)
 
 
