@@ -339,6 +339,9 @@ def bench_parser() -> argparse.ArgumentParser:
                         "and a warm module cache, on random-weight models (--model among tiny,llava-ov-0.5b)")
     p.add_argument("--layers", type=int, default=None, help="--e2e: decoder layers (default: tiny 24, 0.5b 4)")
     p.add_argument("--new-tokens", type=int, default=16, help="--e2e: tokens generated per run")
+    p.add_argument("--int8-dots", action="store_true",
+                   help="--e2e: WindowQuantConfig(int8_dots=True) (QK and P@V of 4/2-bit buckets as int8 dot "
+                        "products, AVX-512 VNNI); the decode table always adds an 'int8 dots' row where supported")
     p.add_argument("--token-granular", action="store_true",
                    help="claim (2): reordered buckets (fused kernel) vs token-granular mixed precision in place, "
                         "decode latency at equal average bits (--tokens, default 2048,8192,32768) and search time "
@@ -367,7 +370,7 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
             if value < low:
                 bench_parser().error(f"{name}: expected at least {low}, got {value}")
         rows = e2e.run(models, frames=args.frames, new_tokens=args.new_tokens, repeats=args.repeats,
-                       layers=args.layers)
+                       layers=args.layers, int8_dots=args.int8_dots)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         e2e.write_csv(rows, Path(args.out) / "e2e.csv")
         print(e2e.format_table(rows))

@@ -56,6 +56,7 @@ class E2ERow:
     score_ms: float = 0.0
     search_ms: float = 0.0
     fill_ms: float = 0.0
+    int8_dots: bool = False  # WindowQuantConfig(int8_dots=True)
 
     @property
     def torch_warmup_ms(self) -> float:
@@ -100,7 +101,7 @@ class StepClock:
 
 
 def measure(model_name: str, layers: int, frames: int, new_tokens: int, repeats: int, avg_bits: float,
-            module_cache: str) -> E2ERow:
+            module_cache: str, int8_dots: bool = False) -> E2ERow:
     """One process's measurement (call it in a fresh process: see :func:`run`)."""
     import torch
     from transformers import DynamicCache
@@ -114,7 +115,7 @@ def measure(model_name: str, layers: int, frames: int, new_tokens: int, repeats:
     model = tiny_model(wq_compile.ATTN_IMPLEMENTATION, layers=layers, text_shapes=shapes)
     prompt = video_prompt(model, [frames])
     n_prompt = int(prompt.inputs["input_ids"].shape[1])
-    wq = WindowQuantConfig(avg_bits=avg_bits)
+    wq = WindowQuantConfig(avg_bits=avg_bits, int8_dots=int8_dots)
 
     def gen(cache: Any, n: int) -> StepClock:
         clock = StepClock()
@@ -142,11 +143,12 @@ def measure(model_name: str, layers: int, frames: int, new_tokens: int, repeats:
                   statistics.median(c.stats.store_seconds * 1e3 for c in caches),
                   statistics.median(t for c in dense for t in c.step_ms()),
                   statistics.median(t for c in wqc for t in c.step_ms()), backend, dense_first,
-                  stage("screen"), stage("score"), stage("search"), stage("fill"))
+                  stage("screen"), stage("score"), stage("search"), stage("fill"), int8_dots)
 
 
 def run(models: list[str], frames: int = 32, new_tokens: int = 16, repeats: int = 3, avg_bits: float = 3.0,
-        layers: int | None = None, cache_dir: str | None = None, progress: bool = True) -> list[E2ERow]:
+        layers: int | None = None, cache_dir: str | None = None, progress: bool = True,
+        int8_dots: bool = False) -> list[E2ERow]:
     """Cold then warm, per model, each in a fresh process sharing one module cache folder."""
     from tqdm import tqdm
 
@@ -163,7 +165,7 @@ def run(models: list[str], frames: int = 32, new_tokens: int = 16, repeats: int 
         if state == "cold" and mod_dir.exists() and any(mod_dir.rglob("*.so")):
             raise RuntimeError(f"cache_dir: {mod_dir} already holds modules; a cold run needs an empty folder")
         args = dict(model_name=name, layers=n_layers, frames=frames, new_tokens=new_tokens, repeats=repeats,
-                    avg_bits=avg_bits, module_cache=state)
+                    avg_bits=avg_bits, module_cache=state, int8_dots=int8_dots)
         # a crash in native code (TVM, torch) leaves a Python traceback on stderr instead of nothing
         env = dict(os.environ, WQ_CACHE_DIR=str(mod_dir), PYTHONFAULTHANDLER="1")
         proc = subprocess.run([sys.executable, "-m", "wq_compile.bench.e2e", json.dumps(args)], env=env,
@@ -184,14 +186,15 @@ def format_table(rows: list[E2ERow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         parts = "/".join(f"{x:.0f}" for x in (r.screen_ms, r.score_ms, r.search_ms, r.fill_ms))
-        lines.append(f"{r.model:<14} {r.layers:>6} {r.prompt_tokens:>7} {r.module_cache:>7} "
+        name = r.model + (" dots" if r.int8_dots else "")
+        lines.append(f"{name:<14} {r.layers:>6} {r.prompt_tokens:>7} {r.module_cache:>7} "
                      f"{r.dense_first_ttft_ms:>9.0f} {r.dense_ttft_ms:>10.0f} "
                      f"{r.wq_first_ttft_ms:>9.0f} {r.wq_next_ttft_ms:>9.0f} {r.ttft_ratio:>9.2f}x "
                      f"{r.store_ms:>8.0f} {r.store_fraction:>9.1%} {parts:>24} {r.dense_decode_ms:>12.2f} "
                      f"{r.wq_decode_ms:>10.2f} {r.decode_ratio:>7.2f}x  {r.backend}")
     lines.append("times in ms; dense 1st: the process's first generate (torch warm-up included); WQ 1st: the first "
                  "WindowQuantCache, after it (kernel import/load or build included); store: window search, quantize "
-                 "and reorder over all layers, inside WQ next")
+                 "and reorder over all layers, inside WQ next; 'dots': WindowQuantConfig(int8_dots=True)")
     return "\n".join(lines)
 
 
