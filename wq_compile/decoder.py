@@ -13,7 +13,7 @@ import torch
 
 from .device import Device
 from .kernels import piece_fields
-from .kernels.split_decode import SPLIT_CHUNK, choose_splits, merge_spec, split_spec
+from .kernels.signatures import SPLIT_CHUNK, choose_splits, merge_spec, split_spec
 from .runtime import CompiledKernel, KernelLibrary, shared_library
 from .spec import KernelSpec, dtype_tag
 
