@@ -29,6 +29,23 @@ def test_targets_and_tags():
         RPCSettings.parse("nohost", "k")
 
 
+def test_device_facts_make_the_same_device_without_tvm():
+    """The host-facts file of the light load path stores these facts: the device made from them is equal (tag,
+    target, ISA class), builds the same TVM target on demand, and incomplete facts are refused, never guessed."""
+    from wq_compile.device import Device, host_fingerprint
+
+    host = resolve_device("llvm")
+    again = Device.from_facts(host.facts())
+    assert again == host and again.built_target is None
+    assert (again.kind, again.num_cores, again.isa) == (host.kind, host.num_cores, host.isa)
+    assert str(again.target) == host.target_json
+    for bad in ({**host.facts(), "target_json": "{"}, {"tag": host.tag}, None,
+                Device.of(resolve_device("nvidia/nvidia-h100").target, "cuda-x", "x").facts()):
+        with pytest.raises(ValueError, match="device facts"):
+            Device.from_facts(bad)
+    assert host_fingerprint(1) != host_fingerprint(2) and host_fingerprint(1) == host_fingerprint(1)
+
+
 @pytest.mark.parametrize("target,isa", [
     ({"kind": "llvm", "mcpu": "znver5"}, "x86_64-avx512"),
     ({"kind": "llvm", "mcpu": "sapphirerapids"}, "x86_64-avx512"),
