@@ -29,6 +29,38 @@ def test_targets_and_tags():
         RPCSettings.parse("nohost", "k")
 
 
+def test_device_facts_make_the_same_device_without_tvm():
+    """The host-facts file of the light load path stores these facts: the device made from them is equal (tag,
+    target, ISA class), builds the same TVM target on demand, and incomplete facts are refused, never guessed."""
+    from wq_compile.device import Device, host_fingerprint
+
+    host = resolve_device("llvm")
+    again = Device.from_facts(host.facts())
+    assert again == host and again.built_target is None
+    assert (again.kind, again.num_cores, again.isa) == (host.kind, host.num_cores, host.isa)
+    assert str(again.target) == host.target_json
+    for bad in ({**host.facts(), "target_json": "{"}, {"tag": host.tag}, None,
+                Device.of(resolve_device("nvidia/nvidia-h100").target, "cuda-x", "x").facts()):
+        with pytest.raises(ValueError, match="device facts"):
+            Device.from_facts(bad)
+    assert host_fingerprint(1) != host_fingerprint(2) and host_fingerprint(1) == host_fingerprint(1)
+
+
+@pytest.mark.parametrize("mcpu,vnni", [("sapphirerapids", True), ("skylake-avx512", False), ("haswell", False)])
+def test_recorded_features_answer_without_the_target(mcpu, vnni):
+    """The features the int8 dot-product mode needs are recorded with the device (and in its facts), so the light
+    path can refuse or allow the mode without TVM; they agree with the TVM target's."""
+    from wq_compile.device import Device
+    from wq_compile.decoder import INT8_DOT_FEATURES
+
+    dev = resolve_device({"kind": "llvm", "mcpu": mcpu, "mtriple": "x86_64-linux-gnu"})
+    again = Device.from_facts(dev.facts())
+    assert again.features == dev.features and again.built_target is None
+    assert again.has_features(*INT8_DOT_FEATURES) is vnni and again.built_target is None  # no TVM target built
+    assert Device.from_facts({k: v for k, v in dev.facts().items() if k != "features"}).has_features(
+        *INT8_DOT_FEATURES) is vnni  # older facts: asks the TVM target
+
+
 @pytest.mark.parametrize("target,isa", [
     ({"kind": "llvm", "mcpu": "znver5"}, "x86_64-avx512"),
     ({"kind": "llvm", "mcpu": "sapphirerapids"}, "x86_64-avx512"),

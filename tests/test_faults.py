@@ -93,7 +93,8 @@ def test_module_build_killed_mid_write_is_rebuilt(tmp_path: Path) -> None:
         KernelLibrary("llvm", logs_dir={str(logs)!r}, cache_dir={str(cache)!r}).load(TINY_DECODE)
     """)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    leftovers = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    leftovers = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")
+                 and p.name != "host_devices.json"]  # the host facts (wq_compile.light_load), written before the build
     assert leftovers and all(p.name.startswith(".") for p in leftovers)  # only the torn temporary file
     proc = load_tiny_decode(logs, cache)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ import torch
 
 from .device import Device
 from .kernels import piece_fields
-from .kernels.split_decode import SPLIT_CHUNK, choose_splits, merge_spec, split_spec
+from .kernels.signatures import SPLIT_CHUNK, choose_splits, merge_spec, split_spec
 from .runtime import CompiledKernel, KernelLibrary, shared_library
 from .spec import KernelSpec, dtype_tag
 
@@ -28,9 +28,7 @@ def check_int8_dots(device: Device, split: bool) -> None:
     if device.kind != "llvm" or split:
         raise ValueError(f"int8_dots: only the CPU fused kernel has an int8 dot-product mode (target {device.tag}"
                          f"{', split-KV form' if split else ''}); use int8_dots=False")
-    from tvm.target import codegen
-
-    if not codegen.target_has_features(list(INT8_DOT_FEATURES), device.target):
+    if not device.has_features(*INT8_DOT_FEATURES):
         raise ValueError(f"int8_dots: target {device.tag} lacks {'/'.join(INT8_DOT_FEATURES)} (AVX-512 VNNI "
                          "and VBMI); use int8_dots=False")
 

@@ -4,6 +4,9 @@ A :class:`Device` bundles the TVM target with the tag that names its tuning logs
 ``cpu-<arch>-<cpu model>-<n>c`` for llvm, ``cuda-<gpu name>-<sm arch>`` for CUDA. In apache-tvm 0.27 target
 strings with flags are rejected, so llvm targets are built from a dict. :func:`host_device` is the host target of
 the runtime *and* of the tests (``mcpu`` from LLVM's host detection, physical cores), so both compile the same code.
+A device is plain data (tag, target JSON, ISA class) plus the TVM target built on demand, so the warm load path can
+read this host's device from a file instead of asking LLVM (:mod:`wq_compile.light_load`, keyed by
+:func:`host_fingerprint`) and never import TVM.
 
 :func:`isa_class` reads a target's features (not its name): logs tuned on another CPU of the same class (e.g. an AMD
 znver5 log on an Intel AVX-512 Xeon) replay there as fast as local ones (docs/TVM_NOTES.md), which is what lets
@@ -12,14 +15,15 @@ znver5 log on an Intel AVX-512 Xeon) replay there as fast as local ones (docs/TV
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from importlib import metadata
 from typing import Any
 
@@ -53,34 +57,100 @@ def _versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Device:
-    """A compilation target and the tag naming its logs and modules."""
+    """A compilation target and the tag naming its logs and modules.
 
-    target: Any  # tvm.target.Target (kept untyped: importing tvm costs seconds)
+    Everything a warm module-cache load reads (tag, kind, target text, ISA class, cores) is plain data, so a device
+    can be made without TVM from the host-facts file of the module cache (:mod:`wq_compile.light_load`); the TVM
+    target itself is then built from ``target_json`` on first use of :attr:`target` (which imports TVM). Devices
+    made from a TVM target use :meth:`of`.
+    """
+
     tag: str
     name: str
+    #: Canonical text of the target (``str(Target)``, JSON), as recorded in meta.json and module keys.
+    target_json: str
+    #: ISA class of the target (see :func:`isa_class`).
+    isa: str
+    built_target: Any = field(default=None, compare=False, repr=False)  # tvm.target.Target (importing tvm: seconds)
+    #: Which of :data:`CHECKED_FEATURES` the target has (llvm targets; None: not known without TVM).
+    features: tuple[str, ...] | None = field(default=None, compare=False)
+
+    @classmethod
+    def of(cls, target: Any, tag: str, name: str) -> "Device":
+        return cls(tag, name, str(target), isa_class(target), target, target_features(target))
+
+    def has_features(self, *names: str) -> bool:
+        """Whether the target has every LLVM feature in ``names`` (read from :attr:`features` when they were
+        recorded and cover ``names``, else from the TVM target)."""
+        if self.features is not None and set(names) <= set(CHECKED_FEATURES):
+            return set(names) <= set(self.features)
+        if self.kind != "llvm":
+            return False
+        from tvm.target import codegen
+
+        return bool(codegen.target_has_features(list(names), self.target))
+
+    @property
+    def target(self) -> Any:
+        """The ``tvm.target.Target`` (built from :attr:`target_json` when this device was read from facts)."""
+        if self.built_target is None:
+            from tvm.target import Target
+
+            object.__setattr__(self, "built_target", Target(self._attrs))
+        return self.built_target
+
+    @cached_property
+    def _attrs(self) -> dict[str, Any]:
+        return json.loads(self.target_json)
 
     @property
     def kind(self) -> str:
-        return str(self.target.kind.name)
-
-    @property
-    def target_json(self) -> str:
-        """Canonical text of the target, as recorded in meta.json and module keys."""
-        return str(self.target)
+        return str(self._attrs["kind"])
 
     @property
     def arch(self) -> str | None:
-        return str(self.target.arch) if self.kind == "cuda" else None
-
-    @property
-    def isa(self) -> str:
-        """ISA class of the target (see :func:`isa_class`)."""
-        return isa_class(self.target)
+        return str(self._attrs["arch"]) if self.kind == "cuda" else None
 
     @property
     def num_cores(self) -> int | None:
-        value = dict(self.target.attrs.items()).get("num-cores")
+        value = self._attrs.get("num-cores")
         return int(value) if value is not None else None
+
+    def facts(self) -> dict[str, Any]:
+        """What :meth:`from_facts` needs to make this device again without TVM."""
+        out: dict[str, Any] = {"tag": self.tag, "name": self.name, "target_json": self.target_json, "isa": self.isa}
+        if self.features is not None:
+            out["features"] = list(self.features)
+        return out
+
+    @classmethod
+    def from_facts(cls, facts: Any) -> "Device":
+        """A device from :meth:`facts` (raises ``ValueError`` when they are incomplete or not an llvm target)."""
+        try:
+            feats = facts.get("features")
+            dev = cls(*(facts[k] for k in ("tag", "name", "target_json", "isa")),
+                      features=None if feats is None else tuple(str(f) for f in feats))
+            ok = all(isinstance(facts[k], str) and facts[k] for k in ("tag", "name", "target_json", "isa")) \
+                and dev.kind == "llvm"
+        except (TypeError, KeyError, ValueError, AttributeError):  # JSONDecodeError is a ValueError
+            ok = False
+        if not ok:
+            raise ValueError(f"device facts: incomplete or not an llvm target: {facts!r}")
+        return dev
+
+
+#: LLVM features a device records (kernel variants that need them are chosen or refused without TVM): the int8
+#: dot-product mode of the CPU kernel needs VNNI, VBMI and BW on 512-bit vectors.
+CHECKED_FEATURES: tuple[str, ...] = ("avx512f", "avx512bw", "avx512vnni", "avx512vbmi")
+
+
+def target_features(target: Any) -> tuple[str, ...] | None:
+    """Which of :data:`CHECKED_FEATURES` an llvm target has (None for other kinds)."""
+    from tvm.target import codegen
+
+    if str(target.kind.name) != "llvm":
+        return None
+    return tuple(f for f in CHECKED_FEATURES if codegen.target_has_features([f], target))
 
 
 def isa_class(target: Any) -> str:
@@ -119,6 +189,26 @@ def _cpuinfo_model() -> str:
     return platform.processor() or "unknown"
 
 
+def host_fingerprint(num_cores: int | None = None) -> str:
+    """What decides :func:`host_device` besides the tvm version (LLVM's host CPU detection): the machine, the CPU
+    model and feature flags of ``/proc/cpuinfo`` and the core count, digested. Keys the host-facts file of the
+    module cache (:mod:`wq_compile.light_load`), so facts recorded on another CPU, or under another affinity mask,
+    are never used."""
+    wanted = ("model name", "flags", "features", "cpu part", "cpu implementer")  # x86 and arm spellings
+    seen: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                name, sep, value = line.partition(":")
+                name = name.strip().lower()
+                if sep and name in wanted:
+                    seen.setdefault(name, value.strip())
+    except OSError:
+        seen["processor"] = platform.processor()
+    text = json.dumps([platform.machine(), sorted(seen.items()), int(num_cores or physical_cores())])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on: psutil's count (hyper-threads not counted), capped by the CPU
     affinity mask (a container or ``taskset`` limit)."""
@@ -145,7 +235,7 @@ def host_device(num_cores: int | None = None) -> Device:
     target = Target({"kind": "llvm", "num-cores": cores, "mcpu": mcpu})
     model = _cpuinfo_model()
     tag = f"cpu-{slug(platform.machine())}-{slug(model)}-{cores}c"
-    return Device(target=target, tag=tag, name=f"{model} ({mcpu}, {cores} cores)")
+    return Device.of(target, tag, f"{model} ({mcpu}, {cores} cores)")
 
 
 @lru_cache(maxsize=1)
@@ -184,7 +274,7 @@ def has_local_gpu() -> bool:
 def _cuda_device(target: Any, name: str | None) -> Device:
     arch = str(target.arch)
     label = name or arch
-    return Device(target=target, tag=f"cuda-{slug(label)}-{slug(arch)}" if name else f"cuda-{slug(arch)}", name=label)
+    return Device.of(target, f"cuda-{slug(label)}-{slug(arch)}" if name else f"cuda-{slug(arch)}", label)
 
 
 #: GPUs TVM 0.27 has no tag for, mapped to the tag of a GPU with the same SM (compute capability, registers, shared
@@ -197,11 +287,11 @@ def resolve_device(target: str | dict | Any = "llvm", num_cores: int | None = No
 
     Raises ``ValueError`` with a hint when the target cannot be built (e.g. ``cuda`` without a local GPU).
     """
-    from tvm.target import Target
-
     spec = target
     if isinstance(spec, Device):
         return spec
+    from tvm.target import Target
+
     if isinstance(spec, str):
         text = spec.strip()
         if text == "llvm":
@@ -267,5 +357,5 @@ def _device_from_target(target: Any) -> Device:
         tag = f"cpu-{slug(platform.machine())}-{slug(model)}-{cores}c"
         if mcpu != str(codegen.llvm_get_system_cpu()) or attrs.get("mtriple"):
             tag += f"-{slug(mcpu)}"
-        return Device(target=target, tag=tag, name=f"{model} ({mcpu}, {cores} cores)")
-    return Device(target=target, tag=slug(kind), name=kind)
+        return Device.of(target, tag, f"{model} ({mcpu}, {cores} cores)")
+    return Device.of(target, slug(kind), kind)

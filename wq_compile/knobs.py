@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from .device import Device
-from .kernels.attention_cpu import CpuKnobs
 from .spec import KernelSpec
 from .tuning_log import UNTUNED, Provenance, find_knob_record
+
+if TYPE_CHECKING:  # the factory imports TVM: resolving knobs on a warm load must not (wq_compile.light_load)
+    from .kernels.attention_cpu import CpuKnobs
 
 #: ``spec.extra`` keys of :class:`CpuKnobs` (token splits, P @ V channel tile, query heads per QK pass, AVX-512
 #: table unpack of 4-bit codes).
@@ -63,6 +65,8 @@ def with_knobs(spec: KernelSpec, knobs: Mapping[str, int]) -> KernelSpec:
 
 def effective(spec: KernelSpec) -> CpuKnobs:
     """The knobs the factory builds ``spec`` with (defaults filled in)."""
+    from .kernels.attention_cpu import CpuKnobs
+
     return CpuKnobs.of(spec)
 
 

@@ -95,7 +95,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, writer: Callable[[str], None]) -> None:
+def atomic_write(path: Path, writer: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -115,15 +115,15 @@ def store(built: BuiltKernel, key: dict[str, Any], cache_dir: str | os.PathLike 
     paths = module_paths(built.spec, built.device, cache_dir)
     paths.module.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(paths.lock)):
-        _atomic_write(paths.module, built.module.export_library)
+        atomic_write(paths.module, built.module.export_library)
         if built.binary is not None:
             binary = built.binary
-            _atomic_write(paths.binary, lambda p: Path(p).write_bytes(binary))
+            atomic_write(paths.binary, lambda p: Path(p).write_bytes(binary))
         record = {**key, "provenance": built.provenance.to_json(), "module_size": paths.module.stat().st_size,
                   "module_sha256": _file_digest(paths.module)}
         if built.binary is not None:
             record["binary_sha256"] = hashlib.sha256(built.binary).hexdigest()
-        _atomic_write(paths.key, lambda p: Path(p).write_text(json.dumps(record, indent=1, sort_keys=True)))
+        atomic_write(paths.key, lambda p: Path(p).write_text(json.dumps(record, indent=1, sort_keys=True)))
     return paths
 
 
@@ -166,16 +166,21 @@ def lookup(paths: ModulePaths, key: dict[str, Any]) -> Provenance | None:
 
 
 def load(paths: ModulePaths, device: Device) -> Any:
-    """``tvm.runtime.load_module`` of a cached module (CUDA: with its prebuilt binary, on a machine with a GPU)."""
+    """Load a cached module that :func:`lookup` found current. CPU modules: through the TVM runtime library alone
+    while TVM is not imported (:mod:`wq_compile.light_load`: a warm process never pays ``import tvm``). CUDA
+    modules keep ``tvm.runtime.load_module`` with the prebuilt nvcc binary answering ``tvm_callback_cuda_compile``,
+    on a machine with a GPU: the runtime-only path is unverified there (no GPU to check it on)."""
+    if device.kind != "cuda":
+        from .light_load import load_module
+
+        return load_module(paths.module)
     import tvm
 
-    if device.kind == "cuda":
-        from .device import has_local_gpu
+    from .device import has_local_gpu
 
-        if not has_local_gpu():
-            raise RuntimeError(f"{paths.module}: compiled for {device.tag} (with an nvcc binary), but no CUDA GPU is "
-                               "usable here to load it; load it on the GPU machine")
-        binary = paths.binary.read_bytes() if paths.binary.exists() else None
-        with prebuilt_cuda_binary(binary):
-            return tvm.runtime.load_module(str(paths.module))
-    return tvm.runtime.load_module(str(paths.module))
+    if not has_local_gpu():
+        raise RuntimeError(f"{paths.module}: compiled for {device.tag} (with an nvcc binary), but no CUDA GPU is "
+                           "usable here to load it; load it on the GPU machine")
+    binary = paths.binary.read_bytes() if paths.binary.exists() else None
+    with prebuilt_cuda_binary(binary):
+        return tvm.runtime.load_module(str(paths.module))

@@ -1,7 +1,8 @@
 """Load compiled kernels and call them from PyTorch.
 
 A :class:`KernelLibrary` resolves a spec to a module: the module cache (:mod:`wq_compile.module_cache`, a file
-lookup plus ``load_module`` when current) -> compile from a tuning log of this device or a compatible one
+lookup plus ``load_module`` when current; without importing TVM while every module is warm, see
+:mod:`wq_compile.light_load`) -> compile from a tuning log of this device or a compatible one
 (:mod:`wq_compile.compile`, seconds, no tuning) -> the default schedule with an ``UntunedKernelWarning``.
 :func:`shared_library` hands out one library per target, logs and cache folder for the whole process, so a second
 cache or a second ``generate`` loads nothing.
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import cpu_threads, knobs, module_cache
+from . import cpu_threads, knobs, light_load, module_cache
 from .compile import build_kernel
 from .device import Device, resolve_device
 from .kernels import signature as kernel_signature
@@ -61,6 +62,15 @@ class LibraryStats:
     compiled_untuned: int = 0
     cache_hits: int = 0
     reused: int = 0  # already loaded by this library (no file touched)
+
+
+def library_device(target: Device | str | dict, cache_dir: str | os.PathLike | None = None) -> Device:
+    """:func:`wq_compile.device.resolve_device`, except that this host (``"llvm"``) comes from the module cache's
+    host-facts file while TVM is not imported (:func:`wq_compile.light_load.host_device`): the same device, read
+    from a file instead of asked of LLVM."""
+    if isinstance(target, str) and target.strip() == "llvm":
+        return light_load.host_device(cache_dir)
+    return resolve_device(target)
 
 
 def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None,
@@ -153,7 +163,7 @@ class KernelLibrary:
         allow_untuned: bool = True,
         namespace: str = "wq",
     ) -> None:
-        self.device = resolve_device(target)
+        self.device = library_device(target, cache_dir)
         self.logs_dir = Path(logs_dir) if logs_dir is not None else default_logs_dir()
         self.cache_dir = cache_dir
         self.allow_untuned = allow_untuned
@@ -246,7 +256,7 @@ def shared_library(target: Device | str | dict = "llvm", *, logs_dir: str | os.P
                    cache_dir: str | os.PathLike | None = None) -> KernelLibrary:
     """The process-wide library for ``target`` (and logs / cache folders): loaded kernels are shared by every
     cache and backend of the process, so only the first one pays for loading."""
-    device = resolve_device(target)
+    device = library_device(target, cache_dir)
     logs = Path(logs_dir) if logs_dir is not None else default_logs_dir()
     cache = module_cache.cache_root(cache_dir)
     key = (device.target_json, str(logs), str(cache))

@@ -28,16 +28,22 @@ tensors and returns the symbolic sizes, raising a ``KernelArgumentError`` that n
 from __future__ import annotations
 
 import hashlib
+import importlib
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import tvm
-from tvm import tirx
-
-from ..spec import KernelSpec
-from . import attention, attention_cpu, merge, quantize, split_decode
 from ..signature import ArgDesc, KernelSignature
-from .common import NEG_BIG
+from ..spec import KernelSpec
+from .signatures import TUNING_SM_COUNT, choose_splits, is_split, piece_fields, pieces, signature
+
+if TYPE_CHECKING:
+    import tvm
+    from tvm import tirx
+
+#: Submodules that import TVM: loaded on first use (``kernels.attention``, ...), so that describing a kernel
+#: (:func:`signature`) and the module-cache key (:func:`source_digest`) never import TVM (a warm load does neither).
+_TVM_SUBMODULES = ("attention", "attention_cpu", "common", "granular_cpu", "merge", "quantize", "split_decode",
+                   "token_granular")
 
 __all__ = [
     "ArgDesc", "KernelSignature", "NEG_BIG", "default_scalars", "example_sizes", "make_kernel", "piece_fields",
@@ -45,22 +51,27 @@ __all__ = [
 ]
 
 
-#: kind -> (factory, argument description); decode and fused share the attention factory.
-_FACTORIES = {
-    "decode": (attention.build_attention, attention.signature),
-    "fused": (attention.build_attention, attention.signature),
-    "merge": (merge.build_merge, merge.signature),
-    "quantize": (quantize.build_quantize, quantize.signature),
-}
+def _factory(spec: KernelSpec) -> Any:
+    """The TIR factory of ``spec`` (its argument description is :func:`signature`, shared with the runtime)."""
+    from . import attention, merge, quantize, split_decode
 
-
-def _factory(spec: KernelSpec):
-    if spec.kind in ("decode", "fused") and split_decode.is_split(spec):
-        return split_decode.build_split_attention, split_decode.signature
+    if spec.kind in ("decode", "fused"):
+        return split_decode.build_split_attention if is_split(spec) else attention.build_attention
+    factories = {"merge": merge.build_merge, "quantize": quantize.build_quantize}
     try:
-        return _FACTORIES[spec.kind]
+        return factories[spec.kind]
     except KeyError:
         raise ValueError(f"kind: no kernel factory for {spec.kind!r}") from None
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TVM_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name == "NEG_BIG":
+        from .common import NEG_BIG
+
+        return NEG_BIG
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_kernel(spec: KernelSpec, target_kind: str | None = None) -> tirx.PrimFunc:
@@ -71,14 +82,11 @@ def make_kernel(spec: KernelSpec, target_kind: str | None = None) -> tirx.PrimFu
     per-bucket decode kernels on llvm), or the split-KV kernel (:mod:`.split_decode`) for a split spec on any
     target. ``None`` keeps the block-style kernel.
     """
-    if target_kind == "llvm" and spec.kind == "fused" and not split_decode.is_split(spec):
+    if target_kind == "llvm" and spec.kind == "fused" and not is_split(spec):
+        from . import attention_cpu
+
         return attention_cpu.build_fused_cpu(spec)
-    return _factory(spec)[0](spec)
-
-
-def signature(spec: KernelSpec) -> KernelSignature:
-    """Argument list of ``make_kernel(spec)``, in call order, with outputs marked and the size rules."""
-    return _factory(spec)[1](spec)
+    return _factory(spec)(spec)
 
 
 def default_scalars(spec: KernelSpec) -> dict[str, float]:
@@ -93,6 +101,8 @@ def specialize(func: tirx.PrimFunc, sig: KernelSignature, sizes: Mapping[str, in
     Buffers that are already static are left alone, so the workload (and its structural hash, which is how a tuning
     log finds its records) is the same as when the committed logs were tuned.
     """
+    from tvm import tirx
+
     missing = sorted(set(sig.symbols) - set(sizes))
     if missing:
         raise ValueError(f"sizes: no value for symbols {missing} of {sig.name}")
@@ -123,6 +133,8 @@ def static_workload(spec: KernelSpec, sizes: Mapping[str, int],
 def tuning_module(func: tirx.PrimFunc, sig: KernelSignature, sizes: Mapping[str, int],
                   scalars: Mapping[str, float]) -> tvm.IRModule:
     """The IRModule MetaSchedule tunes and a tuning log is keyed on: the specialized function named ``main``."""
+    import tvm
+
     return tvm.IRModule({"main": specialize(func, sig, sizes, scalars).with_attr("global_symbol", "main")})
 
 
@@ -138,16 +150,6 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def piece_fields(arg_name: str) -> tuple[str, str]:
-    """``(piece tag, field)`` of a fused/decode argument name: ``q4_k_codes`` -> ``("q4", "k_codes")``,
-    ``dense_lens`` -> ``("dense", "lens")``; a decode kernel's unprefixed names give ``("", field)``. The runtime
-    reads a bucket's tensors by these field names, so the argument order is defined once (the signature)."""
-    tag, sep, rest = arg_name.partition("_")
-    if sep and (tag == "dense" or (tag[:1] == "q" and tag[1:].isdigit())):
-        return tag, rest
-    return "", arg_name
-
-
 def example_sizes(spec: KernelSpec, n_tokens: int, batch: int = 1) -> dict[str, int]:
     """Symbol values of a representative workload with ``n_tokens`` per piece (tuning / benchmarks).
 
@@ -157,15 +159,14 @@ def example_sizes(spec: KernelSpec, n_tokens: int, batch: int = 1) -> dict[str, 
     sizes = {"B": batch}
     if spec.kind in ("decode", "fused"):
         n = max(spec.chunk, -(-n_tokens // spec.chunk) * spec.chunk)
-        for p in attention.pieces(spec):
+        for p in pieces(spec):
             sizes[p.n_sym] = n if p.quantized else spec.chunk  # the dense piece is the small residual
             if p.quantized:
                 sizes[p.g_sym] = -(-n // spec.k_group)
         if spec.kind == "decode" and spec.bits == (16,):
             sizes["N"] = n
-        if split_decode.is_split(spec):  # the split count a GPU of TUNING_SM_COUNT SMs gets at this length
-            sizes["P"] = split_decode.choose_splits(split_decode.TUNING_SM_COUNT, n, batch, spec.num_kv_heads,
-                                                    spec.chunk)
+        if is_split(spec):  # the split count a GPU of TUNING_SM_COUNT SMs gets at this length
+            sizes["P"] = choose_splits(TUNING_SM_COUNT, n, batch, spec.num_kv_heads, spec.chunk)
     elif spec.kind == "merge":
         if "p" not in dict(spec.extra):
             sizes["P"] = max(2, len(spec.bits))

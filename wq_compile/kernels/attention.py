@@ -33,92 +33,20 @@ Empty samples (``lens[b] == 0``) give ``o = 0`` and ``lse = -inf`` exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..quant import key_lane_bytes, key_words
+from ..quant import key_lane_bytes
 from ..spec import KernelSpec
-from ..signature import ArgDesc, KernelSignature
 from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp, signature_params
+from .signatures import Piece, pieces  # the argument description lives there (importable without TVM)
+from .signatures import attention_signature as signature
 
 _F32 = "float32"
 _I32 = "int32"
 _F16 = "float16"
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One uniform-precision input of an attention kernel: a quantized bucket (bits 2/4/8) or the dense piece (16)."""
-
-    bits: int
-    tag: str  # block-name prefix and symbol suffix: "q4", "dense"
-    n_sym: str  # symbolic token capacity (a multiple of spec.chunk)
-    g_sym: str  # symbolic key-group count (quantized pieces)
-
-    @property
-    def quantized(self) -> bool:
-        return self.bits != 16
-
-    def block(self, stage: str) -> str:
-        return f"{self.tag}_{stage}"
-
-
-def pieces(spec: KernelSpec) -> tuple[Piece, ...]:
-    """The pieces of a decode/fused spec, in argument order."""
-    if spec.kind not in ("decode", "fused"):
-        raise ValueError(f"kind: attention pieces exist for decode/fused, got {spec.kind!r}")
-    if spec.kind == "decode" and len(spec.bits) != 1:
-        raise ValueError(f"bits: a decode kernel reads one bucket, got {spec.bits}")
-    if 16 in spec.bits and spec.bits[-1] != 16:
-        raise ValueError(f"bits: the dense piece (16) must come last, got {spec.bits}")
-    out = []
-    for b in spec.bits:
-        tag = "dense" if b == 16 else f"q{b}"
-        suffix = "" if spec.kind == "decode" else str(b)
-        out.append(Piece(b, tag, f"N{suffix}", f"G{suffix}"))
-    return tuple(out)
-
-
-def piece_args(spec: KernelSpec, p: Piece) -> list[ArgDesc]:
-    d, hkv = spec.head_dim, spec.num_kv_heads
-    pre = "" if spec.kind == "decode" else f"{p.tag}_"
-    if not p.quantized:
-        return [
-            ArgDesc.tensor(f"{pre}k", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
-            ArgDesc.tensor(f"{pre}v", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
-            ArgDesc.tensor(f"{pre}lens", ("B",), _I32),
-        ]
-    q = spec.quant(p.bits)
-    w = d // q.per_word
-    return [
-        ArgDesc.tensor(f"{pre}k_codes", ("B", hkv, p.g_sym, d, key_words(p.bits, q.k_group)), _I32),
-        ArgDesc.tensor(f"{pre}k_scale", ("B", hkv, p.g_sym, d), _F16),
-        ArgDesc.tensor(f"{pre}k_zero", ("B", hkv, p.g_sym, d), _F16),
-        ArgDesc.tensor(f"{pre}v_codes", ("B", hkv, p.n_sym, w), _I32),
-        ArgDesc.tensor(f"{pre}v_scale", ("B", hkv, p.n_sym, d // q.v_group), _F16),
-        ArgDesc.tensor(f"{pre}v_zero", ("B", hkv, p.n_sym, d // q.v_group), _F16),
-        ArgDesc.tensor(f"{pre}lens", ("B",), _I32),
-    ]
-
-
-def signature(spec: KernelSpec) -> KernelSignature:
-    """Argument list of a decode/fused kernel (see the module docstring of :mod:`wq_compile.kernels`)."""
-    ps = pieces(spec)
-    args = [ArgDesc.tensor("q", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype)]
-    for p in ps:
-        args += piece_args(spec, p)
-    args.append(ArgDesc.scalar("sm_scale", _F32))
-    if spec.kind == "decode":
-        args.append(ArgDesc.tensor("o", ("B", spec.num_q_heads, spec.head_dim), _F32, output=True))
-        args.append(ArgDesc.tensor("lse", ("B", spec.num_q_heads), _F32, output=True))
-    else:
-        args.append(ArgDesc.tensor("out", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype, output=True))
-    multiple = tuple((p.n_sym, spec.chunk) for p in ps)
-    at_least = tuple((p.g_sym, p.n_sym, spec.k_group) for p in ps if p.quantized)
-    return KernelSignature(spec.uri, tuple(args), multiple_of=multiple, at_least=at_least)
 
 
 def qk_lanes(head_dim: int) -> int:

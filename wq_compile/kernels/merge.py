@@ -14,29 +14,14 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..spec import KernelSpec
-from ..signature import ArgDesc, KernelSignature
 from .common import f32
+from .signatures import merge_signature as signature
+from .signatures import num_parts as _num_parts
 
 _F32 = "float32"
 
 #: Block names, in program order.
 MERGE_BLOCKS = ("merge_max", "merge_w", "merge_wsum", "merge_out", "merge_cast")
-
-
-def _num_parts(spec: KernelSpec) -> int | str:
-    return dict(spec.extra).get("p", "P")
-
-
-def signature(spec: KernelSpec) -> KernelSignature:
-    hq, d, p = spec.num_q_heads, spec.head_dim, _num_parts(spec)
-    return KernelSignature(
-        spec.uri,
-        (
-            ArgDesc.tensor("o_parts", (p, "B", hq, d), _F32),
-            ArgDesc.tensor("lse_parts", (p, "B", hq), _F32),
-            ArgDesc.tensor("out", ("B", hq, d), spec.tvm_dtype, output=True),
-        ),
-    )
 
 
 def build_merge(spec: KernelSpec) -> tirx.PrimFunc:

@@ -15,36 +15,14 @@ from tvm.script.ir_builder import tirx as T
 
 from ..quant import key_lane_bytes, key_words
 from ..spec import KernelSpec
-from ..signature import ArgDesc, KernelSignature
 from .common import f32
+from .signatures import quantize_bits as _bits
+from .signatures import quantize_signature as signature
 
 _F32, _F16, _I32, _U32 = "float32", "float16", "int32", "uint32"
 
 #: Block names, in program order.
 QUANT_BLOCKS = ("k_min", "k_max", "k_zero", "k_scale", "k_pack", "v_min", "v_max", "v_zero", "v_scale", "v_pack")
-
-
-def _bits(spec: KernelSpec) -> int:
-    if spec.kind != "quantize" or len(spec.bits) != 1 or spec.bits[0] == 16:
-        raise ValueError(f"quantize: expected kind 'quantize' with one width in (2, 4, 8), got {spec.kind} {spec.bits}")
-    return spec.bits[0]
-
-
-def signature(spec: KernelSpec) -> KernelSignature:
-    qs = spec.quant(_bits(spec))
-    hkv, d = spec.num_kv_heads, spec.head_dim
-    w = d // qs.per_word
-    args = (
-        ArgDesc.tensor("k", ("B", hkv, "n", d), spec.tvm_dtype),
-        ArgDesc.tensor("v", ("B", hkv, "n", d), spec.tvm_dtype),
-        ArgDesc.tensor("k_codes", ("B", hkv, "G", d, key_words(qs.bits, qs.k_group)), _I32, output=True),
-        ArgDesc.tensor("k_scale", ("B", hkv, "G", d), _F16, output=True),
-        ArgDesc.tensor("k_zero", ("B", hkv, "G", d), _F16, output=True),
-        ArgDesc.tensor("v_codes", ("B", hkv, "n", w), _I32, output=True),
-        ArgDesc.tensor("v_scale", ("B", hkv, "n", d // qs.v_group), _F16, output=True),
-        ArgDesc.tensor("v_zero", ("B", hkv, "n", d // qs.v_group), _F16, output=True),
-    )
-    return KernelSignature(spec.uri, args, multiple_of=(("n", qs.k_group),), groups=(("G", "n", qs.k_group),))
 
 
 def _params(mn: tirx.PrimExpr, mx: tirx.PrimExpr, qmax: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:

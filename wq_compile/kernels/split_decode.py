@@ -54,10 +54,13 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..quant import key_lane_bytes, key_words
-from ..signature import ArgDesc, KernelSignature
 from ..spec import KernelSpec
-from .attention import Piece, _unpack, piece_args, pieces
+from .attention import Piece, _unpack, pieces
 from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp, signature_params
+from .signatures import (  # noqa: F401 - re-exported: the split helpers and the signature are plain metadata
+    MAX_SPLITS, SPLIT_CHUNK, TUNING_SM_COUNT, choose_splits, is_split, merge_spec, split_spec,
+)
+from .signatures import split_signature as signature
 
 _F32 = "float32"
 _I32 = "int32"
@@ -66,32 +69,6 @@ _I32 = "int32"
 #: V scale / zero stages exist for quantized pieces only.
 SPLIT_STAGES = ("koff", "kload", "kscale", "kzero", "vload", "nvalid", "kdeq", "qk", "cmax", "prob", "lsum",
                 "vscale", "vzero", "vdeq", "pv", "state")
-
-
-def is_split(spec: KernelSpec) -> bool:
-    """True for the split-KV form of a decode/fused spec (``("split", 1)`` in ``spec.extra``)."""
-    return dict(spec.extra).get("split", 0) == 1
-
-
-#: Chunk (tokens) of the split-KV decode: whole chunks per split range (the layout's capacities are multiples).
-SPLIT_CHUNK = 32
-#: SMs of the GPU a tuning workload's split count ``P`` is chosen for (H100/H200); one module serves every ``P``.
-TUNING_SM_COUNT = 132
-
-
-def split_spec(spec: KernelSpec) -> KernelSpec:
-    """The split-KV form of a decode/fused spec (its URI ends in ``_split1``)."""
-    if spec.kind not in ("decode", "fused"):
-        raise ValueError(f"kind: split-KV exists for decode/fused, got {spec.kind!r}")
-    if is_split(spec):
-        return spec
-    return KernelSpec(spec.kind, spec.bits, spec.head_dim, spec.num_q_heads, spec.num_kv_heads, spec.k_group,
-                      spec.v_group, spec.dtype, spec.chunk, (*spec.extra, ("split", 1)))
-
-
-def merge_spec(spec: KernelSpec) -> KernelSpec:
-    """The ``merge`` kernel that combines the partials of ``spec`` (P symbolic) into ``out`` in ``spec.dtype``."""
-    return KernelSpec("merge", (16,), spec.head_dim, spec.num_q_heads, spec.num_kv_heads, dtype=spec.dtype)
 
 
 def key_groups_per_chunk(spec: KernelSpec) -> int:
@@ -103,49 +80,10 @@ def key_groups_per_chunk(spec: KernelSpec) -> int:
 #: Resident blocks per SM the split kernel is compiled for (a launch-bounds hint on GPU targets).
 MIN_BLOCKS_PER_SM = 2
 
-#: Most splits one launch computes (``o_parts`` rows past it are not written); :func:`choose_splits` never exceeds
-#: it. It also bounds ``P`` for TVM's integer bound analysis (an unbounded int32 ``P`` times the chunk overflows it).
-MAX_SPLITS = 4096
-
 
 def splits_extent(p: tirx.PrimExpr) -> tirx.PrimExpr:
     """The split loop's extent: ``min(P, MAX_SPLITS)``."""
     return tirx.min(p, MAX_SPLITS)
-
-
-def choose_splits(sm_count: int, n_tokens: int, batch: int, kv_heads: int, chunk: int = 64,
-                  blocks_per_sm: int = 2, min_chunks_per_split: int = 1) -> int:
-    """Number of token splits ``P`` of a split-KV decode launch (``batch * kv_heads * P`` thread blocks).
-
-    Enough blocks for ``blocks_per_sm`` resident blocks on each of ``sm_count`` SMs, never more splits than the
-    longest piece has chunks (``ceil(n_tokens / chunk)``, at least ``min_chunks_per_split`` each), at least 1.
-    ``n_tokens``: tokens of the longest piece (its capacity, or its longest ``lens``).
-    """
-    for name, v in (("sm_count", sm_count), ("batch", batch), ("kv_heads", kv_heads), ("chunk", chunk),
-                    ("blocks_per_sm", blocks_per_sm), ("min_chunks_per_split", min_chunks_per_split)):
-        if int(v) < 1:
-            raise ValueError(f"{name}: must be >= 1, got {v}")
-    if n_tokens < 0:
-        raise ValueError(f"n_tokens: must be >= 0, got {n_tokens}")
-    chunks = -(-int(n_tokens) // chunk)
-    work = batch * kv_heads
-    want = -(-(blocks_per_sm * sm_count) // work)
-    return max(1, min(want, chunks // min_chunks_per_split, MAX_SPLITS))
-
-
-def signature(spec: KernelSpec) -> KernelSignature:
-    """Inputs as the decode/fused kernel (:func:`wq_compile.kernels.attention.signature`), outputs the partials."""
-    ps = pieces(spec)
-    hq, d = spec.num_q_heads, spec.head_dim
-    args = [ArgDesc.tensor("q", ("B", hq, d), spec.tvm_dtype)]
-    for p in ps:
-        args += piece_args(spec, p)
-    args.append(ArgDesc.scalar("sm_scale", _F32))
-    args.append(ArgDesc.tensor("o_parts", ("P", "B", hq, d), _F32, output=True))
-    args.append(ArgDesc.tensor("lse_parts", ("P", "B", hq), _F32, output=True))
-    multiple = tuple((p.n_sym, spec.chunk) for p in ps)
-    at_least = tuple((p.g_sym, p.n_sym, spec.k_group) for p in ps if p.quantized)
-    return KernelSignature(spec.uri, tuple(args), multiple_of=multiple, at_least=at_least)
 
 
 def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:

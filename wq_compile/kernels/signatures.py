@@ -1,0 +1,222 @@
+"""The argument description of every kernel (names, shapes, dtypes, outputs, size rules), without TVM.
+
+This is the one definition of each kernel's argument order: the TIR factories (:mod:`.attention`, :mod:`.merge`,
+:mod:`.quantize`, :mod:`.split_decode`) build their PrimFuncs from it, and the runtime checks and orders torch
+tensors by it. It lives apart from the factories because they import TVM at module level (seconds), and a warm
+load from the module cache must describe its kernels without importing TVM (:mod:`wq_compile.light_load`).
+Only plain metadata and the spec helpers the decoder needs per call live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..quant import key_words
+from ..signature import ArgDesc, KernelSignature
+from ..spec import KernelSpec
+
+_F32 = "float32"
+_I32 = "int32"
+_F16 = "float16"
+
+
+# ---- decode / fused ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """One uniform-precision input of an attention kernel: a quantized bucket (bits 2/4/8) or the dense piece (16)."""
+
+    bits: int
+    tag: str  # block-name prefix and symbol suffix: "q4", "dense"
+    n_sym: str  # symbolic token capacity (a multiple of spec.chunk)
+    g_sym: str  # symbolic key-group count (quantized pieces)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
+
+    def block(self, stage: str) -> str:
+        return f"{self.tag}_{stage}"
+
+
+def pieces(spec: KernelSpec) -> tuple[Piece, ...]:
+    """The pieces of a decode/fused spec, in argument order."""
+    if spec.kind not in ("decode", "fused"):
+        raise ValueError(f"kind: attention pieces exist for decode/fused, got {spec.kind!r}")
+    if spec.kind == "decode" and len(spec.bits) != 1:
+        raise ValueError(f"bits: a decode kernel reads one bucket, got {spec.bits}")
+    if 16 in spec.bits and spec.bits[-1] != 16:
+        raise ValueError(f"bits: the dense piece (16) must come last, got {spec.bits}")
+    out = []
+    for b in spec.bits:
+        tag = "dense" if b == 16 else f"q{b}"
+        suffix = "" if spec.kind == "decode" else str(b)
+        out.append(Piece(b, tag, f"N{suffix}", f"G{suffix}"))
+    return tuple(out)
+
+
+def piece_args(spec: KernelSpec, p: Piece) -> list[ArgDesc]:
+    d, hkv = spec.head_dim, spec.num_kv_heads
+    pre = "" if spec.kind == "decode" else f"{p.tag}_"
+    if not p.quantized:
+        return [
+            ArgDesc.tensor(f"{pre}k", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
+            ArgDesc.tensor(f"{pre}v", ("B", hkv, p.n_sym, d), spec.tvm_dtype),
+            ArgDesc.tensor(f"{pre}lens", ("B",), _I32),
+        ]
+    q = spec.quant(p.bits)
+    w = d // q.per_word
+    return [
+        ArgDesc.tensor(f"{pre}k_codes", ("B", hkv, p.g_sym, d, key_words(p.bits, q.k_group)), _I32),
+        ArgDesc.tensor(f"{pre}k_scale", ("B", hkv, p.g_sym, d), _F16),
+        ArgDesc.tensor(f"{pre}k_zero", ("B", hkv, p.g_sym, d), _F16),
+        ArgDesc.tensor(f"{pre}v_codes", ("B", hkv, p.n_sym, w), _I32),
+        ArgDesc.tensor(f"{pre}v_scale", ("B", hkv, p.n_sym, d // q.v_group), _F16),
+        ArgDesc.tensor(f"{pre}v_zero", ("B", hkv, p.n_sym, d // q.v_group), _F16),
+        ArgDesc.tensor(f"{pre}lens", ("B",), _I32),
+    ]
+
+
+def attention_signature(spec: KernelSpec) -> KernelSignature:
+    """Argument list of a decode/fused kernel (see the module docstring of :mod:`wq_compile.kernels`)."""
+    ps = pieces(spec)
+    args = [ArgDesc.tensor("q", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype)]
+    for p in ps:
+        args += piece_args(spec, p)
+    args.append(ArgDesc.scalar("sm_scale", _F32))
+    if spec.kind == "decode":
+        args.append(ArgDesc.tensor("o", ("B", spec.num_q_heads, spec.head_dim), _F32, output=True))
+        args.append(ArgDesc.tensor("lse", ("B", spec.num_q_heads), _F32, output=True))
+    else:
+        args.append(ArgDesc.tensor("out", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype, output=True))
+    multiple = tuple((p.n_sym, spec.chunk) for p in ps)
+    at_least = tuple((p.g_sym, p.n_sym, spec.k_group) for p in ps if p.quantized)
+    return KernelSignature(spec.uri, tuple(args), multiple_of=multiple, at_least=at_least)
+
+
+# ---- split-KV decode --------------------------------------------------------------------------------------------
+#: Chunk (tokens) of the split-KV decode: whole chunks per split range (the layout's capacities are multiples).
+SPLIT_CHUNK = 32
+#: SMs of the GPU a tuning workload's split count ``P`` is chosen for (H100/H200); one module serves every ``P``.
+TUNING_SM_COUNT = 132
+#: Most splits one launch computes (``o_parts`` rows past it are not written); :func:`choose_splits` never exceeds
+#: it. It also bounds ``P`` for TVM's integer bound analysis (an unbounded int32 ``P`` times the chunk overflows it).
+MAX_SPLITS = 4096
+
+
+def is_split(spec: KernelSpec) -> bool:
+    """True for the split-KV form of a decode/fused spec (``("split", 1)`` in ``spec.extra``)."""
+    return dict(spec.extra).get("split", 0) == 1
+
+
+def split_spec(spec: KernelSpec) -> KernelSpec:
+    """The split-KV form of a decode/fused spec (its URI ends in ``_split1``)."""
+    if spec.kind not in ("decode", "fused"):
+        raise ValueError(f"kind: split-KV exists for decode/fused, got {spec.kind!r}")
+    if is_split(spec):
+        return spec
+    return KernelSpec(spec.kind, spec.bits, spec.head_dim, spec.num_q_heads, spec.num_kv_heads, spec.k_group,
+                      spec.v_group, spec.dtype, spec.chunk, (*spec.extra, ("split", 1)))
+
+
+def merge_spec(spec: KernelSpec) -> KernelSpec:
+    """The ``merge`` kernel that combines the partials of ``spec`` (P symbolic) into ``out`` in ``spec.dtype``."""
+    return KernelSpec("merge", (16,), spec.head_dim, spec.num_q_heads, spec.num_kv_heads, dtype=spec.dtype)
+
+
+def choose_splits(sm_count: int, n_tokens: int, batch: int, kv_heads: int, chunk: int = 64,
+                  blocks_per_sm: int = 2, min_chunks_per_split: int = 1) -> int:
+    """Number of token splits ``P`` of a split-KV decode launch (``batch * kv_heads * P`` thread blocks).
+
+    Enough blocks for ``blocks_per_sm`` resident blocks on each of ``sm_count`` SMs, never more splits than the
+    longest piece has chunks (``ceil(n_tokens / chunk)``, at least ``min_chunks_per_split`` each), at least 1.
+    ``n_tokens``: tokens of the longest piece (its capacity, or its longest ``lens``).
+    """
+    for name, v in (("sm_count", sm_count), ("batch", batch), ("kv_heads", kv_heads), ("chunk", chunk),
+                    ("blocks_per_sm", blocks_per_sm), ("min_chunks_per_split", min_chunks_per_split)):
+        if int(v) < 1:
+            raise ValueError(f"{name}: must be >= 1, got {v}")
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens: must be >= 0, got {n_tokens}")
+    chunks = -(-int(n_tokens) // chunk)
+    work = batch * kv_heads
+    want = -(-(blocks_per_sm * sm_count) // work)
+    return max(1, min(want, chunks // min_chunks_per_split, MAX_SPLITS))
+
+
+def split_signature(spec: KernelSpec) -> KernelSignature:
+    """Inputs as the decode/fused kernel (:func:`attention_signature`), outputs the partials."""
+    ps = pieces(spec)
+    hq, d = spec.num_q_heads, spec.head_dim
+    args = [ArgDesc.tensor("q", ("B", hq, d), spec.tvm_dtype)]
+    for p in ps:
+        args += piece_args(spec, p)
+    args.append(ArgDesc.scalar("sm_scale", _F32))
+    args.append(ArgDesc.tensor("o_parts", ("P", "B", hq, d), _F32, output=True))
+    args.append(ArgDesc.tensor("lse_parts", ("P", "B", hq), _F32, output=True))
+    multiple = tuple((p.n_sym, spec.chunk) for p in ps)
+    at_least = tuple((p.g_sym, p.n_sym, spec.k_group) for p in ps if p.quantized)
+    return KernelSignature(spec.uri, tuple(args), multiple_of=multiple, at_least=at_least)
+
+
+# ---- merge ------------------------------------------------------------------------------------------------------
+def num_parts(spec: KernelSpec) -> int | str:
+    """The merge kernel's part count: ``("p", n)`` in ``spec.extra``, else the symbol ``P``."""
+    return dict(spec.extra).get("p", "P")
+
+
+def merge_signature(spec: KernelSpec) -> KernelSignature:
+    hq, d, p = spec.num_q_heads, spec.head_dim, num_parts(spec)
+    return KernelSignature(
+        spec.uri,
+        (
+            ArgDesc.tensor("o_parts", (p, "B", hq, d), _F32),
+            ArgDesc.tensor("lse_parts", (p, "B", hq), _F32),
+            ArgDesc.tensor("out", ("B", hq, d), spec.tvm_dtype, output=True),
+        ),
+    )
+
+
+# ---- quantize ---------------------------------------------------------------------------------------------------
+def quantize_bits(spec: KernelSpec) -> int:
+    if spec.kind != "quantize" or len(spec.bits) != 1 or spec.bits[0] == 16:
+        raise ValueError(f"quantize: expected kind 'quantize' with one width in (2, 4, 8), got {spec.kind} {spec.bits}")
+    return spec.bits[0]
+
+
+def quantize_signature(spec: KernelSpec) -> KernelSignature:
+    qs = spec.quant(quantize_bits(spec))
+    hkv, d = spec.num_kv_heads, spec.head_dim
+    w = d // qs.per_word
+    args = (
+        ArgDesc.tensor("k", ("B", hkv, "n", d), spec.tvm_dtype),
+        ArgDesc.tensor("v", ("B", hkv, "n", d), spec.tvm_dtype),
+        ArgDesc.tensor("k_codes", ("B", hkv, "G", d, key_words(qs.bits, qs.k_group)), _I32, output=True),
+        ArgDesc.tensor("k_scale", ("B", hkv, "G", d), _F16, output=True),
+        ArgDesc.tensor("k_zero", ("B", hkv, "G", d), _F16, output=True),
+        ArgDesc.tensor("v_codes", ("B", hkv, "n", w), _I32, output=True),
+        ArgDesc.tensor("v_scale", ("B", hkv, "n", d // qs.v_group), _F16, output=True),
+        ArgDesc.tensor("v_zero", ("B", hkv, "n", d // qs.v_group), _F16, output=True),
+    )
+    return KernelSignature(spec.uri, args, multiple_of=(("n", qs.k_group),), groups=(("G", "n", qs.k_group),))
+
+
+# ---- dispatch ---------------------------------------------------------------------------------------------------
+def signature(spec: KernelSpec) -> KernelSignature:
+    """Argument list of ``make_kernel(spec)``, in call order, with outputs marked and the size rules."""
+    if spec.kind in ("decode", "fused"):
+        return split_signature(spec) if is_split(spec) else attention_signature(spec)
+    if spec.kind == "merge":
+        return merge_signature(spec)
+    if spec.kind == "quantize":
+        return quantize_signature(spec)
+    raise ValueError(f"kind: no kernel factory for {spec.kind!r}")
+
+
+def piece_fields(arg_name: str) -> tuple[str, str]:
+    """``(piece tag, field)`` of a fused/decode argument name: ``q4_k_codes`` -> ``("q4", "k_codes")``,
+    ``dense_lens`` -> ``("dense", "lens")``; a decode kernel's unprefixed names give ``("", field)``. The runtime
+    reads a bucket's tensors by these field names, so the argument order is defined once (the signature)."""
+    tag, sep, rest = arg_name.partition("_")
+    if sep and (tag == "dense" or (tag[:1] == "q" and tag[1:].isdigit())):
+        return tag, rest
+    return "", arg_name
