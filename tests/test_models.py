@@ -41,7 +41,7 @@ def test_split_kind_is_what_the_cuda_decoder_runs():
     split, merge = kernel_specs("llava-ov-0.5b", dtype="f16", kinds=("split",))
     assert is_split(split) and split.kind == "fused" and merge.kind == "merge"
     dec = FusedDecoder.__new__(FusedDecoder)  # the spec the CUDA decoder would load, without a library
-    dec.split, dec.shape = True, dict(head_dim=64, num_q_heads=14, num_kv_heads=2, k_group=28, v_group=64,
+    dec.split, dec.int8_dots, dec.shape = True, False, dict(head_dim=64, num_q_heads=14, num_kv_heads=2, k_group=28, v_group=64,
                                       dtype="f16", chunk=split.chunk)
     assert dec.spec((8, 4, 2)) == split
     sizes = example_sizes(split, 8192)
