@@ -67,7 +67,7 @@ def test_int8_dots_mode_is_explicit_and_refused_where_no_kernel_has_it():
     backend="auto": no silent fallback to another precision or to the reference); on a VNNI host the backend's
     fused kernel is the int8-query one, says so, and stays close to the reference over a real layer."""
     from wq_compile.bench.decode import make_layer
-    from wq_compile.decoder import FusedDecoder, check_int8_dots
+    from wq_compile.decoder import FusedDecoder, int8_dots_unsupported
     from wq_compile.device import host_device
     from wq_compile.reference import decode_attention
     from wq_compile.runtime import shared_library
@@ -78,10 +78,9 @@ def test_int8_dots_mode_is_explicit_and_refused_where_no_kernel_has_it():
         make_backend(WindowQuantConfig(int8_dots=True, target="nvidia/nvidia-h100"), 14, 2, 64, torch.float32, "cpu")
     with pytest.raises(ValueError, match="split-KV"):
         FusedDecoder(shared_library("llvm"), 14, 2, 64, torch.float32, split=True, int8_dots=True)
-    try:
-        check_int8_dots(host_device(), split=False)
-    except ValueError as exc:
-        pytest.skip(str(exc))
+    why = int8_dots_unsupported(host_device(), split=False)
+    if why is not None:
+        pytest.skip(why)
     b = make_backend(WindowQuantConfig(int8_dots=True), 14, 2, 64, torch.float32, "cpu")
     assert "(int8 dots)" in b.tuning_summary() and any("_dot81" in uri for uri in b.kernels)
     layer = make_layer(1200, {8: 0.25, 4: 0.25, 2: 0.5}, 2, 64, torch.float32, residual=40)

@@ -133,12 +133,6 @@ def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, hea
     wq = wq.for_model(num_q_heads, num_kv_heads, head_dim)  # v_group=None -> min(64, head_dim); shape checks
     if wq.backend == "reference":
         return Backend("reference", ReferenceDecoder(), torch_quantizer)
-    if wq.int8_dots:  # a mode the target cannot run is an error even with backend="auto" (no silent fallback)
-        from .decoder import check_int8_dots
-        from .runtime import shared_library
-
-        check_int8_dots(shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else
-                                                      "llvm")).device, split=False)
     share_cores_with_torch()
     key = (wq, num_q_heads, num_kv_heads, head_dim, dtype, str(torch.device(device)))
     with _SHARED_LOCK:
@@ -174,7 +168,9 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
                        stats.cache_hits - cached, min(stats.reused - reused, len(kernels)),
                        fused.threads if library.device.kind == "llvm" else "")
     except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
-        if wq.backend == "tvm":
+        from .decoder import Int8DotsUnsupportedError
+
+        if wq.backend == "tvm" or isinstance(exc, Int8DotsUnsupportedError):  # a config error: no fallback
             raise
         warnings.warn(f"WindowQuant: no compiled modules ({type(exc).__name__}: {exc}); using the torch "
                       f"reference, which dequantizes every step and is slow", RuntimeWarning, stacklevel=3)

@@ -22,15 +22,28 @@ from .spec import KernelSpec, dtype_tag
 INT8_DOT_FEATURES = ("avx512vnni", "avx512vbmi", "avx512bw")
 
 
-def check_int8_dots(device: Device, split: bool) -> None:
-    """Refuse the int8 dot-product mode where no kernel implements it, at construction (not at the first decode step):
-    it exists in the CPU fused kernel only, for targets with the instructions it is built from."""
+class Int8DotsUnsupportedError(ValueError):
+    """The int8 dot-product mode was asked for where no kernel implements it: a configuration error, never a reason
+    to fall back to another precision or to the reference (``make_backend`` re-raises it with ``backend="auto"``)."""
+
+
+def int8_dots_unsupported(device: Device, split: bool) -> str | None:
+    """Why ``device`` (and the split-KV form, if ``split``) cannot run the int8 dot-product mode, or None: it exists
+    in the CPU fused kernel only, for targets with the instructions it is built from."""
     if device.kind != "llvm" or split:
-        raise ValueError(f"int8_dots: only the CPU fused kernel has an int8 dot-product mode (target {device.tag}"
-                         f"{', split-KV form' if split else ''}); use int8_dots=False")
+        return (f"only the CPU fused kernel has an int8 dot-product mode (target {device.tag}"
+                f"{', split-KV form' if split else ''})")
     if not device.has_features(*INT8_DOT_FEATURES):
-        raise ValueError(f"int8_dots: target {device.tag} lacks {'/'.join(INT8_DOT_FEATURES)} (AVX-512 VNNI "
-                         "and VBMI); use int8_dots=False")
+        return f"target {device.tag} lacks {'/'.join(INT8_DOT_FEATURES)} (AVX-512 VNNI and VBMI)"
+    return None
+
+
+def check_int8_dots(device: Device, split: bool) -> None:
+    """Refuse the int8 dot-product mode where no kernel implements it, at construction (not at the first decode
+    step): :class:`Int8DotsUnsupportedError` naming the reason."""
+    why = int8_dots_unsupported(device, split)
+    if why is not None:
+        raise Int8DotsUnsupportedError(f"int8_dots: {why}; use int8_dots=False")
 
 
 class FusedDecoder:

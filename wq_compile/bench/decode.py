@@ -144,13 +144,13 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
         if lib is None:
             out.append(Peer(f"WindowQuant fused ({label})", None, quant_bytes, "no tuning log applies here"))
             continue
-        from ..decoder import FusedDecoder
+        from ..decoder import FusedDecoder, int8_dots_unsupported
 
         dec = FusedDecoder(lib, preset.num_q_heads, preset.num_kv_heads, preset.head_dim, dtype)
         kernel = dec.kernel(widths)
         out.append(Peer(f"WindowQuant fused ({label})", lambda dec=dec: dec(q, layer, sm_scale), quant_bytes,
                         str(kernel.provenance)))
-        if label == "tuned" and _int8_dots_here(lib):
+        if label == "tuned" and int8_dots_unsupported(lib.device, split=False) is None:
             dec8 = FusedDecoder(lib, preset.num_q_heads, preset.num_kv_heads, preset.head_dim, dtype,
                                 int8_dots=True)
             kernel = dec8.kernel(widths)
@@ -158,16 +158,6 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
                             quant_bytes, f"{kernel.provenance}; WindowQuantConfig(int8_dots=True): QK and P@V of "
                             "4/2-bit buckets as int8 dot products (VNNI)"))
     return out
-
-
-def _int8_dots_here(lib: Any) -> bool:
-    from ..decoder import check_int8_dots
-
-    try:
-        check_int8_dots(lib.device, split=False)
-        return True
-    except ValueError:
-        return False
 
 
 def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: list[str] | None = None,
