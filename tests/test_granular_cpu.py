@@ -14,9 +14,8 @@ from wq_compile.kernels.granular_cpu import (
     pack_group_dispatch,
     reference_group_dispatch,
 )
-from wq_compile.layout import LayerCache, WindowAssignment
-from wq_compile.reference import decode_attention
 from tolerances import ATOL, RTOL
+from wq_testing import check_matches_bucket_layout
 
 
 @pytest.fixture(scope="module", params=[CpuKnobs(splits=1), CpuKnobs(splits=3, pv_channels=8, qk_heads=3)],
@@ -45,17 +44,8 @@ def test_kernel_matches_reference(kernel, groups: list[int], tail: int, dense: i
 
 def test_reference_agrees_with_the_bucket_layout() -> None:
     """Tokens in order at one width: the same numbers as one bucket of the layout (independent quantizer path)."""
-    gen = torch.Generator().manual_seed(3)
     spec = dispatch_spec(64, 4, 2)
-    for bits in (2, 4, 8):
-        n, nd = 196, 20
-        k, v = torch.randn(2, n + nd, 64, generator=gen), torch.randn(2, n + nd, 64, generator=gen)
-        cache = pack_group_dispatch(spec, k[:, :n], v[:, :n], torch.full((n // 28,), bits), k[:, n:], v[:, n:])
-        layer = LayerCache.empty(1, 2, 64, torch.float32, residual=nd + 1)
-        layer.fill_sample(0, k, v, WindowAssignment(torch.tensor([0]), torch.tensor([n]), torch.tensor([bits])))
-        q = torch.randn(1, 4, 64, generator=gen)
-        assert torch.allclose(reference_group_dispatch(q, cache, 0.125), decode_attention(q, layer, 0.125),
-                              atol=1e-5)
+    check_matches_bucket_layout(lambda *kv: pack_group_dispatch(spec, *kv), reference_group_dispatch)
 
 
 def test_packer_refuses_bad_widths_and_counts() -> None:

@@ -12,8 +12,7 @@ from wq_compile.kernels.token_granular import (
     pack_token_granular,
     reference_token_granular,
 )
-from wq_compile.layout import LayerCache, WindowAssignment
-from wq_compile.reference import decode_attention
+from wq_testing import check_matches_bucket_layout
 
 
 @pytest.fixture(scope="module", params=["vectorized", "parallel"])
@@ -37,16 +36,7 @@ def test_kernel_matches_reference(kernel, groups: list[int], dense: int) -> None
 
 def test_reference_agrees_with_the_bucket_reference_at_one_width() -> None:
     """All groups at one width, tokens in order: the same numbers as one bucket of the layout (independent code)."""
-    gen = torch.Generator().manual_seed(3)
-    for bits in (2, 4, 8):
-        n, nd = 196, 20
-        k, v = torch.randn(2, n + nd, 64, generator=gen), torch.randn(2, n + nd, 64, generator=gen)
-        cache = pack_token_granular(k[:, :n], v[:, :n], torch.full((n // 28,), bits), k[:, n:], v[:, n:])
-        layer = LayerCache.empty(1, 2, 64, torch.float32, residual=nd + 1)
-        layer.fill_sample(0, k, v, WindowAssignment(torch.tensor([0]), torch.tensor([n]), torch.tensor([bits])))
-        q = torch.randn(1, 4, 64, generator=gen)
-        assert torch.allclose(reference_token_granular(q, cache, 0.125), decode_attention(q, layer, 0.125),
-                              atol=1e-5)
+    check_matches_bucket_layout(pack_token_granular, reference_token_granular)
 
 
 def test_widths_really_differ_per_group() -> None:

@@ -171,6 +171,24 @@ def quantized_piece(bits: int, spec: KernelSpec, n: int, lens: list[int], gen: t
     return args, quant.dequantize_keys(qk, n), quant.dequantize_values(qv)
 
 
+def check_matches_bucket_layout(pack, reference) -> None:
+    """A token-granular cache whose key groups all have one width, tokens in order, attends like one bucket of the
+    layout (independent quantizer path): ``pack(k, v, widths per key group, dense k, dense v) -> cache`` and
+    ``reference(q, cache, sm_scale) -> out`` of the baseline under test, at 2, 4 and 8 bits."""
+    from wq_compile.layout import LayerCache, WindowAssignment
+    from wq_compile.reference import decode_attention
+
+    gen = torch.Generator().manual_seed(3)
+    for bits in (2, 4, 8):
+        n, nd = 196, 20
+        k, v = torch.randn(2, n + nd, 64, generator=gen), torch.randn(2, n + nd, 64, generator=gen)
+        cache = pack(k[:, :n], v[:, :n], torch.full((n // 28,), bits), k[:, n:], v[:, n:])
+        layer = LayerCache.empty(1, 2, 64, torch.float32, residual=nd + 1)
+        layer.fill_sample(0, k, v, WindowAssignment(torch.tensor([0]), torch.tensor([n]), torch.tensor([bits])))
+        q = torch.randn(1, 4, 64, generator=gen)
+        assert torch.allclose(reference(q, cache, 0.125), decode_attention(q, layer, 0.125), atol=1e-5), bits
+
+
 def check_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
     """Every element finite and within ``atol + rtol * |want|`` (the message names the worst error)."""
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
