@@ -148,12 +148,11 @@ def attach(module_path: str | os.PathLike, cache_root: str | os.PathLike) -> str
         handle = ctypes.CDLL(str(module_path), mode=os.RTLD_NOLOAD | os.RTLD_NOW)
     except OSError as exc:
         return f"TVM pool (module not open here: {exc})"
-    for symbol in ("__TVMBackendParallelBarrier",):
-        try:
-            ctypes.c_void_p.in_dll(handle, symbol)
-            return "TVM pool (its code uses TVM's barrier)"
-        except ValueError:
-            pass
+    try:
+        ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelBarrier")
+        return "TVM pool (its code uses TVM's barrier)"
+    except ValueError:
+        pass  # no barrier: the tasks are independent, any launcher runs them
     try:
         slot = ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch")
     except ValueError:

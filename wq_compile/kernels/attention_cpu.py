@@ -110,6 +110,28 @@ def int8_dots(spec: KernelSpec) -> bool:
     return bool(dict(spec.extra).get("dot8", 0))
 
 
+def _dword_bcast(word: tirx.PrimExpr) -> tirx.PrimExpr:
+    """One int32 (4 packed bytes) in every lane, typed as the 64 bytes ``vpdpbusd`` takes."""
+    return tirx.reinterpret("int8x64", tirx.Broadcast(word, LANES))
+
+
+def _vnni_accumulate(acc, index: list, unsigned: tirx.PrimExpr, signed: tirx.PrimExpr) -> None:
+    """``acc[*index, 0:16] += 4-byte dot products of unsigned x signed`` (one ``vpdpbusd``)."""
+    lanes = [*index, tirx.Ramp(0, 1, LANES)]
+    val = tirx.call_llvm_pure_intrin(f"int32x{LANES}", _VPDPBUSD, tirx.BufferLoad(acc, lanes), unsigned, signed)
+    T.buffer_store(acc, val, lanes)
+
+
+def _int8_scale(red, width: int, levels: float, scale, scale_index: list):
+    """Max of ``red[0:width]`` -> ``scale[scale_index] = max / levels`` (what one code step is worth); returns a
+    local buffer whose element 1 is ``levels / max`` (0 for an all-zero row: every code 0), the factor to round by."""
+    mx = T.alloc_buffer((2,), _F32, scope="local")
+    T.buffer_store(mx, _tree(tirx.max, red, width), [0])
+    T.buffer_store(scale, mx[0] * f32(1.0 / levels), scale_index)
+    T.buffer_store(mx, tirx.Select(mx[0] > f32(0.0), f32(levels) / mx[0], f32(0.0)), [1])
+    return mx
+
+
 def _lut_nibbles(buf, start: tirx.PrimExpr, out, row0: int = 0) -> None:
     """``out[row0, 0:16]`` / ``out[row0 + 1, 0:16]`` = the low / high nibbles of the 16 bytes at ``buf[start]``,
     as fp32: one zero-extension, one shift, two table lookups (``vpermps`` of the table 0.0 .. 15.0)."""
@@ -484,10 +506,7 @@ class QuantTiles:
                 for k in range(1, d // zl):
                     mx = tirx.max(mx, tirx.abs(qs[h, k * zl + ln]))
                 T.buffer_store(red, mx, [ln])
-            amax = T.alloc_buffer((2,), _F32, scope="local")
-            T.buffer_store(amax, _tree(tirx.max, red, zl), [0])
-            T.buffer_store(qsc, amax[0] * f32(1.0 / 127.0), [h])
-            T.buffer_store(amax, tirx.Select(amax[0] > f32(0.0), f32(127.0) / amax[0], f32(0.0)), [1])
+            amax = _int8_scale(red, zl, 127.0, qsc, [h])
             with _vec(d) as dd:
                 T.buffer_store(qi, tirx.round(qs[h, dd] * amax[1]).astype(_I32).astype("int8"), [h * d + dd])
             # sum_d code * (qs - qsc qi) = sum_d (code - c0)(...) + c0 sum_d (qs - qsc qi): the second term is known
@@ -522,11 +541,9 @@ class QuantTiles:
                     y = tirx.bitwise_and(y, tirx.Broadcast(tirx.const(mask, "uint32"), LANES))
                 codes.append(tirx.reinterpret("int8x64", y))
             with T.unroll(0, gs) as h:
-                qv = tirx.reinterpret("int8x64", tirx.Broadcast(qi32[h * (d // 4) + c4], LANES))
+                qv = _dword_bcast(qi32[h * (d // 4) + c4])
                 for k in range(nvec):
-                    cur = tirx.BufferLoad(iacc, [h, k, tirx.Ramp(0, 1, LANES)])
-                    val = tirx.call_llvm_pure_intrin(f"int32x{LANES}", _VPDPBUSD, cur, codes[k], qv)
-                    T.buffer_store(iacc, val, [h, k, tirx.Ramp(0, 1, LANES)])
+                    _vnni_accumulate(iacc, [h, k], codes[k], qv)  # key codes unsigned, query signed
 
     def _pv_int8(self, nvalid, vb, vbase) -> None:
         """P @ V with VNNI: per head and value group the tile's ``P * v_scale`` (>= 0) is quantized to uint8
@@ -548,10 +565,7 @@ class QuantTiles:
                     for k in range(1, slots // LANES):
                         mx = tirx.max(mx, pv[h, vg, k * LANES + ln])
                     T.buffer_store(red, mx, [ln])
-                pmax = T.alloc_buffer((2,), _F32, scope="local")
-                T.buffer_store(pmax, _tree(tirx.max, red, LANES), [0])
-                T.buffer_store(psc, pmax[0] * f32(1.0 / 255.0), [h, vg])
-                T.buffer_store(pmax, tirx.Select(pmax[0] > f32(0.0), f32(255.0) / pmax[0], f32(0.0)), [1])
+                pmax = _int8_scale(red, LANES, 255.0, psc, [h, vg])
                 with _vec(slots) as s_:
                     T.buffer_store(pq, tirx.round(pv[h, vg, s_] * pmax[1]).astype(_I32).astype("uint8"),
                                    [(h * nvg + vg) * slots + s_])
@@ -576,12 +590,9 @@ class QuantTiles:
                         yf = tirx.bitwise_and(yf, tirx.Broadcast(tirx.const(mask, "uint32"), LANES))
                         codes.append(tirx.reinterpret("int8x64", yf))
                     with T.unroll(0, hn) as hi:
-                        pb = tirx.reinterpret("int8x64", tirx.Broadcast(
-                            pq32[((h0 + hi) * nvg + vg) * (slots // 4) + t4], LANES))
+                        pb = _dword_bcast(pq32[((h0 + hi) * nvg + vg) * (slots // 4) + t4])
                         for f in range(fields):
-                            cur = tirx.BufferLoad(vacc, [hi, f, tirx.Ramp(0, 1, LANES)])
-                            val = tirx.call_llvm_pure_intrin(f"int32x{LANES}", _VPDPBUSD, cur, pb, codes[f])
-                            T.buffer_store(vacc, val, [hi, f, tirx.Ramp(0, 1, LANES)])
+                            _vnni_accumulate(vacc, [hi, f], pb, codes[f])  # probabilities unsigned, codes signed
                 with T.unroll(0, hn) as hi:
                     with T.unroll(0, fields) as f:
                         with T.vectorized(0, LANES) as ln:
