@@ -163,10 +163,9 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
             library.load(spec)
             uris.append(spec.uri)
         kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
-        fused = decoder.kernel((8, 4, 2))
         return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
                        stats.cache_hits - cached, min(stats.reused - reused, len(kernels)),
-                       fused.threads if library.device.kind == "llvm" else "")
+                       decoder.kernel((8, 4, 2)).threads)
     except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
         from .decoder import Int8DotsUnsupportedError
 

@@ -103,8 +103,9 @@ class CompiledKernel:
         self.provenance = provenance
         self._func = module.get_function(spec.uri)
         self.torch_device_type = "cpu" if device.kind == "llvm" else "cuda"
-        #: Which threads run its parallel loops (CPU: "torch OpenMP" after :func:`wq_compile.cpu_threads.attach`).
-        self.threads = "TVM pool" if device.kind == "llvm" else "GPU"
+        #: Which threads run its parallel loops on a CPU ("torch OpenMP" after :func:`wq_compile.cpu_threads.attach`,
+        #: else "TVM pool (why)"); empty on GPUs.
+        self.threads = "TVM pool" if device.kind == "llvm" else ""
 
     @property
     def tuned(self) -> bool:
