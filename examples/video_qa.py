@@ -23,7 +23,7 @@ from transformers import DynamicCache
 import wq_compile
 from wq_compile import WindowQuantCache, WindowQuantConfig
 from wq_compile.integrations.tiny import Prompt, tiny_model, video_prompt
-from wq_compile.policy import format_plan
+from wq_compile.core.policy import format_plan
 
 
 def load(args: argparse.Namespace) -> tuple[object, Prompt]:

@@ -1,7 +1,7 @@
 """Per-target schedules of the WindowQuant kernels, installed as ``wq_compile.schedules``.
 
 Each target module (``llvm``, ``cuda``) follows one fixed protocol (dlight style), used by
-:mod:`wq_compile.compile` and :mod:`wq_compile.tune` and described in docs/kernel_pipeline.md:
+:mod:`wq_compile.compiler.build` and :mod:`wq_compile.tuning.tune` and described in docs/kernel_pipeline.md:
 
 - ``default_schedule(sch, spec)``: the untuned baseline and fallback;
 - ``design_space(sch, spec)``: a MetaSchedule ``ScheduleFn`` body with sampled knobs;

@@ -16,7 +16,7 @@ from tvm.s_tir import meta_schedule as ms
 from wq_compile.kernels.attention import pieces
 from wq_compile.kernels.split_decode import is_split
 from wq_compile.kernels.quantize import QUANT_BLOCKS
-from wq_compile.spec import KernelSpec
+from wq_compile.core.spec import KernelSpec
 
 from .cuda_split import DEFAULT_DL, DL_CANDIDATES, schedule_split
 from .llvm import work_on_kernel

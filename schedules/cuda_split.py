@@ -20,7 +20,7 @@ from __future__ import annotations
 from tvm import s_tir
 
 from wq_compile.kernels.attention import pieces
-from wq_compile.spec import KernelSpec
+from wq_compile.core.spec import KernelSpec
 
 WARP = 32
 #: head_dim lanes of the score reduction (threadIdx.x extent); tokens take the other 32 / dl lanes of the warp.

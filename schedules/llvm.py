@@ -16,15 +16,15 @@ from wq_compile.kernels.attention import pieces
 from wq_compile.kernels.attention_cpu import PLAIN_TIR_ATTR
 from wq_compile.kernels.merge import MERGE_BLOCKS
 from wq_compile.kernels.quantize import QUANT_BLOCKS
-from wq_compile.spec import KernelSpec
+from wq_compile.core.spec import KernelSpec
 
 _UNROLL_STEPS = [0, 16, 64, 512]
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
-    """The runtime's llvm target for this host (:func:`wq_compile.device.host_device`: ``mcpu`` from LLVM's host
+    """The runtime's llvm target for this host (:func:`wq_compile.compiler.device.host_device`: ``mcpu`` from LLVM's host
     detection, physical cores), so tests compile for the same target the runtime uses."""
-    from wq_compile.device import host_device
+    from wq_compile.compiler.device import host_device
 
     return host_device(num_cores).target
 

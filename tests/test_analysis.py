@@ -10,30 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from wq_compile.analysis import (
-    SCORERS,
-    correlations,
-    measure,
-    rankdata,
-    spearman,
-    synthetic_workload,
-    tiny_workload,
-)
-from wq_compile.cli import main_eval
-from wq_compile.policy import (
-    WindowFakeQuant,
-    _costs,
-    allocate_min_error,
-    attend,
-    fake_quant_fast,
-    plan_layer,
-    uniform_bits,
-    window_output_errors,
-)
-from wq_compile.quant import fake_quant
-from wq_compile.reference import attend_piece
-from wq_compile.search import Plan, effective_bits, make_windows
-from wq_compile.spec import BIT_WIDTHS, QuantSpec
+from wq_compile.tools.analysis import SCORERS, correlations, measure, rankdata, spearman, synthetic_workload, tiny_workload
+from wq_compile.tools.cli import main_eval
+from wq_compile.core.policy import WindowFakeQuant, _costs, allocate_min_error, attend, fake_quant_fast, plan_layer, uniform_bits, window_output_errors
+from wq_compile.core.quant import fake_quant
+from wq_compile.core.reference import attend_piece
+from wq_compile.core.search import Plan, effective_bits, make_windows
+from wq_compile.core.spec import BIT_WIDTHS, QuantSpec
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -158,7 +141,7 @@ def test_needle_ground_truth_is_recovered(needle) -> None:
 
 
 def test_policies_at_equal_memory_on_the_needle(needle) -> None:
-    from wq_compile.analysis import compare_policies
+    from wq_compile.tools.analysis import compare_policies
 
     w, s = needle
     rows = {(r.policy, r.avg_bits): r for r in compare_policies(w, s, [2.5, 4.0])}
@@ -216,8 +199,8 @@ def test_wq_eval_analyze_refuses_unknown_workload() -> None:
 
 
 def test_search_sensitivity_policy_is_the_policy_module(needle) -> None:
-    from wq_compile.policy import window_output_errors as woe
-    from wq_compile.search import search
+    from wq_compile.core.policy import window_output_errors as woe
+    from wq_compile.core.search import search
 
     w, _ = needle
     k = torch.stack([lc.k for lc in w.layers])
@@ -236,7 +219,7 @@ def test_search_sensitivity_policy_is_the_policy_module(needle) -> None:
 
 
 def test_format_plan_shows_widths_scores_and_why_uniform() -> None:
-    from wq_compile.policy import format_plan
+    from wq_compile.core.policy import format_plan
 
     lengths = torch.full((8,), 196)
     mixed = torch.tensor([[4, 2, 2, 4, 2, 2, 2, 2], [2, 2, 4, 4, 2, 2, 2, 2]])

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import torch
 
-from wq_compile.backend import ReferenceDecoder, make_backend
-from wq_compile.config import WindowQuantConfig
+from wq_compile.runtime.backend import ReferenceDecoder, make_backend
+from wq_compile.core.config import WindowQuantConfig
 
 
 def test_reference_backend_and_config_validation():
@@ -22,7 +22,7 @@ def test_reference_backend_and_config_validation():
         WindowQuantConfig(window=30)
 
 
-@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
 def test_compiled_backend_is_shared_and_says_where_kernels_come_from():
     wq = WindowQuantConfig(backend="tvm")
     a = make_backend(wq, 4, 2, 64, torch.float32, "cpu")
@@ -45,10 +45,10 @@ def test_screened_quantize_is_the_checked_call_without_the_check():
     """The cache screens windows once per layer and calls ``screened``; a direct call still refuses NaN."""
     import pytest
 
-    from wq_compile.backend import CompiledQuantizer
-    from wq_compile.layout import screened_quantizer, torch_quantizer
-    from wq_compile.runtime import shared_library
-    from wq_compile.spec import QuantSpec
+    from wq_compile.runtime.backend import CompiledQuantizer
+    from wq_compile.core.layout import screened_quantizer, torch_quantizer
+    from wq_compile.runtime.library import shared_library
+    from wq_compile.core.spec import QuantSpec
 
     q = CompiledQuantizer(shared_library("llvm"), 4, 2, 64, torch.float32, 64)
     assert screened_quantizer(q) == q.screened and screened_quantizer(torch_quantizer) is torch_quantizer
@@ -66,11 +66,11 @@ def test_int8_dots_mode_is_explicit_and_refused_where_no_kernel_has_it():
     """``int8_dots`` is a typed config switch; a target without the mode is an error at make_backend (also with
     backend="auto": no silent fallback to another precision or to the reference); on a VNNI host the backend's
     fused kernel is the int8-query one, says so, and stays close to the reference over a real layer."""
-    from wq_compile.bench.decode import make_layer
-    from wq_compile.decoder import FusedDecoder, int8_dots_unsupported
-    from wq_compile.device import host_device
-    from wq_compile.reference import decode_attention
-    from wq_compile.runtime import shared_library
+    from wq_compile.tools.bench.decode import make_layer
+    from wq_compile.runtime.decoder import FusedDecoder, int8_dots_unsupported
+    from wq_compile.compiler.device import host_device
+    from wq_compile.core.reference import decode_attention
+    from wq_compile.runtime.library import shared_library
 
     with pytest.raises(ValueError, match="int8_dots"):
         WindowQuantConfig(int8_dots=1)

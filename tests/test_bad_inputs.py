@@ -10,19 +10,19 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from wq_compile.backend import CompiledQuantizer
-from wq_compile.cli import main_bench, main_eval, main_tune
-from wq_compile.config import WindowQuantConfig
+from wq_compile.runtime.backend import CompiledQuantizer
+from wq_compile.tools.cli import main_bench, main_eval, main_tune
+from wq_compile.core.config import WindowQuantConfig
 from wq_compile.integrations.tiny import tiny_config
 from wq_compile.integrations.transformers import WindowQuantCache
 from wq_compile.kernels import signature
-from wq_compile.layout import LayerCache
-from wq_compile.measure import example_args
-from wq_compile.quant import quantize_keys, quantize_values
-from wq_compile.runtime import shared_library
-from wq_compile.search import allocate_bits
-from wq_compile.signature import KernelArgumentError
-from wq_compile.spec import KernelSpec, QuantSpec
+from wq_compile.core.layout import LayerCache
+from wq_compile.compiler.measure import example_args
+from wq_compile.core.quant import quantize_keys, quantize_values
+from wq_compile.runtime.library import shared_library
+from wq_compile.core.search import allocate_bits
+from wq_compile.kernels.signature import KernelArgumentError
+from wq_compile.core.spec import KernelSpec, QuantSpec
 
 NAN, INF = math.nan, math.inf
 FUSED = KernelSpec("fused", (8, 4, 2, 16), head_dim=64, num_q_heads=4, num_kv_heads=2)

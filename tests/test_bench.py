@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wq_compile.bench import decode as bench
-from wq_compile.bench.peers import INSTALL_HINT, copy_bandwidth, ggml_peers, ort_peers, sdpa_peers
+from wq_compile.tools.bench import decode as bench
+from wq_compile.tools.bench.peers import INSTALL_HINT, copy_bandwidth, ggml_peers, ort_peers, sdpa_peers
 
 #: max abs error vs exact fp32 attention, per peer: exact calls at fp32 rounding, the rest at their cache format's.
 PEER_TOL = {
@@ -119,7 +119,7 @@ def test_run_ratios_are_against_the_fastest_dense_call(tmp_path) -> None:
 
 
 def test_e2e_cold_then_warm_in_fresh_processes(tmp_path) -> None:
-    from wq_compile.bench import e2e
+    from wq_compile.tools.bench import e2e
 
     rows = e2e.run(["tiny"], frames=1, new_tokens=3, repeats=1, layers=1, cache_dir=str(tmp_path), progress=False)
     assert [r.module_cache for r in rows] == ["cold", "warm"]

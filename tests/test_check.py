@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from wq_compile.check import ReferenceMismatch, check_against_reference
-from wq_compile.compile import build_module, default_schedule, kernel_def
-from wq_compile.device import resolve_device
-from wq_compile.spec import KernelSpec
+from wq_compile.compiler.check import ReferenceMismatch, check_against_reference
+from wq_compile.compiler.build import build_module, default_schedule, kernel_def
+from wq_compile.compiler.device import resolve_device
+from wq_compile.core.spec import KernelSpec
 from wq_testing import TINY_DECODE
 
 TINY_QUANT = KernelSpec("quantize", (4,), head_dim=64, num_q_heads=4, num_kv_heads=2)

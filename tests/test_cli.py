@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wq_compile.cli import main_bench, main_eval
+from wq_compile.tools.cli import main_bench, main_eval
 
 
 def test_wq_eval_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -30,7 +30,7 @@ def test_wq_eval_refuses_unknown_model(capsys: pytest.CaptureFixture) -> None:
     assert "nothing is downloaded" in capsys.readouterr().err
 
 
-@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
 def test_wq_bench_writes_csv_and_png(tmp_path: Path) -> None:
     rc = main_bench(["--model", "tiny", "--tokens", "392", "--mixes", "mixed", "--repeats", "3", "--threads", "1",
                      "--logs-dir", str(tmp_path / "nologs"), "--out", str(tmp_path)])

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from tolerances import ATOL, RTOL
-from wq_compile import cli
-from wq_compile.compile import UntunedKernelWarning, build_kernel
-from wq_compile.device import resolve_device
-from wq_compile.measure import example_args
-from wq_compile.models import kernel_specs
-from wq_compile.module_cache import expected_key, module_paths, read_key, store
-from wq_compile.spec import KernelSpec
-from wq_compile.tuning_log import TuningLogError
+from wq_compile.tools import cli
+from wq_compile.compiler.build import UntunedKernelWarning, build_kernel
+from wq_compile.compiler.device import resolve_device
+from wq_compile.compiler.measure import example_args
+from wq_compile.core.models import kernel_specs
+from wq_compile.compiler.module_cache import expected_key, module_paths, read_key, store
+from wq_compile.core.spec import KernelSpec
+from wq_compile.compiler.tuning_log import TuningLogError
 from wq_testing import TINY_DECODE, measured_log
 
 #: The fused kernel of the ``tiny`` preset (all widths + the dense residual), as ``wq-tune --kernels fused`` builds it.
@@ -90,7 +90,7 @@ def test_log_of_same_isa_class_is_used_other_class_is_not(tmp_path, host, defaul
 
 
 def test_foreign_record_that_disagrees_with_the_reference_is_not_used(tmp_path, host, monkeypatch):
-    from wq_compile import check
+    from wq_compile.compiler import check
 
     SAME_CLASS, _ = simulated_devices(host)
     measured_log(TINY_DECODE, host, tmp_path, as_device=SAME_CLASS)

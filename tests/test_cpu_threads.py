@@ -1,4 +1,4 @@
-"""CPU kernels' parallel loops on torch's OpenMP threads (wq_compile.cpu_threads)."""
+"""CPU kernels' parallel loops on torch's OpenMP threads (wq_compile.compiler.cpu_threads)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ def test_fused_kernel_runs_on_torch_threads_with_the_same_results(tmp_path):
         import torch
         warnings.simplefilter("ignore")
         from wq_compile import cpu_threads
-        from wq_compile.bench.decode import MIXES, make_layer
-        from wq_compile.decoder import FusedDecoder
-        from wq_compile.module_cache import cache_root
-        from wq_compile.reference import decode_attention
-        from wq_compile.runtime import KernelLibrary
+        from wq_compile.tools.bench.decode import MIXES, make_layer
+        from wq_compile.runtime.decoder import FusedDecoder
+        from wq_compile.compiler.module_cache import cache_root
+        from wq_compile.core.reference import decode_attention
+        from wq_compile.runtime.library import KernelLibrary
 
         lib = KernelLibrary("llvm")
         layer = make_layer(700, MIXES["mixed"], 2, 64, torch.float32, residual=30)
@@ -61,7 +61,7 @@ def test_fused_kernel_runs_on_torch_threads_with_the_same_results(tmp_path):
 
 
 def test_launcher_is_built_once_and_atomically(tmp_path):
-    from wq_compile import cpu_threads
+    from wq_compile.compiler import cpu_threads
 
     lib = cpu_threads._build(tmp_path)
     assert lib.exists() and ctypes.CDLL(str(lib)).wq_launch

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wq_compile.device import host_device, isa_class, resolve_device, slug
-from wq_compile.measure import RPCSettings
+from wq_compile.compiler.device import host_device, isa_class, resolve_device, slug
+from wq_compile.compiler.measure import RPCSettings
 
 
 def test_targets_and_tags():
@@ -32,7 +32,7 @@ def test_targets_and_tags():
 def test_device_facts_make_the_same_device_without_tvm():
     """The host-facts file of the light load path stores these facts: the device made from them is equal (tag,
     target, ISA class), builds the same TVM target on demand, and incomplete facts are refused, never guessed."""
-    from wq_compile.device import Device, host_fingerprint
+    from wq_compile.compiler.device import Device, host_fingerprint
 
     host = resolve_device("llvm")
     again = Device.from_facts(host.facts())
@@ -50,8 +50,8 @@ def test_device_facts_make_the_same_device_without_tvm():
 def test_recorded_features_answer_without_the_target(mcpu, vnni):
     """The features the int8 dot-product mode needs are recorded with the device (and in its facts), so the light
     path can refuse or allow the mode without TVM; they agree with the TVM target's."""
-    from wq_compile.device import Device
-    from wq_compile.decoder import INT8_DOT_FEATURES
+    from wq_compile.compiler.device import Device
+    from wq_compile.runtime.decoder import INT8_DOT_FEATURES
 
     dev = resolve_device({"kind": "llvm", "mcpu": mcpu, "mtriple": "x86_64-linux-gnu"})
     again = Device.from_facts(dev.facts())
@@ -84,7 +84,7 @@ def test_tvm_pool_uses_every_physical_core():
     import subprocess
     import sys
 
-    code = ("import os; from wq_compile.backend import share_cores_with_torch; from wq_compile.device import "
+    code = ("import os; from wq_compile.runtime.backend import share_cores_with_torch; from wq_compile.compiler.device import "
             "physical_cores; share_cores_with_torch(); import tvm_ffi, tvm; "
             "print(tvm_ffi.get_global_func('runtime.NumThreads')(), physical_cores())")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TVM_")}

@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from wq_compile import tuning_log
-from wq_compile.device import resolve_device
-from wq_compile.models import kernel_specs
+from wq_compile.compiler import tuning_log
+from wq_compile.compiler.device import resolve_device
+from wq_compile.core.models import kernel_specs
 from wq_testing import load_tiny_decode, run_python
 
-TUNE = [sys.executable, "-m", "wq_compile.cli", "--model", "tiny", "--kernels", "decode", "--bits", "4",
+TUNE = [sys.executable, "-m", "wq_compile.tools.cli", "--model", "tiny", "--kernels", "decode", "--bits", "4",
         "--tokens", "64", "--no-progress"]
 
 
@@ -81,7 +81,7 @@ def test_module_build_killed_mid_write_is_rebuilt(tmp_path: Path) -> None:
     proc = run_python(f"""
         import os, signal
         import tvm
-        from wq_compile.runtime import KernelLibrary
+        from wq_compile.runtime.library import KernelLibrary
         from wq_testing import TINY_DECODE
         original = tvm.runtime.Module.export_library
         def export_then_die(self, path, *a, **k):
@@ -94,7 +94,7 @@ def test_module_build_killed_mid_write_is_rebuilt(tmp_path: Path) -> None:
     """)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     leftovers = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")
-                 and p.name != "host_devices.json"]  # the host facts (wq_compile.light_load), written before the build
+                 and p.name != "host_devices.json"]  # the host facts (wq_compile.compiler.light_load), written before the build
     assert leftovers and all(p.name.startswith(".") for p in leftovers)  # only the torn temporary file
     proc = load_tiny_decode(logs, cache)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -136,7 +136,7 @@ def test_embedding_scorer(model) -> None:
     assert torch.equal(cache.plan(0).scores[0], cache.plan(0).scores[1])  # one score per window, all layers
 
 
-@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
 def test_decode_runs_the_compiled_module(model) -> None:
     """Every decode step of every layer is one fused-kernel call; windows are quantized by the compiled kernel;
     the result matches the torch reference path (same quantized data, fp32 accumulation order differs)."""
@@ -197,7 +197,7 @@ def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), 7e4, 1e5])
 def test_unquantizable_window_stays_dense_and_attention_is_exact(model, poison: float) -> None:
-    from wq_compile.reference import decode_attention
+    from wq_compile.core.reference import decode_attention
 
     p = video_prompt(model, [3])
     cache = _wq(model, p, avg_bits=10.0, widths=(16, 8))  # int8 elsewhere: small error, so the poisoned one shows
@@ -228,8 +228,8 @@ def test_unquantizable_window_stays_dense_and_attention_is_exact(model, poison: 
 
 
 def test_flushed_block_with_nan_stays_dense() -> None:
-    from wq_compile.layout import LayerCache
-    from wq_compile.reference import decode_attention
+    from wq_compile.core.layout import LayerCache
+    from wq_compile.core.reference import decode_attention
 
     gen = torch.Generator().manual_seed(2)
     layer = LayerCache.empty(1, 2, 64, torch.float32, residual=0, k_group=28)
@@ -305,7 +305,7 @@ def test_beam_search_scores_match_the_caches_own_greedy_path(model) -> None:
 
 def _fill_per_window(layer, b, k, v, windows, valid) -> None:
     """The pre-vectorization fill_sample: one Python step per window in bucket order (the oracle for the layout)."""
-    from wq_compile.layout import unquantizable_windows
+    from wq_compile.core.layout import unquantizable_windows
 
     bad = unquantizable_windows(k, v, windows.starts, windows.lengths)
     bits = torch.where(bad, torch.full_like(windows.bits, 16), windows.bits)
@@ -335,7 +335,7 @@ def _fill_per_window(layer, b, k, v, windows, valid) -> None:
 @pytest.mark.parametrize("shuffled", [False, True])
 def test_vectorized_fill_is_bit_identical_to_the_per_window_fill(shuffled: bool) -> None:
     """Unsorted windows, every width, group tails, a NaN window and an out-of-fp16-range one, padding."""
-    from wq_compile.layout import LayerCache, Windows
+    from wq_compile.core.layout import LayerCache, Windows
 
     gen = torch.Generator().manual_seed(3)
     t = 900
@@ -366,7 +366,7 @@ def test_vectorized_fill_is_bit_identical_to_the_per_window_fill(shuffled: bool)
 
 def test_prompt_plan_is_built_once_and_shared_by_every_layer(monkeypatch) -> None:
     """Windows' token indices, text index and masks are derived once per prompt, not once per layer."""
-    from wq_compile.layout import Windows
+    from wq_compile.core.layout import Windows
 
     built: list[tuple] = []
     real = Windows._cached

@@ -1,4 +1,4 @@
-"""Kernels (llvm) against the torch oracles: wq_compile.reference (attention, merge) and wq_compile.quant (format).
+"""Kernels (llvm) against the torch oracles: wq_compile.core.reference (attention, merge) and wq_compile.core.quant (format).
 
 Tolerances: the kernel and the oracle read the same quantized data, so they agree to fp32 rounding (the kernel
 uses a polynomial exp with ~2e-7 relative error and a different summation order). One table, per bit width.
@@ -12,10 +12,10 @@ import pytest
 import torch
 import tvm
 
-from wq_compile import quant, reference
+from wq_compile.core import quant, reference
 from wq_compile.kernels import KernelSignature, make_kernel, signature
 from wq_compile.schedules import llvm as sched
-from wq_compile.spec import KernelSpec
+from wq_compile.core.spec import KernelSpec
 from wq_testing import check_close as _check, quantized_piece as _bucket
 
 #: bits -> (atol, rtol) for o / out (fp32 outputs) and atol for lse.
@@ -164,7 +164,7 @@ CPU_SCENARIOS = [
 
 
 def _needs_avx512(extra: tuple) -> None:
-    from wq_compile.device import host_device, isa_class
+    from wq_compile.compiler.device import host_device, isa_class
 
     if dict(extra).get("lut") and isa_class(host_device().target) != "x86_64-avx512":
         pytest.skip("the lut knob (vpermps table unpack) needs an AVX-512 host")
@@ -441,8 +441,8 @@ def test_example_sizes_satisfy_signature() -> None:
 
 
 def _needs_int8_dots() -> None:
-    from wq_compile.decoder import int8_dots_unsupported
-    from wq_compile.device import host_device
+    from wq_compile.runtime.decoder import int8_dots_unsupported
+    from wq_compile.compiler.device import host_device
 
     why = int8_dots_unsupported(host_device(), split=False)
     if why is not None:

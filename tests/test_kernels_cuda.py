@@ -10,7 +10,7 @@ from tvm.support import nvcc
 
 from wq_compile.kernels import make_kernel
 from wq_compile.schedules import cuda as sched
-from wq_compile.spec import KernelSpec
+from wq_compile.core.spec import KernelSpec
 
 SPECS = [
     KernelSpec("decode", (4,), 64, 14, 2),

@@ -1,5 +1,5 @@
-"""Knob sweep of the plain-TIR CPU fused kernel and the runtime's use of its record (wq_compile.knob_tune,
-wq_compile.knobs, the knob-record kind of wq_compile.tuning_log)."""
+"""Knob sweep of the plain-TIR CPU fused kernel and the runtime's use of its record (wq_compile.tuning.knob_tune,
+wq_compile.kernels.knobs, the knob-record kind of wq_compile.compiler.tuning_log)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from wq_compile import knob_tune, knobs, module_cache, tuning_log  # noqa: E402
-from wq_compile.check import ReferenceMismatch  # noqa: E402
-from wq_compile.compile import kernel_def  # noqa: E402
-from wq_compile.device import resolve_device  # noqa: E402
+from wq_compile.tuning import knob_tune
+from wq_compile.kernels import knobs
+from wq_compile.compiler import module_cache, tuning_log  # noqa: E402
+from wq_compile.compiler.check import ReferenceMismatch  # noqa: E402
+from wq_compile.compiler.build import kernel_def  # noqa: E402
+from wq_compile.compiler.device import resolve_device  # noqa: E402
 from wq_compile.kernels import example_sizes  # noqa: E402
-from wq_compile.measure import example_args  # noqa: E402
-from wq_compile.runtime import KernelLibrary  # noqa: E402
-from wq_compile.spec import KernelSpec  # noqa: E402
-from wq_compile.tuning_log import KnobRecordWarning  # noqa: E402
+from wq_compile.compiler.measure import example_args  # noqa: E402
+from wq_compile.runtime.library import KernelLibrary  # noqa: E402
+from wq_compile.core.spec import KernelSpec  # noqa: E402
+from wq_compile.compiler.tuning_log import KnobRecordWarning  # noqa: E402
 
 SPEC = KernelSpec("fused", (4, 16), head_dim=64, num_q_heads=4, num_kv_heads=2)
 GRID = ({"splits": 1, "pvc": 16, "qkh": 8}, {"splits": 2, "pvc": 8, "qkh": 8})
@@ -64,7 +66,7 @@ def test_sweep_records_every_candidate_and_the_runtime_builds_the_winner(swept, 
     assert meta["best"]["knobs"] == dict(res.best.knobs) == min(meta["candidates"], key=lambda c: c["median_ms"])[
         "knobs"]
     assert len(tuning_log.read_knob_samples(folder)) == 2 * len(GRID) == res.new_samples
-    from wq_compile.compile import UntunedKernelWarning
+    from wq_compile.compiler.build import UntunedKernelWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntunedKernelWarning)  # a tuned kernel compiles without this warning
@@ -200,7 +202,7 @@ def test_example_lens_are_each_pieces_capacity():
 
 
 def test_cli_knob_flags_are_checked(capsys):
-    from wq_compile.cli import main_tune
+    from wq_compile.tools.cli import main_tune
 
     for flag in ("--knob-rounds", "--knob-tokens"):
         with pytest.raises(SystemExit) as exc:

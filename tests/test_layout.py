@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wq_compile.layout import LayerCache, WindowAssignment
-from wq_compile.quant import fake_quant
-from wq_compile.reference import attend_piece, decode_attention, merge_states
-from wq_compile.spec import QuantSpec
+from wq_compile.core.layout import LayerCache, WindowAssignment
+from wq_compile.core.quant import fake_quant
+from wq_compile.core.reference import attend_piece, decode_attention, merge_states
+from wq_compile.core.spec import QuantSpec
 from tolerances import ATOL, RTOL
 
 HQ, HKV, D, KG, VG = 4, 2, 32, 28, 32
@@ -224,7 +224,7 @@ def test_several_new_tokens_are_never_quantized_before_they_attend(gen: torch.Ge
 def test_select_samples_reorders_buckets_dense_and_lens() -> None:
     """Beam search / num_return_sequences: sample i becomes old sample idx[i] in every piece (different windows,
     widths and flushed blocks per sample), so attention per sample follows its source exactly."""
-    from wq_compile.reference import decode_attention
+    from wq_compile.core.reference import decode_attention
 
     gen = torch.Generator().manual_seed(5)
     layer = LayerCache.empty(3, 2, 64, torch.float32, k_group=28, residual=30)

@@ -1,4 +1,4 @@
-"""A warm module cache loads in a fresh process without importing TVM (wq_compile.light_load); everything that is
+"""A warm module cache loads in a fresh process without importing TVM (wq_compile.compiler.light_load); everything that is
 not warm (no host facts, a cold kernel, a stale key, other versions) still takes the TVM path and is never used
 stale. Each check runs in a fresh process over one warm cache of the small shapes (4 q heads, 2 KV heads, d 64)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wq_compile.light_load import FACTS_FILE
+from wq_compile.compiler.light_load import FACTS_FILE
 from wq_testing import run_python
 
 #: Fresh process: the backend of the small shapes, one decode over 8/4/2-bit windows and a dense residual,
@@ -19,9 +19,9 @@ DECODE = """
     import json, sys, warnings
     import torch
     from wq_compile import WindowQuantConfig
-    from wq_compile.backend import make_backend
-    from wq_compile.layout import LayerCache, Windows
-    from wq_compile.reference import decode_attention
+    from wq_compile.runtime.backend import make_backend
+    from wq_compile.core.layout import LayerCache, Windows
+    from wq_compile.core.reference import decode_attention
 
     warnings.simplefilter("ignore")
     b = make_backend(WindowQuantConfig(backend="tvm"), 4, 2, 64, torch.float32, "cpu")
@@ -89,8 +89,8 @@ def test_cold_kernel_after_a_light_load_is_built_and_loaded_in_process(warm, tmp
     this process import TVM and build it. apache-tvm 0.27 loads the same libtvm_runtime.so (one mapping), and both
     the light-loaded and the newly built modules compute the same results."""
     out = _run(warm, DECODE, f"""
-    from wq_compile.runtime import KernelLibrary, shared_library
-    from wq_compile.spec import KernelSpec
+    from wq_compile.runtime.library import KernelLibrary, shared_library
+    from wq_compile.core.spec import KernelSpec
     light = shared_library("llvm")
     assert "tvm" not in sys.modules and light.stats.cache_hits == 4
     spec = b.quantize.spec(next(iter(layer.buckets.values())).spec)      # a kernel the warm library loaded

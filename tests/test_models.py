@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from wq_compile.models import PRESETS, ModelPreset, get_preset, kernel_specs
+from wq_compile.core.models import PRESETS, ModelPreset, get_preset, kernel_specs
 
 
 def test_model_presets_and_kernel_sets():
@@ -33,8 +33,8 @@ def test_model_presets_and_kernel_sets():
 def test_split_kind_is_what_the_cuda_decoder_runs():
     """``--kernels split`` tunes/exports the split-KV fused kernel and its merge, with the decoder's chunk, and a
     tuning workload whose split count fills a 132-SM GPU (the symbol ``P`` has a value)."""
-    from wq_compile.compile import kernel_def
-    from wq_compile.decoder import FusedDecoder
+    from wq_compile.compiler.build import kernel_def
+    from wq_compile.runtime.decoder import FusedDecoder
     from wq_compile.kernels import example_sizes
     from wq_compile.kernels.split_decode import choose_splits, is_split
 

@@ -8,12 +8,14 @@ import os
 
 import pytest
 
-from wq_compile import compile as wq_compile_mod
-from wq_compile import kernels, module_cache, runtime
-from wq_compile.device import resolve_device, versions
-from wq_compile.measure import example_args
-from wq_compile.module_cache import ModuleCacheError, cache_root, expected_key, module_paths
-from wq_compile.runtime import KernelLibrary
+from wq_compile.compiler import build as wq_compile_mod
+from wq_compile import kernels
+from wq_compile.compiler import module_cache
+from wq_compile.runtime.library import library as runtime
+from wq_compile.compiler.device import resolve_device, versions
+from wq_compile.compiler.measure import example_args
+from wq_compile.compiler.module_cache import ModuleCacheError, cache_root, expected_key, module_paths
+from wq_compile.runtime.library import KernelLibrary
 from wq_testing import TINY_DECODE, load_tiny_decode, measured_log
 
 

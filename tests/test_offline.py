@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from wq_compile import cli, tuning_log
-from wq_compile.check import check_against_reference
-from wq_compile.compile import UntunedKernelWarning, kernel_def
-from wq_compile.gpu_visit import assemble_bundle, check_export, plan
-from wq_compile.device import resolve_device
-from wq_compile.offline import MANIFEST, MEASURE_SCRIPT, OfflineError, export_candidates, import_results
-from wq_compile.runtime import KernelLibrary
-from wq_compile.tune import TuneSettings
+from wq_compile.tools import cli
+from wq_compile.compiler import tuning_log
+from wq_compile.compiler.check import check_against_reference
+from wq_compile.compiler.build import UntunedKernelWarning, kernel_def
+from wq_compile.tuning.gpu_visit import assemble_bundle, check_export, plan
+from wq_compile.compiler.device import resolve_device
+from wq_compile.tuning.offline import MANIFEST, MEASURE_SCRIPT, OfflineError, export_candidates, import_results
+from wq_compile.runtime.library import KernelLibrary
+from wq_compile.tuning.tune import TuneSettings
 from wq_testing import N_TOKENS, TINY_DECODE, read_json
 
 
@@ -70,7 +71,7 @@ def test_export_writes_manifest_modules_and_reference(exported, host):
         assert not {"seconds", "run_secs", "samples"} & set(cand)  # nothing is timed at export
     data = torch.load(export / kernel["inputs"], weights_only=True)
     assert [int(i) for i in data["expected"]] == kernel["outputs"]
-    assert (export / MEASURE_SCRIPT).read_text() == Path(sys.modules["wq_compile.offline_measure"].__file__).read_text()
+    assert (export / MEASURE_SCRIPT).read_text() == Path(sys.modules["wq_compile.tuning.offline_measure"].__file__).read_text()
     assert not (root / "logs").exists()  # export records nothing
 
 
@@ -183,7 +184,7 @@ def test_export_cuda_candidates_builds_fatbins(tmp_path):
 
 def _visit(args: list[str], env_extra: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "wq_compile.gpu_visit", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "wq_compile.tuning.gpu_visit", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 

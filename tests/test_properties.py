@@ -9,14 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wq_compile.layout import LayerCache, WindowAssignment
-from wq_compile.quant import (
-    FP16_MAX, dequantize_keys, dequantize_values, error_bound, fake_quant, pack, pack_keys, quantize_keys,
-    quantize_values, unpack, unpack_keys,
-)
-from wq_compile.reference import decode_attention
-from wq_compile.search import Plan, Windows, allocate_bits, min_avg_bits
-from wq_compile.spec import QuantSpec
+from wq_compile.core.layout import LayerCache, WindowAssignment
+from wq_compile.core.quant import FP16_MAX, dequantize_keys, dequantize_values, error_bound, fake_quant, pack, pack_keys, quantize_keys, quantize_values, unpack, unpack_keys
+from wq_compile.core.reference import decode_attention
+from wq_compile.core.search import Plan, Windows, allocate_bits, min_avg_bits
+from wq_compile.core.spec import QuantSpec
 
 FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BITS = st.sampled_from((2, 4, 8))
@@ -117,8 +114,8 @@ def test_every_plan_meets_its_budget(lengths: list[int], slack: float, seed: int
 
 @pytest.fixture(scope="module")
 def compiled_quantizer():
-    from wq_compile.backend import CompiledQuantizer
-    from wq_compile.runtime import shared_library
+    from wq_compile.runtime.backend import CompiledQuantizer
+    from wq_compile.runtime.library import shared_library
 
     return CompiledQuantizer(shared_library("llvm"), 4, 2, 64, torch.float32, 64)
 
@@ -126,7 +123,7 @@ def compiled_quantizer():
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                 HealthCheck.too_slow])
 @given(BITS, st.integers(1, 4), st.sampled_from((1e-3, 1.0, 2e4, FP16_MAX / 3)), st.booleans(), st.integers(0, 99))
-@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
 def test_compiled_and_reference_quantizers_agree_bit_exactly(compiled_quantizer, bits: int, groups: int,
                                                              scale: float, constant: bool, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)

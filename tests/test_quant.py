@@ -3,11 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wq_compile.quant import (
-    dequantize_keys, dequantize_values, error_bound, key_lane_bytes, key_words, pack, pack_keys, quantize_keys,
-    quantize_values, unpack, unpack_keys,
-)
-from wq_compile.spec import KernelSpec, QuantSpec
+from wq_compile.core.quant import dequantize_keys, dequantize_values, error_bound, key_lane_bytes, key_words, pack, pack_keys, quantize_keys, quantize_values, unpack, unpack_keys
+from wq_compile.core.spec import KernelSpec, QuantSpec
 
 SIZES = [7, 13, 196, 300]
 
@@ -153,7 +150,7 @@ def test_kernel_spec_uri_and_validation() -> None:
 
 def test_quantizable_tokens_matches_the_elementwise_rule() -> None:
     """``|x| <= 65504`` for every element of the token: NaN, +-inf and out-of-range values fail, the bound passes."""
-    from wq_compile.quant import FP16_MAX, quantizable_tokens
+    from wq_compile.core.quant import FP16_MAX, quantizable_tokens
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = torch.randn(3, 40, 16).to(dtype)

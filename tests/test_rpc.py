@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from wq_compile import cli, tuning_log
-from wq_compile.device import resolve_device
-from wq_compile.models import kernel_specs
+from wq_compile.tools import cli
+from wq_compile.compiler import tuning_log
+from wq_compile.compiler.device import resolve_device
+from wq_compile.core.models import kernel_specs
 
 KEY = "wq-loopback"
 

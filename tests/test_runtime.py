@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from wq_compile.check import check_against_reference
-from wq_compile.compile import UntunedKernelWarning, kernel_def
-from wq_compile.device import resolve_device
-from wq_compile.measure import example_args
-from wq_compile.module_cache import ModuleCacheError, module_paths
-from wq_compile.runtime import KernelArgumentError, KernelLibrary, shared_library
+from wq_compile.compiler.check import check_against_reference
+from wq_compile.compiler.build import UntunedKernelWarning, kernel_def
+from wq_compile.compiler.device import resolve_device
+from wq_compile.compiler.measure import example_args
+from wq_compile.compiler.module_cache import ModuleCacheError, module_paths
+from wq_compile.runtime.library import KernelArgumentError, KernelLibrary, shared_library
 from wq_testing import TINY_DECODE, measured_log
 
 SIZES = {"B": 2, "N": 128, "G": 5}
@@ -111,9 +111,9 @@ def test_shared_library_is_one_per_target_logs_and_cache(tmp_path):
 def test_fused_decoder_matches_the_reference(split: bool, tmp_path) -> None:
     """The decoder the cache runs: one fused launch (CPU default), or split-KV + merge (the CUDA path, run here on
     llvm with the same PrimFuncs), over every bucket mix the bench uses, batch 1."""
-    from wq_compile.bench.decode import MIXES, make_layer
-    from wq_compile.reference import decode_attention
-    from wq_compile.decoder import FusedDecoder
+    from wq_compile.tools.bench.decode import MIXES, make_layer
+    from wq_compile.core.reference import decode_attention
+    from wq_compile.runtime.decoder import FusedDecoder
 
     with KernelLibrary("llvm", logs_dir=tmp_path / "nologs", cache_dir=tmp_path / "cache") as lib:
         dec = FusedDecoder(lib, 4, 2, 64, torch.float32, split=split, sm_count=3)
@@ -136,10 +136,10 @@ def test_fused_decoder_checks_once_per_tensor_set_and_follows_growth(tmp_path, m
     """The CPU decoder converts a layer's tensors for TVM once and calls unchecked while the layer holds the same
     tensor objects; decode tokens appended in place are seen (lens is read by the kernel), and a piece that grows
     into new tensors is checked and converted again. Counted, not timed."""
-    from wq_compile.bench.decode import MIXES, make_layer
-    from wq_compile.decoder import FusedDecoder
-    from wq_compile.reference import decode_attention
-    from wq_compile.runtime import CompiledKernel
+    from wq_compile.tools.bench.decode import MIXES, make_layer
+    from wq_compile.runtime.decoder import FusedDecoder
+    from wq_compile.core.reference import decode_attention
+    from wq_compile.runtime.library import CompiledKernel
 
     calls = {"checked": 0, "unchecked": 0}
     checked, unchecked = CompiledKernel.__call__, CompiledKernel.call_unchecked

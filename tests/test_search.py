@@ -3,9 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wq_compile.search import (
-    allocate_bits, attention_scores, effective_bits, embedding_scores, make_windows, search, window_errors,
-)
+from wq_compile.core.search import allocate_bits, attention_scores, effective_bits, embedding_scores, make_windows, search, window_errors
 
 
 def _kv(gen: torch.Generator, layers: int = 2, t: int = 40 + 8 * 196) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +118,7 @@ def test_search_validates_shapes(gen: torch.Generator) -> None:
 
 
 def test_plan_memory_estimate_matches_layout(gen: torch.Generator) -> None:
-    from wq_compile.layout import LayerCache
+    from wq_compile.core.layout import LayerCache
 
     k, v = _kv(gen, layers=1)
     w = make_windows([(20, 8 * 196)], 196)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wq_compile.signature import ArgDesc, KernelArgumentError, KernelSignature
+from wq_compile.kernels.signature import ArgDesc, KernelArgumentError, KernelSignature
 
 SIG = KernelSignature(
     "toy",
@@ -52,7 +52,7 @@ def test_bind_errors_name_the_argument(index, value, match):
 
 def test_check_prim_func_rejects_a_description_that_differs():
     from wq_compile.kernels import make_kernel, signature
-    from wq_compile.spec import KernelSpec
+    from wq_compile.core.spec import KernelSpec
 
     spec = KernelSpec("quantize", (4,), head_dim=64, num_q_heads=4, num_kv_heads=2)
     func = make_kernel(spec)

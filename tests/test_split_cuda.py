@@ -23,7 +23,7 @@ import tvm
 from wq_compile.kernels import make_kernel
 from wq_compile.kernels.split_decode import MAX_SPLITS, choose_splits, merge_spec, split_spec
 from wq_compile.schedules import cuda as sched
-from wq_compile.spec import KernelSpec
+from wq_compile.core.spec import KernelSpec
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed: CUDA source generated, ptxas not run")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wq_compile import reference
+from wq_compile.core import reference
 from wq_compile.kernels import make_kernel, signature
 from wq_compile.kernels.split_decode import choose_splits, merge_spec, split_spec
-from wq_compile.spec import KernelSpec
+from wq_compile.core.spec import KernelSpec
 from wq_testing import check_close, compiled_default, quantized_piece
 
 TOL = (1e-4, 1e-4)

@@ -6,12 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wq_compile.kernels.token_granular import (
-    TokenGranularSpec,
-    compile_token_granular,
-    pack_token_granular,
-    reference_token_granular,
-)
+from wq_compile.kernels.token_granular import TokenGranularSpec, compile_token_granular, pack_token_granular, reference_token_granular
 from wq_testing import check_matches_bucket_layout
 
 
@@ -49,11 +44,11 @@ def test_widths_really_differ_per_group() -> None:
     assert cache.k_words.shape[-1] == 28 * 4 + 28 * 16
 
 
-@pytest.mark.filterwarnings("ignore::wq_compile.compile.UntunedKernelWarning")
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
 def test_wq_bench_token_granular_writes_tables(tmp_path, capsys) -> None:
     import csv
 
-    from wq_compile.cli import main_bench
+    from wq_compile.tools.cli import main_bench
 
     rc = main_bench(["--token-granular", "--model", "tiny", "--tokens", "392", "--repeats", "3", "--frames", "2",
                      "--logs-dir", str(tmp_path / "nologs"), "--out", str(tmp_path)])

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from wq_compile import cli
-from wq_compile.device import has_local_gpu, resolve_device, versions
-from wq_compile.measure import MeasurementUnavailableError
-from wq_compile.tune import Measurers, NoValidTrialsError, TuneResult, TuneSettings, tune_kernel
-from wq_compile.tuning_log import Provenance, TornLogWarning, TuningLogError, read_meta
+from wq_compile.tools import cli
+from wq_compile.compiler.device import has_local_gpu, resolve_device, versions
+from wq_compile.compiler.measure import MeasurementUnavailableError
+from wq_compile.tuning.tune import Measurers, NoValidTrialsError, TuneResult, TuneSettings, tune_kernel
+from wq_compile.compiler.tuning_log import Provenance, TornLogWarning, TuningLogError, read_meta
 from wq_testing import TINY_DECODE, TOY_SPEC, measured_log, toy_kernel
 
 #: The driver tests tune the toy kernel (see wq_testing.toy_kernel: real kernels would take minutes per tune).
@@ -36,7 +36,7 @@ def pools():
     """One builder and runner for the module: creating a LocalBuilder costs ~8 s of worker start-up here."""
     from tvm.s_tir import meta_schedule as ms
 
-    from wq_compile.metaschedule import build_candidate
+    from wq_compile.tuning.metaschedule import build_candidate
 
     return Measurers(builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120),
                      runner=ms.runner.LocalRunner(timeout_sec=60))
@@ -145,13 +145,13 @@ def test_cli_parsing_and_table():
 
 def test_tensor_intrin_is_imported_with_a_shallow_stack_and_inspect_restored():
     """``TuneContext`` needs ``tvm.s_tir.tensor_intrin``; wq_compile imports it with a cheap ``inspect.stack``
-    (about 8 s of CPU instead of 78 s with torch loaded, see wq_compile.ms_task): the intrinsics are registered as
+    (about 8 s of CPU instead of 78 s with torch loaded, see wq_compile.tuning.ms_task): the intrinsics are registered as
     with the plain import and ``inspect.stack`` is the standard one again afterwards."""
     import inspect
 
     from tvm.s_tir import TensorIntrin
 
-    from wq_compile.ms_task import import_tensor_intrin
+    from wq_compile.tuning.ms_task import import_tensor_intrin
 
     before = inspect.stack
     import_tensor_intrin()

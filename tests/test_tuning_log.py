@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 
-from wq_compile import tuning_log
-from wq_compile.device import resolve_device, versions
-from wq_compile.tuning_log import Provenance, TornLogWarning, TuningLogError
+from wq_compile.compiler import tuning_log
+from wq_compile.compiler.device import resolve_device, versions
+from wq_compile.compiler.tuning_log import Provenance, TornLogWarning, TuningLogError
 
 URI = "quantize_k4v4_kg28_vg64_d64_h4kv2_f32_c64"
 

@@ -15,12 +15,13 @@ from types import SimpleNamespace
 
 import torch
 
-from wq_compile import quant, tuning_log
-from wq_compile.compile import KernelDef, kernel_def
-from wq_compile.device import Device
-from wq_compile.measure import example_args, time_function
-from wq_compile.signature import KernelSignature
-from wq_compile.spec import KernelSpec, QuantSpec
+from wq_compile.core import quant
+from wq_compile.compiler import tuning_log
+from wq_compile.compiler.build import KernelDef, kernel_def
+from wq_compile.compiler.device import Device
+from wq_compile.compiler.measure import example_args, time_function
+from wq_compile.kernels.signature import KernelSignature
+from wq_compile.core.spec import KernelSpec, QuantSpec
 
 TINY_DECODE = KernelSpec("decode", (4,), head_dim=64, num_q_heads=4, num_kv_heads=2)
 N_TOKENS = 128
@@ -175,8 +176,8 @@ def check_matches_bucket_layout(pack, reference) -> None:
     """A token-granular cache whose key groups all have one width, tokens in order, attends like one bucket of the
     layout (independent quantizer path): ``pack(k, v, widths per key group, dense k, dense v) -> cache`` and
     ``reference(q, cache, sm_scale) -> out`` of the baseline under test, at 2, 4 and 8 bits."""
-    from wq_compile.layout import LayerCache, WindowAssignment
-    from wq_compile.reference import decode_attention
+    from wq_compile.core.layout import LayerCache, WindowAssignment
+    from wq_compile.core.reference import decode_attention
 
     gen = torch.Generator().manual_seed(3)
     for bits in (2, 4, 8):
@@ -214,8 +215,8 @@ def load_tiny_decode(logs: Path, cache: Path, timeout: float = 300) -> subproces
     """In a fresh process: load TINY_DECODE through a KernelLibrary over ``logs`` and ``cache``, run it once and print
     ``compiled <n>`` (how many modules that process had to build)."""
     return run_python(f"""
-        from wq_compile.runtime import KernelLibrary
-        from wq_compile.measure import example_args
+        from wq_compile.runtime.library import KernelLibrary
+        from wq_compile.compiler.measure import example_args
         from wq_testing import TINY_DECODE
         lib = KernelLibrary("llvm", logs_dir={str(logs)!r}, cache_dir={str(cache)!r})
         k = lib.load(TINY_DECODE)

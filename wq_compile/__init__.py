@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import WindowQuantConfig
+from .core.config import WindowQuantConfig
 
 __version__ = "0.1.0"
 

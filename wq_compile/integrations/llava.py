@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..search import Windows, make_windows
+from ..core.search import Windows, make_windows
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from ..config import WindowQuantConfig
-from ..backend import Backend, make_backend
-from ..layout import LayerCache, Windows, windows_holding
-from ..quant import quantizable_tokens
-from ..reference import decode_attention
-from ..search import Plan, attention_scores, embedding_scores, make_windows, min_avg_bits, search
+from ..core.config import WindowQuantConfig
+from ..runtime.backend import Backend, make_backend
+from ..core.layout import LayerCache, Windows, windows_holding
+from ..core.quant import quantizable_tokens
+from ..core.reference import decode_attention
+from ..core.search import Plan, attention_scores, embedding_scores, make_windows, min_avg_bits, search
 from .llava import SampleLayout, VisualLayout, locate
 
 NAME = "windowquant"
@@ -125,7 +125,7 @@ class WindowQuantCache(Cache):
     ``num_return_sequences`` are supported (``reorder_cache`` and the batch hooks reorder every layer)."""
 
     def __init__(self, config: Any, wq_config: WindowQuantConfig | None = None, backend: Backend | None = None) -> None:
-        """``backend`` (from :func:`wq_compile.backend.make_backend`) pins the kernels explicitly; by default the
+        """``backend`` (from :func:`wq_compile.runtime.backend.make_backend`) pins the kernels explicitly; by default the
         process-wide backend for these shapes is used (loaded once per process, on first use)."""
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         wq_config = WindowQuantConfig() if wq_config is None else wq_config

@@ -1,4 +1,4 @@
-"""TensorIR kernel factories: :class:`~wq_compile.spec.KernelSpec` in, ``tvm.tirx.PrimFunc`` out (pure, no target).
+"""TensorIR kernel factories: :class:`~wq_compile.core.spec.KernelSpec` in, ``tvm.tirx.PrimFunc`` out (pure, no target).
 
 The function's ``global_symbol`` is ``spec.uri``. Token counts are symbolic: one module serves every length; token
 capacities ``N`` must be whole multiples of ``spec.chunk`` and tokens ``t >= lens[b]`` are masked.
@@ -20,9 +20,12 @@ Argument order (``*`` = symbolic; per = 32 // bits codes per int32 word; Dv = D 
   k_scale [B,Hkv,n/k_group,D],
   k_zero, v_codes, v_scale [B,Hkv,n,Dv], v_zero`` (n a multiple of k_group).
 
-:func:`signature` describes every argument (:class:`wq_compile.signature.KernelSignature`, the same class the build
+:func:`signature` describes every argument (:class:`wq_compile.kernels.signature.KernelSignature`, the same class the build
 path and the runtime use: outputs marked, size rules included); ``signature(spec).bind(*tensors)`` validates torch
 tensors and returns the symbolic sizes, raising a ``KernelArgumentError`` that names the argument.
+
+Part rules: a factory is handed its spec (and target kind); it never reads the host, a tuning log or the module
+cache. May import: ``core`` only (``schedules``, one layer up, imports kernels, never the other way).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..signature import ArgDesc, KernelSignature
-from ..spec import KernelSpec
+from .signature import ArgDesc, KernelSignature
+from ..core.spec import KernelSpec
 from .signatures import TUNING_SM_COUNT, choose_splits, is_split, piece_fields, pieces, signature
 
 if TYPE_CHECKING:

@@ -38,8 +38,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..quant import key_lane_bytes
-from ..spec import KernelSpec
+from ..core.quant import key_lane_bytes
+from ..core.spec import KernelSpec
 from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp, signature_params
 from .signatures import Piece, pieces  # the argument description lives there (importable without TVM)
 from .signatures import attention_signature as signature
@@ -73,7 +73,7 @@ def _unpack(word: tirx.PrimExpr, j: tirx.PrimExpr, bits: int) -> tirx.PrimExpr:
 
 
 def key_code(k_codes, b, kh, tok: tirx.PrimExpr, dd: tirx.PrimExpr, bits: int, k_group: int) -> tirx.PrimExpr:
-    """Code of token ``tok``, channel ``dd`` in the token-packed key format (see :mod:`wq_compile.quant`), as fp32."""
+    """Code of token ``tok``, channel ``dd`` in the token-packed key format (see :mod:`wq_compile.core.quant`), as fp32."""
     lb = key_lane_bytes(bits, k_group)
     grp, slot = tirx.floordiv(tok, k_group), tirx.floormod(tok, k_group)
     byte, field = tirx.floormod(slot, lb), tirx.floordiv(slot, lb)

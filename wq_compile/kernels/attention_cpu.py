@@ -25,7 +25,7 @@ Int8 dot-product mode (``("dot8", 1)`` in ``spec.extra``, :func:`int8_dots`; AVX
 are shuffled into one ``vpdpbusd`` operand (:meth:`QuantTiles._scores_int8`); ``P * v_scale`` is quantized to
 uint8 per head, value group and key group, and 4 tokens x 16 bytes of value codes are shuffled the same way
 (:meth:`QuantTiles._pv_int8`). Zero-point terms, the softmax and the accumulators across key groups stay fp32;
-the torch emulation is :func:`wq_compile.reference.int8_dots_attend_piece`.
+the torch emulation is :func:`wq_compile.core.reference.int8_dots_attend_piece`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..quant import key_lane_bytes, key_slots
-from ..spec import KernelSpec
+from ..core.quant import key_lane_bytes, key_slots
+from ..core.spec import KernelSpec
 from .attention import Piece, pieces, signature
 from .common import NEG_BIG, f32, fast_exp
 

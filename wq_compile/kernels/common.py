@@ -1,7 +1,7 @@
 """Shared pieces of the kernel factories: TIR math helpers.
 
 Every factory returns a ``tvm.tirx.PrimFunc`` whose ``global_symbol`` is ``spec.uri``, built from its argument
-description (:class:`wq_compile.signature.KernelSignature`, the one the runtime checks torch tensors with).
+description (:class:`wq_compile.kernels.signature.KernelSignature`, the one the runtime checks torch tensors with).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def declare_params(params, syms: dict | None = None) -> tuple[dict, dict]:
 
 
 def signature_params(sig) -> list[Param]:
-    """:func:`declare_params` entries of a :class:`~wq_compile.signature.KernelSignature`."""
+    """:func:`declare_params` entries of a :class:`~wq_compile.kernels.signature.KernelSignature`."""
     return [(a.name, None if a.is_scalar else a.shape, a.dtype) for a in sig.args]
 
 

@@ -31,10 +31,10 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..quant import dequantize_keys, dequantize_values, key_lane_bytes, quantize_keys, quantize_values
-from ..reference import attend_piece, merge_states
-from ..signature import ArgDesc
-from ..spec import KernelSpec
+from ..core.quant import dequantize_keys, dequantize_values, key_lane_bytes, quantize_keys, quantize_values
+from ..core.reference import attend_piece, merge_states
+from .signature import ArgDesc
+from ..core.spec import KernelSpec
 from .attention import pieces
 from .attention_cpu import CpuKnobs, QuantTiles, _dense_piece, _split_range, decode_frame
 
@@ -117,7 +117,7 @@ def compile_group_dispatch(spec: KernelSpec, target=None):
     """The dispatch kernel built for ``target`` (default: this host), as a callable."""
     import tvm
 
-    from ..device import host_device
+    from ..compiler.device import host_device
 
     func = build_group_dispatch(spec)
     name = str(func.attrs["global_symbol"])

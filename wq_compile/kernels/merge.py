@@ -13,7 +13,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..spec import KernelSpec
+from ..core.spec import KernelSpec
 from .common import f32
 from .signatures import merge_signature as signature
 from .signatures import num_parts as _num_parts

@@ -1,5 +1,5 @@
 """``kind="quantize"``: quantize and pack a block of ``n`` tokens (``n`` a multiple of ``k_group``) in the format of
-:mod:`wq_compile.quant` (KIVI-style asymmetric min/max; keys per channel over ``k_group`` tokens, values per token
+:mod:`wq_compile.core.quant` (KIVI-style asymmetric min/max; keys per channel over ``k_group`` tokens, values per token
 over ``v_group`` channels; fp16 scale/zero; codes little-endian in int32 words).
 
 Parameters follow the reference exactly: ``zero = fp16(min)``, ``scale = fp16((max - zero) / qmax)`` bumped one fp16
@@ -13,8 +13,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..quant import key_lane_bytes, key_words
-from ..spec import KernelSpec
+from ..core.quant import key_lane_bytes, key_words
+from ..core.spec import KernelSpec
 from .common import f32
 from .signatures import quantize_bits as _bits
 from .signatures import quantize_signature as signature
@@ -26,7 +26,7 @@ QUANT_BLOCKS = ("k_min", "k_max", "k_zero", "k_scale", "k_pack", "v_min", "v_max
 
 
 def _params(mn: tirx.PrimExpr, mx: tirx.PrimExpr, qmax: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
-    """fp16 (scale, zero) from fp32 min/max, as :func:`wq_compile.quant._minmax_params`."""
+    """fp16 (scale, zero) from fp32 min/max, as :func:`wq_compile.core.quant._minmax_params`."""
     zero = mn.astype(_F16)
     span = mx - zero.astype(_F32)
     s0 = (span / f32(float(qmax))).astype(_F16)

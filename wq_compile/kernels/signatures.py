@@ -3,7 +3,7 @@
 This is the one definition of each kernel's argument order: the TIR factories (:mod:`.attention`, :mod:`.merge`,
 :mod:`.quantize`, :mod:`.split_decode`) build their PrimFuncs from it, and the runtime checks and orders torch
 tensors by it. It lives apart from the factories because they import TVM at module level (seconds), and a warm
-load from the module cache must describe its kernels without importing TVM (:mod:`wq_compile.light_load`).
+load from the module cache must describe its kernels without importing TVM (:mod:`wq_compile.compiler.light_load`).
 Only plain metadata and the spec helpers the decoder needs per call live here.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..quant import key_words
-from ..signature import ArgDesc, KernelSignature
-from ..spec import KernelSpec
+from ..core.quant import key_words
+from .signature import ArgDesc, KernelSignature
+from ..core.spec import KernelSpec
 
 _F32 = "float32"
 _I32 = "int32"

@@ -1,6 +1,6 @@
 """Split-KV decode attention (flash-decoding): the work is ``batch x KV heads x P token splits``, ``P`` a run-time size.
 
-A decode/fused :class:`~wq_compile.spec.KernelSpec` with ``("split", 1)`` in ``spec.extra`` (see :func:`split_spec`).
+A decode/fused :class:`~wq_compile.core.spec.KernelSpec` with ``("split", 1)`` in ``spec.extra`` (see :func:`split_spec`).
 Split ``s`` of ``P`` handles the contiguous chunks ``[s * cps, (s + 1) * cps)`` of *every* piece
 (``cps = ceil(n_chunks / P)`` per piece), merges its pieces' online-softmax states and writes its normalized partial
 output and log-sum-exp; the ``merge`` kernel (:mod:`wq_compile.kernels.merge`) combines the ``P`` partials::
@@ -53,13 +53,11 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..quant import key_lane_bytes, key_words
-from ..spec import KernelSpec
+from ..core.quant import key_lane_bytes, key_words
+from ..core.spec import KernelSpec
 from .attention import Piece, _unpack, pieces
 from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp, signature_params
-from .signatures import (  # noqa: F401 - re-exported: the split helpers and the signature are plain metadata
-    MAX_SPLITS, SPLIT_CHUNK, TUNING_SM_COUNT, choose_splits, is_split, merge_spec, split_spec,
-)
+from .signatures import MAX_SPLITS, SPLIT_CHUNK, TUNING_SM_COUNT, choose_splits, is_split, merge_spec, split_spec
 from .signatures import split_signature as signature
 
 _F32 = "float32"
@@ -266,7 +264,7 @@ def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
                     vc_ = vchunk(ci)
                     vt, vw = T.axis.remap("SS", [t, w])
                     T.buffer_store(vs_buf, vcodes[vb, vkh, rchunk(vc_) * c + vt, vw], [vb, vkh, vt, vw])
-            # ---- K dequant from the staged codes (token-packed, see wq_compile.quant) ----
+            # ---- K dequant from the staged codes (token-packed, see wq_compile.core.quant) ----
             lb = key_lane_bytes(p.bits, kg)
             with T.grid(c, d // per, per) as (t, w, j):
                 with T.sblock(p.block("kdeq")):

@@ -5,7 +5,7 @@ Format (same quantizer as the buckets; :func:`pack_token_granular` builds it fro
 keys per channel over groups of ``k_group`` tokens, values per token over ``v_group`` channels, fp16 scale/zero.
 The width is per token, constant within a key group (per-channel key groups cannot mix widths; a key group is the
 finest unit the format allows). Codes of token ``t`` at width ``bits[t]`` occupy ``D * bits[t] / 32`` int32 words
-of a per-head word stream starting at ``offset[t]``, little-endian like :func:`wq_compile.quant.pack`.
+of a per-head word stream starting at ``offset[t]``, little-endian like :func:`wq_compile.core.quant.pack`.
 
 The kernel reads each token's width and offset in the inner loop (``word = stream[offset[t] + (d*bits[t] >> 5)]``,
 ``code = word >> (d*bits[t] & 31) & mask(bits[t])``): no width is known at compile time, so the unpack has
@@ -32,8 +32,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..quant import pack, quantize_keys, quantize_values, unpack_keys
-from ..spec import QuantSpec
+from ..core.quant import pack, quantize_keys, quantize_values, unpack_keys
+from ..core.spec import QuantSpec
 from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp
 
 _F32, _I32, _F16 = "float32", "int32", "float16"
@@ -353,9 +353,9 @@ def pack_token_granular(k: torch.Tensor, v: torch.Tensor, group_bits: torch.Tens
 
 def reference_token_granular(q: torch.Tensor, cache: TokenGranularCache, sm_scale: float, k_group: int = 28,
                              v_group: int = 64) -> torch.Tensor:
-    """Independent torch oracle: unpack every token with :func:`wq_compile.quant.unpack` at its own width,
+    """Independent torch oracle: unpack every token with :func:`wq_compile.core.quant.unpack` at its own width,
     dequantize with its group's scale/zero, attend over those and the dense residual (fp32)."""
-    from ..quant import unpack
+    from ..core.quant import unpack
 
     n, nd = int(cache.lens[0]), int(cache.dense_lens[0])
     hkv, d = cache.k_scale.shape[1], cache.k_scale.shape[3]

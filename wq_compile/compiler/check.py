@@ -1,0 +1,110 @@
+"""One check of a compiled kernel against the torch reference, on small random inputs.
+
+Used before a record tuned on *another* device is cached here (:func:`wq_compile.compiler.build.choose_schedule`): a trace
+that replays may still compute something else on this target, and a wrong module in the cache would be reused on
+every later load. The references are the project's oracles (:mod:`wq_compile.core.quant`, :mod:`wq_compile.core.reference`),
+never another kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..kernels import example_sizes, piece_fields
+from .measure import example_args
+from ..core.quant import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from ..core.reference import attend_piece, merge_states
+
+#: Absolute/relative tolerance of a kernel output vs the reference over the same inputs: fp32 accumulation in both,
+#: only the summation order differs; fp16/bf16 outputs round to their mantissa.
+TOLERANCE: dict[str, tuple[float, float]] = {"f32": (1e-3, 1e-3), "f16": (2e-2, 2e-2), "bf16": (5e-2, 5e-2)}
+
+
+class ReferenceMismatch(AssertionError):
+    """A compiled kernel disagrees with the torch reference."""
+
+
+def _attention(spec: Any, named: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference output and lse of a decode/fused kernel, from its arguments by name."""
+    pieces: dict[str, dict[str, Any]] = {}
+    for name, value in named.items():
+        tag, fld = piece_fields(name)
+        if fld not in ("q", "sm_scale", "o", "lse", "out"):
+            pieces.setdefault(tag, {})[fld] = value
+    outs, lses = [], []
+    for tag, p in pieces.items():
+        bits = 16 if "k" in p else (int(tag[1:]) if tag else spec.bits[0])
+        if bits == 16:
+            k, v = p["k"], p["v"]
+        else:
+            qs = spec.quant(bits)
+            k = dequantize_keys(QuantizedKeys(p["k_codes"], p["k_scale"], p["k_zero"], qs), p["v_codes"].shape[-2])
+            v = dequantize_values(QuantizedValues(p["v_codes"], p["v_scale"], p["v_zero"], qs))
+        o, lse = attend_piece(named["q"], k, v, p["lens"], float(named["sm_scale"]))
+        outs.append(o)
+        lses.append(lse)
+    return merge_states(outs, lses)
+
+
+def _close(what: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
+    try:
+        torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, equal_nan=False)
+    except AssertionError as exc:
+        raise ReferenceMismatch(f"{what}: {str(exc).splitlines()[0]}") from None
+
+
+def check_against_reference(kdef: Any, module: Any, device: Any, n_tokens: int | None = None) -> None:
+    """Run ``module`` (built for ``device``, a CPU target) on random inputs and compare every output with the
+    reference; raises :class:`ReferenceMismatch`. Kernels without a reference (test kernels) pass unchecked."""
+    spec = kdef.spec
+    if device.kind != "llvm" or spec.kind not in ("decode", "fused", "quantize", "merge"):
+        return
+    sizes = example_sizes(spec, n_tokens or 2 * spec.chunk)
+    args = example_args(kdef.signature, sizes, scalars={"sm_scale": spec.head_dim**-0.5}, seed=7)
+    names = kdef.signature.names
+    if spec.kind == "quantize":  # inputs are the dense k, v: give them a realistic spread
+        args[0].normal_()
+        args[1].normal_()
+    module.get_function(spec.uri)(*args)
+    named = dict(zip(names, args))
+    atol, rtol = TOLERANCE.get(spec.dtype, TOLERANCE["f32"])
+    if spec.kind in ("decode", "fused"):
+        out, lse = _attention(spec, named)
+        _close(f"{spec.uri} output", named["out" if spec.kind == "fused" else "o"], out, atol, rtol)
+        if spec.kind == "decode":
+            _close(f"{spec.uri} lse", named["lse"], lse, atol, rtol)
+    elif spec.kind == "merge":
+        out, _ = merge_states(list(named["o_parts"]), list(named["lse_parts"]))
+        _close(f"{spec.uri} output", named["out"], out, atol, rtol)
+    else:
+        _check_quantize(spec, named)
+
+
+def _check_quantize(spec: Any, named: Mapping[str, Any]) -> None:
+    """Bit-exact: scales, zeros and packed code words equal the torch reference's."""
+    qs = spec.quant(spec.bits[0])
+    for kind, want in (("k", quantize_keys(named["k"], qs)), ("v", quantize_values(named["v"], qs))):
+        for part in ("scale", "zero", "codes"):
+            got, ref = named[f"{kind}_{part}"], getattr(want, part)
+            if not torch.equal(got, ref):
+                bad = int((got != ref).sum()) if got.shape == ref.shape else "shape"
+                raise ReferenceMismatch(f"{spec.uri}: {kind}_{part} differs from the reference ({bad} of "
+                                        f"{ref.numel()} entries)")
+
+
+def reference_outputs(spec: Any, named: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The reference value of every output argument of a decode/fused/merge/quantize kernel, by name, from its
+    inputs by name: what an offline measurement compares a candidate against without any reference code there."""
+    if spec.kind in ("decode", "fused"):
+        out, lse = _attention(spec, named)
+        return {"out": out} if spec.kind == "fused" else {"o": out, "lse": lse}
+    if spec.kind == "merge":
+        out, _ = merge_states(list(named["o_parts"]), list(named["lse_parts"]))
+        return {"out": out}
+    if spec.kind == "quantize":
+        qs = spec.quant(spec.bits[0])
+        want = {"k": quantize_keys(named["k"], qs), "v": quantize_values(named["v"], qs)}
+        return {f"{kind}_{part}": getattr(want[kind], part) for kind in ("k", "v") for part in ("scale", "zero", "codes")}
+    raise ValueError(f"spec.kind: no reference for kernel kind {spec.kind!r}")

@@ -1,0 +1,176 @@
+"""The kernels a WindowQuant cache runs: compiled modules when they can be had, the torch reference otherwise.
+
+A :class:`Backend` is chosen once per cache (``make_backend``): ``decode`` is called once per layer per step (one
+launch of the fused kernel over every bucket and the dense piece), ``quantize`` whenever windows or a residual
+block enter a bucket. The reference path exists for machines where no module can be built, and says so.
+Compiled backends are shared in the process per (config, attention shapes, dtype, device): a second cache or a
+second ``generate`` costs nothing to set up.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from ..core.config import WindowQuantConfig
+from ..core.layout import LayerCache, Quantizer, torch_quantizer
+from ..core.quant import QuantizedKeys, QuantizedValues, check_quantizable
+from ..core.reference import decode_attention
+from ..core.spec import KernelSpec, QuantSpec, dtype_tag
+
+if TYPE_CHECKING:
+    from .library import KernelLibrary
+
+
+class AttentionDecoder(Protocol):
+    def __call__(self, q: torch.Tensor, layer: LayerCache, sm_scale: float, stats: Any) -> torch.Tensor:
+        """``q [B, Hq, D]`` -> attention output ``[B, Hq, D]`` over every token of ``layer``."""
+
+
+class ReferenceDecoder:
+    """Dequantize-and-attend in torch: the oracle, and the fallback when no compiled module can be had."""
+
+    def __call__(self, q: torch.Tensor, layer: LayerCache, sm_scale: float, stats: Any) -> torch.Tensor:
+        stats.reference_calls += 1
+        return decode_attention(q, layer, sm_scale).to(q.dtype)  # type: ignore[union-attr]
+
+
+class CompiledQuantizer:
+    """The compiled quantize+pack kernel of each width (one module per width, every token count)."""
+
+    def __init__(self, library: "KernelLibrary", num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 chunk: int) -> None:
+        self.library = library
+        self.shape = dict(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                          dtype=dtype_tag(dtype), chunk=chunk)
+        self.dtype = dtype
+        self.calls = 0
+
+    def spec(self, qs: QuantSpec) -> KernelSpec:
+        return KernelSpec("quantize", (qs.bits,), k_group=qs.k_group, v_group=qs.v_group, **self.shape)
+
+    def __call__(self, qs: QuantSpec, k: torch.Tensor, v: torch.Tensor) -> tuple[QuantizedKeys, QuantizedValues]:
+        # The kernel would code NaN as its group's minimum and overflow fp16 scales: refuse, as the reference does.
+        check_quantizable("k", k)
+        check_quantizable("v", v)
+        return self.screened(qs, k, v)
+
+    def screened(self, qs: QuantSpec, k: torch.Tensor, v: torch.Tensor) -> tuple[QuantizedKeys, QuantizedValues]:
+        """The call for tokens already screened by the caller (``LayerCache.fill_sample`` checks every window once
+        per layer before it reaches a bucket): the same kernel call without a second pass over ``k, v``."""
+        kernel = self.library.load(self.spec(qs))
+        kc, ks, kz, vc, vs, vz = kernel.run(k.to(self.dtype).contiguous()[None], v.to(self.dtype).contiguous()[None])
+        self.calls += 1
+        return QuantizedKeys(kc[0], ks[0], kz[0], qs), QuantizedValues(vc[0], vs[0], vz[0], qs)
+
+
+@dataclass
+class Backend:
+    """What the cache calls: ``decode`` per layer per step, ``quantize`` when tokens enter a bucket."""
+
+    name: str
+    decode: AttentionDecoder
+    quantize: Quantizer
+    #: ``kernel uri -> "tuned here" | "tuned on <tag>" | "untuned"`` (empty for the reference).
+    kernels: dict[str, str] = field(default_factory=dict)
+    #: Modules compiled (cold) vs loaded from the module cache (warm) to set this backend up.
+    compiled: int = 0
+    cached: int = 0
+    reused: int = 0  # already loaded in this process by another backend of the same library
+    #: What runs the CPU kernels' parallel loops ("torch OpenMP", or "TVM pool (why)"); empty on GPUs.
+    threads: str = ""
+
+    def tuning_summary(self) -> str:
+        """One line for reports: which kernels are tuned, from where, and which are not."""
+        if not self.kernels:
+            return "torch reference (no compiled kernels)"
+        kinds = "; ".join(f"{uri.split('_')[0]} {'/'.join(_widths(uri))}{' (int8 dots)' if '_dot81' in uri else ''}: "
+                          f"{how}" for uri, how in self.kernels.items())
+        threads = f"; CPU threads: {self.threads}" if self.threads else ""
+        return (f"{kinds} (modules: {self.compiled} compiled, {self.cached} from the module cache, "
+                f"{self.reused} already loaded in this process{threads})")
+
+
+def _widths(uri: str) -> list[str]:
+    return [p for p in uri.split("_") if p[:1] == "k" and p[1:2].isdigit()]
+
+
+_SHARED: dict[tuple[Any, ...], Backend] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def share_cores_with_torch(threads: int | None = None) -> None:
+    """Size TVM's CPU thread pool to ``threads`` (default: the physical cores) and make it yield between launches,
+    unless the user set these. Takes effect when the pool starts, at the first parallel launch.
+
+    * ``TVM_NUM_THREADS``: without it TVM halves ``hardware_concurrency()`` on x86 (it assumes hyper-threading),
+      so on a VM whose vCPUs are real cores (2 vCPUs, 1 thread per core) every kernel ran on one core: measured
+      here, the fused int4 decode at 8K tokens took 0.39 ms instead of 0.20.
+    * ``TVM_BIND_THREADS`` / ``TVM_THREAD_POOL_SPIN_COUNT``: by default its workers are pinned and spin for
+      300000 yields after every kernel, which starves torch's own threads running the rest of the model (and any
+      baseline timed next to it) on the same cores. Even 300 yields, unpinned, made the tiny model's decode 3.5x
+      slower end to end here (25 -> 88 ms per token: torch's threads run the layer between two attention calls
+      while a TVM worker spins beside them), so workers sleep at once and every launch pays a futex wake-up
+      (~20 us per call measured here, visible at 2K tokens in ``wq-bench``)."""
+    from ..compiler.device import physical_cores
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads or physical_cores()))
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+
+def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, *, shared: bool = True) -> Backend:
+    """Compiled modules for these shapes (``wq.backend`` "auto"/"tvm"); else the torch reference, with a warning
+    ("auto") or an error ("tvm"). Modules load from the cache, else compile from a tuning log of this or a
+    compatible device, else from the default schedule (``UntunedKernelWarning``). With ``shared`` (the default)
+    one backend per config and shapes serves the whole process."""
+    wq = wq.for_model(num_q_heads, num_kv_heads, head_dim)  # v_group=None -> min(64, head_dim); shape checks
+    if wq.backend == "reference":
+        return Backend("reference", ReferenceDecoder(), torch_quantizer)
+    share_cores_with_torch()
+    key = (wq, num_q_heads, num_kv_heads, head_dim, dtype, str(torch.device(device)))
+    with _SHARED_LOCK:
+        if shared and key in _SHARED:
+            return _SHARED[key]
+        backend = _compiled_backend(wq, num_q_heads, num_kv_heads, head_dim, dtype, device)
+        if shared:  # a fallback too: every later cache would otherwise retry (and warn) again
+            _SHARED[key] = backend
+        return backend
+
+
+def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device | str) -> Backend:
+    try:
+        from .decoder import FusedDecoder
+        from .library import shared_library
+
+        library = shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else "llvm"))
+        stats = library.stats
+        compiled, cached, reused = stats.compiled, stats.cache_hits, stats.reused
+        decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
+                                      v_group=wq.v_group, chunk=wq.chunk, library=library,
+                                      int8_dots=wq.int8_dots)
+        quantizer = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
+        uris = [decoder.spec((8, 4, 2)).uri]
+        for bits in (8, 4, 2):  # fail here, not in the middle of generation
+            spec = quantizer.spec(QuantSpec(bits, wq.k_group, wq.v_group))
+            library.load(spec)
+            uris.append(spec.uri)
+        kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
+        return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
+                       stats.cache_hits - cached, min(stats.reused - reused, len(kernels)),
+                       decoder.kernel((8, 4, 2)).threads)
+    except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
+        from .decoder import Int8DotsUnsupportedError
+
+        if wq.backend == "tvm" or isinstance(exc, Int8DotsUnsupportedError):  # a config error: no fallback
+            raise
+        warnings.warn(f"WindowQuant: no compiled modules ({type(exc).__name__}: {exc}); using the torch "
+                      f"reference, which dequantizes every step and is slow", RuntimeWarning, stacklevel=3)
+        return Backend("reference", ReferenceDecoder(), torch_quantizer)

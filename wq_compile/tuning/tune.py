@@ -1,0 +1,293 @@
+"""MetaSchedule driver: one JSON database per kernel under ``<logs>/<device-tag>/<kernel-uri>/``.
+
+Each kernel is tuned on its static workload (:meth:`wq_compile.compiler.build.KernelDef.workload`) with the target's
+design space (``ScheduleFn`` over the schedule module's protocol), an XGBoost cost model, and a build function that
+skips the slow ``tensor_intrin`` import in every build worker. Records are appended one per measured candidate (an
+interrupted run loses nothing finished); logs are read and written through :mod:`wq_compile.compiler.tuning_log` only.
+
+Re-running continues: records already in the log count towards the requested trials. A run with zero valid trials
+raises :class:`NoValidTrialsError`; a CUDA target is never measured without a GPU here unless an RPC tracker is given.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..compiler import tuning_log
+from ..compiler.build import DEFAULT_N_TOKENS, KernelDef, apply_trace, build_module, default_schedule, kernel_def
+from ..compiler.device import Device, resolve_device
+from ..compiler.measure import RPCSettings, measure_local, measure_rpc, require_measurable
+from .metaschedule import build_candidate, evaluator_config, progress_callback, task_logger
+from ..compiler.module_cache import cache_root
+from .ms_task import samples_anything, tune_context
+from ..core.spec import KernelSpec
+from ..compiler.tuning_log import Provenance, TuningLogError
+
+DEFAULT_TRIALS: dict[str, int] = {"fused": 40, "decode": 24, "merge": 8, "quantize": 8}
+
+
+class NoValidTrialsError(RuntimeError):
+    """Tuning measured no candidate successfully (builds timed out, runs failed)."""
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How to tune (one object instead of a long parameter list); ``wq-tune``'s flags map onto it."""
+
+    trials: int | Mapping[str, int] | None = None  # valid records per kernel (or per kind); None: DEFAULT_TRIALS
+    logs_dir: Path = Path("tuning_logs")
+    seed: int = 0
+    n_tokens: int = DEFAULT_N_TOKENS  # token capacity per piece the workload is fixed at
+    rpc: RPCSettings | None = None
+    builder_timeout: float = 180.0  # the default build worker imports tensor_intrin for 35-47 s (docs/TVM_NOTES.md)
+    runner_timeout: float = 60.0
+    num_trials_per_iter: int = 16
+    population_size: int = 128
+    genetic_iters: int = 3
+    measure: bool = True  # time the default and the tuned schedule after tuning
+    work_dir: Path | None = None  # MetaSchedule's scratch folder (default: next to the module cache)
+    knob_tokens: int = 8192  # plain-TIR kernels (llvm fused): tokens per piece their knob grid is timed at
+    knob_rounds: int = 7  # ... and interleaved rounds per candidate (median)
+
+    def trials_for(self, spec: KernelSpec) -> int:
+        if self.trials is None:
+            return DEFAULT_TRIALS[spec.kind]
+        if isinstance(self.trials, Mapping):
+            return int(self.trials.get(spec.kind, DEFAULT_TRIALS[spec.kind]))
+        return int(self.trials)
+
+    def work_dir_for(self, device: Device, spec: KernelSpec) -> Path:
+        """Task logs and RPC uploads: never inside the logs folder that goes into git."""
+        return self.work_dir or cache_root().parent / "tune-work" / device.tag / spec.uri
+
+
+@dataclass(frozen=True)
+class Measurers:
+    """MetaSchedule builder and runner to reuse across kernels (starting a LocalBuilder costs seconds)."""
+
+    builder: Any = None
+    runner: Any = None
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """Outcome for one kernel (latencies in seconds, at the kernel's tuning sizes)."""
+
+    spec: KernelSpec
+    log_dir: Path | None
+    valid_trials: int
+    new_trials: int
+    untuned_s: float | None
+    tuned_s: float | None
+    bytes_read: int
+    provenance: Provenance
+
+    @property
+    def speedup(self) -> float | None:
+        if self.untuned_s is None or self.tuned_s is None or self.tuned_s <= 0:
+            return None
+        return self.untuned_s / self.tuned_s
+
+    @property
+    def gbps(self) -> float | None:
+        """Effective bandwidth: bytes of the inputs (the cache read) per second / 1e9."""
+        if not self.tuned_s:
+            return None
+        return self.bytes_read / self.tuned_s / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------------------------------
+def _sizes_and_meta(kdef: KernelDef, device: Device, folder: Path, settings: TuneSettings) -> tuple[dict, dict]:
+    """The tuning sizes (the log's own when it exists, so a resumed run tunes the same workload) and its meta."""
+    fix = f"re-tune into an empty folder or delete {folder}"
+    if (folder / tuning_log.META_FILE).exists():
+        for path in tuning_log.repair_log(folder):
+            warnings.warn(f"{path}: removed a torn last line (interrupted write)", tuning_log.TornLogWarning,
+                          stacklevel=3)
+        meta = tuning_log.read_meta(folder, device)
+        sizes = {str(k): int(x) for k, x in meta.get("tuning_sizes", {}).items()}
+        if set(sizes) != set(kdef.signature.symbols):
+            raise TuningLogError(f"{folder / tuning_log.META_FILE}: tuning sizes {sizes} do not fit the kernel's "
+                                 f"symbols {kdef.signature.symbols}; {fix}")
+        return sizes, meta
+    if (folder / tuning_log.RECORD_FILE).exists():
+        raise TuningLogError(f"{folder}: records without meta.json cannot be version-checked; {fix}")
+    return dict(kdef.sizes), {}
+
+
+def tune_kernel(kernel: KernelSpec | KernelDef, device: Device | str = "llvm",
+                settings: TuneSettings = TuneSettings(), *, measurers: Measurers = Measurers(),
+                on_progress: Callable[[int, int], None] | None = None) -> TuneResult:
+    """Tune until the kernel's log holds ``settings.trials_for(spec)`` valid records (existing ones count), then
+    time the default and the tuned schedule. Raises :class:`NoValidTrialsError` when the log has no valid record."""
+    device = resolve_device(device)
+    require_measurable(device, settings.rpc)
+    kdef = kernel if isinstance(kernel, KernelDef) else kernel_def(kernel, device.kind, settings.n_tokens)
+    spec = kdef.spec
+    trials = settings.trials_for(spec)
+    if trials < 1:
+        raise ValueError(f"trials: must be >= 1, got {trials}")
+    folder = tuning_log.log_dir(settings.logs_dir, device.tag, spec.uri)
+    sizes, meta = _sizes_and_meta(kdef, device, folder, settings)
+    meta.update(tuning_log.new_meta(device, spec.uri, tuning_log.spec_fields(spec), sizes, kdef.scalars,
+                                    settings.seed))
+    tuning_log.write_meta(folder, meta)  # before any record: a crash leaves a checkable log
+
+    db = tuning_log.open_database(folder, device)
+    workload = kdef.workload(sizes)
+    before = len(tuning_log.valid_records(db, workload))
+    remaining = 0
+    if before < trials:  # a space that samples nothing has one schedule: one record is all there is
+        remaining = trials - before if samples_anything(workload, kdef) else max(0, 1 - before)
+    new_valid = 0
+    if remaining > 0:
+        new_valid = _run_search(kdef, device, settings, workload, db, before, remaining, measurers, on_progress)
+        db = tuning_log.open_database(folder, device)
+    records = tuning_log.valid_records(db, workload)
+    meta.update({"trials_requested": trials, "valid_trials": len(records), "timestamp": tuning_log.timestamp()})
+    tuning_log.write_meta(folder, meta)
+    if not records:
+        raise NoValidTrialsError(
+            f"{spec.uri}: tuning measured 0 valid candidates (log: {folder}). Usually every build timed out "
+            f"(builder timeout {settings.builder_timeout:.0f} s; MetaSchedule's default build worker imports "
+            "tvm.s_tir.tensor_intrin for 35-47 s) or every run failed; raise --builder-timeout and see the "
+            f"task log under {settings.work_dir_for(device, spec)}/logs"
+        )
+    untuned_s = tuned_s = None
+    if settings.measure:
+        untuned_s, tuned_s = _measure_pair(kdef, device, sizes, records[0].trace, folder, settings)
+        meta.update({"untuned_ms": untuned_s * 1e3, "tuned_ms": tuned_s * 1e3, "timestamp": tuning_log.timestamp()})
+        tuning_log.write_meta(folder, meta)
+    here = Provenance("here", device.tag, tuning_log.median(records[0].run_secs))
+    return TuneResult(spec, folder, len(records), new_valid, untuned_s, tuned_s, kdef.signature.nbytes(sizes), here)
+
+
+def _run_search(kdef: KernelDef, device: Device, settings: TuneSettings, workload: Any, db: Any, before: int,
+                remaining: int, measurers: Measurers, on_progress: Callable[[int, int], None] | None) -> int:
+    """One MetaSchedule run of ``remaining`` trials; returns the number of valid new records."""
+    from tvm.s_tir import meta_schedule as ms
+
+    spec = kdef.spec
+    wd = settings.work_dir_for(device, spec)
+    wd.mkdir(parents=True, exist_ok=True)
+    logger, log_handler = task_logger(wd, spec.uri)
+    # a resumed run explores from another random state
+    ctx = tune_context(kdef, device, workload, settings, settings.seed + before, logger)
+    counts = {"valid": 0}
+
+    def _count(measured: int, valid: int) -> None:
+        counts["valid"] += valid
+        if on_progress is not None:
+            on_progress(measured, valid)
+
+    builder = measurers.builder or ms.builder.LocalBuilder(f_build=build_candidate,
+                                                            timeout_sec=settings.builder_timeout)
+    runner = measurers.runner
+    if runner is None and settings.rpc is not None:
+        runner = ms.runner.RPCRunner(rpc_config=settings.rpc.config(), evaluator_config=evaluator_config())
+    elif runner is None:
+        runner = ms.runner.LocalRunner(timeout_sec=settings.runner_timeout, evaluator_config=evaluator_config())
+    try:
+        ms.tune_tasks(
+            tasks=[ctx], task_weights=[1.0], work_dir=str(wd), max_trials_global=remaining,
+            num_trials_per_iter=min(settings.num_trials_per_iter, remaining), builder=builder, runner=runner,
+            database=db, cost_model="xgb",
+            measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [progress_callback(_count)],
+            task_scheduler="round-robin",
+        )
+    finally:
+        logger.removeHandler(log_handler)
+        log_handler.close()
+    return counts["valid"]
+
+
+def _measure_pair(kdef: KernelDef, device: Device, sizes: Mapping[str, int], trace: Any, folder: Path,
+                  settings: TuneSettings) -> tuple[float, float]:
+    """Default vs best tuned schedule of the symbolic kernel, timed at the tuning sizes."""
+    untuned = build_module(default_schedule(kdef), device)
+    tuned = build_module(apply_trace(kdef.func, trace, str(folder)), device)
+    if settings.rpc is not None:
+        wd = settings.work_dir_for(device, kdef.spec)
+        return tuple(measure_rpc(m, kdef.spec, kdef.signature, sizes, device, settings.rpc, wd)  # type: ignore
+                     for m in (untuned, tuned))
+    return tuple(measure_local(m, kdef.spec, kdef.signature, sizes, device) for m in (untuned, tuned))  # type: ignore
+
+
+def tune_kernels(specs: Sequence[KernelSpec], device: Device | str = "llvm",
+                 settings: TuneSettings = TuneSettings(), *, progress: bool = True,
+                 measurers: Measurers = Measurers()) -> list[TuneResult]:
+    """Tune every spec in turn (a tqdm bar over kernels and one over trials)."""
+    from tqdm.auto import tqdm
+
+    device = resolve_device(device)
+    require_measurable(device, settings.rpc)
+    results = []
+    bar = tqdm(specs, desc="kernels", unit="kernel", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(spec.uri)
+        with tqdm(total=settings.trials_for(spec), desc="  trials", unit="trial", leave=False,
+                  disable=not progress) as tbar:
+            def on_progress(measured: int, valid: int, _b: Any = tbar) -> None:
+                _b.update(measured)
+                _b.set_postfix(valid=valid)
+
+            if _has_knobs(spec, device):
+                results.append(tune_knobs(spec, device, settings))
+            else:
+                results.append(tune_kernel(spec, device, settings, measurers=measurers, on_progress=on_progress))
+    return results
+
+
+def _has_knobs(spec: KernelSpec, device: Device) -> bool:
+    from ..kernels.knobs import has_knobs
+
+    return has_knobs(spec, device)
+
+
+def tune_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: TuneSettings = TuneSettings()
+               ) -> TuneResult:
+    """A plain-TIR kernel (no blocks for MetaSchedule): sweep its structure knobs (:mod:`wq_compile.tuning.knob_tune`)
+    and record the winner; the result names the winning spec (knobs in its URI)."""
+    from .knob_tune import KnobSweepSettings, sweep_knobs
+
+    device = resolve_device(device)
+    res = sweep_knobs(spec, device, KnobSweepSettings(logs_dir=settings.logs_dir, n_tokens=settings.knob_tokens,
+                                                      rounds=settings.knob_rounds))
+    meta = tuning_log.read_meta(res.log_dir, device)
+    untuned = meta.get("untuned_ms")
+    sizes = {str(k): int(v) for k, v in meta["tuning_sizes"].items()}
+    return TuneResult(res.best_spec, res.log_dir, len(res.candidates), res.new_samples,
+                      None if untuned is None else untuned / 1e3, res.best.median_s,
+                      kernel_def(res.best_spec, device.kind).signature.nbytes(sizes),
+                      Provenance("here", device.tag, res.best.median_s))
+
+
+def build_only(specs: Sequence[KernelSpec], device: Device | str = "llvm", *,
+               logs_dir: str | os.PathLike = "tuning_logs",
+               cache_dir: str | os.PathLike | None = None) -> list[TuneResult]:
+    """Load or compile every spec into the module cache (a log of this or a compatible device, else the default
+    schedule); no measurement. Each result says where its schedule came from."""
+    from ..kernels.knobs import resolve as knob_resolve
+    from ..runtime.library import ensure_module
+
+    device = resolve_device(device)
+    results = []
+    for spec in specs:
+        folder = tuning_log.log_dir(logs_dir, device.tag, spec.uri)
+        for path in tuning_log.repair_log(folder) if folder.is_dir() else []:
+            warnings.warn(f"{path}: removed a torn last line (interrupted write)", tuning_log.TornLogWarning,
+                          stacklevel=2)
+        spec = knob_resolve(spec, device, logs_dir)  # plain-TIR kernels: the knobs of their record
+        _, provenance, _ = ensure_module(spec, device, logs_dir, cache_dir)
+        valid = 0
+        if (folder / tuning_log.META_FILE).exists():
+            meta = tuning_log.read_meta(folder, device)
+            valid = int(meta.get("valid_trials", meta.get("num_candidates", 0)))
+        results.append(TuneResult(spec, folder, valid, 0, None, None, 0, provenance))
+    return results
