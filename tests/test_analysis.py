@@ -15,7 +15,9 @@ from wq_compile.tools.cli import main_eval
 from wq_compile.core.policy import WindowFakeQuant, _costs, allocate_min_error, attend, fake_quant_fast, plan_layer, uniform_bits, window_output_errors
 from wq_compile.core.quant import fake_quant
 from wq_compile.core.reference import attend_piece
-from wq_compile.core.search import Plan, effective_bits, make_windows
+from wq_compile.core.search import Plan
+from wq_compile.core.allocation import effective_bits
+from wq_compile.core.windows import make_windows
 from wq_compile.core.spec import BIT_WIDTHS, QuantSpec
 
 

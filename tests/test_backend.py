@@ -46,7 +46,7 @@ def test_screened_quantize_is_the_checked_call_without_the_check():
     import pytest
 
     from wq_compile.runtime.backend import CompiledQuantizer
-    from wq_compile.core.layout import screened_quantizer, torch_quantizer
+    from wq_compile.core.buckets import screened_quantizer, torch_quantizer
     from wq_compile.runtime.library import shared_library
     from wq_compile.core.spec import QuantSpec
 

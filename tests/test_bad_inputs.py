@@ -20,7 +20,7 @@ from wq_compile.core.layout import LayerCache
 from wq_compile.compiler.measure import example_args
 from wq_compile.core.quant import quantize_keys, quantize_values
 from wq_compile.runtime.library import shared_library
-from wq_compile.core.search import allocate_bits
+from wq_compile.core.allocation import allocate_bits
 from wq_compile.kernels.signature import KernelArgumentError
 from wq_compile.core.spec import KernelSpec, QuantSpec
 

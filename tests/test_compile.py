@@ -14,7 +14,7 @@ from wq_compile.tools import cli
 from wq_compile.compiler.build import UntunedKernelWarning, build_kernel
 from wq_compile.compiler.device import resolve_device
 from wq_compile.compiler.measure import example_args
-from wq_compile.core.models import kernel_specs
+from wq_compile.kernels.catalog import kernel_specs
 from wq_compile.compiler.module_cache import expected_key, module_paths, read_key, store
 from wq_compile.core.spec import KernelSpec
 from wq_compile.compiler.tuning_log import TuningLogError

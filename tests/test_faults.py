@@ -14,7 +14,7 @@ from pathlib import Path
 
 from wq_compile.compiler import tuning_log
 from wq_compile.compiler.device import resolve_device
-from wq_compile.core.models import kernel_specs
+from wq_compile.kernels.catalog import kernel_specs
 from wq_testing import load_tiny_decode, run_python
 
 TUNE = [sys.executable, "-m", "wq_compile.tools.cli", "--model", "tiny", "--kernels", "decode", "--bits", "4",

@@ -305,7 +305,7 @@ def test_beam_search_scores_match_the_caches_own_greedy_path(model) -> None:
 
 def _fill_per_window(layer, b, k, v, windows, valid) -> None:
     """The pre-vectorization fill_sample: one Python step per window in bucket order (the oracle for the layout)."""
-    from wq_compile.core.layout import unquantizable_windows
+    from wq_compile.core.windows import unquantizable_windows
 
     bad = unquantizable_windows(k, v, windows.starts, windows.lengths)
     bits = torch.where(bad, torch.full_like(windows.bits, 16), windows.bits)
@@ -335,7 +335,8 @@ def _fill_per_window(layer, b, k, v, windows, valid) -> None:
 @pytest.mark.parametrize("shuffled", [False, True])
 def test_vectorized_fill_is_bit_identical_to_the_per_window_fill(shuffled: bool) -> None:
     """Unsorted windows, every width, group tails, a NaN window and an out-of-fp16-range one, padding."""
-    from wq_compile.core.layout import LayerCache, Windows
+    from wq_compile.core.layout import LayerCache
+    from wq_compile.core.windows import Windows
 
     gen = torch.Generator().manual_seed(3)
     t = 900
@@ -366,7 +367,7 @@ def test_vectorized_fill_is_bit_identical_to_the_per_window_fill(shuffled: bool)
 
 def test_prompt_plan_is_built_once_and_shared_by_every_layer(monkeypatch) -> None:
     """Windows' token indices, text index and masks are derived once per prompt, not once per layer."""
-    from wq_compile.core.layout import Windows
+    from wq_compile.core.windows import Windows
 
     built: list[tuple] = []
     real = Windows._cached

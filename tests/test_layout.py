@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wq_compile.core.layout import LayerCache, WindowAssignment
+from wq_compile.core.layout import LayerCache
+from wq_compile.core.windows import WindowAssignment
 from wq_compile.core.quant import fake_quant
 from wq_compile.core.reference import attend_piece, decode_attention, merge_states
 from wq_compile.core.spec import QuantSpec

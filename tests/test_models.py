@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from wq_compile.core.models import PRESETS, ModelPreset, get_preset, kernel_specs
+from wq_compile.core.models import PRESETS, ModelPreset, get_preset
+from wq_compile.kernels.catalog import kernel_specs
 
 
 def test_model_presets_and_kernel_sets():

@@ -9,10 +9,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wq_compile.core.layout import LayerCache, WindowAssignment
+from wq_compile.core.layout import LayerCache
+from wq_compile.core.windows import WindowAssignment
 from wq_compile.core.quant import FP16_MAX, dequantize_keys, dequantize_values, error_bound, fake_quant, pack, pack_keys, quantize_keys, quantize_values, unpack, unpack_keys
 from wq_compile.core.reference import decode_attention
-from wq_compile.core.search import Plan, Windows, allocate_bits, min_avg_bits
+from wq_compile.core.search import Plan, Windows
+from wq_compile.core.allocation import allocate_bits, min_avg_bits
 from wq_compile.core.spec import QuantSpec
 
 FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -18,7 +18,7 @@ import pytest
 from wq_compile.tools import cli
 from wq_compile.compiler import tuning_log
 from wq_compile.compiler.device import resolve_device
-from wq_compile.core.models import kernel_specs
+from wq_compile.kernels.catalog import kernel_specs
 
 KEY = "wq-loopback"
 

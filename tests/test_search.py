@@ -3,7 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wq_compile.core.search import allocate_bits, attention_scores, effective_bits, embedding_scores, make_windows, search, window_errors
+from wq_compile.core.allocation import allocate_bits, effective_bits, window_errors
+from wq_compile.core.scores import attention_scores, embedding_scores
+from wq_compile.core.search import search
+from wq_compile.core.windows import make_windows
 
 
 def _kv(gen: torch.Generator, layers: int = 2, t: int = 40 + 8 * 196) -> tuple[torch.Tensor, torch.Tensor]:

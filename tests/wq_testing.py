@@ -176,7 +176,8 @@ def check_matches_bucket_layout(pack, reference) -> None:
     """A token-granular cache whose key groups all have one width, tokens in order, attends like one bucket of the
     layout (independent quantizer path): ``pack(k, v, widths per key group, dense k, dense v) -> cache`` and
     ``reference(q, cache, sm_scale) -> out`` of the baseline under test, at 2, 4 and 8 bits."""
-    from wq_compile.core.layout import LayerCache, WindowAssignment
+    from wq_compile.core.layout import LayerCache
+    from wq_compile.core.windows import WindowAssignment
     from wq_compile.core.reference import decode_attention
 
     gen = torch.Generator().manual_seed(3)

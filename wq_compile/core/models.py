@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .spec import QUANT_BITS, KernelSpec, check_bits
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,6 @@ PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset("tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64),
 }
 
-#: Kernel kinds in the order ``kernel_specs`` lists them; ``dense`` is the decode kernel over an fp residual.
-KERNEL_KINDS: tuple[str, ...] = ("decode", "dense", "merge", "fused", "split", "quantize")
-#: What the runtime uses by default (one fused launch per layer plus the quantizer of the residual).
-DEFAULT_KERNEL_KINDS: tuple[str, ...] = ("fused", "quantize")
-
 
 def get_preset(model: str | ModelPreset | Any) -> ModelPreset:
     """A preset by name, a preset itself, or one derived from a transformers config object."""
@@ -71,54 +65,3 @@ def get_preset(model: str | ModelPreset | Any) -> ModelPreset:
         except KeyError:
             raise ValueError(f"model: unknown preset {model!r}; expected one of {sorted(PRESETS)}") from None
     return ModelPreset.from_config(model)
-
-
-def kernel_specs(
-    preset: str | ModelPreset | Any,
-    bits: tuple[int, ...] = (2, 4, 8),
-    dtype: str = "f32",
-    k_group: int = 28,
-    v_group: int = 64,
-    chunk: int = 64,
-    kinds: tuple[str, ...] = KERNEL_KINDS,
-) -> list[KernelSpec]:
-    """The kernels one model needs, for the quantized widths ``bits``.
-
-    decode: one per-bucket kernel per width; dense: decode over the fp residual (bits ``(16,)``);
-    merge: merges the partial states of every bucket and the residual; fused: every width plus the residual in
-    one launch; split: the split-KV form of fused and its merge (the CUDA decode path); quantize: one per width.
-    """
-    p = get_preset(preset)
-    widths = tuple(sorted({check_bits(b, QUANT_BITS) for b in bits}, reverse=True))
-    if not widths:
-        raise ValueError("bits: expected at least one quantized width")
-    unknown = [k for k in kinds if k not in KERNEL_KINDS]
-    if unknown:
-        raise ValueError(f"kinds: unknown kernel kinds {unknown}; expected a subset of {KERNEL_KINDS}")
-    common = dict(
-        head_dim=p.head_dim,
-        num_q_heads=p.num_q_heads,
-        num_kv_heads=p.num_kv_heads,
-        k_group=k_group,
-        v_group=v_group,
-        dtype=dtype,
-        chunk=chunk,
-    )
-    specs: list[KernelSpec] = []
-    for kind in kinds:
-        if kind == "decode":
-            specs += [KernelSpec("decode", (b,), **common) for b in widths]
-        elif kind == "dense":
-            specs.append(KernelSpec("decode", (16,), **common))
-        elif kind == "merge":
-            specs.append(KernelSpec("merge", widths + (16,), **common))
-        elif kind == "fused":
-            specs.append(KernelSpec("fused", widths + (16,), **common))
-        elif kind == "split":  # what the CUDA decoder runs: split-KV fused kernel (its own chunk) + one merge
-            from ..kernels.split_decode import SPLIT_CHUNK, merge_spec, split_spec
-
-            fused = split_spec(KernelSpec("fused", widths + (16,), **{**common, "chunk": SPLIT_CHUNK}))
-            specs += [fused, merge_spec(fused)]
-        elif kind == "quantize":
-            specs += [KernelSpec("quantize", (b,), **common) for b in widths]
-    return specs

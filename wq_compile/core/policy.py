@@ -2,7 +2,7 @@
 
 A policy turns what the prefill knows about one layer (its prompt queries, keys, values, the windows, optional
 embedding scores) into bits per window under an average effective-bits budget (scale/zero and fp16 group tails
-counted, as :func:`wq_compile.core.search.allocate_bits` counts them). Policies:
+counted, as :func:`wq_compile.core.allocation.allocate_bits` counts them). Policies:
 
 - ``uniform``: every window at the widest single width that fits the budget (KIVI-style; it may use less memory);
 - ``random``: the similarity search fed random scores (a control);
@@ -22,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-from .search import Windows, allocate_bits, effective_bits
+from .windows import Windows
+from .allocation import allocate_bits, effective_bits
 from .spec import BIT_WIDTHS
 
 POLICIES = ("uniform", "random", "similarity:attention", "similarity:embedding", "sensitivity", "oracle")
@@ -272,7 +273,8 @@ def plan_layer(policy: str, *, q_text: torch.Tensor, k: torch.Tensor, v: torch.T
     decode query (``oracle`` only). ``prompt_errors`` / ``quant_errors`` (``[W, len(widths)]``) and ``attention``
     (``[W]``) may be passed in when already computed; they are derived from ``q_text, k, v`` otherwise.
     """
-    from .search import attention_scores, window_errors
+    from .scores import attention_scores
+    from .allocation import window_errors
 
     widths = tuple(sorted({int(w) for w in widths}, reverse=True))
     lengths = windows.lengths

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .layout import DensePiece, LayerCache, QuantBucket
+from .buckets import DensePiece, QuantBucket
+from .layout import LayerCache
 from .quant import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, unpack, unpack_keys
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.search import Windows, make_windows
+from ..core.search import Windows
+from ..core.windows import make_windows
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,14 @@ from transformers.masking_utils import sdpa_mask
 
 from ..core.config import WindowQuantConfig
 from ..runtime.backend import Backend, make_backend
-from ..core.layout import LayerCache, Windows, windows_holding
+from ..core.layout import LayerCache
+from ..core.windows import Windows, windows_holding
 from ..core.quant import quantizable_tokens
 from ..core.reference import decode_attention
-from ..core.search import Plan, attention_scores, embedding_scores, make_windows, min_avg_bits, search
+from ..core.search import Plan, search
+from ..core.scores import attention_scores, embedding_scores
+from ..core.allocation import min_avg_bits
+from ..core.windows import make_windows
 from .llava import SampleLayout, VisualLayout, locate
 
 NAME = "windowquant"

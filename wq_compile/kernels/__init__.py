@@ -145,7 +145,7 @@ def source_digest() -> str:
     """Digest of the kernel factories' source (this package, the spec and the signature module): part of every
     module-cache key, so an edited factory never reuses a module built from the old one."""
     root = Path(__file__).resolve().parent
-    files = sorted(root.glob("*.py")) + [root.parent / "spec.py", root.parent / "signature.py"]
+    files = sorted(root.glob("*.py")) + [root.parent / "core" / "spec.py"]  # signature.py is in this package
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())

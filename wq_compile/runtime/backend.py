@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..core.config import WindowQuantConfig
-from ..core.layout import LayerCache, Quantizer, torch_quantizer
+from ..core.layout import LayerCache
+from ..core.buckets import Quantizer, torch_quantizer
 from ..core.quant import QuantizedKeys, QuantizedValues, check_quantizable
 from ..core.reference import decode_attention
 from ..core.spec import KernelSpec, QuantSpec, dtype_tag

@@ -32,7 +32,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..core.policy import POLICIES, WindowFakeQuant, attend, plan_layer, window_output_errors
-from ..core.search import Plan, Windows, attention_scores, effective_bits, embedding_scores, make_windows, window_errors
+from ..core.search import Plan, Windows
+from ..core.scores import attention_scores, embedding_scores
+from ..core.allocation import effective_bits, window_errors
+from ..core.windows import make_windows
 from ..core.spec import BIT_WIDTHS
 
 #: Scorers compared against measured sensitivity. ``prompt-error`` is the attention-output error measured on the

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..core.models import DEFAULT_KERNEL_KINDS, KERNEL_KINDS, PRESETS
+from ..core.models import PRESETS
+from ..kernels.catalog import DEFAULT_KERNEL_KINDS, KERNEL_KINDS
 
 
 def _bits(text: str) -> tuple[int, ...]:
@@ -143,7 +144,7 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
 
     from ..compiler.device import resolve_device
     from ..compiler.measure import MeasurementUnavailableError, RPCSettings
-    from ..core.models import kernel_specs
+    from ..kernels.catalog import kernel_specs
     from ..compiler.module_cache import ModuleCacheError
     from ..tuning.tune import NoValidTrialsError, TuneSettings, build_only, tune_kernels
     from ..compiler.tuning_log import TuningLogError

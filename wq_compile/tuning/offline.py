@@ -255,7 +255,7 @@ def main_offline(args: Any, error: Any) -> int:
     import sys
     from dataclasses import replace
 
-    from ..core.models import kernel_specs
+    from ..kernels.catalog import kernel_specs
     from ..compiler.tuning_log import TuningLogError
 
     if args.export_candidates and args.import_results:

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ...core.layout import LayerCache, WindowAssignment
+from ...core.layout import LayerCache
+from ...core.windows import WindowAssignment
 from ...core.models import get_preset
 from ...core.reference import decode_attention
 from .peers import Peer, copy_bandwidth, ggml_peers, ort_peers, sdpa_peers

@@ -14,7 +14,9 @@ import torch
 
 from ...core.layout import LayerCache
 from ...core.models import get_preset
-from ...core.search import attention_scores, make_windows, search
+from ...core.scores import attention_scores
+from ...core.search import search
+from ...core.windows import make_windows
 
 
 @dataclass(frozen=True)

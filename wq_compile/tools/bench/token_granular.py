@@ -184,7 +184,9 @@ def run_search(model: str = "llava-ov-0.5b", frames: int = 32, text_tokens: int 
                repeats: int = 3, seed: int = 0) -> list[SearchRow]:
     """Allocation time, all layers: windows of one frame vs windows of one key group (28 tokens)."""
     from ...core.policy import allocate_min_error, window_output_errors
-    from ...core.search import attention_scores, make_windows, search
+    from ...core.scores import attention_scores
+    from ...core.search import search
+    from ...core.windows import make_windows
 
     p = get_preset(model)
     gen = torch.Generator().manual_seed(seed)
