@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import tvm
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
@@ -19,14 +18,6 @@ from wq_compile.kernels.quantize import QUANT_BLOCKS
 from wq_compile.core.spec import KernelSpec
 
 _UNROLL_STEPS = [0, 16, 64, 512]
-
-
-def host_target(num_cores: int | None = None) -> tvm.target.Target:
-    """The runtime's llvm target for this host (:func:`wq_compile.compiler.device.host_device`: ``mcpu`` from LLVM's host
-    detection, physical cores), so tests compile for the same target the runtime uses."""
-    from wq_compile.compiler.device import host_device
-
-    return host_device(num_cores).target
 
 
 def postprocs() -> list:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from wq_compile.kernels.attention_cpu import CpuKnobs
-from wq_compile.kernels.granular_cpu import compile_group_dispatch, dispatch_spec, pack_group_dispatch, reference_group_dispatch
+from wq_compile.compiler.baselines import compile_group_dispatch
+from wq_compile.kernels.granular_cpu import dispatch_spec, pack_group_dispatch, reference_group_dispatch
 from tolerances import ATOL, RTOL
 from wq_testing import check_matches_bucket_layout
 

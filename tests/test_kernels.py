@@ -16,6 +16,7 @@ from wq_compile.core import quant, reference
 from wq_compile.kernels import KernelSignature, make_kernel, signature
 from wq_compile.schedules import llvm as sched
 from wq_compile.core.spec import KernelSpec
+from wq_compile.compiler.device import host_device
 from wq_testing import check_close as _check, quantized_piece as _bucket
 
 #: bits -> (atol, rtol) for o / out (fp32 outputs) and atol for lse.
@@ -42,7 +43,7 @@ def compiled_cpu(spec: KernelSpec):
     if key not in _CACHE:
         sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: make_kernel(spec, "llvm")}))
         sched.default_schedule(sch, spec)
-        _CACHE[key] = tvm.compile(sch.mod, target=sched.host_target())[spec.uri]
+        _CACHE[key] = tvm.compile(sch.mod, target=host_device().target)[spec.uri]
     return _CACHE[key]
 
 
@@ -55,7 +56,7 @@ def compiled(spec: KernelSpec, knobs: dict | None = None):
             sched.default_schedule(sch, spec)
         else:
             sched.tuned_schedule(sch, spec, knobs)
-        _CACHE[key] = tvm.compile(sch.mod, target=sched.host_target())[spec.uri]
+        _CACHE[key] = tvm.compile(sch.mod, target=host_device().target)[spec.uri]
     return _CACHE[key]
 
 
@@ -164,7 +165,7 @@ CPU_SCENARIOS = [
 
 
 def _needs_avx512(extra: tuple) -> None:
-    from wq_compile.compiler.device import host_device, isa_class
+    from wq_compile.compiler.device import isa_class
 
     if dict(extra).get("lut") and isa_class(host_device().target) != "x86_64-avx512":
         pytest.skip("the lut knob (vpermps table unpack) needs an AVX-512 host")
@@ -396,7 +397,7 @@ def test_llvm_design_space_samples_are_correct(seed: int) -> None:
     spec = KernelSpec("fused", (4, 16), **SHAPES["0.5b"])
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": make_kernel(spec)}), seed=seed)
     sched.design_space(sch, spec)
-    fn = tvm.compile(sch.mod, target=sched.host_target())["main"]
+    fn = tvm.compile(sch.mod, target=host_device().target)["main"]
     gen = torch.Generator().manual_seed(seed)
     call, want = _fused_case(spec, {4: 128, 16: 64}, {4: [100, 128], 16: [3, 0]}, gen)
     out = torch.empty(2, 14, 64)
@@ -442,7 +443,6 @@ def test_example_sizes_satisfy_signature() -> None:
 
 def _needs_int8_dots() -> None:
     from wq_compile.runtime.decoder import int8_dots_unsupported
-    from wq_compile.compiler.device import host_device
 
     why = int8_dots_unsupported(host_device(), split=False)
     if why is not None:

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("tvm")
 
 from wq_compile.tuning import knob_tune
+from wq_compile.compiler import knob_lookup
 from wq_compile.kernels import knobs
 from wq_compile.compiler import module_cache, tuning_log  # noqa: E402
 from wq_compile.compiler.check import ReferenceMismatch  # noqa: E402
@@ -106,29 +107,29 @@ def test_record_of_same_isa_class_is_used_with_scaled_splits_other_class_is_not(
     near = f"cpu-{arch}-sameclass-{near_cores}c"
     _copy_as(mine, host, near, near_cores, host.isa)
     shutil.rmtree(tuning_log.log_dir(mine, host.tag, SPEC.uri))
-    choice = knobs.choose_knobs(SPEC, host, mine)
+    choice = knob_lookup.choose_knobs(SPEC, host, mine)
     assert str(choice.provenance) == f"tuned on {near}"
     # that record's best had splits 4 x its cores: the same work items per core here
     assert choice.knobs["splits"] == 4 * host.num_cores and "scaled" in choice.note
     kernel = KernelLibrary(host, logs_dir=mine, cache_dir=tmp_path / "cache").load(SPEC)
     assert str(kernel.provenance) == f"tuned on {near}" and knobs.knobs_of(kernel.spec)["splits"] == 4 * host.num_cores
     shutil.rmtree(tuning_log.log_dir(mine, near, SPEC.uri))
-    choice = knobs.choose_knobs(SPEC, host, mine)
+    choice = knob_lookup.choose_knobs(SPEC, host, mine)
     assert str(choice.provenance) == "untuned" and choice.knobs == {}
-    assert knobs.resolve(SPEC, host, mine) == SPEC
+    assert knob_lookup.resolve(SPEC, host, mine) == SPEC
 
 
 def test_changed_record_changes_the_module_key(swept, host, tmp_path):
     logs, _ = swept
     mine = tmp_path / "logs"
     shutil.copytree(logs, mine)
-    spec = knobs.resolve(SPEC, host, mine)
+    spec = knob_lookup.resolve(SPEC, host, mine)
     before = module_cache.expected_key(spec, host, mine)
     folder = tuning_log.log_dir(mine, host.tag, SPEC.uri)
     meta = json.loads((folder / tuning_log.META_FILE).read_text())
     meta["best"]["median_ms"] *= 2
     tuning_log.write_meta(folder, meta)
-    assert knobs.resolve(SPEC, host, mine) == spec
+    assert knob_lookup.resolve(SPEC, host, mine) == spec
     assert module_cache.expected_key(spec, host, mine)["logs"] != before["logs"]
 
 
@@ -141,10 +142,10 @@ def test_corrupt_knob_record_is_skipped_with_a_warning(swept, host, tmp_path):
     del meta["best"]["median_ms"]
     meta_path.write_text(json.dumps(meta))
     with pytest.warns(KnobRecordWarning, match="not a complete knob record"):
-        assert str(knobs.choose_knobs(SPEC, host, mine).provenance) == "untuned"
+        assert str(knob_lookup.choose_knobs(SPEC, host, mine).provenance) == "untuned"
     meta_path.write_text('{"versions": ')
     with pytest.warns(KnobRecordWarning, match="not valid JSON"):
-        assert knobs.resolve(SPEC, host, mine) == SPEC
+        assert knob_lookup.resolve(SPEC, host, mine) == SPEC
     with pytest.warns(KnobRecordWarning):
         kernel = KernelLibrary(host, logs_dir=mine, cache_dir=tmp_path / "cache").load(SPEC)
     assert str(kernel.provenance) == "untuned" and kernel.spec == SPEC

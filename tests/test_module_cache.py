@@ -11,10 +11,10 @@ import pytest
 from wq_compile.compiler import build as wq_compile_mod
 from wq_compile import kernels
 from wq_compile.compiler import module_cache
-from wq_compile.runtime.library import library as runtime
 from wq_compile.compiler.device import resolve_device, versions
 from wq_compile.compiler.measure import example_args
-from wq_compile.compiler.module_cache import ModuleCacheError, cache_root, expected_key, module_paths
+from wq_compile.compiler.module_cache import ModuleCacheError, expected_key, module_paths
+from wq_compile.compiler.cache_files import cache_root
 from wq_compile.runtime.library import KernelLibrary
 from wq_testing import TINY_DECODE, load_tiny_decode, measured_log
 
@@ -46,7 +46,7 @@ def _count_builds(monkeypatch):
 
     monkeypatch.setattr(kernels, "make_kernel", counted("make_kernel", kernels.make_kernel))
     monkeypatch.setattr(wq_compile_mod, "apply_trace", counted("apply_trace", wq_compile_mod.apply_trace))
-    monkeypatch.setattr(runtime, "build_kernel", counted("build_kernel", runtime.build_kernel))
+    monkeypatch.setattr(module_cache, "build_kernel", counted("build_kernel", module_cache.build_kernel))
     return calls
 
 

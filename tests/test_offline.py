@@ -21,7 +21,7 @@ from wq_compile.tuning.gpu_visit import assemble_bundle, check_export, plan
 from wq_compile.compiler.device import resolve_device
 from wq_compile.tuning.offline import MANIFEST, MEASURE_SCRIPT, OfflineError, export_candidates, import_results
 from wq_compile.runtime.library import KernelLibrary
-from wq_compile.tuning.tune import TuneSettings
+from wq_compile.tuning.settings import TuneSettings
 from wq_testing import N_TOKENS, TINY_DECODE, read_json
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wq_compile.kernels.token_granular import TokenGranularSpec, compile_token_granular, pack_token_granular, reference_token_granular
+from wq_compile.kernels.token_granular import TokenGranularSpec, pack_token_granular, reference_token_granular
+from wq_compile.compiler.baselines import compile_token_granular
 from wq_testing import check_matches_bucket_layout
 
 

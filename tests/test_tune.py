@@ -9,7 +9,8 @@ import pytest
 from wq_compile.tools import cli
 from wq_compile.compiler.device import has_local_gpu, resolve_device, versions
 from wq_compile.compiler.measure import MeasurementUnavailableError
-from wq_compile.tuning.tune import Measurers, NoValidTrialsError, TuneResult, TuneSettings, tune_kernel
+from wq_compile.tuning.tune import Measurers, TuneResult, tune_kernel
+from wq_compile.tuning.settings import NoValidTrialsError, TuneSettings
 from wq_compile.compiler.tuning_log import Provenance, TornLogWarning, TuningLogError, read_meta
 from wq_testing import TINY_DECODE, TOY_SPEC, measured_log, toy_kernel
 

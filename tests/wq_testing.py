@@ -18,7 +18,7 @@ import torch
 from wq_compile.core import quant
 from wq_compile.compiler import tuning_log
 from wq_compile.compiler.build import KernelDef, kernel_def
-from wq_compile.compiler.device import Device
+from wq_compile.compiler.device import Device, host_device
 from wq_compile.compiler.measure import example_args, time_function
 from wq_compile.kernels.signature import KernelSignature
 from wq_compile.core.spec import KernelSpec, QuantSpec
@@ -144,7 +144,7 @@ def compiled_default(spec: KernelSpec, kind: str | None = None):
         func = make_kernel(spec) if kind is None else make_kernel(spec, kind)
         sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: func}))
         llvm_sched.default_schedule(sch, spec)
-        _COMPILED[key] = tvm.compile(sch.mod, target=llvm_sched.host_target())[spec.uri]
+        _COMPILED[key] = tvm.compile(sch.mod, target=host_device().target)[spec.uri]
     return _COMPILED[key]
 
 

@@ -233,9 +233,9 @@ def is_plain_tir(kdef: KernelDef) -> bool:
 def build_plain_kernel(kdef: KernelDef, device: Device, *, logs_dir: str | os.PathLike | None = None,
                        allow_untuned: bool = True) -> BuiltKernel:
     """Build a plain-TIR kernel as written (its knobs are already in its spec). Provenance comes from the knob
-    record (:func:`wq_compile.kernels.knobs.provenance`); knobs from another device are checked once against the reference
+    record (:func:`wq_compile.compiler.knob_lookup.provenance`); knobs from another device are checked once against the reference
     (a failure raises: knobs never change results, so it is a kernel bug, never a reason to cache the module)."""
-    from ..kernels import knobs as knob_lookup
+    from . import knob_lookup
     from .check import check_against_reference
 
     provenance, note = knob_lookup.provenance(kdef.spec, device, logs_dir)

@@ -2,7 +2,7 @@
 
 Why: a WindowQuant kernel runs between torch ops (the layer's projections before it, the output projection after).
 With two thread pools on the same cores, every kernel call pays for the other pool: TVM's worker sleeps between
-calls (spinning would starve torch, see :func:`wq_compile.runtime.backend.share_cores_with_torch`) and takes 15-25 us to
+calls (spinning would starve torch, see :func:`share_cores_with_torch`) and takes 15-25 us to
 wake, and when it wakes, torch's OpenMP worker is still spinning on its core after the previous op, so the two
 share one core until the scheduler preempts one of them. Measured here (0.5B shapes, 2K int4 tokens, 2 cores): the
 fused decode call 109 -> 77 us, and a model-like matvec + attention sequence 257 -> 199 us, with the same results.
@@ -159,3 +159,23 @@ def attach(module_path: str | os.PathLike, cache_root: str | os.PathLike) -> str
         return "single-threaded (no parallel loop)"
     slot.value = found.address
     return "torch OpenMP"
+
+
+def share_cores_with_torch(threads: int | None = None) -> None:
+    """Size TVM's CPU thread pool to ``threads`` (default: the physical cores) and make it yield between launches,
+    unless the user set these. Takes effect when the pool starts, at the first parallel launch.
+
+    * ``TVM_NUM_THREADS``: without it TVM halves ``hardware_concurrency()`` on x86 (it assumes hyper-threading),
+      so on a VM whose vCPUs are real cores (2 vCPUs, 1 thread per core) every kernel ran on one core: measured
+      here, the fused int4 decode at 8K tokens took 0.39 ms instead of 0.20.
+    * ``TVM_BIND_THREADS`` / ``TVM_THREAD_POOL_SPIN_COUNT``: by default its workers are pinned and spin for
+      300000 yields after every kernel, which starves torch's own threads running the rest of the model (and any
+      baseline timed next to it) on the same cores. Even 300 yields, unpinned, made the tiny model's decode 3.5x
+      slower end to end here (25 -> 88 ms per token: torch's threads run the layer between two attention calls
+      while a TVM worker spins beside them), so workers sleep at once and every launch pays a futex wake-up
+      (~20 us per call measured here, visible at 2K tokens in ``wq-bench``)."""
+    from .device import physical_cores
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads or physical_cores()))
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")

@@ -33,7 +33,7 @@ from typing import Any
 
 from . import device as device_mod
 from .device import Device
-from .module_cache import atomic_write, cache_root
+from .cache_files import atomic_write, cache_root
 
 #: The host-facts file in the module cache root (one per tvm / tvm-ffi version).
 FACTS_FILE = "host_devices.json"

@@ -20,33 +20,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from filelock import FileLock
 
 from .. import kernels
 from . import tuning_log
-from .build import BuiltKernel, schedule_code_digest
+from .build import BuiltKernel, build_kernel, schedule_code_digest
+from .cache_files import atomic_write, cache_root
 from .device import PINNED_PACKAGES, Device, versions
-from ..tuning.offline_measure import prebuilt_cuda_binary  # one copy: the file a GPU machine carries alone
+from .cuda_binary import prebuilt_cuda_binary
 from ..core.spec import KernelSpec
 from .tuning_log import Provenance
-
-CACHE_ENV = "WQ_CACHE_DIR"
 
 
 class ModuleCacheError(RuntimeError):
     """A cached module was built with other versions or for another target."""
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``<cache_dir or $WQ_CACHE_DIR or ~/.cache/wq_compile>/<tvm>-<tvm-ffi>``."""
-    base = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "wq_compile"
-    v = versions()
-    return Path(base) / f"{v['apache-tvm']}-{v['apache-tvm-ffi']}"
 
 
 @dataclass(frozen=True)
@@ -67,7 +58,7 @@ def expected_key(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike |
     from ..kernels import knobs
 
     v = versions()
-    if knobs.has_knobs(spec, device):  # plain TIR: its knob record (under the URI without knobs) is what serves it
+    if knobs.has_knobs(spec, device.kind):  # plain TIR: its knob record (under the URI without knobs) is what serves it
         sources = tuning_log.candidate_logs(logs_dir, device, knobs.record_uri(spec), strict=False)
     else:
         sources = tuning_log.candidate_logs(logs_dir, device, spec.uri)
@@ -88,26 +79,6 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, writer: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600: a shared cache must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def store(built: BuiltKernel, key: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> ModulePaths:
@@ -185,3 +156,20 @@ def load(paths: ModulePaths, device: Device) -> Any:
     binary = paths.binary.read_bytes() if paths.binary.exists() else None
     with prebuilt_cuda_binary(binary):
         return tvm.runtime.load_module(str(paths.module))
+
+
+def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None,
+                  cache_dir: str | os.PathLike | None = None, *, allow_untuned: bool = True
+                  ) -> tuple[ModulePaths, Provenance, bool]:
+    """Make sure the module cache holds a current module of ``spec``: ``(paths, provenance, compiled now)``.
+
+    A warm call reads files only (key, hash); a miss compiles (:func:`wq_compile.compiler.build.build_kernel`) and stores.
+    """
+    paths = module_paths(spec, device, cache_dir)
+    key = expected_key(spec, device, logs_dir)
+    provenance = lookup(paths, key)
+    if provenance is not None:
+        return paths, provenance, False
+    built = build_kernel(spec, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
+    store(built, key, cache_dir)
+    return paths, built.provenance, True

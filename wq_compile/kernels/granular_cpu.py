@@ -113,18 +113,6 @@ def build_group_dispatch(spec: KernelSpec) -> tirx.PrimFunc:
     return decode_frame(spec, name, arguments(spec), knobs.splits, len(WIDTHS), body)
 
 
-def compile_group_dispatch(spec: KernelSpec, target=None):
-    """The dispatch kernel built for ``target`` (default: this host), as a callable."""
-    import tvm
-
-    from ..compiler.device import host_device
-
-    func = build_group_dispatch(spec)
-    name = str(func.attrs["global_symbol"])
-    target = target or host_device().target
-    return tvm.compile(tvm.IRModule({name: func}), target=target)[name]
-
-
 @dataclass(frozen=True)
 class GroupDispatchCache:
     """One layer in the in-place format (batch 1), plus the dequantized keys/values in token order (the

@@ -1,5 +1,7 @@
 """Structure knobs of plain-TIR kernels (the CPU fused decode kernel): which specs have them, the spec with and
-without them, and the knobs the runtime builds with (a knob record of this or a compatible machine, else defaults).
+without them, and how a record's token splits scale to another core count. Which knobs the runtime builds with (a
+knob record of this or a compatible machine, else defaults) is the compiler's lookup:
+:mod:`wq_compile.compiler.knob_lookup`.
 
 Knobs are factory parameters stored in ``spec.extra`` (so they are part of the URI); the record of a sweep lives
 under the URI *without* knobs (``tuning_logs/<tag>/<base uri>/``, see :mod:`wq_compile.compiler.tuning_log`).
@@ -7,13 +9,10 @@ under the URI *without* knobs (``tuning_logs/<tag>/<base uri>/``, see :mod:`wq_c
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Mapping
 
-from ..compiler.device import Device
 from ..core.spec import KernelSpec
-from ..compiler.tuning_log import UNTUNED, Provenance, find_knob_record
 
 if TYPE_CHECKING:  # the factory imports TVM: resolving knobs on a warm load must not (wq_compile.compiler.light_load)
     from .attention_cpu import CpuKnobs
@@ -25,9 +24,9 @@ KNOB_KEYS: tuple[str, ...] = ("splits", "pvc", "qkh", "lut")
 MAX_SPLITS = 64
 
 
-def has_knobs(spec: KernelSpec, device: Device) -> bool:
+def has_knobs(spec: KernelSpec, target_kind: str) -> bool:
     """True for kernels built from plain TIR with knobs in ``spec.extra`` (today: the llvm fused kernel)."""
-    return device.kind == "llvm" and spec.kind == "fused"
+    return target_kind == "llvm" and spec.kind == "fused"
 
 
 def knobs_of(spec: KernelSpec) -> dict[str, int]:
@@ -77,45 +76,3 @@ def scale_splits(splits: int, from_cores: int, to_cores: int) -> int:
     return max(1, min(MAX_SPLITS, round(splits * to_cores / from_cores)))
 
 
-@dataclass(frozen=True)
-class KnobChoice:
-    """The knobs the runtime builds a kernel with, where they came from, and what was adapted (for reports)."""
-
-    knobs: Mapping[str, int]
-    provenance: Provenance
-    note: str = ""
-
-
-def choose_knobs(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None) -> KnobChoice:
-    """Knobs for ``spec`` on ``device``: the knob record of this device tag, else of the same ISA class with the
-    nearest core count (``splits`` rescaled to the local cores when they differ, and the note says so), else the
-    factory defaults (``untuned``)."""
-    rec = find_knob_record(logs_dir, device, record_uri(spec))
-    if rec is None:
-        return KnobChoice({}, UNTUNED, "no knob record: default knobs")
-    knobs = dict(rec.knobs)
-    note = f"knobs {knobs} from {rec.source.tag}"
-    here = device.num_cores or os.cpu_count() or 1
-    if not rec.source.exact and "splits" in knobs and rec.num_cores != here:
-        scaled = scale_splits(knobs["splits"], rec.num_cores, here)
-        note += f"; splits {knobs['splits']} (tuned on {rec.num_cores} cores) scaled to {scaled} for {here} cores"
-        knobs["splits"] = scaled
-    return KnobChoice(knobs, rec.provenance(), note)
-
-
-def resolve(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None) -> KernelSpec:
-    """The spec the runtime builds: knobs from :func:`choose_knobs` when ``spec`` names none; a spec with explicit
-    knobs (or without knobs to choose) is returned as it is."""
-    if not has_knobs(spec, device) or knobs_of(spec):
-        return spec
-    knobs = choose_knobs(spec, device, logs_dir).knobs
-    return with_knobs(spec, knobs) if knobs else spec
-
-
-def provenance(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None) -> tuple[Provenance, str]:
-    """Where ``spec``'s knobs came from: the record's provenance when they are the knobs the record gives here
-    (after core scaling), else ``untuned`` (defaults or hand-given knobs)."""
-    choice = choose_knobs(spec, device, logs_dir)
-    if choice.knobs and effective(with_knobs(spec, choice.knobs)) == effective(spec):
-        return choice.provenance, choice.note
-    return UNTUNED, choice.note if not choice.knobs else f"hand-given knobs {knobs_of(spec)} ({choice.note})"

@@ -261,23 +261,6 @@ def default_schedule(sch, spec: TokenGranularSpec, kind: str = "vectorized") -> 
         sch.decompose_reduction(pv, t)
 
 
-def compile_token_granular(spec: TokenGranularSpec, target=None, schedule: str = "vectorized"):
-    """Build for the host CPU (``schedules.llvm.host_target`` unless ``target`` is given) with
-    :func:`default_schedule` of kind ``schedule``: a callable module function ``f(*args, out)``."""
-    import tvm
-    from tvm import s_tir
-
-    if target is None:
-        from wq_compile.schedules.llvm import host_target
-
-        target = host_target()
-    sch = s_tir.Schedule(tvm.IRModule({spec.uri: build_token_granular(spec)}))
-    default_schedule(sch, spec, schedule)
-    with target:
-        lib = tvm.compile(sch.mod, target=target)
-    return lib[spec.uri]
-
-
 @dataclass
 class TokenGranularCache:
     """One layer's quantized tokens in place (prompt order) plus a dense residual, as the kernel reads them."""

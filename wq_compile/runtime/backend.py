@@ -9,7 +9,6 @@ second ``generate`` costs nothing to set up.
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..compiler.cpu_threads import share_cores_with_torch
 from ..core.config import WindowQuantConfig
 from ..core.layout import LayerCache
 from ..core.buckets import Quantizer, torch_quantizer
@@ -103,26 +103,6 @@ def _widths(uri: str) -> list[str]:
 
 _SHARED: dict[tuple[Any, ...], Backend] = {}
 _SHARED_LOCK = threading.Lock()
-
-
-def share_cores_with_torch(threads: int | None = None) -> None:
-    """Size TVM's CPU thread pool to ``threads`` (default: the physical cores) and make it yield between launches,
-    unless the user set these. Takes effect when the pool starts, at the first parallel launch.
-
-    * ``TVM_NUM_THREADS``: without it TVM halves ``hardware_concurrency()`` on x86 (it assumes hyper-threading),
-      so on a VM whose vCPUs are real cores (2 vCPUs, 1 thread per core) every kernel ran on one core: measured
-      here, the fused int4 decode at 8K tokens took 0.39 ms instead of 0.20.
-    * ``TVM_BIND_THREADS`` / ``TVM_THREAD_POOL_SPIN_COUNT``: by default its workers are pinned and spin for
-      300000 yields after every kernel, which starves torch's own threads running the rest of the model (and any
-      baseline timed next to it) on the same cores. Even 300 yields, unpinned, made the tiny model's decode 3.5x
-      slower end to end here (25 -> 88 ms per token: torch's threads run the layer between two attention calls
-      while a TVM worker spins beside them), so workers sleep at once and every launch pays a futex wake-up
-      (~20 us per call measured here, visible at 2K tokens in ``wq-bench``)."""
-    from ..compiler.device import physical_cores
-
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads or physical_cores()))
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,

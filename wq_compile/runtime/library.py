@@ -24,9 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..compiler import cpu_threads, light_load, module_cache
-from ..kernels import knobs
-from ..compiler.build import build_kernel
+from ..compiler import cache_files, cpu_threads, knob_lookup, light_load, module_cache
+from ..compiler.module_cache import ensure_module
 from ..compiler.device import Device, resolve_device
 from ..kernels import signature as kernel_signature
 from ..kernels.signature import KernelArgumentError, KernelSignature
@@ -41,7 +40,6 @@ __all__ = [
     "KernelLibrary",
     "LibraryStats",
     "default_logs_dir",
-    "ensure_module",
     "shared_library",
 ]
 
@@ -72,23 +70,6 @@ def library_device(target: Device | str | dict, cache_dir: str | os.PathLike | N
     if isinstance(target, str) and target.strip() == "llvm":
         return light_load.host_device(cache_dir)
     return resolve_device(target)
-
-
-def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None,
-                  cache_dir: str | os.PathLike | None = None, *, allow_untuned: bool = True
-                  ) -> tuple[module_cache.ModulePaths, Provenance, bool]:
-    """Make sure the module cache holds a current module of ``spec``: ``(paths, provenance, compiled now)``.
-
-    A warm call reads files only (key, hash); a miss compiles (:func:`wq_compile.compiler.build.build_kernel`) and stores.
-    """
-    paths = module_cache.module_paths(spec, device, cache_dir)
-    key = module_cache.expected_key(spec, device, logs_dir)
-    provenance = module_cache.lookup(paths, key)
-    if provenance is not None:
-        return paths, provenance, False
-    built = build_kernel(spec, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
-    module_cache.store(built, key, cache_dir)
-    return paths, built.provenance, True
 
 
 class CompiledKernel:
@@ -197,7 +178,7 @@ class KernelLibrary:
         if requested in self._kernels:
             self.stats.reused += 1
             return self._kernels[requested]
-        spec = knobs.resolve(spec, self.device, self.logs_dir)  # plain-TIR kernels: knobs of the knob record
+        spec = knob_lookup.resolve(spec, self.device, self.logs_dir)  # plain-TIR kernels: knobs of the knob record
         paths, provenance, compiled = ensure_module(spec, self.device, self.logs_dir, self.cache_dir,
                                                     allow_untuned=self.allow_untuned)
         self.stats.compiled += compiled
@@ -206,7 +187,7 @@ class KernelLibrary:
         module = module_cache.load(paths, self.device)
         kernel = CompiledKernel(spec, self.device, kernel_signature(spec), module, paths.module, provenance)
         if self.device.kind == "llvm":
-            kernel.threads = cpu_threads.attach(paths.module, module_cache.cache_root(self.cache_dir))
+            kernel.threads = cpu_threads.attach(paths.module, cache_files.cache_root(self.cache_dir))
         self._kernels[requested] = kernel  # keyed by the URI asked for: the next call skips the knob lookup
         return kernel
 
@@ -260,7 +241,7 @@ def shared_library(target: Device | str | dict = "llvm", *, logs_dir: str | os.P
     cache and backend of the process, so only the first one pays for loading."""
     device = library_device(target, cache_dir)
     logs = Path(logs_dir) if logs_dir is not None else default_logs_dir()
-    cache = module_cache.cache_root(cache_dir)
+    cache = cache_files.cache_root(cache_dir)
     key = (device.target_json, str(logs), str(cache))
     with _SHARED_LOCK:
         if key not in _SHARED:

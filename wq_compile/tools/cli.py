@@ -146,7 +146,8 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     from ..compiler.measure import MeasurementUnavailableError, RPCSettings
     from ..kernels.catalog import kernel_specs
     from ..compiler.module_cache import ModuleCacheError
-    from ..tuning.tune import NoValidTrialsError, TuneSettings, build_only, tune_kernels
+    from ..tuning.settings import NoValidTrialsError, TuneSettings
+    from ..tuning.tune import build_only, tune_kernels
     from ..compiler.tuning_log import TuningLogError
 
     try:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..compiler import cpu_threads, module_cache, tuning_log
+from ..compiler import cache_files, cpu_threads, tuning_log
 from ..kernels import knobs as knob_lib
 from ..compiler.check import ReferenceMismatch, check_against_reference
 from ..compiler.build import KernelDef, build_module, default_schedule, kernel_def
@@ -28,7 +28,7 @@ from ..kernels import example_sizes
 from ..kernels.attention_cpu import CpuKnobs
 from ..compiler.measure import example_args, time_function
 from ..core.spec import KernelSpec
-from .tune import NoValidTrialsError
+from .settings import NoValidTrialsError
 from ..compiler.tuning_log import Provenance, TuningLogError
 
 #: Tokens per quantized piece the knobs are timed at (a 32-frame video is ~6300 tokens; long videos are longer).
@@ -151,11 +151,11 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     Raises :class:`NoValidKnobsError` when no candidate passes the reference check."""
     # TVM's pool as the runtime runs it (every physical core, yielding between launches); takes effect when the
     # pool starts (the first parallel call of this process).
-    from ..runtime.backend import share_cores_with_torch
+    from ..compiler.cpu_threads import share_cores_with_torch
 
     share_cores_with_torch()
     device = resolve_device(device)
-    if not knob_lib.has_knobs(spec, device):
+    if not knob_lib.has_knobs(spec, device.kind):
         raise ValueError(f"spec: {spec.uri} on {device.kind} has no structure knobs (only the llvm fused kernel "
                          "has); tune it with MetaSchedule (wq-tune)")
     base = knob_lib.base_spec(spec)
@@ -187,7 +187,7 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
             continue  # finished before an interruption: not built or measured again
         kdef: KernelDef = kernel_def(knob_lib.with_knobs(base, knobs), device.kind, settings.n_tokens)
         module, threads = cpu_threads.load_attached(build_module(default_schedule(kdef), device), scratch.name,
-                                              module_cache.cache_root())
+                                              cache_files.cache_root())
         try:
             check_against_reference(kdef, module, device)
         except ReferenceMismatch as exc:

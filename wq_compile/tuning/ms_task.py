@@ -23,7 +23,7 @@ from ..compiler.build import KernelDef
 from ..compiler.device import Device
 
 if TYPE_CHECKING:
-    from .tune import TuneSettings
+    from .settings import TuneSettings
 
 
 def _shallow_stack(context: int = 1) -> list[inspect.FrameInfo]:

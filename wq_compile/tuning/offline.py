@@ -29,16 +29,16 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import offline_measure
-from ..compiler import tuning_log
+from ..compiler import cuda_binary, tuning_log
 from ..compiler.build import KernelDef, compile_cuda_binary, cuda_source, kernel_def
 from ..compiler.device import Device, resolve_device, versions
 from ..compiler.measure import example_args
 from .metaschedule import build_candidate, task_logger
 from .ms_task import replay, tune_context
-from .offline_format import FORMAT, MANIFEST, MEASURE_SCRIPT, RESULTS, OfflineError, read_manifest, replay_json, trace_to_json, workload_hash, write_json
+from .offline_format import CUDA_BINARY_HELPER, FORMAT, MANIFEST, MEASURE_SCRIPT, RESULTS, OfflineError, read_manifest, replay_json, trace_to_json, workload_hash, write_json
 from .offline_import import ImportSummary, import_results
 from ..core.spec import KernelSpec
-from .tune import TuneSettings
+from .settings import TuneSettings
 
 __all__ = ["FORMAT", "MANIFEST", "MEASURE_SCRIPT", "RESULTS", "ExportSummary", "ImportSummary", "OfflineError",
            "export_candidates", "import_results", "main_offline", "read_manifest", "replay_json", "trace_to_json",
@@ -247,6 +247,7 @@ def export_candidates(specs: Sequence[KernelSpec | KernelDef], device: Device | 
            "kernels": kernels_doc}
     write_json(out / MANIFEST, doc)
     shutil.copyfile(Path(offline_measure.__file__), out / MEASURE_SCRIPT)
+    shutil.copyfile(Path(cuda_binary.__file__), out / CUDA_BINARY_HELPER)  # the script imports it when run alone
     return ExportSummary(out, counts, seeded)
 
 

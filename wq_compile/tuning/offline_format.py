@@ -18,6 +18,8 @@ MANIFEST = offline_measure.MANIFEST
 RESULTS = offline_measure.RESULTS
 FORMAT = offline_measure.FORMAT
 MEASURE_SCRIPT = "measure_candidates.py"
+#: Copied beside the script: :mod:`wq_compile.compiler.cuda_binary`, which it imports when run alone.
+CUDA_BINARY_HELPER = "cuda_binary.py"
 
 
 class OfflineError(RuntimeError):

@@ -25,9 +25,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
+
+try:  # inside the package
+    from ..compiler.cuda_binary import prebuilt_cuda_binary
+except ImportError:  # run alone from an export folder, where the offline export copied cuda_binary.py beside it
+    from cuda_binary import prebuilt_cuda_binary  # type: ignore[no-redef]
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
@@ -36,24 +41,6 @@ FORMAT = 1
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@contextlib.contextmanager
-def prebuilt_cuda_binary(binary: bytes | None) -> Iterator[None]:
-    """While loading, answer ``tvm_callback_cuda_compile`` with the binary built offline (no compiler needed)."""
-    if binary is None:
-        yield
-        return
-    import tvm_ffi
-
-    name = "tvm_callback_cuda_compile"
-    previous = tvm_ffi.get_global_func(name, allow_missing=True)
-    tvm_ffi.register_global_func(name, lambda code, *rest: bytearray(binary), override=True)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func(name, previous, override=True)
 
 
 def compiler_loaded() -> bool | None:

@@ -18,51 +18,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..compiler import tuning_log
-from ..compiler.build import DEFAULT_N_TOKENS, KernelDef, apply_trace, build_module, default_schedule, kernel_def
+from ..compiler.build import KernelDef, apply_trace, build_module, default_schedule, kernel_def
 from ..compiler.device import Device, resolve_device
-from ..compiler.measure import RPCSettings, measure_local, measure_rpc, require_measurable
+from ..compiler.measure import measure_local, measure_rpc, require_measurable
 from .metaschedule import build_candidate, evaluator_config, progress_callback, task_logger
-from ..compiler.module_cache import cache_root
 from .ms_task import samples_anything, tune_context
+from .settings import NoValidTrialsError, TuneSettings
 from ..core.spec import KernelSpec
 from ..compiler.tuning_log import Provenance, TuningLogError
-
-DEFAULT_TRIALS: dict[str, int] = {"fused": 40, "decode": 24, "merge": 8, "quantize": 8}
-
-
-class NoValidTrialsError(RuntimeError):
-    """Tuning measured no candidate successfully (builds timed out, runs failed)."""
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """How to tune (one object instead of a long parameter list); ``wq-tune``'s flags map onto it."""
-
-    trials: int | Mapping[str, int] | None = None  # valid records per kernel (or per kind); None: DEFAULT_TRIALS
-    logs_dir: Path = Path("tuning_logs")
-    seed: int = 0
-    n_tokens: int = DEFAULT_N_TOKENS  # token capacity per piece the workload is fixed at
-    rpc: RPCSettings | None = None
-    builder_timeout: float = 180.0  # the default build worker imports tensor_intrin for 35-47 s (docs/TVM_NOTES.md)
-    runner_timeout: float = 60.0
-    num_trials_per_iter: int = 16
-    population_size: int = 128
-    genetic_iters: int = 3
-    measure: bool = True  # time the default and the tuned schedule after tuning
-    work_dir: Path | None = None  # MetaSchedule's scratch folder (default: next to the module cache)
-    knob_tokens: int = 8192  # plain-TIR kernels (llvm fused): tokens per piece their knob grid is timed at
-    knob_rounds: int = 7  # ... and interleaved rounds per candidate (median)
-
-    def trials_for(self, spec: KernelSpec) -> int:
-        if self.trials is None:
-            return DEFAULT_TRIALS[spec.kind]
-        if isinstance(self.trials, Mapping):
-            return int(self.trials.get(spec.kind, DEFAULT_TRIALS[spec.kind]))
-        return int(self.trials)
-
-    def work_dir_for(self, device: Device, spec: KernelSpec) -> Path:
-        """Task logs and RPC uploads: never inside the logs folder that goes into git."""
-        return self.work_dir or cache_root().parent / "tune-work" / device.tag / spec.uri
 
 
 @dataclass(frozen=True)
@@ -237,17 +200,17 @@ def tune_kernels(specs: Sequence[KernelSpec], device: Device | str = "llvm",
                 _b.update(measured)
                 _b.set_postfix(valid=valid)
 
-            if _has_knobs(spec, device):
+            if _has_knobs(spec, device.kind):
                 results.append(tune_knobs(spec, device, settings))
             else:
                 results.append(tune_kernel(spec, device, settings, measurers=measurers, on_progress=on_progress))
     return results
 
 
-def _has_knobs(spec: KernelSpec, device: Device) -> bool:
+def _has_knobs(spec: KernelSpec, target_kind: str) -> bool:
     from ..kernels.knobs import has_knobs
 
-    return has_knobs(spec, device)
+    return has_knobs(spec, target_kind)
 
 
 def tune_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: TuneSettings = TuneSettings()
@@ -273,8 +236,8 @@ def build_only(specs: Sequence[KernelSpec], device: Device | str = "llvm", *,
                cache_dir: str | os.PathLike | None = None) -> list[TuneResult]:
     """Load or compile every spec into the module cache (a log of this or a compatible device, else the default
     schedule); no measurement. Each result says where its schedule came from."""
-    from ..kernels.knobs import resolve as knob_resolve
-    from ..runtime.library import ensure_module
+    from ..compiler.knob_lookup import resolve as knob_resolve
+    from ..compiler.module_cache import ensure_module
 
     device = resolve_device(device)
     results = []

@@ -172,7 +172,7 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
     """
     from tqdm import tqdm
 
-    from ...runtime.backend import share_cores_with_torch
+    from ...compiler.cpu_threads import share_cores_with_torch
     from ...runtime.library import KernelLibrary
 
     if threads is not None:

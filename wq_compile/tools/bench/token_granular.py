@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ...kernels.token_granular import TokenGranularSpec, compile_token_granular, pack_token_granular, reference_token_granular
+from ...kernels.token_granular import TokenGranularSpec, pack_token_granular, reference_token_granular
+from ...compiler.baselines import compile_token_granular
 from ...core.models import get_preset
 from ...core.reference import decode_attention
 from .decode import MIXES, make_layer, time_blocks
@@ -81,11 +82,12 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: i
 
 def run_decode(model: str = "llava-ov-0.5b", n_tokens: tuple[int, ...] = (2048, 8192, 32768), repeats: int = 20,
                seed: int = 0, library: Any = None, check_up_to: int = 8192) -> list[GranularityRow]:
-    from ...runtime.backend import share_cores_with_torch
+    from ...compiler.cpu_threads import share_cores_with_torch
     from ...runtime.decoder import FusedDecoder
     from ...kernels import piece_fields
     from ...kernels.attention_cpu import CpuKnobs
-    from ...kernels.granular_cpu import compile_group_dispatch, dispatch_spec, pack_group_dispatch, reference_group_dispatch
+    from ...compiler.baselines import compile_group_dispatch
+    from ...kernels.granular_cpu import dispatch_spec, pack_group_dispatch, reference_group_dispatch
     from ...runtime.library import KernelLibrary
 
     share_cores_with_torch(torch.get_num_threads())  # every kernel here on torch's threads (TVM's pool starts now)
