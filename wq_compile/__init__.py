@@ -22,8 +22,12 @@ __all__ = ["ATTN_IMPLEMENTATION", "WindowQuantCache", "WindowQuantConfig", "regi
 
 def __getattr__(name: str) -> Any:
     if name in _INTEGRATION:
-        from .integrations import transformers as integration
+        from .integrations import attention
 
-        integration.register()
-        return getattr(integration, name)
+        attention.register()
+        if name == "WindowQuantCache":
+            from .integrations.transformers import WindowQuantCache
+
+            return WindowQuantCache
+        return getattr(attention, name)
     raise AttributeError(f"module 'wq_compile' has no attribute {name!r}")

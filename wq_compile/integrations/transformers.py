@@ -1,4 +1,4 @@
-"""Drop-in ``transformers`` cache and attention function: generation on a window-quantized, bucketed KV cache.
+"""Drop-in ``transformers`` cache: generation on a window-quantized, bucketed KV cache.
 
 Prefill runs exact attention on the prompt; then, per layer, the window search picks a width per window, the windows
 are quantized and reordered into buckets and the text goes to the dense residual. Each decode step appends the new
@@ -13,101 +13,23 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.cache_utils import Cache
 
 from ..core.config import WindowQuantConfig
 from ..runtime.backend import Backend, make_backend
 from ..core.layout import LayerCache
 from ..core.windows import Windows, windows_holding
 from ..core.quant import quantizable_tokens
-from ..core.reference import decode_attention
 from ..core.search import Plan, search
 from ..core.scores import attention_scores, embedding_scores
 from ..core.allocation import min_avg_bits
 from ..core.windows import make_windows
+from .cache_layer import CacheStats, WindowQuantLayer
 from .llava import SampleLayout, VisualLayout, locate
-
-NAME = "windowquant"
-#: Pass as ``attn_implementation``: WindowQuant for the language model, SDPA for the vision tower.
-ATTN_IMPLEMENTATION = {"text_config": NAME, "vision_config": "sdpa"}
-
-
-class WindowQuantLayer(CacheLayerMixin):
-    """One decoder layer: its :class:`LayerCache` once the prompt has been stored, plus the logical length."""
-
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.store: LayerCache | None = None
-        self.seen = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.dtype = key_states.device, key_states.dtype
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill: hand the prompt back for exact attention (stored after it). Decode: append to the residual."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.store is not None:
-            self.store.append(key_states, value_states)
-        else:
-            # Prefill: K/V come as a transposed view ([B, T, H, D] memory); DynamicCache hands SDPA a contiguous
-            # copy (its concatenation), and SDPA with GQA runs measurably slower on the view (about 5-10% of the
-            # prefill on the 24-layer tiny model). One copy here gives both SDPA and the store contiguous K/V.
-            key_states, value_states = key_states.contiguous(), value_states.contiguous()
-        self.seen += key_states.shape[-2]
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.store, self.seen, self.is_initialized = None, 0, False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: sample ``i`` becomes old sample ``beam_idx[i]`` (buckets, dense piece, lens)."""
-        if self.store is not None:
-            self.store.select_samples(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.reorder_cache(torch.as_tensor(indices).long())
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.store is not None:
-            n = self.store.dense.lens.shape[0]
-            self.store.select_samples(torch.arange(n).repeat_interleave(repeats))
-
-
-@dataclass
-class CacheStats:
-    """What the cache did: counted so tests and users can see the compiled path ran."""
-
-    kernel_calls: int = 0
-    reference_calls: int = 0
-    prefill_layers: int = 0
-    store_seconds: float = 0.0  # prefill: window search, quantization and reordering, all layers
-    #: ``store_seconds`` by stage: "screen" (NaN/inf/fp16-range check of K/V), "score" (attention scores),
-    #: "search" (errors + allocation), "fill" (quantize kernel, reorder into buckets, residual)
-    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("screen", "score", "search", "fill"), 0.0))
-    prompt_plans: int = 0  # per-sample prompt derivations (text index, masks, windows' token indices): once a prompt
 
 
 @dataclass
@@ -380,42 +302,3 @@ class WindowQuantCache(Cache):
         }
 
 
-def windowquant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                          **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """``transformers`` attention function: exact SDPA at prefill, the compiled kernel over the buckets at decode.
-
-    ``query [B, Hq, S, D]``; returns ``[B, S, Hq, D]`` as every ``transformers`` attention function does.
-    """
-    cache: WindowQuantCache | None = kwargs.pop("wq_cache", None)
-    layer_idx = getattr(module, "layer_idx", None)
-    if cache is None or layer_idx is None:  # vision tower, or a model run without a WindowQuantCache
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    layer: WindowQuantLayer = cache.layers[layer_idx]
-    if layer.store is None:  # prefill from an empty cache: exact attention on the prompt, then store it
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=sm_scale,
-                                        dropout=dropout, **kwargs)
-        cache.store_prompt(layer_idx, query, key, value, sm_scale)
-        return out, None
-    s = query.shape[2]
-    if s == 1:
-        out = cache.backend(query.dtype, query.device).decode(query[:, :, 0], layer.store, sm_scale, cache.stats)
-        return out.unsqueeze(1).to(query.dtype), None
-    # several new tokens on a filled cache (chunked prefill, speculative): the reference path, causal tail
-    cache.stats.reference_calls += 1
-    out = decode_attention(query, layer.store, sm_scale, causal_tail=s)
-    return out.transpose(1, 2).to(query.dtype), None
-
-
-def register() -> None:
-    """Register ``"windowquant"`` with transformers (attention function and its mask builder). Idempotent."""
-    AttentionInterface.register(NAME, windowquant_attention)
-    # Without a mask function transformers hands unknown implementations no mask at all (padding ignored).
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-
-
-__all__: list[str] = [
-    "ATTN_IMPLEMENTATION", "WindowQuantCache", "WindowQuantConfig", "register", "windowquant_attention",
-]

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 
 from ..integrations.tiny import Prompt
-from ..integrations.transformers import WindowQuantCache, WindowQuantConfig
+from ..core.config import WindowQuantConfig
+from ..integrations.transformers import WindowQuantCache
 
 
 @dataclass(frozen=True)
