@@ -124,7 +124,7 @@ def test_choose_splits_policy() -> None:
 
 @pytest.mark.parametrize("shape,dtype", [("0.5b", "f16"), ("7b", "bf16")])
 def test_cuda_specs_on_llvm(shape: str, dtype: str) -> None:
-    """The PrimFunc the CUDA schedule transforms (tests/test_split_cuda.py: ``make_kernel`` of these very specs),
+    """The PrimFunc the CUDA schedule transforms (tests/kernels/test_split_cuda.py: ``make_kernel`` of these very specs),
     built for llvm and run against the torch reference: on a GPU only the schedule is left to check."""
     spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, dtype=dtype, **SHAPES[shape]))
     gen = torch.Generator().manual_seed(21)

@@ -5,7 +5,7 @@ split-KV decode at 8K tokens on an H200.
 ptxas' report (``-Xptxas -v``) is read back: no stack frame and no register spills (the running state lives in
 registers), shared memory within the per-block limit, and registers and shared memory small enough for at least
 2 resident blocks per SM (65536 registers per SM). The computation of the PrimFunc these schedules transform is
-checked on llvm against the torch reference in tests/test_split_decode.py (``test_cuda_specs_on_llvm``).
+checked on llvm against the torch reference in tests/kernels/test_split_decode.py (``test_cuda_specs_on_llvm``).
 No test here runs a kernel: that needs a GPU (see the issue's GPU visit).
 """
 

@@ -71,7 +71,7 @@ def test_warm_backend_loads_without_tvm_and_decodes_as_the_reference(warm):
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_missing_or_corrupt_host_facts_take_the_tvm_path_and_are_rewritten(warm, damage):
-    """Incomplete entries are refused the same way (tests/test_device.py, Device.from_facts)."""
+    """Incomplete entries are refused the same way (tests/compiler/test_device.py, Device.from_facts)."""
     facts = _facts(warm)
     good = json.loads(facts.read_text())
     if damage == "missing":
