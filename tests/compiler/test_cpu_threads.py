@@ -20,10 +20,10 @@ def test_fused_kernel_runs_on_torch_threads_with_the_same_results(tmp_path):
         import ctypes, json, os, sys, warnings
         import torch
         warnings.simplefilter("ignore")
-        from wq_compile import cpu_threads
+        from wq_compile.compiler import cpu_threads
         from wq_compile.tools.bench.decode import MIXES, make_layer
         from wq_compile.runtime.decoder import FusedDecoder
-        from wq_compile.compiler.module_cache import cache_root
+        from wq_compile.compiler.cache_files import cache_root
         from wq_compile.core.reference import decode_attention
         from wq_compile.runtime.library import KernelLibrary
 

@@ -84,7 +84,7 @@ def test_tvm_pool_uses_every_physical_core():
     import subprocess
     import sys
 
-    code = ("import os; from wq_compile.runtime.backend import share_cores_with_torch; from wq_compile.compiler.device import "
+    code = ("import os; from wq_compile.compiler.cpu_threads import share_cores_with_torch; from wq_compile.compiler.device import "
             "physical_cores; share_cores_with_torch(); import tvm_ffi, tvm; "
             "print(tvm_ffi.get_global_func('runtime.NumThreads')(), physical_cores())")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TVM_")}

@@ -20,7 +20,8 @@ DECODE = """
     import torch
     from wq_compile import WindowQuantConfig
     from wq_compile.runtime.backend import make_backend
-    from wq_compile.core.layout import LayerCache, Windows
+    from wq_compile.core.layout import LayerCache
+    from wq_compile.core.windows import Windows
     from wq_compile.core.reference import decode_attention
 
     warnings.simplefilter("ignore")
