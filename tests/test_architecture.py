@@ -86,3 +86,5 @@ def test_no_module_outside_kernels_over_400_lines():
 
 def test_the_package_lists_its_parts():
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(PARTS)
+    # beside the parts: the public names, and the stable command name of the GPU visit
+    assert {p.name for p in PACKAGE.glob("*.py")} == {"__init__.py", "gpu_visit.py"}

@@ -184,7 +184,7 @@ def test_export_cuda_candidates_builds_fatbins(tmp_path):
 
 def _visit(args: list[str], env_extra: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "wq_compile.tuning.gpu_visit", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "wq_compile.gpu_visit", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 
