@@ -172,3 +172,18 @@ def test_fused_decoder_checks_once_per_tensor_set_and_follows_growth(tmp_path, m
     # one full check per distinct tensor set of each layer, every other call unchecked
     assert calls["checked"] == len(dense_ids) + 1
     assert calls["unchecked"] == 80 - calls["checked"]
+
+
+def test_the_repository_logs_serve_by_default(monkeypatch):
+    """Without ``$WQ_TUNING_LOGS`` a checkout's shipped ``tuning_logs/`` is what the runtime looks up (a package move
+    once pointed this one folder too high, and every kernel silently ran untuned)."""
+    from pathlib import Path
+
+    from wq_compile.runtime.library import LOGS_ENV, default_logs_dir
+
+    monkeypatch.delenv(LOGS_ENV, raising=False)
+    shipped = Path(__file__).resolve().parents[2] / "tuning_logs"
+    assert shipped.is_dir() and any(shipped.iterdir())
+    assert default_logs_dir() == shipped
+    monkeypatch.setenv(LOGS_ENV, "/elsewhere")
+    assert default_logs_dir() == Path("/elsewhere")

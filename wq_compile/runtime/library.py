@@ -49,7 +49,7 @@ def default_logs_dir() -> Path | None:
     env = os.environ.get(LOGS_ENV)
     if env:
         return Path(env)
-    repo_logs = Path(__file__).resolve().parent.parent / "tuning_logs"
+    repo_logs = Path(__file__).resolve().parents[2] / "tuning_logs"  # <repo>/wq_compile/runtime/library.py
     return repo_logs if repo_logs.is_dir() else None
 
 
