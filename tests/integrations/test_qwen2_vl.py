@@ -143,6 +143,15 @@ def test_beam_search(model) -> None:
     assert cache.layers[0].store.dense.lens.shape[0] == 2
 
 
+def test_embedding_scorer(model) -> None:
+    p = qwen_prompt(model, [[VIDEO, IMAGE]])
+    cache = WindowQuantCache(model.config, WindowQuantConfig(avg_bits=5.0, scorer="embedding", backend="reference"))
+    cache.prepare(**p.inputs, model=model)
+    _generate(model, p, cache, new=4)
+    assert cache.embed_scores is not None and cache.embed_scores[0].shape == (5,)
+    assert torch.equal(cache.plan(0).scores[0], cache.plan(0).scores[1])  # one score per window, all layers
+
+
 @pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
 def test_two_videos_and_an_image_decode_on_the_compiled_kernels(model) -> None:
     """Zero reference calls at decode: every step of every layer is one compiled fused-kernel call; the tokens
