@@ -6,6 +6,7 @@ its processor. Prints the generated tokens, KV memory (dense vs WindowQuant), de
 
     python examples/video_qa.py                      # tiny model, CPU, ~1 minute with module build
     python examples/video_qa.py --model-path ~/models/llava-onevision-qwen2-0.5b-ov-hf --frames 32 --avg-bits 3
+    python examples/video_qa.py --family qwen2.5-vl  # tiny random-weight Qwen2.5-VL (or --model-path a checkpoint)
 
 The default budget is 4 effective bits: at 3, eight frames cannot afford a single int4 frame (uniform int2 already
 costs 2.82 bits with scale/zero, one int4 frame of eight adds 0.25), so every frame would get int2. The plan is
@@ -26,7 +27,29 @@ from wq_compile.integrations.tiny import Prompt, tiny_model, video_prompt
 from wq_compile.core.policy import format_plan
 
 
+def load_qwen(args: argparse.Namespace) -> tuple[object, Prompt]:
+    """Qwen2-VL / Qwen2.5-VL: a tiny random-weight model, or a local checkpoint and its processor."""
+    from wq_compile.integrations.tiny_qwen import Visual, qwen_prompt, tiny_qwen_model
+
+    if args.model_path is None:
+        model = tiny_qwen_model(args.family, wq_compile.ATTN_IMPLEMENTATION)
+        return model, qwen_prompt(model, [[Visual(args.frames)]])
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        args.model_path, attn_implementation=wq_compile.ATTN_IMPLEMENTATION, torch_dtype="auto", local_files_only=True
+    ).eval()
+    processor = AutoProcessor.from_pretrained(args.model_path, local_files_only=True)
+    video = torch.randint(0, 255, (args.frames, 3, 336, 448), dtype=torch.uint8)  # bring your own frames here
+    conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.question}]}]
+    text = processor.apply_chat_template(conv, add_generation_prompt=True)
+    inputs = processor(text=text, videos=[video], return_tensors="pt").to(model.device)
+    return model, Prompt(dict(inputs), (args.frames,))
+
+
 def load(args: argparse.Namespace) -> tuple[object, Prompt]:
+    if args.family != "llava-ov":
+        return load_qwen(args)
     if args.model_path is None:
         model = tiny_model(wq_compile.ATTN_IMPLEMENTATION)
         return model, video_prompt(model, [args.frames])
@@ -45,7 +68,9 @@ def load(args: argparse.Namespace) -> tuple[object, Prompt]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-path", default=None, help="local LLaVA-OneVision folder (default: tiny random model)")
+    ap.add_argument("--model-path", default=None, help="local checkpoint folder of --family (default: tiny random model)")
+    ap.add_argument("--family", choices=["llava-ov", "qwen2-vl", "qwen2.5-vl"], default="llava-ov",
+                    help="VLM family (Qwen: --frames must be even, two frames per temporal patch)")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--avg-bits", type=float, default=4.0, help="effective bits per element (scale/zero included)")
     ap.add_argument("--new-tokens", type=int, default=32)

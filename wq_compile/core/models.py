@@ -52,6 +52,15 @@ PRESETS: dict[str, ModelPreset] = {
     "llava-ov-7b": ModelPreset("llava-ov-7b", num_layers=28, num_q_heads=28, num_kv_heads=4, head_dim=128),
     # head_dim 64: the default v_group (64 channels) must divide head_dim.
     "tiny": ModelPreset("tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64),
+    # Text configs of the released Qwen2-VL / Qwen2.5-VL checkpoints (hidden / heads = 128 in every one; GQA groups
+    # 6, 7 and 8). The pinned transformers ships only the 72B-sized defaults (80 layers, 64 / 8 heads, head_dim
+    # 128): these shapes are the checkpoints' config.json values, see the README's support table.
+    "qwen2-vl-2b": ModelPreset("qwen2-vl-2b", num_layers=28, num_q_heads=12, num_kv_heads=2, head_dim=128),
+    "qwen2-vl-7b": ModelPreset("qwen2-vl-7b", num_layers=28, num_q_heads=28, num_kv_heads=4, head_dim=128),
+    "qwen2.5-vl-3b": ModelPreset("qwen2.5-vl-3b", num_layers=36, num_q_heads=16, num_kv_heads=2, head_dim=128),
+    "qwen2.5-vl-7b": ModelPreset("qwen2.5-vl-7b", num_layers=28, num_q_heads=28, num_kv_heads=4, head_dim=128),
+    # the tiny random-weight Qwen2-VL / Qwen2.5-VL of integrations.tiny_qwen (head_dim 128 like the released ones)
+    "tiny-qwen": ModelPreset("tiny-qwen", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=128),
 }
 
 

@@ -29,7 +29,8 @@ from ..core.scores import attention_scores, embedding_scores
 from ..core.allocation import min_avg_bits
 from ..core.windows import make_windows
 from .cache_layer import CacheStats, WindowQuantLayer
-from .llava import SampleLayout, VisualLayout, locate
+from .families import locate_samples, visual_layout
+from .llava import SampleLayout
 
 
 @dataclass
@@ -57,7 +58,7 @@ class WindowQuantCache(Cache):
         wq_config = WindowQuantConfig() if wq_config is None else wq_config
         if not isinstance(wq_config, WindowQuantConfig):
             raise TypeError(f"wq_config: expected a WindowQuantConfig, got {type(wq_config).__name__}")
-        self.visual = VisualLayout.from_config(config)
+        self.visual = visual_layout(config)  # the family's locator; raises for an unknown VLM family
         self.num_layers = text.num_hidden_layers
         self.num_q_heads = text.num_attention_heads
         self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -78,9 +79,10 @@ class WindowQuantCache(Cache):
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model: Any = None,
-                **_: Any) -> "WindowQuantCache":
+                **inputs: Any) -> "WindowQuantCache":
         """Record where the visual windows are (``input_ids`` never reach a cache). Call once before ``generate``;
-        extra keyword arguments (``pixel_values`` ...) are ignored so ``prepare(**inputs)`` works. The embedding
+        extra keyword arguments (``pixel_values`` ...) are ignored, except the grids a Qwen2-VL locator reads
+        (``video_grid_thw``, ``image_grid_thw``), so ``prepare(**inputs)`` works. The embedding
         scorer needs ``model`` to capture the prompt's input embeddings at prefill. Preparing again starts a new
         conversation: the cache is emptied."""
         for layer in self.layers:
@@ -90,7 +92,7 @@ class WindowQuantCache(Cache):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self.samples = locate(input_ids, attention_mask, self.visual, self.wq.window)
+        self.samples = locate_samples(input_ids, attention_mask, self.visual, self.wq.window, inputs)
         if self.wq.scorer == "embedding":
             if model is None:
                 raise ValueError("model: the embedding scorer needs prepare(..., model=model)")

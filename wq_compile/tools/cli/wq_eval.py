@@ -16,7 +16,8 @@ def eval_parser() -> argparse.ArgumentParser:
                     "Reports token agreement with the dense cache, mean KL of next-token distributions (teacher "
                     "forced), KV bytes and decode ms/token.",
     )
-    p.add_argument("--model", default="tiny", help="'tiny' (random weights from a config) or a local model folder")
+    p.add_argument("--model", default="tiny", help="'tiny' (random weights from a config), 'tiny-qwen2-vl' / "
+                   "'tiny-qwen2.5-vl' (the same for Qwen; --frames even) or a local LLaVA-OneVision folder")
     p.add_argument("--avg-bits", default="3,4,6", help="WindowQuant budgets, effective bits (default 3,4,6)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -89,6 +90,11 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     if args.model == "tiny":
         model = tiny_model(ATTN_IMPLEMENTATION)
         prompt = video_prompt(model, [args.frames])
+    elif args.model in ("tiny-qwen2-vl", "tiny-qwen2.5-vl"):
+        from ...integrations.tiny_qwen import Visual, qwen_prompt, tiny_qwen_model
+
+        model = tiny_qwen_model(args.model.removeprefix("tiny-"), ATTN_IMPLEMENTATION)
+        prompt = qwen_prompt(model, [[Visual(args.frames)]])
     else:
         from pathlib import Path
 
