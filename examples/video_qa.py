@@ -43,9 +43,10 @@ def load(args: argparse.Namespace) -> tuple[object, Prompt, object]:
     )
     from wq_compile.integrations.video import read_video
 
+    frames = read_video(args.video, args.frames) if args.video is not None else None  # a bad file fails first
     model, processor = load_checkpoint(args.model_path, wq_compile.ATTN_IMPLEMENTATION)
-    frames = (read_video(args.video, args.frames) if args.video is not None
-              else random_frames(args.frames, processor.pixels.height))
+    if frames is None:
+        frames = random_frames(args.frames, processor.pixels.height)
     return model, video_question(model, processor, frames, args.question), processor.tokenizer
 
 
