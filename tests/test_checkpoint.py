@@ -238,3 +238,14 @@ def test_wq_eval_runs_on_the_folder(folder: Path, capsys: pytest.CaptureFixture)
     text = capsys.readouterr().out
     assert "prompt: " in text and "(2 frames)" in text
     assert "dense (DynamicCache)" in text and "WindowQuant avg 4 bits" in text
+
+
+def test_wq_eval_analyze_runs_on_the_folder(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from wq_compile.cli import main_eval
+
+    rc = main_eval(["--analyze", "--workloads", "", "--model", str(folder), "--frames", "2", "--budgets", "3",
+                    "--out", str(tmp_path)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "tiny-llava-ov" in text and "your checkpoint" in text
+    assert (tmp_path / "policies.csv").is_file()
