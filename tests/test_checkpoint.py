@@ -214,7 +214,7 @@ def test_example_runs_on_the_folder_and_the_video(folder: Path, video: Path) -> 
     proc = _example("--model-path", str(folder), "--video", str(video), "--frames", "2", "--new-tokens", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "2 frames; generated 4 tokens" in out
+    assert "(2 frames, 392 visual tokens), 2 layers" in out and "4 new tokens" in out
     assert "WindowQuant answer: " in out
     assert "KV memory: dense fp16" in out and "plan (effective" in out
     assert "decode kernel calls 6, reference calls 0" in out, out  # 2 layers x 3 decode steps, compiled path
