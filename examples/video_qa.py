@@ -10,13 +10,12 @@ with PyAV. Prints KV memory (dense vs WindowQuant), decode ms/token of both, fid
     python examples/video_qa.py --model-path ~/models/llava-onevision-qwen2-0.5b-ov-hf --video clip.mp4 --frames 32
     python -m wq_compile.integrations.checkpoint /tmp/tiny-ov   # a tiny local folder laid out like a hub one
 
-Fidelity is the teacher-forced next-token KL against the dense cache (both fed the dense run's tokens), next to
-uniform allocation (every window at the widest single width the same budget affords, KIVI-style). On random
-weights greedy tokens agreeing or not says nothing about quality, so no agreement is printed there;
-``wq-eval --analyze`` measures the allocation on workloads with ground truth and real weights. The default budget
-is 3 effective bits: uniform int2 costs 2.96 (scale/zero and key-slot padding counted), and the rest upgrades the
-frames the scores pick; with few frames (``--frames 8``) that rest cannot buy a single int4 frame, so raise
-``--avg-bits`` to 4 there.
+Fidelity is the next-token KL against the dense cache, teacher-forced on the dense run's tokens, next to uniform
+allocation under the same budget (every window at the widest single width it affords, KIVI-style). The default
+budget is what uniform int4 costs (5.11 effective bits: scale/zero and key-slot padding counted), so both hold the
+same bytes and differ only in where the bits go. On random weights greedy tokens agreeing or not says nothing about
+quality, so no agreement is printed there; ``wq-eval --analyze`` measures the allocation on workloads with ground
+truth and real weights.
 """
 
 from __future__ import annotations
@@ -171,7 +170,7 @@ def main() -> None:
         print(f"  {name:>6}: {n:,} B")
     d_ms, w_ms, u_ms = dense_clock.decode_ms(), wq_clock.decode_ms(), uniform_clock.decode_ms()
     print(f"decode: dense (DynamicCache, {model.dtype}) {d_ms:.1f} ms/token, WindowQuant {w_ms:.1f} ms/token: "
-          f"{d_ms / w_ms:.2f}x faster (median of {args.new_tokens - 1} steps, prefill excluded; uniform "
+          f"speedup {d_ms / w_ms:.2f}x (median of {args.new_tokens - 1} steps, prefill excluded; uniform "
           f"int{width} {u_ms:.1f} ms/token)")
     print(f"  decode kernel calls {cache.stats.kernel_calls}, reference calls {cache.stats.reference_calls}; "
           f"window search+quantize+reorder {cache.stats.store_seconds * 1e3:.0f} ms once after prefill")
