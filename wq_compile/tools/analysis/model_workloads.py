@@ -133,18 +133,12 @@ def tiny_workload(frames: int = 8, seed: int = 0) -> Workload:
 
 def checkpoint_workload(path: str, frames: int = 8, question: str = "What happens in this video?") -> Workload:
     """A local LLaVA-OneVision checkpoint (nothing is downloaded) on a random video with ``question``."""
-    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+    from ...integrations.preprocess import load_checkpoint, random_frames, video_question
 
     register_capture()
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        path, attn_implementation={"text_config": CAPTURE, "vision_config": "sdpa"}, torch_dtype="auto",
-        local_files_only=True).eval()
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    video = torch.randint(0, 255, (frames, 3, 384, 384), dtype=torch.uint8)
-    conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(conv, add_generation_prompt=True)
-    inputs = dict(processor(text=text, videos=[video], return_tensors="pt").to(model.device))
-    return llava_workload(model, inputs, Path(path).name, "your checkpoint (random video frames)")
+    model, processor = load_checkpoint(path, {"text_config": CAPTURE, "vision_config": "sdpa"})
+    prompt = video_question(model, processor, random_frames(frames, processor.pixels.height), question)
+    return llava_workload(model, prompt.inputs, Path(path).name, "your checkpoint (random video frames)")
 
 #: The MiniLM proxy's "video": one scene sentence per window; the question asks about scene 5.
 SCENES = (

@@ -84,7 +84,7 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
 
     from ... import ATTN_IMPLEMENTATION
     from ..evaluate import default_methods, format_table, run_eval
-    from ...integrations.tiny import Prompt, tiny_model, video_prompt
+    from ...integrations.tiny import tiny_model, video_prompt
 
     torch.set_grad_enabled(False)
     if args.model == "tiny":
@@ -102,22 +102,17 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
             print(f"wq-eval: --model {args.model!r} is neither 'tiny' nor a local folder (nothing is downloaded)",
                   file=sys.stderr)
             return 2
-        from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+        from ...integrations import preprocess
 
-        try:
-            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                args.model, attn_implementation=ATTN_IMPLEMENTATION, torch_dtype="auto", local_files_only=True).eval()
-            processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        try:  # the folder's tokenizer, template and pixel settings, applied without torchvision
+            model, processor = preprocess.load_checkpoint(args.model, ATTN_IMPLEMENTATION)
         except (OSError, ValueError, KeyError) as exc:  # no weights / config / processor files: one line, no traceback
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"wq-eval: --model {args.model!r} is not a loadable LLaVA-OneVision folder (config.json, weights "
                   f"and processor files needed): {first}", file=sys.stderr)
             return 2
-        video = torch.randint(0, 255, (args.frames, 3, 384, 384), dtype=torch.uint8)
-        conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
-        text = processor.apply_chat_template(conv, add_generation_prompt=True)
-        prompt = Prompt(dict(processor(text=text, videos=[video], return_tensors="pt").to(model.device)),
-                        (args.frames,))
+        frames = preprocess.random_frames(args.frames, processor.pixels.height)
+        prompt = preprocess.video_question(model, processor, frames, "Describe the video.")
     methods = default_methods(model, prompt, budgets, backend=args.backend)
     bar = tqdm(total=len(methods), desc="wq-eval", file=sys.stderr)
     rows = run_eval(model, prompt, methods, new_tokens=args.new_tokens, repeats=args.repeats,
