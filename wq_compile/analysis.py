@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .policy import POLICIES, WindowFakeQuant, attend, plan_layer, window_output_errors
-from .search import Plan, Windows, attention_scores, effective_bits, embedding_scores, make_windows, window_errors
+from .search import Plan, Windows, attention_scores, embedding_scores, make_windows, window_bits, window_errors
 from .spec import BIT_WIDTHS
 
 #: Scorers compared against measured sensitivity. ``prompt-error`` is the attention-output error measured on the
@@ -225,9 +225,7 @@ def compare_policies(w: Workload, s: Sensitivity, budgets: Sequence[float], poli
                      random_seeds: int = 5) -> list[PolicyRow]:
     """Every policy at every budget; ``random`` is the median of ``random_seeds`` draws."""
     rows = []
-    floor = float(sum(effective_bits(2, w.k_group, w.v_group) * (n // w.k_group * w.k_group)
-                      + 16.0 * (n - n // w.k_group * w.k_group) for n in w.windows.lengths.tolist())
-                  / float(w.windows.lengths.sum()))
+    floor = float(window_bits(w.windows.lengths, [2], w.k_group, w.v_group).sum() / w.windows.lengths.sum())
     for ab in budgets:
         if ab < floor:
             rows += [PolicyRow(w.name, p, ab, float("nan"), float("nan"), float("nan"), float("nan"),

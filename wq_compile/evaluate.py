@@ -98,8 +98,14 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
     for width in (4, 2):  # KIVI-style: every window at one width, same kernels and format
         methods.append(wq_method(f"uniform int{width} (KIVI-style)",
                                  WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend), "no window search"))
+    for width in (4, 2):  # the same rows with least-squares key scales/zeros (same format, same decode kernels)
+        methods.append(wq_method(f"uniform int{width}, fit lsq-keys",
+                                 WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend, fit="lsq-keys"),
+                                 "no window search; torch quantizer"))
     for ab in avg_bits:
         methods.append(wq_method(f"WindowQuant avg {ab:g} bits", WindowQuantConfig(avg_bits=ab, backend=backend), ""))
+        methods.append(wq_method(f"WindowQuant avg {ab:g} bits, eviction", WindowQuantConfig(
+            avg_bits=ab, widths=(16, 8, 4, 2, 0), backend=backend), "width 0 allowed: a window may be evicted"))
     return methods
 
 

@@ -1,0 +1,155 @@
+"""The least-squares fit of scale/zero (same format as min/max) and width 0 (eviction) in the window search."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from wq_compile.config import WindowQuantConfig
+from wq_compile.layout import LayerCache
+from wq_compile.quant import dequantize_keys, dequantize_values, fake_quant, quantize_keys, quantize_values
+from wq_compile.quant_fit import FITS, check_fit, fit_of, fit_params
+from wq_compile.search import allocate_bits, make_windows, window_bits, window_errors
+from wq_compile.spec import QuantSpec
+
+
+def _group_err(g: torch.Tensor, bits: int, fit: str) -> torch.Tensor:
+    qmax = (1 << bits) - 1
+    s, z = fit_params(g, qmax, fit)
+    s, z = s.float().unsqueeze(-1), z.float().unsqueeze(-1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    c = torch.where(s > 0, torch.round((g - z) / safe), torch.zeros_like(g)).clamp(0, qmax)
+    return (c * s + z - g).square().sum(-1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_lsq_never_worse_than_minmax_per_group(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    g = torch.cat([torch.randn(64, 28, generator=gen), torch.rand(64, 28, generator=gen) ** 3,
+                   torch.randn(64, 28, generator=gen) * torch.linspace(0.01, 100, 64)[:, None]])
+    mm, lsq = _group_err(g, bits, "minmax"), _group_err(g, bits, "lsq")
+    assert bool((lsq <= mm * (1 + 1e-6) + 1e-12).all())
+    assert float(lsq.sum()) < float(mm.sum())  # and it does lower the total on random data
+
+
+def test_lsq_wins_on_a_planted_outlier() -> None:
+    """27 values near 0 and one at 10: min/max spends its 2-bit grid on the outlier and codes the rest as the
+    minimum; least squares puts the zero at their mean."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.cat([torch.rand(27, generator=gen) * 0.2 - 0.1, torch.tensor([10.0])])[None]
+    mm, lsq = _group_err(g, 2, "minmax"), _group_err(g, 2, "lsq")
+    assert float(lsq) < 0.5 * float(mm)
+
+
+@pytest.mark.parametrize("fit", FITS)
+@pytest.mark.parametrize("n", [7, 13, 196, 300])
+def test_fits_roundtrip_irregular_sizes(fit: str, n: int) -> None:
+    """Every size (short last key group included): the fit's error is within the per-width tolerance and, summed,
+    not above min/max's; the stored format (shapes, dtypes) is the same for every fit."""
+    gen = torch.Generator().manual_seed(n)
+    k, v = torch.randn(2, n, 64, generator=gen), torch.randn(2, n, 64, generator=gen)
+    tol = {2: 0.25, 4: 0.012, 8: 5e-5}  # relative MSE bound per width (min/max on N(0,1): 0.14-0.20 / 6-8e-3 / 3e-5)
+    for bits, bound in tol.items():
+        spec = QuantSpec(bits)
+        qk, qv = quantize_keys(k, spec, fit), quantize_values(v, spec, fit)
+        mk, mv = quantize_keys(k, spec), quantize_values(v, spec)
+        assert qk.codes.shape == mk.codes.shape and qk.scale.dtype == mk.scale.dtype == torch.float16
+        assert qv.codes.shape == mv.codes.shape and qv.zero.dtype == torch.float16
+        ek = (dequantize_keys(qk, n) - k).square().mean() / k.square().mean()
+        ev = (dequantize_values(qv) - v).square().mean() / v.square().mean()
+        assert float(ek) < bound and float(ev) < bound
+        assert float(ek) <= float((dequantize_keys(mk, n) - k).square().mean() / k.square().mean()) * 1.01
+
+
+@pytest.mark.parametrize("fit", FITS)
+def test_constant_groups_are_exact(fit: str) -> None:
+    k = torch.full((1, 56, 64), 0.375)
+    v = torch.full((1, 5, 64), -2.5)
+    for bits in (2, 4, 8):
+        assert torch.equal(fake_quant(k, QuantSpec(bits), "k", fit), k)
+        assert torch.equal(fake_quant(v, QuantSpec(bits), "v", fit), v)
+        assert bool((quantize_keys(k, QuantSpec(bits), fit).scale == 0).all())
+
+
+def test_fit_names_checked() -> None:
+    assert fit_of("lsq-keys", "k") == "lsq" and fit_of("lsq-keys", "v") == "minmax"
+    assert fit_of("lsq", "v") == "lsq" and fit_of("minmax", "k") == "minmax"
+    with pytest.raises(ValueError, match="fit"):
+        check_fit("hqq")
+    with pytest.raises(ValueError, match="fit"):
+        WindowQuantConfig(fit="max")
+    with pytest.raises(ValueError, match="fit_of"):
+        fit_params(torch.randn(2, 28), 3, "lsq-keys")
+
+
+# ---- width 0: eviction -----------------------------------------------------------------------------------------
+
+
+def test_window_bits_is_the_one_accounting() -> None:
+    lengths = torch.tensor([196, 30, 10])
+    t = window_bits(lengths, [16, 2, 0], 28, 64)
+    assert t[:, 0].tolist() == [16.0 * 196, 16.0 * 30, 16.0 * 10]
+    assert t[:, 2].tolist() == [0.0, 0.0, 0.0]  # an evicted window costs nothing, fp16 tail included
+    assert float(t[1, 1]) == pytest.approx(28 * window_bits(torch.tensor([28]), [2], 28, 64).item() / 28 + 2 * 16)
+    per = window_bits(lengths, torch.tensor([[2, 0, 16]]), 28, 64)  # a plan: one width per window
+    assert per.tolist() == [[float(t[0, 1]), 0.0, 16.0 * 10]]
+
+
+def _brute_force(scores: torch.Tensor, err: torch.Tensor, cost: torch.Tensor, widths: tuple[int, ...],
+                 budget: float) -> float:
+    """Smallest score-weighted error of any allocation monotone in the score that fits the budget."""
+    order = torch.argsort(-scores, stable=True)
+    w = scores[order] - scores.min()
+    w = w / w.max().clamp_min(1e-12) + 1e-3
+    err = err.flip(-1).cummin(-1).values.flip(-1)
+    best = float("inf")
+    for split in itertools.combinations_with_replacement(range(len(widths)), len(scores)):
+        j = torch.tensor(split)  # non-decreasing index = non-increasing width along the score order
+        c = float(cost[order, j].sum())
+        if c <= budget * (1 + 1e-9):
+            best = min(best, float((err[order, j] * w).sum()))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_with_eviction_is_optimal(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    nw, widths = 6, (16, 8, 4, 2, 0)
+    lengths = torch.tensor([196, 196, 56, 196, 84, 196])
+    scores = torch.rand(nw, generator=gen)
+    err = torch.sort(torch.rand(nw, len(widths), generator=gen), -1).values  # increasing as the width shrinks
+    err[:, 0] = 0
+    cost = window_bits(lengths, widths, 28, 64)
+    for avg in (0.7, 1.6, 2.5, 3.0, 5.0):
+        bits = allocate_bits(scores, err, lengths, avg, widths)
+        j = torch.tensor([widths.index(int(b)) for b in bits])
+        used = float(cost[torch.arange(nw), j].sum())
+        assert used <= avg * float(lengths.sum()) * (1 + 1e-9)
+        order = torch.argsort(-scores, stable=True)
+        assert bool((bits[order][1:] <= bits[order][:-1]).all())  # monotone in the score
+        w = scores[order] - scores.min()
+        w = w / w.max() + 1e-3
+        got = float((err.flip(-1).cummin(-1).values.flip(-1)[order, j[order]] * w).sum())
+        assert got == pytest.approx(_brute_force(scores, err, cost, widths, avg * float(lengths.sum())), rel=1e-9)
+
+
+def test_eviction_frees_room_at_three_bits_and_the_cache_drops_the_window() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = 8 * 196
+    k, v = torch.randn(1, 2, n, 64, generator=gen), torch.randn(1, 2, n, 64, generator=gen)
+    win = make_windows([(0, n)], 196)
+    scores = torch.linspace(0, 1, 8)[None]
+    errs = window_errors(k, v, win, (16, 8, 4, 2, 0), 28, 64)
+    bits = allocate_bits(scores, errs, win.lengths, 3.0, (16, 8, 4, 2, 0))[0]
+    assert 0 in bits.tolist() and 4 in bits.tolist()  # at 3 effective bits the search can mix (int2 alone is 2.96)
+    assert int(bits[0]) == 0 and int(bits[-1]) >= 4  # the least relevant window goes first
+    cache = LayerCache.empty(1, 2, 64, torch.float32, k_group=28, v_group=64, residual=0)
+    cache.fill_sample(0, k[0], v[0], win.with_bits(bits))
+    kept = int(sum(int(win.lengths[i]) for i in range(8) if int(bits[i]) != 0))
+    assert int(cache.num_tokens()[0]) == kept
+    assert cache.stats["evicted_windows"] == int((bits == 0).sum())
+    with pytest.raises(ValueError, match="evict every window"):
+        WindowQuantConfig(widths=(0,))
+    assert WindowQuantConfig(widths=(4, 2, 0)).widths == (4, 2, 0)
