@@ -7,6 +7,7 @@ decode milliseconds per token (median over repeats, prefill subtracted).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import statistics
 import time
@@ -16,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .integrations.tiny import Prompt
+from .backend import reference_quantizer
 from .integrations.transformers import WindowQuantCache, WindowQuantConfig
 
 
@@ -98,10 +100,12 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
     for width in (4, 2):  # KIVI-style: every window at one width, same kernels and format
         methods.append(wq_method(f"uniform int{width} (KIVI-style)",
                                  WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend), "no window search"))
-    for width in (4, 2):  # the same rows with least-squares key scales/zeros (same format, same decode kernels)
-        methods.append(wq_method(f"uniform int{width}, fit lsq-keys",
-                                 WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend, fit="lsq-keys"),
-                                 "no window search; torch quantizer"))
+    for fit in ("lsq-hqq", "lsq-keys"):  # least-squares / HQQ scales/zeros: same format, same decode kernels, torch quantizer
+        fitted = dataclasses.replace(kernels, quantize=reference_quantizer(fit))
+        for width in (4, 2):
+            wq = WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend, fit=fit)
+            methods.append(Method(f"uniform int{width}, fit {fit}", lambda wq=wq, b=fitted: WindowQuantCache(
+                cfg, wq, backend=b).prepare(**prompt.inputs), "no window search; torch quantizer"))
     for ab in avg_bits:
         methods.append(wq_method(f"WindowQuant avg {ab:g} bits", WindowQuantConfig(avg_bits=ab, backend=backend), ""))
         methods.append(wq_method(f"WindowQuant avg {ab:g} bits, eviction", WindowQuantConfig(

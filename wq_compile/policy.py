@@ -340,3 +340,29 @@ def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor,
         else:
             lines.append(f"  every window got {b} bits: the budget covers the widest width")
     return "\n".join(lines)
+
+
+def kivi_recent_bits(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] = BIT_WIDTHS, k_group: int = 28,
+                     v_group: int = 64) -> torch.Tensor:
+    """The equal-bytes uniform baseline: every window at the widest stored width that fits (:func:`uniform_bits`),
+    then the bytes left spent as KIVI spends them, on the most recent windows (the last ones) kept in fp16, as many
+    as fit. Bits per window ``[W]``."""
+    bits = uniform_bits(lengths, avg_bits, widths, k_group, v_group)
+    budget = float(avg_bits) * float(lengths.double().sum()) * (1 + 1e-9)
+    used = float(window_bits(lengths.cpu(), bits, k_group, v_group).sum())
+    dense = window_bits(lengths.cpu(), [16], k_group, v_group)[:, 0]
+    for i in range(lengths.numel() - 1, -1, -1):
+        step = float(dense[i]) - float(window_bits(lengths[i : i + 1].cpu(), bits[i : i + 1], k_group, v_group)[0])
+        if used + step > budget:
+            break
+        bits[i], used = 16, used + step
+    return bits
+
+
+def shuffled_plan(bits: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The same histogram of widths placed at random over the windows: ``bits [..., W]`` permuted per row (the
+    equal-bytes control of any allocation over windows of equal length)."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = bits.reshape(-1, bits.shape[-1])
+    out = torch.stack([row[torch.randperm(row.numel(), generator=gen)] for row in flat])
+    return out.reshape(bits.shape)
