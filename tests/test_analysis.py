@@ -208,6 +208,10 @@ def test_wq_eval_analyze_writes_tables_and_plots(tmp_path: Path, capsys: pytest.
     assert {r["scorer"] for r in corr} == set(SCORERS)
     for scorer in SCORERS:
         assert (tmp_path / f"scatter_{scorer}.png").stat().st_size > 5_000
+    eq = list(csv.DictReader(open(tmp_path / "equal_bytes.csv")))
+    assert {r["policy"] for r in eq} >= {"uniform + fp16 recent", "similarity:attention",
+                                         "similarity:attention shuffled"}
+    assert "at equal bytes" in text
 
 
 def test_wq_eval_analyze_refuses_unknown_workload() -> None:

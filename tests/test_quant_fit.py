@@ -173,3 +173,36 @@ def test_hqq_fit_keeps_the_scale_and_lowers_the_lp_error() -> None:
     h, mm = abs_err(s_h, z_h), abs_err(s_mm, z_mm)
     assert bool((h <= mm * (1 + 1e-3) + 1e-4).all()) and float(h.sum()) < 0.97 * float(mm.sum())
     assert fit_of("lsq-hqq", "k") == "lsq" and fit_of("lsq-hqq", "v") == "hqq"
+
+
+# ---- equal-bytes baselines ---------------------------------------------------------------------------------------
+
+
+def test_kivi_recent_spends_the_rest_on_the_last_windows() -> None:
+    from wq_compile.policy import kivi_recent_bits, shuffled_plan
+
+    lengths = torch.full((8,), 196)
+    int2 = float(window_bits(lengths[:1], [2], 28, 64)[0, 0]) / 196
+    one = (16 - int2) / 8  # avg bits of moving one window of eight from int2 to fp16
+    bits = kivi_recent_bits(lengths, int2 + 2.5 * one, (16, 2))
+    assert bits.tolist() == [2] * 6 + [16, 16]  # two whole windows fit, the most recent ones
+    used = float(window_bits(lengths, bits, 28, 64).sum() / lengths.sum())
+    assert used <= int2 + 2.5 * one
+    plan = torch.tensor([[16, 8, 4, 2, 2, 0], [4, 4, 2, 2, 0, 0]])
+    sh = shuffled_plan(plan, seed=1)
+    assert not torch.equal(sh, plan)
+    assert torch.equal(torch.sort(sh, -1).values, torch.sort(plan, -1).values)  # same histogram per row
+
+
+def test_a_fit_reaches_the_cache_through_the_backend() -> None:
+    from wq_compile.backend import make_backend, reference_quantizer
+    from wq_compile.layout import torch_quantizer
+
+    assert reference_quantizer("minmax") is torch_quantizer
+    b = make_backend(WindowQuantConfig(backend="reference", fit="lsq-hqq"), 4, 2, 64, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 56, 64, generator=gen), torch.randn(2, 56, 64, generator=gen)
+    qk, qv = b.quantize(QuantSpec(2), k, v)
+    assert torch.equal(qk.scale, quantize_keys(k, QuantSpec(2), "lsq-hqq").scale)
+    assert torch.equal(qv.zero, quantize_values(v, QuantSpec(2), "hqq").zero)
+    assert not torch.equal(qk.scale, quantize_keys(k, QuantSpec(2)).scale)

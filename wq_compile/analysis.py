@@ -286,7 +286,12 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
     for ab in budgets:
         base = torch.stack([kivi_recent_bits(lengths, ab, widths, w.k_group, w.v_group) for _ in w.layers])
         rows.append(row("uniform + fp16 recent", ab, base, "KIVI-style equal bytes"))
+        floor = float(window_bits(lengths, [min(widths)], w.k_group, w.v_group).sum() / lengths.sum())
         for policy in policies:
+            if ab < floor:
+                rows.append(PolicyRow(w.name, policy, ab, float("nan"), float("nan"), float("nan"), float("nan"),
+                                      f"infeasible: widths {widths} need >= {floor:.2f} effective bits"))
+                continue
             plans = []
             for li, lc in enumerate(w.layers):
                 if policy == "sensitivity":
@@ -703,6 +708,7 @@ class AnalysisResult:
     sensitivities: list[Sensitivity]
     correlations: list[CorrRow]
     policies: list[PolicyRow]
+    equal_bytes: list[PolicyRow] = field(default_factory=list)  # equal_bytes_rows: policies next to their controls
 
 
 def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5, 4.0), model: str | None = None,
@@ -720,11 +726,13 @@ def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5
         res.sensitivities.append(s)
         res.correlations += correlations(w, s)
         res.policies += compare_policies(w, s, budgets)
+        res.equal_bytes += equal_bytes_rows(w, s, budgets)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "correlations.csv", [r.__dict__ for r in res.correlations])
         _write_csv(out / "policies.csv", [r.__dict__ for r in res.policies])
+        _write_csv(out / "equal_bytes.csv", [r.__dict__ for r in res.equal_bytes])
         _write_csv(out / "windows.csv", _window_rows(res))
         for scorer in SCORERS:
             scatter(res, scorer, out / f"scatter_{scorer}.png")
@@ -808,7 +816,8 @@ def format_correlations(rows: Sequence[CorrRow]) -> str:
 
 
 def format_policies(rows: Sequence[PolicyRow], workloads: Sequence[Workload] | None = None) -> str:
-    """Per workload and budget: each policy's effective bits, attention-output error, KL and error vs uniform."""
+    """Per workload and budget: each policy's effective bits, attention-output error, KL and error vs uniform (only
+    where the two use bytes within 1% of each other: other ratios would compare different memory)."""
     metric = {w.name: w.final_metric for w in workloads or []}
     lines = []
     for n in dict.fromkeys(r.workload for r in rows):
@@ -821,9 +830,10 @@ def format_policies(rows: Sequence[PolicyRow], workloads: Sequence[Workload] | N
             if sel and sel[0].note.startswith("infeasible"):
                 lines.append(f"  {ab:>6g} {sel[0].note}")
                 continue
-            for r in sel:
-                ue = uni[0].out_err if uni else float("nan")
-                uk = uni[0].kl if uni else float("nan")
+            for r in sel:  # a ratio only between rows within 1% of the same bytes (else n/a)
+                same = bool(uni) and abs(r.eff_bits - uni[0].eff_bits) <= 0.01 * uni[0].eff_bits
+                ue = uni[0].out_err if same else float("nan")
+                uk = uni[0].kl if same else float("nan")
                 lines.append(f"  {ab:>6g} {r.policy:<22} {r.eff_bits:>8.2f} {r.out_err:>8.4f} "
                              f"{_f(r.out_err / ue if ue else float('nan'), '.2f'):>7} {r.kl:>9.2e} "
                              f"{_f(r.kl / uk if uk else float('nan'), '.2f'):>7} {_f(r.answer_bits, '.1f'):>11}  "

@@ -218,7 +218,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def _main_analyze(args: argparse.Namespace) -> int:
-    from .analysis import WORKLOADS, format_correlations, format_policies, run_analysis
+    from .analysis import WORKLOADS, format_correlations, format_equal_bytes, format_policies, run_analysis
 
     names = [x.strip() for x in args.workloads.split(",") if x.strip()]
     bad = [n for n in names if n not in WORKLOADS]
@@ -247,6 +247,9 @@ def _main_analyze(args: argparse.Namespace) -> int:
     print(format_correlations(res.correlations))
     print()
     print(format_policies(res.policies, res.workloads))
+    print()
+    print("at equal bytes, eviction allowed (width 0), next to the same histogram at random and KIVI-style uniform:")
+    print(format_equal_bytes(res.equal_bytes))
     print(f"wrote {args.out}/correlations.csv, policies.csv, windows.csv, scatter_<scorer>.png")
     return 0
 

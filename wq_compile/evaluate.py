@@ -100,7 +100,7 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
     for width in (4, 2):  # KIVI-style: every window at one width, same kernels and format
         methods.append(wq_method(f"uniform int{width} (KIVI-style)",
                                  WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend), "no window search"))
-    for fit in ("lsq-hqq", "lsq-keys"):  # least-squares / HQQ scales/zeros: same format, same decode kernels, torch quantizer
+    for fit in ("lsq-hqq", "hqq"):  # least-squares / HQQ scales/zeros: same format, same decode kernels, torch quantizer
         fitted = dataclasses.replace(kernels, quantize=reference_quantizer(fit))
         for width in (4, 2):
             wq = WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend, fit=fit)
