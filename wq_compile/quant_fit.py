@@ -87,18 +87,23 @@ def hqq_params(g: torch.Tensor, qmax: int, iters: int = 20, lp: float = 0.7, bet
                kappa: float = 1.01) -> tuple[torch.Tensor, torch.Tensor]:
     """HQQ's half-quadratic zero search (``hqq.core.optimize.optimize_weights_proximal_legacy``, its defaults):
     the scale stays min/max's, the zero minimises an lp (p = 0.7) reconstruction error by proximal steps; each
-    group keeps its best iterate by mean absolute error (HQQ stops the whole tensor at the first non-improving
-    step). fp16 scale and zero in this module's convention (``x ~ code * scale + zero``)."""
+    group keeps its best iterate by mean absolute error, and the iterations stop, as HQQ's do, at the first step
+    that does not lower the tensor's mean error. fp16 scale and zero in this module's convention
+    (``x ~ code * scale + zero``)."""
     scale, zero = minmax_params(g.amin(-1), g.amax(-1), qmax)
     s = scale.float().unsqueeze(-1)
     inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     zq = -zero.float().unsqueeze(-1) * inv  # HQQ's zero: code = round(x * inv + zq)
     best_err = torch.full_like(s, float("inf"))
-    best_zq = zq
+    best_zq, prev = zq, float("inf")
     for _ in range(iters):
         q = torch.round(g * inv + zq).clamp(0, qmax)
         r = torch.where(inv > 0, (q - zq) / torch.where(inv > 0, inv, torch.ones_like(inv)), g)
         err = (g - r).abs().mean(-1, keepdim=True)  # the error of this iterate's zero
+        mean = float(err.mean())
+        if mean >= prev:  # HQQ's stop: the tensor's mean error did not improve
+            break
+        prev = mean
         better = err < best_err
         best_err, best_zq = torch.where(better, err, best_err), torch.where(better, zq, best_zq)
         e = _shrink_lp(g - r, beta, lp)
@@ -137,6 +142,8 @@ def fit_params(g: torch.Tensor, qmax: int, fit: str = "minmax", iters: int = LSQ
         s16 = torch.where(s.float() > 0, s16, s)  # constant groups keep scale 0
         err = _sq_err(g, s16, z16, qmax)
         better = err < best
+        if not bool(better.any()):  # converged everywhere (rounding only repeats the last iterate)
+            break
         scale, zero = torch.where(better, s16, scale), torch.where(better, z16, zero)
         best = torch.where(better, err, best)
         s, z = s16, z16
