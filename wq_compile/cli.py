@@ -218,7 +218,8 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def _main_analyze(args: argparse.Namespace) -> int:
-    from .analysis import WORKLOADS, format_correlations, format_equal_bytes, format_policies, run_analysis
+    from .analysis import WORKLOADS, format_correlations, format_policies, run_analysis
+    from .equal_bytes import format_equal_bytes
 
     names = [x.strip() for x in args.workloads.split(",") if x.strip()]
     bad = [n for n in names if n not in WORKLOADS]

@@ -327,7 +327,9 @@ def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor,
         lines.append(f"  layer {li:2d}: " + "".join(f"{int(b):>3}" for b in bits[li].tolist())
                      + f"  | {spark} ({lo:.3g}..{hi:.3g})")
     used = sorted({int(b) for b in bits.flatten().tolist()})
-    if len(used) == 1:
+    if used == [EVICT]:
+        lines.append("  every window was evicted (width 0): attention sees none of them")
+    elif len(used) == 1:
         b = used[0]
         wider = [w for w in BIT_WIDTHS if w > b]
         if wider:
