@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from wq_compile import ATTN_IMPLEMENTATION, WindowQuantCache, WindowQuantConfig
+from wq_compile.integrations.attention import ATTN_IMPLEMENTATION
+from wq_compile.integrations.transformers import WindowQuantCache
+from wq_compile.core.config import WindowQuantConfig
 from wq_compile.integrations.llava import VisualLayout, locate
 from wq_compile.integrations.tiny import image_prompt, text_prompt, tiny_model, video_prompt
 
@@ -64,6 +66,24 @@ def test_3_bit_memory_and_budget(model) -> None:
     assert plan.effective_avg_bits() <= 3.0
     report = cache.memory_report()
     assert report["quantized_bytes"] < 0.3 * report["visual_fp16_bytes"]
+
+
+def test_eviction_drops_windows_and_generation_still_runs(model) -> None:
+    """Width 0 allowed under a budget below int2's 2.96 effective bits: some frames are evicted (not stored), the
+    plan's bits stay within the budget, and decoding runs over what is left; the positions of new tokens do not
+    move (the cache counts what it was given, not what it keeps)."""
+    p = video_prompt(model, [4])
+    cache = _wq(model, p, avg_bits=2.0, widths=(4, 2, 0))
+    tokens = _generate(model, p, cache, new=4)
+    assert tokens.shape == (1, 4)
+    plan = cache.plan(0)
+    assert plan.histogram()[0] > 0 and plan.effective_avg_bits() <= 2.0
+    full = _wq(model, p, avg_bits=3.0, widths=(2,))
+    _generate(model, p, full, new=4)
+    assert cache.get_seq_length() == full.get_seq_length()
+    assert cache.memory_report()["quantized_bytes"] < full.memory_report()["quantized_bytes"]
+    evicted = int((plan.windows.lengths[None].to(plan.bits.device) * (plan.bits == 0)).sum())  # all layers
+    assert cache.memory_report()["cached_tokens"] == full.memory_report()["cached_tokens"] - evicted
 
 
 def test_batch_of_two_with_different_frame_counts(model) -> None:

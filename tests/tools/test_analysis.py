@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from wq_compile.tools.analysis import SCORERS, correlations, measure, rankdata, spearman, synthetic_workload, tiny_workload
-from wq_compile.tools.cli import main_eval
+from wq_compile.tools.analysis.measurements import SCORERS, correlations, measure, rankdata, spearman
+from wq_compile.tools.analysis.workloads import synthetic_workload
+from wq_compile.tools.analysis.model_workloads import tiny_workload
+from wq_compile.tools.cli.wq_eval import main_eval
 from wq_compile.core.policy import WindowFakeQuant, _costs, allocate_min_error, attend, fake_quant_fast, plan_layer, uniform_bits, window_output_errors
 from wq_compile.core.quant import fake_quant
 from wq_compile.core.reference import attend_piece
@@ -143,7 +145,7 @@ def test_needle_ground_truth_is_recovered(needle) -> None:
 
 
 def test_policies_at_equal_memory_on_the_needle(needle) -> None:
-    from wq_compile.tools.analysis import compare_policies
+    from wq_compile.tools.analysis.measurements import compare_policies
 
     w, s = needle
     rows = {(r.policy, r.avg_bits): r for r in compare_policies(w, s, [2.5, 4.0])}
@@ -193,6 +195,10 @@ def test_wq_eval_analyze_writes_tables_and_plots(tmp_path: Path, capsys: pytest.
     assert {r["scorer"] for r in corr} == set(SCORERS)
     for scorer in SCORERS:
         assert (tmp_path / f"scatter_{scorer}.png").stat().st_size > 5_000
+    eq = list(csv.DictReader(open(tmp_path / "equal_bytes.csv")))
+    assert {r["policy"] for r in eq} >= {"uniform + fp16 recent", "similarity:attention",
+                                         "similarity:attention shuffled"}
+    assert "at equal bytes" in text
 
 
 def test_wq_eval_analyze_refuses_unknown_workload() -> None:

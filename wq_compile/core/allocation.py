@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .quant import fake_quant, key_slots
-from .spec import BIT_WIDTHS, GROUP_META_BITS, QuantSpec
+from .spec import ALLOC_WIDTHS, BIT_WIDTHS, EVICT, GROUP_META_BITS, QuantSpec
 from .windows import Windows
 
 
@@ -28,14 +28,38 @@ def effective_bits(bits: int, k_group: int, v_group: int) -> float:
     k_codes = bits * key_slots(k_group) / k_group
     return (k_codes + bits) / 2 + GROUP_META_BITS / 2 / k_group + GROUP_META_BITS / 2 / v_group
 
+
+def window_bits(lengths: torch.Tensor, widths: Sequence[int] | torch.Tensor, k_group: int, v_group: int
+                ) -> torch.Tensor:
+    """Storage bits of each window at each width, per K/V element pair: ``[W, len(widths)]`` float64, or
+    ``[..., W]`` when ``widths`` is a tensor of one width per window (``[..., W]``, e.g. a plan's bits).
+
+    The one accounting of effective bits: every budget, floor, plan cost and table goes through it. Whole key
+    groups cost :func:`effective_bits` per element, a window's tail that does not fill a group stays fp16 (16),
+    and an evicted window (width :data:`~wq_compile.core.spec.EVICT`, 0) costs nothing, tail included.
+    """
+    lengths = lengths.double()
+    whole = torch.div(lengths, k_group, rounding_mode="floor") * k_group
+    tail = (lengths - whole) * 16.0
+    if isinstance(widths, torch.Tensor):
+        lut = torch.zeros(17, dtype=torch.float64, device=widths.device)
+        for b in ALLOC_WIDTHS:
+            lut[b] = effective_bits(b, k_group, v_group) if b != EVICT else 0.0
+        w = widths.long()
+        keep = (w != EVICT).double()
+        return lut[w] * whole.to(w.device) + tail.to(w.device) * keep
+    cols = []
+    for b in widths:
+        b = int(b)
+        cols.append(torch.zeros_like(lengths) if b == EVICT else whole * effective_bits(b, k_group, v_group) + tail)
+    return torch.stack(cols, -1) if cols else lengths.new_zeros(lengths.shape[0], 0)
+
 def min_avg_bits(windows: Windows, widths: Sequence[int], k_group: int, v_group: int) -> float:
     """The cheapest budget any allocation can meet: every window at the narrowest width, fp16 group tails."""
     if len(windows) == 0:
         return 0.0
     lengths = windows.lengths.double()
-    whole = torch.div(lengths, k_group, rounding_mode="floor") * k_group
-    narrow = effective_bits(min(int(w) for w in widths), k_group, v_group)
-    return float((whole * narrow + (lengths - whole) * 16.0).sum() / lengths.sum())
+    return float(window_bits(lengths, [min(int(w) for w in widths)], k_group, v_group).sum() / lengths.sum())
 
 def window_errors(k: torch.Tensor, v: torch.Tensor, windows: Windows, widths: Sequence[int], k_group: int,
                   v_group: int, exact: bool = False) -> torch.Tensor:
@@ -71,6 +95,8 @@ def window_errors(k: torch.Tensor, v: torch.Tensor, windows: Windows, widths: Se
     for bits in widths:
         if bits == 16:
             cols.append(torch.zeros(*lead, nw, device=k.device))
+        elif bits == EVICT:  # the window is gone: its K/V "reconstructed" as zeros (whole groups measured)
+            cols.append(per_window((kw.square() + vw.square()).mean(dim=(-3, -1))))
         elif not exact:
             cols.append(base / float((1 << bits) - 1) ** 2)
         else:
@@ -87,14 +113,15 @@ def allocate_bits(scores: torch.Tensor, errors: torch.Tensor, lengths: torch.Ten
     padded by repeating the narrowest). Every end ``(a, b)`` of the first two runs is enumerated at once; the end
     of the third is the largest that fits the budget (found by ``searchsorted``: a wider window in place of a
     narrower one never raises the error, errors being made monotone in width). The budget is ``avg_bits`` effective
-    bits per windowed element, scale/zero and fp16 group tails counted. Cost: O(W^2 log W) per layer.
+    bits per windowed element, scale/zero and fp16 group tails counted (:func:`window_bits`). Cost: O(W^2 log W)
+    per layer; with width 0 (eviction) next to four stored widths there are five runs, O(W^3 log W).
     Each window's error is weighted by its score min-max normalised over the sample (plus 1e-3), so only the
     ranking and the relative spread of the scores matter, not their scale (cosines and attention masses both work).
     """
     widths = tuple(sorted({int(w) for w in widths}, reverse=True))
     for w in widths:
-        if w not in BIT_WIDTHS:
-            raise ValueError(f"widths: {w} not in {BIT_WIDTHS}")
+        if w not in ALLOC_WIDTHS:
+            raise ValueError(f"widths: {w} not in {ALLOC_WIDTHS}")
     if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or avg_bits <= 0:
         raise ValueError(f"avg_bits: must be a positive number, got {avg_bits!r}")
     if errors.shape[-1] != len(widths) or errors.shape[:-1] != scores.shape:
@@ -112,11 +139,10 @@ def allocate_bits(scores: torch.Tensor, errors: torch.Tensor, lengths: torch.Ten
     if nw == 0:
         return torch.zeros(*lead, 0, dtype=torch.long, device=dev)
     lengths = lengths.to(dev).double()
-    whole = torch.div(lengths, k_group, rounding_mode="floor") * k_group
-    tail_bits = (lengths - whole) * 16.0
     # Errors non-increasing in width: a wider code never counts as worse than a narrower one.
     err = errors.double().flip(-1).cummin(-1).values.flip(-1)
-    runs = list(range(len(widths))) + [len(widths) - 1] * (4 - len(widths))
+    nr = max(4, len(widths))  # 5 runs when eviction joins the four stored widths
+    runs = list(range(len(widths))) + [len(widths) - 1] * (nr - len(widths))
     order = torch.argsort(-scores.double(), dim=-1, stable=True)
     weight = torch.gather(scores.double(), -1, order)
     weight = weight - weight.amin(-1, keepdim=True)
@@ -125,11 +151,11 @@ def allocate_bits(scores: torch.Tensor, errors: torch.Tensor, lengths: torch.Ten
     def prefix(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x.new_zeros(*x.shape[:-1], 1), torch.cumsum(x, -1)], -1)
 
-    cost_s = [torch.gather((whole * effective_bits(widths[j], k_group, v_group) + tail_bits).expand(*lead, nw), -1,
-                           order) for j in runs]
+    costs = window_bits(lengths, widths, k_group, v_group).to(dev)  # [W, len(widths)]
+    cost_s = [torch.gather(costs[:, j].expand(*lead, nw), -1, order) for j in runs]
     err_s = [torch.gather(err[..., j], -1, order) * weight for j in runs]
     pc, pe = [prefix(c) for c in cost_s], [prefix(e) for e in err_s]
-    f = prefix(cost_s[2] - cost_s[3])  # cost of turning the first c windows from run-3 width to run-2 width
+    f = prefix(cost_s[-2] - cost_s[-1])  # cost of turning the first c windows from the last run's width to the one before
     budget = float(avg_bits) * float(lengths.sum()) * (1 + 1e-9)
     idx = torch.arange(nw + 1, device=dev)
     a = idx.view(-1, 1).expand(nw + 1, nw + 1).reshape(-1)
@@ -138,26 +164,43 @@ def allocate_bits(scores: torch.Tensor, errors: torch.Tensor, lengths: torch.Ten
     def at(t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         return torch.gather(t, -1, i.expand(*lead, i.shape[-1]) if i.dim() == 1 else i)
 
-    # cost(a, b, c) = P0[a] + P1[b]-P1[a] + P2[c]-P2[b] + P3[W]-P3[c] = k(a, b) + f[c]
-    k_ab = at(pc[0], a) + at(pc[1], b) - at(pc[1], a) - at(pc[2], b) + pc[3][..., -1:]
-    c = torch.searchsorted(f.contiguous(), (budget - k_ab).contiguous(), right=True) - 1
-    feasible = (b >= a) & (c >= b)
-    c = torch.maximum(c, b.expand_as(c)).clamp(max=nw)
-    e = (at(pe[0], a) + at(pe[1], b) - at(pe[1], a) + at(pe[2], c) - at(pe[2], b.expand_as(c))
-         + pe[3][..., -1:] - at(pe[3], c))
-    e = torch.where(feasible, e, torch.full_like(e, float("inf")))
-    best = e.argmin(-1, keepdim=True)
-    if not bool(torch.isfinite(torch.gather(e, -1, best)).all()):
-        cheapest = float((whole * effective_bits(widths[-1], k_group, v_group) + tail_bits).sum() / lengths.sum())
+    # Four runs: cost(a, b, c) = P0[a] + P1[b]-P1[a] + P2[c]-P2[b] + P3[W]-P3[c] = k(a, b) + f[c]. Five runs (an
+    # eviction run last): the end e0 of the first run is looped over, and the last four runs are the four-run
+    # problem on [e0, W) with P0[e0] - P1[e0] added (a >= e0).
+    q = pc[nr - 4:]
+    r = pe[nr - 4:]
+    best_e = best_abc = None
+    for e0 in (range(nw + 1) if nr == 5 else (0,)):
+        off_c = (pc[0][..., e0] - pc[1][..., e0]).unsqueeze(-1) if nr == 5 else 0.0
+        off_e = (pe[0][..., e0] - pe[1][..., e0]).unsqueeze(-1) if nr == 5 else 0.0
+        k_ab = off_c + at(q[0], a) + at(q[1], b) - at(q[1], a) - at(q[2], b) + q[3][..., -1:]
+        c = torch.searchsorted(f.contiguous(), (budget - k_ab).contiguous(), right=True) - 1
+        feasible = (a >= e0) & (b >= a) & (c >= b)
+        c = torch.maximum(c, b.expand_as(c)).clamp(max=nw)
+        e = (off_e + at(r[0], a) + at(r[1], b) - at(r[1], a) + at(r[2], c) - at(r[2], b.expand_as(c))
+             + r[3][..., -1:] - at(r[3], c))
+        e = torch.where(feasible, e, torch.full_like(e, float("inf")))
+        i = e.argmin(-1, keepdim=True)
+        ei = torch.gather(e, -1, i)
+        abc = [torch.gather(t.expand(*lead, t.shape[-1]) if t.dim() == 1 else t, -1, i) for t in (a, b, c)]
+        abc = [torch.full_like(abc[0], e0)] + abc
+        if best_e is None:
+            best_e, best_abc = ei, abc
+        else:
+            better = ei < best_e
+            best_e = torch.where(better, ei, best_e)
+            best_abc = [torch.where(better, x, y) for x, y in zip(abc, best_abc)]
+    if not bool(torch.isfinite(best_e).all()):
+        cheapest = float(costs[:, -1].sum() / lengths.sum())
         raise ValueError(
             f"avg_bits: a budget of {avg_bits} bits/element is infeasible for widths {widths}: the cheapest "
             f"allocation needs {cheapest:.3f} effective bits/element (scale/zero and fp16 group tails included); "
             f"raise avg_bits, use larger k_group/v_group, or allow narrower widths"
         )
-    ends = [torch.gather(t.expand(*lead, t.shape[-1]) if t.dim() == 1 else t, -1, best) for t in (a, b, c)]
+    ends = best_abc[1:] if nr == 4 else best_abc
     rank = torch.arange(nw, device=dev).expand(*lead, nw)
     w = torch.tensor([widths[j] for j in runs], device=dev)
-    run = (rank >= ends[0]).long() + (rank >= ends[1]).long() + (rank >= ends[2]).long()
+    run = sum((rank >= end).long() for end in ends)
     out = torch.empty(*lead, nw, dtype=torch.long, device=dev)
     out.scatter_(-1, order, w[run])
     return out

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .spec import BIT_WIDTHS, QUANT_BITS
+from .quant_fit import check_fit
+from .spec import ALLOC_WIDTHS, BIT_WIDTHS, EVICT, QUANT_BITS
 
 #: ``v_group=None`` means ``min(DEFAULT_V_GROUP, head_dim)``.
 DEFAULT_V_GROUP = 64
@@ -33,6 +34,10 @@ class WindowQuantConfig:
     VNNI): the query quantized to int8 per head and key group, the probabilities to uint8 per head, value group
     and key group. Faster, and adds a measured error well below what quantizing the cache costs (see the README);
     off by default, because results then differ from the exact kernel's and from other machines'.
+    ``widths`` may include 0: the search may then evict a window (not stored; attention no longer sees it).
+    ``fit``: how each group's scale and zero are chosen (:mod:`wq_compile.core.quant_fit`): ``"minmax"`` (the compiled
+    quantize kernel's) or ``"lsq"`` (least squares, lower error, same format: the compiled decode kernels read it;
+    the store then quantizes with the torch reference).
     """
 
     avg_bits: float = 3.0
@@ -47,6 +52,7 @@ class WindowQuantConfig:
     target: str | None = None
     chunk: int = 64
     int8_dots: bool = False
+    fit: str = "minmax"
 
     def __post_init__(self) -> None:
         if (isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float))
@@ -56,8 +62,11 @@ class WindowQuantConfig:
         if not isinstance(self.widths, (tuple, list)) or len(self.widths) == 0:
             raise ValueError(f"widths: must be a non-empty tuple of widths among {BIT_WIDTHS}, got {self.widths!r}")
         for w in self.widths:
-            if w not in BIT_WIDTHS or isinstance(w, bool):
-                raise ValueError(f"widths: {w!r} is not one of {BIT_WIDTHS}")
+            if w not in ALLOC_WIDTHS or isinstance(w, bool):
+                raise ValueError(f"widths: {w!r} is not one of {BIT_WIDTHS} or 0 (the window is evicted)")
+        if all(w == EVICT for w in self.widths):
+            raise ValueError(f"widths: {self.widths!r} would evict every window; add a stored width of {BIT_WIDTHS}")
+        check_fit(self.fit)
         _positive_int("k_group", self.k_group, "use e.g. 28 (tokens per key group)")
         if self.v_group is not None:
             _positive_int("v_group", self.v_group, "use a divisor of head_dim, or None for min(64, head_dim)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spec import QUANT_BITS, QuantSpec
+from .spec import EVICT, QUANT_BITS, QuantSpec
 from .buckets import DensePiece, QuantBucket, Quantizer, screened_quantizer, torch_quantizer
 from .windows import Windows, runs_holding, quantizable_mask
 
@@ -67,8 +67,8 @@ class LayerCache:
                 raise ValueError("windows: fill_sample needs widths (Windows.bits)")
             windows.check_disjoint(t)
             widths = {int(x) for x in windows.bits.unique().tolist()}
-            if not widths <= set(self.buckets) | {16}:
-                raise ValueError(f"windows: widths {sorted(widths)} not in {sorted(set(self.buckets) | {16})}")
+            if not widths <= set(self.buckets) | {16, EVICT}:
+                raise ValueError(f"windows: widths {sorted(widths)} not in {sorted(set(self.buckets) | {16, EVICT})}")
             ok = quantizable_mask(k, v) if quantizable is None else quantizable.to(dev)
             bad = runs_holding(~ok, windows.starts, windows.lengths).to(windows.bits.device)
             bits = windows.bits
@@ -85,7 +85,9 @@ class LayerCache:
                     if idx.numel():  # screened above: the quantizer need not check again
                         self.buckets[width].append(b, k.index_select(1, idx), v.index_select(1, idx),
                                                    screened_quantizer(self.quantizer))
-            pinned = (tok_bits == 16) | ~whole  # 16-bit windows and group tails, in bucket order (wide first)
+            # 16-bit windows and group tails, in bucket order (wide first); an evicted window (width 0) is not stored
+            pinned = ((tok_bits == 16) | ~whole) & (tok_bits != EVICT)
+            self.stats["evicted_windows"] = self.stats.get("evicted_windows", 0) + int((bits == EVICT).sum())
             idx, tb = pos[pinned], tok_bits[pinned]
             if idx.numel():
                 if len(widths) > 1:

@@ -22,9 +22,9 @@ from typing import Sequence
 
 import torch
 
+from .allocation import allocate_bits, window_bits
+from .spec import ALLOC_WIDTHS, BIT_WIDTHS, EVICT
 from .windows import Windows
-from .allocation import allocate_bits, effective_bits
-from .spec import BIT_WIDTHS
 
 POLICIES = ("uniform", "random", "similarity:attention", "similarity:embedding", "sensitivity", "oracle")
 
@@ -167,6 +167,10 @@ def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     for j, bits in enumerate(widths):
         if bits == 16:
             continue
+        if bits == EVICT:  # the window's terms leave the softmax (whole groups; a tail is < one group)
+            ow = (num0[:, :, None] - eo_v) / (den0[:, :, None] - eo_s).clamp_min(1e-30)[..., None]
+            out[:, j] = ((ow - o[:, :, None]).double().square().sum(dim=(0, 1, 3)) / o_sq).cpu()
+            continue
         kq, vq = fake_quant_fast(kw, int(bits), k_group, "k"), fake_quant_fast(vw, int(bits), v_group, "v")
         lq = torch.einsum("hrd,hwtd->hrwt", qg, padded(kq)) * sm_scale  # [Hkv, R, W, Lmax]
         lq_max = lq if pad_ok is None else lq.masked_fill(~pad_ok, float("-inf"))
@@ -185,11 +189,8 @@ def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
 
 
 def _costs(lengths: torch.Tensor, widths: Sequence[int], k_group: int, v_group: int) -> torch.Tensor:
-    """Effective bits of each window at each width, ``[W, len(widths)]`` (fp16 group tails included)."""
-    lengths = lengths.double()
-    whole = torch.div(lengths, k_group, rounding_mode="floor") * k_group
-    eb = torch.tensor([effective_bits(int(w), k_group, v_group) for w in widths], dtype=torch.float64)
-    return whole[:, None] * eb[None, :] + ((lengths - whole) * 16.0)[:, None]
+    """Effective bits of each window at each width, ``[W, len(widths)]`` (:func:`window_bits`)."""
+    return window_bits(lengths, widths, k_group, v_group)
 
 
 def allocate_min_error(errors: torch.Tensor, lengths: torch.Tensor, avg_bits: float,
@@ -254,11 +255,11 @@ def uniform_bits(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] =
     """KIVI-style: every window at the widest single width whose memory fits the budget (else the narrowest)."""
     budget = float(avg_bits) * float(lengths.double().sum()) * (1 + 1e-9)
     cost = _costs(lengths.cpu(), widths, k_group, v_group).sum(0)
-    order = sorted(range(len(widths)), key=lambda j: -int(widths[j]))
+    order = sorted((j for j in range(len(widths)) if int(widths[j]) != EVICT), key=lambda j: -int(widths[j]))
     for j in order:
         if float(cost[j]) <= budget:
             return torch.full((lengths.numel(),), int(widths[j]), dtype=torch.long)
-    return torch.full((lengths.numel(),), min(int(w) for w in widths), dtype=torch.long)
+    return torch.full((lengths.numel(),), min(int(w) for w in widths if int(w) != EVICT), dtype=torch.long)
 
 
 def plan_layer(policy: str, *, q_text: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows,
@@ -316,9 +317,7 @@ def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor,
     When every window of every layer got one width, a last line says why (the budget's slack over uniform
     allocation is smaller than one window's upgrade to the next width)."""
     nl, nw = bits.shape
-    eff = float((_costs(lengths, BIT_WIDTHS, k_group, v_group)[torch.arange(nw)[None].expand(nl, nw),
-                 torch.tensor([[BIT_WIDTHS.index(int(b)) for b in row] for row in bits.tolist()])]).sum()
-                / (float(lengths.sum()) * nl))
+    eff = float(window_bits(lengths, bits, k_group, v_group).sum() / (float(lengths.sum()) * nl))
     lines = [f"plan (effective {eff:.2f} bits/element under a {avg_bits:g}-bit budget; widths per {unit}, then the "
              f"{scorer} scores that drove them, low ▁ to high █):",
              f"  {unit:>9} " + "".join(f"{i:>3}" for i in range(nw))]
@@ -330,16 +329,44 @@ def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor,
         lines.append(f"  layer {li:2d}: " + "".join(f"{int(b):>3}" for b in bits[li].tolist())
                      + f"  | {spark} ({lo:.3g}..{hi:.3g})")
     used = sorted({int(b) for b in bits.flatten().tolist()})
-    if len(used) == 1:
+    if used == [EVICT]:
+        lines.append("  every window was evicted (width 0): attention sees none of them")
+    elif len(used) == 1:
         b = used[0]
         wider = [w for w in BIT_WIDTHS if w > b]
         if wider:
             nxt = min(wider)
-            cost = _costs(lengths, BIT_WIDTHS, k_group, v_group)
-            step = float((cost[:, BIT_WIDTHS.index(nxt)] - cost[:, BIT_WIDTHS.index(b)]).min()) / float(lengths.sum())
+            cost = _costs(lengths, ALLOC_WIDTHS, k_group, v_group)
+            step = float((cost[:, ALLOC_WIDTHS.index(nxt)] - cost[:, ALLOC_WIDTHS.index(b)]).min()) / float(lengths.sum())
             lines.append(f"  every window got int{b}: the budget leaves {avg_bits - eff:.2f} bits/element over uniform "
                          f"int{b} ({eff:.2f}), and moving even one {unit} to int{nxt} costs {step:.2f}; raise "
                          f"--avg-bits or use more {unit}s")
         else:
             lines.append(f"  every window got {b} bits: the budget covers the widest width")
     return "\n".join(lines)
+
+
+def kivi_recent_bits(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] = BIT_WIDTHS, k_group: int = 28,
+                     v_group: int = 64) -> torch.Tensor:
+    """The equal-bytes uniform baseline: every window at the widest stored width that fits (:func:`uniform_bits`),
+    then the bytes left spent as KIVI spends them, on the most recent windows (the last ones) kept in fp16, as many
+    as fit. Bits per window ``[W]``."""
+    bits = uniform_bits(lengths, avg_bits, widths, k_group, v_group)
+    budget = float(avg_bits) * float(lengths.double().sum()) * (1 + 1e-9)
+    used = float(window_bits(lengths.cpu(), bits, k_group, v_group).sum())
+    dense = window_bits(lengths.cpu(), [16], k_group, v_group)[:, 0]
+    for i in range(lengths.numel() - 1, -1, -1):
+        step = float(dense[i]) - float(window_bits(lengths[i : i + 1].cpu(), bits[i : i + 1], k_group, v_group)[0])
+        if used + step > budget:
+            break
+        bits[i], used = 16, used + step
+    return bits
+
+
+def shuffled_plan(bits: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The same histogram of widths placed at random over the windows: ``bits [..., W]`` permuted per row (the
+    equal-bytes control of any allocation over windows of equal length)."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = bits.reshape(-1, bits.shape[-1])
+    out = torch.stack([row[torch.randperm(row.numel(), generator=gen)] for row in flat])
+    return out.reshape(bits.shape)

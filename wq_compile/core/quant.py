@@ -1,6 +1,8 @@
 """Quantize / pack / unpack / dequantize in plain torch: the independent reference every kernel is checked against.
 
-Format (see docs/DESIGN.md): asymmetric min/max, ``x ~ code * scale + zero`` computed in fp32 from fp16 scale and zero.
+Format (see docs/DESIGN.md): asymmetric, ``x ~ code * scale + zero`` computed in fp32 from fp16 scale and zero; scale
+and zero from min/max (the default, and the compiled quantize kernel's) or least squares (``fit="lsq"``,
+:mod:`wq_compile.core.quant_fit`).
 Keys: per channel over groups of ``k_group`` tokens (the last group of a run may be shorter).
 Values: per token over groups of ``v_group`` channels.
 
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import SCALE_DTYPE, QuantSpec, WORD_BITS, elems_per_word
+from .quant_fit import codes_of, fit_of, fit_params, minmax_params
+from .spec import QuantSpec, WORD_BITS, elems_per_word
 
 _FP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -145,25 +148,11 @@ def unpack_keys(words: torch.Tensor, bits: int, k_group: int, n: int | None = No
     return c.reshape(*lead, g * k_group, d)[..., :n, :]
 
 
-def _minmax_params(mn: torch.Tensor, mx: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (scale, zero) with ``zero + qmax * scale >= max`` so codes never clip; constant groups get scale 0."""
-    zero = mn.to(SCALE_DTYPE)
-    if not torch.isfinite(zero).all() or not torch.isfinite(mx.to(SCALE_DTYPE)).all():
-        raise ValueError("x: values are not finite or exceed the fp16 range of scale/zero")
-    span = mx.float() - zero.float()
-    scale = (span / qmax).to(SCALE_DTYPE)
-    short = scale.float() * qmax < span  # fp16 rounding made the range too small: bump one ulp
-    scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
-    scale = torch.where(span > 0, scale, torch.zeros_like(scale))
-    return scale, zero
+_minmax_params = minmax_params
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    s = scale.float()
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round((x.float() - zero.float()) / safe)
-    q = torch.where(s > 0, q, torch.zeros_like(q))
-    return q.clamp_(0, qmax).to(torch.int64)
+    return codes_of(x, scale, zero, qmax).to(torch.int64)
 
 
 @dataclass(frozen=True)
@@ -187,8 +176,9 @@ class QuantizedValues:
     spec: QuantSpec
 
 
-def quantize_keys(k: torch.Tensor, spec: QuantSpec) -> QuantizedKeys:
-    """Per-channel quantization of ``k [..., n, d]`` over groups of ``spec.k_group`` tokens."""
+def quantize_keys(k: torch.Tensor, spec: QuantSpec, fit: str = "minmax") -> QuantizedKeys:
+    """Per-channel quantization of ``k [..., n, d]`` over groups of ``spec.k_group`` tokens; ``fit`` chooses each
+    group's scale and zero (:mod:`wq_compile.core.quant_fit`: ``minmax``, the compiled kernel's, or ``lsq``)."""
     check_float("k", k)
     check_quantizable("k", k)
     n, d = k.shape[-2], k.shape[-1]
@@ -203,21 +193,21 @@ def quantize_keys(k: torch.Tensor, spec: QuantSpec) -> QuantizedKeys:
     else:
         kf_p = kf
     grouped = kf_p.reshape(*kf.shape[:-2], g, spec.k_group, d)
-    scale, zero = _minmax_params(grouped.amin(-2), grouped.amax(-2), spec.qmax)
+    scale, zero = fit_params(grouped.transpose(-1, -2), spec.qmax, fit_of(fit, "k"))
     idx = torch.arange(n, device=k.device) // spec.k_group
     codes = _codes(kf, scale[..., idx, :], zero[..., idx, :], spec.qmax)
     return QuantizedKeys(pack_keys(codes, spec.bits, spec.k_group), scale, zero, spec)
 
 
-def quantize_values(v: torch.Tensor, spec: QuantSpec) -> QuantizedValues:
-    """Per-token quantization of ``v [..., n, d]`` over groups of ``spec.v_group`` channels."""
+def quantize_values(v: torch.Tensor, spec: QuantSpec, fit: str = "minmax") -> QuantizedValues:
+    """Per-token quantization of ``v [..., n, d]`` over groups of ``spec.v_group`` channels (``fit`` as for keys)."""
     check_float("v", v)
     check_quantizable("v", v)
     d = v.shape[-1]
     spec.check_head_dim(d)
     vf = v.float()
     grouped = vf.reshape(*vf.shape[:-1], d // spec.v_group, spec.v_group)
-    scale, zero = _minmax_params(grouped.amin(-1), grouped.amax(-1), spec.qmax)
+    scale, zero = fit_params(grouped, spec.qmax, fit_of(fit, "v"))
     codes = _codes(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.qmax).reshape(vf.shape)
     return QuantizedValues(pack(codes, spec.bits), scale, zero, spec)
 
@@ -248,12 +238,12 @@ def dequantize_values(qv: QuantizedValues) -> torch.Tensor:
     return out.reshape(codes.shape)
 
 
-def fake_quant(x: torch.Tensor, spec: QuantSpec, kind: str) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, spec: QuantSpec, kind: str, fit: str = "minmax") -> torch.Tensor:
     """Quantize then dequantize keys (``kind="k"``) or values (``"v"``): the error the cache will see."""
     if kind == "k":
-        return dequantize_keys(quantize_keys(x, spec), x.shape[-2])
+        return dequantize_keys(quantize_keys(x, spec, fit), x.shape[-2])
     if kind == "v":
-        return dequantize_values(quantize_values(x, spec))
+        return dequantize_values(quantize_values(x, spec, fit))
     raise ValueError(f"kind: must be 'k' or 'v', got {kind!r}")
 
 

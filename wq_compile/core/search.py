@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from .allocation import allocate_bits, effective_bits, window_errors
+from .allocation import allocate_bits, window_bits, window_errors
 from .policy import allocate_min_error, window_output_errors
-from .spec import BIT_WIDTHS
+from .spec import ALLOC_WIDTHS, BIT_WIDTHS, EVICT
 from .windows import Windows
 
 
@@ -36,14 +36,9 @@ class Plan:
         """Average effective bits per windowed K/V element over all layers (what the budget constrains)."""
         if len(self.windows) == 0:
             return 0.0
-        lengths = self.windows.lengths.float().to(self.bits.device)
-        whole = torch.div(lengths, self.k_group, rounding_mode="floor") * self.k_group
-        per = torch.tensor([effective_bits(int(b), self.k_group, self.v_group) for b in BIT_WIDTHS],
-                           device=self.bits.device)
-        lut = torch.zeros(17, device=self.bits.device)
-        lut[torch.tensor(BIT_WIDTHS, device=self.bits.device)] = per
-        cost = lut[self.bits] * whole + 16.0 * (lengths - whole)
-        return float(cost.sum() / (lengths.sum() * self.bits.shape[0]))
+        lengths = self.windows.lengths.to(self.bits.device)
+        cost = window_bits(lengths, self.bits, self.k_group, self.v_group)
+        return float(cost.sum() / (lengths.double().sum() * self.bits.shape[0]))
 
     def memory_bytes(self, num_kv_heads: int, head_dim: int) -> int:
         """Estimated K+V bytes of the windowed tokens over all layers: codes, scale/zero of whole groups, fp16
@@ -53,7 +48,8 @@ class Plan:
 
     def histogram(self) -> dict[int, int]:
         """How many (layer, window) pairs got each width."""
-        return {int(w): int((self.bits == w).sum()) for w in BIT_WIDTHS}
+        used = ALLOC_WIDTHS if bool((self.bits == EVICT).any()) else BIT_WIDTHS
+        return {int(w): int((self.bits == w).sum()) for w in used}
 
 
 #: Allocation policies of :func:`search`. ``auto`` = ``sensitivity`` when the caller passes the prompt's text

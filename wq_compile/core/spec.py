@@ -13,6 +13,11 @@ import torch
 #: Widths a window may be stored at. 16 means "not quantized" (kept in the model's dtype).
 BIT_WIDTHS: tuple[int, ...] = (16, 8, 4, 2)
 QUANT_BITS: tuple[int, ...] = (8, 4, 2)
+#: Width 0: the window is evicted (not stored at all; it costs no bytes and attention no longer sees it). Only the
+#: window search allocates it (``WindowQuantConfig(widths=(..., 0))``); no kernel reads it.
+EVICT = 0
+#: Every width the window search may allocate: the stored ones and eviction.
+ALLOC_WIDTHS: tuple[int, ...] = (*BIT_WIDTHS, EVICT)
 #: Codes are packed little-endian into 32-bit machine words (stored as int32).
 WORD_BITS = 32
 SCALE_DTYPE = torch.float16

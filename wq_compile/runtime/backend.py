@@ -9,6 +9,7 @@ second ``generate`` costs nothing to set up.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..compiler.cpu_threads import share_cores_with_torch
+from ..core.buckets import Quantizer, torch_quantizer
 from ..core.config import WindowQuantConfig
 from ..core.layout import LayerCache
-from ..core.buckets import Quantizer, torch_quantizer
-from ..core.quant import QuantizedKeys, QuantizedValues, check_quantizable
+from ..core.quant import QuantizedKeys, QuantizedValues, check_quantizable, quantize_keys, quantize_values
+from ..core.quant_fit import check_fit
 from ..core.reference import decode_attention
 from ..core.spec import KernelSpec, QuantSpec, dtype_tag
 
@@ -113,7 +115,7 @@ def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, hea
     one backend per config and shapes serves the whole process."""
     wq = wq.for_model(num_q_heads, num_kv_heads, head_dim)  # v_group=None -> min(64, head_dim); shape checks
     if wq.backend == "reference":
-        return Backend("reference", ReferenceDecoder(), torch_quantizer)
+        return Backend("reference", ReferenceDecoder(), reference_quantizer(wq.fit))
     share_cores_with_torch()
     key = (wq, num_q_heads, num_kv_heads, head_dim, dtype, str(torch.device(device)))
     with _SHARED_LOCK:
@@ -137,10 +139,12 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                       v_group=wq.v_group, chunk=wq.chunk, library=library,
                                       int8_dots=wq.int8_dots)
-        quantizer = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
+        compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
         uris = [decoder.spec((8, 4, 2)).uri]
-        for bits in (8, 4, 2):  # fail here, not in the middle of generation
-            spec = quantizer.spec(QuantSpec(bits, wq.k_group, wq.v_group))
+        # the compiled quantize kernel fits min/max; any other fit quantizes with the torch reference (same format)
+        quantizer = compiled_q if wq.fit == "minmax" else reference_quantizer(wq.fit)
+        for bits in ((8, 4, 2) if wq.fit == "minmax" else ()):  # fail here, not in the middle of generation
+            spec = compiled_q.spec(QuantSpec(bits, wq.k_group, wq.v_group))
             library.load(spec)
             uris.append(spec.uri)
         kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
@@ -154,4 +158,17 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
             raise
         warnings.warn(f"WindowQuant: no compiled modules ({type(exc).__name__}: {exc}); using the torch "
                       f"reference, which dequantizes every step and is slow", RuntimeWarning, stacklevel=3)
-        return Backend("reference", ReferenceDecoder(), torch_quantizer)
+        return Backend("reference", ReferenceDecoder(), reference_quantizer(wq.fit))
+
+
+def reference_quantizer(fit: str = "minmax") -> Quantizer:
+    """The torch quantizer with ``fit`` (:mod:`wq_compile.core.quant_fit`) choosing every group's scale and zero."""
+    check_fit(fit)
+    if fit == "minmax":
+        return torch_quantizer
+    return functools.partial(_fit_quantizer, fit)
+
+
+def _fit_quantizer(fit: str, spec: QuantSpec, k: torch.Tensor, v: torch.Tensor
+                   ) -> tuple[QuantizedKeys, QuantizedValues]:
+    return quantize_keys(k, spec, fit), quantize_values(v, spec, fit)

@@ -7,6 +7,7 @@ decode milliseconds per token (median over repeats, prefill subtracted).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import statistics
 import time
@@ -15,9 +16,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..integrations.tiny import Prompt
 from ..core.config import WindowQuantConfig
+from ..integrations.tiny import Prompt
 from ..integrations.transformers import WindowQuantCache
+from ..runtime.backend import reference_quantizer
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,16 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
     for width in (4, 2):  # KIVI-style: every window at one width, same kernels and format
         methods.append(wq_method(f"uniform int{width} (KIVI-style)",
                                  WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend), "no window search"))
+    for fit in ("lsq-hqq", "hqq"):  # least-squares / HQQ scales/zeros: same format, same decode kernels, torch quantizer
+        fitted = dataclasses.replace(kernels, quantize=reference_quantizer(fit))
+        for width in (4, 2):
+            wq = WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend, fit=fit)
+            methods.append(Method(f"uniform int{width}, fit {fit}", lambda wq=wq, b=fitted: WindowQuantCache(
+                cfg, wq, backend=b).prepare(**prompt.inputs), "no window search; torch quantizer"))
     for ab in avg_bits:
         methods.append(wq_method(f"WindowQuant avg {ab:g} bits", WindowQuantConfig(avg_bits=ab, backend=backend), ""))
+        methods.append(wq_method(f"WindowQuant avg {ab:g} bits, eviction", WindowQuantConfig(
+            avg_bits=ab, widths=(16, 8, 4, 2, 0), backend=backend), "width 0 allowed: a window may be evicted"))
     return methods
 
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from ...core.allocation import effective_bits, window_errors
+from ...core.allocation import window_bits, window_errors
 from ...core.policy import POLICIES, WindowFakeQuant, attend, plan_layer, window_output_errors
 from ...core.scores import attention_scores
 from ...core.search import Plan
@@ -147,9 +147,7 @@ def compare_policies(w: Workload, s: Sensitivity, budgets: Sequence[float], poli
                      random_seeds: int = 5) -> list[PolicyRow]:
     """Every policy at every budget; ``random`` is the median of ``random_seeds`` draws."""
     rows = []
-    floor = float(sum(effective_bits(2, w.k_group, w.v_group) * (n // w.k_group * w.k_group)
-                      + 16.0 * (n - n // w.k_group * w.k_group) for n in w.windows.lengths.tolist())
-                  / float(w.windows.lengths.sum()))
+    floor = float(window_bits(w.windows.lengths, [2], w.k_group, w.v_group).sum() / w.windows.lengths.sum())
     for ab in budgets:
         if ab < floor:
             rows += [PolicyRow(w.name, p, ab, float("nan"), float("nan"), float("nan"), float("nan"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,11 +20,14 @@ class AnalysisResult:
     sensitivities: list[Sensitivity]
     correlations: list[CorrRow]
     policies: list[PolicyRow]
+    equal_bytes: list[PolicyRow] = field(default_factory=list)  # equal_bytes_rows: policies next to their controls
 
 def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5, 4.0), model: str | None = None,
                  frames: int = 8, out_dir: str | Path | None = None,
                  progress: Callable[[str], None] | None = None) -> AnalysisResult:
     """Measure every workload, correlate, compare policies; write CSVs and PNGs into ``out_dir`` if given."""
+    from .equal_bytes import equal_bytes_rows
+
     torch.set_grad_enabled(False)
     res = AnalysisResult([], [], [], [])
     for name in names:
@@ -36,11 +39,13 @@ def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5
         res.sensitivities.append(s)
         res.correlations += correlations(w, s)
         res.policies += compare_policies(w, s, budgets)
+        res.equal_bytes += equal_bytes_rows(w, s, budgets)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "correlations.csv", [r.__dict__ for r in res.correlations])
         _write_csv(out / "policies.csv", [r.__dict__ for r in res.policies])
+        _write_csv(out / "equal_bytes.csv", [r.__dict__ for r in res.equal_bytes])
         _write_csv(out / "windows.csv", _window_rows(res))
         for scorer in SCORERS:
             scatter(res, scorer, out / f"scatter_{scorer}.png")
@@ -118,7 +123,8 @@ def format_correlations(rows: Sequence[CorrRow]) -> str:
     return "\n".join(lines)
 
 def format_policies(rows: Sequence[PolicyRow], workloads: Sequence[Workload] | None = None) -> str:
-    """Per workload and budget: each policy's effective bits, attention-output error, KL and error vs uniform."""
+    """Per workload and budget: each policy's effective bits, attention-output error, KL and error vs uniform (only
+    where the two use bytes within 1% of each other: other ratios would compare different memory)."""
     metric = {w.name: w.final_metric for w in workloads or []}
     lines = []
     for n in dict.fromkeys(r.workload for r in rows):
@@ -131,9 +137,10 @@ def format_policies(rows: Sequence[PolicyRow], workloads: Sequence[Workload] | N
             if sel and sel[0].note.startswith("infeasible"):
                 lines.append(f"  {ab:>6g} {sel[0].note}")
                 continue
-            for r in sel:
-                ue = uni[0].out_err if uni else float("nan")
-                uk = uni[0].kl if uni else float("nan")
+            for r in sel:  # a ratio only between rows within 1% of the same bytes (else n/a)
+                same = bool(uni) and abs(r.eff_bits - uni[0].eff_bits) <= 0.01 * uni[0].eff_bits
+                ue = uni[0].out_err if same else float("nan")
+                uk = uni[0].kl if same else float("nan")
                 lines.append(f"  {ab:>6g} {r.policy:<22} {r.eff_bits:>8.2f} {r.out_err:>8.4f} "
                              f"{_f(r.out_err / ue if ue else float('nan'), '.2f'):>7} {r.kl:>9.2e} "
                              f"{_f(r.kl / uk if uk else float('nan'), '.2f'):>7} {_f(r.answer_bits, '.1f'):>11}  "

@@ -38,6 +38,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def _main_analyze(args: argparse.Namespace) -> int:
     from ..analysis import WORKLOADS, format_correlations, format_policies, run_analysis
+    from ..analysis.equal_bytes import format_equal_bytes
 
     names = [x.strip() for x in args.workloads.split(",") if x.strip()]
     bad = [n for n in names if n not in WORKLOADS]
@@ -66,6 +67,9 @@ def _main_analyze(args: argparse.Namespace) -> int:
     print(format_correlations(res.correlations))
     print()
     print(format_policies(res.policies, res.workloads))
+    print()
+    print("at equal bytes, eviction allowed (width 0), next to the same histogram at random and KIVI-style uniform:")
+    print(format_equal_bytes(res.equal_bytes))
     print(f"wrote {args.out}/correlations.csv, policies.csv, windows.csv, scatter_<scorer>.png")
     return 0
 

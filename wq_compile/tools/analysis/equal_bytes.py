@@ -1,0 +1,99 @@
+"""Allocation policies next to their equal-bytes controls (the last table of ``wq-eval --analyze``).
+
+A ratio between two allocations means something only when they spend the same bytes. Each policy row here is
+paired with the same histogram of widths placed at random, and with the KIVI-style uniform scheme given the same
+budget (the widest uniform width that fits, the rest spent on fp16 recent windows); every row carries its effective
+bits (:func:`wq_compile.core.allocation.window_bits`), and a ratio is printed only between rows within 1% of the same bytes.
+Width 0 (eviction) may be allowed, which :func:`wq_compile.tools.analysis.evaluate_plan` cannot express (it replaces K/V
+of the prompt's shape), hence :func:`evaluate_plan_evicting`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from ...core.allocation import allocate_bits, window_bits, window_errors
+from ...core.policy import allocate_min_error, attend, kivi_recent_bits, shuffled_plan, window_output_errors
+from .measurements import PolicyRow, Sensitivity, evaluate_plan
+from .workloads import Workload
+
+
+def evaluate_plan_evicting(w: Workload, s: Sensitivity, bits: torch.Tensor) -> tuple[float, float]:
+    """:func:`evaluate_plan` for plans that may evict windows (width 0): their tokens leave the attention. The
+    readout KL needs K/V of the prompt's shape, so it is NaN for a plan that evicts."""
+    if not bool((bits == 0).any()):
+        return evaluate_plan(w, s, bits)
+    errs = []
+    pos, wid = w.windows.token_index()
+    for li, lc in enumerate(w.layers):
+        kq, vq = s.fq[li].apply(torch.where(bits[li] == 0, torch.full_like(bits[li], 16), bits[li]))
+        keep = torch.ones(lc.k.shape[-2], dtype=torch.bool)
+        keep[pos[bits[li][wid] == 0]] = False
+        o = attend(lc.q_dec, lc.k, lc.v, lc.sm_scale)
+        oq = attend(lc.q_dec, kq[:, keep], vq[:, keep], lc.sm_scale)
+        errs.append(float((oq - o).norm() / o.norm().clamp_min(1e-30)))
+    return sum(errs) / len(errs), float("nan")
+
+
+def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widths: Sequence[int] = (16, 8, 4, 2, 0),
+                     policies: Sequence[str] = ("similarity:attention", "sensitivity"), seeds: int = 5
+                     ) -> list[PolicyRow]:
+    """Each allocation policy next to its equal-bytes controls: the same histogram of widths placed at random
+    (median of ``seeds``) and the KIVI-style uniform width plus fp16 recent windows (:func:`kivi_recent_bits`).
+    ``widths`` may include 0 (eviction). Every row carries its effective bits (:func:`window_bits`)."""
+    rows = []
+    lengths = w.windows.lengths
+    widths = tuple(sorted({int(x) for x in widths}, reverse=True))
+
+    def row(policy: str, ab: float, bits: torch.Tensor, note: str = "") -> PolicyRow:
+        err, kl = evaluate_plan_evicting(w, s, bits)
+        eff = float(window_bits(lengths, bits, w.k_group, w.v_group).sum() / (lengths.sum() * bits.shape[0]))
+        ans = float(bits[:, w.answer].float().mean()) if w.answer is not None and bool(w.answer.any()) else float("nan")
+        return PolicyRow(w.name, policy, ab, eff, err, kl, ans, note)
+
+    for ab in budgets:
+        base = torch.stack([kivi_recent_bits(lengths, ab, widths, w.k_group, w.v_group) for _ in w.layers])
+        rows.append(row("uniform + fp16 recent", ab, base, "KIVI-style equal bytes"))
+        floor = float(window_bits(lengths, [min(widths)], w.k_group, w.v_group).sum() / lengths.sum())
+        for policy in policies:
+            if ab < floor:
+                rows.append(PolicyRow(w.name, policy, ab, float("nan"), float("nan"), float("nan"), float("nan"),
+                                      f"infeasible: widths {widths} need >= {floor:.2f} effective bits"))
+                continue
+            plans = []
+            for li, lc in enumerate(w.layers):
+                if policy == "sensitivity":
+                    errs = window_output_errors(lc.q_text, lc.k, lc.v, w.windows, widths, lc.sm_scale, w.k_group,
+                                                w.v_group)
+                    plans.append(allocate_min_error(errs, lengths, ab, widths, w.k_group, w.v_group))
+                else:
+                    errs = window_errors(lc.k[None], lc.v[None], w.windows, widths, w.k_group, w.v_group)[0]
+                    plans.append(allocate_bits(s.scores["attention"][li].float(), errs.float(), lengths, ab, widths,
+                                               w.k_group, w.v_group))
+            bits = torch.stack(plans)
+            rows.append(row(policy, ab, bits, f"widths {widths}"))
+            rnd = [row(policy + " shuffled", ab, shuffled_plan(bits, seed)) for seed in range(seeds)]
+            rnd.sort(key=lambda r: r.out_err)
+            rows.append(dataclasses.replace(rnd[len(rnd) // 2], note=f"same histogram at random, median of {seeds}"))
+    return rows
+
+
+def format_equal_bytes(rows: Sequence[PolicyRow]) -> str:
+    """Rows of :func:`equal_bytes_rows` with their effective bits; a ratio to the equal-bytes uniform row only where
+    the two use bytes within 1% of each other (else "n/a: bytes differ")."""
+    lines = []
+    for n in dict.fromkeys(r.workload for r in rows):
+        lines.append(f"{n}:")
+        lines.append(f"  {'budget':>6} {'policy':<34} {'eff bits':>8} {'out err':>8} {'KL':>9} {'vs unif+recent':>15}")
+        for ab in dict.fromkeys(r.avg_bits for r in rows if r.workload == n):
+            sel = [r for r in rows if r.workload == n and r.avg_bits == ab]
+            u = next(r for r in sel if r.policy == "uniform + fp16 recent")
+            for r in sel:
+                same = abs(r.eff_bits - u.eff_bits) <= 0.01 * u.eff_bits
+                ratio = f"{r.out_err / u.out_err:.2f}x" if same and u.out_err > 0 else "n/a: bytes differ"
+                lines.append(f"  {ab:>6g} {r.policy:<34} {r.eff_bits:>8.2f} {r.out_err:>8.4f} {r.kl:>9.2e} "
+                             f"{ratio:>15}  {r.note}")
+    return "\n".join(lines)
