@@ -72,7 +72,7 @@ def llava_workload(model: Any, inputs: dict, name: str, label: str) -> Workload:
     the (replaced) prompt K/V and runs that decode step: next-token log-probabilities."""
     from transformers import DynamicCache
 
-    from ..integrations.llava import VisualLayout, locate
+    from ...integrations.llava import VisualLayout, locate
 
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError("inputs: the analysis uses a batch of one prompt")
@@ -123,7 +123,7 @@ def llava_workload(model: Any, inputs: dict, name: str, label: str) -> Workload:
 
 def tiny_workload(frames: int = 8, seed: int = 0) -> Workload:
     """The tiny random-weight LLaVA-OneVision on a random video: exercises the machinery, means nothing else."""
-    from ..integrations.tiny import tiny_model, video_prompt
+    from ...integrations.tiny import tiny_model, video_prompt
 
     register_capture()
     torch.manual_seed(seed)
