@@ -237,7 +237,9 @@ def build_plain_kernel(kdef: KernelDef, device: Device, *, logs_dir: str | os.Pa
     (a failure raises: knobs never change results, so it is a kernel bug, never a reason to cache the module)."""
     from . import knob_lookup
     from .check import check_against_reference
+    from .isa_variants import check_isa_variants
 
+    check_isa_variants(kdef.spec, device)  # x86-intrinsic variants on another target: LLVM would abort the process
     provenance, note = knob_lookup.provenance(kdef.spec, device, logs_dir)
     if not provenance.tuned:
         msg = (f"{kdef.spec.uri}: no knob record for {device.tag} or a compatible {device.isa} device "
