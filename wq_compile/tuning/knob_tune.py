@@ -237,6 +237,8 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     })
     default = knob_key(DEFAULT_KNOBS)
     bought = None
+    meta.pop("default_wins", None)  # a resumed sweep's earlier verdict is replaced (or dropped: no default timed)
+    meta.pop("bought", None)
     if default in done and default not in failed:
         meta["untuned_ms"] = statistics.median(done[default]) * 1e3  # the factory's defaults
         others = [c.samples for c in measured if knob_key(c.knobs) != default]

@@ -115,6 +115,9 @@ def tune_kernel(kernel: KernelSpec | KernelDef, device: Device | str = "llvm",
         new_valid = _run_search(kdef, device, settings, workload, db, before, remaining, measurers, on_progress)
         db = tuning_log.open_database(folder, device)
     records = tuning_log.valid_records(db, workload)
+    if new_valid:  # an earlier verdict (default_wins, times) does not judge the new records
+        for stale in ("default_wins", "bought", "untuned_ms", "tuned_ms"):
+            meta.pop(stale, None)
     meta.update({"trials_requested": trials, "valid_trials": len(records), "timestamp": tuning_log.timestamp()})
     tuning_log.write_meta(folder, meta)
     if not records:
