@@ -85,6 +85,8 @@ def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
         return
     if spec.kind in ("decode", "fused"):
         _attention(sch, spec, None)
+    elif spec.kind == "quantize":
+        _quantize(sch, spec, None)
     else:
         default_schedule(sch, spec)
 
@@ -93,12 +95,15 @@ def tuned_schedule(sch: s_tir.Schedule, spec: KernelSpec, knobs: dict) -> None:
     """The design space with fixed knobs (hand-picked configurations, benchmarks)."""
     if spec.kind in ("decode", "fused"):
         _attention(sch, spec, knobs)
+    elif spec.kind == "quantize":
+        _quantize(sch, spec, knobs)
     else:
         default_schedule(sch, spec)
 
 
-#: Hand-picked knobs for the attention kernels (good on AVX-512 / AVX2 hosts).
-HAND_KNOBS = {"qk_tok": 2, "qk_g": 7, "pv_lanes": 16, "pv_tok": 4, "pv_g": 7, "unroll": 64}
+#: Hand-picked knobs for the attention and quantize kernels (good on AVX-512 / AVX2 hosts).
+HAND_KNOBS = {"qk_tok": 2, "qk_g": 7, "pv_lanes": 16, "pv_tok": 4, "pv_g": 7, "unroll": 64,
+              "q_unroll": 64, "q_kc": 16}  # q_*: the quantize kernels
 
 
 def _pick(sch, knobs, key, candidates):
@@ -199,3 +204,27 @@ def _attention(sch: s_tir.Schedule, spec: KernelSpec, knobs: dict | None) -> Non
         sch.unroll(ti)
         sch.decompose_reduction(pv, to)
     sch.vectorize(sch.get_loops(sch.get_sblock("final_o"))[-1])
+
+
+def _quantize(sch: s_tir.Schedule, spec: KernelSpec, knobs: dict | None) -> None:
+    """Quantize: the default's parallel (sample, KV head) loops, plus sampled choices (the default has none, so a
+    tuning run had one candidate): the unroll depth, and a channel vector tile for the per-channel key min/max
+    (channels innermost below the token reduction: one vector min/max per token instead of a serial one per
+    channel) and for the per-channel key scale / zero (shared draws)."""
+    default_schedule(sch, spec)
+    unroll = _pick(sch, knobs, "q_unroll", _UNROLL_STEPS)
+    d = spec.head_dim
+    shared: dict = {}
+    for name in ("k_min", "k_max"):
+        blk = sch.get_sblock(name)
+        par, _g, dd, t = sch.get_loops(blk)
+        sch.annotate(par, "meta_schedule.unroll_explicit", unroll)
+        do, di = _tile2(sch, knobs, dd, "q_kc", d, 16, shared)
+        sch.reorder(do, t, di)
+        sch.vectorize(di)
+        sch.decompose_reduction(blk, t)
+    for name in ("k_zero", "k_scale"):
+        par, _g, dd = sch.get_loops(sch.get_sblock(name))
+        sch.annotate(par, "meta_schedule.unroll_explicit", unroll)
+        _do, di = _tile2(sch, knobs, dd, "q_kc", d, 16, shared)
+        sch.vectorize(di)

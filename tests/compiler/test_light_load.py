@@ -126,3 +126,28 @@ def test_stale_or_foreign_modules_are_rebuilt_or_refused_on_the_light_path(warm)
         key.write_text(json.dumps(good))
     assert proc.returncode != 0 and "ModuleCacheError" in proc.stderr, proc.stderr[-3000:]
     assert "built with apache-tvm 0.1" in proc.stderr
+
+
+def test_warm_load_skips_ml_dtypes_and_tvm_imported_later_still_has_it(warm):
+    """The light path imports tvm_ffi without ml_dtypes (wq_compile.compiler.ffi_import: ~0.6 s of a warm load);
+    importing TVM afterwards in the same process imports the real ml_dtypes, registers its dtypes with tvm_ffi,
+    and numpy bfloat16 / float8 arrays convert both ways; a cold kernel still builds and agrees."""
+    out = _run(warm, DECODE, """
+    ml_after_load = "ml_dtypes" in sys.modules
+    import numpy as np
+    import tvm, tvm_ffi
+    import ml_dtypes
+    x = np.arange(8, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    t = tvm.runtime.tensor(x)
+    f8 = tvm.runtime.tensor(np.ones(4, dtype=ml_dtypes.float8_e4m3fn))
+    back = t.numpy()
+    err2 = float((b.decode(q, layer, 0.125, None) - decode_attention(q, layer, 0.125)).abs().max())
+    out.update(ml_after_load=ml_after_load, dtype=str(t.dtype), back=str(back.dtype),
+               same=bool((back == x).all()), f8=str(f8.dtype),
+               named=tvm_ffi.dtype._NUMPY_DTYPE_TO_STR.get(np.dtype(ml_dtypes.bfloat16)),
+               ml_real=hasattr(sys.modules["ml_dtypes"], "bfloat16"), err2=err2)
+    """)
+    assert out == {**out, "tvm": False, "cached": 4, "ml_after_load": False, "dtype": "bfloat16",
+                   "back": "bfloat16", "same": True, "f8": "float8_e4m3fn", "named": "bfloat16",
+                   "ml_real": True}, out
+    assert out["err"] < 1e-4 and out["err2"] < 1e-4

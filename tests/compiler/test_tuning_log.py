@@ -97,3 +97,23 @@ def test_meta_is_checked(tmp_path, host):
     other = _log(tmp_path, "cpu-x-2c", json.loads(host.target_json))
     with pytest.raises(TuningLogError, match="log of device 'cpu-x-2c'"):
         tuning_log.read_meta(other, host)
+
+
+@pytest.mark.parametrize("mcpu,mattr,isa", [("neoverse-n1", None, "aarch64-neon"),
+                                            ("cortex-a72", None, "aarch64-neon"),
+                                            ("neoverse-v1", None, "aarch64-sve"),
+                                            ("neoverse-n1", ["+sve"], "aarch64-sve")])
+def test_aarch64_devices_find_logs_of_their_own_class_only(tmp_path, mcpu, mattr, isa):
+    """An aarch64 device finds the logs of its ISA class (NEON or SVE, read from the target), nearest cores first,
+    never an x86 log nor one of the other aarch64 class."""
+    arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+    _log(tmp_path, "cpu-x86_64-amd-epyc-2c", {"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
+    _log(tmp_path, "cpu-x86_64-intel-haswell-2c", {"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    _log(tmp_path, "cpu-aarch64-graviton2-16c", {**arm, "mcpu": "neoverse-n1", "num-cores": 16})
+    _log(tmp_path, "cpu-aarch64-graviton2-4c", {**arm, "mcpu": "neoverse-n1", "num-cores": 4})
+    _log(tmp_path, "cpu-aarch64-graviton3-4c", {**arm, "mcpu": "neoverse-v1", "num-cores": 4})
+    device = resolve_device({**arm, "mcpu": mcpu, "num-cores": 2, **({"mattr": mattr} if mattr else {})})
+    assert device.isa == isa
+    found = [s.tag for s in tuning_log.candidate_logs(tmp_path, device, URI)]
+    assert found == (["cpu-aarch64-graviton2-4c", "cpu-aarch64-graviton2-16c"] if isa == "aarch64-neon"
+                     else ["cpu-aarch64-graviton3-4c"]), found

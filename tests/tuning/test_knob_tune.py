@@ -29,6 +29,8 @@ GRID = ({"splits": 1, "pvc": 16, "qkh": 8}, {"splits": 2, "pvc": 8, "qkh": 8})
 
 
 def _settings(logs, **kw):
+    # a fixed grid without the factory knobs: these tests check the sweep machinery (test_record_rule the rule)
+    kw.setdefault("include_default", False)
     return knob_tune.KnobSweepSettings(logs_dir=logs, n_tokens=128, rounds=2, min_sample_s=0.002, grid=GRID, **kw)
 
 

@@ -47,7 +47,27 @@ def _lines(path):
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_tune_writes_records_meta_and_resumes(tmp_path, host, pools):
+def _planted_measurement(monkeypatch, win: bool) -> None:
+    """The default-vs-records measurement runs for real (its times must be positive), then its verdict is planted:
+    the toy's records and its default schedule are within noise of each other, and these tests are about the
+    driver's logs (tests/tuning/test_record_rule.py covers the rule with planted times end to end)."""
+    from wq_compile.tuning import tune as tune_mod
+    from wq_compile.tuning.versus_default import Bought
+
+    real = tune_mod.measure_records
+
+    def planted(*a, **kw):
+        b = real(*a, **kw)
+        assert b.default_s > 0 and b.best_s > 0 and b.candidates >= 1 and b.rounds >= 1
+        factor = 0.5 if win else 2.0
+        return Bought(b.default_s, b.default_s * factor, b.default_s * max(factor, 1.5), b.spread, b.candidates,
+                      b.rounds)
+
+    monkeypatch.setattr(tune_mod, "measure_records", planted)
+
+
+def test_tune_writes_records_meta_and_resumes(tmp_path, host, pools, monkeypatch):
+    _planted_measurement(monkeypatch, win=True)
     res = tune_kernel(TOY, host, _settings(tmp_path, trials=2, seed=3), measurers=pools)
     log = tmp_path / host.tag / TOY_SPEC.uri
     assert res.log_dir == log and res.valid_trials >= 2 and res.new_trials >= 2
@@ -72,6 +92,14 @@ def test_tune_writes_records_meta_and_resumes(tmp_path, host, pools):
     # Enough records already: nothing is tuned.
     res3 = tune_kernel(TOY, host, _settings(tmp_path, trials=1, measure=False))
     assert res3.new_trials == 0 and res3.valid_trials == res2.valid_trials
+
+    # Every record measured slower than the default schedule: no record is kept, and the log says why.
+    _planted_measurement(monkeypatch, win=False)
+    res4 = tune_kernel(TOY, host, _settings(tmp_path, trials=1))
+    meta = read_meta(log, host)
+    assert res4.new_trials == 0 and not res4.bought.kept and str(res4.provenance) == "untuned"
+    assert _lines(log / "database_tuning_record.json") == [] and meta["default_wins"] is True
+    assert meta["bought"]["kept"] is False and meta["tuned_ms"] > meta["untuned_ms"]
 
 
 def test_zero_valid_trials_is_an_error(tmp_path, host):

@@ -169,8 +169,13 @@ def choose_schedule(kdef: KernelDef, device: Device, logs_dir: str | os.PathLike
     ``(schedule, provenance, module built for the check or None)``, else ``(None, UNTUNED, None)``. Replays traces;
     never called on a warm module-cache load."""
     from .check import ReferenceMismatch, check_against_reference
+    from .record_rule import slower_than_default
 
     for src in candidate_logs(logs_dir, device, kdef.spec.uri):
+        why = slower_than_default(src.meta)
+        if why is not None:  # tuning never makes a kernel slower (wq_compile.compiler.record_rule)
+            warnings.warn(f"{src.log_dir}: {why}; not used", UntunedKernelWarning, stacklevel=3)
+            continue
         try:
             found = _record_schedule(kdef, src)
         except TuningLogError:
@@ -237,7 +242,9 @@ def build_plain_kernel(kdef: KernelDef, device: Device, *, logs_dir: str | os.Pa
     (a failure raises: knobs never change results, so it is a kernel bug, never a reason to cache the module)."""
     from . import knob_lookup
     from .check import check_against_reference
+    from .isa_variants import check_isa_variants
 
+    check_isa_variants(kdef.spec, device)  # x86-intrinsic variants on another target: LLVM would abort the process
     provenance, note = knob_lookup.provenance(kdef.spec, device, logs_dir)
     if not provenance.tuned:
         msg = (f"{kdef.spec.uri}: no knob record for {device.tag} or a compatible {device.isa} device "

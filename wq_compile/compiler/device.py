@@ -343,7 +343,7 @@ def resolve_device(target: str | dict | Any = "llvm", num_cores: int | None = No
 
 def _device_from_target(target: Any) -> Device:
     """A device for an explicit target. An llvm target for another CPU than this host's gets ``-<mcpu>`` in its tag,
-    so its modules never share a cache file with the host's."""
+    so its modules never share a cache file with the host's; one with an ``mtriple`` names that triple's arch."""
     from tvm.target import codegen
 
     kind = str(target.kind.name)
@@ -354,7 +354,8 @@ def _device_from_target(target: Any) -> Device:
         cores = int(attrs.get("num-cores", physical_cores()))
         model = _cpuinfo_model()
         mcpu = str(attrs.get("mcpu") or "generic")
-        tag = f"cpu-{slug(platform.machine())}-{slug(model)}-{cores}c"
+        triple = str(attrs.get("mtriple") or "")  # a cross target's tag names its arch (the log lookup compares it)
+        tag = f"cpu-{slug(triple.split('-')[0] if triple else platform.machine())}-{slug(model)}-{cores}c"
         if mcpu != str(codegen.llvm_get_system_cpu()) or attrs.get("mtriple"):
             tag += f"-{slug(mcpu)}"
         return Device.of(target, tag, f"{model} ({mcpu}, {cores} cores)")

@@ -34,6 +34,7 @@ from typing import Any
 from . import device as device_mod
 from .device import Device
 from .cache_files import atomic_write, cache_root
+from .ffi_import import import_tvm_ffi
 
 #: The host-facts file in the module cache root (one per tvm / tvm-ffi version).
 FACTS_FILE = "host_devices.json"
@@ -53,7 +54,9 @@ def tvm_library_dirs() -> list[Path] | None:
 @lru_cache(maxsize=1)
 def runtime_library() -> Any:
     """``libtvm_runtime.so`` loaded (once) exactly as ``tvm/base.py`` loads it: same ``tvm_ffi`` call, same search
-    path, ``RTLD_GLOBAL``; a later ``import tvm`` then maps nothing twice."""
+    path, ``RTLD_GLOBAL``; a later ``import tvm`` then maps nothing twice. ``tvm_ffi`` is imported without
+    ``ml_dtypes`` (:mod:`wq_compile.compiler.ffi_import`)."""
+    import_tvm_ffi()
     from tvm_ffi import libinfo
 
     dirs = tvm_library_dirs()

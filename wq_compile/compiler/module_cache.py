@@ -28,6 +28,7 @@ from filelock import FileLock
 
 from .. import kernels
 from . import tuning_log
+from .record_rule import slower_than_default
 from .build import BuiltKernel, build_kernel, schedule_code_digest
 from .cache_files import atomic_write, cache_root
 from .device import PINNED_PACKAGES, Device, versions
@@ -62,6 +63,8 @@ def expected_key(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike |
         sources = tuning_log.candidate_logs(logs_dir, device, knobs.record_uri(spec), strict=False)
     else:
         sources = tuning_log.candidate_logs(logs_dir, device, spec.uri)
+    # logs the rule refuses serve nothing: a module cached from one (before the rule) no longer matches its key
+    sources = [s for s in sources if slower_than_default(s.meta) is None]
     return {
         "uri": spec.uri,
         **{pkg: v[pkg] for pkg in PINNED_PACKAGES},

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .device import Device, isa_class
+from .record_rule import slower_than_default
 from .log_store import FAILED_RUN_SECS, KNOB_FILE, KNOB_KIND, META_FILE, RECORD_FILE, WORKLOAD_FILE, KnobRecordWarning, TornLogWarning, TuningLogError, append_knob_sample, commit_records, fix_hint, log_dir, median, new_meta, open_database, read_knob_samples, read_meta, record_lines, repair_knob_log, repair_log, spec_fields, timestamp, valid_records, write_meta
 
 
@@ -171,6 +172,10 @@ def find_knob_record(logs_dir: str | os.PathLike | None, device: Device, base_ur
     compatibility rules as MetaSchedule logs (exact tag, then same ISA class, nearest cores); an unreadable or
     incomplete one is skipped with a :class:`KnobRecordWarning`."""
     for src in candidate_logs(logs_dir, device, base_uri, strict=False):
+        why = slower_than_default(src.meta)
+        if why is not None:  # tuning never makes a kernel slower (wq_compile.compiler.record_rule)
+            warnings.warn(f"{src.log_dir}: {why}; not used (the default knobs are)", KnobRecordWarning, stacklevel=2)
+            continue
         try:
             return read_knob_record(src)
         except TuningLogError as exc:

@@ -29,12 +29,16 @@ from ..kernels.attention_cpu import CpuKnobs
 from ..compiler.measure import example_args, time_function
 from ..core.spec import KernelSpec
 from .settings import NoValidTrialsError
+from .versus_default import Bought, judge
 from ..compiler.tuning_log import Provenance, TuningLogError
 
 #: Tokens per quantized piece the knobs are timed at (a 32-frame video is ~6300 tokens; long videos are longer).
 KNOB_TOKENS = 8192
 #: Interleaved rounds per candidate (the recorded time is their median).
 KNOB_ROUNDS = 7
+#: The factory's knobs (:class:`CpuKnobs` defaults), a candidate of every sweep.
+DEFAULT_KNOBS: Mapping[str, int] = {"splits": CpuKnobs().splits, "pvc": CpuKnobs().pv_channels,
+                                    "qkh": CpuKnobs().qk_heads}
 #: P @ V channel tiles (bytes of V per pass; the factory halves one that does not divide a piece's value bytes).
 PVC_CANDIDATES: tuple[int, ...] = (8, 16, 32)
 
@@ -52,6 +56,9 @@ class KnobSweepSettings:
     rounds: int = KNOB_ROUNDS
     min_sample_s: float = 0.05  # each sample repeats the call until it lasts this long (timer resolution)
     grid: Sequence[Mapping[str, int]] | None = None  # None: knob_grid(spec, cores)
+    #: time the factory's knobs as a candidate too (added to the grid when missing): the record is kept only if it
+    #: beats them (wq_compile.tuning.versus_default); False only to test the sweep's machinery on a fixed grid
+    include_default: bool = True
 
     def __post_init__(self) -> None:
         if self.n_tokens < 1:
@@ -80,6 +87,7 @@ class KnobSweepResult:
     best: KnobCandidate
     new_samples: int
     failed: Mapping[str, str] = field(default_factory=dict)  # knob key -> reference-check error
+    bought: Bought | None = None  # the factory's knobs vs the best and worst candidate (None: not measured)
 
     @property
     def best_spec(self) -> KernelSpec:
@@ -165,6 +173,8 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     cores = device.num_cores or os.cpu_count() or 1
     isa = isa_class(device.target)
     grid = [dict(g) for g in (settings.grid if settings.grid is not None else knob_grid(base, cores, isa))]
+    if settings.include_default and knob_key(DEFAULT_KNOBS) not in {knob_key(g) for g in grid}:
+        grid.append(dict(DEFAULT_KNOBS))
     if not grid:
         raise ValueError("grid: no knob candidates to measure")
     folder = tuning_log.log_dir(settings.logs_dir, device.tag, base.uri)
@@ -205,7 +215,7 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
         for key in order:
             if len(done.get(key, [])) > r:
                 continue
-            secs = time_function(funcs[key], repeat=1, min_sample_s=settings.min_sample_s)
+            secs = time_candidate(key, funcs[key], settings)
             tuning_log.append_knob_sample(folder, by_key[key], r, secs)
             done.setdefault(key, []).append(secs)
             new += 1
@@ -225,14 +235,24 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
         "failed_reference_check": sorted(failed), "num_candidates": len(measured), "timestamp": _now(),
         "tuned_ms": best.median_s * 1e3,
     })
-    d = CpuKnobs()
-    default = knob_key({"splits": d.splits, "pvc": d.pv_channels, "qkh": d.qk_heads})
-    if default in done:
+    default = knob_key(DEFAULT_KNOBS)
+    bought = None
+    meta.pop("default_wins", None)  # a resumed sweep's earlier verdict is replaced (or dropped: no default timed)
+    meta.pop("bought", None)
+    if default in done and default not in failed:
         meta["untuned_ms"] = statistics.median(done[default]) * 1e3  # the factory's defaults
+        others = [c.samples for c in measured if knob_key(c.knobs) != default]
+        bought = judge(done[default], others or [done[default]])  # alone: the default, nothing bought
+        meta.update({"bought": bought.to_json(), "default_wins": not bought.kept})
     meta["threads"] = threads if funcs else None  # what ran the candidates' parallel loops
     tuning_log.write_meta(folder, meta)
     scratch.cleanup()
-    return KnobSweepResult(base, folder, tuple(measured), best, new, failed)
+    return KnobSweepResult(base, folder, tuple(measured), best, new, failed, bought)
+
+
+def time_candidate(key: str, fn: Callable[[], Any], settings: KnobSweepSettings) -> float:
+    """One sample of candidate ``key`` (seconds per call; a seam the tests replace with planted times)."""
+    return time_function(fn, repeat=1, min_sample_s=settings.min_sample_s)
 
 
 def provenance_here(result: KnobSweepResult, device: Device) -> Provenance:

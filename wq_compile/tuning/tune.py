@@ -15,15 +15,16 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from ..compiler import tuning_log
-from ..compiler.build import KernelDef, apply_trace, build_module, default_schedule, kernel_def
+from ..compiler.build import KernelDef, kernel_def
 from ..compiler.device import Device, resolve_device
-from ..compiler.measure import measure_local, measure_rpc, require_measurable
+from ..compiler.measure import require_measurable
 from .metaschedule import build_candidate, evaluator_config, progress_callback, task_logger
 from .ms_task import samples_anything, tune_context
 from .settings import NoValidTrialsError, TuneSettings
+from .versus_default import Bought, drop_records, measure_records
 from ..core.spec import KernelSpec
 from ..compiler.tuning_log import Provenance, TuningLogError
 
@@ -48,6 +49,7 @@ class TuneResult:
     tuned_s: float | None
     bytes_read: int
     provenance: Provenance
+    bought: Bought | None = None  # default vs best vs worst candidate, same measurement (None: not measured)
 
     @property
     def speedup(self) -> float | None:
@@ -113,6 +115,9 @@ def tune_kernel(kernel: KernelSpec | KernelDef, device: Device | str = "llvm",
         new_valid = _run_search(kdef, device, settings, workload, db, before, remaining, measurers, on_progress)
         db = tuning_log.open_database(folder, device)
     records = tuning_log.valid_records(db, workload)
+    if new_valid:  # an earlier verdict (default_wins, times) does not judge the new records
+        for stale in ("default_wins", "bought", "untuned_ms", "tuned_ms"):
+            meta.pop(stale, None)
     meta.update({"trials_requested": trials, "valid_trials": len(records), "timestamp": tuning_log.timestamp()})
     tuning_log.write_meta(folder, meta)
     if not records:
@@ -122,13 +127,19 @@ def tune_kernel(kernel: KernelSpec | KernelDef, device: Device | str = "llvm",
             "tvm.s_tir.tensor_intrin for 35-47 s) or every run failed; raise --builder-timeout and see the "
             f"task log under {settings.work_dir_for(device, spec)}/logs"
         )
-    untuned_s = tuned_s = None
-    if settings.measure:
-        untuned_s, tuned_s = _measure_pair(kdef, device, sizes, records[0].trace, folder, settings)
-        meta.update({"untuned_ms": untuned_s * 1e3, "tuned_ms": tuned_s * 1e3, "timestamp": tuning_log.timestamp()})
-        tuning_log.write_meta(folder, meta)
+    untuned_s = tuned_s = bought = None
     here = Provenance("here", device.tag, tuning_log.median(records[0].run_secs))
-    return TuneResult(spec, folder, len(records), new_valid, untuned_s, tuned_s, kdef.signature.nbytes(sizes), here)
+    if settings.measure:  # the default is a candidate too: a record is kept only if it beat it (same run)
+        bought = measure_records(kdef, device, sizes, records, folder, settings)
+        untuned_s, tuned_s = bought.default_s, bought.best_s
+        meta.update({"untuned_ms": untuned_s * 1e3, "tuned_ms": tuned_s * 1e3, "bought": bought.to_json(),
+                     "default_wins": not bought.kept, "timestamp": tuning_log.timestamp()})
+        if not bought.kept:
+            drop_records(folder)
+            here = tuning_log.UNTUNED
+        tuning_log.write_meta(folder, meta)
+    return TuneResult(spec, folder, len(records), new_valid, untuned_s, tuned_s, kdef.signature.nbytes(sizes), here,
+                      bought)
 
 
 def _run_search(kdef: KernelDef, device: Device, settings: TuneSettings, workload: Any, db: Any, before: int,
@@ -168,18 +179,6 @@ def _run_search(kdef: KernelDef, device: Device, settings: TuneSettings, workloa
         logger.removeHandler(log_handler)
         log_handler.close()
     return counts["valid"]
-
-
-def _measure_pair(kdef: KernelDef, device: Device, sizes: Mapping[str, int], trace: Any, folder: Path,
-                  settings: TuneSettings) -> tuple[float, float]:
-    """Default vs best tuned schedule of the symbolic kernel, timed at the tuning sizes."""
-    untuned = build_module(default_schedule(kdef), device)
-    tuned = build_module(apply_trace(kdef.func, trace, str(folder)), device)
-    if settings.rpc is not None:
-        wd = settings.work_dir_for(device, kdef.spec)
-        return tuple(measure_rpc(m, kdef.spec, kdef.signature, sizes, device, settings.rpc, wd)  # type: ignore
-                     for m in (untuned, tuned))
-    return tuple(measure_local(m, kdef.spec, kdef.signature, sizes, device) for m in (untuned, tuned))  # type: ignore
 
 
 def tune_kernels(specs: Sequence[KernelSpec], device: Device | str = "llvm",
@@ -225,10 +224,11 @@ def tune_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: TuneSe
     meta = tuning_log.read_meta(res.log_dir, device)
     untuned = meta.get("untuned_ms")
     sizes = {str(k): int(v) for k, v in meta["tuning_sizes"].items()}
+    kept = res.bought is None or res.bought.kept  # the factory's knobs won: no record is used (record_rule)
     return TuneResult(res.best_spec, res.log_dir, len(res.candidates), res.new_samples,
                       None if untuned is None else untuned / 1e3, res.best.median_s,
                       kernel_def(res.best_spec, device.kind).signature.nbytes(sizes),
-                      Provenance("here", device.tag, res.best.median_s))
+                      Provenance("here", device.tag, res.best.median_s) if kept else tuning_log.UNTUNED, res.bought)
 
 
 def build_only(specs: Sequence[KernelSpec], device: Device | str = "llvm", *,

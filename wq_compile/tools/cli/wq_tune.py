@@ -136,5 +136,8 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
         if on_main:
             signal.signal(signal.SIGINT, previous)
     print(format_table(results))
+    for r in results:  # what tuning bought, per kernel (default vs best vs worst candidate, same measurement)
+        if getattr(r, "bought", None) is not None:
+            print(r.bought.line(r.spec.uri))  # type: ignore[attr-defined]
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     return 0
