@@ -6,9 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from wq_compile.integrations.attention import ATTN_IMPLEMENTATION
-from wq_compile.integrations.transformers import WindowQuantCache
-from wq_compile.core.config import WindowQuantConfig
+from wq_compile import ATTN_IMPLEMENTATION, WindowQuantCache, WindowQuantConfig
 from wq_compile.integrations.llava import VisualLayout, locate
 from wq_compile.integrations.tiny import image_prompt, text_prompt, tiny_model, video_prompt
 

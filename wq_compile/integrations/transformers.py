@@ -30,6 +30,7 @@ from ..core.allocation import min_avg_bits
 from ..core.windows import make_windows
 from .cache_layer import CacheStats, WindowQuantLayer
 from .families import locate_samples, visual_layout
+from .inputs import check_prompt_inputs
 from .llava import SampleLayout
 
 
@@ -60,6 +61,7 @@ class WindowQuantCache(Cache):
             raise TypeError(f"wq_config: expected a WindowQuantConfig, got {type(wq_config).__name__}")
         self.visual = visual_layout(config)  # the family's locator; raises for an unknown VLM family
         self.num_layers = text.num_hidden_layers
+        self.max_positions: int | None = getattr(text, "max_position_embeddings", None)
         self.num_q_heads = text.num_attention_heads
         self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -85,6 +87,7 @@ class WindowQuantCache(Cache):
         (``video_grid_thw``, ``image_grid_thw``), so ``prepare(**inputs)`` works. The embedding
         scorer needs ``model`` to capture the prompt's input embeddings at prefill. Preparing again starts a new
         conversation: the cache is emptied."""
+        check_prompt_inputs(self.max_positions, input_ids, inputs)
         for layer in self.layers:
             layer.reset()
         self.plans, self.scores, self.embed_scores = {}, {}, None
