@@ -9,18 +9,19 @@ Layout (``WQ_CACHE_DIR`` overrides the root ``~/.cache/wq_compile``)::
 The key is made of cheap, stable inputs only (:func:`expected_key`): kernel URI, pinned versions, target, a digest
 of the kernel factories' source, of the schedule module's source and of the tuning logs that may serve the kernel
 as stored. A warm load is therefore file reads plus ``load_module``: nothing is rebuilt or replayed to decide
-whether the cached module is current. A module from other versions or another target is refused
-(:class:`ModuleCacheError`); one whose key differs, or whose file does not match its recorded size and hash
-(truncated, corrupt), is rebuilt. Writes go to a temporary file renamed into place under a file lock; files get the
+whether the cached module is current. A module from other versions or another target is never loaded; it, one
+whose key differs, and one whose file does not match its recorded size and hash (truncated, corrupt) are rebuilt,
+with a warning naming the file when the file was bad (:mod:`wq_compile.verified_file`). A cache that cannot be
+written (read-only, full) leaves the module in a private temporary folder for the process, with a warning. Writes go to a temporary file renamed into place under a file lock; files get the
 permissions the umask allows (shared caches stay readable).
 """
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,12 +34,14 @@ from .device import PINNED_PACKAGES, Device, versions
 from .offline_measure import prebuilt_cuda_binary  # one copy: the file a GPU machine carries alone
 from .spec import KernelSpec
 from .tuning_log import Provenance
+from .verified_file import BadFileError, check, file_sha256, read_json, warn_bad
+from .verified_file import atomic_write as _atomic_write
 
 CACHE_ENV = "WQ_CACHE_DIR"
 
 
 class ModuleCacheError(RuntimeError):
-    """A cached module was built with other versions or for another target."""
+    """A module cache that cannot be used (kept for callers; bad cached files are rebuilt with a warning)."""
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -81,40 +84,46 @@ def expected_key(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike |
     }
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+_file_digest = file_sha256
 
 
 def atomic_write(path: Path, writer: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    """:func:`wq_compile.verified_file.atomic_write` (temporary file renamed into place, removed on failure)."""
+    _atomic_write(path, writer)
+
+
+def build_lock(paths: ModulePaths) -> FileLock:
+    """The cross-process lock of one module (one instance per path in a process: re-entered, never self-blocked),
+    held while it is looked up again, built and stored: concurrent processes build each module once."""
+    paths.lock.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(paths.lock), is_singleton=True)
+
+
+def store_private(built: BuiltKernel, why: BaseException) -> ModulePaths:
+    """The module exported to a private temporary folder when the cache cannot take it (read-only, full, a
+    directory in the way): this process runs, loudly, and the next one builds again. Raises
+    :class:`ModuleCacheError` when that cannot be written either (a full disk)."""
     try:
-        writer(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600: a shared cache must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        folder = Path(tempfile.mkdtemp(prefix="wq-uncached-"))
+        paths = ModulePaths(*(folder / f"{built.spec.uri}{ext}" for ext in (".so", ".json", ".fatbin", ".lock")))
+        built.module.export_library(str(paths.module))
+        if built.binary is not None:
+            paths.binary.write_bytes(built.binary)
+    except Exception as exc:  # noqa: BLE001 - TVM's export raises its own error types on a failed write or link
+        raise ModuleCacheError(f"{built.spec.uri}: the module cannot be written to the module cache "
+                               f"({type(why).__name__}: {why}) nor to a temporary folder ({type(exc).__name__}: "
+                               f"{exc}); free disk space, or point {CACHE_ENV} at a writable folder") from exc
+    warn_bad(paths.module.name, f"the module cache cannot store it ({type(why).__name__}: {why})",
+             f"built into {folder} for this process only; every new process builds it again until the cache "
+             f"({CACHE_ENV}) is writable")
+    return paths
 
 
 def store(built: BuiltKernel, key: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> ModulePaths:
     """Write the module (and for CUDA the nvcc binary) atomically, then the key file with the module's size and
     sha256 and where its schedule came from."""
     paths = module_paths(built.spec, built.device, cache_dir)
-    paths.module.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(paths.lock)):
+    with build_lock(paths):
         atomic_write(paths.module, built.module.export_library)
         if built.binary is not None:
             binary = built.binary
@@ -123,25 +132,38 @@ def store(built: BuiltKernel, key: dict[str, Any], cache_dir: str | os.PathLike 
                   "module_sha256": _file_digest(paths.module)}
         if built.binary is not None:
             record["binary_sha256"] = hashlib.sha256(built.binary).hexdigest()
+            record["binary_size"] = len(built.binary)
         atomic_write(paths.key, lambda p: Path(p).write_text(json.dumps(record, indent=1, sort_keys=True)))
     return paths
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def read_key(paths: ModulePaths) -> dict[str, Any] | None:
-    """The key file of a cached module (None when absent or unreadable: rebuild); raises
-    :class:`ModuleCacheError` for a module of other versions."""
-    if not paths.module.exists() or not paths.key.exists():
+    """The key file of a cached module (None when absent, or bad: unreadable, not a key, of other versions,
+    each warned naming the file: rebuild). A module of other versions is never loaded."""
+    if not os.path.lexists(paths.module) or not os.path.lexists(paths.key):
         return None
     try:
-        key = json.loads(paths.key.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        key = read_json(paths.key)
+    except (OSError, BadFileError) as exc:
+        warn_bad(paths.key, str(exc).removeprefix(f"{paths.key}: "), "rebuilding its module")
+        return None
+    if not isinstance(key, dict):
+        warn_bad(paths.key, "not a module key (JSON object expected)", "rebuilding its module")
         return None
     now = versions()
     for pkg in PINNED_PACKAGES:
         if key.get(pkg) != now[pkg]:
-            raise ModuleCacheError(
-                f"{paths.module}: built with {pkg} {key.get(pkg)}, this environment has {now[pkg]}; "
-                f"a module from other versions is never loaded: delete {paths.module.parent} to rebuild")
+            warn_bad(paths.key, f"its module {paths.module.name} was built with {pkg} {key.get(pkg)}, this "
+                     f"environment has {now[pkg]}; a module from other versions is never loaded",
+                     "rebuilding it")
+            return None
     return key
 
 
@@ -152,16 +174,20 @@ def lookup(paths: ModulePaths, key: dict[str, Any]) -> Provenance | None:
     if cached is None:
         return None
     if cached.get("target") != key["target"]:
-        raise ModuleCacheError(f"{paths.module}: built for target {cached.get('target')}, this library targets "
-                               f"{key['target']}; delete it to rebuild")
+        warn_bad(paths.key, f"its module was built for target {cached.get('target')}, this library targets "
+                 f"{key['target']}", "rebuilding it")
+        return None
     if any(cached.get(k) != v for k, v in key.items()):
         return None
-    if paths.module.stat().st_size != cached.get("module_size") or _file_digest(paths.module) != cached.get(
-            "module_sha256"):
-        return None  # truncated or corrupt: never handed to dlopen (a short file would SIGBUS on first call)
-    if "binary_sha256" in cached and (not paths.binary.exists() or hashlib.sha256(
-            paths.binary.read_bytes()).hexdigest() != cached["binary_sha256"]):
+    why = check(paths.module, cached.get("module_size"), cached.get("module_sha256"))
+    if why is not None:  # truncated or corrupt: never handed to dlopen (a short file would SIGBUS on first call)
+        warn_bad(paths.module, why, "rebuilding it")
         return None
+    if "binary_sha256" in cached:
+        why = check(paths.binary, cached.get("binary_size", _size(paths.binary)), cached["binary_sha256"])
+        if why is not None:
+            warn_bad(paths.binary, why, "rebuilding its module")
+            return None
     return Provenance.from_json(cached.get("provenance"))
 
 

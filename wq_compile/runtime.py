@@ -30,7 +30,8 @@ from .device import Device, resolve_device
 from .kernels import signature as kernel_signature
 from .signature import KernelArgumentError, KernelSignature
 from .spec import KernelSpec
-from .tuning_log import Provenance
+from .tuning_log import Provenance, TuningLogError
+from .verified_file import warn_bad
 
 LOGS_ENV = "WQ_TUNING_LOGS"
 
@@ -80,14 +81,45 @@ def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike 
 
     A warm call reads files only (key, hash); a miss compiles (:func:`wq_compile.compile.build_kernel`) and stores.
     """
+    try:
+        return _ensure_module(spec, device, logs_dir, cache_dir, allow_untuned)
+    except TuningLogError as exc:  # a log of this device that cannot be read or replayed: named, not fatal
+        if not allow_untuned or logs_dir is None:
+            raise
+        warn_bad(logs_dir, str(exc), f"{spec.uri} is compiled from its default schedule instead", stacklevel=4)
+        return _ensure_module(spec, device, None, cache_dir, allow_untuned)
+
+
+def _ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None,
+                   cache_dir: str | os.PathLike | None, allow_untuned: bool
+                   ) -> tuple[module_cache.ModulePaths, Provenance, bool]:
     paths = module_cache.module_paths(spec, device, cache_dir)
     key = module_cache.expected_key(spec, device, logs_dir)
     provenance = module_cache.lookup(paths, key)
     if provenance is not None:
         return paths, provenance, False
-    built = build_kernel(spec, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
-    module_cache.store(built, key, cache_dir)
-    return paths, built.provenance, True
+    try:
+        lock: Any = module_cache.build_lock(paths)
+        lock.acquire()
+    except OSError as exc:  # an unwritable cache: build anyway, store privately below
+        lock, unwritable = None, exc
+    try:
+        if lock is not None:
+            provenance = module_cache.lookup(paths, key)  # another process may have built it meanwhile
+            if provenance is not None:
+                return paths, provenance, False
+        built = build_kernel(spec, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
+        if lock is None:
+            return module_cache.store_private(built, unwritable), built.provenance, True
+        try:
+            module_cache.store(built, key, cache_dir)
+        except Exception as exc:  # noqa: BLE001 - full disk (TVM's export raises its own types), read-only cache,
+            # a directory in the way: nothing torn is left (atomic writes), the module goes to a private folder
+            return module_cache.store_private(built, exc), built.provenance, True
+        return paths, built.provenance, True
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class CompiledKernel:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .device import Device, isa_class
+from .verified_file import read_bytes
 from .log_store import (  # noqa: F401 - re-exported: importers use tuning_log only
     FAILED_RUN_SECS, KNOB_FILE, KNOB_KIND, META_FILE, RECORD_FILE, WORKLOAD_FILE, KnobRecordWarning, TornLogWarning,
     TuningLogError, append_knob_sample, commit_records, fix_hint, log_dir, median, new_meta, open_database,
@@ -132,8 +133,12 @@ def digest(sources: list[LogSource]) -> str:
     for src in sources:
         h.update(f"{src.tag}:{int(src.exact)}\n".encode())
         for name in (META_FILE, WORKLOAD_FILE, RECORD_FILE, KNOB_FILE):
-            path = src.log_dir / name
-            h.update(path.read_bytes() if path.exists() else b"-")
+            try:
+                h.update(read_bytes(src.log_dir / name))
+            except FileNotFoundError:
+                h.update(b"-")
+            except OSError as exc:  # BadFileError: a directory or FIFO (never opened), unreadable
+                raise TuningLogError(f"{exc}; {fix_hint(src.log_dir)}") from exc
     return h.hexdigest()[:16]
 
 
