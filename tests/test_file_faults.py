@@ -160,7 +160,7 @@ def test_bad_file_is_rebuilt_or_ignored_named_never_fatal(warm_tree, tmp_path, k
     root = tmp_path / "tree"
     shutil.copytree(warm_tree, root, symlinks=True)
     path = _one(root, pattern)
-    damage(kind, fault, path, root)
+    how = damage(kind, fault, path, root)
     out = decode(root)
     assert out["err"] < 1e-4, out
     if names == "file":
@@ -169,6 +169,8 @@ def test_bad_file_is_rebuilt_or_ignored_named_never_fatal(warm_tree, tmp_path, k
         named = [w for w in out["warnings"] if str(path.parent) in w
                  or (path.parent.name in w and str(root / "logs") in w)]
     assert named, (path, out["warnings"])
+    print(f"\n{kind} {how}: compiled {out['compiled']}, cached {out['cached']}, err {out['err']:.1e}; "
+          f"{named[0][:160]}")
     if rebuilt == 0:
         assert out["compiled"] == 0, out  # a bad launcher or facts file costs no module build
     elif kind != "log_records" or fault != "truncated":  # a torn last record line is skipped: the key is the same

@@ -79,7 +79,10 @@ def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike 
                   ) -> tuple[module_cache.ModulePaths, Provenance, bool]:
     """Make sure the module cache holds a current module of ``spec``: ``(paths, provenance, compiled now)``.
 
-    A warm call reads files only (key, hash); a miss compiles (:func:`wq_compile.compile.build_kernel`) and stores.
+    A warm call reads files only (key, hash); a miss takes the module's lock (concurrent processes build it once),
+    compiles (:func:`wq_compile.compile.build_kernel`) and stores. Never fatal for a bad file: a tuning log of this
+    device that cannot be read is named in a warning and the default schedule built; a cache that cannot take the
+    module (read-only, a directory in the way) leaves it in a private folder, with a warning.
     """
     try:
         return _ensure_module(spec, device, logs_dir, cache_dir, allow_untuned)
