@@ -18,10 +18,12 @@ permissions the umask allows (shared caches stay readable).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
-import tempfile
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -105,6 +107,7 @@ def store_private(built: BuiltKernel, why: BaseException) -> ModulePaths:
     :class:`ModuleCacheError` when that cannot be written either (a full disk)."""
     try:
         folder = Path(tempfile.mkdtemp(prefix="wq-uncached-"))
+        atexit.register(shutil.rmtree, folder, True)  # this process's copy only: removed when it exits
         paths = ModulePaths(*(folder / f"{built.spec.uri}{ext}" for ext in (".so", ".json", ".fatbin", ".lock")))
         built.module.export_library(str(paths.module))
         if built.binary is not None:
