@@ -12,8 +12,9 @@ as stored. A warm load is therefore file reads plus ``load_module``: nothing is 
 whether the cached module is current. A module from other versions or another target is never loaded; it, one
 whose key differs, and one whose file does not match its recorded size and hash (truncated, corrupt) are rebuilt,
 with a warning naming the file when the file was bad (:mod:`wq_compile.verified_file`). A cache that cannot be
-written (read-only, full) leaves the module in a private temporary folder for the process, with a warning. Writes go to a temporary file renamed into place under a file lock; files get the
-permissions the umask allows (shared caches stay readable).
+written (read-only, full) leaves the module in a private temporary folder for the process, with a warning. Writes
+go to a temporary file renamed into place under a file lock; files get the permissions the umask allows (shared
+caches stay readable).
 """
 
 from __future__ import annotations
