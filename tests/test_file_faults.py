@@ -115,7 +115,8 @@ def _wrong_version(kind: str, path: Path, root: Path) -> None:
     elif kind == "module_key":
         path.write_text(json.dumps({**json.loads(path.read_text()), "apache-tvm": "0.1"}))
     elif kind == "host_facts":  # an older format: entries without the fields this version reads
-        path.write_text(json.dumps({fp: {"tag": e["tag"], "format": 0} for fp, e in json.loads(path.read_text()).items()}))
+        facts = json.loads(path.read_text())
+        path.write_text(json.dumps({fp: {"tag": e["tag"], "format": 0} for fp, e in facts.items()}))
     elif kind == "log_records":  # JSON lines, but not MetaSchedule's record format
         path.write_text('[0, {"trace": "format 0"}]\n')
     else:  # log_meta, knob_record: written by other tvm versions

@@ -123,4 +123,5 @@ def test_stale_or_foreign_modules_are_rebuilt_or_refused_on_the_light_path(warm)
                       env={**os.environ, "WQ_CACHE_DIR": str(warm)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "BadFileWarning" in proc.stderr and f"{key}: its module" in proc.stderr
-    assert "built with apache-tvm 0.1" in proc.stderr and json.loads(key.read_text())["apache-tvm"] == good["apache-tvm"]
+    assert "built with apache-tvm 0.1" in proc.stderr
+    assert json.loads(key.read_text())["apache-tvm"] == good["apache-tvm"]
