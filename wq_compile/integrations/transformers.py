@@ -146,6 +146,26 @@ class WindowQuantCache(Cache):
         if self.embed_scores is not None:
             self.embed_scores = [self.embed_scores[i] for i in idx]
 
+    def _pad_for_drafts(self, t: int) -> None:
+        """Assisted decoding runs the target's prefill on the prompt plus the first draft tokens: those are valid,
+        not visual and not scored (the question stays the scoring query), and go to the residual (cropped if
+        rejected)."""
+        assert self.samples is not None
+        extra = t - self.samples[0].valid.shape[0]
+        if extra > 0 and self._prompt is None:
+            pad = torch.ones(extra, dtype=torch.bool)
+            self.samples = [SampleLayout(s.windows, torch.cat([s.text_mask, ~pad]), torch.cat([s.valid, pad]))
+                            for s in self.samples]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Assisted / prompt-lookup decoding: drop the newest rejected tokens, checked on every layer first so a
+        refused crop leaves the cache untouched (see :meth:`WindowQuantLayer.crop`)."""
+        for layer in self.layers:
+            why = layer.crop_error(-tokens_to_remove) if tokens_to_remove < 0 and layer.is_initialized else None
+            if why is not None:
+                raise ValueError(why)
+        super().crop(tokens_to_remove)
+
     # ---- prefill: search, quantize, reorder ---------------------------------------------------------------------
     def _prompt_samples(self, device: torch.device) -> list[_PromptSample]:
         """The per-sample prompt derivations, built at the first layer and reused by every later one."""
@@ -177,6 +197,7 @@ class WindowQuantCache(Cache):
         if bsz != len(self.samples) and bsz % len(self.samples) == 0 and self.samples[0].valid.shape[0] == t:
             # generate() expands the prompt for num_beams / num_return_sequences (repeat_interleave on the batch)
             self._select_samples([i for i in range(len(self.samples)) for _ in range(bsz // len(self.samples))])
+        self._pad_for_drafts(t)
         if len(self.samples) != bsz or self.samples[0].valid.shape[0] != t:
             raise ValueError(f"input_ids: prepare() saw {len(self.samples)} x {self.samples[0].valid.shape[0]} "
                              f"tokens but prefill has {bsz} x {t}")
@@ -196,6 +217,8 @@ class WindowQuantCache(Cache):
         self.plans[layer_idx] = bits_list
         self.scores[layer_idx] = score_list
         self.layers[layer_idx].store = store
+        self.layers[layer_idx].frozen = max((int((w.starts + w.lengths).max()) for w in (p.windows for p in prompt)
+                                             if len(w)), default=0)
         self.stats.prefill_layers += 1
         self.stats.store_seconds += time.perf_counter() - t0
 
