@@ -28,6 +28,7 @@ from ..core.search import Plan, search
 from ..core.scores import attention_scores, embedding_scores
 from ..core.allocation import min_avg_bits
 from ..core.windows import make_windows
+from . import persist
 from .cache_layer import CacheStats, WindowQuantLayer
 from .llava import SampleLayout, VisualLayout, locate
 
@@ -145,6 +146,24 @@ class WindowQuantCache(Cache):
         self.scores = {li: [sc[i] for i in idx] for li, sc in self.scores.items()}
         if self.embed_scores is not None:
             self.embed_scores = [self.embed_scores[i] for i in idx]
+
+    # ---- kept for later: save / load (integrations/persist.py) ---------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write this cache (after generate) to the folder ``path``: safetensors plus a small JSON."""
+        persist.save(self, path)
+
+    @classmethod
+    def load(cls, path: str, config: WindowQuantConfig, model_config: Any, backend: Backend | None = None,
+             device: torch.device | str = "cpu") -> "WindowQuantCache":
+        """A cache saved by :meth:`save`, ready to continue the conversation (append the next turn's ids);
+        ``config`` must be the WindowQuantConfig it was saved with, ``model_config`` the model's config."""
+        if not isinstance(config, WindowQuantConfig):
+            raise TypeError(f"config: expected the WindowQuantConfig the cache was saved with, got "
+                            f"{type(config).__name__} (the model's config goes second: load(path, config, "
+                            f"model_config))")
+        cache = cls(model_config, config, backend)
+        persist.load_into(cache, path, device)
+        return cache
 
     def _pad_for_drafts(self, t: int) -> None:
         """Assisted decoding runs the target's prefill on the prompt plus the first draft tokens: those are valid,
