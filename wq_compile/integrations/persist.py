@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -22,8 +22,8 @@ from ..core.quant import QuantizedKeys, QuantizedValues
 from ..core.windows import Windows
 from .llava import SampleLayout
 
-if TYPE_CHECKING:
-    from .transformers import WindowQuantCache
+#: A :class:`~wq_compile.integrations.transformers.WindowQuantCache` (not imported: that module imports this one).
+WindowQuantCache = Any
 
 #: Bump when the folder's layout changes; a loader refuses any other number.
 FORMAT = 1
@@ -33,7 +33,7 @@ DATA_FIELDS = ("avg_bits", "widths", "window", "k_group", "v_group", "residual",
 _BUCKET = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 
 
-def _model_meta(cache: "WindowQuantCache") -> dict[str, Any]:
+def _model_meta(cache: WindowQuantCache) -> dict[str, Any]:
     v = cache.visual
     return {"num_layers": cache.num_layers, "num_q_heads": cache.num_q_heads, "num_kv_heads": cache.num_kv_heads,
             "head_dim": cache.head_dim, "tokens_per_frame": v.tokens_per_frame, "video_token_id": v.video_token_id,
@@ -52,7 +52,7 @@ def _versions() -> dict[str, str]:
     return {"wq_compile": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
-def save(cache: "WindowQuantCache", path: str | Path) -> Path:
+def save(cache: WindowQuantCache, path: str | Path) -> Path:
     """Write ``cache`` (after a prefill) to the folder ``path`` (created); returns it."""
     from safetensors.torch import save_file
 
@@ -97,7 +97,7 @@ def _check(name: str, saved: Any, now: Any, fix: str) -> None:
         raise ValueError(f"{name}: the saved cache has {saved!r}, this one {now!r}; {fix}")
 
 
-def load_into(cache: "WindowQuantCache", path: str | Path, device: torch.device | str = "cpu") -> None:
+def load_into(cache: WindowQuantCache, path: str | Path, device: torch.device | str = "cpu") -> None:
     """Fill the empty ``cache`` from the folder ``path`` after checking format, config, model and shapes."""
     from safetensors.torch import load_file
 
