@@ -51,6 +51,8 @@ def windowquant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
     # several new tokens on a filled cache (chunked prefill, speculative): the reference path, causal tail
     cache.stats.reference_calls += 1
     out = decode_attention(query, layer.store, sm_scale, causal_tail=s)
+    if cache.turn is not None:  # a turn with new visual content (cache.extend): its windows go to the buckets
+        cache.store_turn(layer_idx, query, key, value, sm_scale)
     return out.transpose(1, 2).to(query.dtype), None
 
 def register() -> None:

@@ -28,7 +28,7 @@ from ..core.search import Plan, search
 from ..core.scores import attention_scores, embedding_scores
 from ..core.allocation import min_avg_bits
 from ..core.windows import make_windows
-from . import persist
+from . import extend, persist
 from .cache_layer import CacheStats, WindowQuantLayer
 from .llava import SampleLayout, VisualLayout, locate
 
@@ -76,6 +76,7 @@ class WindowQuantCache(Cache):
         self._hook: Any = None
         self._warned_dense: set[int] = set()
         self._warned_video_only = False
+        self.turn: extend.Turn | None = None  # a later turn with new visual content, between extend() and generate
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model: Any = None,
@@ -146,6 +147,20 @@ class WindowQuantCache(Cache):
         self.scores = {li: [sc[i] for i in idx] for li, sc in self.scores.items()}
         if self.embed_scores is not None:
             self.embed_scores = [self.embed_scores[i] for i in idx]
+
+    # ---- new visual content in a later turn (integrations/extend.py) -----------------------------------------------
+    def extend(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model: Any = None,
+               **_: Any) -> "WindowQuantCache":
+        """Before ``generate`` on a turn that adds a clip or images: ``input_ids`` are the whole conversation so
+        far plus the new turn. Its windows are stored into the existing buckets under the cache-wide budget (stored
+        windows keep their width). Raises ``ValueError`` when the ids do not extend the cached conversation."""
+        self.turn = extend.begin(self, input_ids, attention_mask, model)
+        return self
+
+    def store_turn(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   sm_scale: float) -> None:
+        """Called by the attention function after the new turn's step: store its windows in this layer."""
+        extend.store_turn(self, _PromptSample, layer_idx, query, key, value, sm_scale)
 
     # ---- kept for later: save / load (integrations/persist.py) ---------------------------------------------------
     def save(self, path: str) -> None:
@@ -236,13 +251,16 @@ class WindowQuantCache(Cache):
         self.plans[layer_idx] = bits_list
         self.scores[layer_idx] = score_list
         self.layers[layer_idx].store = store
+        self.turn = None  # a new conversation: no later turn pending
         self.layers[layer_idx].frozen = max((int((w.starts + w.lengths).max()) for w in (p.windows for p in prompt)
                                              if len(w)), default=0)
         self.stats.prefill_layers += 1
         self.stats.store_seconds += time.perf_counter() - t0
 
     def _plan_sample(self, layer_idx: int, b: int, ps: _PromptSample, query: torch.Tensor, key: torch.Tensor,
-                     value: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                     value: torch.Tensor, sm_scale: float, budget: float | None = None,
+                     embed_scores: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Bits and scores ``[W]`` of one sample, and its per-token quantizable mask ``[T]`` (for the fill).
         Windows with NaN/inf or out-of-fp16-range K/V stay at 16 bits (dense, so attention equals dense
         attention) and the search runs over the others only; a prompt without text tokens (video only) or with
@@ -272,7 +290,7 @@ class WindowQuantCache(Cache):
             if self.embed_scores is None:
                 raise RuntimeError("the embedding scorer saw no input embeddings: prepare(**inputs, "
                                    "model=model) must be called on the model that runs generate")
-            sub_scores = self.embed_scores[b].float().cpu()
+            sub_scores = (self.embed_scores[b] if embed_scores is None else embed_scores).float().cpu()
             sub_scores = sub_scores if n_bad == 0 else sub_scores[good]
         elif ps.text_idx is None:
             sub_scores = torch.ones(len(sub))
@@ -291,7 +309,7 @@ class WindowQuantCache(Cache):
             sub_scores = torch.ones(len(sub))
         t1 = time.perf_counter()
         stages["score"] += t1 - t0
-        budget = self.wq.avg_bits
+        budget = self.wq.avg_bits if budget is None else budget  # a later turn: what the stored windows left
         floor = ps.floor if n_bad == 0 else min_avg_bits(sub, self.wq.widths, self.wq.k_group, self.wq.v_group)
         if budget < floor:  # fp16 tails of partial key groups (e.g. the last window of an image)
             warnings.warn(f"avg_bits={budget} is below the {floor:.3f} effective bits this prompt's windows "
