@@ -95,3 +95,27 @@ def test_crop_refuses_to_reach_into_buckets_or_windows(model) -> None:
     with pytest.raises(ValueError, match="visual windows"):
         cache.crop(-(after_window + 1))
     cache.crop(-after_window)
+
+
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
+def test_short_steps_on_a_filled_cache_run_the_compiled_kernel(model) -> None:
+    """Draft verification and a short follow-up run the compiled decode kernel once per new token (causal by the
+    dense piece's valid count), no reference call; results match the reference backend's causal path."""
+    p = video_prompt(model, [2])
+    ref = _cache(model, p, avg_bits=3.0)
+    cache = _cache(model, p, avg_bits=3.0, backend="tvm")
+    opts = dict(max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                prompt_lookup_num_tokens=3)
+    want = model.generate(**p.inputs, cache=ref, **opts)
+    got = model.generate(**p.inputs, cache=cache, **opts)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(want.logits, got.logits):
+        torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
+    assert ref.stats.reference_calls > 0 and cache.stats.reference_calls == 0
+    assert cache.stats.kernel_calls > 2 * model.config.text_config.num_hidden_layers * (NEW // 4)
+    ids = torch.cat([got.sequences, torch.arange(100, 140)[None]], 1)  # a 40-token follow-up question
+    calls = cache.stats.kernel_calls
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=2,
+                         do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 2 and cache.stats.reference_calls == 0
+    assert cache.stats.kernel_calls - calls == model.config.text_config.num_hidden_layers * (41 + 1)
