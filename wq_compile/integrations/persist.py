@@ -59,6 +59,8 @@ def save(cache: WindowQuantCache, path: str | Path) -> Path:
     if cache.samples is None or any(layer.store is None for layer in cache.layers) or len(cache.plans) < len(
             cache.layers):
         raise ValueError("cache: nothing to save yet; save after generate() has stored the prompt in every layer")
+    if cache.turn is not None:
+        raise ValueError("cache: extend() was called and its turn not generated yet; save after generate()")
     out: dict[str, torch.Tensor] = {}
     layers = []
     for i, layer in enumerate(cache.layers):
