@@ -54,7 +54,7 @@ def test_second_clip_at_16_bits_equals_dynamic_cache(model) -> None:
     assert wq.layers[0].frozen == clip_end  # a crop may not reach into the new windows either
 
 
-def test_second_clip_is_quantized_under_the_whole_cache_budget(model) -> None:
+def test_second_clip_is_quantized_under_the_whole_cache_budget(model, tmp_path) -> None:
     p = video_prompt(model, [3])
     cache = _wq(model, p, 4.0)
     first = _gen(model, cache, **p.inputs)
@@ -72,9 +72,14 @@ def test_second_clip_is_quantized_under_the_whole_cache_budget(model) -> None:
     stored = sum(int(bk.lens[0]) for bk in cache.layers[0].store.buckets.values())
     assert stored >= visual - 7 * (196 % 28) - 196 * int((plan.bits[0] == 16).sum())  # new windows in buckets
     assert cache.memory_report()["quantized_bytes"] > 1.8 * quantized_before
+    cache.save(str(tmp_path / "two_clips"))
+    loaded = WindowQuantCache.load(str(tmp_path / "two_clips"), cache.wq, model.config)
+    assert torch.equal(loaded.plan(0).bits, plan.bits) and loaded.layers[0].frozen == cache.layers[0].frozen
     follow = torch.cat([second.sequences, torch.tensor([[11, 12, 13]])], 1)
     out = _gen(model, cache, input_ids=follow, attention_mask=torch.ones_like(follow))  # a text follow-up after
     assert out.sequences.shape[1] == follow.shape[1] + NEW
+    again = _gen(model, loaded, input_ids=follow, attention_mask=torch.ones_like(follow))
+    assert torch.equal(again.sequences, out.sequences)  # the two-clip conversation, saved and continued
 
 
 def test_extend_refuses_ids_that_do_not_extend_the_conversation(model) -> None:
