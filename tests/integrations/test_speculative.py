@@ -119,3 +119,25 @@ def test_short_steps_on_a_filled_cache_run_the_compiled_kernel(model) -> None:
                          do_sample=False)
     assert out.shape[1] == ids.shape[1] + 2 and cache.stats.reference_calls == 0
     assert cache.stats.kernel_calls - calls == model.config.text_config.num_hidden_layers * (41 + 1)
+
+
+def test_long_step_attention_equals_the_reference_causal_path() -> None:
+    """The long-step path (dequantize once + SDPA) against the reference: batch of 2 with different lengths,
+    every bucket filled, the step's own tokens causal."""
+    from wq_compile.core.layout import LayerCache
+    from wq_compile.core.reference import decode_attention
+    from wq_compile.core.windows import Windows
+    from wq_compile.integrations.multi_token import dequantized_attention
+
+    gen = torch.Generator().manual_seed(4)
+    store = LayerCache.empty(2, 2, 64, torch.float32, residual=64)
+    for b, t in enumerate((700, 500)):
+        k, v = torch.randn(2, t, 64, generator=gen), torch.randn(2, t, 64, generator=gen)
+        w = Windows(torch.tensor([0, 196, 392]), torch.tensor([196, 196, 100]), torch.tensor([8, 4, 2]))
+        store.fill_sample(b, k, v, w)
+    s = 90
+    store.append(torch.randn(2, 2, s, 64, generator=gen), torch.randn(2, 2, s, 64, generator=gen))
+    q = torch.randn(2, 4, s, 64, generator=gen)
+    want = decode_attention(q, store, 0.125, causal_tail=s).transpose(1, 2)
+    got = dequantized_attention(q, store, 0.125)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
