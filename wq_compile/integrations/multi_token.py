@@ -2,8 +2,8 @@
 decode kernel: query ``i`` of ``S`` is one kernel call with the dense piece's valid count cut to the cache plus
 new tokens ``0..i`` (the new tokens are the last ``S`` of every sample's dense piece), which is exactly causal
 attention. ``S`` calls read the quantized buckets ``S`` times, so this pays only for short steps: longer ones
-keep the torch reference (one dequantization, then dense attention); issue 19 item 1's multi-token kernel
-replaces both.
+dequantize every bucket once and run one SDPA call (:func:`dequantized_attention`); issue 19 item 1's compiled
+multi-token kernel would replace both.
 """
 
 from __future__ import annotations
