@@ -138,7 +138,7 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
                                       v_group=wq.v_group, chunk=wq.chunk, library=library,
                                       int8_dots=wq.int8_dots)
         quantizer = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
-        uris = [decoder.spec((8, 4, 2)).uri]
+        uris = [spec.uri for spec in decoder.specs((8, 4, 2))]  # the merge too, on CUDA
         for bits in (8, 4, 2):  # fail here, not in the middle of generation
             spec = quantizer.spec(QuantSpec(bits, wq.k_group, wq.v_group))
             library.load(spec)

@@ -98,6 +98,11 @@ class FusedDecoder:
         spec = KernelSpec("fused", tuple(widths) + (16,), extra=extra, **self.shape)
         return split_spec(spec) if self.split else spec
 
+    def specs(self, widths: tuple[int, ...]) -> list[KernelSpec]:
+        """Every kernel a decode step over ``widths`` launches: the fused (or split-KV) kernel, and its merge."""
+        spec = self.spec(widths)
+        return [spec, merge_spec(spec)] if self.split else [spec]
+
     def _call(self, kernel: CompiledKernel, inputs: list[Any], outputs: list[torch.Tensor]) -> None:
         """Check every argument once per distinct set of shapes, then call unchecked: the full check costs about
         as much as the kernel on short caches. dtype, device and contiguity are fixed by the layer (its tensors
