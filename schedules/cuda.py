@@ -18,13 +18,15 @@ from wq_compile.kernels.split_decode import is_split
 from wq_compile.kernels.quantize import QUANT_BLOCKS
 from wq_compile.core.spec import KernelSpec
 
-from .cuda_split import DEFAULT_DL, DL_CANDIDATES, schedule_split
+from .cuda_split import DEFAULT_DL, DL_CANDIDATES, annotate_unroll, schedule_split
 from .llvm import work_on_kernel
 
 #: Threads per block of the element-wise kernels (merge, quantize) and the candidates of their design space.
 DEFAULT_THREADS = 128
 THREAD_CANDIDATES = [32, 64, 128, 256]
 _UNROLL_STEPS = [0, 16, 64, 512]
+#: The split kernel's: 512 unrolls a loop around a warp all-reduce, which TVM's LowerThreadAllreduce refuses.
+_SPLIT_UNROLL_STEPS = [0, 16, 64]
 #: int32 code words per thread and global load when staging a chunk (4 = 128-bit loads, the default).
 _CODE_VECTORS = [1, 2, 4]
 DEFAULT_CODE_VECTOR = 4
@@ -55,6 +57,7 @@ def postprocs() -> list:
     return [
         ms.postproc.RewriteUnboundBlock(max_threadblocks=1024),
         ms.postproc.RewriteReductionBlock(),
+        ms.postproc.RewriteParallelVectorizeUnroll(),  # lowers the sampled unroll (annotate_unroll)
         ms.postproc.VerifyGPUCode(),
     ]
 
@@ -82,7 +85,7 @@ def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
         # the split between head_dim lanes and token lanes of a warp, unrolling, code vector width
         work_on_kernel(sch)
         dl = sch.sample_categorical(DL_CANDIDATES, [1.0 / len(DL_CANDIDATES)] * len(DL_CANDIDATES))
-        unroll = sch.sample_categorical(_UNROLL_STEPS, [0.25] * 4)
+        unroll = sch.sample_categorical(_SPLIT_UNROLL_STEPS, [1.0 / len(_SPLIT_UNROLL_STEPS)] * len(_SPLIT_UNROLL_STEPS))
         vec = sch.sample_categorical(_CODE_VECTORS, [1.0 / len(_CODE_VECTORS)] * len(_CODE_VECTORS))
         schedule_split(sch, spec, dl, unroll, vec)
         return
@@ -155,7 +158,7 @@ def _attention(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
     bx = sch.fuse(outer[0], outer[1])
     sch.bind(bx, "blockIdx.x")
     if unroll is not None:
-        sch.annotate(bx, "meta_schedule.unroll_explicit", unroll)
+        annotate_unroll(sch, unroll)
     qscale = sch.get_sblock("qscale")
     _bind_spatial(sch, qscale, o, 2, threads)
     sch.set_scope(qscale, 0, "shared")

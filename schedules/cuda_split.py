@@ -20,12 +20,21 @@ from __future__ import annotations
 from tvm import s_tir
 
 from wq_compile.kernels.attention import pieces
+from wq_compile.kernels.gpu_limits import check_split_spec
 from wq_compile.core.spec import KernelSpec
 
 WARP = 32
 #: head_dim lanes of the score reduction (threadIdx.x extent); tokens take the other 32 / dl lanes of the warp.
 DL_CANDIDATES = [1, 2, 4, 8]
 DEFAULT_DL = 4
+
+
+def annotate_unroll(sch: s_tir.Schedule, unroll) -> None:
+    """Ask for unrolling of up to ``unroll`` steps below the kernel's outer loops: an annotation on the root block,
+    which ``RewriteParallelVectorizeUnroll`` (in :func:`wq_compile.schedules.cuda.postprocs`) lowers to
+    ``pragma_auto_unroll_max_step`` on the outer loop of every block. (On a loop the same annotation was never read:
+    unroll 0 and 512 gave byte-identical CUDA.)"""
+    sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", unroll)
 
 
 def split_threads(spec: KernelSpec) -> int:
@@ -36,8 +45,7 @@ def split_threads(spec: KernelSpec) -> int:
 def check(spec: KernelSpec) -> None:
     if spec.chunk % WARP or spec.head_dim % WARP:
         raise ValueError(f"cuda split: chunk ({spec.chunk}) and head_dim ({spec.head_dim}) must be multiples of {WARP}")
-    if spec.group_size > 64:
-        raise ValueError(f"cuda split: group of {spec.group_size} query heads exceeds threadIdx.z (64)")
+    check_split_spec(spec)  # threads per block <= 1024 and registers enough (refused at decoder construction too)
 
 
 def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: int) -> None:
@@ -69,7 +77,7 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
     bx = sch.fuse(outer[1], outer[2])
     sch.bind(bx, "blockIdx.x")
     if unroll is not None:
-        sch.annotate(bx, "meta_schedule.unroll_explicit", unroll)
+        annotate_unroll(sch, unroll)
     o = 2
 
     qscale = sch.get_sblock("qscale")

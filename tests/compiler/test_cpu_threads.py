@@ -62,9 +62,12 @@ def test_fused_kernel_runs_on_torch_threads_with_the_same_results(tmp_path):
 
 def test_launcher_is_built_once_and_atomically(tmp_path):
     from wq_compile.compiler import cpu_threads
+    from wq_compile.compiler.verified_file import DIGEST_SUFFIX, verify_with_digest
 
     lib = cpu_threads._build(tmp_path)
     assert lib.exists() and ctypes.CDLL(str(lib)).wq_launch
     mtime = lib.stat().st_mtime_ns
     assert cpu_threads._build(tmp_path) == lib and lib.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary left behind
+    # no temporary left behind; the size+sha256 checked before every load lies beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lib.name, lib.name + DIGEST_SUFFIX]
+    assert verify_with_digest(lib) is None

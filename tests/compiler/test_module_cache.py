@@ -8,13 +8,14 @@ import os
 
 import pytest
 
-from wq_compile.compiler import build as wq_compile_mod
 from wq_compile import kernels
+from wq_compile.compiler import build as wq_compile_mod
 from wq_compile.compiler import module_cache
+from wq_compile.compiler.cache_files import cache_root
 from wq_compile.compiler.device import resolve_device, versions
 from wq_compile.compiler.measure import example_args
-from wq_compile.compiler.module_cache import ModuleCacheError, expected_key, module_paths
-from wq_compile.compiler.cache_files import cache_root
+from wq_compile.compiler.module_cache import expected_key, module_paths
+from wq_compile.compiler.verified_file import BadFileWarning
 from wq_compile.runtime.library import KernelLibrary
 from wq_testing import TINY_DECODE, load_tiny_decode, measured_log
 
@@ -82,18 +83,17 @@ def test_changed_record_or_schedule_code_changes_the_key_and_rebuilds(warm, host
         assert lib.stats.compiled == 1 and calls["build_kernel"] == 1
 
 
-def test_other_versions_or_target_are_refused(warm, host):
+def test_other_versions_or_target_are_never_loaded_but_rebuilt_with_a_warning(warm, host):
     logs, cache = warm
     paths = module_paths(TINY_DECODE, host, cache)
     good = json.loads(paths.key.read_text())
-    paths.key.write_text(json.dumps({**good, "apache-tvm": "0.1"}))
-    with KernelLibrary(host, logs_dir=logs, cache_dir=cache) as lib, \
-            pytest.raises(ModuleCacheError, match="built with apache-tvm 0.1"):
-        lib.load(TINY_DECODE)
-    paths.key.write_text(json.dumps({**good, "target": '{"kind": "llvm", "mcpu": "x"}'}))
-    with KernelLibrary(host, logs_dir=logs, cache_dir=cache) as lib, \
-            pytest.raises(ModuleCacheError, match="built for target"):
-        lib.load(TINY_DECODE)
+    for bad, match in (({"apache-tvm": "0.1"}, "built with apache-tvm 0.1"),
+                       ({"target": '{"kind": "llvm", "mcpu": "x"}'}, "built for target")):
+        paths.key.write_text(json.dumps({**good, **bad}))
+        with KernelLibrary(host, logs_dir=logs, cache_dir=cache) as lib, pytest.warns(BadFileWarning, match=match):
+            lib.load(TINY_DECODE)
+            assert lib.stats.compiled == 1 and lib.stats.cache_hits == 0
+        assert json.loads(paths.key.read_text())["apache-tvm"] == good["apache-tvm"]
 
 
 def test_layout_is_versioned_atomic_and_readable_per_umask(warm, host, monkeypatch):

@@ -202,3 +202,52 @@ def test_design_space_builds_split_kernel() -> None:
         assert kinds.count("SampleCategorical") >= 3, "threads, unroll and vector width are sampled"
         src = tvm.compile(sch.mod, target=sched.target()).mod.imports[0].inspect_source()
         assert spec.uri in src
+
+
+def test_offsets_are_32_bit_and_oversized_calls_are_refused() -> None:
+    """Issue 21, item 1: the generated CUDA indexes with ``int`` (the symbolic sizes are int32, so any size, however
+    large, gives the same source: ``((int)blockIdx.x * N16) * 128`` for the 7B dense piece); the signature therefore
+    refuses a tensor of more than 2^31 - 1 elements before the kernel sees it."""
+    from wq_compile.kernels.signature import MAX_INDEXED_ELEMENTS, KernelArgumentError
+    from wq_compile.kernels.signatures import signature
+
+    src = cuda_source(KERNELS["split-7b-f16"])
+    assert re.search(r"\(\(\(int\)blockIdx\.x\) \* N16\) \* 128\)", src), "the dense offset is no longer 32-bit"
+    assert "(int64_t)" not in src, "64-bit offsets appeared: the guard (MAX_INDEXED_ELEMENTS) may be relaxed"
+    import torch
+
+    dense = split_spec(KernelSpec("decode", (16,), chunk=CHUNK, dtype="f16", **SHAPES["7b"]))
+    sig = signature(dense)
+    q = torch.zeros(1, 28, 128, dtype=torch.float16)
+    n = (MAX_INDEXED_ELEMENTS + 1) // (4 * 128)  # B * N16 = 4,194,304 tokens: 2^31 elements of dense K
+    k = torch.zeros(1, dtype=torch.float16).expand(1, 4, n, 128)  # no memory behind it
+    with pytest.raises(KernelArgumentError, match=r"argument 'k'.*2,147,483,648 elements.*32-bit offsets"):
+        sig.bind(q, k, k, torch.zeros(1, dtype=torch.int32), 1.0, inputs_only=True)
+    ok = torch.zeros(1, dtype=torch.float16).expand(1, 4, n - CHUNK, 128)  # just below: only contiguity complains
+    with pytest.raises(KernelArgumentError, match="contiguous"):
+        sig.bind(q, ok, ok, torch.zeros(1, dtype=torch.int32), 1.0, inputs_only=True)
+
+
+def _split_source_with_unroll(spec: KernelSpec, unroll: int) -> str:
+    """CUDA of ``spec`` scheduled as the design space does with a fixed unroll, after the design space's
+    postprocessors that rewrite (RewriteParallelVectorizeUnroll lowers the unroll annotation)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from wq_compile.schedules.cuda_split import schedule_split
+    from wq_compile.schedules.llvm import work_on_kernel
+
+    sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: make_kernel(spec)}))
+    work_on_kernel(sch)
+    schedule_split(sch, spec, sched.DEFAULT_DL, unroll, sched.DEFAULT_CODE_VECTOR)
+    assert any(isinstance(p, ms.postproc.RewriteParallelVectorizeUnroll) for p in sched.postprocs())
+    assert ms.postproc.RewriteParallelVectorizeUnroll().apply(sch)
+    return tvm.compile(sch.mod, target=sched.target()).mod.imports[0].inspect_source()
+
+
+def test_unroll_knob_changes_the_cuda() -> None:
+    """Issue 21, item 4: the sampled unroll is lowered (it used to be an annotation nothing read: unroll 0 and 512
+    gave byte-identical CUDA). The split design space varies dl, the code vector width and unroll."""
+    spec = split_spec(KernelSpec("decode", (16,), chunk=CHUNK, dtype="f16", head_dim=64, num_q_heads=4, num_kv_heads=2))
+    plain, unrolled = (_split_source_with_unroll(spec, u) for u in (0, 16))
+    assert plain != unrolled, "unroll 0 and 16 give the same CUDA: the unroll knob is not lowered"
+    assert len(unrolled) > len(plain)  # unrolled loop bodies

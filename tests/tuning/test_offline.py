@@ -209,6 +209,7 @@ def test_gpu_visit_dry_run_on_cpu(exported, tmp_path):
     wq = rows[f"windowquant:{TINY_DECODE.uri}"]
     assert wq["seconds"] > 0 and wq["tokens"] == 256 and wq["note"] == "untuned"
     assert "needs a GPU" in (out / "visit.log").read_text()
+    assert steps["sanitizer"]["needs_gpu"] and not steps["sanitizer"]["runs"] and doc["sanitizer"]["skipped"]
     assert (out / "bench.csv").read_text().splitlines()[0].startswith("model,tokens,method,seconds")
 
 

@@ -26,6 +26,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from .verified_file import NO_DIGEST, verify_with_digest, warn_bad, write_with_digest
+
 THREADS_ENV = "WQ_CPU_THREADS"
 
 #: The launcher: ``TVMBackendParallelLaunch``'s signature, tasks on the OpenMP team (``task_id`` = thread number,
@@ -88,8 +90,11 @@ def _build(folder: Path) -> Path:
     """The launcher's shared library under ``folder`` (compiled once; named by the source's digest)."""
     digest = hashlib.sha256(_LAUNCHER_C.encode()).hexdigest()[:16]
     lib = folder / f"wq_omp_launch-{digest}.so"
-    if lib.exists():
+    why = verify_with_digest(lib)  # a short .so would SIGBUS this process on dlopen or first call
+    if why is None:
         return lib
+    if why != "missing" and not why.startswith(NO_DIGEST):  # no digest file: an older cache or a cut build
+        warn_bad(lib, why, "rebuilding the OpenMP launcher", stacklevel=4)
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc/clang) to build the OpenMP launcher")
@@ -101,7 +106,7 @@ def _build(folder: Path) -> Path:
                               text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed to build the OpenMP launcher: {proc.stderr[-500:]}")
-        os.replace(out, lib)  # atomic: a concurrent process sees the whole file or none
+        write_with_digest(lib, out.read_bytes())  # atomic, then its size+sha256 beside it
     return lib
 
 

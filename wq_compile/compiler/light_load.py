@@ -35,6 +35,7 @@ from . import device as device_mod
 from .device import Device
 from .cache_files import atomic_write, cache_root
 from .ffi_import import import_tvm_ffi
+from .verified_file import read_json, warn_bad
 
 #: The host-facts file in the module cache root (one per tvm / tvm-ffi version).
 FACTS_FILE = "host_devices.json"
@@ -83,12 +84,20 @@ def facts_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def read_facts(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The host-facts file (empty when absent or unreadable: the caller resolves with TVM and rewrites it)."""
+    """The host-facts file (empty when absent or bad, a bad one warned naming it: the caller resolves with TVM and
+    rewrites it)."""
+    path = facts_path(cache_dir)
     try:
-        data = json.loads(facts_path(cache_dir).read_text())
-    except (OSError, ValueError):
+        data = read_json(path)
+    except FileNotFoundError:
         return {}
-    return data if isinstance(data, dict) else {}
+    except OSError as exc:  # BadFileError too: a directory, a FIFO, random bytes, a torn write
+        warn_bad(path, str(exc).removeprefix(f"{path}: "), "the host is resolved with TVM and the file rewritten")
+        return {}
+    if not isinstance(data, dict):
+        warn_bad(path, "not a JSON object", "the host is resolved with TVM and the file rewritten")
+        return {}
+    return data
 
 
 def record_facts(device: Device, fingerprint: str, cache_dir: str | os.PathLike | None = None) -> None:
@@ -112,11 +121,13 @@ def host_device(cache_dir: str | os.PathLike | None = None, num_cores: int | Non
         if entry is not None:
             try:
                 return Device.from_facts(entry)
-            except ValueError:
-                pass  # corrupt entry: resolve with TVM below, which rewrites it
+            except ValueError as exc:  # corrupt entry: resolve with TVM below, which rewrites it
+                warn_bad(facts_path(cache_dir), f"bad entry for this host ({exc})",
+                         "the host is resolved with TVM and the entry rewritten")
     device = device_mod.resolve_device("llvm", num_cores)
     try:
         record_facts(device, fingerprint, cache_dir)
-    except OSError:
-        pass  # a read-only cache still works, through TVM
+    except OSError as exc:  # a read-only cache still works, through TVM
+        warn_bad(facts_path(cache_dir), f"cannot be written ({exc})",
+                 "every process resolves the host with TVM (slower start)")
     return device

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .device import PINNED_PACKAGES, Device, versions
+from .verified_file import atomic_write, read_text
 
 META_FILE = "meta.json"
 WORKLOAD_FILE = "database_workload.json"
@@ -64,12 +65,14 @@ def read_meta(folder: Path, device: Device | None = None) -> dict[str, Any]:
     """
     path = Path(folder) / META_FILE
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_text(path))
     except FileNotFoundError:
         raise TuningLogError(f"{path}: missing; a tuning log without meta.json cannot be version-checked; "
                              f"{fix_hint(folder)}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise TuningLogError(f"{path}: not valid JSON ({exc}); {fix_hint(folder)}") from exc
+    except OSError as exc:  # BadFileError: a directory, a FIFO, unreadable, not UTF-8
+        raise TuningLogError(f"{exc}; {fix_hint(folder)}") from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("versions"), dict):
         raise TuningLogError(f"{path}: no 'versions' object; {fix_hint(folder)}")
     now = versions()
@@ -84,10 +87,7 @@ def read_meta(folder: Path, device: Device | None = None) -> dict[str, Any]:
 
 def write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
     """Replace ``meta.json`` atomically (a crash leaves the old or the new file, never half of one)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{META_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(dict(meta), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, folder / META_FILE)
+    atomic_write(folder / META_FILE, json.dumps(dict(meta), indent=1, sort_keys=True) + "\n")
 
 
 def new_meta(device: Device, uri: str, spec_fields: Mapping[str, Any], sizes: Mapping[str, int],
@@ -111,9 +111,12 @@ def timestamp() -> str:
 
 def _scan(path: Path, folder: Path) -> tuple[list[str], bool]:
     """The JSON lines of ``path`` and whether a torn last line was dropped; raises on any other bad line."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return [], False
-    lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
+    try:
+        lines = read_text(path).splitlines()
+    except OSError as exc:  # BadFileError: a directory, a FIFO, unreadable, not UTF-8
+        raise TuningLogError(f"{exc}; {fix_hint(folder)}") from exc
     good: list[str] = []
     torn = False
     for i, line in enumerate(lines):
@@ -134,9 +137,7 @@ def _repair(path: Path, folder: Path) -> bool:
     """Drop a torn last line of one JSON-lines file (rewritten atomically); True when one was dropped."""
     good, torn = _scan(path, folder)
     if torn:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in good))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(line + "\n" for line in good))
     return torn
 
 

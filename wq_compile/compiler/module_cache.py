@@ -9,17 +9,22 @@ Layout (``WQ_CACHE_DIR`` overrides the root ``~/.cache/wq_compile``)::
 The key is made of cheap, stable inputs only (:func:`expected_key`): kernel URI, pinned versions, target, a digest
 of the kernel factories' source, of the schedule module's source and of the tuning logs that may serve the kernel
 as stored. A warm load is therefore file reads plus ``load_module``: nothing is rebuilt or replayed to decide
-whether the cached module is current. A module from other versions or another target is refused
-(:class:`ModuleCacheError`); one whose key differs, or whose file does not match its recorded size and hash
-(truncated, corrupt), is rebuilt. Writes go to a temporary file renamed into place under a file lock; files get the
-permissions the umask allows (shared caches stay readable).
+whether the cached module is current. A module from other versions or another target is never loaded; it, one
+whose key differs, and one whose file does not match its recorded size and hash (truncated, corrupt) are rebuilt,
+with a warning naming the file when the file was bad (:mod:`wq_compile.verified_file`). A cache that cannot be
+written (read-only, full) leaves the module in a private temporary folder for the process, with a warning. Writes
+go to a temporary file renamed into place under a file lock; files get the permissions the umask allows (shared
+caches stay readable).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +35,16 @@ from .. import kernels
 from . import tuning_log
 from .record_rule import slower_than_default
 from .build import BuiltKernel, build_kernel, schedule_code_digest
-from .cache_files import atomic_write, cache_root
+from .cache_files import CACHE_ENV, atomic_write, cache_root
 from .device import PINNED_PACKAGES, Device, versions
 from .cuda_binary import prebuilt_cuda_binary
 from ..core.spec import KernelSpec
-from .tuning_log import Provenance
+from .tuning_log import Provenance, TuningLogError
+from .verified_file import BadFileError, check, file_sha256, read_json, warn_bad
 
 
 class ModuleCacheError(RuntimeError):
-    """A cached module was built with other versions or for another target."""
+    """A module cache that cannot be used (kept for callers; bad cached files are rebuilt with a warning)."""
 
 
 @dataclass(frozen=True)
@@ -76,20 +82,42 @@ def expected_key(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike |
     }
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_file_digest = file_sha256
+
+
+def build_lock(paths: ModulePaths) -> FileLock:
+    """The cross-process lock of one module (one instance per path in a process: re-entered, never self-blocked),
+    held while it is looked up again, built and stored: concurrent processes build each module once."""
+    paths.lock.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(paths.lock), is_singleton=True)
+
+
+def store_private(built: BuiltKernel, why: BaseException) -> ModulePaths:
+    """The module exported to a private temporary folder when the cache cannot take it (read-only, full, a
+    directory in the way): this process runs, loudly, and the next one builds again. Raises
+    :class:`ModuleCacheError` when that cannot be written either (a full disk)."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="wq-uncached-"))
+        atexit.register(shutil.rmtree, folder, True)  # this process's copy only: removed when it exits
+        paths = ModulePaths(*(folder / f"{built.spec.uri}{ext}" for ext in (".so", ".json", ".fatbin", ".lock")))
+        built.module.export_library(str(paths.module))
+        if built.binary is not None:
+            paths.binary.write_bytes(built.binary)
+    except Exception as exc:  # noqa: BLE001 - TVM's export raises its own error types on a failed write or link
+        raise ModuleCacheError(f"{built.spec.uri}: the module cannot be written to the module cache "
+                               f"({type(why).__name__}: {why}) nor to a temporary folder ({type(exc).__name__}: "
+                               f"{exc}); free disk space, or point {CACHE_ENV} at a writable folder") from exc
+    warn_bad(paths.module.name, f"the module cache cannot store it ({type(why).__name__}: {why})",
+             f"built into {folder} for this process only; every new process builds it again until the cache "
+             f"({CACHE_ENV}) is writable")
+    return paths
 
 
 def store(built: BuiltKernel, key: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> ModulePaths:
     """Write the module (and for CUDA the nvcc binary) atomically, then the key file with the module's size and
     sha256 and where its schedule came from."""
     paths = module_paths(built.spec, built.device, cache_dir)
-    paths.module.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(paths.lock)):
+    with build_lock(paths):
         atomic_write(paths.module, built.module.export_library)
         if built.binary is not None:
             binary = built.binary
@@ -98,25 +126,38 @@ def store(built: BuiltKernel, key: dict[str, Any], cache_dir: str | os.PathLike 
                   "module_sha256": _file_digest(paths.module)}
         if built.binary is not None:
             record["binary_sha256"] = hashlib.sha256(built.binary).hexdigest()
+            record["binary_size"] = len(built.binary)
         atomic_write(paths.key, lambda p: Path(p).write_text(json.dumps(record, indent=1, sort_keys=True)))
     return paths
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def read_key(paths: ModulePaths) -> dict[str, Any] | None:
-    """The key file of a cached module (None when absent or unreadable: rebuild); raises
-    :class:`ModuleCacheError` for a module of other versions."""
-    if not paths.module.exists() or not paths.key.exists():
+    """The key file of a cached module (None when absent, or bad: unreadable, not a key, of other versions,
+    each warned naming the file: rebuild). A module of other versions is never loaded."""
+    if not os.path.lexists(paths.module) or not os.path.lexists(paths.key):
         return None
     try:
-        key = json.loads(paths.key.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        key = read_json(paths.key)
+    except (OSError, BadFileError) as exc:
+        warn_bad(paths.key, str(exc).removeprefix(f"{paths.key}: "), "rebuilding its module")
+        return None
+    if not isinstance(key, dict):
+        warn_bad(paths.key, "not a module key (JSON object expected)", "rebuilding its module")
         return None
     now = versions()
     for pkg in PINNED_PACKAGES:
         if key.get(pkg) != now[pkg]:
-            raise ModuleCacheError(
-                f"{paths.module}: built with {pkg} {key.get(pkg)}, this environment has {now[pkg]}; "
-                f"a module from other versions is never loaded: delete {paths.module.parent} to rebuild")
+            warn_bad(paths.key, f"its module {paths.module.name} was built with {pkg} {key.get(pkg)}, this "
+                     f"environment has {now[pkg]}; a module from other versions is never loaded",
+                     "rebuilding it")
+            return None
     return key
 
 
@@ -127,16 +168,20 @@ def lookup(paths: ModulePaths, key: dict[str, Any]) -> Provenance | None:
     if cached is None:
         return None
     if cached.get("target") != key["target"]:
-        raise ModuleCacheError(f"{paths.module}: built for target {cached.get('target')}, this library targets "
-                               f"{key['target']}; delete it to rebuild")
+        warn_bad(paths.key, f"its module was built for target {cached.get('target')}, this library targets "
+                 f"{key['target']}", "rebuilding it")
+        return None
     if any(cached.get(k) != v for k, v in key.items()):
         return None
-    if paths.module.stat().st_size != cached.get("module_size") or _file_digest(paths.module) != cached.get(
-            "module_sha256"):
-        return None  # truncated or corrupt: never handed to dlopen (a short file would SIGBUS on first call)
-    if "binary_sha256" in cached and (not paths.binary.exists() or hashlib.sha256(
-            paths.binary.read_bytes()).hexdigest() != cached["binary_sha256"]):
+    why = check(paths.module, cached.get("module_size"), cached.get("module_sha256"))
+    if why is not None:  # truncated or corrupt: never handed to dlopen (a short file would SIGBUS on first call)
+        warn_bad(paths.module, why, "rebuilding it")
         return None
+    if "binary_sha256" in cached:
+        why = check(paths.binary, cached.get("binary_size", _size(paths.binary)), cached["binary_sha256"])
+        if why is not None:
+            warn_bad(paths.binary, why, "rebuilding its module")
+            return None
     return Provenance.from_json(cached.get("provenance"))
 
 
@@ -166,13 +211,47 @@ def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike 
                   ) -> tuple[ModulePaths, Provenance, bool]:
     """Make sure the module cache holds a current module of ``spec``: ``(paths, provenance, compiled now)``.
 
-    A warm call reads files only (key, hash); a miss compiles (:func:`wq_compile.compiler.build.build_kernel`) and stores.
+    A warm call reads files only (key, hash); a miss takes the module's lock (concurrent processes build it once),
+    compiles (:func:`wq_compile.compiler.build.build_kernel`) and stores. Never fatal for a bad file: a tuning log of this
+    device that cannot be read is named in a warning and the default schedule built; a cache that cannot take the
+    module (read-only, a directory in the way) leaves it in a private folder, with a warning.
     """
+    try:
+        return _ensure_module(spec, device, logs_dir, cache_dir, allow_untuned)
+    except TuningLogError as exc:  # a log of this device that cannot be read or replayed: named, not fatal
+        if not allow_untuned or logs_dir is None:
+            raise
+        warn_bad(logs_dir, str(exc), f"{spec.uri} is compiled from its default schedule instead", stacklevel=4)
+        return _ensure_module(spec, device, None, cache_dir, allow_untuned)
+
+
+def _ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None,
+                   cache_dir: str | os.PathLike | None, allow_untuned: bool
+                   ) -> tuple[ModulePaths, Provenance, bool]:
     paths = module_paths(spec, device, cache_dir)
     key = expected_key(spec, device, logs_dir)
     provenance = lookup(paths, key)
     if provenance is not None:
         return paths, provenance, False
-    built = build_kernel(spec, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
-    store(built, key, cache_dir)
-    return paths, built.provenance, True
+    try:
+        lock: Any = build_lock(paths)
+        lock.acquire()
+    except OSError as exc:  # an unwritable cache: build anyway, store privately below
+        lock, unwritable = None, exc
+    try:
+        if lock is not None:
+            provenance = lookup(paths, key)  # another process may have built it meanwhile
+            if provenance is not None:
+                return paths, provenance, False
+        built = build_kernel(spec, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
+        if lock is None:
+            return store_private(built, unwritable), built.provenance, True
+        try:
+            store(built, key, cache_dir)
+        except Exception as exc:  # noqa: BLE001 - full disk (TVM's export raises its own types), read-only cache,
+            # a directory in the way: nothing torn is left (atomic writes), the module goes to a private folder
+            return store_private(built, exc), built.provenance, True
+        return paths, built.provenance, True
+    finally:
+        if lock is not None:
+            lock.release()

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .device import Device, isa_class
+from .log_store import FAILED_RUN_SECS, KNOB_FILE, KNOB_KIND, META_FILE, RECORD_FILE, WORKLOAD_FILE, KnobRecordWarning, TornLogWarning, TuningLogError, append_knob_sample, commit_records, fix_hint, log_dir, median, new_meta, open_database, read_knob_samples, read_meta, record_lines, repair_knob_log, repair_log, spec_fields, timestamp, valid_records, write_meta  # noqa: F401 - re-exported: importers use tuning_log only
 from .record_rule import slower_than_default
-from .log_store import FAILED_RUN_SECS, KNOB_FILE, KNOB_KIND, META_FILE, RECORD_FILE, WORKLOAD_FILE, KnobRecordWarning, TornLogWarning, TuningLogError, append_knob_sample, commit_records, fix_hint, log_dir, median, new_meta, open_database, read_knob_samples, read_meta, record_lines, repair_knob_log, repair_log, spec_fields, timestamp, valid_records, write_meta
+from .verified_file import read_bytes
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,12 @@ def digest(sources: list[LogSource]) -> str:
     for src in sources:
         h.update(f"{src.tag}:{int(src.exact)}\n".encode())
         for name in (META_FILE, WORKLOAD_FILE, RECORD_FILE, KNOB_FILE):
-            path = src.log_dir / name
-            h.update(path.read_bytes() if path.exists() else b"-")
+            try:
+                h.update(read_bytes(src.log_dir / name))
+            except FileNotFoundError:
+                h.update(b"-")
+            except OSError as exc:  # BadFileError: a directory or FIFO (never opened), unreadable
+                raise TuningLogError(f"{exc}; {fix_hint(src.log_dir)}") from exc
     return h.hexdigest()[:16]
 
 

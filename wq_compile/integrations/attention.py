@@ -15,6 +15,7 @@ from transformers.masking_utils import sdpa_mask
 
 from ..core.reference import decode_attention
 from .cache_layer import WindowQuantLayer
+from .multi_token import MAX_STEP_TOKENS, causal_steps, dequantized_attention, runs_compiled
 
 if TYPE_CHECKING:  # the cache module imports nothing of this one: annotation only
     from .transformers import WindowQuantCache
@@ -48,9 +49,17 @@ def windowquant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
     if s == 1:
         out = cache.backend(query.dtype, query.device).decode(query[:, :, 0], layer.store, sm_scale, cache.stats)
         return out.unsqueeze(1).to(query.dtype), None
+    backend = cache.backend(query.dtype, query.device)
+    if cache.turn is None and runs_compiled(backend, s):  # a short step (draft verification): per-token kernels
+        return causal_steps(backend, query, layer.store, sm_scale, cache.stats).to(query.dtype), None
     # several new tokens on a filled cache (chunked prefill, speculative): the reference path, causal tail
     cache.stats.reference_calls += 1
-    out = decode_attention(query, layer.store, sm_scale, causal_tail=s)
+    if s > MAX_STEP_TOKENS:  # a long step (a new clip): dequantize once, one SDPA call
+        out = dequantized_attention(query, layer.store, sm_scale).transpose(1, 2)
+    else:
+        out = decode_attention(query, layer.store, sm_scale, causal_tail=s)
+    if cache.turn is not None:  # a turn with new visual content (cache.extend): its windows go to the buckets
+        cache.store_turn(layer_idx, query, key, value, sm_scale)
     return out.transpose(1, 2).to(query.dtype), None
 
 def register() -> None:

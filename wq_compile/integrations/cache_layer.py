@@ -17,11 +17,13 @@ class WindowQuantLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
+    is_croppable = True  # crop() undoes the newest residual tokens (assisted and prompt-lookup decoding)
 
     def __init__(self) -> None:
         super().__init__()
         self.store: LayerCache | None = None
         self.seen = 0
+        self.frozen = 0  # logical tokens up to the end of the last stored window: never cropped
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -52,7 +54,37 @@ class WindowQuantLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.store, self.seen, self.is_initialized = None, 0, False
+        self.store, self.seen, self.frozen, self.is_initialized = None, 0, 0, False
+
+    def crop_error(self, n: int) -> str | None:
+        """Why the newest ``n`` tokens cannot be removed (None: they can): they must all still be in every sample's
+        dense residual, after the last visual window stored in the buckets."""
+        if n > self.seen - self.frozen:
+            return (f"crop: removing {n} tokens would reach into the stored prompt's visual windows (quantized "
+                    f"into buckets or pinned); only the {self.seen - self.frozen} tokens after the last window "
+                    f"can be removed")
+        if self.store is not None:
+            resid = int((self.store.dense.lens - self.store.dense.pinned).min())
+            if n > resid:
+                return (f"crop: removing {n} tokens would reach into a bucket: only the newest {resid} tokens are "
+                        f"still dense (older residual blocks were flushed into the int{self.store.flush_bits} "
+                        f"bucket); raise WindowQuantConfig.residual to speculate further")
+        return None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest ``-tokens_to_remove`` tokens (transformers' convention: a non-positive count) from
+        the dense residual. Raises ``ValueError`` naming what a deeper crop would reach."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        why = self.crop_error(n)
+        if why is not None:
+            raise ValueError(why)
+        if self.store is not None:
+            self.store.dense.lens -= n
+        self.seen -= n
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: sample ``i`` becomes old sample ``beam_idx[i]`` (buckets, dense piece, lens)."""

@@ -61,7 +61,8 @@ class Prompt:
 
 
 def video_prompt(model: object, frames: list[int], seed: int = 0, question: int = 12) -> Prompt:
-    """Left-padded batch, one video per sample (frame counts may differ): ``[BOS, text, video, question]``."""
+    """Left-padded batch, one video per sample (frame counts may differ; 0: a text-only sample):
+    ``[BOS, text, video, question]``."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     cfg = model.config  # type: ignore[attr-defined]
@@ -70,7 +71,7 @@ def video_prompt(model: object, frames: list[int], seed: int = 0, question: int 
     seqs = []
     for f in frames:
         q = torch.randint(3, 990, (question,), generator=gen).tolist()
-        seqs.append([BOS, 5, 6, 7] + [VIDEO_TOKEN] * (f * per_frame**2 + 1) + q)
+        seqs.append([BOS, 5, 6, 7] + [VIDEO_TOKEN] * (f * per_frame**2 + 1 if f else 0) + q)
     t = max(map(len, seqs))
     ids = torch.full((len(seqs), t), PAD, dtype=torch.long)
     mask = torch.zeros(len(seqs), t, dtype=torch.long)
@@ -78,9 +79,11 @@ def video_prompt(model: object, frames: list[int], seed: int = 0, question: int 
         ids[b, t - len(s):] = torch.tensor(s)
         mask[b, t - len(s):] = 1
     size = cfg.vision_config.image_size
-    pixels = [torch.randn(f, 3, size, size, generator=gen) for f in frames]
+    pixels = [torch.randn(f, 3, size, size, generator=gen) for f in frames if f]  # the videos present only
     inputs: dict = {"input_ids": ids, "attention_mask": mask}
-    if len(set(frames)) == 1:
+    if not pixels:
+        pass
+    elif len({f for f in frames if f}) == 1:
         inputs["pixel_values_videos"] = torch.stack(pixels)
     else:  # different frame counts cannot be stacked: encode each video, hand generate the features
         with torch.no_grad():

@@ -28,8 +28,10 @@ from ..core.search import Plan, search
 from ..core.scores import attention_scores, embedding_scores
 from ..core.allocation import min_avg_bits
 from ..core.windows import make_windows
+from . import extend, persist
 from .cache_layer import CacheStats, WindowQuantLayer
 from .families import locate_samples, visual_layout
+from .inputs import check_prompt_inputs
 from .llava import SampleLayout
 
 
@@ -60,6 +62,7 @@ class WindowQuantCache(Cache):
             raise TypeError(f"wq_config: expected a WindowQuantConfig, got {type(wq_config).__name__}")
         self.visual = visual_layout(config)  # the family's locator; raises for an unknown VLM family
         self.num_layers = text.num_hidden_layers
+        self.max_positions: int | None = getattr(text, "max_position_embeddings", None)
         self.num_q_heads = text.num_attention_heads
         self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -76,6 +79,7 @@ class WindowQuantCache(Cache):
         self._hook: Any = None
         self._warned_dense: set[int] = set()
         self._warned_video_only = False
+        self.turn: extend.Turn | None = None  # a later turn with new visual content, between extend() and generate
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model: Any = None,
@@ -85,6 +89,7 @@ class WindowQuantCache(Cache):
         (``video_grid_thw``, ``image_grid_thw``), so ``prepare(**inputs)`` works. The embedding
         scorer needs ``model`` to capture the prompt's input embeddings at prefill. Preparing again starts a new
         conversation: the cache is emptied."""
+        check_prompt_inputs(self.max_positions, input_ids, inputs)
         for layer in self.layers:
             layer.reset()
         self.plans, self.scores, self.embed_scores = {}, {}, None
@@ -148,6 +153,58 @@ class WindowQuantCache(Cache):
         if self.embed_scores is not None:
             self.embed_scores = [self.embed_scores[i] for i in idx]
 
+    # ---- new visual content in a later turn (integrations/extend.py) -----------------------------------------------
+    def extend(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model: Any = None,
+               **_: Any) -> "WindowQuantCache":
+        """Before ``generate`` on a turn that adds a clip or images: ``input_ids`` are the whole conversation so
+        far plus the new turn. Its windows are stored into the existing buckets under the cache-wide budget (stored
+        windows keep their width). Raises ``ValueError`` when the ids do not extend the cached conversation."""
+        self.turn = extend.begin(self, input_ids, attention_mask, model)
+        return self
+
+    def store_turn(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   sm_scale: float) -> None:
+        """Called by the attention function after the new turn's step: store its windows in this layer."""
+        extend.store_turn(self, _PromptSample, layer_idx, query, key, value, sm_scale)
+
+    # ---- kept for later: save / load (integrations/persist.py) ---------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write this cache (after generate) to the folder ``path``: safetensors plus a small JSON."""
+        persist.save(self, path)
+
+    @classmethod
+    def load(cls, path: str, config: WindowQuantConfig, model_config: Any, backend: Backend | None = None,
+             device: torch.device | str = "cpu") -> "WindowQuantCache":
+        """A cache saved by :meth:`save`, ready to continue the conversation (append the next turn's ids);
+        ``config`` must be the WindowQuantConfig it was saved with, ``model_config`` the model's config."""
+        if not isinstance(config, WindowQuantConfig):
+            raise TypeError(f"config: expected the WindowQuantConfig the cache was saved with, got "
+                            f"{type(config).__name__} (the model's config goes second: load(path, config, "
+                            f"model_config))")
+        cache = cls(model_config, config, backend)
+        persist.load_into(cache, path, device)
+        return cache
+
+    def _pad_for_drafts(self, t: int) -> None:
+        """Assisted decoding runs the target's prefill on the prompt plus the first draft tokens: those are valid,
+        not visual and not scored (the question stays the scoring query), and go to the residual (cropped if
+        rejected)."""
+        assert self.samples is not None
+        extra = t - self.samples[0].valid.shape[0]
+        if extra > 0 and self._prompt is None:
+            pad = torch.ones(extra, dtype=torch.bool)
+            self.samples = [SampleLayout(s.windows, torch.cat([s.text_mask, ~pad]), torch.cat([s.valid, pad]))
+                            for s in self.samples]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Assisted / prompt-lookup decoding: drop the newest rejected tokens, checked on every layer first so a
+        refused crop leaves the cache untouched (see :meth:`WindowQuantLayer.crop`)."""
+        for layer in self.layers:
+            why = layer.crop_error(-tokens_to_remove) if tokens_to_remove < 0 and layer.is_initialized else None
+            if why is not None:
+                raise ValueError(why)
+        super().crop(tokens_to_remove)
+
     # ---- prefill: search, quantize, reorder ---------------------------------------------------------------------
     def _prompt_samples(self, device: torch.device) -> list[_PromptSample]:
         """The per-sample prompt derivations, built at the first layer and reused by every later one."""
@@ -179,6 +236,7 @@ class WindowQuantCache(Cache):
         if bsz != len(self.samples) and bsz % len(self.samples) == 0 and self.samples[0].valid.shape[0] == t:
             # generate() expands the prompt for num_beams / num_return_sequences (repeat_interleave on the batch)
             self._select_samples([i for i in range(len(self.samples)) for _ in range(bsz // len(self.samples))])
+        self._pad_for_drafts(t)
         if len(self.samples) != bsz or self.samples[0].valid.shape[0] != t:
             raise ValueError(f"input_ids: prepare() saw {len(self.samples)} x {self.samples[0].valid.shape[0]} "
                              f"tokens but prefill has {bsz} x {t}")
@@ -198,11 +256,16 @@ class WindowQuantCache(Cache):
         self.plans[layer_idx] = bits_list
         self.scores[layer_idx] = score_list
         self.layers[layer_idx].store = store
+        self.turn = None  # a new conversation: no later turn pending
+        self.layers[layer_idx].frozen = max((int((w.starts + w.lengths).max()) for w in (p.windows for p in prompt)
+                                             if len(w)), default=0)
         self.stats.prefill_layers += 1
         self.stats.store_seconds += time.perf_counter() - t0
 
     def _plan_sample(self, layer_idx: int, b: int, ps: _PromptSample, query: torch.Tensor, key: torch.Tensor,
-                     value: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                     value: torch.Tensor, sm_scale: float, budget: float | None = None,
+                     embed_scores: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Bits and scores ``[W]`` of one sample, and its per-token quantizable mask ``[T]`` (for the fill).
         Windows with NaN/inf or out-of-fp16-range K/V stay at 16 bits (dense, so attention equals dense
         attention) and the search runs over the others only; a prompt without text tokens (video only) or with
@@ -232,7 +295,7 @@ class WindowQuantCache(Cache):
             if self.embed_scores is None:
                 raise RuntimeError("the embedding scorer saw no input embeddings: prepare(**inputs, "
                                    "model=model) must be called on the model that runs generate")
-            sub_scores = self.embed_scores[b].float().cpu()
+            sub_scores = (self.embed_scores[b] if embed_scores is None else embed_scores).float().cpu()
             sub_scores = sub_scores if n_bad == 0 else sub_scores[good]
         elif ps.text_idx is None:
             sub_scores = torch.ones(len(sub))
@@ -251,7 +314,7 @@ class WindowQuantCache(Cache):
             sub_scores = torch.ones(len(sub))
         t1 = time.perf_counter()
         stages["score"] += t1 - t0
-        budget = self.wq.avg_bits
+        budget = self.wq.avg_bits if budget is None else budget  # a later turn: what the stored windows left
         floor = ps.floor if n_bad == 0 else min_avg_bits(sub, self.wq.widths, self.wq.k_group, self.wq.v_group)
         if budget < floor:  # fp16 tails of partial key groups (e.g. the last window of an image)
             warnings.warn(f"avg_bits={budget} is below the {floor:.3f} effective bits this prompt's windows "

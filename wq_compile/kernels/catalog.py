@@ -10,8 +10,16 @@ from .signatures import SPLIT_CHUNK, merge_spec, split_spec
 
 #: Kernel kinds in the order ``kernel_specs`` lists them; ``dense`` is the decode kernel over an fp residual.
 KERNEL_KINDS: tuple[str, ...] = ("decode", "dense", "merge", "fused", "split", "quantize")
-#: What the runtime uses by default (one fused launch per layer plus the quantizer of the residual).
+#: What the runtime uses by default on CPUs (one fused launch per layer plus the quantizer of the residual).
 DEFAULT_KERNEL_KINDS: tuple[str, ...] = ("fused", "quantize")
+#: What the runtime uses on CUDA: the split-KV fused kernel and its merge (``FusedDecoder(split=None)``), quantize.
+CUDA_KERNEL_KINDS: tuple[str, ...] = ("split", "quantize")
+
+
+def default_kernel_kinds(target_kind: str) -> tuple[str, ...]:
+    """The kinds the decoder of a ``target_kind`` ("llvm", "cuda", ...) target runs, so that ``wq-tune`` without
+    ``--kernels`` tunes exactly those (tuning "fused" for a GPU would leave its split kernel untuned)."""
+    return CUDA_KERNEL_KINDS if target_kind == "cuda" else DEFAULT_KERNEL_KINDS
 
 
 def kernel_specs(

@@ -69,8 +69,9 @@ def build_merge(spec: KernelSpec) -> tirx.PrimFunc:
                         vb, vh, vd, vp = T.axis.remap("SSSR", [b, h, dd, p])
                         with T.init():
                             T.buffer_store(acc, f32(0.0), [vb, vh, vd])
-                        part = tirx.Select(w[vp, vb, vh] > f32(0.0), o_parts[vp, vb, vh, vd] * w[vp, vb, vh], f32(0.0))
-                        T.buffer_store(acc, acc[vb, vh, vd] + part, [vb, vh, vd])
+                        # unconditional: an empty split's o is 0 (split_decode writes 0 where den = 0) and its w 0, so
+                        # the load of o need not wait for the weight (issue 21: the merge was a dependent-load chain)
+                        T.buffer_store(acc, acc[vb, vh, vd] + o_parts[vp, vb, vh, vd] * w[vp, vb, vh], [vb, vh, vd])
                 with T.grid(bsz, hq, d) as (b, h, dd):
                     with T.sblock("merge_cast"):
                         vb, vh, vd = T.axis.remap("SSS", [b, h, dd])

@@ -36,6 +36,13 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
 Dim = int | str
 
 
+#: Elements a kernel argument may have: TVM indexes buffers of ``int32`` shapes with 32-bit arithmetic (the
+#: generated CUDA computes e.g. ``((int)blockIdx.x * N16) * 128``); every offset is a sum of non-negative terms no
+#: larger than the flat offset of an element, so a tensor of at most 2^31 - 1 elements cannot overflow it. 7B dense
+#: K at batch x tokens >= 4,194,304 is the first to reach it (issue 21); it is refused, not silently wrapped.
+MAX_INDEXED_ELEMENTS = 2**31 - 1
+
+
 class KernelArgumentError(TypeError, ValueError):
     """A kernel was called with an argument that does not match its description (message names the argument).
 
@@ -247,6 +254,10 @@ class KernelSignature:
                 )
             if device_type is not None and value.device.type != device_type:
                 raise self._err(desc.name, f"expected a tensor on {device_type}, got one on {value.device}")
+            if value.numel() > MAX_INDEXED_ELEMENTS:  # before the contiguity check: the size is the cause
+                raise self._err(desc.name, f"{value.numel():,} elements (shape {tuple(value.shape)}) exceed the "
+                                f"{MAX_INDEXED_ELEMENTS:,} the kernels' 32-bit offsets address; use a smaller batch "
+                                f"or fewer tokens per call")
             if not value.is_contiguous():
                 raise self._err(desc.name, f"expected a contiguous tensor, got strides {tuple(value.stride())}")
             for axis, (dim, size) in enumerate(zip(desc.shape, value.shape)):

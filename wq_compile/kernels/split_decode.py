@@ -59,6 +59,7 @@ from .attention import Piece, _unpack, pieces
 from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp, signature_params
 from .signatures import MAX_SPLITS, SPLIT_CHUNK, TUNING_SM_COUNT, choose_splits, is_split, merge_spec, split_spec
 from .signatures import split_signature as signature
+from .gpu_limits import PREFERRED_BLOCKS_PER_SM, min_blocks_per_sm
 
 _F32 = "float32"
 _I32 = "int32"
@@ -75,8 +76,9 @@ def key_groups_per_chunk(spec: KernelSpec) -> int:
     return (c + kg - 2) // kg + 1
 
 
-#: Resident blocks per SM the split kernel is compiled for (a launch-bounds hint on GPU targets).
-MIN_BLOCKS_PER_SM = 2
+#: Resident blocks per SM the split kernel is compiled for at groups up to 8 (a launch-bounds hint on GPU targets;
+#: larger groups ask for 1, :func:`~wq_compile.kernels.gpu_limits.min_blocks_per_sm`).
+MIN_BLOCKS_PER_SM = PREFERRED_BLOCKS_PER_SM
 
 
 def splits_extent(p: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -145,7 +147,7 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                     IRBuilder.name_many(["s", "b", "kh"], [s, b, kh])
                     # GPU targets: __launch_bounds__(threads, MIN_BLOCKS_PER_SM) (with the thread count alone, ptxas
                     # of CUDA 13 holds this kernel at 72 registers and spills); CPU targets ignore it
-                    with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MIN_BLOCKS_PER_SM):
+                    with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks_per_sm(spec.group_size)):
                         _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh)
     return ib.get()
 

@@ -140,7 +140,7 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
                                       v_group=wq.v_group, chunk=wq.chunk, library=library,
                                       int8_dots=wq.int8_dots)
         compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
-        uris = [decoder.spec((8, 4, 2)).uri]
+        uris = [spec.uri for spec in decoder.specs((8, 4, 2))]  # the merge too, on CUDA
         # the compiled quantize kernel fits min/max; any other fit quantizes with the torch reference (same format)
         quantizer = compiled_q if wq.fit == "minmax" else reference_quantizer(wq.fit)
         for bits in ((8, 4, 2) if wq.fit == "minmax" else ()):  # fail here, not in the middle of generation

@@ -13,6 +13,7 @@ import torch
 
 from ..compiler.device import Device
 from ..kernels import piece_fields
+from ..kernels.gpu_limits import check_split_config
 from ..kernels.signatures import SPLIT_CHUNK, choose_splits, merge_spec, split_spec
 from .library import CompiledKernel, KernelLibrary, shared_library
 from ..core.spec import KernelSpec, dtype_tag
@@ -64,7 +65,9 @@ class FusedDecoder:
         if int8_dots:
             check_int8_dots(library.device, self.split)
         self.int8_dots = bool(int8_dots)
-        if self.split:
+        if self.split:  # refused here, not at the first decode step (or on the GPU)
+            check_split_config(num_q_heads, num_kv_heads, head_dim, SPLIT_CHUNK, layout_chunk=chunk,
+                               gpu=library.device.kind == "cuda")
             chunk = SPLIT_CHUNK  # finer ranges: enough thread blocks at batch 1 from ~2K tokens
         self.shape = dict(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                           k_group=k_group, v_group=v_group, dtype=dtype_tag(dtype), chunk=chunk)
@@ -97,6 +100,11 @@ class FusedDecoder:
         extra = (("dot8", 1),) if self.int8_dots and any(w < 8 for w in widths) else ()
         spec = KernelSpec("fused", tuple(widths) + (16,), extra=extra, **self.shape)
         return split_spec(spec) if self.split else spec
+
+    def specs(self, widths: tuple[int, ...]) -> list[KernelSpec]:
+        """Every kernel a decode step over ``widths`` launches: the fused (or split-KV) kernel, and its merge."""
+        spec = self.spec(widths)
+        return [spec, merge_spec(spec)] if self.split else [spec]
 
     def _call(self, kernel: CompiledKernel, inputs: list[Any], outputs: list[torch.Tensor]) -> None:
         """Check every argument once per distinct set of shapes, then call unchecked: the full check costs about
@@ -149,6 +157,8 @@ class FusedDecoder:
         return kernel
 
     def __call__(self, q: torch.Tensor, layer: Any, sm_scale: float, stats: Any = None) -> torch.Tensor:
+        if q.shape[0] == 0:  # batch 0: nothing to attend (a zero grid is no launch; zero-size tensors fail TVM's checks)
+            return torch.empty(q.shape, dtype=self.out_dtype, device=q.device)
         widths = tuple(sorted(layer.buckets, reverse=True))
         kernel = self._kernels.get(widths) or self.kernel(widths)
         scale = float(sm_scale)

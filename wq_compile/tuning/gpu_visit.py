@@ -12,6 +12,8 @@
    + SDPA (int4 keys/values, the reference format), FlashInfer's single decode if importable, and each exported
    WindowQuant module (``bench`` entries of the manifest, built by ``export_candidates(bench_tokens=...)``); the
    benchmarks are :mod:`wq_compile.tuning.gpu_bench`.
+4. ``edge[i]`` (exports with a split kernel and its merge) and ``sanitizer``: the edge cases of
+   :mod:`wq_compile.tuning.gpu_edge_cases` against the reference, then under compute-sanitizer where it exists.
 
 Only torch, the TVM runtime and the pure-torch modules of this package (quant, spec, models) are imported, so it
 runs where TVM's compiler is absent (``TVM_USE_RUNTIME_LIB=1``). ``--dry-run`` plans the steps, checks every export
@@ -36,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import offline_measure
+from . import gpu_edge_cases, offline_measure
 from .gpu_bench import bench_baselines, bench_modules
 from .gpu_bundle import CARRY_LIMIT_BYTES, BundleReport, assemble_bundle
 from ..core.models import get_preset
@@ -94,6 +96,16 @@ def plan(exports: Sequence[Path], gpu: bool, dry_run: bool) -> list[Step]:
         kind = json.loads((export / offline_measure.MANIFEST).read_text())["device"]["kind"]
         steps.append(Step(f"measure[{i}]", f"verify against the reference and time every candidate of {export} "
                           f"({kind})", kind == "cuda", gpu or kind != "cuda"))
+    for i, export in enumerate(exports):
+        manifest = json.loads((export / offline_measure.MANIFEST).read_text())
+        kind = manifest["device"]["kind"]
+        if gpu_edge_cases.export_split_pairs(manifest):
+            steps.append(Step(f"edge[{i}]", f"split + merge of {export} vs the reference: padding sample, odd lengths, "
+                              f"residual 1-31, empty buckets, P in {gpu_edge_cases.PARTS}, NaN checks ({kind})",
+                              kind == "cuda", gpu or kind != "cuda"))
+    has_tool = gpu_edge_cases.sanitizer_tool() is not None
+    steps.append(Step("sanitizer", "compute-sanitizer memcheck/racecheck/synccheck on the small edge cases"
+                      + ("" if has_tool else " (compute-sanitizer not found: skipped)"), True, gpu and has_tool))
     steps.append(Step("bench", "decode at each length: SDPA flash fp16 (gqa, folded), dequantize-all + SDPA, "
                       "FlashInfer, WindowQuant modules", True, True))
     if dry_run:
@@ -134,6 +146,21 @@ def run_visit(exports: Sequence[Path], out: Path, *, dry_run: bool = False, leng
                                "results": f"results_{i}.json", "wall_s": time.perf_counter() - t0})
         _log(out, f"[measure[{i}]] {ok} of {len(res['candidates'])} candidates correct and timed "
                   f"({time.perf_counter() - t0:.1f} s) -> results_{i}.json")
+    for s in steps:
+        if s.name.startswith("edge[") and s.runs:
+            i = int(s.name[5:-1])
+            rows = gpu_edge_cases.check_export_edge_cases(exports[i], manifests[i], dev)
+            doc.setdefault("edge", []).extend(rows)
+            failed = [f"{r['case']} P={r['parts']}" for r in rows if not r["ok"]]
+            _log(out, f"[{s.name}] {len(rows) - len(failed)} of {len(rows)} edge cases match the reference, finite"
+                      + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        elif s.name == "sanitizer":
+            cuda_exports = [e for e, m in zip(exports, manifests) if m["device"]["kind"] == "cuda"
+                            and gpu_edge_cases.export_split_pairs(m)]
+            why = [w for w, bad in (("no GPU here", not gpu), ("compute-sanitizer not found (PATH, $CUDA_HOME/bin)",
+                                                             gpu_edge_cases.sanitizer_tool() is None)) if bad]
+            doc["sanitizer"] = gpu_edge_cases.run_sanitizer(cuda_exports) if s.runs else {"skipped": "; ".join(why)}
+            _log(out, f"[sanitizer] {doc['sanitizer']}")
     for model in models:
         for n in lengths:
             rows = bench_baselines(model, n, dev, repeat)

@@ -256,7 +256,7 @@ def main_offline(args: Any, error: Any) -> int:
     import sys
     from dataclasses import replace
 
-    from ..kernels.catalog import kernel_specs
+    from ..kernels.catalog import default_kernel_kinds, kernel_specs
     from ..compiler.tuning_log import TuningLogError
 
     if args.export_candidates and args.import_results:
@@ -276,7 +276,8 @@ def main_offline(args: Any, error: Any) -> int:
                       + (f"; not recorded (failed or unmeasured): {', '.join(bad)}" if bad else ""))
             return 0 if any(summary.recorded.values()) else 1
         device = resolve_device(args.target)
-        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=args.kernels)
+        kinds = args.kernels or default_kernel_kinds(device.kind)
+        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=kinds)
         settings = TuneSettings(trials=args.trials if args.trials is not None else 8, logs_dir=Path(args.logs_dir),
                                 seed=args.seed)
         if args.tokens:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from . import offline_measure
 from ..compiler.device import Device
 from .ms_task import replay
+from ..compiler.verified_file import atomic_write, read_json
 from ..core.spec import KernelSpec
 
 MANIFEST = offline_measure.MANIFEST
@@ -39,9 +40,7 @@ def workload_hash(workload: Any) -> str:
 
 
 def write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def trace_to_json(workload: Any, trace: Any, device: Device) -> list[Any]:
@@ -74,11 +73,14 @@ def load_json(path: Path, missing: str, fix: str) -> Any:
     """A JSON file of the round trip; :class:`OfflineError` with ``missing`` when it is absent, with ``fix`` when it
     does not parse."""
     try:
-        return json.loads(path.read_text())
+        doc = read_json(path)
     except FileNotFoundError:
         raise OfflineError(missing) from None
-    except json.JSONDecodeError as exc:
-        raise OfflineError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+    except OSError as exc:  # BadFileError: not JSON, not UTF-8, a directory, a FIFO, unreadable
+        raise OfflineError(f"{exc}; {fix}") from exc
+    if not isinstance(doc, dict):
+        raise OfflineError(f"{path}: a JSON {type(doc).__name__}, not an object; {fix}")
+    return doc
 
 
 def read_manifest(export_dir: str | Path) -> dict[str, Any]:

@@ -32,6 +32,10 @@ def import_results(results_path: str | Path, export_dir: str | Path | None = Non
     export = Path(export_dir) if export_dir is not None else results_path.parent
     manifest = read_manifest(export)
     results = load_json(results_path, f"import-results: {results_path} does not exist", "measure again")
+    if results.get("format") != offline_measure.FORMAT or not isinstance(results.get("candidates"), dict):
+        raise OfflineError(f"{results_path}: format {results.get('format')!r} with candidates "
+                           f"{type(results.get('candidates')).__name__}, expected format {offline_measure.FORMAT} "
+                           "with a candidates object; measure again with this export's measure_candidates.py")
     if results.get("manifest_sha256") != offline_measure.file_sha256(export / MANIFEST):
         raise OfflineError(f"{results_path}: measured another export than {export / MANIFEST} (manifest digest "
                            "differs); pass the export folder these results belong to (--export-dir)")

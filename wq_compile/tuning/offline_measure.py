@@ -185,7 +185,12 @@ def measure_export(export_dir: str | os.PathLike, out: str | os.PathLike | None 
         "candidates": results,
     }
     out_path = Path(out) if out is not None else root / RESULTS
-    out_path.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")  # atomic: an importer never reads half a file
+    try:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return doc
 
 

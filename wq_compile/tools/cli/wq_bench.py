@@ -39,6 +39,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-dots", action="store_true",
                    help="--e2e: WindowQuantConfig(int8_dots=True) (QK and P@V of 4/2-bit buckets as int8 dot "
                         "products, AVX-512 VNNI); the decode table always adds an 'int8 dots' row where supported")
+    p.add_argument("--conversation", action="store_true",
+                   help="--e2e: a three-turn conversation instead (clip of --frames, follow-up question, second "
+                        "clip): TTFT and ms/token per turn, DynamicCache, StaticCache and WindowQuantCache")
     p.add_argument("--token-granular", action="store_true",
                    help="claim (2): reordered buckets (fused kernel) vs token-granular mixed precision in place, "
                         "decode latency at equal average bits (--tokens, default 2048,8192,32768) and search time "
@@ -65,6 +68,15 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
                                  ("--layers", args.layers or 1, 1)):
             if value < low:
                 bench_parser().error(f"{name}: expected at least {low}, got {value}")
+        if args.conversation:
+            from ..bench import conversation
+
+            turns = [r for m in models for r in conversation.measure(m, args.layers, frames=args.frames,
+                                                                      new_tokens=args.new_tokens)]
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            conversation.write_csv(turns, Path(args.out) / "conversation.csv")
+            print(conversation.format_table(turns))
+            return 0
         rows = e2e.run(models, frames=args.frames, new_tokens=args.new_tokens, repeats=args.repeats,
                        layers=args.layers, int8_dots=args.int8_dots)
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...core.models import PRESETS
-from ...kernels.catalog import DEFAULT_KERNEL_KINDS, KERNEL_KINDS
+from ...kernels.catalog import CUDA_KERNEL_KINDS, DEFAULT_KERNEL_KINDS, KERNEL_KINDS
 from .common import exit_on_sigint, fmt, parse_bits, parse_kinds, positive_int
 
 
@@ -26,8 +26,9 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llava-ov-0.5b", choices=sorted(PRESETS))
     p.add_argument("--bits", type=parse_bits, default=(2, 4, 8), help="quantized widths (default 2,4,8)")
     p.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16"), help="query/dense dtype of the kernels")
-    p.add_argument("--kernels", type=parse_kinds, default=DEFAULT_KERNEL_KINDS,
-                   help=f"kernel kinds among {','.join(KERNEL_KINDS)} (default {','.join(DEFAULT_KERNEL_KINDS)})")
+    p.add_argument("--kernels", type=parse_kinds, default=None,
+                   help=f"kernel kinds among {','.join(KERNEL_KINDS)} (default: what the target's decoder runs, "
+                        f"{','.join(CUDA_KERNEL_KINDS)} on CUDA, {','.join(DEFAULT_KERNEL_KINDS)} elsewhere)")
     p.add_argument("--trials", type=positive_int, default=None,
                    help="valid trials per kernel, existing records included (default per kind: fused 40, decode 24, "
                         "merge 8, quantize 8)")
@@ -92,7 +93,7 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
 
     from ...compiler.device import resolve_device
     from ...compiler.measure import MeasurementUnavailableError, RPCSettings
-    from ...kernels.catalog import kernel_specs
+    from ...kernels.catalog import default_kernel_kinds, kernel_specs
     from ...compiler.module_cache import ModuleCacheError
     from ...tuning.settings import NoValidTrialsError, TuneSettings
     from ...tuning.tune import build_only, tune_kernels
@@ -100,7 +101,8 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
 
     try:
         device = resolve_device(args.target)
-        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=args.kernels)
+        kinds = args.kernels or default_kernel_kinds(device.kind)
+        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=kinds)
         rpc = RPCSettings.parse(args.rpc, args.rpc_key) if args.rpc else None
     except ValueError as exc:
         print(f"wq-tune: {exc}", file=sys.stderr)

@@ -1,0 +1,204 @@
+"""Every kind of file the package loads from disk x every way a file goes bad, each in a fresh process.
+
+One warm tree is built once for the session (a tuning log of the 4-bit quantize kernel, a knob record of the fused
+kernel, and a module cache holding the tiny preset's four modules, the OpenMP launcher and the host facts). Each case
+copies it, damages one file in one way and runs a fresh Python that decodes through ``make_backend`` over the copy
+(the product path). It must exit 0, decode as the torch reference, and name the bad file in a warning (or, for a
+log, its folder). The offline results file (read by ``wq-tune --import-results``, a file the user hands over) must
+be refused with a clear message naming it, exit 1, no traceback.
+
+"Unreadable": tests run as root here, and ``chmod 000`` does not deny reads to root; as root the case puts a FIFO
+in place of the file instead (a reader that opened it would block forever), otherwise it removes read permission.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from wq_compile.compiler import tuning_log
+from wq_compile.compiler.device import resolve_device
+from wq_compile.kernels.catalog import kernel_specs
+from wq_testing import measured_log, run_python
+
+#: Fresh process: the tiny preset's backend, one decode over 8/4/2-bit windows and a dense residual, compared with
+#: the torch reference; prints what it did and every warning as JSON (last line).
+DECODE = """
+    import json, sys, warnings
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch
+        from wq_compile import WindowQuantConfig
+        from wq_compile.runtime.backend import make_backend
+        from wq_compile.core.layout import LayerCache
+        from wq_compile.core.windows import Windows
+        from wq_compile.core.reference import decode_attention
+
+        b = make_backend(WindowQuantConfig(backend="tvm"), 4, 2, 64, torch.float32, "cpu")
+        gen = torch.Generator().manual_seed(0)
+        k, v = torch.randn(2, 3 * 196 + 20, 64, generator=gen), torch.randn(2, 3 * 196 + 20, 64, generator=gen)
+        layer = LayerCache.empty(1, 2, 64, torch.float32, residual=64, quantizer=b.quantize)
+        layer.fill_sample(0, k, v, Windows(torch.tensor([0, 196, 392]), torch.tensor([196, 196, 196]),
+                                           torch.tensor([8, 4, 2])))
+        q = torch.randn(1, 4, 64, generator=gen)
+        err = float((b.decode(q, layer, 0.125, None) - decode_attention(q, layer, 0.125)).abs().max())
+    print(json.dumps(dict(tvm="tvm" in sys.modules, compiled=b.compiled, cached=b.cached, err=err,
+                          warnings=[f"{w.category.__name__}: {w.message}" for w in caught])))
+"""
+
+QUANT4, FUSED = (next(s for s in kernel_specs("tiny", kinds=(kind,)) if s.bits[0] == bits)
+                 for kind, bits in (("quantize", 4), ("fused", 8)))
+#: The knob record's knobs: not the factory defaults, so a record that is used shows in the module's URI.
+RECORD_KNOBS = {"pvc": 16, "qkh": 8, "splits": 1}
+
+
+def decode(root: Path, check: bool = True) -> dict:
+    env = {**os.environ, "WQ_CACHE_DIR": str(root / "cache"), "WQ_TUNING_LOGS": str(root / "logs"),
+           "OMP_NUM_THREADS": "1"}
+    proc = run_python(DECODE, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _knob_record(host, logs: Path) -> None:
+    """A knob record of the fused kernel for this host (the winner only: what the runtime reads)."""
+    folder = tuning_log.log_dir(logs, host.tag, FUSED.uri)
+    meta = tuning_log.new_meta(host, FUSED.uri, tuning_log.spec_fields(FUSED), {"B": 1}, {"sm_scale": 0.125}, 0)
+    meta.update(kind=tuning_log.KNOB_KIND, best={"knobs": RECORD_KNOBS, "median_ms": 0.3})
+    tuning_log.write_meta(folder, meta)
+    tuning_log.append_knob_sample(folder, RECORD_KNOBS, 0, 3e-4)
+
+
+@pytest.fixture(scope="session")
+def warm_tree(tmp_path_factory) -> Path:
+    """Logs + a warm module cache (one cold process, then checked warm: nothing built, TVM not imported)."""
+    root = tmp_path_factory.mktemp("file-faults")
+    host = resolve_device("llvm")
+    measured_log(QUANT4, host, root / "logs")
+    _knob_record(host, root / "logs")
+    cold = decode(root)
+    assert cold["compiled"] == 4 and cold["err"] < 1e-4, cold
+    warm = decode(root)
+    assert warm == {**warm, "compiled": 0, "cached": 4, "tvm": False}, warm
+    assert any("pvc16" in p.name for p in root.glob("cache/*/cpu-*/fused_*.so"))  # the knob record served
+    return root
+
+
+def _one(root: Path, pattern: str) -> Path:
+    (path,) = [p for p in root.glob(pattern) if not p.name.endswith((".verify.json", ".lock"))]
+    return path
+
+
+#: kind -> (the file, relative to a tree; what the warning names: "file" or "folder"; modules rebuilt after it)
+KINDS = {
+    "module": ("cache/*/cpu-*/fused_*.so", "file", 1),
+    "module_key": ("cache/*/cpu-*/fused_*.json", "file", 1),
+    "launcher": ("cache/*/wq_omp_launch-*.so", "file", 0),
+    "host_facts": ("cache/*/host_devices.json", "file", 0),
+    "log_records": (f"logs/*/{QUANT4.uri}/{tuning_log.RECORD_FILE}", "folder", 1),
+    "log_meta": (f"logs/*/{QUANT4.uri}/{tuning_log.META_FILE}", "folder", 1),
+    "knob_record": (f"logs/*/{FUSED.uri}/{tuning_log.META_FILE}", "folder", 1),
+}
+FAULTS = ("truncated", "empty", "random_bytes", "wrong_version", "unreadable", "directory")
+
+
+def _wrong_version(kind: str, path: Path, root: Path) -> None:
+    """A well-formed file of another version or another thing."""
+    if kind in ("module", "launcher"):  # a valid shared library, but another one
+        shutil.copyfile(_one(root, "cache/*/cpu-*/quantize_k8v8_*.so"), path)
+    elif kind == "module_key":
+        path.write_text(json.dumps({**json.loads(path.read_text()), "apache-tvm": "0.1"}))
+    elif kind == "host_facts":  # an older format: entries without the fields this version reads
+        facts = json.loads(path.read_text())
+        path.write_text(json.dumps({fp: {"tag": e["tag"], "format": 0} for fp, e in facts.items()}))
+    elif kind == "log_records":  # JSON lines, but not MetaSchedule's record format
+        path.write_text('[0, {"trace": "format 0"}]\n')
+    else:  # log_meta, knob_record: written by other tvm versions
+        meta = json.loads(path.read_text())
+        path.write_text(json.dumps({**meta, "versions": {**meta["versions"], "apache-tvm": "0.1"}}))
+
+
+def damage(kind: str, fault: str, path: Path, root: Path) -> str:
+    """Damage ``path`` in the way ``fault`` names; returns how (for the report)."""
+    data = path.read_bytes()
+    fresh = path.with_name(path.name + ".new")  # a new inode in its place, as a torn copy leaves it
+    if fault == "truncated":
+        fresh.write_bytes(data[: len(data) // 2])
+    elif fault == "empty":
+        fresh.write_bytes(b"")
+    elif fault == "random_bytes":
+        fresh.write_bytes(random.Random(f"{kind}-{fault}").randbytes(max(len(data), 64)))
+    elif fault == "wrong_version":
+        fresh.write_bytes(data)
+        _wrong_version(kind, fresh, root)
+    if fresh.exists():
+        os.replace(fresh, path)
+        return fault
+    path.unlink()
+    if fault == "directory":
+        path.mkdir()
+        (path / "stray").write_text("x")
+        return "directory"
+    assert fault == "unreadable"
+    if os.geteuid() == 0:  # root reads through chmod 000: a FIFO with no writer is what cannot be read
+        os.mkfifo(path)
+        return "fifo (root)"
+    path.write_bytes(data)
+    path.chmod(0)
+    return "chmod 000"
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_bad_file_is_rebuilt_or_ignored_named_never_fatal(warm_tree, tmp_path, kind, fault):
+    pattern, names, rebuilt = KINDS[kind]
+    root = tmp_path / "tree"
+    shutil.copytree(warm_tree, root, symlinks=True)
+    path = _one(root, pattern)
+    how = damage(kind, fault, path, root)
+    out = decode(root)
+    assert out["err"] < 1e-4, out
+    if names == "file":
+        named = [w for w in out["warnings"] if str(path) in w]
+    else:  # a log: its folder, or (an empty record file: no record) the kernel and the logs folder
+        named = [w for w in out["warnings"] if str(path.parent) in w
+                 or (path.parent.name in w and str(root / "logs") in w)]
+    assert named, (path, out["warnings"])
+    print(f"\n{kind} {how}: compiled {out['compiled']}, cached {out['cached']}, err {out['err']:.1e}; "
+          f"{named[0][:160]}")
+    if rebuilt == 0:
+        assert out["compiled"] == 0, out  # a bad launcher or facts file costs no module build
+    elif kind != "log_records" or fault != "truncated":  # a torn last record line is skipped: the key is the same
+        assert out["compiled"] >= 1, out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The offline results file: handed over by the user, so refused with a clear message (never a traceback)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fault", FAULTS)
+def test_bad_offline_results_file_is_refused_with_a_message_naming_it(tmp_path, fault):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "manifest.json").write_text(json.dumps({"format": 1, "kernels": [], "device": {}, "versions": {}}))
+    results = export / "results.json"
+    results.write_text(json.dumps({"format": 1, "manifest_sha256": "0" * 64, "candidates": {}}))
+    if fault == "wrong_version":
+        results.write_text(json.dumps({"format": 0, "results": []}))
+    else:
+        damage("offline_results", fault, results, tmp_path)
+    proc = run_python(f"""
+        import sys
+        from wq_compile.tools.cli import main_tune
+        sys.exit(main_tune(["--import-results", {str(results)!r}, "--logs-dir", {str(tmp_path / "logs")!r}]))
+    """, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert str(results) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "logs").exists()  # nothing recorded
+

@@ -1,0 +1,32 @@
+"""The static H200 model of the split-KV decode (issue 21, item 6): derived from the kernel's signature and launch
+policy, and the README's table is its output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wq_compile.kernels.signatures import choose_splits
+from wq_compile.tuning import perf_model as pm
+
+
+def test_rows_follow_the_kernel_and_the_launch_policy():
+    r = pm.model_row("llava-ov-7b", 1, 8192)
+    assert r.parts == choose_splits(pm.H200_SMS, 8192 - 128, 1, 4, 32) == 66
+    assert r.blocks == 1 * 4 * r.parts and abs(r.waves - r.blocks / (2 * pm.H200_SMS)) < 1e-9
+    # 4-bit only, 7B, 2800 quantized + 128 fp16 tokens, counted by hand per KV head at the capacities the cache has
+    # (N4 = 2816 tokens, G4 = 101 key groups; empty 8/2-bit buckets hold one chunk, 2 groups):
+    q4 = 101 * 128 * 4 * 4 + 2 * 101 * 128 * 2 + 2816 * 16 * 4 + 2 * 2816 * 2 * 2  # K codes, K scale+zero, V ...
+    q8 = 2 * 128 * 8 * 4 + 2 * 2 * 128 * 2 + 32 * 32 * 4 + 2 * 32 * 2 * 2
+    q2 = 2 * 128 * 2 * 4 + 2 * 2 * 128 * 2 + 32 * 8 * 4 + 2 * 32 * 2 * 2
+    dense = 2 * 128 * 128 * 2
+    total = 4 * (q4 + q8 + q2 + dense) + 4 * 4 + 28 * 128 * 2  # + the 4 lens and the query
+    only4 = pm.model_row("llava-ov-7b", 1, 2800 + 128, mix={4: 1.0})
+    assert abs(only4.bytes_per_token - total / 2928) < 1e-6, (only4.bytes_per_token, total / 2928)
+    assert 0 < r.hbm_fraction <= 1 and r.expected_us > 0
+    small = pm.model_row("llava-ov-7b", 1, 2048)
+    assert small.waves < 0.5 and small.hbm_fraction < r.hbm_fraction  # under half a wave at 2K tokens
+
+
+def test_readme_table_is_the_models_output():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert pm.perf_table() in readme, "README's H200 table is stale: paste python -m wq_compile.tuning.perf_model"
