@@ -89,3 +89,25 @@ def test_int8_dots_mode_is_explicit_and_refused_where_no_kernel_has_it():
     want = decode_attention(q, layer, 0.125)
     rel = ((got - want).norm() / want.norm()).item()
     assert 0 < rel < 0.05, f"int8 dots vs the exact reference: relative error {rel:.4f}"
+
+
+def test_first_use_shows_a_progress_bar_and_a_warm_cache_shows_none(tmp_path):
+    """Compiling the kernels takes seconds each, once: the user sees a bar then, and nothing once they are cached."""
+    import os
+
+    from wq_testing import run_python
+
+    body = """
+        import torch
+        from wq_compile import WindowQuantConfig
+        from wq_compile.runtime.backend import make_backend
+        b = make_backend(WindowQuantConfig(backend="tvm"), 4, 2, 64, torch.float32, "cpu")
+        print("compiled", b.compiled)
+    """
+    env = {**os.environ, "WQ_CACHE_DIR": str(tmp_path)}
+    cold = run_python(body, env=env)
+    assert cold.returncode == 0, cold.stderr[-2000:]
+    assert "compiled 4" in cold.stdout and "compiling kernels" in cold.stderr and "4/4" in cold.stderr
+    warm = run_python(body, env=env)
+    assert warm.returncode == 0 and "compiled 0" in warm.stdout, warm.stderr[-2000:]
+    assert "compiling kernels" not in warm.stderr

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from filelock import FileLock
 
@@ -207,9 +207,11 @@ def load(paths: ModulePaths, device: Device) -> Any:
 
 
 def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None,
-                  cache_dir: str | os.PathLike | None = None, *, allow_untuned: bool = True
-                  ) -> tuple[ModulePaths, Provenance, bool]:
+                  cache_dir: str | os.PathLike | None = None, *, allow_untuned: bool = True,
+                  on_build: Callable[[KernelSpec], None] | None = None) -> tuple[ModulePaths, Provenance, bool]:
     """Make sure the module cache holds a current module of ``spec``: ``(paths, provenance, compiled now)``.
+
+    ``on_build(spec)`` is called just before a compile starts (never on a warm load): progress bars hook in here.
 
     A warm call reads files only (key, hash); a miss takes the module's lock (concurrent processes build it once),
     compiles (:func:`wq_compile.compiler.build.build_kernel`) and stores. Never fatal for a bad file: a tuning log of this
@@ -217,17 +219,17 @@ def ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike 
     module (read-only, a directory in the way) leaves it in a private folder, with a warning.
     """
     try:
-        return _ensure_module(spec, device, logs_dir, cache_dir, allow_untuned)
+        return _ensure_module(spec, device, logs_dir, cache_dir, allow_untuned, on_build)
     except TuningLogError as exc:  # a log of this device that cannot be read or replayed: named, not fatal
         if not allow_untuned or logs_dir is None:
             raise
         warn_bad(logs_dir, str(exc), f"{spec.uri} is compiled from its default schedule instead", stacklevel=4)
-        return _ensure_module(spec, device, None, cache_dir, allow_untuned)
+        return _ensure_module(spec, device, None, cache_dir, allow_untuned, on_build)
 
 
 def _ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike | None,
-                   cache_dir: str | os.PathLike | None, allow_untuned: bool
-                   ) -> tuple[ModulePaths, Provenance, bool]:
+                   cache_dir: str | os.PathLike | None, allow_untuned: bool,
+                   on_build: Callable[[KernelSpec], None] | None = None) -> tuple[ModulePaths, Provenance, bool]:
     paths = module_paths(spec, device, cache_dir)
     key = expected_key(spec, device, logs_dir)
     provenance = lookup(paths, key)
@@ -243,6 +245,8 @@ def _ensure_module(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike
             provenance = lookup(paths, key)  # another process may have built it meanwhile
             if provenance is not None:
                 return paths, provenance, False
+        if on_build is not None:
+            on_build(spec)
         built = build_kernel(spec, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
         if lock is None:
             return store_private(built, unwritable), built.provenance, True

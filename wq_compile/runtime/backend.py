@@ -10,6 +10,7 @@ second ``generate`` costs nothing to set up.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -127,6 +128,36 @@ def make_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, hea
         return backend
 
 
+class BuildProgress:
+    """A progress bar over the kernels a backend sets up, shown from the first kernel that must be compiled (tens of
+    seconds each, once: they are cached afterwards); a warm module cache shows nothing."""
+
+    def __init__(self, total: int, stats: Any) -> None:
+        self.total, self.stats, self.bar = total, stats, None
+        self.start = self._done()
+
+    def _done(self) -> int:
+        return self.stats.compiled + self.stats.cache_hits  # kernels this library has set up so far
+
+    def compiling(self, spec: KernelSpec) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc="WindowQuant: compiling kernels (first use, then cached)",
+                            unit="kernel", file=sys.stderr, leave=False)
+        self.bar.n = min(self.total, self._done() - self.start)
+        self.bar.set_postfix_str(spec.uri.split("_")[0], refresh=True)
+
+    def __enter__(self) -> "BuildProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.n = self.total
+            self.bar.refresh()
+            self.bar.close()
+
+
 def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device | str) -> Backend:
     try:
@@ -136,17 +167,20 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         library = shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else "llvm"))
         stats = library.stats
         compiled, cached, reused = stats.compiled, stats.cache_hits, stats.reused
-        decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
-                                      v_group=wq.v_group, chunk=wq.chunk, library=library,
-                                      int8_dots=wq.int8_dots)
-        compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
-        uris = [spec.uri for spec in decoder.specs((8, 4, 2))]  # the merge too, on CUDA
-        # the compiled quantize kernel fits min/max; any other fit quantizes with the torch reference (same format)
-        quantizer = compiled_q if wq.fit == "minmax" else reference_quantizer(wq.fit)
-        for bits in ((8, 4, 2) if wq.fit == "minmax" else ()):  # fail here, not in the middle of generation
-            spec = compiled_q.spec(QuantSpec(bits, wq.k_group, wq.v_group))
-            library.load(spec)
-            uris.append(spec.uri)
+        widths = (8, 4, 2) if wq.fit == "minmax" else ()
+        bar = BuildProgress(len(widths) + (2 if library.device.kind == "cuda" else 1), library.stats)
+        with library.reporting(bar.compiling), bar:
+            decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
+                                          v_group=wq.v_group, chunk=wq.chunk, library=library,
+                                          int8_dots=wq.int8_dots)
+            compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
+            uris = [spec.uri for spec in decoder.specs((8, 4, 2))]  # the merge too, on CUDA
+            # the compiled quantize kernel fits min/max; any other fit quantizes with the torch reference
+            quantizer = compiled_q if wq.fit == "minmax" else reference_quantizer(wq.fit)
+            for bits in widths:  # fail here, not in the middle of generation
+                spec = compiled_q.spec(QuantSpec(bits, wq.k_group, wq.v_group))
+                library.load(spec)
+                uris.append(spec.uri)
         kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
         return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
                        stats.cache_hits - cached, min(stats.reused - reused, len(kernels)),

@@ -16,11 +16,12 @@ path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -150,6 +151,8 @@ class KernelLibrary:
         self.logs_dir = Path(logs_dir) if logs_dir is not None else default_logs_dir()
         self.cache_dir = cache_dir
         self.allow_untuned = allow_untuned
+        #: Called before each compile (cold kernels only); set for a while by :meth:`reporting`.
+        self.on_build: Callable[[KernelSpec], None] | None = None
         self.namespace = namespace
         self.stats = LibraryStats()
         self._kernels: dict[str, CompiledKernel] = {}
@@ -172,6 +175,15 @@ class KernelLibrary:
         self._kernels.clear()
 
     # ---- loading -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reporting(self, on_build: Callable[[KernelSpec], None]) -> Iterator[None]:
+        """Within the block, ``on_build(spec)`` runs before every compile this library starts (a progress bar)."""
+        previous, self.on_build = self.on_build, on_build
+        try:
+            yield
+        finally:
+            self.on_build = previous
+
     def load(self, spec: KernelSpec) -> CompiledKernel:
         """The kernel of ``spec``: from this library, the module cache, a tuning log, or the default schedule."""
         requested = spec.uri
@@ -180,7 +192,7 @@ class KernelLibrary:
             return self._kernels[requested]
         spec = knob_lookup.resolve(spec, self.device, self.logs_dir)  # plain-TIR kernels: knobs of the knob record
         paths, provenance, compiled = ensure_module(spec, self.device, self.logs_dir, self.cache_dir,
-                                                    allow_untuned=self.allow_untuned)
+                                                    allow_untuned=self.allow_untuned, on_build=self.on_build)
         self.stats.compiled += compiled
         self.stats.compiled_untuned += compiled and not provenance.tuned
         self.stats.cache_hits += not compiled
