@@ -155,15 +155,41 @@ def damage(kind: str, fault: str, path: Path, root: Path) -> str:
     return "chmod 000"
 
 
+@pytest.fixture(scope="session")
+def fault_runs(warm_tree, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Path, str, dict]]:
+    """Every (kind, fault) case: a copy of the warm tree with one file damaged, then a fresh decoding process. The
+    processes are independent, so they run two at a time (the machines have 2 cores; each process is single-threaded)
+    and every case is still its own test below."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = {}
+    for kind in KINDS:
+        for fault in FAULTS:
+            root = tmp_path_factory.mktemp(f"{kind}-{fault}") / "tree"
+            shutil.copytree(warm_tree, root, symlinks=True)
+            path = _one(root, KINDS[kind][0])
+            cases[(kind, fault)] = (root, path, damage(kind, fault, path, root))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outs = dict(zip(cases, pool.map(lambda c: _decode_case(c[0]), cases.values())))
+    return {key: (*cases[key], outs[key]) for key in cases}
+
+
+def _decode_case(root: Path) -> dict:
+    """``decode`` with the process's exit status kept (asserted per case, not here: one case never hides another)."""
+    env = {**os.environ, "WQ_CACHE_DIR": str(root / "cache"), "WQ_TUNING_LOGS": str(root / "logs"),
+           "OMP_NUM_THREADS": "1"}
+    proc = run_python(DECODE, env=env)
+    if proc.returncode != 0:
+        return {"returncode": proc.returncode, "stderr": proc.stderr[-3000:]}
+    return {"returncode": 0, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_bad_file_is_rebuilt_or_ignored_named_never_fatal(warm_tree, tmp_path, kind, fault):
-    pattern, names, rebuilt = KINDS[kind]
-    root = tmp_path / "tree"
-    shutil.copytree(warm_tree, root, symlinks=True)
-    path = _one(root, pattern)
-    how = damage(kind, fault, path, root)
-    out = decode(root)
+def test_bad_file_is_rebuilt_or_ignored_named_never_fatal(fault_runs, kind, fault):
+    root, path, how, out = fault_runs[(kind, fault)]
+    _, names, rebuilt = KINDS[kind]
+    assert out["returncode"] == 0, out
     assert out["err"] < 1e-4, out
     if names == "file":
         named = [w for w in out["warnings"] if str(path) in w]
