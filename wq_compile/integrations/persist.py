@@ -46,10 +46,14 @@ def _data_config(wq: WindowQuantConfig) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
+    """What wrote the file (the package's installed version: read from its metadata, not by importing the root
+    package, which would close an import cycle through the lazy public names)."""
+    from importlib import metadata
+
     import transformers
 
-    from .. import __version__
-    return {"wq_compile": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    return {"wq_compile": metadata.version("wq-compile"), "transformers": transformers.__version__,
+            "torch": torch.__version__}
 
 
 def save(cache: WindowQuantCache, path: str | Path) -> Path:
