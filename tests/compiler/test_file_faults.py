@@ -58,13 +58,11 @@ QUANT4, FUSED = (next(s for s in kernel_specs("tiny", kinds=(kind,)) if s.bits[0
 RECORD_KNOBS = {"pvc": 16, "qkh": 8, "splits": 1}
 
 
-def decode(root: Path, check: bool = True) -> dict:
-    env = {**os.environ, "WQ_CACHE_DIR": str(root / "cache"), "WQ_TUNING_LOGS": str(root / "logs"),
-           "OMP_NUM_THREADS": "1"}
-    proc = run_python(DECODE, env=env)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def decode(root: Path) -> dict:
+    """:func:`_decode_case`, asserting the process exited 0."""
+    out = _decode_case(root)
+    assert out["returncode"] == 0, out["stderr"]
+    return out
 
 
 def _knob_record(host, logs: Path) -> None:
@@ -175,7 +173,8 @@ def fault_runs(warm_tree, tmp_path_factory) -> dict[tuple[str, str], tuple[Path,
 
 
 def _decode_case(root: Path) -> dict:
-    """``decode`` with the process's exit status kept (asserted per case, not here: one case never hides another)."""
+    """A fresh process decoding over the tree at ``root``; its exit status is kept, not asserted (the table asserts
+    per case: one case never hides another)."""
     env = {**os.environ, "WQ_CACHE_DIR": str(root / "cache"), "WQ_TUNING_LOGS": str(root / "logs"),
            "OMP_NUM_THREADS": "1"}
     proc = run_python(DECODE, env=env)
