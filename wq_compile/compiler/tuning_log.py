@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .device import Device, isa_class
-from .log_store import FAILED_RUN_SECS, KNOB_FILE, KNOB_KIND, META_FILE, RECORD_FILE, WORKLOAD_FILE, KnobRecordWarning, TornLogWarning, TuningLogError, append_knob_sample, commit_records, fix_hint, log_dir, median, new_meta, open_database, read_knob_samples, read_meta, record_lines, repair_knob_log, repair_log, spec_fields, timestamp, valid_records, write_meta  # noqa: F401 - re-exported: importers use tuning_log only
+from .log_store import (  # noqa: F401 - re-exported: importers use tuning_log only
+    FAILED_RUN_SECS, KNOB_FILE, KNOB_KIND, META_FILE, RECORD_FILE, WORKLOAD_FILE, KnobRecordWarning, TornLogWarning,
+    TuningLogError, append_knob_sample, commit_records, fix_hint, log_dir, median, new_meta, open_database,
+    read_knob_samples, read_meta, record_lines, repair_knob_log, repair_log, spec_fields, timestamp, valid_records,
+    write_meta,
+)
 from .record_rule import slower_than_default
 from .verified_file import read_bytes
 
