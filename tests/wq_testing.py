@@ -205,6 +205,33 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, r
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+#: Fresh-process code (no indentation; :func:`small_decode` indents it): the backend of the small shapes (4 query
+#: heads, 2 KV heads, d 64), one decode over 8/4/2-bit windows and a dense residual, compared with the torch
+#: reference; leaves the backend ``b`` and the max error ``err``.
+SMALL_DECODE = """\
+import torch
+from wq_compile import WindowQuantConfig
+from wq_compile.runtime.backend import make_backend
+from wq_compile.core.layout import LayerCache
+from wq_compile.core.windows import Windows
+from wq_compile.core.reference import decode_attention
+
+b = make_backend(WindowQuantConfig(backend="tvm"), 4, 2, 64, torch.float32, "cpu")
+gen = torch.Generator().manual_seed(0)
+k, v = torch.randn(2, 3 * 196 + 20, 64, generator=gen), torch.randn(2, 3 * 196 + 20, 64, generator=gen)
+layer = LayerCache.empty(1, 2, 64, torch.float32, residual=64, quantizer=b.quantize)
+layer.fill_sample(0, k, v, Windows(torch.tensor([0, 196, 392]), torch.tensor([196, 196, 196]),
+                                   torch.tensor([8, 4, 2])))
+q = torch.randn(1, 4, 64, generator=gen)
+err = float((b.decode(q, layer, 0.125, None) - decode_attention(q, layer, 0.125)).abs().max())
+"""
+
+
+def small_decode(indent: int) -> str:
+    """:data:`SMALL_DECODE` indented by ``indent`` spaces, to be pasted into a :func:`run_python` body."""
+    return textwrap.indent(SMALL_DECODE, " " * indent)
+
+
 def run_python(body: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``body`` (dedented) in a fresh Python with tests/ importable (for wq_testing); output captured as text."""
     script = f"import sys; sys.path.insert(0, {TESTS_DIR!r})\n" + textwrap.dedent(body)

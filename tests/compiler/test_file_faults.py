@@ -24,32 +24,18 @@ import pytest
 from wq_compile.compiler import tuning_log
 from wq_compile.compiler.device import resolve_device
 from wq_compile.kernels.catalog import kernel_specs
-from wq_testing import measured_log, run_python
+from wq_testing import measured_log, run_python, small_decode
 
 #: Fresh process: the tiny preset's backend, one decode over 8/4/2-bit windows and a dense residual, compared with
 #: the torch reference; prints what it did and every warning as JSON (last line).
-DECODE = """
+DECODE = f"""
     import json, sys, warnings
     warnings.simplefilter("always")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        import torch
-        from wq_compile import WindowQuantConfig
-        from wq_compile.runtime.backend import make_backend
-        from wq_compile.core.layout import LayerCache
-        from wq_compile.core.windows import Windows
-        from wq_compile.core.reference import decode_attention
-
-        b = make_backend(WindowQuantConfig(backend="tvm"), 4, 2, 64, torch.float32, "cpu")
-        gen = torch.Generator().manual_seed(0)
-        k, v = torch.randn(2, 3 * 196 + 20, 64, generator=gen), torch.randn(2, 3 * 196 + 20, 64, generator=gen)
-        layer = LayerCache.empty(1, 2, 64, torch.float32, residual=64, quantizer=b.quantize)
-        layer.fill_sample(0, k, v, Windows(torch.tensor([0, 196, 392]), torch.tensor([196, 196, 196]),
-                                           torch.tensor([8, 4, 2])))
-        q = torch.randn(1, 4, 64, generator=gen)
-        err = float((b.decode(q, layer, 0.125, None) - decode_attention(q, layer, 0.125)).abs().max())
+{small_decode(8)}
     print(json.dumps(dict(tvm="tvm" in sys.modules, compiled=b.compiled, cached=b.cached, err=err,
-                          warnings=[f"{w.category.__name__}: {w.message}" for w in caught])))
+                          warnings=[f"{{w.category.__name__}}: {{w.message}}" for w in caught])))
 """
 
 QUANT4, FUSED = (next(s for s in kernel_specs("tiny", kinds=(kind,)) if s.bits[0] == bits)

@@ -11,28 +11,14 @@ from pathlib import Path
 import pytest
 
 from wq_compile.compiler.light_load import FACTS_FILE
-from wq_testing import run_python
+from wq_testing import run_python, small_decode
 
 #: Fresh process: the backend of the small shapes, one decode over 8/4/2-bit windows and a dense residual,
 #: compared with the torch reference; prints what the process did as JSON (last line).
-DECODE = """
+DECODE = f"""
     import json, sys, warnings
-    import torch
-    from wq_compile import WindowQuantConfig
-    from wq_compile.runtime.backend import make_backend
-    from wq_compile.core.layout import LayerCache
-    from wq_compile.core.windows import Windows
-    from wq_compile.core.reference import decode_attention
-
     warnings.simplefilter("ignore")
-    b = make_backend(WindowQuantConfig(backend="tvm"), 4, 2, 64, torch.float32, "cpu")
-    gen = torch.Generator().manual_seed(0)
-    k, v = torch.randn(2, 3 * 196 + 20, 64, generator=gen), torch.randn(2, 3 * 196 + 20, 64, generator=gen)
-    layer = LayerCache.empty(1, 2, 64, torch.float32, residual=64, quantizer=b.quantize)
-    layer.fill_sample(0, k, v, Windows(torch.tensor([0, 196, 392]), torch.tensor([196, 196, 196]),
-                                       torch.tensor([8, 4, 2])))
-    q = torch.randn(1, 4, 64, generator=gen)
-    err = float((b.decode(q, layer, 0.125, None) - decode_attention(q, layer, 0.125)).abs().max())
+{small_decode(4)}
     out = dict(tvm="tvm" in sys.modules, compiled=b.compiled, cached=b.cached, err=err, name=b.name,
                quantize_calls=b.quantize.calls)
 """
