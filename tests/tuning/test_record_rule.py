@@ -23,7 +23,7 @@ from wq_compile.tuning import knob_tune  # noqa: E402
 from wq_compile.tuning.versus_default import judge  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[2] / "tuning_logs"
-#: A shipped quantize log whose record (2.91 ms) is slower than the default it replaced (0.53 ms).
+#: A shipped quantize log with a MetaSchedule record (planted slow or fast by rewriting its recorded times).
 SLOW_URI = "quantize_k2v2_kg28_vg64_d64_h14kv2_f32_c64"
 SPEC = KernelSpec("fused", (4, 16), head_dim=64, num_q_heads=4, num_kv_heads=2)
 GRID = ({"splits": 1, "pvc": 16, "qkh": 8}, {"splits": 2, "pvc": 8, "qkh": 8})
@@ -117,17 +117,31 @@ def test_a_sweep_keeps_a_record_only_if_it_beats_the_factory_knobs(tmp_path, hos
         assert choice.knobs == GRID[0] and str(choice.provenance) == "tuned here"
 
 
-def test_shipped_records_slower_than_their_default_are_listed_and_skipped(capsys):
-    """The shipped logs tuned before this rule: every one whose record is not faster than its default is listed
-    (python -m wq_compile.compiler.record_rule) and refused by the same rule the lookups apply."""
-    slow = record_rule.slow_records(SHIPPED)
-    metas = sorted(SHIPPED.glob(f"*/*/{tuning_log.META_FILE}"))
-    assert metas and {r["uri"] for r in slow} >= {SLOW_URI}
-    for path in metas:
-        meta = json.loads(path.read_text())
-        listed = any(r["uri"] == path.parent.name and r["tag"] == path.parent.parent.name for r in slow)
-        measured = "untuned_ms" in meta and "tuned_ms" in meta
-        assert listed == (meta.get("default_wins") is True or (measured and meta["tuned_ms"] >= meta["untuned_ms"]))
-    record_rule.main([str(SHIPPED)])
+def test_shipped_records_slower_than_their_default_are_listed_and_skipped(tmp_path, capsys):
+    """Every shipped log the rule refuses (its record not faster than its default) is listed
+    (python -m wq_compile.compiler.record_rule) and refused by the same rule the lookups apply; a copy of the shipped
+    tree with one record planted slow (its 2.91 ms against a 0.53 ms default, as a log shipped before the rule was)
+    lists exactly that one more."""
+    def check(root: Path) -> list[dict]:
+        slow = record_rule.slow_records(root)
+        metas = sorted(root.glob(f"*/*/{tuning_log.META_FILE}"))
+        assert metas
+        for path in metas:
+            meta = json.loads(path.read_text())
+            listed = any(r["uri"] == path.parent.name and r["tag"] == path.parent.parent.name for r in slow)
+            measured = "untuned_ms" in meta and "tuned_ms" in meta
+            assert listed == (meta.get("default_wins") is True or (measured and meta["tuned_ms"] >= meta["untuned_ms"]))
+        return slow
+
+    shipped = check(SHIPPED)
+    planted = tmp_path / "tuning_logs"
+    shutil.copytree(SHIPPED, planted)
+    meta_path = planted / "cpu-x86_64-intel-xeon-2c" / SLOW_URI / tuning_log.META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta.update(untuned_ms=0.53, tuned_ms=2.91, default_wins=False)
+    tuning_log.write_meta(meta_path.parent, meta)
+    slow = check(planted)
+    assert {r["uri"] for r in slow} == {r["uri"] for r in shipped} | {SLOW_URI}
+    record_rule.main([str(planted)])
     out = capsys.readouterr().out
     assert f"{len(slow)} record(s)" in out and SLOW_URI in out
