@@ -72,8 +72,15 @@ def test_int8_dots_mode_is_explicit_and_refused_where_no_kernel_has_it():
     from wq_compile.core.reference import decode_attention
     from wq_compile.runtime.library import shared_library
 
-    with pytest.raises(ValueError, match="int8_dots"):
-        WindowQuantConfig(int8_dots=1)
+    for bad in (1, "yes", "AUTO"):
+        with pytest.raises(ValueError, match="int8_dots"):
+            WindowQuantConfig(int8_dots=bad)
+    # "auto": the mode where the kernel has it, exact elsewhere (never an error); False stays the default
+    assert WindowQuantConfig().int8_dots is False
+    split = FusedDecoder(shared_library("llvm"), 14, 2, 64, torch.float32, split=True, int8_dots="auto")
+    assert split.int8_dots is False
+    auto = FusedDecoder(shared_library("llvm"), 14, 2, 64, torch.float32, int8_dots="auto")
+    assert auto.int8_dots is (int8_dots_unsupported(host_device(), split=False) is None)
     with pytest.raises(ValueError, match="only the CPU fused kernel"):
         make_backend(WindowQuantConfig(int8_dots=True, target="nvidia/nvidia-h100"), 14, 2, 64, torch.float32, "cpu")
     with pytest.raises(ValueError, match="split-KV"):

@@ -59,9 +59,11 @@ class FusedDecoder:
 
     def __init__(self, library: KernelLibrary, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, *, k_group: int = 28, v_group: int = 64, chunk: int = 64,
-                 split: bool | None = None, sm_count: int | None = None, int8_dots: bool = False) -> None:
+                 split: bool | None = None, sm_count: int | None = None, int8_dots: bool | str = False) -> None:
         self.library = library
         self.split = library.device.kind == "cuda" if split is None else bool(split)
+        if int8_dots == "auto":  # the mode where this target has it, the exact kernel elsewhere
+            int8_dots = int8_dots_unsupported(library.device, self.split) is None
         if int8_dots:
             check_int8_dots(library.device, self.split)
         self.int8_dots = bool(int8_dots)
@@ -86,7 +88,7 @@ class FusedDecoder:
                device: torch.device | str, *, k_group: int = 28, v_group: int = 64, chunk: int = 64,
                target: str | None = None, bits: tuple[int, ...] = (8, 4, 2),
                library: KernelLibrary | None = None, split: bool | None = None,
-               int8_dots: bool = False) -> "FusedDecoder":
+               int8_dots: bool | str = False) -> "FusedDecoder":
         """A decoder whose library targets ``target`` (default: llvm for CPU tensors, cuda for CUDA ones);
         the fused kernel for ``bits`` is loaded now so a missing module fails here, not mid-generation."""
         dev = torch.device(device)
