@@ -45,10 +45,17 @@ def tiny_model(attn_implementation: str | dict | None = None, seed: int = 0, lay
     """Random weights from ``seed``; never stops early (no EOS), so runs produce exactly ``max_new_tokens``."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
+    return random_model(LlavaOnevisionForConditionalGeneration, tiny_config(attn_implementation, layers, text_shapes),
+                        seed, PAD)
+
+
+def random_model(cls: type, config: object, seed: int, pad: int) -> "object":
+    """``cls(config)`` with weights drawn from ``seed``, in eval mode, generating without EOS (so every run makes
+    exactly ``max_new_tokens``) and padding with token ``pad``."""
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(tiny_config(attn_implementation, layers, text_shapes)).eval()
+    model = cls(config).eval()
     model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = PAD
+    model.generation_config.pad_token_id = pad
     return model
 
 

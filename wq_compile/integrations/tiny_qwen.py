@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tiny import Prompt
+from .tiny import Prompt, random_model
 
 #: The released ids are 151655 (image), 151656 (video), 151652/151653 (vision start/end) in a 151936-token
 #: vocabulary; the tiny model keeps a 1000-token vocabulary (embedding and LM head of the real one take most of the
@@ -59,11 +59,7 @@ def tiny_qwen_model(family: str = "qwen2.5-vl", attn_implementation: str | dict 
 
     cfg = tiny_qwen_config(family, attn_implementation, layers, text_shapes)
     cls = Qwen2VLForConditionalGeneration if family == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = PAD
-    return model
+    return random_model(cls, cfg, seed, PAD)
 
 
 @dataclass(frozen=True)
