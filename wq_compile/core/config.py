@@ -31,7 +31,7 @@ class WindowQuantConfig:
     error) or ``"reference"``. ``target``: a target for :func:`wq_compile.compiler.device.resolve_device` (default: the
     host CPU for CPU tensors, the local GPU for CUDA tensors). ``v_group=None``: ``min(64, head_dim)`` of the model.
     ``int8_dots``: the CPU kernel computes QK and P @ V of 4- and 2-bit buckets as int8 dot products (AVX-512
-    VNNI): the query quantized to int8 per head and key group, the probabilities to uint8 per head, value group
+    VNNI + VBMI, AVX-VNNI or AVX2): the query quantized to int8 per head and key group, the probabilities to uint8 per head, value group
     and key group. Faster, and adds a measured error well below what quantizing the cache costs (see the README);
     off by default, because results then differ from the exact kernel's and from other machines'.
     ``widths`` may include 0: the search may then evict a window (not stored; attention no longer sees it).
