@@ -181,7 +181,9 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
     # TVM's pool: as many threads as torch, ggml and ORT get, and not spinning on the cores they are timed on
     share_cores_with_torch(threads)
     models = models or [model]
-    dtype = torch.float32 if target == "llvm" else torch.float16
+    from ...compiler.device import resolve_device
+
+    dtype = torch.float32 if resolve_device(target).kind == "llvm" else torch.float16  # a JSON llvm target too
     n_tokens = n_tokens or [2048, 8192, 32768]
     mixes = mixes or ["int4", "mixed"]
     libraries: dict[str, Any] = {}
