@@ -395,7 +395,10 @@ class QuantTiles:
         self.zacc = T.alloc_buffer((gs, nvg), _F32, scope="local")
         self.qs = scratch["qs"]
         self.zt = T.alloc_buffer((gs, lanes), _F32, scope="local")
-        self.s_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
+        # staged QK passes run as one loop over passes of qk_heads heads: rows padded to whole passes (a padded
+        # head's query is 0 and its row is never read)
+        self.qk_rows = -(-gs // self.qk_heads) * self.qk_heads if self.stage_keys else gs
+        self.s_buf = T.alloc_buffer((self.qk_rows, slots), _F32, scope="local")
         self.p_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
         self.pv = T.alloc_buffer((gs, nvg, slots), _F32, scope="local")
         self.vsf = T.alloc_buffer((nvg, slots), _F32, scope="local")
@@ -463,7 +466,7 @@ class QuantTiles:
         # ---- scores over token slots: S[h, f * lb + j] ----
         if self.int8_dots:
             self._scores_int8(kb, kbase)
-        with T.unroll(0, gs if not self.int8_dots else 0) as h:
+        with T.unroll(0, self.qk_rows if not self.int8_dots else 0) as h:
             with _vec(slots, lanes) as s:
                 T.buffer_store(s_buf, f32(0.0), [h, s])
         def unpack(dd, out, row):
@@ -476,26 +479,31 @@ class QuantTiles:
         if self.stage_keys and not self.int8_dots:
             with T.serial(0, d) as dd:
                 unpack(dd, self.kall, lambda f, j: [dd, f * lb + j])
+            # one loop over the passes (not one copy per pass: LLVM's register allocator spilled the accumulators
+            # of some unrolled copies and not others)
+            hp = self.qk_heads
+            with T.serial(0, self.qk_rows // hp) as pi:
+                with T.serial(0, d) as dd:
+                    with T.unroll(0, hp) as hi:
+                        h = pi * hp + hi
+                        qv = tirx.Select(h < gs, qs[tirx.min(h, gs - 1), dd], f32(0.0))
+                        with T.unroll(0, fields) as f:
+                            with _vec(lb, lanes) as j:
+                                T.buffer_store(s_buf, s_buf[h, f * lb + j] + qv * self.kall[dd, f * lb + j],
+                                               [h, f * lb + j])
         # heads in passes of qk_heads: (qk_heads x slots / lanes) accumulators must stay in registers
-        for h0 in range(0, gs, self.qk_heads) if not self.int8_dots else ():
+        for h0 in range(0, gs, self.qk_heads) if not (self.int8_dots or self.stage_keys) else ():
             hn = min(self.qk_heads, gs - h0)
             with T.serial(0, d) as dd:
-                if self.stage_keys:
-                    def code(f, j, dd=dd):
-                        return self.kall[dd, f * lb + j]
+                if self.use_lut:
+                    _lut_nibbles(kb, kbase + dd * lb, kv)
                 else:
-                    if self.use_lut:
-                        _lut_nibbles(kb, kbase + dd * lb, kv)
-                    else:
-                        unpack(dd, kv, lambda f, j: [f, j])
-
-                    def code(f, j):
-                        return kv[f, j]
+                    unpack(dd, kv, lambda f, j: [f, j])
                 with T.unroll(0, hn) as hi:
                     h = h0 + hi
                     with T.unroll(0, fields) as f:
                         with _vec(lb, lanes) as j:
-                            T.buffer_store(s_buf, s_buf[h, f * lb + j] + qs[h, dd] * code(f, j), [h, f * lb + j])
+                            T.buffer_store(s_buf, s_buf[h, f * lb + j] + qs[h, dd] * kv[f, j], [h, f * lb + j])
         with T.serial(0, gs) as h:
             zr = T.alloc_buffer((zl,), _F32, scope="local")
             with T.vectorized(0, zl) as ln:
