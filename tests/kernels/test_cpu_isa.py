@@ -146,3 +146,13 @@ def test_vector_unit_is_checked():
     # register tiles: every head of a qwen2 group in one pass on AVX-512, passes of what 16 ymm registers hold on AVX2
     assert AVX512.heads_per_pass(7, 2, 3) == 7 and AVX2.heads_per_pass(7, 4, 5) == 2
     assert AVX2.heads_per_pass(7, 2, 2) == 4  # 6 fit: two balanced passes of 4 and 3
+
+
+def test_host_facts_are_keyed_on_the_checked_features(monkeypatch):
+    """Facts recorded before a feature joined CHECKED_FEATURES must not be found (they would read it as absent and
+    refuse int8 dots on an AVX2 host): the list is part of the host fingerprint."""
+    from wq_compile.compiler import device as device_mod
+
+    before = device_mod.host_fingerprint(2)
+    monkeypatch.setattr(device_mod, "CHECKED_FEATURES", device_mod.CHECKED_FEATURES[:-1])
+    assert device_mod.host_fingerprint(2) != before
