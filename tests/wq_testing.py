@@ -172,6 +172,60 @@ def quantized_piece(bits: int, spec: KernelSpec, n: int, lens: list[int], gen: t
     return args, quant.dequantize_keys(qk, n), quant.dequantize_values(qv)
 
 
+#: (capacities, lens) per width of the CPU fused kernel's tests: irregular lengths, partial key groups, empty
+#: buckets, batch 2 with different lens.
+CPU_SCENARIOS = [
+    ({8: 64, 4: 320, 2: 256, 16: 64}, {8: [7, 13], 4: [300, 0], 2: [196, 256], 16: [5, 0]}),
+    ({8: 64, 4: 64, 2: 128, 16: 64}, {8: [0, 0], 4: [64, 1], 2: [0, 100], 16: [0, 64]}),  # empty buckets
+    ({8: 64, 4: 64, 2: 64, 16: 64}, {8: [0, 0], 4: [0, 0], 2: [0, 0], 16: [0, 0]}),  # nothing at all -> 0
+    ({8: 64, 4: 64, 2: 64, 16: 192}, {8: [0, 28], 4: [0, 0], 2: [0, 56], 16: [180, 17]}),  # mostly dense
+]
+
+
+def fused_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator,
+               sm_scale: float):
+    """Arguments of a fused kernel over one piece per width of ``spec.bits`` (capacity ``caps[bits]``, ``lens[bits]``
+    per sample) and the expected output: every piece by :func:`wq_compile.core.reference.attend_piece` over its
+    dequantized k/v, merged. Returns ``(args without out, expected out)``."""
+    from wq_compile.core import reference
+
+    args, outs, lses = [], [], []
+    b = len(next(iter(lens.values())))
+    q = torch.randn(b, spec.num_q_heads, spec.head_dim, generator=gen).to(spec.torch_dtype)
+    for bits in spec.bits:
+        a, k, v = quantized_piece(bits, spec, caps[bits], lens[bits], gen)
+        args += a
+        o, lse = reference.attend_piece(q, k, v, a[-1], sm_scale)
+        outs.append(o)
+        lses.append(lse)
+    want, _ = reference.merge_states(outs, lses)
+    return [q, *args, sm_scale], want
+
+
+def int8_dots_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator,
+                   sm_scale: float):
+    """Like :func:`fused_case`, the expected output of quantized pieces from the int8 dot-product mode's emulation
+    (:func:`wq_compile.core.reference.int8_dots_attend_piece`)."""
+    from wq_compile.core import reference
+
+    args, outs, lses = [], [], []
+    b = len(next(iter(lens.values())))
+    q = torch.randn(b, spec.num_q_heads, spec.head_dim, generator=gen) * 3
+    for bits in spec.bits:
+        a, k, v = quantized_piece(bits, spec, caps[bits], lens[bits], gen)
+        args += a
+        if bits < 16:
+            qk = quant.QuantizedKeys(a[0], a[1], a[2], spec.quant(bits))
+            qv = quant.QuantizedValues(a[3], a[4], a[5], spec.quant(bits))
+            o, lse = reference.int8_dots_attend_piece(q, qk, qv, a[-1], sm_scale)
+        else:
+            o, lse = reference.attend_piece(q, k, v, a[-1], sm_scale)
+        outs.append(o)
+        lses.append(lse)
+    want, _ = reference.merge_states(outs, lses)
+    return [q, *args, sm_scale], want
+
+
 def check_matches_bucket_layout(pack, reference) -> None:
     """A token-granular cache whose key groups all have one width, tokens in order, attends like one bucket of the
     layout (independent quantizer path): ``pack(k, v, widths per key group, dense k, dense v) -> cache`` and

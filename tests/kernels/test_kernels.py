@@ -17,7 +17,7 @@ from wq_compile.kernels import KernelSignature, make_kernel, signature
 from wq_compile.schedules import llvm as sched
 from wq_compile.core.spec import KernelSpec
 from wq_compile.compiler.device import host_device
-from wq_testing import check_close as _check, quantized_piece as _bucket
+from wq_testing import CPU_SCENARIOS, check_close as _check, fused_case, int8_dots_case, quantized_piece as _bucket
 
 #: bits -> (atol, rtol) for o / out (fp32 outputs) and atol for lse.
 TOL = {2: (1e-4, 1e-4), 4: (1e-4, 1e-4), 8: (1e-4, 1e-4), 16: (1e-4, 1e-4)}
@@ -122,17 +122,7 @@ def test_decode_tuned_schedule(bits: int) -> None:
 
 
 def _fused_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator):
-    args, outs, lses = [], [], []
-    b = len(next(iter(lens.values())))
-    q = torch.randn(b, spec.num_q_heads, spec.head_dim, generator=gen).to(spec.torch_dtype)
-    for bits in spec.bits:
-        a, k, v = _bucket(bits, spec, caps[bits], lens[bits], gen)
-        args += a
-        o, lse = reference.attend_piece(q, k, v, a[-1], SM_SCALE)
-        outs.append(o)
-        lses.append(lse)
-    want, _ = reference.merge_states(outs, lses)
-    return [q, *args, SM_SCALE], want
+    return fused_case(spec, caps, lens, gen, SM_SCALE)
 
 
 @pytest.mark.parametrize(
@@ -153,15 +143,6 @@ def test_fused_matches_reference(shape: str, knobs) -> None:
         signature(spec).bind(*call, out)
         fn(*call, out)
         _check(f"fused {caps}", out, want, *TOL[2])
-
-
-#: (capacities, lens) per width: irregular lengths, partial key groups, empty buckets, batch 2 with different lens.
-CPU_SCENARIOS = [
-    ({8: 64, 4: 320, 2: 256, 16: 64}, {8: [7, 13], 4: [300, 0], 2: [196, 256], 16: [5, 0]}),
-    ({8: 64, 4: 64, 2: 128, 16: 64}, {8: [0, 0], 4: [64, 1], 2: [0, 100], 16: [0, 64]}),  # empty buckets
-    ({8: 64, 4: 64, 2: 64, 16: 64}, {8: [0, 0], 4: [0, 0], 2: [0, 0], 16: [0, 0]}),  # nothing at all -> 0
-    ({8: 64, 4: 64, 2: 64, 16: 192}, {8: [0, 28], 4: [0, 0], 2: [0, 56], 16: [180, 17]}),  # mostly dense
-]
 
 
 def _needs_avx512(extra: tuple) -> None:
@@ -450,23 +431,7 @@ def _needs_int8_dots() -> None:
 
 
 def _int8_dots_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator):
-    """Like :func:`_fused_case`, the expected output of quantized pieces from :func:`reference.int8_dots_attend_piece`."""
-    args, outs, lses = [], [], []
-    b = len(next(iter(lens.values())))
-    q = torch.randn(b, spec.num_q_heads, spec.head_dim, generator=gen) * 3
-    for bits in spec.bits:
-        a, k, v = _bucket(bits, spec, caps[bits], lens[bits], gen)
-        args += a
-        if bits < 16:
-            qk = quant.QuantizedKeys(a[0], a[1], a[2], spec.quant(bits))
-            qv = quant.QuantizedValues(a[3], a[4], a[5], spec.quant(bits))
-            o, lse = reference.int8_dots_attend_piece(q, qk, qv, a[-1], SM_SCALE)
-        else:
-            o, lse = reference.attend_piece(q, k, v, a[-1], SM_SCALE)
-        outs.append(o)
-        lses.append(lse)
-    want, _ = reference.merge_states(outs, lses)
-    return [q, *args, SM_SCALE], want
+    return int8_dots_case(spec, caps, lens, gen, SM_SCALE)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -134,3 +134,17 @@ def test_e2e_cold_then_warm_in_fresh_processes(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="cold run needs an empty folder"):
         e2e.run(["tiny"], frames=1, new_tokens=3, repeats=1, layers=1, cache_dir=str(tmp_path), progress=False)
     assert "ms/tok WQ" in e2e.format_table(rows) and "screen/score/search/fill" in e2e.format_table(rows)
+
+
+def test_isa_note_names_both_isas_and_warns_when_they_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wq-bench --target`` for another ISA class: the note says which ISA the kernels and torch's peers ran with,
+    and warns (naming the ATEN_CPU_CAPABILITY to set) when they differ."""
+    pytest.importorskip("tvm")
+    from wq_compile.tools.cli.wq_bench import isa_note
+
+    haswell = '{"kind": "llvm", "mcpu": "haswell", "mtriple": "x86_64-linux-gnu", "num-cores": 2}'
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    note = isa_note(haswell)
+    assert "(x86_64-avx2)" in note and "AVX512" in note and "ATEN_CPU_CAPABILITY=avx2" in note
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "ATEN_CPU_CAPABILITY" not in isa_note(haswell)

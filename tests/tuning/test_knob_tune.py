@@ -121,6 +121,31 @@ def test_record_of_same_isa_class_is_used_with_scaled_splits_other_class_is_not(
     assert knob_lookup.resolve(SPEC, host, mine) == SPEC
 
 
+def test_avx2_record_is_found_on_any_avx2_only_host(host, tmp_path):
+    """A sweep for the haswell target (``wq-tune --target '{"kind": "llvm", "mcpu": "haswell", ...}'``, run here)
+    records knobs for the ``x86_64-avx2`` class; AVX2-only hosts simulated from this host's facts (another CPU
+    model and mcpu, so never this host's tag or the record's) find them by the class lookup; an AVX-512 host does
+    not."""
+    if not host.has_features("avx2"):
+        pytest.skip(f"running AVX2 code needs an x86-64 host with AVX2 ({host.isa})")
+    from wq_compile.compiler.device import Device
+
+    haswell = resolve_device({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    res = knob_tune.sweep_knobs(SPEC, haswell, knob_tune.KnobSweepSettings(
+        logs_dir=tmp_path, n_tokens=128, rounds=1, min_sample_s=0.002, grid=GRID[:1], include_default=False))
+    assert tuning_log.read_meta(res.log_dir, haswell)["isa"] == "x86_64-avx2"
+    facts = host.facts()
+    for mcpu, model in (("znver3", "amd-ryzen-7-5800x"), ("skylake", "intel-core-i7-6700")):
+        target = {**json.loads(facts["target_json"]), "mcpu": mcpu, "num-cores": 2}
+        sim = Device.from_facts({**facts, "tag": f"cpu-x86_64-{model}-2c", "target_json": json.dumps(target),
+                                 "isa": "x86_64-avx2", "features": ["avx2"]})
+        assert sim.tag not in (host.tag, haswell.tag)
+        choice = knob_lookup.choose_knobs(SPEC, sim, tmp_path)
+        assert str(choice.provenance) == f"tuned on {haswell.tag}" and choice.knobs == GRID[0], choice
+    if host.isa != "x86_64-avx2":
+        assert str(knob_lookup.choose_knobs(SPEC, host, tmp_path).provenance) == "untuned"
+
+
 def test_changed_record_changes_the_module_key(swept, host, tmp_path):
     logs, _ = swept
     mine = tmp_path / "logs"
@@ -183,8 +208,10 @@ def test_grid_and_settings_are_checked():
     # the AVX-512 table unpack of 4-bit codes: only where the target has it and a bucket is 4-bit
     wide = knob_tune.knob_grid(KernelSpec("fused", (8, 4, 2, 16), 64, 14, 2), 2, "x86_64-avx512")
     assert {g.get("lut", 0) for g in wide} == {0, 1} and len(wide) == 2 * len(grid)
-    assert all("lut" not in g for g in knob_tune.knob_grid(KernelSpec("fused", (8, 4, 2, 16), 64, 14, 2), 2,
-                                                             "x86_64-avx2"))
+    avx2 = knob_tune.knob_grid(KernelSpec("fused", (8, 4, 2, 16), 64, 14, 2), 2, "x86_64-avx2")
+    assert all("lut" not in g for g in avx2)
+    # AVX2: the factory caps a QK pass at what 16 ymm registers hold (2 heads here), so 8 and 4 would be one candidate
+    assert sorted({g["qkh"] for g in avx2}) == [1, 8] and len(avx2) == len(grid)
     assert all("lut" not in g for g in knob_tune.knob_grid(KernelSpec("fused", (8, 2, 16), 64, 14, 2), 2,
                                                              "x86_64-avx512"))
     with pytest.raises(ValueError, match="lut must be 0 or 1"):

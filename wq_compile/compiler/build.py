@@ -73,8 +73,16 @@ class KernelDef:
                                      {**self.scalars, **(scalars or {})})
 
 
-def kernel_def(spec: KernelSpec, kind: str = "llvm", n_tokens: int = DEFAULT_N_TOKENS) -> KernelDef:
-    func = kernels.make_kernel(spec, kind)
+def kernel_def(spec: KernelSpec, kind: str | Device = "llvm", n_tokens: int = DEFAULT_N_TOKENS) -> KernelDef:
+    """``spec``'s kernel for a target kind, or for a device: then the CPU kernel is written for that device's vector
+    unit (:func:`wq_compile.compiler.isa_variants.cpu_isa`: 8 lanes on AVX2); a kind alone gets the AVX-512 one."""
+    from .isa_variants import check_isa_variants, cpu_isa
+
+    if isinstance(kind, Device):
+        check_isa_variants(spec, kind)  # x86-intrinsic variants on another target: refused before the factory
+    cpu = cpu_isa(kind) if isinstance(kind, Device) else None
+    kind = kind.kind if isinstance(kind, Device) else kind
+    func = kernels.make_kernel(spec, kind, cpu)
     if func.attrs is None or func.attrs.get("global_symbol") != spec.uri:
         func = func.with_attr("global_symbol", spec.uri)
     sig = kernels.signature(spec).check_prim_func(func)
@@ -206,7 +214,7 @@ def build_kernel(spec: KernelSpec | KernelDef, device: Device | str = "llvm", *,
     """Compile ``spec`` from the first log that serves it, else its default schedule with an
     :class:`UntunedKernelWarning` (an error when ``allow_untuned`` is False)."""
     device = resolve_device(device)
-    kdef = spec if isinstance(spec, KernelDef) else kernel_def(spec, device.kind)
+    kdef = spec if isinstance(spec, KernelDef) else kernel_def(spec, device)
     if is_plain_tir(kdef):
         return build_plain_kernel(kdef, device, logs_dir=logs_dir, allow_untuned=allow_untuned)
     sch, provenance, module = choose_schedule(kdef, device, logs_dir)

@@ -140,8 +140,10 @@ class Device:
 
 
 #: LLVM features a device records (kernel variants that need them are chosen or refused without TVM): the int8
-#: dot-product mode of the CPU kernel needs VNNI, VBMI and BW on 512-bit vectors.
-CHECKED_FEATURES: tuple[str, ...] = ("avx512f", "avx512bw", "avx512vnni", "avx512vbmi")
+#: dot-product mode of the CPU kernel needs VNNI, VBMI and BW on 512-bit vectors, AVX-VNNI or AVX2 on 256-bit ones
+#: (:func:`wq_compile.compiler.isa_variants.cpu_isa`). Part of :func:`host_fingerprint`: facts recorded with
+#: another list are not found (the host is resolved with TVM again), never read as "feature absent".
+CHECKED_FEATURES: tuple[str, ...] = ("avx512f", "avx512bw", "avx512vnni", "avx512vbmi", "avx2", "avxvnni")
 
 
 def target_features(target: Any) -> tuple[str, ...] | None:
@@ -205,7 +207,8 @@ def host_fingerprint(num_cores: int | None = None) -> str:
                     seen.setdefault(name, value.strip())
     except OSError:
         seen["processor"] = platform.processor()
-    text = json.dumps([platform.machine(), sorted(seen.items()), int(num_cores or physical_cores())])
+    text = json.dumps([platform.machine(), sorted(seen.items()), int(num_cores or physical_cores()),
+                       list(CHECKED_FEATURES)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -31,8 +31,9 @@ class WindowQuantConfig:
     error) or ``"reference"``. ``target``: a target for :func:`wq_compile.compiler.device.resolve_device` (default: the
     host CPU for CPU tensors, the local GPU for CUDA tensors). ``v_group=None``: ``min(64, head_dim)`` of the model.
     ``int8_dots``: the CPU kernel computes QK and P @ V of 4- and 2-bit buckets as int8 dot products (AVX-512
-    VNNI): the query quantized to int8 per head and key group, the probabilities to uint8 per head, value group
-    and key group. Faster, and adds a measured error well below what quantizing the cache costs (see the README).
+    VNNI + VBMI, AVX-VNNI or AVX2): the query quantized to int8 per head and key group, the probabilities to uint8
+    per head, value group and key group. Faster, and adds a measured error well below what quantizing the cache
+    costs (see the README).
     ``True`` asks for it (an error where no kernel has it), ``"auto"`` takes it where the target has it and the
     exact kernel elsewhere, ``False`` (the default) is exact everywhere: the README says why exact is the default
     (results then equal the reference's on every machine, and end to end the mode's gain was within noise).

@@ -35,6 +35,7 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .cpu_isa import CpuIsa
 from .signature import ArgDesc, KernelSignature
 from ..core.spec import KernelSpec
 from .signatures import TUNING_SM_COUNT, choose_splits, is_split, piece_fields, pieces, signature
@@ -49,7 +50,7 @@ _TVM_SUBMODULES = ("attention", "attention_cpu", "common", "granular_cpu", "merg
                    "token_granular")
 
 __all__ = [
-    "ArgDesc", "KernelSignature", "NEG_BIG", "default_scalars", "example_sizes", "make_kernel", "piece_fields",
+    "ArgDesc", "CpuIsa", "KernelSignature", "NEG_BIG", "default_scalars", "example_sizes", "make_kernel", "piece_fields",
     "signature", "source_digest", "specialize", "static_workload", "tuning_module",
 ]
 
@@ -77,18 +78,19 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def make_kernel(spec: KernelSpec, target_kind: str | None = None) -> tirx.PrimFunc:
+def make_kernel(spec: KernelSpec, target_kind: str | None = None, cpu: CpuIsa | None = None) -> tirx.PrimFunc:
     """The TIR function of ``spec`` (unscheduled; schedule it with ``wq_compile.schedules.<target_kind>``).
 
     ``target_kind="llvm"`` gives the CPU fused kernel (:mod:`.attention_cpu`: plain TIR with its SIMD structure
-    explicit, same signature) for ``kind="fused"``; every other case is the block-style kernel (CUDA, and the
-    per-bucket decode kernels on llvm), or the split-KV kernel (:mod:`.split_decode`) for a split spec on any
-    target. ``None`` keeps the block-style kernel.
+    explicit, same signature) for ``kind="fused"``, written for the vector unit ``cpu`` (lanes, register tiles,
+    int8 dot-product flavour; the compiler derives it from the target, None: AVX-512); every other case is the
+    block-style kernel (CUDA, and the per-bucket decode kernels on llvm), or the split-KV kernel
+    (:mod:`.split_decode`) for a split spec on any target. ``None`` keeps the block-style kernel.
     """
     if target_kind == "llvm" and spec.kind == "fused" and not is_split(spec):
         from . import attention_cpu
 
-        return attention_cpu.build_fused_cpu(spec)
+        return attention_cpu.build_fused_cpu(spec, cpu) if cpu is not None else attention_cpu.build_fused_cpu(spec)
     return _factory(spec)(spec)
 
 

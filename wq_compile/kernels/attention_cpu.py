@@ -6,7 +6,7 @@ vectorized over *tokens* for QK and over *channels* for P @ V, which needs byte 
 
 Per work item ``(b, kh, split)`` (a parallel loop; ``splits`` token ranges per KV head, merged flash-decoding
 style at the end), for each piece, for each tile (one key group of a quantized piece: ``key_slots`` token slots;
-16 tokens of the dense piece)::
+one vector of tokens of the dense piece)::
 
     qs[h, d] = qf[h, d] * k_scale[g, d]            # per-channel key scale folded into the query, once per group
     z[h]     = sum_d qf[h, d] * k_zero[g, d]        # the key zero point: one number per head and group
@@ -20,12 +20,19 @@ so the inner loops are a byte load + vpmovzxbd + shift/and + vcvtdq2ps, and FMAs
 for every query head of the GQA group (all in registers): no horizontal sums except one max and one sum per tile
 and head. Empty pieces and tokens past ``lens`` cost nothing (tile loops run to ``ceil(lens / tile)``).
 
-Int8 dot-product mode (``("dot8", 1)`` in ``spec.extra``, :func:`int8_dots`; AVX-512 VNNI + VBMI), for 4- and
-2-bit buckets: ``qs`` is quantized to int8 per head and key group, and 4 channels x 16 token slots of key codes
-are shuffled into one ``vpdpbusd`` operand (:meth:`QuantTiles._scores_int8`); ``P * v_scale`` is quantized to
-uint8 per head, value group and key group, and 4 tokens x 16 bytes of value codes are shuffled the same way
-(:meth:`QuantTiles._pv_int8`). Zero-point terms, the softmax and the accumulators across key groups stay fp32;
-the torch emulation is :func:`wq_compile.core.reference.int8_dots_attend_piece`.
+Vector unit (:class:`~wq_compile.kernels.cpu_isa.CpuIsa`, derived from the target by the compiler): vector loops
+are ``lanes`` wide (16 fp32 on AVX-512, 8 on AVX2) and the register tiles (QK score accumulators, P @ V channel
+accumulators) are cut into passes over the query heads so that they fit the register file (32 zmm / 16 ymm); the
+storage format (``key_slots``, ``key_lane_bytes``) does not depend on it.
+
+Int8 dot-product mode (``("dot8", 1)`` in ``spec.extra``, :func:`int8_dots`), for 4- and 2-bit buckets: ``qs`` is
+quantized to int8 per head and key group, and 4 channels x ``lanes`` token slots of key codes are shuffled into
+one dot-product operand (:meth:`QuantTiles._scores_int8`); ``P * v_scale`` is quantized to uint8 per head, value
+group and key group, and 4 tokens x ``lanes`` bytes of value codes are shuffled the same way
+(:meth:`QuantTiles._pv_int8`). The dot product is ``vpdpbusd`` (AVX-512 VNNI on zmm, AVX-VNNI on ymm) or, on
+AVX2, ``vpmaddubsw`` + ``vpmaddwd`` (the same integers: one operand is a code of at most 4 bits, so no int16 pair
+sum saturates). Zero-point terms, the softmax and the accumulators across key groups stay fp32; the torch
+emulation is :func:`wq_compile.core.reference.int8_dots_attend_piece`.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from tvm.script.ir_builder import tirx as T
 from ..core.quant import key_lane_bytes, key_slots
 from ..core.spec import KernelSpec
 from .attention import Piece, pieces, signature
+from .cpu_isa import AVX512, CpuIsa
 from .common import NEG_BIG, f32, fast_exp
 
 _F32, _I32, _U8 = "float32", "int32", "uint8"
@@ -47,10 +55,10 @@ _F32, _I32, _U8 = "float32", "int32", "uint8"
 #: Function attribute marking a kernel whose schedule is written into its TIR (no blocks for a Schedule to
 #: transform): the llvm ``default_schedule`` leaves it as it is.
 PLAIN_TIR_ATTR = "wq.plain_tir"
-#: Token tile of the dense piece (one vector of tokens for its scores).
-DENSE_TILE = 16
-#: Widest vector the factory asks for (AVX-512: 16 fp32 lanes); LLVM splits wider ones.
-LANES = 16
+#: Widest vector the factory asks for on AVX-512 (16 fp32 lanes; LLVM splits wider ones). Targets with narrower
+#: registers get their own width (:class:`~wq_compile.kernels.cpu_isa.CpuIsa`), which is also the token tile of the
+#: dense piece (one vector of tokens for its scores).
+LANES = AVX512.lanes
 
 
 @dataclass(frozen=True)
@@ -74,10 +82,10 @@ class CpuKnobs:
 
 
 @contextmanager
-def _vec(n: int):
-    """``for i in range(n)`` as unrolled vectors of at most :data:`LANES` lanes (one register each): wider vector
+def _vec(n: int, width: int = LANES):
+    """``for i in range(n)`` as unrolled vectors of at most ``width`` lanes (one register each): wider vector
     types make LLVM split, mask and reshuffle them through scalar extracts."""
-    lanes = min(LANES, n)
+    lanes = min(width, n)
     if n % lanes:
         raise ValueError(f"vector loop of {n} is not a multiple of {lanes} lanes")
     if n == lanes:
@@ -97,29 +105,46 @@ def _u8(x: tirx.PrimExpr) -> tirx.PrimExpr:
 _PERMPS = "llvm.x86.avx512.permvar.sf.512"
 
 
-#: LLVM's AVX-512 VNNI ``vpdpbusd``: acc += 4 unsigned x signed byte products per int32 lane. The LLVM that the
-#: pinned TVM links declares it ``(<16 x i32>, <64 x i8>, <64 x i8>)`` (TVM's own ``dot_16x4_vnni`` intrinsic
-#: passes ``<16 x i32>`` operands and fails LLVM's verifier).
-_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+#: LLVM's VNNI ``vpdpbusd``: acc += 4 unsigned x signed byte products per int32 lane, on zmm (AVX-512 VNNI) or
+#: ymm (``.256``: AVX-VNNI's VEX form where the target has no AVX-512 VL). The LLVM that the pinned TVM links
+#: declares them ``(<N x i32>, <4N x i8>, <4N x i8>)`` (TVM's own ``dot_16x4_vnni`` intrinsic passes ``<16 x i32>``
+#: operands and fails LLVM's verifier).
+_VPDPBUSD = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}
+#: AVX2 without VNNI: ``vpmaddubsw`` (unsigned x signed byte pairs summed into int16, saturating) and ``vpmaddwd``
+#: (int16 pairs summed into int32; with ones it adds the two halves of each dword).
+_PMADDUBSW, _PMADDWD = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
 
 
 def int8_dots(spec: KernelSpec) -> bool:
     """True when ``spec`` asks for int8 dot products (``("dot8", 1)`` in ``spec.extra``): QK with an int8 query and
     P @ V with uint8 probabilities over 4/2-bit buckets. A precision mode, not a structure knob (it changes results);
-    needs AVX-512 VNNI and VBMI."""
+    needs one of the dot-product flavours of :class:`~wq_compile.kernels.cpu_isa.CpuIsa` (AVX-512 VNNI + VBMI,
+    AVX-VNNI, or AVX2)."""
     return bool(dict(spec.extra).get("dot8", 0))
 
 
-def _dword_bcast(word: tirx.PrimExpr) -> tirx.PrimExpr:
-    """One int32 (4 packed bytes) in every lane, typed as the 64 bytes ``vpdpbusd`` takes."""
-    return tirx.reinterpret("int8x64", tirx.Broadcast(word, LANES))
+def _dword_bcast(word: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
+    """One int32 (4 packed bytes) in every lane, typed as the ``4 lanes`` bytes a dot-product operand is."""
+    return tirx.reinterpret(f"int8x{4 * lanes}", tirx.Broadcast(word, lanes))
 
 
-def _vnni_accumulate(acc, index: list, unsigned: tirx.PrimExpr, signed: tirx.PrimExpr) -> None:
-    """``acc[*index, 0:16] += 4-byte dot products of unsigned x signed`` (one ``vpdpbusd``)."""
-    lanes = [*index, tirx.Ramp(0, 1, LANES)]
-    val = tirx.call_llvm_pure_intrin(f"int32x{LANES}", _VPDPBUSD, tirx.BufferLoad(acc, lanes), unsigned, signed)
-    T.buffer_store(acc, val, lanes)
+def _dot4_accumulate(cpu: CpuIsa, acc, index: list, unsigned: tirx.PrimExpr, signed: tirx.PrimExpr) -> None:
+    """``acc[*index, 0:lanes] += 4-byte dot products of unsigned x signed``: one ``vpdpbusd`` (zmm or ymm), or on
+    AVX2 ``vpmaddubsw`` + ``vpmaddwd`` + ``vpaddd``. The AVX2 form is exact (the same integers as VNNI) only while
+    no int16 pair sum saturates: every caller has an operand of at most 4 bits (codes <= 15), so a pair is at most
+    2 x 15 x 255 = 7650 (uint8 probabilities) or 2 x 15 x 127 = 3810 (int8 query), far below 32767."""
+    lanes = cpu.lanes
+    where = [*index, tirx.Ramp(0, 1, lanes)]
+    old = tirx.BufferLoad(acc, where)
+    if cpu.dot in ("vnni512", "avxvnni"):
+        val = tirx.call_llvm_pure_intrin(f"int32x{lanes}", _VPDPBUSD[lanes], old, unsigned, signed)
+    elif cpu.dot == "maddubs":
+        pairs = tirx.call_llvm_pure_intrin(f"int16x{2 * lanes}", _PMADDUBSW, unsigned, signed)
+        ones = tirx.Broadcast(tirx.const(1, "int16"), 2 * lanes)
+        val = old + tirx.call_llvm_pure_intrin(f"int32x{lanes}", _PMADDWD, pairs, ones)
+    else:
+        raise ValueError(f"dot8: no int8 dot-product instructions on this target ({cpu})")
+    T.buffer_store(acc, val, where)
 
 
 def _int8_scale(red, width: int, levels: float, scale, scale_index: list):
@@ -143,29 +168,34 @@ def _lut_nibbles(buf, start: tirx.PrimExpr, out, row0: int = 0) -> None:
         T.buffer_store(out, val, [row0 + f, tirx.Ramp(0, 1, LANES)])
 
 
-def build_fused_cpu(spec: KernelSpec) -> tirx.PrimFunc:
-    """Plain TIR of the fused decode kernel for llvm targets (see the module docstring)."""
+def build_fused_cpu(spec: KernelSpec, cpu: CpuIsa = AVX512) -> tirx.PrimFunc:
+    """Plain TIR of the fused decode kernel for llvm targets (see the module docstring), written for ``cpu``'s
+    vector unit (lanes, register tiles, int8 dot-product flavour)."""
     if spec.kind != "fused":
         raise ValueError(f"kind: the CPU kernel is a fused kernel, got {spec.kind!r}")
+    if int8_dots(spec) and cpu.dot is None:
+        raise ValueError(f"{spec.uri}: dot8=1 needs int8 dot-product instructions, which {cpu} lacks")
     ps = pieces(spec)
     knobs = CpuKnobs.of(spec)
 
     def body(bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
         for p in ps:
             if p.quantized:
-                _quant_piece(spec, p, knobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
+                _quant_piece(spec, p, knobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch, cpu)
             else:
-                _dense_piece(spec, p, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
+                _dense_piece(spec, p, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch, cpu)
 
-    return decode_frame(spec, spec.uri, signature(spec).args, knobs.splits, 1, body)
+    return decode_frame(spec, spec.uri, signature(spec).args, knobs.splits, 1, body, cpu.lanes)
 
 
-def decode_frame(spec: KernelSpec, name: str, args, nsplit: int, pacc_views: int, body) -> tirx.PrimFunc:
+def decode_frame(spec: KernelSpec, name: str, args, nsplit: int, pacc_views: int, body,
+                 lanes: int = LANES) -> tirx.PrimFunc:
     """A plain-TIR decode kernel around ``body``: the parameters ``args`` (``ArgDesc``; ``q``, ``sm_scale`` and
     ``out`` among them), one parallel work item per (sample, KV head, token split) with its scaled query ``qf``,
     its (m, l, acc) state and a scratch arena (``pacc_views`` accumulator views ``pacc``, ``pacc1``, ... plus
     ``qs`` and ``kt``), then the flash-decoding merge of the splits into ``out``.
-    ``body(bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)`` emits the pieces of one work item."""
+    ``body(bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)`` emits the pieces of one work item; vector loops are
+    ``lanes`` wide (also the dense piece's token tile, the width of ``kt``)."""
     hkv, d, gs = spec.num_kv_heads, spec.head_dim, spec.group_size
     syms: dict[str, tirx.Var] = {}
 
@@ -197,20 +227,20 @@ def decode_frame(spec: KernelSpec, name: str, args, nsplit: int, pacc_views: int
                 # one scratch allocation per work item for every buffer over the stack limit (each separate one is
                 # a workspace allocation call: ~0.25 us, dozens per call), carved into views at fixed offsets
                 nviews = 3 + pacc_views
-                arena = T.alloc_buffer((nviews * gs * d + d * DENSE_TILE,), _F32, scope="local")
+                arena = T.alloc_buffer((nviews * gs * d + d * lanes,), _F32, scope="local")
                 IRBuilder.name("arena", arena)
 
                 def view(shape, k):
                     return T.decl_buffer(shape, _F32, data=arena.data, elem_offset=k * gs * d, scope="local")
 
                 qf, acc = view((gs, d), 0), view((gs, d), 1)
-                scratch = {"qs": view((gs, d), 2), "kt": view((d, DENSE_TILE), nviews)}
+                scratch = {"qs": view((gs, d), 2), "kt": view((d, lanes), nviews)}
                 for i in range(pacc_views):
                     scratch["pacc" if i == 0 else f"pacc{i}"] = view((gs, d), 3 + i)
                 m_all = T.alloc_buffer((gs,), _F32, scope="local")
                 l_all = T.alloc_buffer((gs,), _F32, scope="local")
                 with T.serial(0, gs) as h:
-                    with _vec(d) as dd:
+                    with _vec(d, lanes) as dd:
                         T.buffer_store(qf, q[b, kh * gs + h, dd].astype(_F32) * sm_scale, [h, dd])
                         T.buffer_store(acc, f32(0.0), [h, dd])
                     T.buffer_store(m_all, f32(NEG_BIG), [h])
@@ -219,7 +249,7 @@ def decode_frame(spec: KernelSpec, name: str, args, nsplit: int, pacc_views: int
                 with T.serial(0, gs) as h:
                     T.buffer_store(ws_m, m_all[h], [wi * gs + h])
                     T.buffer_store(ws_l, l_all[h], [wi * gs + h])
-                    with _vec(d) as dd:
+                    with _vec(d, lanes) as dd:
                         T.buffer_store(ws_acc, acc[h, dd], [(wi * gs + h) * d + dd])
             # merge the splits of each (b, kh): out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M)
             with T.serial(0, bsz * hkv) as bk:  # tiny: one thread, no second pool launch
@@ -235,7 +265,7 @@ def decode_frame(spec: KernelSpec, name: str, args, nsplit: int, pacc_views: int
                         i = (bk * nsplit + s) * gs + h
                         T.buffer_store(w, fast_exp(ws_m[i] - mm[h]), [h, s])
                         T.buffer_store(ll, ll[h] + ws_l[i] * w[h, s], [h])
-                    with _vec(d) as dd:
+                    with _vec(d, lanes) as dd:
                         tot = f32(0.0)
                         for s in range(nsplit):
                             tot = tot + ws_acc[((bk * nsplit + s) * gs + h) * d + dd] * w[h, s]
@@ -271,12 +301,12 @@ def _tree(op, red, width: int) -> tirx.PrimExpr:
 RESCALE_SLACK = 8.0
 
 
-def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale) -> None:
+def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale, width: int = LANES) -> None:
     """Online softmax of one tile with lazy rescaling: scores ``s_buf[h, slot]`` (slots >= nvalid masked) ->
     ``p_buf[h, slot] = exp(s - pm[h])``; ``pl[h]`` accumulates their sum. Only when the tile's max exceeds the
     reference max ``pm[h]`` by :data:`RESCALE_SLACK` (always on a piece's first tile) does ``pm`` move, with the
     head's sum and accumulators scaled by ``exp(old - new)`` (``rescale(h, factor)`` emits the latter)."""
-    lanes = min(LANES, slots)
+    lanes = min(width, slots)
     with T.serial(0, gs) as h:
         red = T.alloc_buffer((lanes,), _F32, scope="local")
         red2 = T.alloc_buffer((lanes,), _F32, scope="local")
@@ -297,7 +327,7 @@ def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale) ->
                 T.buffer_store(pl, pl[h] * mcur[1], [h])
                 rescale(h, mcur[1])
                 T.buffer_store(pm, mcur[0], [h])
-        with _vec(slots) as s:
+        with _vec(slots, lanes) as s:
             T.buffer_store(p_buf, tirx.Select(s < nvalid, fast_exp(s_buf[h, s] - pm[h]), f32(0.0)), [h, s])
         with T.vectorized(0, lanes) as ln:
             sm = p_buf[h, ln]
@@ -307,14 +337,14 @@ def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale) ->
         T.buffer_store(pl, pl[h] + _tree(lambda a, b: a + b, red2, lanes), [h])
 
 
-def _merge_piece(gs: int, d: int, pm, pl, m_all, l_all, acc, piece_acc) -> None:
+def _merge_piece(gs: int, d: int, pm, pl, m_all, l_all, acc, piece_acc, width: int = LANES) -> None:
     """Fold a piece's state (pm, pl, piece_acc(h, channel)) into the work item's state (m_all, l_all, acc)."""
     with T.serial(0, gs) as h:
         mn = tirx.max(m_all[h], pm[h])
         ea = T.alloc_buffer((2,), _F32, scope="local")
         T.buffer_store(ea, fast_exp(m_all[h] - mn), [0])
         T.buffer_store(ea, fast_exp(pm[h] - mn), [1])
-        with _vec(d) as dd:
+        with _vec(d, width) as dd:
             T.buffer_store(acc, acc[h, dd] * ea[0] + piece_acc(h, dd) * ea[1], [h, dd])
         T.buffer_store(l_all, l_all[h] * ea[0] + pl[h] * ea[1], [h])
         T.buffer_store(m_all, mn, [h])
@@ -328,8 +358,10 @@ class QuantTiles:
     Created inside a work item (it allocates its local buffers and zeroes its online-softmax state there);
     :meth:`tile` emits one key group, :meth:`finish` folds the state into the work item's (m, l, acc)."""
 
-    def __init__(self, spec: KernelSpec, bits: int, knobs: CpuKnobs, scratch: dict, opaque_zero) -> None:
-        self.spec, self.knobs, self.bits = spec, knobs, bits
+    def __init__(self, spec: KernelSpec, bits: int, knobs: CpuKnobs, scratch: dict, opaque_zero,
+                 cpu: CpuIsa = AVX512) -> None:
+        self.spec, self.knobs, self.bits, self.cpu = spec, knobs, bits, cpu
+        self.lanes = lanes = cpu.lanes
         d, gs, kg = spec.head_dim, spec.group_size, spec.k_group
         self.qspec = qspec = spec.quant(bits)
         self.fields = fields = 8 // bits
@@ -341,6 +373,19 @@ class QuantTiles:
         while vbytes % pvc or self.vg_bytes % pvc and pvc > 1:
             pvc //= 2
         self.pvc = pvc
+        # register tiles (accumulators that must stay in registers through their loop), sized to the register file:
+        # QK: slots / lanes per head beside the unpacked codes (as many); P @ V: fields x pvc / lanes per head
+        # beside one token's unpacked codes (as many). On AVX-512 they cover every head of a qwen2 GQA group
+        # (the knob decides); 16 ymm registers on AVX2 hold fewer, so the heads go in passes.
+        svec = max(1, self.slots // lanes)
+        # narrower registers: the key codes of a group are unpacked once into fp32 (L1) and every QK pass loads them
+        # (one load for the pass's heads; unpacked per pass they would cost as much as the FMAs); AVX-512 unpacks in
+        # registers. A pass holds its heads' accumulators and one channel's codes (LLVM spills beyond that).
+        self.stage_keys = lanes < LANES and not (int8_dots(spec) and bits < 8)
+        self.qk_heads = min(knobs.qk_heads, cpu.heads_per_pass(gs, svec, svec if self.stage_keys else svec + 1))
+        pvec = fields * max(1, pvc // lanes)
+        # AVX-512 keeps one P @ V pass over all heads: its shipped knob records (pvc 32 among them) were tuned with it
+        self.pv_pass = cpu.heads_per_pass(gs, pvec, pvec) if lanes < LANES else gs
         self.opaque_zero = opaque_zero
         slots = self.slots
         self.pm = T.alloc_buffer((gs,), _F32, scope="local")
@@ -349,14 +394,20 @@ class QuantTiles:
                                   elem_offset=scratch["pacc"].elem_offset, scope="local")  # channel = byte*F + field
         self.zacc = T.alloc_buffer((gs, nvg), _F32, scope="local")
         self.qs = scratch["qs"]
-        self.zt = T.alloc_buffer((gs, LANES), _F32, scope="local")
-        self.s_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
+        self.zt = T.alloc_buffer((gs, lanes), _F32, scope="local")
+        # staged QK passes run as one loop over passes of qk_heads heads: rows padded to whole passes (a padded
+        # head's query is 0 and its row is never read)
+        self.qk_rows = -(-gs // self.qk_heads) * self.qk_heads if self.stage_keys else gs
+        self.s_buf = T.alloc_buffer((self.qk_rows, slots), _F32, scope="local")
         self.p_buf = T.alloc_buffer((gs, slots), _F32, scope="local")
         self.pv = T.alloc_buffer((gs, nvg, slots), _F32, scope="local")
         self.vsf = T.alloc_buffer((nvg, slots), _F32, scope="local")
         self.vzf = T.alloc_buffer((nvg, slots), _F32, scope="local")
-        self.use_lut = bool(knobs.lut) and bits == 4 and self.lb == LANES  # 16 slots per nibble: one lookup each
+        # 16 slots per nibble: one lookup each (vpermps on zmm: AVX-512 only, refused elsewhere by the compiler)
+        self.use_lut = bool(knobs.lut) and bits == 4 and self.lb == LANES == lanes
         self.kv = T.alloc_buffer((fields, self.lb), _F32, scope="local")
+        if self.stage_keys:
+            self.kall = T.alloc_buffer((d, slots), _F32, scope="local")
         self.vv = T.alloc_buffer((fields, pvc), _F32, scope="local")
         self.int8_dots = int8_dots(spec) and bits < 8  # int8 codes: the query's rounding would dominate
         if self.int8_dots:  # the query of a key group as int8 (+ one scale per head), read 4 channels at a time
@@ -364,20 +415,27 @@ class QuantTiles:
             self.qi32 = T.decl_buffer((gs * d // 4,), _I32, data=self.qi.data, scope="local")
             self.qsc = T.alloc_buffer((gs,), _F32, scope="local")
             self.qcorr = T.alloc_buffer((gs,), _F32, scope="local")
-            self.iacc = T.alloc_buffer((gs, slots // LANES, LANES), _I32, scope="local")
-        # P @ V as uint8 probabilities x value codes (VNNI) where 16-byte blocks of V stay in one value group
-        self.int_pv = self.int8_dots and vbytes % 16 == 0 and self.vg_bytes % 16 == 0
+            self.iacc = T.alloc_buffer((gs, slots // lanes, lanes), _I32, scope="local")
+            # QK heads per pass (:meth:`_scores_int8`): slots / lanes accumulators each beside the query and two
+            # temporaries; with passes, the shuffled key codes of a group are staged once for all of them
+            nvec = slots // lanes
+            self.qk8_heads = gs if cpu.dot == "vnni512" else cpu.heads_per_pass(gs, nvec, 3)
+            self.kstage = T.alloc_buffer((d // 4, nvec, lanes), "uint32", scope="local") \
+                if self.qk8_heads < gs else None
+        # P @ V as uint8 probabilities x value codes where blocks of `lanes` bytes of V stay in one value group
+        self.int_pv = self.int8_dots and vbytes % lanes == 0 and self.vg_bytes % lanes == 0
         if self.int_pv:
             self.pq = T.alloc_buffer((gs * nvg * slots,), "uint8", scope="local")
             self.pq32 = T.decl_buffer((gs * nvg * slots // 4,), _I32, data=self.pq.data, scope="local")
             self.psc = T.alloc_buffer((gs, nvg), _F32, scope="local")
-            self.pv_heads = max(1, min(gs, 16 // fields))  # fields x heads int32 accumulators per pass
-            self.vacc = T.alloc_buffer((self.pv_heads, fields, LANES), _I32, scope="local")
+            # fields x heads int32 accumulators per pass: half the register file
+            self.pv_heads = max(1, min(gs, cpu.vector_regs // 2 // fields))
+            self.vacc = T.alloc_buffer((self.pv_heads, fields, lanes), _I32, scope="local")
         with T.serial(0, gs) as h:
             T.buffer_store(self.pm, f32(NEG_BIG), [h])
             T.buffer_store(self.pl, f32(0.0), [h])
             with T.serial(0, fields) as f:
-                with _vec(vbytes) as j:
+                with _vec(vbytes, lanes) as j:
                     T.buffer_store(self.pacc, f32(0.0), [h, f, j])
             with T.serial(0, nvg) as vg:
                 T.buffer_store(self.zacc, f32(0.0), [h, vg])
@@ -387,14 +445,14 @@ class QuantTiles:
         ``k_scale(dd)`` / ``k_zero(dd)`` its per-channel scale and zero, value bytes of token ``t`` at
         ``vb[vbase(t) ...]``, ``v_scale(slot, vg)`` / ``v_zero(slot, vg)`` per token slot (slots past ``nvalid``
         are read clamped and masked)."""
-        spec, knobs = self.spec, self.knobs
+        spec, lanes = self.spec, self.lanes
         d, gs = spec.head_dim, spec.group_size
         bits, mask, fields, slots, lb = self.bits, (1 << self.bits) - 1, self.fields, self.slots, self.lb
         vbytes, nvg, pvc, vg_bytes = self.vbytes, self.nvg, self.pvc, self.vg_bytes
         qs, zt, s_buf, p_buf, kv, vv = self.qs, self.zt, self.s_buf, self.p_buf, self.kv, self.vv
         pacc, zacc, pv, vsf, vzf = self.pacc, self.zacc, self.pv, self.vsf, self.vzf
         # ---- scale / zero folded into the query ----
-        zl = min(LANES, d)
+        zl = min(lanes, d)
         # opaque trip count (== gs): LLVM must not fully unroll this loop and then hoist all gs x d loads of qf
         # out of the group loop (28+ vector registers live across the QK loop spill its accumulators)
         with T.serial(0, gs + self.opaque_zero) as h:
@@ -408,25 +466,43 @@ class QuantTiles:
         # ---- scores over token slots: S[h, f * lb + j] ----
         if self.int8_dots:
             self._scores_int8(kb, kbase)
-        with T.unroll(0, gs if not self.int8_dots else 0) as h:
-            with _vec(slots) as s:
+        with T.unroll(0, self.qk_rows if not self.int8_dots else 0) as h:
+            with _vec(slots, lanes) as s:
                 T.buffer_store(s_buf, f32(0.0), [h, s])
-        # heads in passes of qk_heads: (qk_heads x slots / 16) accumulators must stay in registers
-        for h0 in range(0, gs, knobs.qk_heads) if not self.int8_dots else ():
-            hn = min(knobs.qk_heads, gs - h0)
+        def unpack(dd, out, row):
+            with T.unroll(0, fields) as f:
+                with _vec(lb, lanes) as j:
+                    code = tirx.bitwise_and(tirx.shift_right(_u8(kb[kbase + dd * lb + j]), f * bits),
+                                            tirx.const(mask, _I32))
+                    T.buffer_store(out, code.astype(_F32), row(f, j))
+
+        if self.stage_keys and not self.int8_dots:
+            with T.serial(0, d) as dd:
+                unpack(dd, self.kall, lambda f, j: [dd, f * lb + j])
+            # one loop over the passes (not one copy per pass: LLVM's register allocator spilled the accumulators
+            # of some unrolled copies and not others)
+            hp = self.qk_heads
+            with T.serial(0, self.qk_rows // hp) as pi:
+                with T.serial(0, d) as dd:
+                    with T.unroll(0, hp) as hi:
+                        h = pi * hp + hi
+                        qv = tirx.Select(h < gs, qs[tirx.min(h, gs - 1), dd], f32(0.0))
+                        with T.unroll(0, fields) as f:
+                            with _vec(lb, lanes) as j:
+                                T.buffer_store(s_buf, s_buf[h, f * lb + j] + qv * self.kall[dd, f * lb + j],
+                                               [h, f * lb + j])
+        # heads in passes of qk_heads: (qk_heads x slots / lanes) accumulators must stay in registers
+        for h0 in range(0, gs, self.qk_heads) if not (self.int8_dots or self.stage_keys) else ():
+            hn = min(self.qk_heads, gs - h0)
             with T.serial(0, d) as dd:
                 if self.use_lut:
                     _lut_nibbles(kb, kbase + dd * lb, kv)
                 else:
-                    with T.unroll(0, fields) as f:
-                        with _vec(lb) as j:
-                            code = tirx.bitwise_and(tirx.shift_right(_u8(kb[kbase + dd * lb + j]), f * bits),
-                                                    tirx.const(mask, _I32))
-                            T.buffer_store(kv, code.astype(_F32), [f, j])
+                    unpack(dd, kv, lambda f, j: [f, j])
                 with T.unroll(0, hn) as hi:
                     h = h0 + hi
                     with T.unroll(0, fields) as f:
-                        with _vec(lb) as j:
+                        with _vec(lb, lanes) as j:
                             T.buffer_store(s_buf, s_buf[h, f * lb + j] + qs[h, dd] * kv[f, j], [h, f * lb + j])
         with T.serial(0, gs) as h:
             zr = T.alloc_buffer((zl,), _F32, scope="local")
@@ -434,9 +510,9 @@ class QuantTiles:
                 T.buffer_store(zr, zt[h, ln], [ln])
             zsum = T.alloc_buffer((1,), _F32, scope="local")
             T.buffer_store(zsum, _tree(lambda a, b: a + b, zr, zl), [0])
-            with _vec(slots) as s:
+            with _vec(slots, lanes) as s:
                 if self.int8_dots:
-                    dot = self.iacc[h, s // LANES, s % LANES].astype(_F32) * self.qsc[h] + self.qcorr[h]
+                    dot = self.iacc[h, s // lanes, s % lanes].astype(_F32) * self.qsc[h] + self.qcorr[h]
                 else:
                     dot = s_buf[h, s]
                 T.buffer_store(s_buf, dot + zsum[0], [h, s])
@@ -445,60 +521,65 @@ class QuantTiles:
             with T.serial(0, nvg) as vg:
                 T.buffer_store(zacc, zacc[h, vg] * a, [h, vg])
             with T.serial(0, fields) as f:
-                with _vec(vbytes) as j:
+                with _vec(vbytes, lanes) as j:
                     T.buffer_store(pacc, pacc[h, f, j] * a, [h, f, j])
 
-        _tile_softmax(gs, slots, nvalid, s_buf, p_buf, self.pm, self.pl, rescale)
+        _tile_softmax(gs, slots, nvalid, s_buf, p_buf, self.pm, self.pl, rescale, lanes)
         # ---- P folded with the per-token value scale; zero-point sums (v scale / zero read once per tile) ----
         with T.serial(0, nvg) as vg:
-            with _vec(slots) as s:
+            with _vec(slots, lanes) as s:
                 ok = s < nvalid
                 T.buffer_store(vsf, tirx.Select(ok, v_scale(s, vg).astype(_F32), f32(0.0)), [vg, s])
                 T.buffer_store(vzf, tirx.Select(ok, v_zero(s, vg).astype(_F32), f32(0.0)), [vg, s])
         with T.serial(0, gs) as h:
             with T.serial(0, nvg) as vg:
-                zr = T.alloc_buffer((LANES,), _F32, scope="local")
-                with _vec(slots) as s:
+                zr = T.alloc_buffer((lanes,), _F32, scope="local")
+                with _vec(slots, lanes) as s:
                     T.buffer_store(pv, p_buf[h, s] * vsf[vg, s], [h, vg, s])
-                with T.vectorized(0, LANES) as ln:
+                with T.vectorized(0, lanes) as ln:
                     zz = p_buf[h, ln] * vzf[vg, ln]
-                    for k in range(1, slots // LANES):
-                        zz = zz + p_buf[h, k * LANES + ln] * vzf[vg, k * LANES + ln]
+                    for k in range(1, slots // lanes):
+                        zz = zz + p_buf[h, k * lanes + ln] * vzf[vg, k * lanes + ln]
                     T.buffer_store(zr, zz, [ln])
-                T.buffer_store(zacc, zacc[h, vg] + _tree(lambda a, b: a + b, zr, LANES), [h, vg])
+                T.buffer_store(zacc, zacc[h, vg] + _tree(lambda a, b: a + b, zr, lanes), [h, vg])
         if self.int_pv:
             self._pv_int8(nvalid, vb, vbase)
             return
-        # ---- P @ V: channel-vectorized, pvc bytes (F * pvc channels) of V per pass over the tile's tokens ----
+        # ---- P @ V: channel-vectorized, pvc bytes (F * pvc channels) of V per pass over the tile's tokens, the
+        # heads in passes of pv_pass (one pass on AVX-512: F x pvc / lanes accumulators per head must fit) ----
         with T.unroll(0, vbytes // pvc) as c:
             vg = tirx.floordiv(c * pvc, vg_bytes)
-            with T.serial(0, nvalid) as t:
-                vb0 = vbase(t) + c * pvc
-                if self.use_lut and pvc == LANES:
-                    _lut_nibbles(vb, vb0, vv)
-                else:
-                    with T.unroll(0, fields) as f:
-                        with T.vectorized(0, pvc) as j:
-                            code = tirx.bitwise_and(tirx.shift_right(_u8(vb[vb0 + j]), f * bits),
-                                                    tirx.const(mask, _I32))
-                            T.buffer_store(vv, code.astype(_F32), [f, j])
-                with T.unroll(0, gs) as h:
-                    with T.unroll(0, fields) as f:
-                        with T.vectorized(0, pvc) as j:
-                            idx = [h, f, c * pvc + j]
-                            T.buffer_store(pacc, pacc[idx[0], idx[1], idx[2]] + pv[h, vg, t] * vv[f, j], idx)
+            for h0 in range(0, gs, self.pv_pass):
+                with T.serial(0, nvalid) as t:
+                    vb0 = vbase(t) + c * pvc
+                    if self.use_lut and pvc == lanes:
+                        _lut_nibbles(vb, vb0, vv)
+                    else:
+                        with T.unroll(0, fields) as f:
+                            with T.vectorized(0, pvc) as j:
+                                code = tirx.bitwise_and(tirx.shift_right(_u8(vb[vb0 + j]), f * bits),
+                                                        tirx.const(mask, _I32))
+                                T.buffer_store(vv, code.astype(_F32), [f, j])
+                    with T.unroll(0, min(self.pv_pass, gs - h0)) as hi:
+                        h = hi + h0 if h0 else hi
+                        with T.unroll(0, fields) as f:
+                            with T.vectorized(0, pvc) as j:
+                                idx = [h, f, c * pvc + j]
+                                T.buffer_store(pacc, pacc[idx[0], idx[1], idx[2]] + pv[h, vg, t] * vv[f, j], idx)
 
     def _scores_int8(self, kb, kbase) -> None:
-        """Integer key codes x the int8 query with VNNI: ``iacc[h, k, lane]`` = the code dot product of slot
-        ``16 k + lane``. The scaled query ``qs`` is quantized per head (symmetric, scale ``qsc[h] = max|qs| / 127``);
-        the ``4 lb`` key bytes of 4 channels are shuffled into one dword of 4 channel codes per token slot
-        (``vpermb``/``vpermt2b``), the fields shifted out per lane (``vpsrlvd``), and one ``vpdpbusd`` per head and
-        16 slots does 64 multiply-adds (the fp32 path: 16 FMAs plus an unpack per channel)."""
-        spec = self.spec
+        """Integer key codes x the int8 query: ``iacc[h, k, lane]`` = the code dot product of slot
+        ``lanes k + lane``. The scaled query ``qs`` is quantized per head (symmetric, scale ``qsc[h] = max|qs| /
+        127``); the ``4 lb`` key bytes of 4 channels are shuffled into one dword of 4 channel codes per token slot
+        (``vpermb``/``vpermt2b`` on AVX-512 VBMI; byte unpacks and ``vpshufb`` on AVX2), the fields shifted out per
+        lane, and one dot-product step per head and ``lanes`` slots does ``4 lanes`` multiply-adds
+        (:func:`_dot4_accumulate`; the fp32 path: ``lanes`` FMAs plus an unpack per channel). Where the register
+        file cannot hold every head's accumulators (AVX2), the heads go in passes over the channels."""
+        spec, cpu, lanes = self.spec, self.cpu, self.lanes
         d, gs = spec.head_dim, spec.group_size
         bits, lb, slots = self.bits, self.lb, self.slots
         qs, qi, qi32, qsc, iacc = self.qs, self.qi, self.qi32, self.qsc, self.iacc
-        zl = min(LANES, d)
+        zl = min(lanes, d)
         with T.serial(0, gs + self.opaque_zero) as h:
             red = T.alloc_buffer((zl,), _F32, scope="local")
             with T.vectorized(0, zl) as ln:
@@ -507,11 +588,10 @@ class QuantTiles:
                     mx = tirx.max(mx, tirx.abs(qs[h, k * zl + ln]))
                 T.buffer_store(red, mx, [ln])
             amax = _int8_scale(red, zl, 127.0, qsc, [h])
-            with _vec(d) as dd:
+            with _vec(d, lanes) as dd:
                 T.buffer_store(qi, tirx.round(qs[h, dd] * amax[1]).astype(_I32).astype("int8"), [h * d + dd])
             # sum_d code * (qs - qsc qi) = sum_d (code - c0)(...) + c0 sum_d (qs - qsc qi): the second term is known
             # exactly, so only the centered codes (half the magnitude) carry the query's rounding error
-            rq = T.alloc_buffer((zl,), _F32, scope="local")
             with T.vectorized(0, zl) as ln:
                 sq, sr = qs[h, ln], tirx.round(qs[h, ln] * amax[1])
                 for k in range(1, d // zl):
@@ -519,84 +599,105 @@ class QuantTiles:
                     sr = sr + tirx.round(qs[h, k * zl + ln] * amax[1])
                 T.buffer_store(red, sq - sr * qsc[h], [ln])
             T.buffer_store(self.qcorr, _tree(lambda a, b: a + b, red, zl) * f32(((1 << bits) - 1) / 2.0), [h])
-        nvec = slots // LANES
-        nin = max(1, 4 * lb // 64)  # input vectors of the 4 channels' bytes (64 bytes each, or one of 4 lb)
+        nvec = slots // lanes
+        opw = 4 * lanes  # bytes of one dot-product operand
+        nin = max(1, 4 * lb // opw)  # input vectors of the 4 channels' bytes (opw bytes each, or one of 4 lb)
         inw = 4 * lb // nin
         mask = ((1 << bits) - 1) * 0x01010101
-        with T.unroll(0, gs) as h:
-            with T.unroll(0, nvec) as k:
-                with T.vectorized(0, LANES) as ln:
-                    T.buffer_store(iacc, tirx.const(0, _I32), [h, k, ln])
-        with T.serial(0, d // 4) as c4:
+        def shuffled(c4) -> list:
+            """The nvec operands of channels 4 c4 .. 4 c4 + 3: one dword of 4 channel codes per slot."""
             xs = [tirx.BufferLoad(kb, [tirx.Ramp(kbase + c4 * 4 * lb + i * inw, 1, inw)]) for i in range(nin)]
-            xs = xs * max(1, 64 // (inw * nin))  # int2: 32 bytes, listed twice (a shuffle yields at most its input lanes)
+            xs = xs * max(1, opw // (inw * nin))  # fewer bytes than an operand: listed again (a shuffle yields at
+            # most its input lanes)
             codes = []
             for k in range(nvec):
-                idx = [tirx.const(ch * lb + (k * LANES + ln) % lb, _I32) for ln in range(LANES) for ch in range(4)]
-                y = tirx.reinterpret(f"uint32x{LANES}", tirx.Shuffle(xs, idx))
-                if lb < slots:  # slot s is field s // lb of its byte: shift it down (per lane, vpsrlvd)
-                    field = tirx.floordiv(tirx.Ramp(k * LANES, 1, LANES), lb)
-                    y = tirx.shift_right(y, (field * bits).astype(f"uint32x{LANES}"))
+                idx = [tirx.const(ch * lb + (k * lanes + ln) % lb, _I32) for ln in range(lanes) for ch in range(4)]
+                y = tirx.reinterpret(f"uint32x{lanes}", tirx.Shuffle(xs, idx))
+                if lb < slots:  # slot s is field s // lb of its byte: shift it down (per lane)
+                    field = tirx.floordiv(tirx.Ramp(k * lanes, 1, lanes), lb)
+                    y = tirx.shift_right(y, (field * bits).astype(f"uint32x{lanes}"))
                 if bits < 8:
-                    y = tirx.bitwise_and(y, tirx.Broadcast(tirx.const(mask, "uint32"), LANES))
-                codes.append(tirx.reinterpret("int8x64", y))
-            with T.unroll(0, gs) as h:
-                qv = _dword_bcast(qi32[h * (d // 4) + c4])
-                for k in range(nvec):
-                    _vnni_accumulate(iacc, [h, k], codes[k], qv)  # key codes unsigned, query signed
+                    y = tirx.bitwise_and(y, tirx.Broadcast(tirx.const(mask, "uint32"), lanes))
+                codes.append(y)
+            return codes
+
+        # heads per pass: nvec accumulators each, beside the query and two temporaries (and the nvec code vectors
+        # where they are shuffled in the pass); with passes, the shuffled codes are staged once (L1) for all of them
+        hp, staged = self.qk8_heads, self.kstage
+        if staged is not None:
+            with T.serial(0, d // 4) as c4:
+                for k, y in enumerate(shuffled(c4)):
+                    T.buffer_store(staged, y, [c4, k, tirx.Ramp(0, 1, lanes)])
+        for h0 in range(0, gs, hp):
+            hn = min(hp, gs - h0)
+            with T.unroll(0, hn) as hi:
+                with T.unroll(0, nvec) as k:
+                    with T.vectorized(0, lanes) as ln:
+                        T.buffer_store(iacc, tirx.const(0, _I32), [hi + h0 if h0 else hi, k, ln])
+            with T.serial(0, d // 4) as c4:
+                if staged is None:
+                    codes = shuffled(c4)
+                else:
+                    codes = [tirx.BufferLoad(staged, [c4, k, tirx.Ramp(0, 1, lanes)]) for k in range(nvec)]
+                codes = [tirx.reinterpret(f"int8x{opw}", y) for y in codes]
+                with T.unroll(0, hn) as hi:
+                    h = hi + h0 if h0 else hi
+                    qv = _dword_bcast(qi32[h * (d // 4) + c4], lanes)
+                    for k in range(nvec):
+                        _dot4_accumulate(cpu, iacc, [h, k], codes[k], qv)  # key codes unsigned, query signed
 
     def _pv_int8(self, nvalid, vb, vbase) -> None:
-        """P @ V with VNNI: per head and value group the tile's ``P * v_scale`` (>= 0) is quantized to uint8
-        (scale ``max / 255``), 4 tokens' bytes of a 16-byte block of V are interleaved into one dword per byte
-        (the same shuffle as the keys'), each field shifted out uniformly: one ``vpdpbusd`` per head, field and
-        4 tokens adds 64 products into the int32 accumulators of 16 channels (``pacc``'s layout: byte x field),
-        which are scaled into ``pacc`` once per tile. Tokens past ``nvalid`` have probability 0 and read a valid
-        token's bytes."""
-        spec = self.spec
+        """P @ V in int8: per head and value group the tile's ``P * v_scale`` (>= 0) is quantized to uint8
+        (scale ``max / 255``), 4 tokens' bytes of a ``lanes``-byte block of V are interleaved into one dword per
+        byte (the same shuffle as the keys'), each field shifted out uniformly: one dot-product step per head,
+        field and 4 tokens adds ``4 lanes`` products into the int32 accumulators of ``lanes`` channels
+        (``pacc``'s layout: byte x field), which are scaled into ``pacc`` once per tile. Tokens past ``nvalid``
+        have probability 0 and read a valid token's bytes."""
+        spec, cpu, lanes = self.spec, self.cpu, self.lanes
         gs = spec.group_size
         bits, fields, slots, vbytes, nvg, vg_bytes = self.bits, self.fields, self.slots, self.vbytes, self.nvg, \
             self.vg_bytes
         pv, pq, pq32, psc, vacc, pacc = self.pv, self.pq, self.pq32, self.psc, self.vacc, self.pacc
         with T.serial(0, gs + self.opaque_zero) as h:
             with T.serial(0, nvg) as vg:
-                red = T.alloc_buffer((LANES,), _F32, scope="local")
-                with T.vectorized(0, LANES) as ln:
+                red = T.alloc_buffer((lanes,), _F32, scope="local")
+                with T.vectorized(0, lanes) as ln:
                     mx = pv[h, vg, ln]
-                    for k in range(1, slots // LANES):
-                        mx = tirx.max(mx, pv[h, vg, k * LANES + ln])
+                    for k in range(1, slots // lanes):
+                        mx = tirx.max(mx, pv[h, vg, k * lanes + ln])
                     T.buffer_store(red, mx, [ln])
-                pmax = _int8_scale(red, LANES, 255.0, psc, [h, vg])
-                with _vec(slots) as s_:
+                pmax = _int8_scale(red, lanes, 255.0, psc, [h, vg])
+                with _vec(slots, lanes) as s_:
                     T.buffer_store(pq, tirx.round(pv[h, vg, s_] * pmax[1]).astype(_I32).astype("uint8"),
                                    [(h * nvg + vg) * slots + s_])
         mask = ((1 << bits) - 1) * 0x01010101
-        idx = [tirx.const(ti * 16 + ln, _I32) for ln in range(LANES) for ti in range(4)]
+        idx = [tirx.const(ti * lanes + ln, _I32) for ln in range(lanes) for ti in range(4)]
         last = tirx.max(nvalid - 1, 0)
-        for jb in range(vbytes // 16):
-            vg = jb * 16 // vg_bytes
+        for jb in range(vbytes // lanes):
+            vg = jb * lanes // vg_bytes
             for h0 in range(0, gs, self.pv_heads):
                 hn = min(self.pv_heads, gs - h0)
                 with T.unroll(0, hn) as hi:
                     with T.unroll(0, fields) as f:
-                        with T.vectorized(0, LANES) as ln:
+                        with T.vectorized(0, lanes) as ln:
                             T.buffer_store(vacc, tirx.const(0, _I32), [hi, f, ln])
                 with T.serial(0, tirx.floordiv(nvalid + 3, 4)) as t4:
-                    xs = [tirx.BufferLoad(vb, [tirx.Ramp(vbase(tirx.min(t4 * 4 + ti, last)) + jb * 16, 1, 16)])
+                    xs = [tirx.BufferLoad(vb, [tirx.Ramp(vbase(tirx.min(t4 * 4 + ti, last)) + jb * lanes, 1, lanes)])
                           for ti in range(4)]
-                    y = tirx.reinterpret(f"uint32x{LANES}", tirx.Shuffle(xs, idx))
+                    y = tirx.reinterpret(f"uint32x{lanes}", tirx.Shuffle(xs, idx))
                     codes = []
                     for f in range(fields):
-                        yf = tirx.shift_right(y, tirx.Broadcast(tirx.const(f * bits, "uint32"), LANES)) if f else y
-                        yf = tirx.bitwise_and(yf, tirx.Broadcast(tirx.const(mask, "uint32"), LANES))
-                        codes.append(tirx.reinterpret("int8x64", yf))
+                        yf = tirx.shift_right(y, tirx.Broadcast(tirx.const(f * bits, "uint32"), lanes)) if f else y
+                        yf = tirx.bitwise_and(yf, tirx.Broadcast(tirx.const(mask, "uint32"), lanes))
+                        codes.append(tirx.reinterpret(f"int8x{4 * lanes}", yf))
                     with T.unroll(0, hn) as hi:
-                        pb = _dword_bcast(pq32[((h0 + hi) * nvg + vg) * (slots // 4) + t4])
+                        pb = _dword_bcast(pq32[((h0 + hi) * nvg + vg) * (slots // 4) + t4], lanes)
                         for f in range(fields):
-                            _vnni_accumulate(vacc, [hi, f], pb, codes[f])  # probabilities unsigned, codes signed
+                            _dot4_accumulate(cpu, vacc, [hi, f], pb, codes[f])  # probabilities unsigned, codes signed
                 with T.unroll(0, hn) as hi:
                     with T.unroll(0, fields) as f:
-                        with T.vectorized(0, LANES) as ln:
-                            j = jb * 16 + ln
+                        with T.vectorized(0, lanes) as ln:
+                            j = jb * lanes + ln
                             T.buffer_store(pacc, pacc[h0 + hi, f, j] + vacc[hi, f, ln].astype(_F32)
                                            * psc[h0 + hi, vg], [h0 + hi, f, j])
 
@@ -606,17 +707,19 @@ class QuantTiles:
         def piece_acc(h, dd):
             return pacc[h, tirx.floormod(dd, fields), tirx.floordiv(dd, fields)] + zacc[h, tirx.floordiv(dd, vgrp)]
 
-        _merge_piece(self.spec.group_size, self.spec.head_dim, self.pm, self.pl, m_all, l_all, acc, piece_acc)
+        _merge_piece(self.spec.group_size, self.spec.head_dim, self.pm, self.pl, m_all, l_all, acc, piece_acc,
+                     self.lanes)
 
 
-def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
+def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch,
+                 cpu: CpuIsa = AVX512) -> None:
     """One bucket: its key groups in storage order through :class:`QuantTiles`."""
     hkv, d, kg = spec.num_kv_heads, spec.head_dim, spec.k_group
     pre = f"{p.tag}_"
     k_codes, k_scale, k_zero = bufs[pre + "k_codes"], bufs[pre + "k_scale"], bufs[pre + "k_zero"]
     v_codes, v_scale, v_zero, lens = bufs[pre + "v_codes"], bufs[pre + "v_scale"], bufs[pre + "v_zero"], bufs[pre + "lens"]
     nv = lens[b]
-    st = QuantTiles(spec, p.bits, knobs, scratch, tirx.min(nv, 0))  # lens >= 0: an opaque 0
+    st = QuantTiles(spec, p.bits, knobs, scratch, tirx.min(nv, 0), cpu)  # lens >= 0: an opaque 0
     n_grp, n_tok, bsz = k_codes.shape[2], v_codes.shape[2], k_codes.shape[0]
     # byte views of the packed words (same memory; little-endian)
     kb = T.decl_buffer((bsz * hkv * n_grp * d * st.lb,), _U8, data=k_codes.data)
@@ -637,9 +740,11 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
     st.finish(m_all, l_all, acc)
 
 
-def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch) -> None:
+def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch,
+                 cpu: CpuIsa = AVX512) -> None:
+    """The dense (fp16 residual) piece in tiles of ``lanes`` tokens (one vector of scores per head)."""
     d, gs = spec.head_dim, spec.group_size
-    tile = DENSE_TILE
+    tile = lanes = cpu.lanes
     pre = f"{p.tag}_"
     k, v, lens = bufs[pre + "k"], bufs[pre + "v"], bufs[pre + "lens"]
     knobs = CpuKnobs.of(spec)
@@ -655,28 +760,28 @@ def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, 
     with T.serial(0, gs) as h:
         T.buffer_store(pm, f32(NEG_BIG), [h])
         T.buffer_store(pl, f32(0.0), [h])
-        with _vec(d) as dd:
+        with _vec(d, lanes) as dd:
             T.buffer_store(pacc, f32(0.0), [h, dd])
-    pc = min(LANES, d)
+    pc = min(lanes, d)
     with T.serial(t0, t1) as ti:
         tok0 = ti * tile
         nvalid = tirx.min(tile, nv - tok0)
         # transpose the tile's keys (rows past lens are clamped to a valid row: finite, masked below)
         with T.serial(0, tile) as t:
-            with _vec(d) as dd:
+            with _vec(d, lanes) as dd:
                 T.buffer_store(kt, k[b, kh, tok0 + tirx.min(t, nvalid - 1), dd].astype(_F32), [dd, t])
         with T.unroll(0, gs) as h:
-            with _vec(tile) as t:
+            with _vec(tile, lanes) as t:
                 T.buffer_store(s_buf, f32(0.0), [h, t])
         with T.serial(0, d) as dd:
             with T.unroll(0, gs) as h:
-                with _vec(tile) as t:
+                with _vec(tile, lanes) as t:
                     T.buffer_store(s_buf, s_buf[h, t] + qf[h, dd] * kt[dd, t], [h, t])
         def rescale_d(h, a):
-            with _vec(d) as dd:
+            with _vec(d, lanes) as dd:
                 T.buffer_store(pacc, pacc[h, dd] * a, [h, dd])
 
-        _tile_softmax(gs, tile, nvalid, s_buf, p_buf, pm, pl, rescale_d)
+        _tile_softmax(gs, tile, nvalid, s_buf, p_buf, pm, pl, rescale_d, lanes)
         with T.unroll(0, d // pc) as c:
             with T.serial(0, nvalid) as t:
                 with T.unroll(0, gs) as h:
@@ -684,4 +789,4 @@ def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, 
                         dd = c * pc + j
                         val = pacc[h, dd] + p_buf[h, t] * v[b, kh, tok0 + t, dd].astype(_F32)
                         T.buffer_store(pacc, val, [h, dd])
-    _merge_piece(gs, d, pm, pl, m_all, l_all, acc, lambda h, dd: pacc[h, dd])
+    _merge_piece(gs, d, pm, pl, m_all, l_all, acc, lambda h, dd: pacc[h, dd], lanes)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..compiler.device import Device
+from ..compiler.isa_variants import VNNI512_FEATURES, int8_dot_flavour
 from ..kernels import piece_fields
 from ..kernels.gpu_limits import check_split_config
 from ..kernels.signatures import SPLIT_CHUNK, choose_splits, merge_spec, split_spec
@@ -19,8 +20,9 @@ from .library import CompiledKernel, KernelLibrary, shared_library
 from ..core.spec import KernelSpec, dtype_tag
 
 
-#: LLVM features the int8 dot-product mode needs: ``vpdpbusd`` (VNNI) and ``vpermb``/``vpermt2b`` (VBMI) on 512-bit vectors.
-INT8_DOT_FEATURES = ("avx512vnni", "avx512vbmi", "avx512bw")
+#: LLVM features of the int8 dot-product mode on AVX-512 targets: ``vpdpbusd`` (VNNI) and ``vpermb``/``vpermt2b``
+#: (VBMI) on 512-bit vectors. AVX2 targets have the mode too (``vpmaddubsw`` + ``vpmaddwd``, or AVX-VNNI).
+INT8_DOT_FEATURES = VNNI512_FEATURES
 
 
 class Int8DotsUnsupportedError(ValueError):
@@ -30,12 +32,14 @@ class Int8DotsUnsupportedError(ValueError):
 
 def int8_dots_unsupported(device: Device, split: bool) -> str | None:
     """Why ``device`` (and the split-KV form, if ``split``) cannot run the int8 dot-product mode, or None: it exists
-    in the CPU fused kernel only, for targets with the instructions it is built from."""
+    in the CPU fused kernel only, for targets with the instructions it is built from (AVX-512 VNNI + VBMI, AVX-VNNI,
+    or AVX2: :func:`wq_compile.compiler.isa_variants.cpu_isa`)."""
     if device.kind != "llvm" or split:
         return (f"only the CPU fused kernel has an int8 dot-product mode (target {device.tag}"
                 f"{', split-KV form' if split else ''})")
-    if not device.has_features(*INT8_DOT_FEATURES):
-        return f"target {device.tag} lacks {'/'.join(INT8_DOT_FEATURES)} (AVX-512 VNNI and VBMI)"
+    if int8_dot_flavour(device) is None:
+        return (f"target {device.tag} ({device.isa}) has no int8 dot-product path (AVX-512 targets need "
+                f"{'/'.join(INT8_DOT_FEATURES)}, others AVX2)")
     return None
 
 

@@ -101,7 +101,8 @@ def knob_key(knobs: Mapping[str, int]) -> str:
 def knob_grid(spec: KernelSpec, num_cores: int, isa: str | None = None) -> list[dict[str, int]]:
     """Candidates: splits 1, 2, 4, ... up to 2 x cores (and :data:`knobs.MAX_SPLITS`), P @ V tiles
     :data:`PVC_CANDIDATES` up to a piece's value bytes, query heads per QK pass 8 (the whole group of a
-    qwen2 GQA group) plus 4 when the group is larger than 4 (fewer live accumulators), and on AVX-512 targets
+    qwen2 GQA group) plus 4 when the group is larger than 4 (fewer live accumulators; on AVX2, ``x86_64-avx2``,
+    the factory already caps a pass at what 16 registers hold, so 1 instead), and on AVX-512 targets
     (``isa`` ``x86_64-avx512``) with a 4-bit bucket the table unpack ``lut`` 0 and 1."""
     if num_cores < 1:
         raise ValueError(f"num_cores: expected a positive core count, got {num_cores}")
@@ -111,7 +112,7 @@ def knob_grid(spec: KernelSpec, num_cores: int, isa: str | None = None) -> list[
         s *= 2
     vbytes = max(spec.head_dim * b // 8 for b in spec.bits if b != 16)
     pvcs = [p for p in PVC_CANDIDATES if p <= vbytes] or [min(PVC_CANDIDATES)]
-    qkhs = [8] + ([4] if spec.group_size > 4 else [])
+    qkhs = [8] + ([1] if isa == "x86_64-avx2" else [4] if spec.group_size > 4 else [])
     luts = [0, 1] if isa == "x86_64-avx512" and 4 in spec.bits else [0]
     return [{"splits": sp, "pvc": p, "qkh": q, "lut": lt} if lt else {"splits": sp, "pvc": p, "qkh": q}
             for sp in splits for p in pvcs for q in qkhs for lt in luts]
@@ -178,7 +179,7 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     if not grid:
         raise ValueError("grid: no knob candidates to measure")
     folder = tuning_log.log_dir(settings.logs_dir, device.tag, base.uri)
-    probe = kernel_def(base, device.kind, settings.n_tokens)
+    probe = kernel_def(base, device, settings.n_tokens)
     sizes = example_sizes(base, settings.n_tokens)
     meta = _prepare_log(folder, device, base, sizes, probe.scalars, settings)
     done: dict[str, list[float]] = {}
@@ -195,7 +196,7 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
         key = knob_key(knobs)
         if len(done.get(key, [])) >= settings.rounds:
             continue  # finished before an interruption: not built or measured again
-        kdef: KernelDef = kernel_def(knob_lib.with_knobs(base, knobs), device.kind, settings.n_tokens)
+        kdef: KernelDef = kernel_def(knob_lib.with_knobs(base, knobs), device, settings.n_tokens)
         module, threads = cpu_threads.load_attached(build_module(default_schedule(kdef), device), scratch.name,
                                               cache_files.cache_root())
         try:

@@ -208,7 +208,7 @@ def export_candidates(specs: Sequence[KernelSpec | KernelDef], device: Device | 
     (out / "inputs").mkdir(parents=True, exist_ok=True)
     kernels_doc, counts, seeded = [], {}, {}
     for i, kernel in enumerate(specs):
-        kdef = kernel if isinstance(kernel, KernelDef) else kernel_def(kernel, device.kind, settings.n_tokens)
+        kdef = kernel if isinstance(kernel, KernelDef) else kernel_def(kernel, device, settings.n_tokens)
         spec = kdef.spec
         n = settings.trials_for(spec)
         if n < 1:

@@ -52,7 +52,7 @@ def import_results(results_path: str | Path, export_dir: str | Path | None = Non
     recorded, skipped, folders = {}, {}, {}
     for kernel in manifest["kernels"]:
         spec = spec_from_fields(kernel["spec"])
-        kdef = kernel_def(spec, device.kind)
+        kdef = kernel_def(spec, device)
         workload = kdef.workload(kernel["sizes"], kernel["scalars"])
         if workload_hash(workload) != kernel["workload_hash"]:
             raise OfflineError(f"{export / MANIFEST}: {spec.uri} has changed since the export (workload hash "

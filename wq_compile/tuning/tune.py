@@ -93,7 +93,7 @@ def tune_kernel(kernel: KernelSpec | KernelDef, device: Device | str = "llvm",
     time the default and the tuned schedule. Raises :class:`NoValidTrialsError` when the log has no valid record."""
     device = resolve_device(device)
     require_measurable(device, settings.rpc)
-    kdef = kernel if isinstance(kernel, KernelDef) else kernel_def(kernel, device.kind, settings.n_tokens)
+    kdef = kernel if isinstance(kernel, KernelDef) else kernel_def(kernel, device, settings.n_tokens)
     spec = kdef.spec
     trials = settings.trials_for(spec)
     if trials < 1:
@@ -227,7 +227,7 @@ def tune_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: TuneSe
     kept = res.bought is None or res.bought.kept  # the factory's knobs won: no record is used (record_rule)
     return TuneResult(res.best_spec, res.log_dir, len(res.candidates), res.new_samples,
                       None if untuned is None else untuned / 1e3, res.best.median_s,
-                      kernel_def(res.best_spec, device.kind).signature.nbytes(sizes),
+                      kernel_def(res.best_spec, device).signature.nbytes(sizes),
                       Provenance("here", device.tag, res.best.median_s) if kept else tuning_log.UNTUNED, res.bought)
 
 

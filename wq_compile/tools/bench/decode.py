@@ -152,12 +152,14 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
         out.append(Peer(f"WindowQuant fused ({label})", lambda dec=dec: dec(q, layer, sm_scale), quant_bytes,
                         str(kernel.provenance)))
         if label == "tuned" and int8_dots_unsupported(lib.device, split=False) is None:
+            from ...compiler.isa_variants import int8_dot_flavour
+
             dec8 = FusedDecoder(lib, preset.num_q_heads, preset.num_kv_heads, preset.head_dim, dtype,
                                 int8_dots=True)
             kernel = dec8.kernel(widths)
             out.append(Peer(f"WindowQuant fused ({label}, int8 dots)", lambda dec=dec8: dec(q, layer, sm_scale),
                             quant_bytes, f"{kernel.provenance}; WindowQuantConfig(int8_dots=True): QK and P@V of "
-                            "4/2-bit buckets as int8 dot products (VNNI)"))
+                            f"4/2-bit buckets as int8 dot products ({int8_dot_flavour(lib.device)})"))
     return out
 
 
@@ -181,7 +183,9 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
     # TVM's pool: as many threads as torch, ggml and ORT get, and not spinning on the cores they are timed on
     share_cores_with_torch(threads)
     models = models or [model]
-    dtype = torch.float32 if target == "llvm" else torch.float16
+    from ...compiler.device import resolve_device
+
+    dtype = torch.float32 if resolve_device(target).kind == "llvm" else torch.float16  # a JSON llvm target too
     n_tokens = n_tokens or [2048, 8192, 32768]
     mixes = mixes or ["int4", "mixed"]
     libraries: dict[str, Any] = {}

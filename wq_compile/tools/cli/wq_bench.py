@@ -20,7 +20,10 @@ def bench_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="llava-ov-0.5b",
                    help=f"one or more presets, comma separated, among {sorted(PRESETS)}")
-    p.add_argument("--target", default="llvm")
+    p.add_argument("--target", default="llvm",
+                   help="llvm (this host), a JSON llvm target to measure another ISA class on this machine, e.g. "
+                        "'{\"kind\": \"llvm\", \"mcpu\": \"haswell\", \"num-cores\": 2}' for AVX2 (run with "
+                        "ATEN_CPU_CAPABILITY=avx2 so torch's peers use the same ISA), or a CUDA target")
     p.add_argument("--tokens", default="2048,8192,32768", help="cached token counts")
     p.add_argument("--mixes", default="int4,mixed", help="bucket mixes among int4,int2,mixed")
     p.add_argument("--repeats", type=int, default=30)
@@ -119,5 +122,22 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
     rows = run(models[0], tokens, mixes, repeats=args.repeats, target=args.target, logs_dir=args.logs_dir,
                out_dir=args.out, threads=args.threads, peers=not args.no_peers, models=models)
     print(format_table(rows))
+    print(isa_note(args.target))
     print(f"wrote {args.out}/decode.csv and {args.out}/decode.png")
     return 0
+
+
+def isa_note(target: str) -> str:
+    """Which ISA the compiled kernels and torch's peers ran with: a ratio is fair only when they match (torch picks
+    its kernels by ``ATEN_CPU_CAPABILITY``, read when torch is imported)."""
+    import torch
+
+    from ...compiler.device import resolve_device
+
+    device = resolve_device(target)
+    cap = torch.backends.cpu.get_cpu_capability()
+    note = f"kernels: {device.tag} ({device.isa}); torch CPU capability: {cap}"
+    want = device.isa.replace("x86_64-", "")
+    if device.kind == "llvm" and want in ("avx2", "avx512") and cap.lower() != want:
+        note += f" -- torch's peers did not run at the kernels' ISA: rerun with ATEN_CPU_CAPABILITY={want}"
+    return note
