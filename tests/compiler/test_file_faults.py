@@ -1,7 +1,7 @@
 """Every kind of file the package loads from disk x every way a file goes bad, each in a fresh process.
 
 One warm tree is built once for the session (a tuning log of the 4-bit quantize kernel, a knob record of the fused
-kernel, and a module cache holding the tiny preset's four modules, the OpenMP launcher and the host facts). Each case
+kernel, and a module cache holding the tiny preset's five modules, the OpenMP launcher and the host facts). Each case
 copies it, damages one file in one way and runs a fresh Python that decodes through ``make_backend`` over the copy
 (the product path). It must exit 0, decode as the torch reference, and name the bad file in a warning (or, for a
 log, its folder). The offline results file (read by ``wq-tune --import-results``, a file the user hands over) must
@@ -68,9 +68,9 @@ def warm_tree(tmp_path_factory) -> Path:
     measured_log(QUANT4, host, root / "logs")
     _knob_record(host, root / "logs")
     cold = decode(root)
-    assert cold["compiled"] == 4 and cold["err"] < 1e-4, cold
+    assert cold["compiled"] == 5 and cold["err"] < 1e-4, cold
     warm = decode(root)
-    assert warm == {**warm, "compiled": 0, "cached": 4, "tvm": False}, warm
+    assert warm == {**warm, "compiled": 0, "cached": 5, "tvm": False}, warm
     assert any("pvc16" in p.name for p in root.glob("cache/*/cpu-*/fused_*.so"))  # the knob record served
     return root
 

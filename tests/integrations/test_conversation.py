@@ -100,3 +100,46 @@ def test_load_refuses_a_mismatch(model, tmp_path: Path) -> None:
         WindowQuantCache.load(str(tmp_path / "nothing"), cfg, model.config)
     with pytest.raises(ValueError, match="nothing to save yet"):
         WindowQuantCache(model.config, cfg).save(str(tmp_path / "empty"))
+
+
+def _next_turn(seq: torch.Tensor, mask: torch.Tensor, tokens: int, clip_frames: int = 0, seed: int = 5) -> dict:
+    """The next user turn of every sample (a question, optionally after a clip of ``clip_frames``), appended to the
+    conversation so far; ``mask`` keeps the first turn's left padding."""
+    from wq_compile.integrations.tiny import VIDEO_TOKEN
+
+    gen = torch.Generator().manual_seed(seed)
+    clip = [5, 6] + [VIDEO_TOKEN] * (clip_frames * 196 + 1) if clip_frames else []
+    new = torch.cat([torch.tensor(clip, dtype=torch.long).expand(seq.shape[0], -1),
+                     torch.randint(3, 990, (seq.shape[0], tokens), generator=gen)], 1)
+    ids = torch.cat([seq, new], 1)
+    inputs = {"input_ids": ids, "attention_mask": torch.cat([mask, torch.ones_like(ids[:, mask.shape[1]:])], 1)}
+    if clip_frames:
+        inputs["pixel_values_videos"] = torch.randn(seq.shape[0], clip_frames, 3, 378, 378, generator=gen)
+    return inputs
+
+
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
+@pytest.mark.parametrize("frames", [[2], [2, 1]], ids=["one", "left-padded-batch"])
+def test_conversation_on_the_compiled_backend_runs_no_reference_step(model, frames: list[int]) -> None:
+    """A follow-up question (11 new tokens) and, for one sample, a second clip (a 211-token step: four launches of
+    at most 64 tokens, causal at their offsets): every several-token step runs the multi-token kernel, none the
+    torch reference, and the tokens and logits are the reference backend's (same quantized cache)."""
+    p = video_prompt(model, frames)
+    caches = {be: WindowQuantCache(model.config, _config(avg_bits=3.0, backend=be)).prepare(**p.inputs)
+              for be in ("reference", "tvm")}
+    outs: dict[str, list] = {}
+    for be, cache in caches.items():
+        first = _turn(model, cache, **p.inputs)
+        follow = _next_turn(first.sequences, p.inputs["attention_mask"], 10)
+        second = _turn(model, cache, **follow)
+        outs[be] = [first, second]
+        if len(frames) == 1:
+            clip = _next_turn(second.sequences, follow["attention_mask"], 10, clip_frames=1, seed=6)
+            outs[be].append(_turn(model, cache.extend(**clip), **clip))
+    for want, got in zip(outs["reference"], outs["tvm"]):
+        assert torch.equal(got.sequences, want.sequences)
+        for a, b in zip(want.logits, got.logits):
+            torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
+    layers = model.config.text_config.num_hidden_layers
+    assert caches["reference"].stats.reference_calls >= layers * len(outs["tvm"][1:])
+    assert caches["tvm"].stats.reference_calls == 0

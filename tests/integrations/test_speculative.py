@@ -99,8 +99,8 @@ def test_crop_refuses_to_reach_into_buckets_or_windows(model) -> None:
 
 @pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
 def test_short_steps_on_a_filled_cache_run_the_compiled_kernel(model) -> None:
-    """Draft verification and a short follow-up run the compiled decode kernel once per new token (causal by the
-    dense piece's valid count), no reference call; results match the reference backend's causal path."""
+    """Draft verification and a short follow-up run the compiled multi-token kernel once per layer and step (causal
+    among the step's tokens), no reference call; results match the reference backend's causal path."""
     p = video_prompt(model, [2])
     ref = _cache(model, p, avg_bits=3.0)
     cache = _cache(model, p, avg_bits=3.0, backend="tvm")
@@ -112,13 +112,14 @@ def test_short_steps_on_a_filled_cache_run_the_compiled_kernel(model) -> None:
     for a, b in zip(want.logits, got.logits):
         torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
     assert ref.stats.reference_calls > 0 and cache.stats.reference_calls == 0
-    assert cache.stats.kernel_calls > 2 * model.config.text_config.num_hidden_layers * (NEW // 4)
+    layers = model.config.text_config.num_hidden_layers
+    assert cache.stats.kernel_calls >= layers * (NEW // 4)  # one launch per layer and verification step
     ids = torch.cat([got.sequences, torch.arange(100, 140)[None]], 1)  # a 40-token follow-up question
     calls = cache.stats.kernel_calls
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=2,
                          do_sample=False)
     assert out.shape[1] == ids.shape[1] + 2 and cache.stats.reference_calls == 0
-    assert cache.stats.kernel_calls - calls == model.config.text_config.num_hidden_layers * (41 + 1)
+    assert cache.stats.kernel_calls - calls == layers * (1 + 1)  # the 41-token step in one launch, then a decode
 
 
 def test_long_step_attention_equals_the_reference_causal_path() -> None:

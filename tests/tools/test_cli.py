@@ -44,8 +44,22 @@ def test_wq_bench_writes_csv_and_png(tmp_path: Path) -> None:
     assert (tmp_path / "decode.png").stat().st_size > 10_000
 
 
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
+def test_wq_bench_multi_times_the_kernel_against_sdpa(tmp_path: Path) -> None:
+    rc = main_bench(["--multi", "--model", "tiny", "--tokens", "392", "--steps", "3", "--repeats", "2", "--threads",
+                     "1", "--logs-dir", str(tmp_path / "nologs"), "--out", str(tmp_path)])
+    assert rc == 0
+    by = {r["method"]: r for r in csv.DictReader(open(tmp_path / "multi.csv"))}
+    assert {f"SDPA {t}, {form}" for t in ("fp32", "bf16") for form in ("enable_gqa", "K/V repeat_interleave'd",
+                                                                          "query group folded")} <= set(by)
+    for name in ("WindowQuant multi-token (default knobs)", "before: fused one-token kernel x S",
+                 "SDPA fp32, query group folded"):
+        assert float(by[name]["max_err"]) < 1e-4 and float(by[name]["median_ms"]) > 0, by[name]
+    assert int(by["SDPA fp32, enable_gqa"]["steps"]) == 3 and "S=3" in (tmp_path / "multi.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--tokens", "0"], "--tokens"), (["--tokens", "-5"], "--tokens"), (["--tokens", "x"], "--tokens"),
+    (["--multi", "--steps", "0"], "--steps"), (["--tokens", "0"], "--tokens"), (["--tokens", "-5"], "--tokens"), (["--tokens", "x"], "--tokens"),
     (["--repeats", "0"], "--repeats"), (["--mixes", ""], "--mixes"), (["--model", "nope"], "--model"),
     (["--threads", "0"], "--threads"),
 ])

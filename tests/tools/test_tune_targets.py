@@ -33,7 +33,7 @@ def _built(capsys: pytest.CaptureFixture, argv: list[str]) -> dict[str, str]:
 
 def test_default_kinds_follow_the_target():
     assert default_kernel_kinds("cuda") == CUDA_KERNEL_KINDS == ("split", "quantize")
-    assert default_kernel_kinds("llvm") == DEFAULT_KERNEL_KINDS == ("fused", "quantize")
+    assert default_kernel_kinds("llvm") == DEFAULT_KERNEL_KINDS == ("fused", "multi", "quantize")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed: CUDA modules cannot be built")

@@ -238,3 +238,19 @@ def test_cli_knob_flags_are_checked(capsys):
         with pytest.raises(SystemExit) as exc:
             main_tune(["--model", "tiny", flag, "0"])
         assert exc.value.code == 2 and f"{flag}: expected a positive count" in capsys.readouterr().err
+
+
+def test_multi_token_kernel_is_swept_and_the_runtime_builds_the_winner(host, tmp_path):
+    """The multi-token kernel goes through the same sweep (its candidates checked against the causal reference of
+    :mod:`wq_compile.compiler.check`), with ``rows`` among its knobs; the runtime builds the recorded winner."""
+    spec = KernelSpec("multi", (4, 16), head_dim=64, num_q_heads=4, num_kv_heads=2)
+    # not the factory's knobs (splits 2, pvc 16, rows 8): a default that wins keeps no record (record_rule)
+    grid = ({"splits": 1, "pvc": 16, "qkh": 8, "rows": 4}, {"splits": 1, "pvc": 8, "qkh": 8, "rows": 16})
+    res = knob_tune.sweep_knobs(spec, host, knob_tune.KnobSweepSettings(
+        logs_dir=tmp_path / "logs", n_tokens=128, rounds=1, min_sample_s=0.002, grid=grid, include_default=False))
+    assert not res.failed and {knob_tune.knob_key(c.knobs) for c in res.candidates} == {
+        knob_tune.knob_key(g) for g in grid}
+    kernel = KernelLibrary(host, logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache").load(spec)
+    assert str(kernel.provenance) == "tuned here" and knobs.knobs_of(kernel.spec) == dict(res.best.knobs)
+    assert knob_tune.default_knobs(spec)["rows"] == 8 and "rows" not in knob_tune.default_knobs(SPEC)
+    assert {g["rows"] for g in knob_tune.knob_grid(spec, 2)} == set(knob_tune.ROWS_CANDIDATES)

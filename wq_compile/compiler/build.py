@@ -259,8 +259,8 @@ def build_plain_kernel(kdef: KernelDef, device: Device, *, logs_dir: str | os.Pa
                f"({logs_dir if logs_dir is not None else 'no logs dir given'}); {note}")
         if not allow_untuned:
             raise TuningLogError(msg + " (refused: allow_untuned=False); run wq-tune first")
-        warnings.warn(msg + f" (tune them: wq-tune --target {device.kind} --kernels fused)", UntunedKernelWarning,
-                      stacklevel=3)
+        warnings.warn(msg + f" (tune them: wq-tune --target {device.kind} --kernels {kdef.spec.kind})",
+                      UntunedKernelWarning, stacklevel=3)
     module = build_module(default_schedule(kdef), device)
     if provenance.source == "foreign":
         check_against_reference(kdef, module, device)

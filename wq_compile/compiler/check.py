@@ -27,7 +27,12 @@ class ReferenceMismatch(AssertionError):
 
 
 def _attention(spec: Any, named: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference output and lse of a decode/fused kernel, from its arguments by name."""
+    """Reference output and lse of a decode/fused kernel, from its arguments by name; of a multi-token kernel
+    (``q [B, S, Hq, D]``, the dense piece ending with the ``S`` new tokens) output ``[B, S, Hq, D]``."""
+    q = named["q"]
+    steps = q.shape[1] if spec.kind == "multi" else 0
+    if steps:
+        q = q.transpose(1, 2)
     pieces: dict[str, dict[str, Any]] = {}
     for name, value in named.items():
         tag, fld = piece_fields(name)
@@ -42,10 +47,11 @@ def _attention(spec: Any, named: Mapping[str, Any]) -> tuple[torch.Tensor, torch
             qs = spec.quant(bits)
             k = dequantize_keys(QuantizedKeys(p["k_codes"], p["k_scale"], p["k_zero"], qs), p["v_codes"].shape[-2])
             v = dequantize_values(QuantizedValues(p["v_codes"], p["v_scale"], p["v_zero"], qs))
-        o, lse = attend_piece(named["q"], k, v, p["lens"], float(named["sm_scale"]))
+        o, lse = attend_piece(q, k, v, p["lens"], float(named["sm_scale"]), causal_tail=steps if bits == 16 else 0)
         outs.append(o)
         lses.append(lse)
-    return merge_states(outs, lses)
+    out, lse = merge_states(outs, lses)
+    return (out.transpose(1, 2), lse) if steps else (out, lse)
 
 
 def _close(what: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
@@ -59,7 +65,7 @@ def check_against_reference(kdef: Any, module: Any, device: Any, n_tokens: int |
     """Run ``module`` (built for ``device``, a CPU target) on random inputs and compare every output with the
     reference; raises :class:`ReferenceMismatch`. Kernels without a reference (test kernels) pass unchecked."""
     spec = kdef.spec
-    if device.kind != "llvm" or spec.kind not in ("decode", "fused", "quantize", "merge"):
+    if device.kind != "llvm" or spec.kind not in ("decode", "fused", "quantize", "merge", "multi"):
         return
     sizes = example_sizes(spec, n_tokens or 2 * spec.chunk)
     args = example_args(kdef.signature, sizes, scalars={"sm_scale": spec.head_dim**-0.5}, seed=7)
@@ -70,9 +76,9 @@ def check_against_reference(kdef: Any, module: Any, device: Any, n_tokens: int |
     module.get_function(spec.uri)(*args)
     named = dict(zip(names, args))
     atol, rtol = TOLERANCE.get(spec.dtype, TOLERANCE["f32"])
-    if spec.kind in ("decode", "fused"):
+    if spec.kind in ("decode", "fused", "multi"):
         out, lse = _attention(spec, named)
-        _close(f"{spec.uri} output", named["out" if spec.kind == "fused" else "o"], out, atol, rtol)
+        _close(f"{spec.uri} output", named["o" if spec.kind == "decode" else "out"], out, atol, rtol)
         if spec.kind == "decode":
             _close(f"{spec.uri} lse", named["lse"], lse, atol, rtol)
     elif spec.kind == "merge":
@@ -97,9 +103,9 @@ def _check_quantize(spec: Any, named: Mapping[str, Any]) -> None:
 def reference_outputs(spec: Any, named: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The reference value of every output argument of a decode/fused/merge/quantize kernel, by name, from its
     inputs by name: what an offline measurement compares a candidate against without any reference code there."""
-    if spec.kind in ("decode", "fused"):
+    if spec.kind in ("decode", "fused", "multi"):
         out, lse = _attention(spec, named)
-        return {"out": out} if spec.kind == "fused" else {"o": out, "lse": lse}
+        return {"o": out, "lse": lse} if spec.kind == "decode" else {"out": out}
     if spec.kind == "merge":
         out, _ = merge_states(list(named["o_parts"]), list(named["lse_parts"]))
         return {"out": out}

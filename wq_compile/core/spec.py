@@ -96,7 +96,8 @@ class KernelSpec:
     """Everything that fixes one compiled kernel; token counts stay symbolic (one module serves every length).
 
     ``bits`` lists the bucket widths the kernel reads (one for a per-bucket kernel, several for the fused one);
-    16 stands for a dense piece in ``dtype``. ``chunk`` is the fixed tile of the dynamic token loop.
+    16 stands for a dense piece in ``dtype``. ``chunk`` is the fixed tile of the dynamic token loop. ``multi``
+    is the fused kernel for several new query tokens (causal among themselves; their count is a runtime size).
     """
 
     kind: str
@@ -110,7 +111,7 @@ class KernelSpec:
     chunk: int = 64
     extra: tuple[tuple[str, int], ...] = field(default=())
 
-    KINDS = ("decode", "fused", "merge", "quantize")
+    KINDS = ("decode", "fused", "merge", "quantize", "multi")
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:

@@ -29,7 +29,9 @@ ATTN_IMPLEMENTATION = {"text_config": NAME, "vision_config": "sdpa"}
 def windowquant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                           **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """``transformers`` attention function: exact SDPA at prefill, the compiled kernel over the buckets at decode.
+    """``transformers`` attention function: exact SDPA at prefill, the compiled kernels over the buckets after it
+    (one new token: the fused decode kernel; several: the multi-token kernel, or where the backend has none the
+    per-token kernels / the torch reference).
 
     ``query [B, Hq, S, D]``; returns ``[B, S, Hq, D]`` as every ``transformers`` attention function does.
     """
@@ -50,7 +52,13 @@ def windowquant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
         out = cache.backend(query.dtype, query.device).decode(query[:, :, 0], layer.store, sm_scale, cache.stats)
         return out.unsqueeze(1).to(query.dtype), None
     backend = cache.backend(query.dtype, query.device)
-    if cache.turn is None and runs_compiled(backend, s):  # a short step (draft verification): per-token kernels
+    steps = getattr(backend, "decode_steps", None)
+    if steps is not None:  # several new tokens (follow-up, draft verification, a new clip's turn): one launch
+        out = steps(query, layer.store, sm_scale, cache.stats)  # [B, S, Hq, D]
+        if cache.turn is not None:  # a turn with new visual content (cache.extend): its windows go to the buckets
+            cache.store_turn(layer_idx, query, key, value, sm_scale)
+        return out.to(query.dtype), None
+    if cache.turn is None and runs_compiled(backend, s):  # no multi-token kernel (CUDA): per-token kernels
         return causal_steps(backend, query, layer.store, sm_scale, cache.stats).to(query.dtype), None
     # several new tokens on a filled cache (chunked prefill, speculative): the reference path, causal tail
     cache.stats.reference_calls += 1

@@ -2,8 +2,9 @@
 decode kernel: query ``i`` of ``S`` is one kernel call with the dense piece's valid count cut to the cache plus
 new tokens ``0..i`` (the new tokens are the last ``S`` of every sample's dense piece), which is exactly causal
 attention. ``S`` calls read the quantized buckets ``S`` times, so this pays only for short steps: longer ones
-dequantize every bucket once and run one SDPA call (:func:`dequantized_attention`); issue 19 item 1's compiled
-multi-token kernel would replace both.
+dequantize every bucket once and run one SDPA call (:func:`dequantized_attention`). Both serve only backends
+without the compiled multi-token kernel (``Backend.decode_steps``: CPUs have it, :mod:`wq_compile.runtime.steps`;
+the CUDA backend not yet).
 """
 
 from __future__ import annotations

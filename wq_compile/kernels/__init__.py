@@ -16,6 +16,9 @@ Argument order (``*`` = symbolic; per = 32 // bits codes per int32 word; Dv = D 
 - ``fused``, bits e.g. (8, 4, 2, 16): ``q``, then per quantized width in spec.bits order its 7 arguments
   ``k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lens`` (own N_b, G_b), then the dense ``k, v, lens``
   (own N_16), then ``sm_scale``, then ``out [B,Hq,D] dtype`` (final normalized attention).
+- ``multi``, bits as ``fused`` (the dense piece last, required): ``q [B,S,Hq,D] dtype`` (``S`` new tokens, the last
+  ``S`` of each sample's dense piece), the fused kernel's pieces and ``sm_scale``, then ``out [B,S,Hq,D] dtype``
+  (token-major, as transformers lays them out); causal among the ``S`` tokens (:mod:`.multi_token_cpu`, llvm only).
 - ``quantize``, bits (b,): ``k [B,Hkv,n,D] dtype, v [B,Hkv,n,D] dtype`` -> ``k_codes [B,Hkv,n/k_group,D,W],
   k_scale [B,Hkv,n/k_group,D],
   k_zero, v_codes, v_scale [B,Hkv,n,Dv], v_zero`` (n a multiple of k_group).
@@ -38,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from .cpu_isa import CpuIsa
 from .signature import ArgDesc, KernelSignature
 from ..core.spec import KernelSpec
-from .signatures import TUNING_SM_COUNT, choose_splits, is_split, piece_fields, pieces, signature
+from .signatures import MULTI_TUNING_STEPS, TUNING_SM_COUNT, choose_splits, is_split, piece_fields, pieces, signature
 
 if TYPE_CHECKING:
     import tvm
@@ -46,8 +49,8 @@ if TYPE_CHECKING:
 
 #: Submodules that import TVM: loaded on first use (``kernels.attention``, ...), so that describing a kernel
 #: (:func:`signature`) and the module-cache key (:func:`source_digest`) never import TVM (a warm load does neither).
-_TVM_SUBMODULES = ("attention", "attention_cpu", "common", "granular_cpu", "merge", "quantize", "split_decode",
-                   "token_granular")
+_TVM_SUBMODULES = ("attention", "attention_cpu", "common", "granular_cpu", "merge", "multi_token_cpu", "quantize",
+                   "split_decode", "token_granular")
 
 __all__ = [
     "ArgDesc", "CpuIsa", "KernelSignature", "NEG_BIG", "default_scalars", "example_sizes", "make_kernel", "piece_fields",
@@ -86,7 +89,15 @@ def make_kernel(spec: KernelSpec, target_kind: str | None = None, cpu: CpuIsa | 
     int8 dot-product flavour; the compiler derives it from the target, None: AVX-512); every other case is the
     block-style kernel (CUDA, and the per-bucket decode kernels on llvm), or the split-KV kernel
     (:mod:`.split_decode`) for a split spec on any target. ``None`` keeps the block-style kernel.
+    ``kind="multi"`` (several new query tokens) exists only in the CPU form (:mod:`.multi_token_cpu`), built for
+    ``"llvm"`` and ``None``.
     """
+    if spec.kind == "multi":
+        if target_kind not in (None, "llvm"):
+            raise ValueError(f"target_kind: the multi-token kernel has a CPU (llvm) form only, got {target_kind!r}")
+        from . import multi_token_cpu
+
+        return multi_token_cpu.build_multi_cpu(spec)
     if target_kind == "llvm" and spec.kind == "fused" and not is_split(spec):
         from . import attention_cpu
 
@@ -96,7 +107,7 @@ def make_kernel(spec: KernelSpec, target_kind: str | None = None, cpu: CpuIsa | 
 
 def default_scalars(spec: KernelSpec) -> dict[str, float]:
     """Scalar parameters a kernel is tuned and timed with (folded into the static workload)."""
-    return {"sm_scale": spec.head_dim**-0.5} if spec.kind in ("decode", "fused") else {}
+    return {"sm_scale": spec.head_dim**-0.5} if spec.kind in ("decode", "fused", "multi") else {}
 
 
 def specialize(func: tirx.PrimFunc, sig: KernelSignature, sizes: Mapping[str, int],
@@ -162,7 +173,9 @@ def example_sizes(spec: KernelSpec, n_tokens: int, batch: int = 1) -> dict[str, 
     covers its capacity; merge uses one part per width in ``spec.bits`` (at least 2) unless fixed by ``spec.extra``.
     """
     sizes = {"B": batch}
-    if spec.kind in ("decode", "fused"):
+    if spec.kind == "multi":  # MULTI_TUNING_STEPS new tokens, the last of a dense piece of one chunk
+        sizes["S"] = min(MULTI_TUNING_STEPS, spec.chunk)
+    if spec.kind in ("decode", "fused", "multi"):
         n = max(spec.chunk, -(-n_tokens // spec.chunk) * spec.chunk)
         for p in pieces(spec):
             sizes[p.n_sym] = n if p.quantized else spec.chunk  # the dense piece is the small residual

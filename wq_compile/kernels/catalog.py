@@ -8,10 +8,12 @@ from ..core.models import ModelPreset, get_preset
 from ..core.spec import QUANT_BITS, KernelSpec, check_bits
 from .signatures import SPLIT_CHUNK, merge_spec, split_spec
 
-#: Kernel kinds in the order ``kernel_specs`` lists them; ``dense`` is the decode kernel over an fp residual.
-KERNEL_KINDS: tuple[str, ...] = ("decode", "dense", "merge", "fused", "split", "quantize")
-#: What the runtime uses by default on CPUs (one fused launch per layer plus the quantizer of the residual).
-DEFAULT_KERNEL_KINDS: tuple[str, ...] = ("fused", "quantize")
+#: Kernel kinds in the order ``kernel_specs`` lists them; ``dense`` is the decode kernel over an fp residual;
+#: ``multi`` the fused kernel of several new query tokens (CPU only).
+KERNEL_KINDS: tuple[str, ...] = ("decode", "dense", "merge", "fused", "split", "quantize", "multi")
+#: What the runtime uses by default on CPUs (one fused launch per layer and decode step, one multi-token launch per
+#: layer and several-token step, plus the quantizer of the residual).
+DEFAULT_KERNEL_KINDS: tuple[str, ...] = ("fused", "multi", "quantize")
 #: What the runtime uses on CUDA: the split-KV fused kernel and its merge (``FusedDecoder(split=None)``), quantize.
 CUDA_KERNEL_KINDS: tuple[str, ...] = ("split", "quantize")
 
@@ -35,7 +37,8 @@ def kernel_specs(
 
     decode: one per-bucket kernel per width; dense: decode over the fp residual (bits ``(16,)``);
     merge: merges the partial states of every bucket and the residual; fused: every width plus the residual in
-    one launch; split: the split-KV form of fused and its merge (the CUDA decode path); quantize: one per width.
+    one launch; split: the split-KV form of fused and its merge (the CUDA decode path); quantize: one per width;
+    multi: the fused kernel of several new query tokens (the CPU path of several-token steps).
     """
     p = get_preset(preset)
     widths = tuple(sorted({check_bits(b, QUANT_BITS) for b in bits}, reverse=True))
@@ -68,4 +71,6 @@ def kernel_specs(
             specs += [fused, merge_spec(fused)]
         elif kind == "quantize":
             specs += [KernelSpec("quantize", (b,), **common) for b in widths]
+        elif kind == "multi":
+            specs.append(KernelSpec("multi", widths + (16,), **common))
     return specs

@@ -1,6 +1,6 @@
-"""Structure knobs of plain-TIR kernels (the CPU fused decode kernel): which specs have them, the spec with and
-without them, and how a record's token splits scale to another core count. Which knobs the runtime builds with (a
-knob record of this or a compatible machine, else defaults) is the compiler's lookup:
+"""Structure knobs of plain-TIR kernels (the CPU fused decode kernel and the multi-token kernel): which specs have
+them, the spec with and without them, and how a record's token splits scale to another core count. Which knobs the
+runtime builds with (a knob record of this or a compatible machine, else defaults) is the compiler's lookup:
 :mod:`wq_compile.compiler.knob_lookup`.
 
 Knobs are factory parameters stored in ``spec.extra`` (so they are part of the URI); the record of a sweep lives
@@ -16,17 +16,21 @@ from ..core.spec import KernelSpec
 
 if TYPE_CHECKING:  # the factory imports TVM: resolving knobs on a warm load must not (wq_compile.compiler.light_load)
     from .attention_cpu import CpuKnobs
+    from .multi_token_cpu import MultiKnobs
 
 #: ``spec.extra`` keys of :class:`CpuKnobs` (token splits, P @ V channel tile, query heads per QK pass, AVX-512
-#: table unpack of 4-bit codes).
-KNOB_KEYS: tuple[str, ...] = ("splits", "pvc", "qkh", "lut")
+#: table unpack of 4-bit codes), and ``rows`` (query rows per work item) of the multi-token kernel's
+#: :class:`~wq_compile.kernels.multi_token_cpu.MultiKnobs`.
+KNOB_KEYS: tuple[str, ...] = ("splits", "pvc", "qkh", "lut", "rows")
+#: Knobs only some kinds take.
+_KIND_KNOBS: dict[str, str] = {"rows": "multi"}
 #: Most token splits per KV head the sweep and the core scaling use (each split adds a merge and a workspace row).
 MAX_SPLITS = 64
 
 
 def has_knobs(spec: KernelSpec, target_kind: str) -> bool:
-    """True for kernels built from plain TIR with knobs in ``spec.extra`` (today: the llvm fused kernel)."""
-    return target_kind == "llvm" and spec.kind == "fused"
+    """True for kernels built from plain TIR with knobs in ``spec.extra`` (the llvm fused and multi kernels)."""
+    return target_kind == "llvm" and spec.kind in ("fused", "multi")
 
 
 def knobs_of(spec: KernelSpec) -> dict[str, int]:
@@ -55,6 +59,8 @@ def with_knobs(spec: KernelSpec, knobs: Mapping[str, int]) -> KernelSpec:
     if bad:
         raise ValueError(f"knobs: unknown keys {bad}; expected some of {list(KNOB_KEYS)}")
     for k, v in knobs.items():
+        if k in _KIND_KNOBS and spec.kind != _KIND_KNOBS[k]:
+            raise ValueError(f"knobs: {k} is a knob of {_KIND_KNOBS[k]} kernels, not of {spec.kind}")
         lo = 0 if k == "lut" else 1
         if not isinstance(v, int) or isinstance(v, bool) or v < lo or (k == "lut" and v > 1):
             raise ValueError(f"knobs: {k} must be {'0 or 1' if k == 'lut' else 'a positive int'}, got {v!r}")
@@ -62,8 +68,12 @@ def with_knobs(spec: KernelSpec, knobs: Mapping[str, int]) -> KernelSpec:
     return replace(base, extra=base.extra + tuple((k, int(knobs[k])) for k in KNOB_KEYS if k in knobs))
 
 
-def effective(spec: KernelSpec) -> CpuKnobs:
+def effective(spec: KernelSpec) -> CpuKnobs | MultiKnobs:
     """The knobs the factory builds ``spec`` with (defaults filled in)."""
+    if spec.kind == "multi":
+        from .multi_token_cpu import MultiKnobs
+
+        return MultiKnobs.of(spec)
     from .attention_cpu import CpuKnobs
 
     return CpuKnobs.of(spec)

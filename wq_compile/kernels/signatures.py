@@ -39,9 +39,9 @@ class Piece:
 
 
 def pieces(spec: KernelSpec) -> tuple[Piece, ...]:
-    """The pieces of a decode/fused spec, in argument order."""
-    if spec.kind not in ("decode", "fused"):
-        raise ValueError(f"kind: attention pieces exist for decode/fused, got {spec.kind!r}")
+    """The pieces of a decode/fused/multi spec, in argument order."""
+    if spec.kind not in ("decode", "fused", "multi"):
+        raise ValueError(f"kind: attention pieces exist for decode/fused/multi, got {spec.kind!r}")
     if spec.kind == "decode" and len(spec.bits) != 1:
         raise ValueError(f"bits: a decode kernel reads one bucket, got {spec.bits}")
     if 16 in spec.bits and spec.bits[-1] != 16:
@@ -88,6 +88,35 @@ def attention_signature(spec: KernelSpec) -> KernelSignature:
         args.append(ArgDesc.tensor("lse", ("B", spec.num_q_heads), _F32, output=True))
     else:
         args.append(ArgDesc.tensor("out", ("B", spec.num_q_heads, spec.head_dim), spec.tvm_dtype, output=True))
+    multiple = tuple((p.n_sym, spec.chunk) for p in ps)
+    at_least = tuple((p.g_sym, p.n_sym, spec.k_group) for p in ps if p.quantized)
+    return KernelSignature(spec.uri, tuple(args), multiple_of=multiple, at_least=at_least)
+
+
+# ---- several new query tokens (multi) ----------------------------------------------------------------------------
+#: New query tokens per sample of the multi-token kernel's tuning workload (one module serves every count ``S``;
+#: the runtime cuts longer steps into chunks of :data:`MAX_STEP_CHUNK`).
+MULTI_TUNING_STEPS = 32
+#: Longest step one multi-token launch runs: longer ones (a new clip's turn) go in chunks, each causal at its offset.
+MAX_STEP_CHUNK = 64
+
+
+def multi_signature(spec: KernelSpec) -> KernelSignature:
+    """The fused kernel's pieces with ``S`` new query tokens per sample, token-major as transformers lays them out:
+    ``q [B, S, Hq, D]`` and ``out [B, S, Hq, D]``. The ``S`` new tokens are the last ``S`` valid tokens of each
+    sample's dense piece (query ``i`` sees dense tokens ``< dense_lens[b] - (S - 1 - i)``, every bucket token)."""
+    if spec.kind != "multi":
+        raise ValueError(f"kind: expected a multi-token spec, got {spec.kind!r}")
+    ps = pieces(spec)
+    if ps[-1].quantized:
+        raise ValueError(f"bits: the multi-token kernel needs the dense piece (16) that holds the new tokens, "
+                         f"got {spec.bits}")
+    hq, d = spec.num_q_heads, spec.head_dim
+    args = [ArgDesc.tensor("q", ("B", "S", hq, d), spec.tvm_dtype)]
+    for p in ps:
+        args += piece_args(spec, p)
+    args.append(ArgDesc.scalar("sm_scale", _F32))
+    args.append(ArgDesc.tensor("out", ("B", "S", hq, d), spec.tvm_dtype, output=True))
     multiple = tuple((p.n_sym, spec.chunk) for p in ps)
     at_least = tuple((p.g_sym, p.n_sym, spec.k_group) for p in ps if p.quantized)
     return KernelSignature(spec.uri, tuple(args), multiple_of=multiple, at_least=at_least)
@@ -207,6 +236,8 @@ def signature(spec: KernelSpec) -> KernelSignature:
         return split_signature(spec) if is_split(spec) else attention_signature(spec)
     if spec.kind == "merge":
         return merge_signature(spec)
+    if spec.kind == "multi":
+        return multi_signature(spec)
     if spec.kind == "quantize":
         return quantize_signature(spec)
     raise ValueError(f"kind: no kernel factory for {spec.kind!r}")

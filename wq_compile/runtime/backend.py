@@ -1,8 +1,9 @@
 """The kernels a WindowQuant cache runs: compiled modules when they can be had, the torch reference otherwise.
 
 A :class:`Backend` is chosen once per cache (``make_backend``): ``decode`` is called once per layer per step (one
-launch of the fused kernel over every bucket and the dense piece), ``quantize`` whenever windows or a residual
-block enter a bucket. The reference path exists for machines where no module can be built, and says so.
+launch of the fused kernel over every bucket and the dense piece), ``decode_steps`` once per layer per step of
+several new tokens (the multi-token kernel, CPUs), ``quantize`` whenever windows or a residual block enter a
+bucket. The reference path exists for machines where no module can be built, and says so.
 Compiled backends are shared in the process per (config, attention shapes, dtype, device): a second cache or a
 second ``generate`` costs nothing to set up.
 """
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 class AttentionDecoder(Protocol):
     def __call__(self, q: torch.Tensor, layer: LayerCache, sm_scale: float, stats: Any) -> torch.Tensor:
         """``q [B, Hq, D]`` -> attention output ``[B, Hq, D]`` over every token of ``layer``."""
+
+
+class StepsDecoder(Protocol):
+    def __call__(self, query: torch.Tensor, layer: LayerCache, sm_scale: float, stats: Any) -> torch.Tensor:
+        """``query [B, Hq, S, D]`` (the ``S`` newest tokens of ``layer``'s dense piece) -> ``[B, S, Hq, D]``."""
 
 
 class ReferenceDecoder:
@@ -88,6 +94,8 @@ class Backend:
     reused: int = 0  # already loaded in this process by another backend of the same library
     #: What runs the CPU kernels' parallel loops ("torch OpenMP", or "TVM pool (why)"); empty on GPUs.
     threads: str = ""
+    #: Several new tokens in one compiled launch per layer (None: no such kernel here; the caller falls back).
+    decode_steps: StepsDecoder | None = None
 
     def tuning_summary(self) -> str:
         """One line for reports: which kernels are tuned, from where, and which are not."""
@@ -168,13 +176,21 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         stats = library.stats
         compiled, cached, reused = stats.compiled, stats.cache_hits, stats.reused
         widths = (8, 4, 2) if wq.fit == "minmax" else ()
-        bar = BuildProgress(len(widths) + (2 if library.device.kind == "cuda" else 1), library.stats)
+        bar = BuildProgress(len(widths) + 2, library.stats)  # fused + multi on CPUs, split + merge on CUDA
         with library.reporting(bar.compiling), bar:
             decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                           v_group=wq.v_group, chunk=wq.chunk, library=library,
                                           int8_dots=wq.int8_dots)
             compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
             uris = [spec.uri for spec in decoder.specs((8, 4, 2))]  # the merge too, on CUDA
+            steps = None
+            if library.device.kind == "llvm":  # several-token steps: the multi-token kernel (no CUDA form yet)
+                from .steps import StepDecoder
+
+                steps = StepDecoder(library, num_q_heads, num_kv_heads, head_dim, dtype, k_group=wq.k_group,
+                                    v_group=wq.v_group, chunk=wq.chunk)
+                steps.kernel((8, 4, 2))
+                uris.append(steps.spec((8, 4, 2)).uri)
             # the compiled quantize kernel fits min/max; any other fit quantizes with the torch reference
             quantizer = compiled_q if wq.fit == "minmax" else reference_quantizer(wq.fit)
             for bits in widths:  # fail here, not in the middle of generation
@@ -184,7 +200,7 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
         return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
                        stats.cache_hits - cached, min(stats.reused - reused, len(kernels)),
-                       decoder.kernel((8, 4, 2)).threads)
+                       decoder.kernel((8, 4, 2)).threads, steps)
     except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
         from .decoder import Int8DotsUnsupportedError
 

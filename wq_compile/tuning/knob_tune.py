@@ -1,5 +1,5 @@
-"""Knob sweep for plain-TIR kernels (the CPU fused decode kernel): MetaSchedule cannot tune a kernel without
-blocks, so ``wq-tune`` measures a small grid of its structure knobs instead and records the winner.
+"""Knob sweep for plain-TIR kernels (the CPU fused decode and multi-token kernels): MetaSchedule cannot tune a
+kernel without blocks, so ``wq-tune`` measures a small grid of its structure knobs instead and records the winner.
 
 Every candidate is built and checked against the torch reference (:mod:`wq_compile.compiler.check`) before it is timed; one
 that fails is reported and never recorded. Timing is interleaved (round r measures every candidate once, in a
@@ -26,6 +26,7 @@ from ..compiler.build import KernelDef, build_module, default_schedule, kernel_d
 from ..compiler.device import Device, isa_class, resolve_device
 from ..kernels import example_sizes
 from ..kernels.attention_cpu import CpuKnobs
+from ..kernels.multi_token_cpu import MultiKnobs
 from ..compiler.measure import example_args, time_function
 from ..core.spec import KernelSpec
 from .settings import NoValidTrialsError
@@ -41,6 +42,15 @@ DEFAULT_KNOBS: Mapping[str, int] = {"splits": CpuKnobs().splits, "pvc": CpuKnobs
                                     "qkh": CpuKnobs().qk_heads}
 #: P @ V channel tiles (bytes of V per pass; the factory halves one that does not divide a piece's value bytes).
 PVC_CANDIDATES: tuple[int, ...] = (8, 16, 32)
+#: Query rows per work item of the multi-token kernel (its sweep keeps qkh at 8: a pass covers 8 rows).
+ROWS_CANDIDATES: tuple[int, ...] = (4, 8, 16)
+
+
+def default_knobs(spec: KernelSpec) -> dict[str, int]:
+    """The factory's knobs of ``spec``'s kind (a candidate of every sweep)."""
+    if spec.kind == "multi":
+        return {**DEFAULT_KNOBS, "rows": MultiKnobs().rows}
+    return dict(DEFAULT_KNOBS)
 
 
 class NoValidKnobsError(NoValidTrialsError):
@@ -103,7 +113,8 @@ def knob_grid(spec: KernelSpec, num_cores: int, isa: str | None = None) -> list[
     :data:`PVC_CANDIDATES` up to a piece's value bytes, query heads per QK pass 8 (the whole group of a
     qwen2 GQA group) plus 4 when the group is larger than 4 (fewer live accumulators; on AVX2, ``x86_64-avx2``,
     the factory already caps a pass at what 16 registers hold, so 1 instead), and on AVX-512 targets
-    (``isa`` ``x86_64-avx512``) with a 4-bit bucket the table unpack ``lut`` 0 and 1."""
+    (``isa`` ``x86_64-avx512``) with a 4-bit bucket the table unpack ``lut`` 0 and 1. The multi-token kernel
+    sweeps ``rows`` (:data:`ROWS_CANDIDATES`) x splits x P @ V tiles instead (its QK passes cover 8 rows)."""
     if num_cores < 1:
         raise ValueError(f"num_cores: expected a positive core count, got {num_cores}")
     splits, s = [], 1
@@ -112,6 +123,8 @@ def knob_grid(spec: KernelSpec, num_cores: int, isa: str | None = None) -> list[
         s *= 2
     vbytes = max(spec.head_dim * b // 8 for b in spec.bits if b != 16)
     pvcs = [p for p in PVC_CANDIDATES if p <= vbytes] or [min(PVC_CANDIDATES)]
+    if spec.kind == "multi":
+        return [{"splits": sp, "pvc": p, "qkh": 8, "rows": r} for sp in splits for p in pvcs for r in ROWS_CANDIDATES]
     qkhs = [8] + ([1] if isa == "x86_64-avx2" else [4] if spec.group_size > 4 else [])
     luts = [0, 1] if isa == "x86_64-avx512" and 4 in spec.bits else [0]
     return [{"splits": sp, "pvc": p, "qkh": q, "lut": lt} if lt else {"splits": sp, "pvc": p, "qkh": q}
@@ -165,8 +178,8 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     share_cores_with_torch()
     device = resolve_device(device)
     if not knob_lib.has_knobs(spec, device.kind):
-        raise ValueError(f"spec: {spec.uri} on {device.kind} has no structure knobs (only the llvm fused kernel "
-                         "has); tune it with MetaSchedule (wq-tune)")
+        raise ValueError(f"spec: {spec.uri} on {device.kind} has no structure knobs (only the llvm fused and "
+                         "multi-token kernels have); tune it with MetaSchedule (wq-tune)")
     base = knob_lib.base_spec(spec)
     if knob_lib.record_uri(spec) != base.uri:
         raise ValueError(f"spec: {spec.uri} has a precision mode ({dict(spec.extra)}); sweep the kernel without it, "
@@ -174,8 +187,8 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     cores = device.num_cores or os.cpu_count() or 1
     isa = isa_class(device.target)
     grid = [dict(g) for g in (settings.grid if settings.grid is not None else knob_grid(base, cores, isa))]
-    if settings.include_default and knob_key(DEFAULT_KNOBS) not in {knob_key(g) for g in grid}:
-        grid.append(dict(DEFAULT_KNOBS))
+    if settings.include_default and knob_key(default_knobs(base)) not in {knob_key(g) for g in grid}:
+        grid.append(default_knobs(base))
     if not grid:
         raise ValueError("grid: no knob candidates to measure")
     folder = tuning_log.log_dir(settings.logs_dir, device.tag, base.uri)
@@ -225,7 +238,8 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     measured = [KnobCandidate(by_key[k], tuple(done[k])) for k in by_key if k in done and k not in failed]
     if not measured:
         raise NoValidKnobsError(f"{base.uri}: every knob candidate failed the reference check ({failed}); "
-                                "nothing recorded; fix the kernel factory (wq_compile/kernels/attention_cpu.py)")
+                                "nothing recorded; fix the kernel factory (wq_compile/kernels/attention_cpu.py, "
+                                "multi_token_cpu.py)")
     best = min(measured, key=lambda c: c.median_s)
     meta.update({
         "best": {"knobs": dict(best.knobs), "median_ms": best.median_s * 1e3, "uri": knob_lib.with_knobs(
@@ -236,7 +250,7 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
         "failed_reference_check": sorted(failed), "num_candidates": len(measured), "timestamp": _now(),
         "tuned_ms": best.median_s * 1e3,
     })
-    default = knob_key(DEFAULT_KNOBS)
+    default = knob_key(default_knobs(base))
     bought = None
     meta.pop("default_wins", None)  # a resumed sweep's earlier verdict is replaced (or dropped: no default timed)
     meta.pop("bought", None)

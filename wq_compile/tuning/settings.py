@@ -14,7 +14,7 @@ from ..compiler.measure import RPCSettings
 from ..core.spec import KernelSpec
 
 
-DEFAULT_TRIALS: dict[str, int] = {"fused": 40, "decode": 24, "merge": 8, "quantize": 8}
+DEFAULT_TRIALS: dict[str, int] = {"fused": 40, "decode": 24, "merge": 8, "quantize": 8, "multi": 40}
 
 class NoValidTrialsError(RuntimeError):
     """Tuning measured no candidate successfully (builds timed out, runs failed)."""

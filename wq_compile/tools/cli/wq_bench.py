@@ -24,7 +24,7 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="llvm (this host), a JSON llvm target to measure another ISA class on this machine, e.g. "
                         "'{\"kind\": \"llvm\", \"mcpu\": \"haswell\", \"num-cores\": 2}' for AVX2 (run with "
                         "ATEN_CPU_CAPABILITY=avx2 so torch's peers use the same ISA), or a CUDA target")
-    p.add_argument("--tokens", default="2048,8192,32768", help="cached token counts")
+    p.add_argument("--tokens", default=None, help="cached token counts (default 2048,8192,32768; --multi: 8192,32768)")
     p.add_argument("--mixes", default="int4,mixed", help="bucket mixes among int4,int2,mixed")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="threads for torch, ggml and ONNX Runtime")
@@ -45,11 +45,27 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--conversation", action="store_true",
                    help="--e2e: a three-turn conversation instead (clip of --frames, follow-up question, second "
                         "clip): TTFT and ms/token per turn, DynamicCache, StaticCache and WindowQuantCache")
+    p.add_argument("--multi", action="store_true",
+                   help="several new query tokens per step (follow-ups, draft verification): the multi-token kernel "
+                        "over int4 buckets vs SDPA on the dense cache (fp32/bf16, enable_gqa, repeat_interleave'd "
+                        "K/V, query group folded) and the paths it replaced, at --steps x --tokens; writes multi.csv")
+    p.add_argument("--steps", default="8,40,64", help="--multi: new query tokens per step")
     p.add_argument("--token-granular", action="store_true",
                    help="claim (2): reordered buckets (fused kernel) vs token-granular mixed precision in place, "
                         "decode latency at equal average bits (--tokens, default 2048,8192,32768) and search time "
                         "per window vs per key group (--frames); writes granularity.csv/.png")
     return p
+
+def _counts(text: str, flag: str) -> list[int]:
+    """Positive integers from a comma-separated flag value (a parser error otherwise)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        bench_parser().error(f"{flag}: expected positive integers such as 2048,8192, got {text!r}")
+    return values
+
 
 def main_bench(argv: Sequence[str] | None = None) -> int:
     args = bench_parser().parse_args(argv)
@@ -87,12 +103,15 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
         print(e2e.format_table(rows))
         print(f"wrote {args.out}/e2e.csv")
         return 0
-    try:
-        tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
-    except ValueError:
-        bench_parser().error(f"--tokens: expected positive integers such as 2048,8192, got {args.tokens!r}")
-    if not tokens or min(tokens) < 1:
-        bench_parser().error(f"--tokens: expected positive integers such as 2048,8192, got {args.tokens!r}")
+    tokens = _counts(args.tokens or ("8192,32768" if args.multi else "2048,8192,32768"), "--tokens")
+    if args.multi:
+        from ..bench import multi
+
+        rows = multi.run(models[0], tokens, _counts(args.steps, "--steps"), repeats=args.repeats,
+                         logs_dir=args.logs_dir, out_dir=args.out, threads=args.threads)
+        print(multi.format_table(rows))
+        print(f"wrote {args.out}/multi.csv and {args.out}/multi.md")
+        return 0
     if args.token_granular:
         from ..bench import token_granular as tg
         from ...runtime.library import KernelLibrary

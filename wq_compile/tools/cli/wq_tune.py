@@ -39,10 +39,11 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="module cache root (default $WQ_CACHE_DIR or ~/.cache/wq_compile)")
     p.add_argument("--builder-timeout", type=float, default=None, help="seconds per candidate build (default 180)")
     p.add_argument("--knob-rounds", type=int, default=None,
-                   help="llvm fused kernel (plain TIR, knob sweep): interleaved timing rounds per candidate (default 7; "
+                   help="llvm fused and multi kernels (plain TIR, knob sweep): interleaved timing rounds per candidate "
+                        "(default 7; "
                         "a larger value on an existing record adds rounds, finished ones are kept)")
     p.add_argument("--knob-tokens", type=int, default=None,
-                   help="llvm fused kernel: tokens per bucket the knobs are timed at (default 8192)")
+                   help="llvm fused and multi kernels: tokens per bucket the knobs are timed at (default 8192)")
     p.add_argument("--build-only", action="store_true",
                    help="compile from existing logs (else the default schedule) into the cache; no tuning")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker that serves the target device")

@@ -1,0 +1,98 @@
+"""Several new query tokens per layer on a filled cache (a follow-up question, draft verification, a new clip's turn):
+the compiled multi-token kernel (:mod:`wq_compile.kernels.multi_token_cpu`), one launch per layer for up to
+:data:`~wq_compile.kernels.signatures.MAX_STEP_CHUNK` tokens.
+
+A longer step runs in chunks of that many tokens, each causal at its own offset: chunk ``[c0, c1)`` of an ``S``-token
+step is a ``c1 - c0``-token step over a dense piece cut at ``dense_lens - (S - c1)`` (its later tokens are the
+step's own later queries, which it must not see). One compiled module serves every ``S`` (a run-time size).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..core.spec import KernelSpec, dtype_tag
+from ..kernels import piece_fields
+from ..kernels.knobs import with_knobs
+from ..kernels.signatures import MAX_STEP_CHUNK
+from .library import CompiledKernel, KernelLibrary
+
+
+class StepDecoder:
+    """``decode_steps(query [B, Hq, S, D], layer, sm_scale, stats) -> [B, S, Hq, D]`` (transformers' output layout):
+    attention of the ``S`` newest tokens of ``layer``'s dense piece over every bucket and, causally, the dense piece.
+
+    ``knobs``: hand-given structure knobs (benchmarks, tests); None builds with the knob record's (or defaults)."""
+
+    def __init__(self, library: KernelLibrary, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, *, k_group: int = 28, v_group: int = 64, chunk: int = 64,
+                 max_steps: int = MAX_STEP_CHUNK, knobs: Mapping[str, int] | None = None) -> None:
+        if library.device.kind != "llvm":
+            raise ValueError(f"target {library.device.tag}: the multi-token kernel has a CPU (llvm) form only")
+        if max_steps < 1:
+            raise ValueError(f"max_steps: expected a positive token count, got {max_steps}")
+        self.library = library
+        self.shape = dict(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                          k_group=k_group, v_group=v_group, dtype=dtype_tag(dtype), chunk=chunk)
+        self.out_dtype = dtype
+        self.max_steps = max_steps
+        self.knobs = dict(knobs or {})
+        self._kernels: dict[tuple[int, ...], CompiledKernel] = {}
+        self._sources: dict[tuple[int, ...], list[tuple[int | None, str] | None]] = {}
+        self._checked: set[tuple[Any, ...]] = set()
+
+    def spec(self, widths: tuple[int, ...]) -> KernelSpec:
+        spec = KernelSpec("multi", tuple(widths) + (16,), **self.shape)
+        return with_knobs(spec, self.knobs) if self.knobs else spec
+
+    def kernel(self, widths: tuple[int, ...]) -> CompiledKernel:
+        kernel = self._kernels.get(widths)
+        if kernel is None:
+            kernel = self._kernels[widths] = self.library.load(self.spec(widths))
+            # where each input after q comes from: (bucket width or None for the dense piece, field), None: sm_scale
+            fields = [None if a.is_scalar else piece_fields(a.name) for a in kernel.signature.inputs[1:]]
+            self._sources[widths] = [None if f is None else (None if f[0] == "dense" else int(f[0][1:]), f[1])
+                                     for f in fields]
+        return kernel
+
+    def __call__(self, query: torch.Tensor, layer: Any, sm_scale: float, stats: Any = None) -> torch.Tensor:
+        if query.dim() != 4:
+            raise ValueError(f"query: expected [B, Hq, S, D], got shape {tuple(query.shape)}")
+        bsz, hq, s, d = query.shape
+        if hq != self.shape["num_q_heads"] or d != self.shape["head_dim"]:
+            raise ValueError(f"query: expected {self.shape['num_q_heads']} heads of {self.shape['head_dim']}, got "
+                             f"[{bsz}, {hq}, {s}, {d}]")
+        dense = layer.dense
+        if s == 0 or bsz == 0:
+            return torch.empty(bsz, s, hq, d, dtype=self.out_dtype, device=query.device)
+        if bool((dense.lens - dense.pinned < s).any()):
+            raise ValueError(f"layer: the dense residual holds fewer than the {s} new tokens of this step")
+        widths = tuple(sorted(layer.buckets, reverse=True))
+        kernel = self._kernels.get(widths) or self.kernel(widths)
+        q = query.transpose(1, 2)  # token-major, as transformers computes it: usually free
+        scale = float(sm_scale)
+        outs = []
+        for c0 in range(0, s, self.max_steps):
+            c1 = min(s, c0 + self.max_steps)
+            lens = dense.lens if c1 == s else dense.lens - (s - c1)  # the chunk's own tokens end the dense piece
+            inputs = [scale if src is None else (lens if src == (None, "lens") else
+                                                  getattr(dense if src[0] is None else layer.buckets[src[0]], src[1]))
+                      for src in self._sources[widths]]
+            out = torch.empty(bsz, c1 - c0, hq, d, dtype=self.out_dtype, device=query.device)
+            self._call(kernel, [q[:, c0:c1].contiguous(), *inputs], out)
+            outs.append(out)
+            if stats is not None and hasattr(stats, "kernel_calls"):
+                stats.kernel_calls += 1
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    def _call(self, kernel: CompiledKernel, inputs: list[Any], out: torch.Tensor) -> None:
+        """Every argument checked once per distinct set of shapes, then unchecked calls (the layer allocates its
+        tensors contiguous, in its dtype and device; ``q`` and ``out`` are made contiguous here)."""
+        key = (kernel.spec.uri, tuple(a.shape for a in inputs if isinstance(a, torch.Tensor)), out.shape)
+        if key not in self._checked:
+            kernel(*inputs, out)
+            self._checked.add(key)
+        else:
+            kernel.call_unchecked(*inputs, out)
