@@ -44,12 +44,16 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..core.spec import KernelSpec
-from .attention_cpu import (DENSE_TILE, LANES, PLAIN_TIR_ATTR, RESCALE_SLACK, CpuKnobs, _merge_piece, _quant_piece,
-                            _split_range, _tree, _vec, int8_dots)
+from .attention_cpu import (LANES, PLAIN_TIR_ATTR, RESCALE_SLACK, CpuKnobs, _merge_piece, _quant_piece, _split_range,
+                            _tree, _vec, int8_dots)
 from .common import NEG_BIG, f32, fast_exp
 from .signatures import multi_signature, pieces
 
 _F32, _I32 = "float32", "int32"
+
+#: Token tile of the dense piece: one AVX-512 vector of tokens. The multi-token kernel is written for the AVX-512
+#: vector unit only (no per-ISA variant like the fused kernel's :mod:`.cpu_isa`; LLVM splits its vectors on AVX2).
+DENSE_TILE = LANES
 
 #: Query rows per work item by default: 8 rows x 32 token slots of scores are 16 AVX-512 accumulators.
 DEFAULT_ROWS = 8
