@@ -130,13 +130,12 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
         if not p.quantized:
             sch.set_scope(sch.get_sblock(p.block("nvalid")), 0, "local")
         if p.quantized:
-            # K and V tiles dequantized once per KV head into shared fp32 by the whole block, read by every query
+            # the K tile dequantized once per KV head into shared fp32 by the whole block, read by every query
             # head's warp (inlined, each of the group's warps unpacked every code again: 7x the ALU work and three
-            # loads -- code, scale, zero -- per score FMA instead of one). K: lanes over tokens (a channel's codes
-            # share words), rows padded by 4 floats so the score loop's 32 / dl tokens x dl channels hit 32 banks.
-            # (Not compute_inline: under the chunk condition it leaves the emptied block behind, and the build fails.)
+            # loads -- code, scale, zero -- per score FMA instead of one). Lanes over tokens (a channel's codes share
+            # words), rows padded by 4 floats so the score loop's 32 / dl tokens x dl channels hit 32 banks. (Not
+            # compute_inline: under the chunk condition it leaves the emptied block behind, and the build fails.)
             dequant_tile(p.block("kdeq"), tokens_inner=True, pad=4)
-            dequant_tile(p.block("vdeq"), tokens_inner=False, pad=0)
 
         # scores: (head -> z, token -> (serial, y), head_dim -> (x lanes, serial)); shuffles over the x lanes
         qk = sch.get_sblock(p.block("qk"))

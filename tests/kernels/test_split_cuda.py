@@ -262,27 +262,27 @@ def _scheduled(spec: KernelSpec) -> tvm.s_tir.Schedule:
 
 
 def test_quantized_tiles_are_dequantized_once_per_kv_head() -> None:
-    """Issue 21, item 3: each quantized piece's K and V tiles are dequantized once per (KV head, chunk) into shared
-    fp32 by all the block's warps, and the score and P @ V loops of every query head read them (inlined, each of the
-    group's warps unpacked every code again). Rows of the K tile (stride ``d + 4`` floats) and of the staged dense K
-    (``d + 8`` halves) are padded so the score loop's 8 tokens x 4 channels per warp hit 32 banks (256 B rows put
-    all 8 tokens on the same banks: 8-way conflicts). Read off the scheduled TIR (no compile)."""
+    """Issue 21, item 3: each quantized piece's K tile is dequantized once per (KV head, chunk) into shared fp32 by
+    all the block's warps, and the score loop of every query head reads it (inlined, each of the group's warps
+    unpacked every code and loaded its scale and zero again). Rows of the K tile (stride ``d + 4`` floats) and of the
+    staged dense K (``d + 8`` halves) are padded so the score loop's 8 tokens x 4 channels per warp hit 32 banks
+    (256 B rows put all 8 tokens on the same banks: 8-way conflicts). Read off the scheduled TIR (no compile)."""
     spec = split_kernel("0.5b", "f16", bits=(4, 16))
     sch = _scheduled(spec)
-    for stage, consumer in (("kdeq", "qk"), ("vdeq", "pv")):
-        blk = sch.get(sch.get_sblock(f"q4_{stage}"))
-        (buf,) = [w.source for w in blk.writes]
-        assert buf.scope() == "shared", f"q4_{stage}: {buf.scope()}"
-        assert any(r.source.same_as(buf) for r in sch.get(sch.get_sblock(f"q4_{consumer}")).reads), consumer
+    blk = sch.get(sch.get_sblock("q4_kdeq"))
+    (buf,) = [w.source for w in blk.writes]
+    assert buf.scope() == "shared", f"q4_kdeq: {buf.scope()}"
+    assert any(r.source.same_as(buf) for r in sch.get(sch.get_sblock("q4_qk")).reads)
     # storage_align of the token axis: (buffer 0, axis 2, factor d, offset): K tile + 4 floats, dense K + 8 halves
     text = sch.mod.script()
     aligns = [(re.findall(r'T\.sblock\("(\w+)"\)', text[:m.start()])[-1], *m.groups())
               for m in re.finditer(r'"buffer_dim_align": \[\[0, 2, (\d+), (\d+)\]\]', text)]
     assert ("q4_kdeq", "64", "4") in aligns and ("dense_kload", "64", "8") in aligns, aligns
-    # the dense piece needs no dequant tile: its fp16 K / V are read in place (a cast)
-    for stage in ("kdeq", "vdeq"):
-        with pytest.raises(tvm.s_tir.schedule.ScheduleError, match=f"dense_{stage}"):
-            sch.get_sblock(f"dense_{stage}")
+    # no V tile (value codes are unpacked in place: a word serves several channels, no scale / zero loads), and the
+    # dense piece's fp16 K is read in place (a cast)
+    for name in ("q4_vdeq", "dense_vdeq", "dense_kdeq"):
+        with pytest.raises(tvm.s_tir.schedule.ScheduleError, match=name):
+            sch.get_sblock(name)
 
 
 def test_softmax_state_is_per_head() -> None:

@@ -66,8 +66,9 @@ from .signatures import MAX_SPLITS, SPLIT_CHUNK, TUNING_SM_COUNT, choose_splits,
 from .signatures import split_signature as signature
 from .gpu_limits import PREFERRED_BLOCKS_PER_SM, min_blocks_per_sm
 
-__all__ = ["MAX_SPLITS", "MIN_BLOCKS_PER_SM", "SPLIT_CHUNK", "SPLIT_STAGES", "TUNING_SM_COUNT", "build_split_attention",
-           "choose_splits", "is_split", "key_groups_per_chunk", "merge_spec", "signature", "split_spec", "splits_extent"]
+__all__ = ["MAX_SPLITS", "MIN_BLOCKS_PER_SM", "SPLIT_CHUNK", "SPLIT_STAGES", "TUNING_SM_COUNT",
+           "build_split_attention", "choose_splits", "is_split", "key_groups_per_chunk", "merge_spec", "signature",
+           "split_spec", "splits_extent"]
 
 _F32 = "float32"
 _I32 = "int32"
@@ -75,7 +76,7 @@ _I32 = "int32"
 #: Stages of one piece of the split kernel (block names ``f"{piece.tag}_{stage}"``); ``kload``/``kscale``/``kzero`` and the
 #: V scale / zero stages exist for quantized pieces only.
 SPLIT_STAGES = ("hinit", "ainit", "koff", "kload", "kscale", "kzero", "vload", "nvalid", "kdeq", "qk", "cmax", "prob",
-                "lsum", "vscale", "vzero", "vdeq", "pv", "hstate", "state")
+                "lsum", "vscale", "vzero", "pv", "hstate", "state")
 
 
 def key_groups_per_chunk(spec: KernelSpec) -> int:
@@ -138,8 +139,7 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                         qs = spec.quant(p.bits)
                         ngk = key_groups_per_chunk(spec)
                         st.update(
-                            kd=alloc(f"{t}_kd", (bsz, hkv, c, d // per, per)),  # dequantized tiles
-                            vd=alloc(f"{t}_vd", (bsz, hkv, c, d // per, per)),
+                            kd=alloc(f"{t}_kd", (bsz, hkv, c, d // per, per)),  # the dequantized K tile
                             ps=alloc(f"{t}_ps", (bsz, hq, c, d // qs.v_group)),
                             pz=alloc(f"{t}_pz", (bsz, hq, d // qs.v_group)),
                             koff=alloc(f"{t}_koff", (bsz, hkv), _I32),
@@ -282,7 +282,7 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
     nc, cps, off = st["nc"], st["cps"], st["off"]
     pre = "" if spec.kind == "decode" else f"{p.tag}_"
     lens = bufs[f"{pre}lens"]
-    kd, vd_buf, s_buf, p_buf = st.get("kd"), st.get("vd"), st["s"], st["p"]
+    kd, s_buf, p_buf = st.get("kd"), st["s"], st["p"]
     mc, lc, pvc = st["mc"], st["lc"], st["pvc"]
     per = spec.quant(p.bits).per_word if p.quantized else d
 
@@ -371,8 +371,11 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
         return st["ks"][vb, vkh, vt, vdd].astype(_F32)
 
     def value(vb, vkh, vt, vdd):
+        """The value code (quantized: unpacked in place; its scale and zero point are folded into P) or the dense
+        value. Not a tile: a second fp32 tile would take the 7B block past the 48 KB of static shared memory sm_80
+        allows (58.5 KB), and unpacking costs no load (one code word serves ``per`` channels)."""
         if p.quantized:
-            return vd_buf[vb, vkh, vt, vdd // per, vdd % per]
+            return _unpack(st["vs"][vb, vkh, vt, vdd // per], vdd % per, p.bits)
         # V past lens may be garbage (NaN): P = 0 there, but 0 * NaN is NaN
         return tirx.Select(vt < st["nvalid"][vb, vkh], st["vs"][vb, vkh, vt, vdd].astype(_F32), f32(0.0))
 
@@ -438,12 +441,6 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
                 z = vze[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
                 val = tirx.Select((vc_ - off) * c + vt < lens[vb], p_buf[vb, h, vt] * z, f32(0.0))
                 T.buffer_store(pz_buf, pz_buf[vb, h, vgi] + val, [vb, h, vgi])
-        vs_buf = st["vs"]
-        with T.grid(c, d // per, per) as (t, w, j):
-            with T.sblock(p.block("vdeq")):
-                vb, vkh = bk()
-                vt, vw, vj = T.axis.remap("SSS", [t, w, j])
-                T.buffer_store(vd_buf, _unpack(vs_buf[vb, vkh, vt, vw], vj, p.bits), [vb, vkh, vt, vw, vj])
     # ---- P @ V of the chunk ----
     with T.grid(gs, d, c) as (g, dd_, t):
         with T.sblock(p.block("pv")):
