@@ -6,10 +6,12 @@ group, ``blockDim = (dl, 32 / dl, group)``; a warp's 32 lanes are ``lane = ty * 
 - scores: lanes split ``32 / dl`` tokens (``threadIdx.y``) x ``dl`` head_dim slices (``threadIdx.x``); each lane
   sums ``head_dim / dl`` products, the ``dl`` slices are added with warp shuffles (``__shfl_*`` of width ``dl``);
 - chunk max, sum and the value zero-point term: one token per lane, reduced across the warp with shuffles;
-- P @ V, the running state (m, l, acc) and the split's output: each lane owns ``head_dim / 32`` consecutive
-  channels, kept in registers for the whole chunk loop;
+- P @ V, the accumulator and the split's output: each lane owns ``head_dim / 32`` consecutive channels, kept in
+  registers for the whole chunk loop; the per-head softmax state ``(m, l)``, the chunk's rescale factors and the
+  final weights are computed by every lane of the head's warp (two exps per chunk, not two per channel);
 - staging: the chunk's key/value codes (and key scale / zero, dense K/V) are copied once per KV head for the whole
-  query group into shared memory with 16-byte (``int4``/``uint4``) loads, dequantized in registers by the consumers.
+  query group into shared memory with 16-byte (``int4``/``uint4``) loads, dequantized in registers by the consumers;
+  dense K rows padded by 16 bytes (no bank conflicts in the score loop).
 
 ``dl`` (head_dim lanes of the score reduction) is the knob of the split between tokens and head_dim; the group is
 always one warp per query head.
@@ -102,6 +104,21 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
         warp_lanes(lane)
         sch.set_scope(blk, 0, "shared")
 
+    def dequant_tile(name: str, tokens_inner: bool, pad: int) -> None:
+        """A dequant block (loops ``t, w, j``) computed into shared memory by every thread of the block."""
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        t, w, j = loops[-3:]
+        if tokens_inner:
+            sch.reorder(w, j, t)
+        fused = sch.fuse(*(loops[-3:] if not tokens_inner else (w, j, t)))
+        _, z, lane = sch.split(fused, [None, gs, WARP])
+        sch.bind(z, "threadIdx.z")
+        warp_lanes(lane)
+        sch.set_scope(blk, 0, "shared")
+        if pad:  # buffer [B, Hkv, chunk, d / per, per]: the token axis' stride (d) becomes d + pad
+            sch.storage_align(blk, 0, axis=2, factor=d, offset=pad)
+
     for p in pieces(spec):
         vec16 = 8 if spec.dtype != "f32" else 4  # 16 bytes of the dense piece / key scale and zero
         stage_copy(p.block("kload"), code_vec if p.quantized else vec16, serial=1 if p.quantized else 0)
@@ -112,8 +129,13 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
         stage_copy(p.block("vload"), code_vec if p.quantized else vec16)
         if not p.quantized:
             sch.set_scope(sch.get_sblock(p.block("nvalid")), 0, "local")
-        sch.compute_inline(sch.get_sblock(p.block("kdeq")))
-        sch.compute_inline(sch.get_sblock(p.block("vdeq")))
+        if p.quantized:
+            # the K tile dequantized once per KV head into shared fp32 by the whole block, read by every query
+            # head's warp (inlined, each of the group's warps unpacked every code again: 7x the ALU work and three
+            # loads -- code, scale, zero -- per score FMA instead of one). Lanes over tokens (a channel's codes share
+            # words), rows padded by 4 floats so the score loop's 32 / dl tokens x dl channels hit 32 banks. (Not
+            # compute_inline: under the chunk condition it leaves the emptied block behind, and the build fails.)
+            dequant_tile(p.block("kdeq"), tokens_inner=True, pad=4)
 
         # scores: (head -> z, token -> (serial, y), head_dim -> (x lanes, serial)); shuffles over the x lanes
         qk = sch.get_sblock(p.block("qk"))
@@ -153,17 +175,39 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
         sch.reorder(y, x, t, j)
         sch.set_scope(pv, 0, "local")
 
-        # running state: same (head, channel) -> thread map as P @ V and the final blocks: registers throughout
-        state = sch.get_sblock(p.block("state"))
-        loops = sch.get_loops(state)
-        sch.bind(loops[o + 1], "threadIdx.z")
-        channel_lanes(loops[o + 2])
-        for i in range(3):
-            sch.set_scope(state, i, "local")
-        sch.decompose_reduction(state, sch.get_loops(state)[o])
+        if not p.quantized:
+            # dense K rows padded by 16 bytes: a warp reads 32 / dl tokens x dl channels of a row, and a row stride of
+            # d halves (256 B at d 128) put every token on the same banks (8-way conflicts); d + 8 spreads them
+            sch.storage_align(sch.get_sblock(p.block("kload")), 0, axis=2, factor=d, offset=16 // _itemsize(spec))
 
-    for name in ("final_o", "final_lse"):
-        blk = sch.get_sblock(name)
-        _, _, g, dd = sch.get_loops(blk)
-        sch.bind(g, "threadIdx.z")
-        channel_lanes(dd)
+    # the split's running state, one for all pieces: (m, l) and the chunk's rescale factors per query head, computed
+    # by every lane of the head's warp (no lane binding: each keeps them in registers); acc per (head, channel) with
+    # the P @ V map; both reductions over the chunk loop, initialised before it
+    hstate = sch.get_sblock("hstate")
+    sch.bind(sch.get_loops(hstate)[-1], "threadIdx.z")
+    _local_writes(sch, hstate)
+    sch.decompose_reduction(hstate, sch.get_loops(hstate)[o])
+    state = sch.get_sblock("state")
+    loops = sch.get_loops(state)
+    sch.bind(loops[-2], "threadIdx.z")
+    channel_lanes(loops[-1])
+    _local_writes(sch, state)
+    sch.decompose_reduction(state, sch.get_loops(state)[o])
+
+    blk = sch.get_sblock("final_lse")  # per query head: every lane of its warp stores the same value
+    sch.bind(sch.get_loops(blk)[-1], "threadIdx.z")
+    blk = sch.get_sblock("final_o")
+    _, _, g, dd = sch.get_loops(blk)
+    sch.bind(g, "threadIdx.z")
+    channel_lanes(dd)
+
+
+def _itemsize(spec: KernelSpec) -> int:
+    return 4 if spec.dtype == "f32" else 2
+
+
+def _local_writes(sch: s_tir.Schedule, blk) -> None:
+    """Every buffer ``blk`` writes in registers (``local``), unless an earlier block already put it there."""
+    for i, region in enumerate(sch.get(blk).writes):
+        if region.source.scope() != "local":
+            sch.set_scope(blk, i, "local")

@@ -35,6 +35,8 @@ CHUNK = 32
 SMEM_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}
 REGS_PER_SM = 65536
 H200_SMS = 132
+#: One per inlined exp in the generated CUDA: fast_exp's ``2^n`` (``(n + 127) << 23``); the source repeats the rest.
+EXP_MARK = "127) << 23"
 
 
 def split_kernel(shape: str, dtype: str, bits=(8, 4, 2, 16)) -> KernelSpec:
@@ -251,3 +253,45 @@ def test_unroll_knob_changes_the_cuda() -> None:
     plain, unrolled = (_split_source_with_unroll(spec, u) for u in (0, 16))
     assert plain != unrolled, "unroll 0 and 16 give the same CUDA: the unroll knob is not lowered"
     assert len(unrolled) > len(plain)  # unrolled loop bodies
+
+
+def _scheduled(spec: KernelSpec) -> tvm.s_tir.Schedule:
+    sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: make_kernel(spec)}))
+    sched.default_schedule(sch, spec)
+    return sch
+
+
+def test_quantized_tiles_are_dequantized_once_per_kv_head() -> None:
+    """Issue 21, item 3: each quantized piece's K tile is dequantized once per (KV head, chunk) into shared fp32 by
+    all the block's warps, and the score loop of every query head reads it (inlined, each of the group's warps
+    unpacked every code and loaded its scale and zero again). Rows of the K tile (stride ``d + 4`` floats) and of the
+    staged dense K (``d + 8`` halves) are padded so the score loop's 8 tokens x 4 channels per warp hit 32 banks
+    (256 B rows put all 8 tokens on the same banks: 8-way conflicts). Read off the scheduled TIR (no compile)."""
+    spec = split_kernel("0.5b", "f16", bits=(4, 16))
+    sch = _scheduled(spec)
+    blk = sch.get(sch.get_sblock("q4_kdeq"))
+    (buf,) = [w.source for w in blk.writes]
+    assert buf.scope() == "shared", f"q4_kdeq: {buf.scope()}"
+    assert any(r.source.same_as(buf) for r in sch.get(sch.get_sblock("q4_qk")).reads)
+    # storage_align of the token axis: (buffer 0, axis 2, factor d, offset): K tile + 4 floats, dense K + 8 halves
+    text = sch.mod.script()
+    aligns = [(re.findall(r'T\.sblock\("(\w+)"\)', text[:m.start()])[-1], *m.groups())
+              for m in re.finditer(r'"buffer_dim_align": \[\[0, 2, (\d+), (\d+)\]\]', text)]
+    assert ("q4_kdeq", "64", "4") in aligns and ("dense_kload", "64", "8") in aligns, aligns
+    # no V tile (value codes are unpacked in place: a word serves several channels, no scale / zero loads), and the
+    # dense piece's fp16 K is read in place (a cast)
+    for name in ("q4_vdeq", "dense_vdeq", "dense_kdeq"):
+        with pytest.raises(tvm.s_tir.schedule.ScheduleError, match=name):
+            sch.get_sblock(name)
+
+
+def test_softmax_state_is_per_head() -> None:
+    """Issue 21, item 3: one online-softmax state per split for all pieces, (m, l) and the chunk's rescale factors per
+    query head: one exp per piece for the probabilities and two per chunk for the state, none at the end (per channel
+    and per piece it was 2 exps per channel per chunk and a combine of the pieces per channel)."""
+    for shape in SHAPES:
+        spec = split_kernel(shape, "f16")
+        src = cuda_source(spec)
+        exps = src.count(EXP_MARK)
+        # one per piece (probabilities) + two (alpha, beta) for the split's one state; was 100 (0.5B) / 180 (7B)
+        assert 0 < exps <= len(spec.bits) + 2, f"{shape}: {exps} inlined exps"

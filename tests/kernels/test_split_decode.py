@@ -12,6 +12,7 @@ import torch
 
 from wq_compile.core import reference
 from wq_compile.kernels import make_kernel, signature
+from wq_compile.kernels.signatures import pieces
 from wq_compile.kernels.split_decode import choose_splits, merge_spec, split_spec
 from wq_compile.core.spec import KernelSpec
 from wq_testing import check_close, compiled_default, quantized_piece
@@ -64,7 +65,7 @@ def test_split_fused_matches_reference(shape: str) -> None:
     gen = torch.Generator().manual_seed(3)
     for caps, lens in SCENARIOS:
         call, want, want_lse = _case(spec, caps, lens, gen)
-        for parts in (1, 2, 3, 7, 16):  # more splits than chunks of some pieces: empty splits
+        for parts in (1, 2, 3, 7, 16, 40):  # more splits than chunks of some pieces, then of all: empty splits
             out, _, lse_parts = run_split(spec, call, parts)
             check_close(f"{shape} P={parts} {lens}", out, want, *TOL)
             total = torch.logsumexp(lse_parts, 0)
@@ -73,6 +74,54 @@ def test_split_fused_matches_reference(shape: str) -> None:
                     check_close("lse", total[i], want_lse[i], LSE_ATOL, 1e-6)
                 else:
                     assert bool(torch.isneginf(total[i]).all()) and bool((out[i] == 0).all())
+
+
+def test_splits_cut_all_pieces_as_one_chunk_sequence() -> None:
+    """Issue 21, item 3: split ``s`` takes chunks ``[s * cps, (s + 1) * cps)`` of the chunks of all pieces in order
+    (``cps = ceil(total / P)``), so ``P`` can follow all pieces' tokens together; chunks outside a piece or past its
+    ``lens`` are skipped, and a split without a valid token writes ``o = 0, lse = -inf``. With 30 splits over the
+    22 chunks of the first scenario (cps 1), split ``s`` holds exactly global chunk ``s``."""
+    spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES["0.5b"]))
+    caps, lens = SCENARIOS[0]
+    call, want, _ = _case(spec, caps, lens, torch.Generator().manual_seed(5))
+    out, o_parts, lse_parts = run_split(spec, call, 30)
+    check_close("P=30", out, want, *TOL)
+    owner = [(p.bits, c) for p in pieces(spec) for c in range(caps[p.bits] // 32)]  # global chunk -> (piece, chunk)
+    assert len(owner) == 22
+    for s in range(30):
+        for i in range(2):
+            valid = s < len(owner) and owner[s][1] * 32 < lens[owner[s][0]][i]
+            assert bool(torch.isfinite(lse_parts[s, i]).all()) == valid, (s, i, owner[s:s + 1])
+            if not valid:
+                assert bool(torch.isneginf(lse_parts[s, i]).all()) and bool((o_parts[s, i] == 0).all()), (s, i)
+
+
+def test_chunk_iterations_without_valid_tokens_are_skipped() -> None:
+    """One chunk loop per split; in it, each piece's stages sit inside one ``if`` on the global chunk being a chunk of
+    that piece below ``lens[b]`` (uniform per GPU thread block: ``b`` and the split are block indices), and one state
+    update (``hstate``, ``state``) follows outside them. Read off the PrimFunc's TVMScript."""
+    spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES["0.5b"]))
+    lines = make_kernel(spec).script().splitlines()
+    indent = lambda ln: len(ln) - len(ln.lstrip())  # noqa: E731
+    (at,) = [i for i, ln in enumerate(lines) if ln.lstrip().startswith("for ci in ")]
+    body = []
+    for ln in lines[at + 1:]:
+        if ln.strip() and indent(ln) <= indent(lines[at]):
+            break
+        body.append(ln)
+    guards = [i for i, ln in enumerate(body) if indent(ln) == indent(lines[at]) + 4 and ln.lstrip().startswith("if ")]
+    assert len(guards) == len(spec.bits), [body[i][:80] for i in guards]
+    stages = ("koff", "kload", "vload", "qk", "cmax", "prob", "lsum", "pv")
+    for p, g in zip(pieces(spec), guards + [len(body)]):
+        assert f"{p.tag}_lens[" in body[g], (p.tag, body[g][:200])
+        end = next((i for i in range(g + 1, len(body)) if body[i].strip() and indent(body[i]) <= indent(body[g])),
+                   len(body))
+        inside = "\n".join(body[g + 1:end])
+        for st in stages:
+            if st != "koff" or p.quantized:
+                assert f'T.sblock("{p.tag}_{st}")' in inside, f"{p.tag}_{st} outside its guard"
+    after = "\n".join(body[end:])
+    assert 'T.sblock("hstate")' in after and 'T.sblock("state")' in after, "the state update must run every iteration"
 
 
 @pytest.mark.parametrize("bits", [4, 16])

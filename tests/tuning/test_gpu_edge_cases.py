@@ -5,7 +5,6 @@ P in {1, 3, 66, 200}. Outputs are poisoned with NaN first, so an unwritten block
 from __future__ import annotations
 
 import pytest
-import torch
 
 from wq_compile.core.spec import KernelSpec
 from wq_compile.kernels.split_decode import merge_spec, split_spec
@@ -29,7 +28,10 @@ def test_edge_cases_cover_what_the_issue_names():
 
 def test_split_and_merge_pass_every_edge_case_on_llvm():
     rows = ec.run_edge_cases(SPEC, compiled_default(SPEC), compiled_default(merge_spec(SPEC)), "cpu")
-    assert len(rows) == len(ec.edge_cases((8, 4, 2))) * len(ec.PARTS)
+    cases = ec.edge_cases((8, 4, 2))
+    assert len(rows) >= len(cases) * len(ec.PARTS)
+    # every case also runs at the split count the decoder launches on 132 SMs (P from all pieces' chunks together)
+    assert {r["case"] for r in rows if r["decoder_parts"]} == {c.name for c in cases}
     bad = [r for r in rows if not r["ok"]]
     assert not bad, bad[:3]
     assert max(r["max_abs_err"] for r in rows) > 0  # compared for real

@@ -23,8 +23,12 @@ def test_rows_follow_the_kernel_and_the_launch_policy():
     only4 = pm.model_row("llava-ov-7b", 1, 2800 + 128, mix={4: 1.0})
     assert abs(only4.bytes_per_token - total / 2928) < 1e-6, (only4.bytes_per_token, total / 2928)
     assert 0 < r.hbm_fraction <= 1 and r.expected_us > 0
+    # batch 1 at 2K tokens (issue 21, item 3): P follows the chunks of all pieces together (the kernel splits them
+    # as one sequence), not the longest piece's: 7B fills both resident slots of nearly every SM (it launched 120
+    # blocks, 0.45 waves, with P from the longest piece), 0.5B (2 KV heads, 64 chunks) one block on 128 of 132 SMs
     small = pm.model_row("llava-ov-7b", 1, 2048)
-    assert small.waves < 0.5 and small.hbm_fraction < r.hbm_fraction  # under half a wave at 2K tokens
+    assert small.parts == 64 and small.blocks == 256 and small.waves > 0.95, small
+    assert pm.model_row("llava-ov-0.5b", 1, 2048).blocks == 128
 
 
 def test_readme_table_is_the_models_output():

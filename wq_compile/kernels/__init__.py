@@ -183,8 +183,9 @@ def example_sizes(spec: KernelSpec, n_tokens: int, batch: int = 1) -> dict[str, 
                 sizes[p.g_sym] = -(-n // spec.k_group)
         if spec.kind == "decode" and spec.bits == (16,):
             sizes["N"] = n
-        if is_split(spec):  # the split count a GPU of TUNING_SM_COUNT SMs gets at this length
-            sizes["P"] = choose_splits(TUNING_SM_COUNT, n, batch, spec.num_kv_heads, spec.chunk)
+        if is_split(spec):  # the split count a GPU of TUNING_SM_COUNT SMs gets at these lengths (all pieces)
+            total = sum(sizes[p.n_sym] for p in pieces(spec))
+            sizes["P"] = choose_splits(TUNING_SM_COUNT, total, batch, spec.num_kv_heads, spec.chunk)
     elif spec.kind == "merge":
         if "p" not in dict(spec.extra):
             sizes["P"] = max(2, len(spec.bits))

@@ -156,9 +156,10 @@ def choose_splits(sm_count: int, n_tokens: int, batch: int, kv_heads: int, chunk
                   blocks_per_sm: int = 2, min_chunks_per_split: int = 1) -> int:
     """Number of token splits ``P`` of a split-KV decode launch (``batch * kv_heads * P`` thread blocks).
 
-    Enough blocks for ``blocks_per_sm`` resident blocks on each of ``sm_count`` SMs, never more splits than the
-    longest piece has chunks (``ceil(n_tokens / chunk)``, at least ``min_chunks_per_split`` each), at least 1.
-    ``n_tokens``: tokens of the longest piece (its capacity, or its longest ``lens``).
+    Enough blocks for ``blocks_per_sm`` resident blocks on each of ``sm_count`` SMs, never more splits than there
+    are chunks (``ceil(n_tokens / chunk)``, at least ``min_chunks_per_split`` each), at least 1.
+    ``n_tokens``: tokens of all pieces together (the split kernel cuts their concatenated chunks into ``P`` ranges;
+    the decoder passes the pieces' capacities summed).
     """
     for name, v in (("sm_count", sm_count), ("batch", batch), ("kv_heads", kv_heads), ("chunk", chunk),
                     ("blocks_per_sm", blocks_per_sm), ("min_chunks_per_split", min_chunks_per_split)):

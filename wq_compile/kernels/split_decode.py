@@ -1,40 +1,45 @@
 """Split-KV decode attention (flash-decoding): the work is ``batch x KV heads x P token splits``, ``P`` a run-time size.
 
 A decode/fused :class:`~wq_compile.core.spec.KernelSpec` with ``("split", 1)`` in ``spec.extra`` (see :func:`split_spec`).
-Split ``s`` of ``P`` handles the contiguous chunks ``[s * cps, (s + 1) * cps)`` of *every* piece
-(``cps = ceil(n_chunks / P)`` per piece), merges its pieces' online-softmax states and writes its normalized partial
+The chunks of all pieces form one sequence (piece ``i`` at ``[off_i, off_i + n_chunks_i)``, capacities in order);
+split ``s`` of ``P`` takes its chunks ``[s * cps, (s + 1) * cps)`` with ``cps = ceil(sum_i n_chunks_i / P)``, so
+``P`` can follow the tokens of all pieces together (:func:`choose_splits`), and writes its normalized partial
 output and log-sum-exp; the ``merge`` kernel (:mod:`wq_compile.kernels.merge`) combines the ``P`` partials::
 
     o_parts [P, B, Hq, D] f32, lse_parts [P, B, Hq] f32   ->   merge   ->   out [B, Hq, D] dtype
 
-One compiled module serves every length, batch and split count: ``P`` is the leading size of ``o_parts``
-(choose it with :func:`choose_splits`). Chunks past the end of a piece (``s * cps + i >= n_chunks``) read the last
-chunk again (clamped index, always in bounds) and are masked like tokens past ``lens`` (their virtual token index is
-``>= N >= lens``): no predicate, every split runs ``cps`` iterations, and an all-masked chunk leaves the running
-state unchanged. A split with no valid token writes ``o = 0, lse = -inf`` (the merge weighs it 0).
+One compiled module serves every length, batch and split count: ``P`` is the leading size of ``o_parts``.
+A split loops over its ``cps`` global chunks; each iteration runs the stages of the piece that owns the chunk inside
+one condition (the chunk lies in the piece and starts below ``lens[b]``; it depends only on the block's own ``b`` and
+``s``, so it is uniform per GPU thread block and barriers stay uniform): empty buckets, tails of capacity and splits
+past the valid tokens cost a comparison. Tokens past ``lens`` inside a chunk are masked. One online-softmax state per
+split serves all pieces, updated once per iteration (an iteration without a valid chunk is an exact no-op); a split
+with no valid token writes ``o = 0, lse = -inf`` (the merge weighs it 0).
 
 Per split and piece (``t`` = token of the chunk, ``g`` = query head of the GQA group)::
 
     kload   Ks[gi, d, w]  = k_codes[min(g0 + gi, G - 1), d, w]     (the chunk's key groups; 128-bit copies on CUDA)
     kscale  Ksc[gi, d]    = k_scale[min(g0 + gi, G - 1), d]      (kzero: the same for k_zero)
     vload   Vs[t, w]      = v_codes[t0 + t, w]
-    kdeq    Kd[t, d]      = dequant(staged codes)                 (inlined into qk)
+    kdeq    Kd[t, d]      = dequant(staged codes)      (CUDA: once per KV head into shared fp32; llvm: inlined)
     qk      S[g, t]       = sum_d qf[g, d] * Kd[t, d]
     cmax    mc[g]         = max_t (t valid ? S : NEG_BIG);   prob P[g, t] = t valid ? exp(S - mc) : 0
     lsum    lc[g]         = sum_t P[g, t]
     vscale  Ps[g, t, vg]  = t valid ? P * v_scale : 0;      vzero pz[g, vg] = sum_t (t valid ? P * v_zero : 0)
     pv      pvc[g, d]     = sum_t Ps[g, t, d // v_group] * code(V[t, d])     (dense: P * V, V masked)
-    state   (m, l, acc)[g, d] <- online-softmax merge with (mc, lc, pvc + pz)   (one (m, l) copy per channel)
-    final   the pieces' states -> o_parts[s] per (g, d);  lse_parts[s] = M + log L, read at channel 0
+    hstate  (m, l)[g] <- online-softmax merge with the owning piece's (mc, lc); the chunk's alpha, beta [g]
+    state   acc[g, d] <- acc * alpha + (pvc + pz)[owning piece] * beta        (hstate, state: once per iteration)
+    final   o_parts[s] = acc / l per (g, d);  lse_parts[s] = m + log l per g
 
 Each stage is one plain reduction or element-wise block, so a GPU schedule binds tokens or channels to lanes and
-lowers every reduction to warp shuffles; the per-channel state (:func:`~wq_compile.kernels.common.emit_state_update`)
-lets each lane keep the channels it owns in registers, with no lane reading another's state.
+lowers every reduction to warp shuffles. ``hstate`` binds no lane: every thread of a query head computes the same
+two exps per chunk and keeps ``(m, l)`` in its registers, so no lane reads another's state and no exp is repeated
+per channel or per piece.
 
 How the runtime calls it (plan once per step, run per layer)::
 
     spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), head_dim, hq, hkv, k_group, v_group, dtype, chunk=32))
-    P = choose_splits(sm_count, n_tokens, batch, hkv, spec.chunk)   # n_tokens: the longest piece (capacity)
+    P = choose_splits(sm_count, n_tokens, batch, hkv, spec.chunk)   # n_tokens: all pieces' capacities together
     o_parts = torch.empty(P, B, Hq, D, float32); lse_parts = torch.empty(P, B, Hq, float32)
     split_kernel(q, *pieces..., sm_scale, o_parts, lse_parts)      # grid: blockIdx.x = B * Hkv, blockIdx.y = P
     merge_kernel(o_parts, lse_parts, out)                           # make_kernel(merge_spec(spec)), P symbolic
@@ -56,18 +61,22 @@ from tvm.script.ir_builder import tirx as T
 from ..core.quant import key_lane_bytes, key_words
 from ..core.spec import KernelSpec
 from .attention import Piece, _unpack, pieces
-from .common import NEG_BIG, alloc, declare_params, emit_state_update, f32, fast_exp, signature_params
+from .common import NEG_BIG, alloc, declare_params, f32, fast_exp, signature_params
 from .signatures import MAX_SPLITS, SPLIT_CHUNK, TUNING_SM_COUNT, choose_splits, is_split, merge_spec, split_spec
 from .signatures import split_signature as signature
 from .gpu_limits import PREFERRED_BLOCKS_PER_SM, min_blocks_per_sm
+
+__all__ = ["MAX_SPLITS", "MIN_BLOCKS_PER_SM", "SPLIT_CHUNK", "SPLIT_STAGES", "TUNING_SM_COUNT",
+           "build_split_attention", "choose_splits", "is_split", "key_groups_per_chunk", "merge_spec", "signature",
+           "split_spec", "splits_extent"]
 
 _F32 = "float32"
 _I32 = "int32"
 
 #: Stages of one piece of the split kernel (block names ``f"{piece.tag}_{stage}"``); ``kload``/``kscale``/``kzero`` and the
 #: V scale / zero stages exist for quantized pieces only.
-SPLIT_STAGES = ("koff", "kload", "kscale", "kzero", "vload", "nvalid", "kdeq", "qk", "cmax", "prob", "lsum",
-                "vscale", "vzero", "vdeq", "pv", "state")
+SPLIT_STAGES = ("hinit", "ainit", "koff", "kload", "kscale", "kzero", "vload", "nvalid", "kdeq", "qk", "cmax", "prob",
+                "lsum", "vscale", "vzero", "pv", "hstate", "state")
 
 
 def key_groups_per_chunk(spec: KernelSpec) -> int:
@@ -92,7 +101,7 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
         raise ValueError(f"split: {spec.uri} is not a split-KV spec (use split_spec)")
     ps = pieces(spec)
     sig = signature(spec)
-    hq, hkv, d, gs, c = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk
+    hq, hkv, d, c = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.chunk
 
     with IRBuilder() as ib:
         with T.prim_func(s_tir=True):
@@ -106,30 +115,31 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                 # intermediates hold one chunk of one (b, kv head); every split and chunk reuses them
                 qf = alloc("qf", (bsz, hq, d))
                 states = []
-                for p in ps:
-                    # chunks of the piece, bounded so that virtual token indices provably fit in int32
-                    nc = tirx.min(tirx.floordiv(syms[p.n_sym], c), (2**31 - 1) // c - MAX_SPLITS)
-                    cps = tirx.truncdiv(nc + npart - 1, npart)  # all non-negative: no sign fix-up code
+                # chunks of every piece, bounded so that virtual token indices provably fit in int32
+                bound = ((2**31 - 1) // c - MAX_SPLITS) // len(ps)
+                ncs = [tirx.min(tirx.floordiv(syms[p.n_sym], c), bound) for p in ps]
+                total = sum(ncs[1:], ncs[0])
+                # one chunk sequence over all pieces (piece i at chunks [off_i, off_i + nc_i)); split s takes
+                # [s * cps, (s + 1) * cps) of it (all non-negative: no sign fix-up code)
+                cps = tirx.truncdiv(total + npart - 1, npart)
+                off = 0
+                for p, nc in zip(ps, ncs):
                     t = p.tag
                     per = spec.quant(p.bits).per_word if p.quantized else d
                     st = {
-                        "nc": nc, "cps": cps,
-                        # running state, one (m, l) copy per channel (see common.emit_state_update)
-                        "acc": alloc(f"{t}_acc", (bsz, hq, d)),
-                        "m": alloc(f"{t}_m", (bsz, hq, d)),
-                        "l": alloc(f"{t}_l", (bsz, hq, d)),
-                        "kd": alloc(f"{t}_kd", (bsz, hkv, c, d // per, per)),
-                        "vd": alloc(f"{t}_vd", (bsz, hkv, c, d // per, per)),
+                        "nc": nc, "cps": cps, "off": off,
                         "s": alloc(f"{t}_s", (bsz, hq, c)),
                         "p": alloc(f"{t}_p", (bsz, hq, c)),
                         "mc": alloc(f"{t}_mc", (bsz, hq)),
                         "lc": alloc(f"{t}_lc", (bsz, hq)),
                         "pvc": alloc(f"{t}_pvc", (bsz, hq, d)),
                     }
+                    off = off + nc
                     if p.quantized:
                         qs = spec.quant(p.bits)
                         ngk = key_groups_per_chunk(spec)
                         st.update(
+                            kd=alloc(f"{t}_kd", (bsz, hkv, c, d // per, per)),  # the dequantized K tile
                             ps=alloc(f"{t}_ps", (bsz, hq, c, d // qs.v_group)),
                             pz=alloc(f"{t}_pz", (bsz, hq, d // qs.v_group)),
                             koff=alloc(f"{t}_koff", (bsz, hkv), _I32),
@@ -143,262 +153,301 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                                   nvalid=alloc(f"{t}_nvalid", (bsz, hkv), _I32),
                                   ks=alloc(f"{t}_ks", (bsz, hkv, c, d), spec.tvm_dtype))
                     states.append(st)
+                # the split's running state, one for all pieces: (m, l) per query head, acc per channel; the
+                # chunk's rescale factors alpha, beta
+                state = {name: alloc(name, (bsz, hq)) for name in ("m", "l", "al", "be")}
+                state["acc"] = alloc("acc", (bsz, hq, d))
                 with T.grid(npart, bsz, hkv) as (s, b, kh):
                     IRBuilder.name_many(["s", "b", "kh"], [s, b, kh])
                     # GPU targets: __launch_bounds__(threads, MIN_BLOCKS_PER_SM) (with the thread count alone, ptxas
                     # of CUDA 13 holds this kernel at 72 registers and spills); CPU targets ignore it
                     with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks_per_sm(spec.group_size)):
-                        _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh)
+                        _emit_body(spec, ps, bufs, states, state, qf, q, sm_scale, syms, s, b, kh)
     return ib.get()
 
 
-def _emit_body(spec, ps, bufs, states, qf, q, sm_scale, syms, s, b, kh) -> None:
-    """One (split, sample, KV head): scale the query group, every piece's chunk loop, the split's final merge."""
+def _emit_body(spec, ps, bufs, states, state, qf, q, sm_scale, syms, s, b, kh) -> None:
+    """One (split, sample, KV head): scale the query group; the split's chunk loop, where each iteration runs the
+    piece that owns the chunk (if it has a valid token) and one state update; the split's partial."""
     gs, d = spec.group_size, spec.head_dim
     with T.grid(gs, d) as (g, dd):
         with T.sblock("qscale"):
             vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
             h = vkh * gs + vg
             T.buffer_store(qf, q[vb, h, vd].astype(_F32) * sm_scale, [vb, h, vd])
-    for p, st in zip(ps, states):
-        _emit_piece(spec, p, bufs, st, qf, syms, b, kh, s)
-    _emit_final(spec, ps, bufs, states, syms, b, kh, s)
-
-def _combine(states, row, dd):
-    """This split's pieces combined at channel ``dd`` of query row ``row``: ``(num, den, M)`` with
-    ``M = max_p m_p``, ``den = sum_p l_p e^(m_p - M)``, ``num = sum_p acc_p e^(m_p - M)`` (absent pieces weigh 0)."""
-    mx = f32(NEG_BIG)
-    for st in states:
-        mx = tirx.max(mx, tirx.Select(st["nc"] > 0, st["m"][(*row, dd)], f32(NEG_BIG)))
-    num, den = f32(0.0), f32(0.0)
-    for st in states:
-        w = tirx.Select(st["nc"] > 0, fast_exp(st["m"][(*row, dd)] - mx), f32(0.0))
-        num = num + tirx.Select(w > f32(0.0), st["acc"][(*row, dd)] * w, f32(0.0))
-        den = den + tirx.Select(w > f32(0.0), st["l"][(*row, dd)] * w, f32(0.0))
-    return num, den, mx
+    cps = states[0]["cps"]
+    with T.serial(0, cps) as ci:
+        IRBuilder.name("ci", ci)
+        for p, st in zip(ps, states):
+            # uniform per GPU thread block (b and s are block indices): every barrier inside is reached by all
+            # threads or by none. Marked thread-invariant: TVM's barrier planner refuses to put __syncthreads under
+            # any other condition ("Cannot insert syncs inside condition")
+            with T.If(tirx.op.tvm_thread_invariant(_valid_chunk(spec, p, bufs, st, s * cps + ci, b))):
+                with T.Then():
+                    _emit_chunk(spec, p, bufs, st, qf, syms, b, kh, s, ci)
+        _emit_state(spec, ps, bufs, states, state, syms, b, kh, s, ci)
+    _emit_final(spec, bufs, state, syms, b, kh, s)
 
 
-def _emit_final(spec, ps, bufs, states, syms, b, kh, s) -> None:
-    """The split's partial: ``o = num / den`` per channel, ``lse = M + log(den)`` (every channel holds the same
-    ``M, den``; a reduction over the channels picks channel 0's, so a GPU reads it from the registers of the lane
-    that owns it and no lane reads another's state)."""
+def _valid_chunk(spec, p: Piece, bufs, st, vc, b) -> tirx.PrimExpr:
+    """Whether global chunk ``vc`` is a chunk of piece ``p`` with at least one valid token of sample ``b``."""
+    chunk = vc - st["off"]
+    lens = bufs["lens" if spec.kind == "decode" else f"{p.tag}_lens"]
+    return tirx.all(chunk >= 0, chunk < st["nc"], chunk * spec.chunk < lens[b])
+
+
+def _emit_state(spec, ps, bufs, states, state, syms, b, kh, s, ci) -> None:
+    """The split's online-softmax state after global chunk ``s * cps + ci``: a reduction over the loop (init
+    ``m = NEG_BIG, l = 0, acc = 0``) reading the chunk statistics of the piece that owns the chunk. A chunk without
+    valid tokens (past ``lens``, or past every piece) reads ``NEG_BIG, 0, 0``: an exact no-op (``alpha = 1``,
+    ``acc * 1 + 0``). ``(m, l)`` and the factors are per query head (two exps per chunk, computed by every thread of
+    the head), ``acc`` per channel."""
+    gs, d = spec.group_size, spec.head_dim
+    bsz, npart, cps = syms["B"], splits_extent(syms["P"]), states[0]["cps"]
+    m, l_, al, be, acc = (state[k] for k in ("m", "l", "al", "be", "acc"))
+
+    def pick(vs_, vci, vb, value, default):
+        """``value(piece, st)`` of the piece owning the chunk, else ``default``."""
+        out = default
+        for p, st in reversed(list(zip(ps, states))):
+            out = tirx.Select(_valid_chunk(spec, p, bufs, st, vs_ * cps + vci, vb), value(p, st), out)
+        return out
+
+    def axes():
+        vb, vkh = T.axis.spatial(bsz, b), T.axis.spatial(spec.num_kv_heads, kh)
+        vs_ = T.axis.spatial(npart, s)
+        vci = T.axis.reduce(cps, ci)
+        return vb, vkh, vs_, vci
+
+    with T.serial(0, gs) as g:
+        with T.sblock("hstate"):
+            vb, vkh, vs_, vci = axes()
+            vg = T.axis.spatial(gs, g)
+            h = vkh * gs + vg
+            with T.init():
+                T.buffer_store(m, f32(NEG_BIG), [vb, h])
+                T.buffer_store(l_, f32(0.0), [vb, h])
+            mc = pick(vs_, vci, vb, lambda p, st: st["mc"][vb, h], f32(NEG_BIG))
+            lc = pick(vs_, vci, vb, lambda p, st: st["lc"][vb, h], f32(0.0))
+            m_new = tirx.max(m[vb, h], mc)
+            T.buffer_store(al, fast_exp(m[vb, h] - m_new), [vb, h])
+            T.buffer_store(be, fast_exp(mc - m_new), [vb, h])
+            T.buffer_store(l_, l_[vb, h] * al[vb, h] + lc * be[vb, h], [vb, h])
+            T.buffer_store(m, m_new, [vb, h])
+
+    with T.grid(gs, d) as (g, dd_):
+        with T.sblock("state"):
+            vb, vkh, vs_, vci = axes()
+            vg, vdd = T.axis.remap("SS", [g, dd_])
+            h = vkh * gs + vg
+            with T.init():
+                T.buffer_store(acc, f32(0.0), [vb, h, vdd])
+
+            def chunk_acc(p, st):
+                val = st["pvc"][vb, h, vdd]
+                return val + st["pz"][vb, h, vdd // spec.v_group] if p.quantized else val
+
+            val = pick(vs_, vci, vb, chunk_acc, f32(0.0))
+            T.buffer_store(acc, acc[vb, h, vdd] * al[vb, h] + val * be[vb, h], [vb, h, vdd])
+
+
+def _emit_final(spec, bufs, state, syms, b, kh, s) -> None:
+    """The split's partial: ``o = acc / l`` per channel, ``lse = m + log(l)`` per query head; a split without a
+    valid token (``l = 0``) writes ``o = 0, lse = -inf`` (the merge weighs it 0)."""
     gs, d = spec.group_size, spec.head_dim
     o_parts, lse_parts = bufs["o_parts"], bufs["lse_parts"]
     npart = splits_extent(syms["P"])
+    m, l_, acc = state["m"], state["l"], state["acc"]
     with T.grid(gs, d) as (g, dd):
         with T.sblock("final_o"):
             vs_ = T.axis.spatial(npart, s)
             vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
             h = vkh * gs + vg
-            num, den, _ = _combine(states, (vb, h), vd)
-            T.buffer_store(o_parts, tirx.Select(den > f32(0.0), num / den, f32(0.0)), [vs_, vb, h, vd])
-    with T.grid(gs, d) as (g, dd):
+            T.buffer_store(o_parts, tirx.Select(l_[vb, h] > f32(0.0), acc[vb, h, vd] / l_[vb, h], f32(0.0)),
+                           [vs_, vb, h, vd])
+    with T.serial(0, gs) as g:
         with T.sblock("final_lse"):
             vs_ = T.axis.spatial(npart, s)
-            vb, vkh, vg, vd = T.axis.remap("SSSR", [b, kh, g, dd])
+            vb, vkh, vg = T.axis.remap("SSS", [b, kh, g])
             h = vkh * gs + vg
-            with T.init():
-                T.buffer_store(lse_parts, f32(0.0), [vs_, vb, h])
-            _, den, mx = _combine(states, (vb, h), vd)
-            val = tirx.Select(den > f32(0.0), mx + tirx.log(den), f32(float("-inf")))
-            # channel 0's value, as a sum (a reducer TVM lowers to warp shuffles; -inf + 0 stays -inf)
-            T.buffer_store(lse_parts, lse_parts[vs_, vb, h] + tirx.Select(vd == 0, val, f32(0.0)), [vs_, vb, h])
+            val = tirx.Select(l_[vb, h] > f32(0.0), m[vb, h] + tirx.log(l_[vb, h]), f32(float("-inf")))
+            T.buffer_store(lse_parts, val, [vs_, vb, h])
 
 
-def _emit_piece(spec, p: Piece, bufs, st, qf, syms, b, kh, s) -> None:
-    """The chunk loop of one piece in split ``s``: virtual chunk ``s * cps + ci`` (reads clamp to the last chunk).
-
-    Intermediates are indexed by the token of the chunk (``t < chunk``); blocks that need the chunk (staging,
-    masks) carry it as the iter var ``vc`` (binding ``s * cps + ci``)."""
+def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
+    """One chunk of a piece (at least one valid token): staging, scores, softmax, P @ V (the state update follows
+    in :func:`_emit_state`)."""
     hkv, d, gs, c, kg = spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk, spec.k_group
-    bsz, npart = syms["B"], splits_extent(syms["P"])
-    nc, cps = st["nc"], st["cps"]
-    vcn = nc + npart - 1  # extent of the virtual chunk s * cps + ci (P * cps <= nc + P - 1)
+    bsz = syms["B"]
+    nc, cps, off = st["nc"], st["cps"], st["off"]
     pre = "" if spec.kind == "decode" else f"{p.tag}_"
     lens = bufs[f"{pre}lens"]
-    acc, m_st, l_st = st["acc"], st["m"], st["l"]
-    kd, vd_buf, s_buf, p_buf = st["kd"], st["vd"], st["s"], st["p"]
+    kd, s_buf, p_buf = st.get("kd"), st["s"], st["p"]
     mc, lc, pvc = st["mc"], st["lc"], st["pvc"]
     per = spec.quant(p.bits).per_word if p.quantized else d
 
     def rchunk(vc_):
-        """The chunk actually read for virtual chunk ``vc_`` (always in bounds)."""
-        return tirx.min(vc_, nc - 1)
+        """The piece's chunk read for global chunk ``vc_`` (clamped: in bounds whenever the piece has a chunk)."""
+        return tirx.min(tirx.max(vc_ - off, 0), nc - 1)
 
     def bk():
         return T.axis.spatial(bsz, b), T.axis.spatial(hkv, kh)
 
     def vchunk(ci):
-        return T.axis.spatial(vcn, s * cps + ci)
+        """The global chunk ``s * cps + ci``, from two iter vars bound to the loops themselves (bound to the sum,
+        TVM canonicalizes the loop extent and the binding differently, and the binding is no longer affine)."""
+        vs_ = T.axis.spatial(splits_extent(syms["P"]), s)
+        return vs_ * cps + T.axis.spatial(cps, ci)
 
-    with T.serial(0, cps) as ci:
-        IRBuilder.name(f"{p.tag}_c", ci)
-        # ---- staging: the chunk's codes (plain copies; shared memory on CUDA) ----
-        if p.quantized:
-            ngk, kw = key_groups_per_chunk(spec), key_words(p.bits, kg)
-            kc, ksc, kze = bufs[f"{pre}k_codes"], bufs[f"{pre}k_scale"], bufs[f"{pre}k_zero"]
-            gmax = syms[p.g_sym] - 1
-            ks, ksc_s, kz_s, vs_buf, koff = st["ks"], st["ksc"], st["kz"], st["vs"], st["koff"]
-            with T.sblock(p.block("koff")):
-                vb, vkh = bk()
-                vc_ = vchunk(ci)
-                # token offset of the chunk inside its first key group
-                T.buffer_store(koff, tirx.floormod(rchunk(vc_) * c, kg), [vb, vkh])
-            with T.grid(ngk, d, kw) as (gi, dd_, w):
-                with T.sblock(p.block("kload")):
-                    vb, vkh = bk()
-                    vc_ = vchunk(ci)
-                    vgi, vd, vw = T.axis.remap("SSS", [gi, dd_, w])
-                    grp = tirx.min(tirx.floordiv(rchunk(vc_) * c, kg) + vgi, gmax)
-                    T.buffer_store(ks, kc[vb, vkh, grp, vd, vw], [vb, vkh, vgi, vd, vw])
-            for stage, src, dst in (("kscale", ksc, ksc_s), ("kzero", kze, kz_s)):
-                with T.grid(ngk, d) as (gi, dd_):
-                    with T.sblock(p.block(stage)):
-                        vb, vkh = bk()
-                        vc_ = vchunk(ci)
-                        vgi, vd = T.axis.remap("SS", [gi, dd_])
-                        grp = tirx.min(tirx.floordiv(rchunk(vc_) * c, kg) + vgi, gmax)
-                        T.buffer_store(dst, src[vb, vkh, grp, vd], [vb, vkh, vgi, vd])
-            vcodes = bufs[f"{pre}v_codes"]
-            with T.grid(c, d // per) as (t, w):
-                with T.sblock(p.block("vload")):
-                    vb, vkh = bk()
-                    vc_ = vchunk(ci)
-                    vt, vw = T.axis.remap("SS", [t, w])
-                    T.buffer_store(vs_buf, vcodes[vb, vkh, rchunk(vc_) * c + vt, vw], [vb, vkh, vt, vw])
-            # ---- K dequant from the staged codes (token-packed, see wq_compile.core.quant) ----
-            lb = key_lane_bytes(p.bits, kg)
-            with T.grid(c, d // per, per) as (t, w, j):
-                with T.sblock(p.block("kdeq")):
-                    vb, vkh = bk()
-                    vt, vw, vj = T.axis.remap("SSS", [t, w, j])
-                    dd = vw * per + vj
-                    off = koff[vb, vkh] + vt
-                    gi, slot = tirx.floordiv(off, kg), tirx.floormod(off, kg)
-                    byte, field = tirx.floormod(slot, lb), tirx.floordiv(slot, lb)
-                    word = ks[vb, vkh, gi, dd, tirx.floordiv(byte, 4)]
-                    shifted = tirx.shift_right(word, tirx.floormod(byte, 4) * 8 + field * p.bits)
-                    code = tirx.bitwise_and(shifted, tirx.const((1 << p.bits) - 1, _I32)).astype(_F32)
-                    val = code * ksc_s[vb, vkh, gi, dd].astype(_F32) + kz_s[vb, vkh, gi, dd].astype(_F32)
-                    T.buffer_store(kd, val, [vb, vkh, vt, vw, vj])
-        else:
-            kin, vin = bufs[f"{pre}k"], bufs[f"{pre}v"]
-            ks, vs_buf = st["ks"], st["vs"]
-            for name, src, dst in (("kload", kin, ks), ("vload", vin, vs_buf)):
-                with T.grid(c, d) as (t, dd_):
-                    with T.sblock(p.block(name)):
-                        vb, vkh = bk()
-                        vc_ = vchunk(ci)
-                        vt, vd = T.axis.remap("SS", [t, dd_])
-                        T.buffer_store(dst, src[vb, vkh, rchunk(vc_) * c + vt, vd], [vb, vkh, vt, vd])
-            nvalid = st["nvalid"]
-            with T.sblock(p.block("nvalid")):
-                vb, vkh = bk()
-                vc_ = vchunk(ci)
-                T.buffer_store(nvalid, lens[vb] - vc_ * c, [vb, vkh])  # valid tokens of the chunk (may be <= 0)
-            with T.grid(c, d) as (t, dd_):
-                with T.sblock(p.block("kdeq")):
-                    vb, vkh = bk()
-                    vt, vdd = T.axis.remap("SS", [t, dd_])
-                    T.buffer_store(kd, ks[vb, vkh, vt, vdd].astype(_F32), [vb, vkh, vt, vdd // per, vdd % per])
-        # ---- scores: one reduction over head_dim per (query head, token) ----
-        with T.grid(gs, c, d) as (g, t, dd_):
-            with T.sblock(p.block("qk")):
-                vb, vkh = bk()
-                vg, vt, vdd = T.axis.remap("SSR", [g, t, dd_])
-                h = vkh * gs + vg
-                with T.init():
-                    T.buffer_store(s_buf, f32(0.0), [vb, h, vt])
-                val = s_buf[vb, h, vt] + qf[vb, h, vdd] * kd[vb, vkh, vt, vdd // per, vdd % per]
-                T.buffer_store(s_buf, val, [vb, h, vt])
-        # ---- chunk max / probabilities / sum (virtual tokens past lens are masked): reductions over tokens ----
-        with T.grid(gs, c) as (g, t):
-            with T.sblock(p.block("cmax")):
-                vb, vkh = bk()
-                vc_ = vchunk(ci)
-                vg, vt = T.axis.remap("SR", [g, t])
-                h = vkh * gs + vg
-                with T.init():  # the max reducer's identity (TVM matches it to lower to shuffles); >= 1 token
-                    T.buffer_store(mc, tirx.min_value(_F32), [vb, h])
-                masked = tirx.Select(vc_ * c + vt < lens[vb], s_buf[vb, h, vt], f32(NEG_BIG))
-                T.buffer_store(mc, tirx.max(mc[vb, h], masked), [vb, h])
-        with T.grid(gs, c) as (g, t):
-            with T.sblock(p.block("prob")):
-                vb, vkh = bk()
-                vc_ = vchunk(ci)
-                vg, vt = T.axis.remap("SS", [g, t])
-                h = vkh * gs + vg
-                val = tirx.Select(vc_ * c + vt < lens[vb], fast_exp(s_buf[vb, h, vt] - mc[vb, h]), f32(0.0))
-                T.buffer_store(p_buf, val, [vb, h, vt])
-        with T.grid(gs, c) as (g, t):
-            with T.sblock(p.block("lsum")):
-                vb, vkh = bk()
-                vg, vt = T.axis.remap("SR", [g, t])
-                h = vkh * gs + vg
-                with T.init():
-                    T.buffer_store(lc, f32(0.0), [vb, h])
-                T.buffer_store(lc, lc[vb, h] + p_buf[vb, h, vt], [vb, h])
-        # ---- V (quantized: scale / zero folded into P, as in the attention kernel) ----
-        if p.quantized:
-            qs = spec.quant(p.bits)
-            nvg = d // qs.v_group
-            ps_buf, pz_buf = st["ps"], st["pz"]
-            vsc, vze = bufs[f"{pre}v_scale"], bufs[f"{pre}v_zero"]
-            with T.grid(gs, nvg, c) as (g, vg_, t):
-                with T.sblock(p.block("vscale")):
-                    vb, vkh = bk()
-                    vc_ = vchunk(ci)
-                    vg, vgi, vt = T.axis.remap("SSS", [g, vg_, t])
-                    h = vkh * gs + vg
-                    val = p_buf[vb, h, vt] * vsc[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
-                    T.buffer_store(ps_buf, tirx.Select(vc_ * c + vt < lens[vb], val, f32(0.0)), [vb, h, vt, vgi])
-            with T.grid(gs, nvg, c) as (g, vg_, t):
-                with T.sblock(p.block("vzero")):
-                    vb, vkh = bk()
-                    vc_ = vchunk(ci)
-                    vg, vgi, vt = T.axis.remap("SSR", [g, vg_, t])
-                    h = vkh * gs + vg
-                    with T.init():
-                        T.buffer_store(pz_buf, f32(0.0), [vb, h, vgi])
-                    z = vze[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
-                    val = tirx.Select(vc_ * c + vt < lens[vb], p_buf[vb, h, vt] * z, f32(0.0))
-                    T.buffer_store(pz_buf, pz_buf[vb, h, vgi] + val, [vb, h, vgi])
-            vs_buf = st["vs"]
-            with T.grid(c, d // per, per) as (t, w, j):
-                with T.sblock(p.block("vdeq")):
-                    vb, vkh = bk()
-                    vt, vw, vj = T.axis.remap("SSS", [t, w, j])
-                    T.buffer_store(vd_buf, _unpack(vs_buf[vb, vkh, vt, vw], vj, p.bits), [vb, vkh, vt, vw, vj])
-        else:
-            vs_buf = st["vs"]
-            with T.grid(c, d) as (t, dd_):
-                with T.sblock(p.block("vdeq")):
-                    vb, vkh = bk()
-                    vt, vdd = T.axis.remap("SS", [t, dd_])
-                    # V past lens may be garbage (NaN): P = 0 there, but 0 * NaN is NaN
-                    val = tirx.Select(vt < st["nvalid"][vb, vkh], vs_buf[vb, vkh, vt, vdd].astype(_F32), f32(0.0))
-                    T.buffer_store(vd_buf, val, [vb, vkh, vt, vdd // per, vdd % per])
-        # ---- P @ V of the chunk ----
-        with T.grid(gs, d, c) as (g, dd_, t):
-            with T.sblock(p.block("pv")):
-                vb, vkh = bk()
-                vg, vdd, vt = T.axis.remap("SSR", [g, dd_, t])
-                h = vkh * gs + vg
-                with T.init():
-                    T.buffer_store(pvc, f32(0.0), [vb, h, vdd])
-                weight = st["ps"][vb, h, vt, vdd // spec.v_group] if p.quantized else p_buf[vb, h, vt]
-                T.buffer_store(pvc, pvc[vb, h, vdd] + weight * vd_buf[vb, vkh, vt, vdd // per, vdd % per], [vb, h, vdd])
-        # ---- running state of this split: reduction over its cps chunks, one instance per (head, channel) ----
-        def state_axes():
+    # ---- staging: the chunk's codes (plain copies; shared memory on CUDA) ----
+    if p.quantized:
+        ngk, kw = key_groups_per_chunk(spec), key_words(p.bits, kg)
+        kc, ksc, kze = bufs[f"{pre}k_codes"], bufs[f"{pre}k_scale"], bufs[f"{pre}k_zero"]
+        gmax = syms[p.g_sym] - 1
+        ks, ksc_s, kz_s, vs_buf, koff = st["ks"], st["ksc"], st["kz"], st["vs"], st["koff"]
+        with T.sblock(p.block("koff")):
             vb, vkh = bk()
-            T.axis.reduce(cps, ci)
-            vg, vdd = T.axis.remap("SS", [g, dd_])
-            return (vb, vkh * gs + vg), vdd
+            vc_ = vchunk(ci)
+            # token offset of the chunk inside its first key group
+            T.buffer_store(koff, tirx.floormod(rchunk(vc_) * c, kg), [vb, vkh])
+        with T.grid(ngk, d, kw) as (gi, dd_, w):
+            with T.sblock(p.block("kload")):
+                vb, vkh = bk()
+                vc_ = vchunk(ci)
+                vgi, vd, vw = T.axis.remap("SSS", [gi, dd_, w])
+                grp = tirx.min(tirx.floordiv(rchunk(vc_) * c, kg) + vgi, gmax)
+                T.buffer_store(ks, kc[vb, vkh, grp, vd, vw], [vb, vkh, vgi, vd, vw])
+        for stage, src, dst in (("kscale", ksc, ksc_s), ("kzero", kze, kz_s)):
+            with T.grid(ngk, d) as (gi, dd_):
+                with T.sblock(p.block(stage)):
+                    vb, vkh = bk()
+                    vc_ = vchunk(ci)
+                    vgi, vd = T.axis.remap("SS", [gi, dd_])
+                    grp = tirx.min(tirx.floordiv(rchunk(vc_) * c, kg) + vgi, gmax)
+                    T.buffer_store(dst, src[vb, vkh, grp, vd], [vb, vkh, vgi, vd])
+        vcodes = bufs[f"{pre}v_codes"]
+        with T.grid(c, d // per) as (t, w):
+            with T.sblock(p.block("vload")):
+                vb, vkh = bk()
+                vc_ = vchunk(ci)
+                vt, vw = T.axis.remap("SS", [t, w])
+                T.buffer_store(vs_buf, vcodes[vb, vkh, rchunk(vc_) * c + vt, vw], [vb, vkh, vt, vw])
+        # ---- K dequant from the staged codes (token-packed, see wq_compile.core.quant) ----
+        lb = key_lane_bytes(p.bits, kg)
+        with T.grid(c, d // per, per) as (t, w, j):
+            with T.sblock(p.block("kdeq")):
+                vb, vkh = bk()
+                vt, vw, vj = T.axis.remap("SSS", [t, w, j])
+                dd = vw * per + vj
+                slot0 = koff[vb, vkh] + vt
+                gi, slot = tirx.floordiv(slot0, kg), tirx.floormod(slot0, kg)
+                byte, field = tirx.floormod(slot, lb), tirx.floordiv(slot, lb)
+                word = ks[vb, vkh, gi, dd, tirx.floordiv(byte, 4)]
+                shifted = tirx.shift_right(word, tirx.floormod(byte, 4) * 8 + field * p.bits)
+                code = tirx.bitwise_and(shifted, tirx.const((1 << p.bits) - 1, _I32)).astype(_F32)
+                val = code * ksc_s[vb, vkh, gi, dd].astype(_F32) + kz_s[vb, vkh, gi, dd].astype(_F32)
+                T.buffer_store(kd, val, [vb, vkh, vt, vw, vj])
+    else:
+        kin, vin = bufs[f"{pre}k"], bufs[f"{pre}v"]
+        ks, vs_buf = st["ks"], st["vs"]
+        for name, src, dst in (("kload", kin, ks), ("vload", vin, vs_buf)):
+            with T.grid(c, d) as (t, dd_):
+                with T.sblock(p.block(name)):
+                    vb, vkh = bk()
+                    vc_ = vchunk(ci)
+                    vt, vd = T.axis.remap("SS", [t, dd_])
+                    T.buffer_store(dst, src[vb, vkh, rchunk(vc_) * c + vt, vd], [vb, vkh, vt, vd])
+        nvalid = st["nvalid"]
+        with T.sblock(p.block("nvalid")):
+            vb, vkh = bk()
+            vc_ = vchunk(ci)
+            T.buffer_store(nvalid, lens[vb] - (vc_ - off) * c, [vb, vkh])  # valid tokens of the chunk (may be <= 0)
 
-        def chunk_acc(row, dd):
-            val = pvc[(*row, dd)]
-            return val + st["pz"][(*row, dd // spec.v_group)] if p.quantized else val
+    def key(vb, vkh, vt, vdd):
+        """The dequantized key (quantized: the ``kdeq`` tile; dense: the staged element, read in place -- no block
+        to inline: compute_inline under the chunk condition leaves the emptied block behind)."""
+        if p.quantized:
+            return kd[vb, vkh, vt, vdd // per, vdd % per]
+        return st["ks"][vb, vkh, vt, vdd].astype(_F32)
 
-        with T.grid(gs, d) as (g, dd_):
-            emit_state_update(p.block("state"), state_axes, m_st, l_st, acc, lambda row: mc[row], lambda row: lc[row],
-                              chunk_acc, d, per_channel=True)
+    def value(vb, vkh, vt, vdd):
+        """The value code (quantized: unpacked in place; its scale and zero point are folded into P) or the dense
+        value. Not a tile: a second fp32 tile would take the 7B block past the 48 KB of static shared memory sm_80
+        allows (58.5 KB), and unpacking costs no load (one code word serves ``per`` channels)."""
+        if p.quantized:
+            return _unpack(st["vs"][vb, vkh, vt, vdd // per], vdd % per, p.bits)
+        # V past lens may be garbage (NaN): P = 0 there, but 0 * NaN is NaN
+        return tirx.Select(vt < st["nvalid"][vb, vkh], st["vs"][vb, vkh, vt, vdd].astype(_F32), f32(0.0))
+
+    # ---- scores: one reduction over head_dim per (query head, token) ----
+    with T.grid(gs, c, d) as (g, t, dd_):
+        with T.sblock(p.block("qk")):
+            vb, vkh = bk()
+            vg, vt, vdd = T.axis.remap("SSR", [g, t, dd_])
+            h = vkh * gs + vg
+            with T.init():
+                T.buffer_store(s_buf, f32(0.0), [vb, h, vt])
+            val = s_buf[vb, h, vt] + qf[vb, h, vdd] * key(vb, vkh, vt, vdd)
+            T.buffer_store(s_buf, val, [vb, h, vt])
+    # ---- chunk max / probabilities / sum (virtual tokens past lens are masked): reductions over tokens ----
+    with T.grid(gs, c) as (g, t):
+        with T.sblock(p.block("cmax")):
+            vb, vkh = bk()
+            vc_ = vchunk(ci)
+            vg, vt = T.axis.remap("SR", [g, t])
+            h = vkh * gs + vg
+            with T.init():  # the max reducer's identity (TVM matches it to lower to shuffles); >= 1 token
+                T.buffer_store(mc, tirx.min_value(_F32), [vb, h])
+            masked = tirx.Select((vc_ - off) * c + vt < lens[vb], s_buf[vb, h, vt], f32(NEG_BIG))
+            T.buffer_store(mc, tirx.max(mc[vb, h], masked), [vb, h])
+    with T.grid(gs, c) as (g, t):
+        with T.sblock(p.block("prob")):
+            vb, vkh = bk()
+            vc_ = vchunk(ci)
+            vg, vt = T.axis.remap("SS", [g, t])
+            h = vkh * gs + vg
+            val = tirx.Select((vc_ - off) * c + vt < lens[vb], fast_exp(s_buf[vb, h, vt] - mc[vb, h]), f32(0.0))
+            T.buffer_store(p_buf, val, [vb, h, vt])
+    with T.grid(gs, c) as (g, t):
+        with T.sblock(p.block("lsum")):
+            vb, vkh = bk()
+            vg, vt = T.axis.remap("SR", [g, t])
+            h = vkh * gs + vg
+            with T.init():
+                T.buffer_store(lc, f32(0.0), [vb, h])
+            T.buffer_store(lc, lc[vb, h] + p_buf[vb, h, vt], [vb, h])
+    # ---- V (quantized: scale / zero folded into P, as in the attention kernel) ----
+    if p.quantized:
+        qs = spec.quant(p.bits)
+        nvg = d // qs.v_group
+        ps_buf, pz_buf = st["ps"], st["pz"]
+        vsc, vze = bufs[f"{pre}v_scale"], bufs[f"{pre}v_zero"]
+        with T.grid(gs, nvg, c) as (g, vg_, t):
+            with T.sblock(p.block("vscale")):
+                vb, vkh = bk()
+                vc_ = vchunk(ci)
+                vg, vgi, vt = T.axis.remap("SSS", [g, vg_, t])
+                h = vkh * gs + vg
+                val = p_buf[vb, h, vt] * vsc[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
+                T.buffer_store(ps_buf, tirx.Select((vc_ - off) * c + vt < lens[vb], val, f32(0.0)), [vb, h, vt, vgi])
+        with T.grid(gs, nvg, c) as (g, vg_, t):
+            with T.sblock(p.block("vzero")):
+                vb, vkh = bk()
+                vc_ = vchunk(ci)
+                vg, vgi, vt = T.axis.remap("SSR", [g, vg_, t])
+                h = vkh * gs + vg
+                with T.init():
+                    T.buffer_store(pz_buf, f32(0.0), [vb, h, vgi])
+                z = vze[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
+                val = tirx.Select((vc_ - off) * c + vt < lens[vb], p_buf[vb, h, vt] * z, f32(0.0))
+                T.buffer_store(pz_buf, pz_buf[vb, h, vgi] + val, [vb, h, vgi])
+    # ---- P @ V of the chunk ----
+    with T.grid(gs, d, c) as (g, dd_, t):
+        with T.sblock(p.block("pv")):
+            vb, vkh = bk()
+            vg, vdd, vt = T.axis.remap("SSR", [g, dd_, t])
+            h = vkh * gs + vg
+            with T.init():
+                T.buffer_store(pvc, f32(0.0), [vb, h, vdd])
+            weight = st["ps"][vb, h, vt, vdd // spec.v_group] if p.quantized else p_buf[vb, h, vt]
+            T.buffer_store(pvc, pvc[vb, h, vdd] + weight * value(vb, vkh, vt, vdd), [vb, h, vdd])

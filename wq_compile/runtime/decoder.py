@@ -55,7 +55,7 @@ class FusedDecoder:
     """One fused decode per layer over every bucket and the dense piece of a ``LayerCache``.
 
     On CPUs one launch of the fused kernel. With ``split`` (the default on CUDA) the split-KV form instead: the
-    tokens of every piece are cut into ``P`` ranges chosen per call from the SM count and the longest piece
+    chunks of all pieces together are cut into ``P`` ranges chosen per call from the SM count and their capacities
     (:func:`~wq_compile.kernels.split_decode.choose_splits`), one launch computes the partial outputs and
     log-sum-exps of every (batch, KV head, range), a second small launch merges them. One compiled module of each
     serves every length, batch and ``P``.
@@ -181,8 +181,9 @@ class FusedDecoder:
         args += [scale if f is None else getattr(pieces[f[0]], f[1]) for f in self._fields[widths]]
         out = torch.empty(q.shape, dtype=self.out_dtype, device=q.device)
         bsz, hq, d = q.shape
-        longest = max(p.capacity for p in pieces.values())
-        parts = choose_splits(self.sm_count, longest, bsz, self.shape["num_kv_heads"], self.shape["chunk"])
+        # the kernel splits the chunks of all pieces together: P follows their total, not the longest piece
+        total = sum(p.capacity for p in pieces.values())
+        parts = choose_splits(self.sm_count, total, bsz, self.shape["num_kv_heads"], self.shape["chunk"])
         o_parts = torch.empty(parts, bsz, hq, d, dtype=torch.float32, device=q.device)
         lse_parts = torch.empty(parts, bsz, hq, dtype=torch.float32, device=q.device)
         self._call(kernel, args, [o_parts, lse_parts])

@@ -27,10 +27,13 @@ from ..core.layout import LayerCache
 from ..core.reference import decode_attention
 from ..core.spec import KernelSpec
 from ..core.windows import Windows
-from ..kernels.signatures import SPLIT_CHUNK, is_split, piece_fields, signature
+from ..kernels.signatures import SPLIT_CHUNK, choose_splits, is_split, piece_fields, signature
 
-#: Split counts every case runs with: one split, a few, the 7B's at 8K tokens on 132 SMs, more than any piece's chunks.
+#: Split counts every case runs with: one split, a few, the 7B's at 8K tokens on 132 SMs, more than any piece's chunks;
+#: and the decoder's own choice for the case on 132 SMs (:func:`decoder_parts`).
 PARTS = (1, 3, 66, 200)
+#: SMs the decoder's split count is chosen for (H100 / H200).
+GPU_SMS = 132
 SMALL_PARTS = (1, 3)
 #: Largest |error| accepted against the reference, per query dtype (codes are identical; only arithmetic differs).
 ATOL = {"f32": 1e-3, "f16": 2e-2, "bf16": 6e-2}
@@ -102,6 +105,13 @@ def split_args(spec: KernelSpec, layer: LayerCache, q: torch.Tensor, sm_scale: f
     return args
 
 
+def decoder_parts(spec: KernelSpec, layer: LayerCache) -> int:
+    """The split count the CUDA decoder launches for ``layer`` on a 132-SM GPU: from the chunks of all pieces
+    together (their capacities), as :class:`~wq_compile.runtime.decoder.FusedDecoder` calls ``choose_splits``."""
+    caps = [layer.buckets[b].capacity for b in spec.bits if b != 16] + [layer.dense.capacity]
+    return choose_splits(GPU_SMS, sum(caps), layer.dense.lens.shape[0], spec.num_kv_heads, SPLIT_CHUNK)
+
+
 def run_edge_cases(spec: KernelSpec, split_fn: SplitFn, merge_fn: SplitFn, device: str, *, small: bool = False,
                    parts: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Every case at every split count: max |error| against the reference over the non-padding samples, whether
@@ -116,12 +126,16 @@ def run_edge_cases(spec: KernelSpec, split_fn: SplitFn, merge_fn: SplitFn, devic
         scale = spec.head_dim ** -0.5
         ref = decode_attention(q, layer, scale).float()
         real = torch.tensor([t > 0 for t in case.tokens], device=device)
-        for p in parts or (SMALL_PARTS if small else PARTS):
+        plist = list(parts or (SMALL_PARTS if small else PARTS))
+        if parts is None and not small and decoder_parts(spec, layer) not in plist:
+            plist.append(decoder_parts(spec, layer))
+        for p in plist:
             bsz, hq, d = q.shape
             o_parts = torch.full((p, bsz, hq, d), float("nan"), dtype=torch.float32, device=device)
             lse_parts = torch.full((p, bsz, hq), float("nan"), dtype=torch.float32, device=device)
             out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)
-            row: dict[str, Any] = {"kernel": spec.uri, "case": case.name, "tokens": list(case.tokens), "parts": p}
+            row: dict[str, Any] = {"kernel": spec.uri, "case": case.name, "tokens": list(case.tokens), "parts": p,
+                                   "decoder_parts": p == decoder_parts(spec, layer)}
             try:
                 split_fn(*split_args(spec, layer, q, scale), o_parts, lse_parts)
                 merge_fn(o_parts, lse_parts, out)

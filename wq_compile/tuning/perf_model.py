@@ -3,7 +3,7 @@
 Derived from the kernel's own arguments and launch policy, not measured: bytes read are the split signature's input
 tensors at the capacities a cache of that many tokens has (``KernelSignature.nbytes``, codes, scales, zero points,
 the dense piece, padding of key groups included); ``P`` is :func:`~wq_compile.kernels.signatures.choose_splits`
-at the longest piece, as the decoder calls it; blocks are ``B x Hkv x P`` (the schedule's grid), resident
+at the pieces' capacities summed, as the decoder calls it (the kernel splits all pieces' chunks together); blocks are ``B x Hkv x P`` (the schedule's grid), resident
 ``min_blocks_per_sm`` per SM (ptxas: 2 for both presets). The expected fraction of HBM bandwidth is the product of
 
 - wave efficiency: ``waves / ceil(waves)`` (the last wave's idle SMs), and
@@ -70,7 +70,7 @@ def model_row(model: str, batch: int, tokens: int, *, sms: int = H200_SMS, hbm_b
     sig = signature(spec)
     per_piece = {b: 0 for b in spec.bits} | piece_tokens(tokens, mix)  # a width without tokens: an empty bucket
     caps = {b: max(SPLIT_CHUNK, -(-n // SPLIT_CHUNK) * SPLIT_CHUNK) for b, n in per_piece.items()}
-    parts = choose_splits(sms, max(caps.values()), batch, spec.num_kv_heads, SPLIT_CHUNK)
+    parts = choose_splits(sms, sum(caps.values()), batch, spec.num_kv_heads, SPLIT_CHUNK)
     env: dict[str, int] = {"B": batch, "P": parts}
     for b, cap in caps.items():
         env[f"N{b}"] = cap
