@@ -187,6 +187,13 @@ def fused_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]
     """Arguments of a fused kernel over one piece per width of ``spec.bits`` (capacity ``caps[bits]``, ``lens[bits]``
     per sample) and the expected output: every piece by :func:`wq_compile.core.reference.attend_piece` over its
     dequantized k/v, merged. Returns ``(args without out, expected out)``."""
+    args, want, _ = fused_case_with_lse(spec, caps, lens, gen, sm_scale)
+    return args, want
+
+
+def fused_case_with_lse(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator,
+                        sm_scale: float):
+    """:func:`fused_case` plus the expected log-sum-exp of the merged scores (what split kernels also return)."""
     from wq_compile.core import reference
 
     args, outs, lses = [], [], []
@@ -198,8 +205,8 @@ def fused_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]
         o, lse = reference.attend_piece(q, k, v, a[-1], sm_scale)
         outs.append(o)
         lses.append(lse)
-    want, _ = reference.merge_states(outs, lses)
-    return [q, *args, sm_scale], want
+    want, want_lse = reference.merge_states(outs, lses)
+    return [q, *args, sm_scale], want, want_lse
 
 
 def int8_dots_case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator,

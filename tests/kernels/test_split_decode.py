@@ -15,7 +15,7 @@ from wq_compile.kernels import make_kernel, signature
 from wq_compile.kernels.signatures import pieces
 from wq_compile.kernels.split_decode import choose_splits, merge_spec, split_spec
 from wq_compile.core.spec import KernelSpec
-from wq_testing import check_close, compiled_default, quantized_piece
+from wq_testing import check_close, compiled_default, fused_case_with_lse, quantized_piece
 
 TOL = (1e-4, 1e-4)
 TOL_LOW = {"f16": (2e-3, 2e-3), "bf16": (1.6e-2, 1.6e-2)}
@@ -25,17 +25,7 @@ SHAPES = {"0.5b": dict(head_dim=64, num_q_heads=14, num_kv_heads=2), "7b": dict(
 
 
 def _case(spec: KernelSpec, caps: dict[int, int], lens: dict[int, list[int]], gen: torch.Generator):
-    args, outs, lses = [], [], []
-    b = len(next(iter(lens.values())))
-    q = torch.randn(b, spec.num_q_heads, spec.head_dim, generator=gen).to(spec.torch_dtype)
-    for bits in spec.bits:
-        a, k, v = quantized_piece(bits, spec, caps[bits], lens[bits], gen)
-        args += a
-        o, lse = reference.attend_piece(q, k, v, a[-1], SM_SCALE)
-        outs.append(o)
-        lses.append(lse)
-    want, want_lse = reference.merge_states(outs, lses)
-    return [q, *args, SM_SCALE], want, want_lse
+    return fused_case_with_lse(spec, caps, lens, gen, SM_SCALE)
 
 
 def run_split(spec: KernelSpec, call: list, parts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -302,17 +302,19 @@ RESCALE_SLACK = 8.0
 
 
 def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale, width: int = LANES) -> None:
-    """Online softmax of one tile with lazy rescaling: scores ``s_buf[h, slot]`` (slots >= nvalid masked) ->
+    """Online softmax of one tile with lazy rescaling: scores ``s_buf[h, slot]`` (slots >= nvalid masked; ``nvalid``
+    may be a function of the row ``h``, e.g. each query token's causal bound in the multi-token kernel) ->
     ``p_buf[h, slot] = exp(s - pm[h])``; ``pl[h]`` accumulates their sum. Only when the tile's max exceeds the
     reference max ``pm[h]`` by :data:`RESCALE_SLACK` (always on a piece's first tile) does ``pm`` move, with the
     head's sum and accumulators scaled by ``exp(old - new)`` (``rescale(h, factor)`` emits the latter)."""
     lanes = min(width, slots)
     with T.serial(0, gs) as h:
+        nv = nvalid(h) if callable(nvalid) else nvalid
         red = T.alloc_buffer((lanes,), _F32, scope="local")
         red2 = T.alloc_buffer((lanes,), _F32, scope="local")
 
         def masked(slot):
-            return tirx.Select(slot < nvalid, s_buf[h, slot], f32(NEG_BIG))
+            return tirx.Select(slot < nv, s_buf[h, slot], f32(NEG_BIG))
 
         with T.vectorized(0, lanes) as ln:
             mx = masked(ln)
@@ -328,7 +330,7 @@ def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale, wi
                 rescale(h, mcur[1])
                 T.buffer_store(pm, mcur[0], [h])
         with _vec(slots, lanes) as s:
-            T.buffer_store(p_buf, tirx.Select(s < nvalid, fast_exp(s_buf[h, s] - pm[h]), f32(0.0)), [h, s])
+            T.buffer_store(p_buf, tirx.Select(s < nv, fast_exp(s_buf[h, s] - pm[h]), f32(0.0)), [h, s])
         with T.vectorized(0, lanes) as ln:
             sm = p_buf[h, ln]
             for k in range(1, slots // lanes):

@@ -44,8 +44,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..core.spec import KernelSpec
-from .attention_cpu import (LANES, PLAIN_TIR_ATTR, RESCALE_SLACK, CpuKnobs, _merge_piece, _quant_piece, _split_range,
-                            _tree, _vec, int8_dots)
+from .attention_cpu import (LANES, PLAIN_TIR_ATTR, CpuKnobs, _merge_piece, _quant_piece, _split_range, _tile_softmax,
+                            _vec, int8_dots)
 from .common import NEG_BIG, f32, fast_exp
 from .signatures import multi_signature, pieces
 
@@ -208,41 +208,6 @@ def _merge_splits(spec: KernelSpec, rows: int, nsplit: int, n_tiles, ntiles, nro
                     _write_row(spec, out, b, kh, rt * rows + j, tot, j, ll[j])
 
 
-def _rows_softmax(rows: int, slots: int, nvalid_of, s_buf, p_buf, pm, pl, rescale) -> None:
-    """The fused kernel's lazy-rescaling online softmax of one tile (``attention_cpu._tile_softmax``) with a
-    valid-slot count per row, ``nvalid_of(row)``: the causal bound of each row's token."""
-    lanes = min(LANES, slots)
-    with T.serial(0, rows) as h:
-        nv = nvalid_of(h)
-        red = T.alloc_buffer((lanes,), _F32, scope="local")
-        red2 = T.alloc_buffer((lanes,), _F32, scope="local")
-
-        def masked(slot):
-            return tirx.Select(slot < nv, s_buf[h, slot], f32(NEG_BIG))
-
-        with T.vectorized(0, lanes) as ln:
-            mx = masked(ln)
-            for k in range(1, slots // lanes):
-                mx = tirx.max(mx, masked(k * lanes + ln))
-            T.buffer_store(red, mx, [ln])
-        mcur = T.alloc_buffer((2,), _F32, scope="local")
-        T.buffer_store(mcur, _tree(tirx.max, red, lanes), [0])
-        with T.If(mcur[0] > pm[h] + f32(RESCALE_SLACK)):
-            with T.Then():
-                T.buffer_store(mcur, fast_exp(pm[h] - mcur[0]), [1])
-                T.buffer_store(pl, pl[h] * mcur[1], [h])
-                rescale(h, mcur[1])
-                T.buffer_store(pm, mcur[0], [h])
-        with _vec(slots) as s:
-            T.buffer_store(p_buf, tirx.Select(s < nv, fast_exp(s_buf[h, s] - pm[h]), f32(0.0)), [h, s])
-        with T.vectorized(0, lanes) as ln:
-            sm = p_buf[h, ln]
-            for k in range(1, slots // lanes):
-                sm = sm + p_buf[h, k * lanes + ln]
-            T.buffer_store(red2, sm, [ln])
-        T.buffer_store(pl, pl[h] + _tree(lambda a, b: a + b, red2, lanes), [h])
-
-
 def _causal_dense_piece(spec: KernelSpec, rows: int, nsplit: int, bufs, b, kh, sp, steps, tok, qf, m_all, l_all,
                         acc, scratch) -> None:
     """The dense piece in tiles of :data:`DENSE_TILE` tokens, row ``j`` masked at its token's causal bound
@@ -284,7 +249,7 @@ def _causal_dense_piece(spec: KernelSpec, rows: int, nsplit: int, bufs, b, kh, s
             with _vec(d) as dd:
                 T.buffer_store(pacc, pacc[h, dd] * a, [h, dd])
 
-        _rows_softmax(rows, tile, lambda h: lim[h] - tok0, s_buf, p_buf, pm, pl, rescale)
+        _tile_softmax(rows, tile, lambda h: lim[h] - tok0, s_buf, p_buf, pm, pl, rescale, LANES)
         with T.unroll(0, d // pc) as c:
             with T.serial(0, nvalid) as t:
                 with T.unroll(0, rows) as h:

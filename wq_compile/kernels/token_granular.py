@@ -65,7 +65,7 @@ class TokenGranularSpec:
 def build_token_granular(spec: TokenGranularSpec) -> tirx.PrimFunc:
     """TIR of the token-granular decode kernel (unscheduled; :func:`default_schedule` schedules it)."""
     hq, hkv, d, c = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.chunk
-    gs, kg, vg = hq // hkv, spec.k_group, spec.v_group
+    gs, vg = hq // hkv, spec.v_group
     nvg = d // vg
     shapes = [
         ("q", ("B", hq, d), _F32), ("k_words", ("B", hkv, "NW"), _I32), ("v_words", ("B", hkv, "NW"), _I32),
@@ -298,7 +298,6 @@ def pack_token_granular(k: torch.Tensor, v: torch.Tensor, group_bits: torch.Tens
     offset[1:] = torch.cumsum(words, 0)[:-1].to(torch.int32)
     total = int(words.sum())
     cap = -(-max(n, 1) // chunk) * chunk
-    groups = n // k_group
     k_words = torch.zeros(hkv, max(total, 1), dtype=torch.int32)
     v_words = torch.zeros_like(k_words)
     k_scale = torch.zeros(hkv, max(-(-cap // k_group), 1), d, dtype=torch.float16)
