@@ -48,7 +48,7 @@ from ..core.quant import key_lane_bytes, key_slots
 from ..core.spec import KernelSpec
 from .attention import Piece, pieces, signature
 from .cpu_isa import AVX512, CpuIsa
-from .common import NEG_BIG, f32, fast_exp
+from .common import NEG_BIG, arg_params, declare_params, f32, fast_exp
 
 _F32, _I32, _U8 = "float32", "int32", "uint8"
 
@@ -197,21 +197,11 @@ def decode_frame(spec: KernelSpec, name: str, args, nsplit: int, pacc_views: int
     ``body(bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)`` emits the pieces of one work item; vector loops are
     ``lanes`` wide (also the dense piece's token tile, the width of ``kt``)."""
     hkv, d, gs = spec.num_kv_heads, spec.head_dim, spec.group_size
-    syms: dict[str, tirx.Var] = {}
-
-    def dim(x):
-        return x if isinstance(x, int) else syms.setdefault(x, tirx.Var(x, _I32))
-
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"tirx.noalias": True, PLAIN_TIR_ATTR: True})
-            bufs: dict[str, object] = {}
-            for a in args:
-                if a.is_scalar:
-                    bufs[a.name] = T.arg(a.name, tirx.Var(a.name, a.dtype))
-                else:
-                    bufs[a.name] = T.arg(a.name, T.buffer(tuple(dim(s) for s in a.shape), a.dtype))
+            bufs, syms = declare_params(arg_params(args))
             bsz = syms["B"]
             q, sm_scale, out = bufs["q"], bufs["sm_scale"], bufs["out"]
             items = bsz * hkv * nsplit

@@ -65,7 +65,12 @@ def declare_params(params, syms: dict | None = None) -> tuple[dict, dict]:
 
 def signature_params(sig) -> list[Param]:
     """:func:`declare_params` entries of a :class:`~wq_compile.kernels.signature.KernelSignature`."""
-    return [(a.name, None if a.is_scalar else a.shape, a.dtype) for a in sig.args]
+    return arg_params(sig.args)
+
+
+def arg_params(args) -> list[Param]:
+    """:func:`declare_params` entries of signature arguments (``ArgDesc``: scalars have no shape)."""
+    return [(a.name, None if a.is_scalar else a.shape, a.dtype) for a in args]
 
 
 def alloc(name: str, shape, dtype: str = "float32"):

@@ -46,7 +46,7 @@ from tvm.script.ir_builder import tirx as T
 from ..core.spec import KernelSpec
 from .attention_cpu import (LANES, PLAIN_TIR_ATTR, CpuKnobs, _merge_piece, _quant_piece, _split_range, _tile_softmax,
                             _vec, int8_dots)
-from .common import NEG_BIG, f32, fast_exp
+from .common import NEG_BIG, declare_params, f32, fast_exp, signature_params
 from .signatures import multi_signature, pieces
 
 _F32, _I32 = "float32", "int32"
@@ -95,21 +95,11 @@ def build_multi_cpu(spec: KernelSpec) -> tirx.PrimFunc:
     rows, nsplit = knobs.rows, knobs.cpu.splits
     rspec = row_spec(spec, rows)
     hkv, d, gs = spec.num_kv_heads, spec.head_dim, spec.group_size
-    syms: dict[str, tirx.Var] = {}
-
-    def dim(x):
-        return x if isinstance(x, int) else syms.setdefault(x, tirx.Var(x, _I32))
-
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(spec.uri)
             T.func_attr({"tirx.noalias": True, PLAIN_TIR_ATTR: True})
-            bufs: dict[str, object] = {}
-            for a in sig.args:
-                if a.is_scalar:
-                    bufs[a.name] = T.arg(a.name, tirx.Var(a.name, a.dtype))
-                else:
-                    bufs[a.name] = T.arg(a.name, T.buffer(tuple(dim(s) for s in a.shape), a.dtype))
+            bufs, syms = declare_params(signature_params(sig))
             bsz, steps = syms["B"], syms["S"]
             q, sm_scale, out = bufs["q"], bufs["sm_scale"], bufs["out"]
             nrows = steps * gs
