@@ -15,7 +15,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from wq_compile.kernels.attention import pieces
 from wq_compile.kernels.split_decode import is_split
-from wq_compile.kernels.quantize import QUANT_BLOCKS
+from wq_compile.kernels.quantize import quantize_blocks
 from wq_compile.core.spec import KernelSpec
 
 from .cuda_split import DEFAULT_DL, DL_CANDIDATES, annotate_unroll, schedule_split
@@ -110,7 +110,7 @@ def _schedule(sch: s_tir.Schedule, spec: KernelSpec, threads, unroll) -> None:
     elif spec.kind == "merge":
         _merge(sch, threads)
     elif spec.kind == "quantize":
-        _elementwise_blocks(sch, QUANT_BLOCKS, threads)
+        _elementwise_blocks(sch, quantize_blocks(spec), threads)
     else:  # pragma: no cover
         raise ValueError(f"kind: no cuda schedule for {spec.kind!r}")
 

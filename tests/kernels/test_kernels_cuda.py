@@ -9,6 +9,7 @@ import tvm
 from tvm.support import nvcc
 
 from wq_compile.kernels import make_kernel
+from wq_compile.kernels.signatures import quantize_spec
 from wq_compile.schedules import cuda as sched
 from wq_compile.core.spec import KernelSpec
 
@@ -19,6 +20,7 @@ SPECS = [
     KernelSpec("fused", (8, 4, 2, 16), 64, 14, 2),
     KernelSpec("merge", (16,), 128, 28, 4, dtype="f16"),
     KernelSpec("quantize", (4,), 64, 14, 2),
+    quantize_spec(2, "lsq-keys", head_dim=64, num_q_heads=14, num_kv_heads=2),  # the default fit's blocks
 ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .quant_fit import check_fit
+from .quant_fit import DEFAULT_FIT, check_fit
 from .spec import ALLOC_WIDTHS, BIT_WIDTHS, EVICT, QUANT_BITS
 
 #: ``v_group=None`` means ``min(DEFAULT_V_GROUP, head_dim)``.
@@ -38,9 +38,10 @@ class WindowQuantConfig:
     exact kernel elsewhere, ``False`` (the default) is exact everywhere: the README says why exact is the default
     (results then equal the reference's on every machine, and end to end the mode's gain was within noise).
     ``widths`` may include 0: the search may then evict a window (not stored; attention no longer sees it).
-    ``fit``: how each group's scale and zero are chosen (:mod:`wq_compile.core.quant_fit`): ``"minmax"`` (the compiled
-    quantize kernel's) or ``"lsq"`` (least squares, lower error, same format: the compiled decode kernels read it;
-    the store then quantizes with the torch reference).
+    ``fit``: how each group's scale and zero are chosen (:mod:`wq_compile.core.quant_fit`), in one stored format that
+    every decode kernel reads: ``"lsq-keys"`` (the default: keys by least squares, values by min/max) and
+    ``"minmax"`` are computed by the compiled quantize kernel; ``"lsq"``, ``"hqq"`` and ``"lsq-hqq"`` quantize with
+    the torch reference (a larger share of the prefill).
     """
 
     avg_bits: float = 3.0
@@ -55,7 +56,7 @@ class WindowQuantConfig:
     target: str | None = None
     chunk: int = 64
     int8_dots: bool | str = False
-    fit: str = "minmax"
+    fit: str = DEFAULT_FIT
 
     def __post_init__(self) -> None:
         if (isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float))

@@ -6,7 +6,8 @@ from typing import Any
 
 from ..core.models import ModelPreset, get_preset
 from ..core.spec import QUANT_BITS, KernelSpec, check_bits
-from .signatures import SPLIT_CHUNK, merge_spec, split_spec
+from ..core.quant_fit import DEFAULT_FIT
+from .signatures import SPLIT_CHUNK, merge_spec, quantize_spec, split_spec
 
 #: Kernel kinds in the order ``kernel_specs`` lists them; ``dense`` is the decode kernel over an fp residual;
 #: ``multi`` the fused kernel of several new query tokens (CPU only).
@@ -32,13 +33,15 @@ def kernel_specs(
     v_group: int = 64,
     chunk: int = 64,
     kinds: tuple[str, ...] = KERNEL_KINDS,
+    fit: str = DEFAULT_FIT,
 ) -> list[KernelSpec]:
     """The kernels one model needs, for the quantized widths ``bits``.
 
     decode: one per-bucket kernel per width; dense: decode over the fp residual (bits ``(16,)``);
     merge: merges the partial states of every bucket and the residual; fused: every width plus the residual in
     one launch; split: the split-KV form of fused and its merge (the CUDA decode path); quantize: one per width;
-    multi: the fused kernel of several new query tokens (the CPU path of several-token steps).
+    multi: the fused kernel of several new query tokens (the CPU path of several-token steps). ``fit``: the
+    scale/zero fit the quantize kernels compute (a config's ``fit``; one with no compiled form is refused).
     """
     p = get_preset(preset)
     widths = tuple(sorted({check_bits(b, QUANT_BITS) for b in bits}, reverse=True))
@@ -70,7 +73,7 @@ def kernel_specs(
             fused = split_spec(KernelSpec("fused", widths + (16,), **{**common, "chunk": SPLIT_CHUNK}))
             specs += [fused, merge_spec(fused)]
         elif kind == "quantize":
-            specs += [KernelSpec("quantize", (b,), **common) for b in widths]
+            specs += [quantize_spec(b, fit, **common) for b in widths]
         elif kind == "multi":
             specs.append(KernelSpec("multi", widths + (16,), **common))
     return specs

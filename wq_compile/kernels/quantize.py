@@ -1,10 +1,16 @@
 """``kind="quantize"``: quantize and pack a block of ``n`` tokens (``n`` a multiple of ``k_group``) in the format of
-:mod:`wq_compile.core.quant` (KIVI-style asymmetric min/max; keys per channel over ``k_group`` tokens, values per token
+:mod:`wq_compile.core.quant` (KIVI-style asymmetric; keys per channel over ``k_group`` tokens, values per token
 over ``v_group`` channels; fp16 scale/zero; codes little-endian in int32 words).
 
-Parameters follow the reference exactly: ``zero = fp16(min)``, ``scale = fp16((max - zero) / qmax)`` bumped one fp16
-ulp when ``scale * qmax < max - zero``, scale 0 (codes 0) for constant groups, codes
+Min/max parameters follow the reference exactly: ``zero = fp16(min)``, ``scale = fp16((max - zero) / qmax)`` bumped
+one fp16 ulp when ``scale * qmax < max - zero``, scale 0 (codes 0) for constant groups, codes
 ``clamp(round_half_even((x - zero) / scale), 0, qmax)``.
+
+With ``("klsq", I)`` in ``spec.extra`` the keys' scale and zero are the least-squares fit of
+:func:`wq_compile.core.quant_fit.fit_params` (``fit="lsq"``): ``I`` alternating iterations started from min/max, each
+iterate rounded to fp16, every group keeping the iterate of least squared error (min/max's included), so a group is
+never coded worse than min/max. The same arithmetic as the reference in fp32, summed in another order: scales and
+zeros may differ from it by an fp16 ulp (the check compares errors, not bits). Values stay min/max.
 """
 
 from __future__ import annotations
@@ -16,12 +22,22 @@ from tvm.script.ir_builder import tirx as T
 from ..core.quant import key_lane_bytes, key_words
 from ..core.spec import KernelSpec
 from .common import f32
+from .signatures import key_fit_iters
 from .signatures import quantize_bits as _bits
 from .signatures import quantize_signature as signature
 
 _F32, _F16, _I32, _U32 = "float32", "float16", "int32", "uint32"
 
-#: Block names, in program order.
+def quantize_blocks(spec: KernelSpec) -> tuple[str, ...]:
+    """Block names of ``spec``'s quantize kernel, in program order (the schedules visit every one)."""
+    iters = key_fit_iters(spec)
+    fit = ("k_s0", "k_z0", "k_xsum", "k_e0") + tuple(f"k_{part}{i}" for i in range(1, iters + 1)
+                                                     for part in ("c", "cc", "cx", "s", "z", "e"))
+    return ("k_min", "k_max") + (fit if iters else ()) + (
+        "k_zero", "k_scale", "k_pack", "v_min", "v_max", "v_zero", "v_scale", "v_pack")
+
+
+#: Block names of the min/max kernel, in program order.
 QUANT_BLOCKS = ("k_min", "k_max", "k_zero", "k_scale", "k_pack", "v_min", "v_max", "v_zero", "v_scale", "v_pack")
 
 
@@ -35,12 +51,100 @@ def _params(mn: tirx.PrimExpr, mx: tirx.PrimExpr, qmax: int) -> tuple[tirx.PrimE
     return tirx.Select(span > f32(0.0), scale, tirx.const(0.0, _F16)), zero
 
 
-def _code(x: tirx.PrimExpr, scale: tirx.PrimExpr, zero: tirx.PrimExpr, qmax: int) -> tirx.PrimExpr:
+def _code_f32(x: tirx.PrimExpr, scale: tirx.PrimExpr, zero: tirx.PrimExpr, qmax: int) -> tirx.PrimExpr:
+    """The one coding rule (:func:`wq_compile.core.quant_fit.codes_of`) as an fp32 value."""
     s = scale.astype(_F32)
     safe = tirx.Select(s > f32(0.0), s, f32(1.0))
     q = tirx.nearbyint((x - zero.astype(_F32)) / safe)  # round half to even, as torch.round
     q = tirx.min(tirx.max(q, f32(0.0)), f32(float(qmax)))
-    return tirx.Select(s > f32(0.0), q, f32(0.0)).astype(_U32)
+    return tirx.Select(s > f32(0.0), q, f32(0.0))
+
+
+def _code(x: tirx.PrimExpr, scale: tirx.PrimExpr, zero: tirx.PrimExpr, qmax: int) -> tirx.PrimExpr:
+    return _code_f32(x, scale, zero, qmax).astype(_U32)
+
+
+def _to_f16(x: tirx.PrimExpr, lo: float) -> tirx.PrimExpr:
+    """fp32 -> fp16 after clamping to ``[lo, 65504]`` (as the reference's ``clamp(...).to(float16)``)."""
+    return tirx.min(tirx.max(x, f32(lo)), f32(65504.0)).astype(_F16)
+
+
+def _key_fit(k, kmn, kmx, shape, kg: int, qmax: int, iters: int):
+    """Emit the keys' least-squares iterations (see the module docstring) over groups ``shape = (B, Hkv, G, D)``;
+    return ``pick(which, index) -> fp16 expr``: the scale (``which = 0``) or zero (1) of each group's best iterate.
+
+    Purely functional: iterate ``i`` has its own fp16 scale/zero buffers and fp32 sums, so every block is a plain
+    spatial map or a reduction over the group's tokens (one loop nest each; the schedules parallelize all alike)."""
+    def buf(name, dtype=_F32):
+        return IRBuilder.name(name, T.sblock_alloc_buffer(shape, dtype))
+
+    sc = [buf(f"fs{i}", _F16) for i in range(iters + 1)]
+    zr = [buf(f"fz{i}", _F16) for i in range(iters + 1)]
+    err = [buf(f"fe{i}") for i in range(iters + 1)]
+    xsum = buf("fxs")
+    sums = {i: (buf(f"fc{i}"), buf(f"fcc{i}"), buf(f"fcx{i}")) for i in range(1, iters + 1)}
+    n = f32(float(kg))
+
+    def spatial(name, out, value_of):
+        with T.grid(*shape) as (b, h, g, dd):
+            with T.sblock(name):
+                ix = tuple(T.axis.remap("SSSS", [b, h, g, dd]))
+                T.buffer_store(out, value_of(ix), list(ix))
+
+    def reduce(name, out, term_of):
+        with T.grid(*shape, kg) as (b, h, g, dd, t):
+            with T.sblock(name):
+                vb, vh, vgr, vd, vt = T.axis.remap("SSSSR", [b, h, g, dd, t])
+                ix = (vb, vh, vgr, vd)
+                with T.init():
+                    T.buffer_store(out, f32(0.0), list(ix))
+                x = k[vb, vh, vgr * kg + vt, vd].astype(_F32)
+                T.buffer_store(out, out[ix] + term_of(x, ix), list(ix))
+
+    def sq_err(i):
+        def term(x, ix):
+            e = _code_f32(x, sc[i][ix], zr[i][ix], qmax) * sc[i][ix].astype(_F32) + zr[i][ix].astype(_F32) - x
+            return e * e
+        return term
+
+    spatial("k_s0", sc[0], lambda ix: _params(kmn[ix], kmx[ix], qmax)[0])
+    spatial("k_z0", zr[0], lambda ix: _params(kmn[ix], kmx[ix], qmax)[1])
+    reduce("k_xsum", xsum, lambda x, ix: x)
+    reduce("k_e0", err[0], sq_err(0))
+    for i in range(1, iters + 1):
+        c_sum, cc_sum, cx_sum = sums[i]
+
+        def code(x, ix, i=i):
+            return _code_f32(x, sc[i - 1][ix], zr[i - 1][ix], qmax)
+
+        reduce(f"k_c{i}", c_sum, code)
+        reduce(f"k_cc{i}", cc_sum, lambda x, ix, code=code: code(x, ix) * code(x, ix))
+        reduce(f"k_cx{i}", cx_sum, lambda x, ix, code=code: code(x, ix) * x)
+
+        def fitted(ix, i=i, c_sum=c_sum, cc_sum=cc_sum, cx_sum=cx_sum):
+            s_prev, z_prev = sc[i - 1][ix].astype(_F32), zr[i - 1][ix].astype(_F32)
+            cm, xm = c_sum[ix] / n, xsum[ix] / n
+            var = (cc_sum[ix] / n - cm * cm) * n
+            cov = (cx_sum[ix] / n - cm * xm) * n
+            ok = tirx.all(var > f32(0.5), cov > f32(0.0))
+            s_new = tirx.Select(ok, cov / tirx.Select(ok, var, f32(1.0)), s_prev)
+            z_new = tirx.Select(ok, xm - s_new * cm, z_prev)
+            s16 = tirx.Select(s_prev > f32(0.0), _to_f16(s_new, -65504.0), sc[i - 1][ix])  # constant groups: 0
+            return s16, _to_f16(z_new, -65504.0)
+
+        spatial(f"k_s{i}", sc[i], lambda ix, fitted=fitted: fitted(ix)[0])
+        spatial(f"k_z{i}", zr[i], lambda ix, fitted=fitted: fitted(ix)[1])
+        reduce(f"k_e{i}", err[i], sq_err(i))
+
+    def pick(which, ix):
+        best, best_e = (sc if which == 0 else zr)[0][ix], err[0][ix]
+        for i in range(1, iters + 1):  # strictly better only: the earliest of equal errors, as the reference
+            better = err[i][ix] < best_e
+            best = tirx.Select(better, (sc if which == 0 else zr)[i][ix], best)
+            best_e = tirx.Select(better, err[i][ix], best_e)
+        return best
+
+    return pick
 
 
 def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
@@ -81,16 +185,17 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                                 T.buffer_store(buf, f32(ident), [vb, vh, vgr, vd])
                             x = k[vb, vh, vgr * kg + vt, vd].astype(_F32)
                             T.buffer_store(buf, op(buf[vb, vh, vgr, vd], x), [vb, vh, vgr, vd])
-                with T.grid(bsz, hkv, n_grp, d) as (b, h, g, dd):
-                    with T.sblock("k_zero"):
-                        vb, vh, vgr, vd = T.axis.remap("SSSS", [b, h, g, dd])
-                        _, zero = _params(kmn[vb, vh, vgr, vd], kmx[vb, vh, vgr, vd], qmax)
-                        T.buffer_store(k_zero, zero, [vb, vh, vgr, vd])
-                with T.grid(bsz, hkv, n_grp, d) as (b, h, g, dd):
-                    with T.sblock("k_scale"):
-                        vb, vh, vgr, vd = T.axis.remap("SSSS", [b, h, g, dd])
-                        scale, _ = _params(kmn[vb, vh, vgr, vd], kmx[vb, vh, vgr, vd], qmax)
-                        T.buffer_store(k_scale, scale, [vb, vh, vgr, vd])
+                iters = key_fit_iters(spec)
+                if iters:
+                    pick = _key_fit(k, kmn, kmx, (bsz, hkv, n_grp, d), kg, qmax, iters)
+                else:
+                    def pick(which, ix):
+                        return _params(kmn[ix], kmx[ix], qmax)[which]
+                for name, out, which in (("k_zero", k_zero, 1), ("k_scale", k_scale, 0)):
+                    with T.grid(bsz, hkv, n_grp, d) as (b, h, g, dd):
+                        with T.sblock(name):
+                            ix = tuple(T.axis.remap("SSSS", [b, h, g, dd]))
+                            T.buffer_store(out, pick(which, ix), list(ix))
                 # token-packed keys: word w of (group, channel) holds bytes 4w..4w+3; slot s = field * L + byte
                 lb = key_lane_bytes(bits, kg)
                 with T.grid(bsz, hkv, n_grp, d, key_words(bits, kg)) as (b, h, g, dd, w):

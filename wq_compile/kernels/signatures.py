@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.quant import key_words
+from ..core.quant_fit import DEFAULT_FIT, LSQ_ITERS, fit_of
 from .signature import ArgDesc, KernelSignature
 from ..core.spec import KernelSpec
 
@@ -207,9 +208,38 @@ def merge_signature(spec: KernelSpec) -> KernelSignature:
 
 
 # ---- quantize ---------------------------------------------------------------------------------------------------
+#: ``spec.extra`` key of the quantize kernel's least-squares key fit; its value is the iteration count.
+FIT_KEY = "klsq"
+
+
+def key_fit_iters(spec: KernelSpec) -> int:
+    """Least-squares iterations of the keys' scale/zero fit in a quantize ``spec`` (0: min/max)."""
+    iters = dict(spec.extra).get(FIT_KEY, 0)
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+        raise ValueError(f"spec.extra: {FIT_KEY} must be a non-negative iteration count, got {iters!r}")
+    return iters
+
+
+def compiled_fit(fit: str) -> bool:
+    """True when the compiled quantize kernel computes ``fit`` (keys min/max or least squares, values min/max);
+    other fits (HQQ's zero search, least squares on values) quantize with the torch reference."""
+    return fit_of(fit, "v") == "minmax" and fit_of(fit, "k") in ("minmax", "lsq")
+
+
+def quantize_spec(bits: int, fit: str = DEFAULT_FIT, **shape: object) -> KernelSpec:
+    """The quantize kernel of width ``bits`` computing ``fit`` (:func:`compiled_fit`); ``shape``: the KernelSpec
+    fields (head_dim, heads, groups, dtype, chunk). The one place the runtime, the tuner and the tests name it."""
+    if not compiled_fit(fit):
+        raise ValueError(f"fit: the compiled quantize kernel fits keys by min/max or least squares and values by "
+                         f"min/max; {fit!r} quantizes with the torch reference")
+    extra = ((FIT_KEY, LSQ_ITERS),) if fit_of(fit, "k") == "lsq" else ()
+    return KernelSpec("quantize", (bits,), extra=extra, **shape)  # type: ignore[arg-type]
+
+
 def quantize_bits(spec: KernelSpec) -> int:
     if spec.kind != "quantize" or len(spec.bits) != 1 or spec.bits[0] == 16:
         raise ValueError(f"quantize: expected kind 'quantize' with one width in (2, 4, 8), got {spec.kind} {spec.bits}")
+    key_fit_iters(spec)  # a malformed fit is refused before any factory runs
     return spec.bits[0]
 
 

@@ -24,9 +24,10 @@ from ..core.buckets import Quantizer, torch_quantizer
 from ..core.config import WindowQuantConfig
 from ..core.layout import LayerCache
 from ..core.quant import QuantizedKeys, QuantizedValues, check_quantizable, quantize_keys, quantize_values
-from ..core.quant_fit import check_fit
+from ..core.quant_fit import DEFAULT_FIT, check_fit
 from ..core.reference import decode_attention
 from ..core.spec import KernelSpec, QuantSpec, dtype_tag
+from ..kernels.signatures import compiled_fit, quantize_spec
 
 if TYPE_CHECKING:
     from .library import KernelLibrary
@@ -54,15 +55,18 @@ class CompiledQuantizer:
     """The compiled quantize+pack kernel of each width (one module per width, every token count)."""
 
     def __init__(self, library: "KernelLibrary", num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 chunk: int) -> None:
+                 chunk: int, fit: str = DEFAULT_FIT) -> None:
+        if not compiled_fit(fit):
+            raise ValueError(f"fit: {fit!r} has no compiled quantize kernel (use reference_quantizer)")
         self.library = library
         self.shape = dict(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                           dtype=dtype_tag(dtype), chunk=chunk)
         self.dtype = dtype
+        self.fit = fit
         self.calls = 0
 
     def spec(self, qs: QuantSpec) -> KernelSpec:
-        return KernelSpec("quantize", (qs.bits,), k_group=qs.k_group, v_group=qs.v_group, **self.shape)
+        return quantize_spec(qs.bits, self.fit, k_group=qs.k_group, v_group=qs.v_group, **self.shape)
 
     def __call__(self, qs: QuantSpec, k: torch.Tensor, v: torch.Tensor) -> tuple[QuantizedKeys, QuantizedValues]:
         # The kernel would code NaN as its group's minimum and overflow fp16 scales: refuse, as the reference does.
@@ -175,13 +179,14 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         library = shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else "llvm"))
         stats = library.stats
         compiled, cached, reused = stats.compiled, stats.cache_hits, stats.reused
-        widths = (8, 4, 2) if wq.fit == "minmax" else ()
+        widths = (8, 4, 2) if compiled_fit(wq.fit) else ()
         bar = BuildProgress(len(widths) + 2, library.stats)  # fused + multi on CPUs, split + merge on CUDA
         with library.reporting(bar.compiling), bar:
             decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                           v_group=wq.v_group, chunk=wq.chunk, library=library,
                                           int8_dots=wq.int8_dots)
-            compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk)
+            fit = wq.fit if compiled_fit(wq.fit) else "minmax"
+            compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk, fit)
             uris = [spec.uri for spec in decoder.specs((8, 4, 2))]  # the merge too, on CUDA
             steps = None
             if library.device.kind == "llvm":  # several-token steps: the multi-token kernel (no CUDA form yet)
@@ -191,8 +196,9 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
                                     v_group=wq.v_group, chunk=wq.chunk)
                 steps.kernel((8, 4, 2))
                 uris.append(steps.spec((8, 4, 2)).uri)
-            # the compiled quantize kernel fits min/max; any other fit quantizes with the torch reference
-            quantizer = compiled_q if wq.fit == "minmax" else reference_quantizer(wq.fit)
+            # the compiled quantize kernel fits keys by min/max or least squares and values by min/max; any other
+            # fit quantizes with the torch reference
+            quantizer = compiled_q if compiled_fit(wq.fit) else reference_quantizer(wq.fit)
             for bits in widths:  # fail here, not in the middle of generation
                 spec = compiled_q.spec(QuantSpec(bits, wq.k_group, wq.v_group))
                 library.load(spec)

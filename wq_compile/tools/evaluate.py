@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.config import WindowQuantConfig
+from ..core.quant_fit import DEFAULT_FIT
 from ..integrations.tiny import Prompt
 from ..integrations.transformers import WindowQuantCache
 from ..runtime.backend import reference_quantizer
@@ -99,9 +100,10 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
         return Method(name, lambda: WindowQuantCache(cfg, wq, backend=kernels).prepare(**prompt.inputs), note)
 
     for width in (4, 2):  # KIVI-style: every window at one width, same kernels and format
-        methods.append(wq_method(f"uniform int{width} (KIVI-style)",
-                                 WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend), "no window search"))
-    for fit in ("lsq-hqq", "hqq"):  # least-squares / HQQ scales/zeros: same format, same decode kernels, torch quantizer
+        methods.append(wq_method(f"uniform int{width} (KIVI-style), fit {DEFAULT_FIT}",
+                                 WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend),
+                                 "no window search; the default fit, compiled quantizer"))
+    for fit in ("minmax", "lsq-hqq", "hqq"):  # other scale/zero fits: same format, same decode kernels, torch quantizer
         fitted = dataclasses.replace(kernels, quantize=reference_quantizer(fit))
         for width in (4, 2):
             wq = WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend, fit=fit)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ...core.models import PRESETS
+from ...core.quant_fit import DEFAULT_FIT, FITS
+from ...kernels.signatures import compiled_fit
 from ...kernels.catalog import CUDA_KERNEL_KINDS, DEFAULT_KERNEL_KINDS, KERNEL_KINDS
 from .common import exit_on_sigint, fmt, parse_bits, parse_kinds, positive_int
 
@@ -25,6 +27,8 @@ def tune_parser() -> argparse.ArgumentParser:
                    help="llvm | cuda (local GPU) | a TVM tag such as nvidia/nvidia-h100 | a JSON target dict")
     p.add_argument("--model", default="llava-ov-0.5b", choices=sorted(PRESETS))
     p.add_argument("--bits", type=parse_bits, default=(2, 4, 8), help="quantized widths (default 2,4,8)")
+    p.add_argument("--fit", default=DEFAULT_FIT, choices=[f for f in FITS if compiled_fit(f)],
+                   help=f"scale/zero fit of the quantize kernels: the config's fit (default {DEFAULT_FIT})")
     p.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16"), help="query/dense dtype of the kernels")
     p.add_argument("--kernels", type=parse_kinds, default=None,
                    help=f"kernel kinds among {','.join(KERNEL_KINDS)} (default: what the target's decoder runs, "
@@ -103,7 +107,7 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.target)
         kinds = args.kernels or default_kernel_kinds(device.kind)
-        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=kinds)
+        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=kinds, fit=args.fit)
         rpc = RPCSettings.parse(args.rpc, args.rpc_key) if args.rpc else None
     except ValueError as exc:
         print(f"wq-tune: {exc}", file=sys.stderr)

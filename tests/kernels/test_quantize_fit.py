@@ -1,0 +1,86 @@
+"""The compiled quantize kernel with the keys' least-squares fit (``fit="lsq-keys"``, the default) against the torch
+reference: values bit-exact, keys within the fit's promise (error within 1e-3 of the reference fit's, never above
+min/max's, codes equal but near rounding boundaries), and the check that enforces it catches a wrong fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wq_compile.compiler.check import KEY_FIT_CODE_SHARE, ReferenceMismatch, _check_key_fit
+from wq_compile.core import quant
+from wq_compile.core.config import WindowQuantConfig
+from wq_compile.core.quant_fit import DEFAULT_FIT, LSQ_ITERS
+from wq_compile.core.spec import KernelSpec
+from wq_compile.kernels.signatures import FIT_KEY, compiled_fit, key_fit_iters, quantize_spec, signature
+from wq_testing import compiled_default
+
+SHAPE = dict(head_dim=64, num_q_heads=14, num_kv_heads=2)
+
+
+def _run(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    sig = signature(spec)
+    b, h, n, d = k.shape
+    qs = spec.quant(spec.bits[0])
+    outs = [torch.empty(b, h, n // 28, d, quant.key_words(qs.bits, 28), dtype=torch.int32),
+            torch.empty(b, h, n // 28, d, dtype=torch.float16), torch.empty(b, h, n // 28, d, dtype=torch.float16),
+            torch.empty(b, h, n, d // qs.per_word, dtype=torch.int32),
+            torch.empty(b, h, n, d // qs.v_group, dtype=torch.float16),
+            torch.empty(b, h, n, d // qs.v_group, dtype=torch.float16)]
+    sig.bind(k, v, *outs)
+    compiled_default(spec)(k, v, *outs)
+    return dict(zip(sig.names, [k, v, *outs]))
+
+
+@pytest.mark.parametrize("bits,dtype", [(2, "f32"), (4, "f16"), (8, "bf16")])
+def test_fitted_quantize_matches_the_reference_fit(bits: int, dtype: str) -> None:
+    spec = quantize_spec(bits, "lsq-keys", dtype=dtype, **SHAPE)
+    assert key_fit_iters(spec) == LSQ_ITERS
+    qs = spec.quant(bits)
+    gen = torch.Generator().manual_seed(bits)
+    for n in (28, 196):  # one module, every block length (whole key groups)
+        k = (torch.randn(2, 2, n, 64, generator=gen) * 3).to(spec.torch_dtype)
+        k[1, 0, 5, 9] = 40.0  # a planted outlier: least squares may clip it where that lowers the group's error
+        k[0, 0, :28, 5] = 1.5  # a constant key group: scale 0, exact
+        v = torch.randn(2, 2, n, 64, generator=gen).to(spec.torch_dtype)
+        named = _run(spec, k, v)
+        _check_key_fit(spec.uri, named, quant.quantize_keys(k, qs, "lsq-keys"))  # raises on a mismatch
+        rv = quant.quantize_values(v, qs)  # values stay min/max: bit-exact
+        for part in ("codes", "scale", "zero"):
+            assert torch.equal(named[f"v_{part}"], getattr(rv, part)), part
+        assert bool((named["k_scale"][0, 0, 0, 5] == 0).all())
+        got = quant.QuantizedKeys(named["k_codes"], named["k_scale"], named["k_zero"], qs)
+        deq = quant.dequantize_keys(got, n)
+        assert torch.equal(deq[0, 0, :28, 5], k[0, 0, :28, 5].float())
+        err_fit = float((deq - k.float()).square().sum())
+        err_mm = float((quant.dequantize_keys(quant.quantize_keys(k, qs), n) - k.float()).square().sum())
+        assert err_fit < (0.9 if bits == 2 else 0.99) * err_mm  # the fit pays: 2-bit keys lose >= 10% error
+
+
+def test_the_check_catches_a_wrong_fit() -> None:
+    spec = quantize_spec(2, "lsq-keys", **SHAPE)
+    qs = spec.quant(2)
+    k = torch.randn(1, 2, 56, 64, generator=torch.Generator().manual_seed(3)) * 2
+    want = quant.quantize_keys(k, qs, "lsq-keys")
+    mm = quant.quantize_keys(k, qs)
+    as_minmax = {"k": k, "k_codes": mm.codes, "k_scale": mm.scale, "k_zero": mm.zero}
+    with pytest.raises(ReferenceMismatch, match="exceeds the reference fit"):
+        _check_key_fit(spec.uri, as_minmax, want)  # min/max's parameters are not the fit
+    codes = want.codes.clone()
+    n_bad = int(codes.numel() * KEY_FIT_CODE_SHARE * 4) + 1
+    codes.view(-1)[:n_bad] ^= 0x5  # flip code bits of a few words: scale/zero right, codes wrong
+    with pytest.raises(ReferenceMismatch, match="key codes differ|exceeds"):
+        _check_key_fit(spec.uri, {"k": k, "k_codes": codes, "k_scale": want.scale, "k_zero": want.zero}, want)
+
+
+def test_quantize_spec_names_the_fit() -> None:
+    assert quantize_spec(4, "minmax", **SHAPE).extra == ()
+    spec = quantize_spec(4, "lsq-keys", **SHAPE)
+    assert spec.uri.endswith(f"_{FIT_KEY}{LSQ_ITERS}")
+    assert DEFAULT_FIT == "lsq-keys" and WindowQuantConfig().fit == DEFAULT_FIT and compiled_fit(DEFAULT_FIT)
+    for fit in ("hqq", "lsq", "lsq-hqq"):  # values fitted: the torch reference's job
+        assert not compiled_fit(fit)
+        with pytest.raises(ValueError, match="torch reference"):
+            quantize_spec(4, fit, **SHAPE)
+    with pytest.raises(ValueError, match=FIT_KEY):
+        signature(KernelSpec("quantize", (4,), extra=((FIT_KEY, -1),), **SHAPE))
