@@ -119,7 +119,15 @@ def compiled_quantizer():
     from wq_compile.runtime.backend import CompiledQuantizer
     from wq_compile.runtime.library import shared_library
 
-    return CompiledQuantizer(shared_library("llvm"), 4, 2, 64, torch.float32, 64)
+    return CompiledQuantizer(shared_library("llvm"), 4, 2, 64, torch.float32, 64, "minmax")
+
+
+@pytest.fixture(scope="module")
+def fitted_quantizer():
+    from wq_compile.runtime.backend import CompiledQuantizer
+    from wq_compile.runtime.library import shared_library
+
+    return CompiledQuantizer(shared_library("llvm"), 4, 2, 64, torch.float32, 64, "lsq-keys")
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -144,4 +152,32 @@ def test_compiled_and_reference_quantizers_agree_bit_exactly(compiled_quantizer,
     rk, rv = quantize_keys(k, spec), quantize_values(v, spec)
     for a, b in ((ck.codes, rk.codes), (ck.scale, rk.scale), (ck.zero, rk.zero), (cv.codes, rv.codes),
                  (cv.scale, rv.scale), (cv.zero, rv.zero)):
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                HealthCheck.too_slow])
+@given(BITS, st.integers(1, 4), st.sampled_from((1e-3, 1.0, 2e4, FP16_MAX / 3)), st.booleans(), st.integers(0, 99))
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
+def test_compiled_key_fit_keeps_its_promise_at_every_scale(fitted_quantizer, bits: int, groups: int, scale: float,
+                                                           constant: bool, seed: int) -> None:
+    """The default fit (keys least squares) compiled: values bit-exact; keys within the reference fit's error,
+    never above min/max's, codes equal but near rounding boundaries; tiny and near-fp16-max scales included."""
+    from wq_compile.compiler.check import _check_key_fit
+
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(2, groups * 28, 64, generator=gen) * scale
+    v = torch.randn(2, groups * 28, 64, generator=gen) * scale
+    if constant:
+        k[:, :28] = 3.0
+    spec = QuantSpec(bits, 28, 64)
+    if k.abs().max() > FP16_MAX or v.abs().max() > FP16_MAX:
+        with pytest.raises(ValueError, match="NaN/inf or values beyond"):
+            fitted_quantizer(spec, k, v)
+        return
+    ck, cv = fitted_quantizer(spec, k, v)
+    named = {"k": k, "k_codes": ck.codes, "k_scale": ck.scale, "k_zero": ck.zero}
+    _check_key_fit("fitted quantizer", named, quantize_keys(k, spec, "lsq-keys"))
+    rv = quantize_values(v, spec)
+    for a, b in ((cv.codes, rv.codes), (cv.scale, rv.scale), (cv.zero, rv.zero)):
         assert torch.equal(a, b)

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from .allocation import allocate_bits, window_bits
+from .quant_fit import codes_of, fit_of, fit_params
 from .spec import ALLOC_WIDTHS, BIT_WIDTHS, EVICT
 from .windows import Windows
 
@@ -45,12 +46,21 @@ def _whole_positions(windows: Windows, k_group: int) -> tuple[torch.Tensor, torc
     return windows.whole_positions(k_group)
 
 
-def fake_quant_fast(x: torch.Tensor, bits: int, group: int, kind: str) -> torch.Tensor:
+def fake_quant_fast(x: torch.Tensor, bits: int, group: int, kind: str, fit: str = "minmax") -> torch.Tensor:
     """Quantize-dequantize in the cache's format without packing codes (same numbers as
     :func:`wq_compile.core.quant.fake_quant`, checked in the tests): keys ``[..., n, D]`` per channel over ``group``
-    tokens (``n`` a multiple of ``group``), values per token over ``group`` channels; fp16 scale and zero."""
+    tokens (``n`` a multiple of ``group``), values per token over ``group`` channels; fp16 scale and zero chosen by
+    ``fit`` (a config's fit: :func:`wq_compile.core.quant_fit.fit_of` gives the one of ``kind``)."""
     qmax = (1 << bits) - 1
     xf = x.float()
+    how = fit_of(fit, kind)
+    if how != "minmax":  # the fitted parameters (slower: the fit's iterations), same coding rule
+        g = (xf.reshape(*xf.shape[:-2], xf.shape[-2] // group, group, xf.shape[-1]).transpose(-1, -2)
+             if kind == "k" else xf.reshape(*xf.shape[:-1], xf.shape[-1] // group, group))
+        scale, zero = fit_params(g, qmax, how)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        deq = codes_of(g, s, z, qmax) * s.float() + z.float()
+        return (deq.transpose(-1, -2) if kind == "k" else deq).reshape(xf.shape)
     if kind == "k":
         g = xf.reshape(*xf.shape[:-2], xf.shape[-2] // group, group, xf.shape[-1])
         mn, mx = g.amin(-2, keepdim=True), g.amax(-2, keepdim=True)
@@ -74,9 +84,10 @@ class WindowFakeQuant:
     """Fake-quantized copies of one layer's ``k, v [Hkv, T, D]``, every window at one width, cached per width;
     :meth:`apply` composes a mixed plan from them (whole key groups from each window's start; tails exact)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, windows: Windows, k_group: int, v_group: int) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, windows: Windows, k_group: int, v_group: int,
+                 fit: str = "minmax") -> None:
         self.k, self.v, self.windows = k, v, windows
-        self.k_group, self.v_group = k_group, v_group
+        self.k_group, self.v_group, self.fit = k_group, v_group, fit
         self.pos, self.wid = _whole_positions(windows, k_group)
         self._at: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -88,8 +99,8 @@ class WindowFakeQuant:
             sel = self.pos.to(self.k.device)
             kq, vq = self.k.clone(), self.v.clone()
             # whole groups of several windows back to back: group boundaries stay window-aligned
-            kq[:, sel] = fake_quant_fast(self.k[:, sel], bits, self.k_group, "k").to(self.k.dtype)
-            vq[:, sel] = fake_quant_fast(self.v[:, sel], bits, self.v_group, "v").to(self.v.dtype)
+            kq[:, sel] = fake_quant_fast(self.k[:, sel], bits, self.k_group, "k", self.fit).to(self.k.dtype)
+            vq[:, sel] = fake_quant_fast(self.v[:, sel], bits, self.v_group, "v", self.fit).to(self.v.dtype)
             self._at[bits] = (kq, vq)
         return self._at[bits]
 
@@ -105,14 +116,15 @@ class WindowFakeQuant:
 
 
 def quantize_windows(k: torch.Tensor, v: torch.Tensor, windows: Windows, bits: torch.Tensor, k_group: int,
-                     v_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     v_group: int, fit: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """``k, v [Hkv, T, D]`` with every window fake-quantized at ``bits [W]`` (16: unchanged), as the cache stores
     them: whole key groups quantized from the window's start, the tail kept exact."""
-    return WindowFakeQuant(k, v, windows, k_group, v_group).apply(bits)
+    return WindowFakeQuant(k, v, windows, k_group, v_group, fit).apply(bits)
 
 
 def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows,
-                         widths: Sequence[int], sm_scale: float, k_group: int, v_group: int) -> torch.Tensor:
+                         widths: Sequence[int], sm_scale: float, k_group: int, v_group: int,
+                         fit: str = "minmax") -> torch.Tensor:
     """Squared relative change of the attention output of ``q [Hq, S, D]`` over ``k, v [Hkv, T, D]`` when only
     window ``w`` is fake-quantized at width ``widths[j]``: ``[W, len(widths)]`` (``||o' - o||^2 / ||o||^2`` over
     all heads and query rows).
@@ -171,7 +183,8 @@ def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
             ow = (num0[:, :, None] - eo_v) / (den0[:, :, None] - eo_s).clamp_min(1e-30)[..., None]
             out[:, j] = ((ow - o[:, :, None]).double().square().sum(dim=(0, 1, 3)) / o_sq).cpu()
             continue
-        kq, vq = fake_quant_fast(kw, int(bits), k_group, "k"), fake_quant_fast(vw, int(bits), v_group, "v")
+        kq = fake_quant_fast(kw, int(bits), k_group, "k", fit)
+        vq = fake_quant_fast(vw, int(bits), v_group, "v", fit)
         lq = torch.einsum("hrd,hwtd->hrwt", qg, padded(kq)) * sm_scale  # [Hkv, R, W, Lmax]
         lq_max = lq if pad_ok is None else lq.masked_fill(~pad_ok, float("-inf"))
         m = torch.maximum(m0, lq_max.flatten(2).amax(-1))  # [Hkv, R]

@@ -100,9 +100,9 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
         return Method(name, lambda: WindowQuantCache(cfg, wq, backend=kernels).prepare(**prompt.inputs), note)
 
     for width in (4, 2):  # KIVI-style: every window at one width, same kernels and format
-        methods.append(wq_method(f"uniform int{width} (KIVI-style), fit {DEFAULT_FIT}",
+        methods.append(wq_method(f"uniform int{width} (KIVI-style)",
                                  WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend),
-                                 "no window search; the default fit, compiled quantizer"))
+                                 f"no window search; fit {DEFAULT_FIT} (the default), compiled quantizer"))
     for fit in ("minmax", "lsq-hqq", "hqq"):  # other scale/zero fits: same format, same decode kernels, torch quantizer
         fitted = dataclasses.replace(kernels, quantize=reference_quantizer(fit))
         for width in (4, 2):

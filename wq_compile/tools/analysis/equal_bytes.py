@@ -67,7 +67,7 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
             for li, lc in enumerate(w.layers):
                 if policy == "sensitivity":
                     errs = window_output_errors(lc.q_text, lc.k, lc.v, w.windows, widths, lc.sm_scale, w.k_group,
-                                                w.v_group)
+                                                w.v_group, s.fit)
                     plans.append(allocate_min_error(errs, lengths, ab, widths, w.k_group, w.v_group))
                 else:
                     errs = window_errors(lc.k[None], lc.v[None], w.windows, widths, w.k_group, w.v_group)[0]

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from ...core.allocation import window_bits, window_errors
+from ...core.quant_fit import DEFAULT_FIT
 from ...core.policy import POLICIES, WindowFakeQuant, attend, plan_layer, window_output_errors
 from ...core.scores import attention_scores
 from ...core.search import Plan
@@ -54,9 +55,11 @@ class Sensitivity:
     prompt_err: torch.Tensor  # [L, W, len(BIT_WIDTHS)] squared output errors, prompt text queries
     quant_err: torch.Tensor  # [L, W, len(BIT_WIDTHS)] K/V quantization MSE (the search's error model)
     fq: list[WindowFakeQuant] = field(repr=False, default_factory=list)
+    fit: str = DEFAULT_FIT  # the scale/zero fit every error above was measured with
 
-def measure(w: Workload, with_kl: bool = True) -> Sensitivity:
-    """Scores under every scorer and the sensitivity of every (layer, window) at 2 and 4 bits."""
+def measure(w: Workload, with_kl: bool = True, fit: str = DEFAULT_FIT) -> Sensitivity:
+    """Scores under every scorer and the sensitivity of every (layer, window) at 2 and 4 bits, with every window
+    quantized as the cache would with ``fit`` (the config's scale/zero fit; the default's unless given)."""
     nl, nw = len(w.layers), len(w.windows)
     out_err = torch.zeros(nl, nw, len(SENS_BITS), dtype=torch.float64)
     kl = torch.full((nl, nw, len(SENS_BITS)), float("nan"), dtype=torch.float64)
@@ -64,9 +67,9 @@ def measure(w: Workload, with_kl: bool = True) -> Sensitivity:
     attn = torch.zeros(nl, nw)
     fqs = []
     for li, lc in enumerate(w.layers):
-        fq = WindowFakeQuant(lc.k, lc.v, w.windows, w.k_group, w.v_group)
+        fq = WindowFakeQuant(lc.k, lc.v, w.windows, w.k_group, w.v_group, fit)
         fqs.append(fq)
-        args = (w.windows, BIT_WIDTHS, lc.sm_scale, w.k_group, w.v_group)
+        args = (w.windows, BIT_WIDTHS, lc.sm_scale, w.k_group, w.v_group, fit)
         oracle[li] = window_output_errors(lc.q_dec, lc.k, lc.v, *args)
         prompt_err[li] = window_output_errors(lc.q_text, lc.k, lc.v, *args)
         quant_err[li] = window_errors(lc.k[None], lc.v[None], w.windows, BIT_WIDTHS, w.k_group, w.v_group)[0]
@@ -82,7 +85,7 @@ def measure(w: Workload, with_kl: bool = True) -> Sensitivity:
     i2 = BIT_WIDTHS.index(2)
     scores = {"attention": attn, "embedding": w.embedding.float().expand(nl, nw).clone(),
               "prompt-error": prompt_err[..., i2].float(), "quant-error": quant_err[..., i2].float()}
-    return Sensitivity(w.name, scores, out_err, kl, oracle, prompt_err, quant_err, fqs)
+    return Sensitivity(w.name, scores, out_err, kl, oracle, prompt_err, quant_err, fqs, fit)
 
 @dataclass(frozen=True)
 class CorrRow:

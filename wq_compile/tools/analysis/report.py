@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ...core.quant_fit import DEFAULT_FIT
 from .measurements import SCORERS, SENS_BITS, CorrRow, PolicyRow, Sensitivity, compare_policies, correlations, measure
 from .model_workloads import build_workload
 from .workloads import Workload
@@ -24,8 +25,9 @@ class AnalysisResult:
 
 def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5, 4.0), model: str | None = None,
                  frames: int = 8, out_dir: str | Path | None = None,
-                 progress: Callable[[str], None] | None = None) -> AnalysisResult:
-    """Measure every workload, correlate, compare policies; write CSVs and PNGs into ``out_dir`` if given."""
+                 progress: Callable[[str], None] | None = None, fit: str = DEFAULT_FIT) -> AnalysisResult:
+    """Measure every workload, correlate, compare policies (every window quantized with the scale/zero ``fit``);
+    write CSVs and PNGs into ``out_dir`` if given."""
     from .equal_bytes import equal_bytes_rows
 
     torch.set_grad_enabled(False)
@@ -34,7 +36,7 @@ def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5
         if progress:
             progress(name)
         w = build_workload(name, model, frames)
-        s = measure(w)
+        s = measure(w, fit=fit)
         res.workloads.append(w)
         res.sensitivities.append(s)
         res.correlations += correlations(w, s)

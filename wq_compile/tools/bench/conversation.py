@@ -67,6 +67,9 @@ def measure(model_name: str = "tiny", layers: int | None = None, frames: int = 3
     shapes, default_layers = MODELS[model_name]
     model = tiny_model(ATTN_IMPLEMENTATION, layers=layers or default_layers, text_shapes=shapes)
     first, later = _turns(model, frames, second_frames, question)
+    # a random-weight model may emit a media placeholder id, which a later turn would then have to re-read as media
+    # (a trained model never does): every cache kind generates with them suppressed
+    media = [model.config.image_token_index, model.config.video_token_index]
     names = ("1: clip + question", "2: follow-up question", "3: second clip + question")
     rows: list[TurnRow] = []
     for kind in ("dynamic", "static", "windowquant"):
@@ -92,7 +95,7 @@ def measure(model_name: str = "tiny", layers: int | None = None, frames: int = 3
                     cache.extend(**inputs)
                 clock = StepClock()
                 out = model.generate(**inputs, cache=cache, max_new_tokens=new_tokens, do_sample=False,
-                                     streamer=clock)
+                                     streamer=clock, suppress_tokens=media)
             except Exception as exc:  # a cache kind that cannot serve this model: say why, keep the others
                 rows.append(TurnRow(kind, name, inputs["input_ids"].shape[1] - cached, float("nan"), float("nan"),
                                     note=f"{type(exc).__name__}: {str(exc)[:120]}"))

