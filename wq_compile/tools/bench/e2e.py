@@ -57,6 +57,7 @@ class E2ERow:
     search_ms: float = 0.0
     fill_ms: float = 0.0
     int8_dots: bool = False  # WindowQuantConfig(int8_dots=True)
+    fit: str = ""  # WindowQuantConfig(fit=...) ("": the default)
 
     @property
     def torch_warmup_ms(self) -> float:
@@ -101,7 +102,7 @@ class StepClock:
 
 
 def measure(model_name: str, layers: int, frames: int, new_tokens: int, repeats: int, avg_bits: float,
-            module_cache: str, int8_dots: bool = False) -> E2ERow:
+            module_cache: str, int8_dots: bool = False, fit: str = "") -> E2ERow:
     """One process's measurement (call it in a fresh process: see :func:`run`)."""
     import torch
     from transformers import DynamicCache
@@ -115,7 +116,7 @@ def measure(model_name: str, layers: int, frames: int, new_tokens: int, repeats:
     model = tiny_model(wq_compile.ATTN_IMPLEMENTATION, layers=layers, text_shapes=shapes)
     prompt = video_prompt(model, [frames])
     n_prompt = int(prompt.inputs["input_ids"].shape[1])
-    wq = WindowQuantConfig(avg_bits=avg_bits, int8_dots=int8_dots)
+    wq = WindowQuantConfig(avg_bits=avg_bits, int8_dots=int8_dots, **({"fit": fit} if fit else {}))
 
     def gen(cache: Any, n: int) -> StepClock:
         clock = StepClock()
@@ -143,12 +144,12 @@ def measure(model_name: str, layers: int, frames: int, new_tokens: int, repeats:
                   statistics.median(c.stats.store_seconds * 1e3 for c in caches),
                   statistics.median(t for c in dense for t in c.step_ms()),
                   statistics.median(t for c in wqc for t in c.step_ms()), backend, dense_first,
-                  stage("screen"), stage("score"), stage("search"), stage("fill"), int8_dots)
+                  stage("screen"), stage("score"), stage("search"), stage("fill"), int8_dots, fit)
 
 
 def run(models: list[str], frames: int = 32, new_tokens: int = 16, repeats: int = 3, avg_bits: float = 3.0,
         layers: int | None = None, cache_dir: str | None = None, progress: bool = True,
-        int8_dots: bool = False) -> list[E2ERow]:
+        int8_dots: bool = False, fit: str = "") -> list[E2ERow]:
     """Cold then warm, per model, each in a fresh process sharing one module cache folder."""
     from tqdm import tqdm
 
@@ -165,7 +166,7 @@ def run(models: list[str], frames: int = 32, new_tokens: int = 16, repeats: int 
         if state == "cold" and mod_dir.exists() and any(mod_dir.rglob("*.so")):
             raise RuntimeError(f"cache_dir: {mod_dir} already holds modules; a cold run needs an empty folder")
         args = dict(model_name=name, layers=n_layers, frames=frames, new_tokens=new_tokens, repeats=repeats,
-                    avg_bits=avg_bits, module_cache=state, int8_dots=int8_dots)
+                    avg_bits=avg_bits, module_cache=state, int8_dots=int8_dots, fit=fit)
         # a crash in native code (TVM, torch) leaves a Python traceback on stderr instead of nothing
         env = dict(os.environ, WQ_CACHE_DIR=str(mod_dir), PYTHONFAULTHANDLER="1")
         proc = subprocess.run([sys.executable, "-m", "wq_compile.tools.bench.e2e", json.dumps(args)], env=env,
@@ -186,7 +187,7 @@ def format_table(rows: list[E2ERow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         parts = "/".join(f"{x:.0f}" for x in (r.screen_ms, r.score_ms, r.search_ms, r.fill_ms))
-        name = r.model + (" dots" if r.int8_dots else "")
+        name = r.model + (" dots" if r.int8_dots else "") + (f" {r.fit}" if r.fit else "")
         lines.append(f"{name:<14} {r.layers:>6} {r.prompt_tokens:>7} {r.module_cache:>7} "
                      f"{r.dense_first_ttft_ms:>9.0f} {r.dense_ttft_ms:>10.0f} "
                      f"{r.wq_first_ttft_ms:>9.0f} {r.wq_next_ttft_ms:>9.0f} {r.ttft_ratio:>9.2f}x "
@@ -194,7 +195,8 @@ def format_table(rows: list[E2ERow]) -> str:
                      f"{r.wq_decode_ms:>10.2f} {r.decode_ratio:>7.2f}x  {r.backend}")
     lines.append("times in ms; dense 1st: the process's first generate (torch warm-up included); WQ 1st: the first "
                  "WindowQuantCache, after it (kernel import/load or build included); store: window search, quantize "
-                 "and reorder over all layers, inside WQ next; 'dots': WindowQuantConfig(int8_dots=True)")
+                 "and reorder over all layers, inside WQ next; 'dots': WindowQuantConfig(int8_dots=True); a fit name: "
+                 "WindowQuantConfig(fit=...), else the default fit")
     return "\n".join(lines)
 
 

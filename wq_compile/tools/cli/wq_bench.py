@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...core.models import PRESETS
+from ...core.quant_fit import FITS
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-dots", action="store_true",
                    help="--e2e: WindowQuantConfig(int8_dots=True) (QK and P@V of 4/2-bit buckets as int8 dot "
                         "products, AVX-512 VNNI); the decode table always adds an 'int8 dots' row where supported")
+    p.add_argument("--fit", default="", choices=("",) + FITS,
+                   help="--e2e: WindowQuantConfig(fit=...) (default: the config's default fit)")
     p.add_argument("--conversation", action="store_true",
                    help="--e2e: a three-turn conversation instead (clip of --frames, follow-up question, second "
                         "clip): TTFT and ms/token per turn, DynamicCache, StaticCache and WindowQuantCache")
@@ -97,7 +100,7 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
             print(conversation.format_table(turns))
             return 0
         rows = e2e.run(models, frames=args.frames, new_tokens=args.new_tokens, repeats=args.repeats,
-                       layers=args.layers, int8_dots=args.int8_dots)
+                       layers=args.layers, int8_dots=args.int8_dots, fit=args.fit)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         e2e.write_csv(rows, Path(args.out) / "e2e.csv")
         print(e2e.format_table(rows))
