@@ -20,7 +20,7 @@ SPECS = [
     KernelSpec("fused", (8, 4, 2, 16), 64, 14, 2),
     KernelSpec("merge", (16,), 128, 28, 4, dtype="f16"),
     KernelSpec("quantize", (4,), 64, 14, 2),
-    quantize_spec(2, "lsq-keys", head_dim=64, num_q_heads=14, num_kv_heads=2),  # the default fit's blocks
+    quantize_spec(2, "lsq-zs", head_dim=64, num_q_heads=14, num_kv_heads=2),  # the default fit's blocks
 ]
 
 

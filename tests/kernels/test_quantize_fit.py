@@ -1,18 +1,20 @@
-"""The compiled quantize kernel with the keys' least-squares fit (``fit="lsq-keys"``, the default) against the torch
-reference: values bit-exact, keys within the fit's promise (error within 1e-3 of the reference fit's, never above
-min/max's, codes equal but near rounding boundaries), and the check that enforces it catches a wrong fit."""
+"""The compiled quantize kernel with the fits against the torch reference: the keys' least squares and the values'
+zero search (``fit="lsq-zs"``, the default; ``"lsq-keys"``): a min/max part bit-exact, a fitted part within the
+fit's promise (error within 1e-3 of the reference fit's, never above min/max's, codes equal but near rounding
+boundaries), and the check that enforces it catches a wrong fit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from wq_compile.compiler.check import KEY_FIT_CODE_SHARE, ReferenceMismatch, _check_key_fit
+from wq_compile.compiler.check import FIT_CODE_SHARE, ReferenceMismatch, _check_fit
 from wq_compile.core import quant
 from wq_compile.core.config import WindowQuantConfig
-from wq_compile.core.quant_fit import DEFAULT_FIT, LSQ_ITERS
+from wq_compile.core.quant_fit import DEFAULT_FIT, LSQ_ITERS, ZS_SHIFTS
 from wq_compile.core.spec import KernelSpec
-from wq_compile.kernels.signatures import FIT_KEY, compiled_fit, key_fit_iters, quantize_spec, signature
+from wq_compile.kernels.signatures import (FIT_KEY, VALUE_FIT_KEY, compiled_fit, key_fit_iters, quantize_spec,
+                                          signature, spec_fit, value_zero_search)
 from wq_testing import compiled_default
 
 SHAPE = dict(head_dim=64, num_q_heads=14, num_kv_heads=2)
@@ -32,10 +34,11 @@ def _run(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.
     return dict(zip(sig.names, [k, v, *outs]))
 
 
-@pytest.mark.parametrize("bits,dtype", [(2, "f32"), (4, "f16"), (8, "bf16")])
-def test_fitted_quantize_matches_the_reference_fit(bits: int, dtype: str) -> None:
-    spec = quantize_spec(bits, "lsq-keys", dtype=dtype, **SHAPE)
-    assert key_fit_iters(spec) == LSQ_ITERS
+@pytest.mark.parametrize("bits,dtype,fit", [(2, "f32", "lsq-zs"), (4, "f16", "lsq-zs"), (8, "bf16", "lsq-zs"),
+                                            (2, "f32", "lsq-keys")])
+def test_fitted_quantize_matches_the_reference_fit(bits: int, dtype: str, fit: str) -> None:
+    spec = quantize_spec(bits, fit, dtype=dtype, **SHAPE)
+    assert key_fit_iters(spec) == LSQ_ITERS and value_zero_search(spec) == (fit == "lsq-zs") and spec_fit(spec) == fit
     qs = spec.quant(bits)
     gen = torch.Generator().manual_seed(bits)
     for n in (28, 196):  # one module, every block length (whole key groups)
@@ -43,44 +46,61 @@ def test_fitted_quantize_matches_the_reference_fit(bits: int, dtype: str) -> Non
         k[1, 0, 5, 9] = 40.0  # a planted outlier: least squares may clip it where that lowers the group's error
         k[0, 0, :28, 5] = 1.5  # a constant key group: scale 0, exact
         v = torch.randn(2, 2, n, 64, generator=gen).to(spec.torch_dtype)
+        v[1, 1, 3, :] = -0.25  # a constant value group
         named = _run(spec, k, v)
-        _check_key_fit(spec.uri, named, quant.quantize_keys(k, qs, "lsq-keys"))  # raises on a mismatch
-        rv = quant.quantize_values(v, qs)  # values stay min/max: bit-exact
-        for part in ("codes", "scale", "zero"):
-            assert torch.equal(named[f"v_{part}"], getattr(rv, part)), part
-        assert bool((named["k_scale"][0, 0, 0, 5] == 0).all())
+        _check_fit(spec.uri, "k", named, quant.quantize_keys(k, qs, fit))  # raises on a mismatch
+        rv = quant.quantize_values(v, qs, fit)
+        if fit == "lsq-keys":  # values min/max: bit-exact
+            for part in ("codes", "scale", "zero"):
+                assert torch.equal(named[f"v_{part}"], getattr(rv, part)), part
+        else:
+            _check_fit(spec.uri, "v", named, rv)
+        assert bool((named["k_scale"][0, 0, 0, 5] == 0).all()) and bool((named["v_scale"][1, 1, 3] == 0).all())
         got = quant.QuantizedKeys(named["k_codes"], named["k_scale"], named["k_zero"], qs)
         deq = quant.dequantize_keys(got, n)
         assert torch.equal(deq[0, 0, :28, 5], k[0, 0, :28, 5].float())
+        vq = quant.dequantize_values(quant.QuantizedValues(named["v_codes"], named["v_scale"], named["v_zero"], qs))
+        assert torch.equal(vq[1, 1, 3], v[1, 1, 3].float())
         err_fit = float((deq - k.float()).square().sum())
         err_mm = float((quant.dequantize_keys(quant.quantize_keys(k, qs), n) - k.float()).square().sum())
         assert err_fit < (0.9 if bits == 2 else 0.99) * err_mm  # the fit pays: 2-bit keys lose >= 10% error
+        if fit == "lsq-zs":
+            v_mm = float((quant.dequantize_values(quant.quantize_values(v, qs)) - v.float()).square().sum())
+            assert float((vq - v.float()).square().sum()) < (0.95 if bits == 2 else 0.995) * v_mm
 
 
-def test_the_check_catches_a_wrong_fit() -> None:
-    spec = quantize_spec(2, "lsq-keys", **SHAPE)
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_the_check_catches_a_wrong_fit(kind: str) -> None:
+    spec = quantize_spec(2, "lsq-zs", **SHAPE)
     qs = spec.quant(2)
-    k = torch.randn(1, 2, 56, 64, generator=torch.Generator().manual_seed(3)) * 2
-    want = quant.quantize_keys(k, qs, "lsq-keys")
-    mm = quant.quantize_keys(k, qs)
-    as_minmax = {"k": k, "k_codes": mm.codes, "k_scale": mm.scale, "k_zero": mm.zero}
+    x = torch.randn(1, 2, 56, 64, generator=torch.Generator().manual_seed(3)) * 2
+    quantize = quant.quantize_keys if kind == "k" else quant.quantize_values
+    want, mm = quantize(x, qs, "lsq-zs"), quantize(x, qs)
+
+    def named(q) -> dict:
+        return {kind: x, f"{kind}_codes": q.codes, f"{kind}_scale": q.scale, f"{kind}_zero": q.zero}
+
+    _check_fit(spec.uri, kind, named(want), want)  # the reference passes its own check
     with pytest.raises(ReferenceMismatch, match="exceeds the reference fit"):
-        _check_key_fit(spec.uri, as_minmax, want)  # min/max's parameters are not the fit
+        _check_fit(spec.uri, kind, named(mm), want)  # min/max's parameters are not the fit
     codes = want.codes.clone()
-    n_bad = int(codes.numel() * KEY_FIT_CODE_SHARE * 4) + 1
+    n_bad = int(codes.numel() * FIT_CODE_SHARE * 4) + 1
     codes.view(-1)[:n_bad] ^= 0x5  # flip code bits of a few words: scale/zero right, codes wrong
-    with pytest.raises(ReferenceMismatch, match="key codes differ|exceeds"):
-        _check_key_fit(spec.uri, {"k": k, "k_codes": codes, "k_scale": want.scale, "k_zero": want.zero}, want)
+    with pytest.raises(ReferenceMismatch, match="codes differ|exceeds"):
+        _check_fit(spec.uri, kind, named(type(want)(codes, want.scale, want.zero, qs)), want)
 
 
 def test_quantize_spec_names_the_fit() -> None:
     assert quantize_spec(4, "minmax", **SHAPE).extra == ()
-    spec = quantize_spec(4, "lsq-keys", **SHAPE)
-    assert spec.uri.endswith(f"_{FIT_KEY}{LSQ_ITERS}")
-    assert DEFAULT_FIT == "lsq-keys" and WindowQuantConfig().fit == DEFAULT_FIT and compiled_fit(DEFAULT_FIT)
+    assert quantize_spec(4, "lsq-keys", **SHAPE).uri.endswith(f"_{FIT_KEY}{LSQ_ITERS}")
+    assert quantize_spec(4, "lsq-zs", **SHAPE).uri.endswith(f"_{FIT_KEY}{LSQ_ITERS}_{VALUE_FIT_KEY}{len(ZS_SHIFTS)}")
+    assert spec_fit(quantize_spec(4, "zs", **SHAPE)) == "zs"
+    assert DEFAULT_FIT == "lsq-zs" and WindowQuantConfig().fit == DEFAULT_FIT and compiled_fit(DEFAULT_FIT)
     for fit in ("hqq", "lsq", "lsq-hqq"):  # values fitted: the torch reference's job
         assert not compiled_fit(fit)
         with pytest.raises(ValueError, match="torch reference"):
             quantize_spec(4, fit, **SHAPE)
     with pytest.raises(ValueError, match=FIT_KEY):
         signature(KernelSpec("quantize", (4,), extra=((FIT_KEY, -1),), **SHAPE))
+    with pytest.raises(ValueError, match=VALUE_FIT_KEY):  # the candidates are the reference's, not a knob
+        signature(KernelSpec("quantize", (4,), extra=((VALUE_FIT_KEY, 3),), **SHAPE))

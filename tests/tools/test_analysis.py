@@ -29,10 +29,11 @@ def test_fake_quant_fast_matches_the_format(bits: int, gen: torch.Generator) -> 
     x[:, :28, 5] = 1.25  # a constant key group in one channel
     x[0, 3] = -0.5  # a constant value group (whole token)
     spec = QuantSpec(bits, 28, 32)
-    for fit in ("minmax", "lsq-keys", "lsq-hqq"):  # every fit: the analysis quantizes as the cache would
+    for fit in ("minmax", "lsq-keys", "lsq-hqq", "lsq-zs"):  # every fit: the analysis quantizes as the cache would
         assert torch.equal(fake_quant_fast(x, bits, 28, "k", fit), fake_quant(x, spec, "k", fit)), fit
         assert torch.equal(fake_quant_fast(x, bits, 32, "v", fit), fake_quant(x, spec, "v", fit)), fit
     assert not torch.equal(fake_quant_fast(x, bits, 28, "k", "lsq-keys"), fake_quant_fast(x, bits, 28, "k"))
+    assert not torch.equal(fake_quant_fast(x, bits, 32, "v", "lsq-zs"), fake_quant_fast(x, bits, 32, "v"))
 
 
 def test_attend_matches_reference(gen: torch.Generator) -> None:

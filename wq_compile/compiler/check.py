@@ -13,10 +13,11 @@ from typing import Any, Mapping
 import torch
 
 from ..kernels import example_sizes, piece_fields
-from ..kernels.signatures import key_fit_iters
+from ..kernels.signatures import spec_fit
+from ..core.quant_fit import fit_of
 from .measure import example_args
 from ..core.quant import (QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, quantize_keys,
-                          quantize_values, unpack_keys)
+                          quantize_values, unpack, unpack_keys)
 from ..core.reference import attend_piece, merge_states
 
 #: Absolute/relative tolerance of a kernel output vs the reference over the same inputs: fp32 accumulation in both,
@@ -91,14 +92,13 @@ def check_against_reference(kdef: Any, module: Any, device: Any, n_tokens: int |
 
 
 def _check_quantize(spec: Any, named: Mapping[str, Any]) -> None:
-    """Bit-exact: scales, zeros and packed code words equal the torch reference's. With the keys' least-squares fit
-    the values stay bit-exact and the keys are checked by what the fit promises (:func:`_check_key_fit`)."""
+    """Min/max parts bit-exact: scales, zeros and packed code words equal the torch reference's. A fitted part (the
+    keys' least squares, the values' zero search) is checked by what the fit promises (:func:`_check_fit`)."""
     qs = spec.quant(spec.bits[0])
-    fitted = key_fit_iters(spec) > 0
-    for kind, want in (("k", quantize_keys(named["k"], qs, "lsq-keys" if fitted else "minmax")),
-                       ("v", quantize_values(named["v"], qs))):
-        if kind == "k" and fitted:
-            _check_key_fit(spec.uri, named, want)
+    fit = spec_fit(spec)
+    for kind, want in (("k", quantize_keys(named["k"], qs, fit)), ("v", quantize_values(named["v"], qs, fit))):
+        if fit_of(fit, kind) != "minmax":
+            _check_fit(spec.uri, kind, named, want)
             continue
         for part in ("scale", "zero", "codes"):
             got, ref = named[f"{kind}_{part}"], getattr(want, part)
@@ -108,36 +108,51 @@ def _check_quantize(spec: Any, named: Mapping[str, Any]) -> None:
                                         f"{ref.numel()} entries)")
 
 
-#: The fitted keys may differ from the reference's in an fp16 ulp of scale or zero (fp32 sums in another order, FMA
-#: contraction), which can move a code near a rounding boundary: at most this share of codes may differ, and the
-#: squared reconstruction error may exceed the reference's by at most this relative amount.
-KEY_FIT_CODE_SHARE = 1e-3
-KEY_FIT_ERR_RTOL = 1e-3
+#: A fitted part may differ from the reference's in an fp16 ulp of scale or zero, or pick another candidate on a near
+#: tie (fp32 sums in another order, FMA contraction), which can move a code near a rounding boundary: at most this
+#: share of codes may differ, and the squared reconstruction error may exceed the reference's by at most this much.
+FIT_CODE_SHARE = 1e-3
+FIT_ERR_RTOL = 1e-3
 
 
-def _check_key_fit(uri: str, named: Mapping[str, Any], want: QuantizedKeys) -> None:
-    """The kernel's fitted keys: error within :data:`KEY_FIT_ERR_RTOL` of the reference fit's, never above
-    min/max's (the fit keeps min/max where nothing is better), codes equal but for :data:`KEY_FIT_CODE_SHARE`."""
-    k = named["k"]
-    n = k.shape[-2]
-    got = QuantizedKeys(named["k_codes"], named["k_scale"], named["k_zero"], want.spec)
-    minmax = quantize_keys(k, want.spec)
+def _check_fit(uri: str, kind: str, named: Mapping[str, Any], want: QuantizedKeys | QuantizedValues) -> None:
+    """The kernel's fitted keys (``kind="k"``) or values (``"v"``): squared error within :data:`FIT_ERR_RTOL` of
+    the reference fit's, never above min/max's (a fit keeps min/max where nothing is better), codes equal but for
+    :data:`FIT_CODE_SHARE`."""
+    x = named[kind]
+    qs = want.spec
+    n = x.shape[-2]
+    if kind == "k":
+        got: QuantizedKeys | QuantizedValues = QuantizedKeys(named["k_codes"], named["k_scale"], named["k_zero"], qs)
+        minmax: QuantizedKeys | QuantizedValues = quantize_keys(x, qs)
 
-    def sq_err(q: QuantizedKeys) -> float:
-        return float((dequantize_keys(q, n) - k.float()).double().square().sum())
+        def deq(q):
+            return dequantize_keys(q, n)
 
+        def codes(words):
+            return unpack_keys(words, qs.bits, qs.k_group, n)
+    else:
+        got, minmax = QuantizedValues(named["v_codes"], named["v_scale"], named["v_zero"], qs), quantize_values(x, qs)
+        deq = dequantize_values
+
+        def codes(words):
+            return unpack(words, qs.bits)
+
+    def sq_err(q) -> float:
+        return float((deq(q) - x.float()).double().square().sum())
+
+    what = "keys" if kind == "k" else "values"
     e_got, e_ref, e_mm = sq_err(got), sq_err(want), sq_err(minmax)
-    if not e_got <= e_ref * (1 + KEY_FIT_ERR_RTOL) + 1e-12:
-        raise ReferenceMismatch(f"{uri}: fitted keys' squared error {e_got:.6g} exceeds the reference fit's "
-                                f"{e_ref:.6g} by more than {KEY_FIT_ERR_RTOL:g}")
+    if not e_got <= e_ref * (1 + FIT_ERR_RTOL) + 1e-12:
+        raise ReferenceMismatch(f"{uri}: fitted {what}' squared error {e_got:.6g} exceeds the reference fit's "
+                                f"{e_ref:.6g} by more than {FIT_ERR_RTOL:g}")
     if not e_got <= e_mm * (1 + 1e-6) + 1e-12:
-        raise ReferenceMismatch(f"{uri}: fitted keys' squared error {e_got:.6g} exceeds min/max's {e_mm:.6g}")
-    codes_got = unpack_keys(named["k_codes"], want.spec.bits, want.spec.k_group, n)
-    codes_ref = unpack_keys(want.codes, want.spec.bits, want.spec.k_group, n)
-    share = float((codes_got != codes_ref).float().mean()) if codes_ref.numel() else 0.0
-    if share > KEY_FIT_CODE_SHARE:
-        raise ReferenceMismatch(f"{uri}: {share:.2%} of fitted key codes differ from the reference's "
-                                f"(at most {KEY_FIT_CODE_SHARE:.2%} may: near-boundary rounding)")
+        raise ReferenceMismatch(f"{uri}: fitted {what}' squared error {e_got:.6g} exceeds min/max's {e_mm:.6g}")
+    c_got, c_ref = codes(got.codes), codes(want.codes)
+    share = float((c_got != c_ref).float().mean()) if c_ref.numel() else 0.0
+    if share > FIT_CODE_SHARE:
+        raise ReferenceMismatch(f"{uri}: {share:.2%} of fitted {what} codes differ from the reference's "
+                                f"(at most {FIT_CODE_SHARE:.2%} may: near-boundary rounding)")
 
 
 def reference_outputs(spec: Any, named: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -151,11 +166,11 @@ def reference_outputs(spec: Any, named: Mapping[str, Any]) -> dict[str, torch.Te
         return {"out": out}
     if spec.kind == "quantize":
         qs = spec.quant(spec.bits[0])
-        fitted = key_fit_iters(spec) > 0
-        want = {"k": quantize_keys(named["k"], qs, "lsq-keys" if fitted else "minmax"),
-                "v": quantize_values(named["v"], qs)}
+        fit = spec_fit(spec)
+        want = {"k": quantize_keys(named["k"], qs, fit), "v": quantize_values(named["v"], qs, fit)}
         out = {f"{kind}_{part}": getattr(want[kind], part) for kind in ("k", "v") for part in ("scale", "zero", "codes")}
-        if fitted:  # fitted key codes follow from scale and zero, which may differ by an ulp: not compared
-            del out["k_codes"]
+        for kind in ("k", "v"):  # fitted codes follow from scale and zero, which may differ by an ulp: not compared
+            if fit_of(fit, kind) != "minmax":
+                del out[f"{kind}_codes"]
         return out
     raise ValueError(f"spec.kind: no reference for kernel kind {spec.kind!r}")

@@ -39,9 +39,9 @@ class WindowQuantConfig:
     (results then equal the reference's on every machine, and end to end the mode's gain was within noise).
     ``widths`` may include 0: the search may then evict a window (not stored; attention no longer sees it).
     ``fit``: how each group's scale and zero are chosen (:mod:`wq_compile.core.quant_fit`), in one stored format that
-    every decode kernel reads: ``"lsq-keys"`` (the default: keys by least squares, values by min/max) and
-    ``"minmax"`` are computed by the compiled quantize kernel; ``"lsq"``, ``"hqq"`` and ``"lsq-hqq"`` quantize with
-    the torch reference (a larger share of the prefill).
+    every decode kernel reads: ``"lsq-zs"`` (the default: keys by least squares, values by a zero search),
+    ``"lsq-keys"``, ``"zs"`` and ``"minmax"`` are computed by the compiled quantize kernel; ``"lsq"``, ``"hqq"`` and
+    ``"lsq-hqq"`` quantize with the torch reference (a larger share of the prefill).
     """
 
     avg_bits: float = 3.0

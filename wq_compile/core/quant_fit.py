@@ -1,4 +1,5 @@
-"""How each quantization group's fp16 scale and zero are chosen: min/max, least squares (``lsq``) or HQQ (``hqq``).
+"""How each quantization group's fp16 scale and zero are chosen: min/max, least squares (``lsq``), a zero search
+(``zs``) or HQQ (``hqq``).
 
 The stored format and the dequantization are the same for every fit (``x ~ code * scale + zero`` in fp32 from fp16
 scale and zero, ``code = clamp(round((x - zero) / scale), 0, qmax)``), so the compiled decode kernels read any fit.
@@ -14,6 +15,11 @@ scale and zero, ``code = clamp(round((x - zero) / scale), 0, qmax)``), so the co
 - ``hqq``: HQQ's half-quadratic zero search (a re-implementation of ``hqq.core.optimize``'s legacy proximal
   solver with its defaults; the ``hqq`` package is not imported): min/max's scale, the zero that minimises an lp
   norm (p = 0.7) of the error, which ignores a few large errors instead of spreading them.
+
+- ``zs``: min/max's scale, and the zero among :data:`ZS_SHIFTS` (min/max's zero moved by a fraction of the scale,
+  each rounded to fp16) of least squared error; min/max's zero is the first candidate and a later one must be
+  strictly better, so a group is never coded worse than by min/max. Nine candidates, no iterations: cheap in the
+  compiled quantize kernel.
 
 A config's ``fit`` names the fit of keys and of values (:data:`FIT_KINDS`, :func:`fit_of`).
 """
@@ -31,11 +37,16 @@ from .spec import SCALE_DTYPE
 #: helps values there (0.045 -> 0.035). ``lsq-hqq`` (keys least squares, values HQQ) was the best or within 1%
 #: of it on every workload measured.
 FIT_KINDS = {"minmax": ("minmax", "minmax"), "lsq": ("lsq", "lsq"), "lsq-keys": ("lsq", "minmax"),
-             "hqq": ("hqq", "hqq"), "lsq-hqq": ("lsq", "hqq")}
+             "hqq": ("hqq", "hqq"), "lsq-hqq": ("lsq", "hqq"), "lsq-zs": ("lsq", "zs"), "zs": ("minmax", "zs")}
 FITS = tuple(FIT_KINDS)
-#: The default: keys least squares, values min/max. Both are computed by the compiled quantize kernel, so the store
-#: stays a small share of the prefill; keys carry the outliers least squares helps most (docs/formats.md).
-DEFAULT_FIT = "lsq-keys"
+#: The default: keys by least squares, values by the zero search; both computed by the compiled quantize kernel, so
+#: the store stays a small share of the prefill (docs/formats.md has the measurements behind the choice).
+DEFAULT_FIT = "lsq-zs"
+#: The zero search's candidates, in units of the group's scale: 0 (min/max) first, then -1/2 .. 1/2 in eighths.
+#: Measured (uniform int2, keys least squares, attention-output error; docs/formats.md): values by this search
+#: 0.023 on the tiny model (HQQ's zero 0.035, min/max 0.045), and within 2% of the best of HQQ / min/max on needle,
+#: duplicates, diffuse and MiniLM; wider (+-1) or finer (17) candidates change it by < 3%.
+ZS_SHIFTS: tuple[float, ...] = (0.0, -0.5, -0.375, -0.25, -0.125, 0.125, 0.25, 0.375, 0.5)
 #: Alternating least-squares iterations of the ``lsq`` fit: the error drop after 4 is below 1% on Gaussian groups.
 LSQ_ITERS = 4
 
@@ -47,8 +58,16 @@ def check_fit(fit: object) -> str:
     return str(fit)
 
 
+def fit_named(key_fit: str, value_fit: str) -> str:
+    """The config fit name of a (keys, values) pair of per-tensor fits (inverse of :func:`fit_of`)."""
+    for name, pair in FIT_KINDS.items():
+        if pair == (key_fit, value_fit):
+            return name
+    raise ValueError(f"fit: no fit has keys {key_fit!r} and values {value_fit!r}; expected one of {FIT_KINDS}")
+
+
 def fit_of(fit: str, kind: str) -> str:
-    """The fit ``fit`` applies to keys (``kind="k"``) or values (``"v"``): ``minmax``, ``lsq`` or ``hqq``."""
+    """The fit ``fit`` applies to keys (``kind="k"``) or values (``"v"``): ``minmax``, ``lsq``, ``hqq`` or ``zs``."""
     check_fit(fit)
     if kind not in ("k", "v"):
         raise ValueError(f"kind: must be 'k' or 'v', got {kind!r}")
@@ -116,15 +135,33 @@ def hqq_params(g: torch.Tensor, qmax: int, iters: int = 20, lp: float = 0.7, bet
     return scale, z_new.clamp(-65504.0, 65504.0).to(SCALE_DTYPE)
 
 
+def zero_search_params(g: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``zs``: min/max's fp16 scale and the fp16 zero among :data:`ZS_SHIFTS` of least squared error (see the
+    module docstring); constant groups keep scale 0 and their exact zero."""
+    scale, zero = minmax_params(g.amin(-1), g.amax(-1), qmax)
+    best_err, best_zero = None, zero
+    for shift in ZS_SHIFTS:
+        z = (zero.float() + shift * scale.float()).clamp(-65504.0, 65504.0).to(SCALE_DTYPE)
+        err = _sq_err(g, scale, z, qmax)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err, best_zero = torch.where(better, err, best_err), torch.where(better, z, best_zero)
+    return scale, best_zero
+
+
 def fit_params(g: torch.Tensor, qmax: int, fit: str = "minmax", iters: int = LSQ_ITERS
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 ``(scale, zero)`` of every group of ``g [..., n]`` (a group is the last axis), under ``fit``
     (``minmax`` or ``lsq``; :func:`fit_of` maps a config's fit to each of keys and values)."""
-    if fit not in ("minmax", "lsq", "hqq"):
-        raise ValueError(f"fit: must be 'minmax', 'lsq' or 'hqq' for one tensor (see fit_of), got {fit!r}")
+    if fit not in ("minmax", "lsq", "hqq", "zs"):
+        raise ValueError(f"fit: must be 'minmax', 'lsq', 'hqq' or 'zs' for one tensor (see fit_of), got {fit!r}")
     g = g.float()
     if fit == "hqq":
         return hqq_params(g, qmax)
+    if fit == "zs":
+        return zero_search_params(g, qmax)
     scale, zero = minmax_params(g.amin(-1), g.amax(-1), qmax)
     if fit == "minmax" or g.shape[-1] == 0:
         return scale, zero

@@ -10,7 +10,11 @@ With ``("klsq", I)`` in ``spec.extra`` the keys' scale and zero are the least-sq
 :func:`wq_compile.core.quant_fit.fit_params` (``fit="lsq"``): ``I`` alternating iterations started from min/max, each
 iterate rounded to fp16, every group keeping the iterate of least squared error (min/max's included), so a group is
 never coded worse than min/max. The same arithmetic as the reference in fp32, summed in another order: scales and
-zeros may differ from it by an fp16 ulp (the check compares errors, not bits). Values stay min/max.
+zeros may differ from it by an fp16 ulp (the check compares errors, not bits).
+
+With ``("vzs", 9)`` the values' zero is searched (:func:`wq_compile.core.quant_fit.zero_search_params`): min/max's
+scale, the candidate zero of least squared error; the sums run in another order than the reference's, so a near
+tie may pick another candidate (checked by error too).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from tvm.script.ir_builder import tirx as T
 from ..core.quant import key_lane_bytes, key_words
 from ..core.spec import KernelSpec
 from .common import f32
-from .signatures import key_fit_iters
+from ..core.quant_fit import ZS_SHIFTS
+from .signatures import key_fit_iters, value_zero_search
 from .signatures import quantize_bits as _bits
 from .signatures import quantize_signature as signature
 
@@ -33,8 +38,10 @@ def quantize_blocks(spec: KernelSpec) -> tuple[str, ...]:
     iters = key_fit_iters(spec)
     fit = ("k_s0", "k_z0", "k_xsum", "k_e0") + tuple(f"k_{part}{i}" for i in range(1, iters + 1)
                                                      for part in ("c", "cc", "cx", "s", "z", "e"))
+    n_zs = len(ZS_SHIFTS) if value_zero_search(spec) else 0
+    zs = tuple(f"v_e{j}" for j in range(n_zs)) + tuple(f"v_b{j}" for j in range(n_zs))
     return ("k_min", "k_max") + (fit if iters else ()) + (
-        "k_zero", "k_scale", "k_pack", "v_min", "v_max", "v_zero", "v_scale", "v_pack")
+        "k_zero", "k_scale", "k_pack", "v_min", "v_max") + zs + ("v_zero", "v_scale", "v_pack")
 
 
 #: Block names of the min/max kernel, in program order.
@@ -147,6 +154,49 @@ def _key_fit(k, kmn, kmx, shape, kg: int, qmax: int, iters: int):
     return pick
 
 
+def _value_zero_search(v, vmn, vmx, shape, vg: int, qmax: int):
+    """Emit the values' zero search (:func:`wq_compile.core.quant_fit.zero_search_params`) over groups ``shape =
+    (B, Hkv, n, D / v_group)``: one squared-error reduction per candidate zero; return ``zero(index)``, the fp16
+    zero of least error (the first candidate, min/max's, unless a later one is strictly better)."""
+    errs = [IRBuilder.name(f"fve{j}", T.sblock_alloc_buffer(shape, _F32)) for j in range(len(ZS_SHIFTS))]
+
+    def candidate(j, ix):
+        scale, zero = _params(vmn[ix], vmx[ix], qmax)
+        return _to_f16(zero.astype(_F32) + f32(ZS_SHIFTS[j]) * scale.astype(_F32), -65504.0), scale
+
+    for j, err in enumerate(errs):
+        with T.grid(*shape, vg) as (b, h, t, g, c):
+            with T.sblock(f"v_e{j}"):
+                vb, vh, vt, vgr, vc = T.axis.remap("SSSSR", [b, h, t, g, c])
+                ix = (vb, vh, vt, vgr)
+                with T.init():
+                    T.buffer_store(err, f32(0.0), list(ix))
+                x = v[vb, vh, vt, vgr * vg + vc].astype(_F32)
+                z, s = candidate(j, ix)
+                e = _code_f32(x, s, z, qmax) * s.astype(_F32) + z.astype(_F32) - x
+                T.buffer_store(err, err[ix] + e * e, list(ix))
+
+    # the running best, one functional step per candidate (a nested Select chain would repeat the error loads
+    # 2^candidates times: LLVM then takes minutes)
+    best_e = [errs[0]] + [IRBuilder.name(f"fvb{j}", T.sblock_alloc_buffer(shape, _F32)) for j in range(1, len(errs))]
+    best_z = [IRBuilder.name(f"fvz{j}", T.sblock_alloc_buffer(shape, _F16)) for j in range(len(errs))]
+    for j in range(len(errs)):
+        with T.grid(*shape) as (b, h, t, g):
+            with T.sblock(f"v_b{j}"):
+                ix = tuple(T.axis.remap("SSSS", [b, h, t, g]))
+                if j == 0:
+                    T.buffer_store(best_z[0], candidate(0, ix)[0], list(ix))
+                else:
+                    better = errs[j][ix] < best_e[j - 1][ix]
+                    T.buffer_store(best_e[j], tirx.Select(better, errs[j][ix], best_e[j - 1][ix]), list(ix))
+                    T.buffer_store(best_z[j], tirx.Select(better, candidate(j, ix)[0], best_z[j - 1][ix]), list(ix))
+
+    def zero(ix):
+        return best_z[-1][ix]
+
+    return zero
+
+
 def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
     bits = _bits(spec)
     qs = spec.quant(bits)
@@ -219,11 +269,15 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                                 T.buffer_store(buf, f32(ident), [vb, vh, vt, vgr])
                             x = v[vb, vh, vt, vgr * vg + vj].astype(_F32)
                             T.buffer_store(buf, op(buf[vb, vh, vt, vgr], x), [vb, vh, vt, vgr])
+                if value_zero_search(spec):
+                    vzero = _value_zero_search(v, vmn, vmx, (bsz, hkv, n_tok, d // vg), vg, qmax)
+                else:
+                    def vzero(ix):
+                        return _params(vmn[ix], vmx[ix], qmax)[1]
                 with T.grid(bsz, hkv, n_tok, d // vg) as (b, h, t, g):
                     with T.sblock("v_zero"):
-                        vb, vh, vt, vgr = T.axis.remap("SSSS", [b, h, t, g])
-                        _, zero = _params(vmn[vb, vh, vt, vgr], vmx[vb, vh, vt, vgr], qmax)
-                        T.buffer_store(v_zero, zero, [vb, vh, vt, vgr])
+                        ix = tuple(T.axis.remap("SSSS", [b, h, t, g]))
+                        T.buffer_store(v_zero, vzero(ix), list(ix))
                 with T.grid(bsz, hkv, n_tok, d // vg) as (b, h, t, g):
                     with T.sblock("v_scale"):
                         vb, vh, vt, vgr = T.axis.remap("SSSS", [b, h, t, g])

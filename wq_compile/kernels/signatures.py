@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.quant import key_words
-from ..core.quant_fit import DEFAULT_FIT, LSQ_ITERS, fit_of
+from ..core.quant_fit import DEFAULT_FIT, LSQ_ITERS, ZS_SHIFTS, fit_named, fit_of
 from .signature import ArgDesc, KernelSignature
 from ..core.spec import KernelSpec
 
@@ -208,22 +208,39 @@ def merge_signature(spec: KernelSpec) -> KernelSignature:
 
 
 # ---- quantize ---------------------------------------------------------------------------------------------------
-#: ``spec.extra`` key of the quantize kernel's least-squares key fit; its value is the iteration count.
+#: ``spec.extra`` keys of the quantize kernel's fits: the keys' least squares (value: its iteration count) and the
+#: values' zero search (value: its candidate count, ``len(ZS_SHIFTS)``).
 FIT_KEY = "klsq"
+VALUE_FIT_KEY = "vzs"
+
+
+def _extra_count(spec: KernelSpec, key: str, allowed: tuple[int, ...] | None = None) -> int:
+    n = dict(spec.extra).get(key, 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or (n and allowed is not None and n not in allowed):
+        raise ValueError(f"spec.extra: {key} must be {'one of ' + str(allowed) if allowed else 'a non-negative count'}"
+                         f", got {n!r}")
+    return n
 
 
 def key_fit_iters(spec: KernelSpec) -> int:
     """Least-squares iterations of the keys' scale/zero fit in a quantize ``spec`` (0: min/max)."""
-    iters = dict(spec.extra).get(FIT_KEY, 0)
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
-        raise ValueError(f"spec.extra: {FIT_KEY} must be a non-negative iteration count, got {iters!r}")
-    return iters
+    return _extra_count(spec, FIT_KEY)
+
+
+def value_zero_search(spec: KernelSpec) -> bool:
+    """True when a quantize ``spec`` searches the values' zero (:data:`~wq_compile.core.quant_fit.ZS_SHIFTS`)."""
+    return _extra_count(spec, VALUE_FIT_KEY, (len(ZS_SHIFTS),)) > 0
+
+
+def spec_fit(spec: KernelSpec) -> str:
+    """The config fit (:data:`~wq_compile.core.quant_fit.FITS`) a quantize ``spec`` computes."""
+    return fit_named("lsq" if key_fit_iters(spec) else "minmax", "zs" if value_zero_search(spec) else "minmax")
 
 
 def compiled_fit(fit: str) -> bool:
-    """True when the compiled quantize kernel computes ``fit`` (keys min/max or least squares, values min/max);
-    other fits (HQQ's zero search, least squares on values) quantize with the torch reference."""
-    return fit_of(fit, "v") == "minmax" and fit_of(fit, "k") in ("minmax", "lsq")
+    """True when the compiled quantize kernel computes ``fit`` (keys min/max or least squares, values min/max or
+    the zero search); other fits (HQQ's zero, least squares on values) quantize with the torch reference."""
+    return fit_of(fit, "v") in ("minmax", "zs") and fit_of(fit, "k") in ("minmax", "lsq")
 
 
 def quantize_spec(bits: int, fit: str = DEFAULT_FIT, **shape: object) -> KernelSpec:
@@ -231,15 +248,16 @@ def quantize_spec(bits: int, fit: str = DEFAULT_FIT, **shape: object) -> KernelS
     fields (head_dim, heads, groups, dtype, chunk). The one place the runtime, the tuner and the tests name it."""
     if not compiled_fit(fit):
         raise ValueError(f"fit: the compiled quantize kernel fits keys by min/max or least squares and values by "
-                         f"min/max; {fit!r} quantizes with the torch reference")
+                         f"min/max or the zero search; {fit!r} quantizes with the torch reference")
     extra = ((FIT_KEY, LSQ_ITERS),) if fit_of(fit, "k") == "lsq" else ()
+    extra += ((VALUE_FIT_KEY, len(ZS_SHIFTS)),) if fit_of(fit, "v") == "zs" else ()
     return KernelSpec("quantize", (bits,), extra=extra, **shape)  # type: ignore[arg-type]
 
 
 def quantize_bits(spec: KernelSpec) -> int:
     if spec.kind != "quantize" or len(spec.bits) != 1 or spec.bits[0] == 16:
         raise ValueError(f"quantize: expected kind 'quantize' with one width in (2, 4, 8), got {spec.kind} {spec.bits}")
-    key_fit_iters(spec)  # a malformed fit is refused before any factory runs
+    key_fit_iters(spec), value_zero_search(spec)  # a malformed fit is refused before any factory runs
     return spec.bits[0]
 
 

@@ -38,7 +38,7 @@ from .ms_task import replay, tune_context
 from .offline_format import CUDA_BINARY_HELPER, FORMAT, MANIFEST, MEASURE_SCRIPT, RESULTS, OfflineError, read_manifest, replay_json, trace_to_json, workload_hash, write_json
 from .offline_import import ImportSummary, import_results
 from ..core.spec import KernelSpec
-from ..kernels.signatures import key_fit_iters
+from ..kernels.signatures import spec_fit
 from .settings import TuneSettings
 
 __all__ = ["FORMAT", "MANIFEST", "MEASURE_SCRIPT", "RESULTS", "ExportSummary", "ImportSummary", "OfflineError",
@@ -136,7 +136,7 @@ def _reference_data(kdef: KernelDef, sizes: Mapping[str, int], seed: int) -> dic
     expected = {names.index(name): t.to(dict(zip(names, static))[name].dtype).contiguous()
                 for name, t in want.items()}
     if kdef.spec.kind == "quantize":  # exact, but for a fitted key scale/zero: within two fp16 ulps
-        atol, rtol = (1e-7, 2e-3) if key_fit_iters(kdef.spec) else (0.0, 0.0)
+        atol, rtol = (1e-7, 2e-3) if spec_fit(kdef.spec) != "minmax" else (0.0, 0.0)
     else:
         atol, rtol = TOLERANCE.get(kdef.spec.dtype, TOLERANCE["f32"])
     return {"args": [a.contiguous() for a in static], "expected": expected, "atol": atol, "rtol": rtol,
