@@ -14,6 +14,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from wq_compile.kernels.attention import pieces
+from wq_compile.kernels.multi_token_split import rows_spec
 from wq_compile.kernels.split_decode import is_split
 from wq_compile.kernels.quantize import QUANT_BLOCKS
 from wq_compile.core.spec import KernelSpec
@@ -72,6 +73,10 @@ def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
         work_on_kernel(sch)
         schedule_split(sch, spec, DEFAULT_DL, None, DEFAULT_CODE_VECTOR)
         return
+    if spec.kind == "multi" and is_split(spec):  # the split body with (token, head) rows: the same schedule
+        work_on_kernel(sch)
+        schedule_split(sch, rows_spec(spec), DEFAULT_DL, None, DEFAULT_CODE_VECTOR)
+        return
     if spec.kind in ("decode", "fused"):
         threads = attention_threads(spec)[0]
     else:
@@ -81,9 +86,10 @@ def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
 
 def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     """ScheduleFn body: samples the thread count (one categorical feeding every threadIdx.x split) and unrolling."""
-    if spec.kind in ("decode", "fused") and is_split(spec):
+    if is_split(spec) and spec.kind in ("decode", "fused", "multi"):
         # the split between head_dim lanes and token lanes of a warp, unrolling, code vector width
         work_on_kernel(sch)
+        spec = rows_spec(spec) if spec.kind == "multi" else spec
         dl = sch.sample_categorical(DL_CANDIDATES, [1.0 / len(DL_CANDIDATES)] * len(DL_CANDIDATES))
         unroll = sch.sample_categorical(_SPLIT_UNROLL_STEPS, [1.0 / len(_SPLIT_UNROLL_STEPS)] * len(_SPLIT_UNROLL_STEPS))
         vec = sch.sample_categorical(_CODE_VECTORS, [1.0 / len(_CODE_VECTORS)] * len(_CODE_VECTORS))
