@@ -2,6 +2,8 @@
 
 - split-KV decode (the decode loop's kernel on GPUs): :mod:`.cuda_split` (grid batch x KV heads x token splits,
   one warp per query head, warp-shuffle reductions, state in registers, 16-byte staging loads);
+- split-KV multi-token kernel (several new tokens, :mod:`wq_compile.kernels.multi_token_split`): the split
+  schedule on its row spec (a block's rows are (token, head) pairs instead of the GQA group, one warp each);
 - merge of the split partials: one launch, one thread block per (batch, query head) (:func:`_merge`);
 - the one-block-per-(batch, KV head) decode / fused kernels (a comparison on GPUs): every stage of a chunk spreads
   its spatial iterations over ``threadIdx.x``, reductions run per thread, dequantization is inlined;

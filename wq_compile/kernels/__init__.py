@@ -100,7 +100,8 @@ def make_kernel(spec: KernelSpec, target_kind: str | None = None, cpu: CpuIsa | 
         return multi_token_split.build_multi_split(spec)
     if spec.kind == "multi":
         if target_kind not in (None, "llvm"):
-            raise ValueError(f"target_kind: the multi-token kernel has a CPU (llvm) form only, got {target_kind!r}")
+            raise ValueError(f"target_kind: this multi-token kernel is the CPU (llvm) form only, got {target_kind!r}; "
+                             "other targets run its split-KV form (split_spec)")
         from . import multi_token_cpu
 
         return multi_token_cpu.build_multi_cpu(spec)
