@@ -65,8 +65,9 @@ def test_batch_zero_is_an_empty_output_without_a_launch(cpu_lib, split):
 
 
 #: ``__shared__`` bytes of the generated CUDA (untuned default schedule for nvidia/nvidia-h200, bits 8/4/2 + dense,
-#: chunk 32, summed from the source's arrays on 2026-12-05; ptxas -v reports 42,168 / 22,144 / 51,584 for the first
-#: three): (group, head_dim, bits, dtype bytes) -> bytes. The model must match them or over-estimate (never under).
+#: chunk 32, summed from the source's arrays on 2026-12-05; ptxas -v reports 42,168 / 22,144 / 51,584 / 41,136 for
+#: the first four, the arrays being alignas(64)): (group, head_dim, bits, dtype bytes) -> bytes. The model must match
+#: them up to that alignment or over-estimate (never under).
 GENERATED_SMEM = {
     (7, 128, (8, 4, 2, 16), 2): 42152,   # llava-ov-7b f16 and bf16
     (7, 64, (8, 4, 2, 16), 2): 22144,    # llava-ov-0.5b f16
@@ -82,14 +83,14 @@ def test_static_shared_model_matches_the_generated_cuda(key):
     group, d, bits, nbytes = key
     model = gl.split_static_shared_bytes(group, d, 32, bits, dtype_bytes=nbytes)
     assert GENERATED_SMEM[key] <= model <= GENERATED_SMEM[key] + 2048, model
-    if bits == (8, 4, 2, 16) and nbytes == 2 and group != 16:
-        assert model - GENERATED_SMEM[key] <= 24  # the 16-byte rounding of the arrays only
+    if bits == (8, 4, 2, 16) and nbytes == 2:
+        assert model - GENERATED_SMEM[key] <= 48  # the 64-byte alignment of the arrays only
 
 
 @pytest.mark.parametrize("hq, hkv, d, dtype, why", [
     (16, 1, 128, torch.float16, "16 query heads per KV head at head_dim 128 .* need 51,584 B of static shared"),
     (28, 4, 128, torch.float32, "7 query heads per KV head at head_dim 128 .*32-bit activations.* 58,560 B"),
-    (28, 2, 128, torch.bfloat16, "14 query heads per KV head .* 49,488 B.* Use fewer query heads per KV head"),
+    (28, 2, 128, torch.bfloat16, "14 query heads per KV head .* 49,536 B.* Use fewer query heads per KV head"),
 ])
 def test_static_shared_memory_refused_at_construction(cuda_lib, cpu_lib, hq, hkv, d, dtype, why):
     """Issue 21: a config whose split-kernel tiles pass the 48 KB of static shared memory is refused when the

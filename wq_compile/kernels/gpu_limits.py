@@ -64,30 +64,32 @@ def split_static_shared_bytes(group: int, head_dim: int, chunk: int, bits: tuple
     key codes / scales / zero points, value codes, the fp32 K tile (rows padded by 4 floats), ``P x v_scale``
     and (several value groups) the zero-point terms. The pieces run one after the other, so TVM gives each tile the
     size of the largest piece's and reuses it; the dense piece's K (rows padded by 16 bytes) and V tiles go into
-    the smallest tile that holds them, else count in full. Each array rounded up to 16 bytes (ptxas' alignment).
+    the smallest tile that holds them, else count in full. Each array rounded up to 64 bytes (TVM declares them
+    ``alignas(64)``).
 
     Matches the ``__shared__`` arrays of the generated CUDA (7B f16 42,152 B, 0.5B f16 22,144 B, group 16 at
-    d 128 51,584 B, Qwen2-VL-2B 41,104 B; ptxas reports 42,168 for the first) and over-estimates where TVM merges
-    differently (f32, or only 4-bit buckets: +768 B); see tests/runtime/test_gpu_limits.py."""
-    def r16(n: int) -> int:
-        return -(-n // 16) * 16
+    d 128 51,584 B, Qwen2-VL-2B 41,104 B) up to that alignment (ptxas: 42,168, 22,144, 51,584, 41,136; the model
+    42,176, 22,144, 51,584, 41,152) and over-estimates where TVM merges differently (f32, or only 4-bit buckets);
+    see tests/runtime/test_gpu_limits.py."""
+    def r64(n: int) -> int:
+        return -(-n // 64) * 64
 
     g, d, c = group, head_dim, chunk
     quant = [b for b in bits if b != 16]
-    total = r16(g * d * 4) + 2 * r16(g * c * 4)  # qf, scores, probabilities
+    total = r64(g * d * 4) + 2 * r64(g * c * 4)  # qf, scores, probabilities
     tiles: list[int] = []
     if quant:
         ngk = (c + k_group - 2) // k_group + 1  # key groups a chunk can touch (split_decode.key_groups_per_chunk)
         nvg = d // v_group
-        tiles = [max(r16(ngk * d * key_words(b, k_group) * 4) for b in quant),  # key codes
-                 r16(ngk * d * 2), r16(ngk * d * 2),                             # key scale, zero point (fp16)
-                 max(r16(c * d // (32 // b) * 4) for b in quant),              # value codes
-                 r16(c * (d + 4) * 4),                                           # dequantized K tile
-                 r16(g * c * nvg * 4)]                                           # P x value scale
-        total += sum(tiles) + (len(quant) * r16(g * nvg * 4) if nvg > 1 else 0)
+        tiles = [max(r64(ngk * d * key_words(b, k_group) * 4) for b in quant),  # key codes
+                 r64(ngk * d * 2), r64(ngk * d * 2),                             # key scale, zero point (fp16)
+                 max(r64(c * d // (32 // b) * 4) for b in quant),              # value codes
+                 r64(c * (d + 4) * 4),                                           # dequantized K tile
+                 r64(g * c * nvg * 4)]                                           # P x value scale
+        total += sum(tiles) + (len(quant) * r64(g * nvg * 4) if nvg > 1 else 0)
     if 16 in bits:
         free = sorted(tiles)
-        for need in (r16(c * (d + 16 // dtype_bytes) * dtype_bytes), r16(c * d * dtype_bytes)):  # dense K, V
+        for need in (r64(c * (d + 16 // dtype_bytes) * dtype_bytes), r64(c * d * dtype_bytes)):  # dense K, V
             fit = next((t for t in free if t >= need), None)
             if fit is None:
                 total += need
