@@ -12,6 +12,7 @@ f32 tiles pass 48 KB of static shared memory and the decoder refuses it (tests/r
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,3 +99,29 @@ def test_gpu_visit_edge_cases_cover_the_multi_token_kernel(decoders) -> None:
     manifest = {"kernels": [{"uri": s.uri, "spec": fields(s)} for s in dec.specs((8, 4, 2))]}
     ((split, merge),) = ec.export_split_pairs(manifest)  # the visit pairs it with its merge
     assert split["uri"] == spec.uri and merge["uri"].startswith("merge")
+
+
+def test_reference_partials_of_a_split_kernel(decoders) -> None:
+    """``compiler.check``'s reference for a split kernel's outputs (what the offline export and the check of a
+    foreign tuning record compare ``o_parts`` / ``lse_parts`` with) equals the kernel's own partials: split ``s``
+    covers chunks ``[s * cps, (s + 1) * cps)`` of all pieces, empty splits ``o = 0, lse = -inf``; irregular lens,
+    an empty bucket per sample, the dense piece causal."""
+    from wq_compile.compiler.check import TOLERANCE, check_against_reference, reference_outputs
+    from wq_compile.compiler.measure import example_args
+
+    kernel = decoders("0.5b", "f16", {}).kernel((8, 4, 2))
+    spec, sig = kernel.spec, kernel.signature
+    sizes = {"B": 2, "S": 5, "N8": 64, "G8": 3, "N4": 128, "G4": 5, "N2": 64, "G2": 3, "N16": 64, "P": 7}
+    args = example_args(sig, sizes, scalars={"sm_scale": SM_SCALE}, seed=3)
+    named = dict(zip(sig.names, args))
+    for name, lens in (("q8_lens", [40, 0]), ("q4_lens", [100, 3]), ("q2_lens", [0, 64]), ("dense_lens", [5, 30])):
+        named[name].copy_(torch.tensor(lens, dtype=torch.int32))
+    kernel(*args)
+    want = reference_outputs(spec, named)
+    assert bool(torch.isneginf(want["lse_parts"][5:]).all())  # 10 chunks in splits of 2: the last two are empty
+    fin = torch.isfinite(want["lse_parts"])
+    assert torch.equal(fin, torch.isfinite(named["lse_parts"])) and bool((named["lse_parts"][~fin] < 0).all())
+    check_close("lse_parts", named["lse_parts"][fin], want["lse_parts"][fin], *TOLERANCE["f16"])
+    check_close("o_parts", named["o_parts"], want["o_parts"], *TOLERANCE["f16"])
+    assert float((want["o_parts"] - named["o_parts"]).abs().max()) > 0  # compared for real
+    check_against_reference(SimpleNamespace(spec=spec, signature=sig), kernel.module, kernel.device)  # llvm: runs
