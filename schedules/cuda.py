@@ -2,6 +2,8 @@
 
 - split-KV decode (the decode loop's kernel on GPUs): :mod:`.cuda_split` (grid batch x KV heads x token splits,
   one warp per query head, warp-shuffle reductions, state in registers, 16-byte staging loads);
+- split-KV multi-token kernel (several new tokens, :mod:`wq_compile.kernels.multi_token_split`): the split
+  schedule on its row spec (a block's rows are (token, head) pairs instead of the GQA group, one warp each);
 - merge of the split partials: one launch, one thread block per (batch, query head) (:func:`_merge`);
 - the one-block-per-(batch, KV head) decode / fused kernels (a comparison on GPUs): every stage of a chunk spreads
   its spatial iterations over ``threadIdx.x``, reductions run per thread, dequantization is inlined;
@@ -14,6 +16,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from wq_compile.kernels.attention import pieces
+from wq_compile.kernels.multi_token_split import rows_spec
 from wq_compile.kernels.split_decode import is_split
 from wq_compile.kernels.quantize import quantize_blocks
 from wq_compile.core.spec import KernelSpec
@@ -72,6 +75,10 @@ def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
         work_on_kernel(sch)
         schedule_split(sch, spec, DEFAULT_DL, None, DEFAULT_CODE_VECTOR)
         return
+    if spec.kind == "multi" and is_split(spec):  # the split body with (token, head) rows: the same schedule
+        work_on_kernel(sch)
+        schedule_split(sch, rows_spec(spec), DEFAULT_DL, None, DEFAULT_CODE_VECTOR)
+        return
     if spec.kind in ("decode", "fused"):
         threads = attention_threads(spec)[0]
     else:
@@ -81,9 +88,10 @@ def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
 
 def design_space(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     """ScheduleFn body: samples the thread count (one categorical feeding every threadIdx.x split) and unrolling."""
-    if spec.kind in ("decode", "fused") and is_split(spec):
+    if is_split(spec) and spec.kind in ("decode", "fused", "multi"):
         # the split between head_dim lanes and token lanes of a warp, unrolling, code vector width
         work_on_kernel(sch)
+        spec = rows_spec(spec) if spec.kind == "multi" else spec
         dl = sch.sample_categorical(DL_CANDIDATES, [1.0 / len(DL_CANDIDATES)] * len(DL_CANDIDATES))
         unroll = sch.sample_categorical(_SPLIT_UNROLL_STEPS, [1.0 / len(_SPLIT_UNROLL_STEPS)] * len(_SPLIT_UNROLL_STEPS))
         vec = sch.sample_categorical(_CODE_VECTORS, [1.0 / len(_CODE_VECTORS)] * len(_CODE_VECTORS))

@@ -15,6 +15,7 @@ from wq_compile.kernels.attention import pieces
 from wq_compile.kernels.attention_cpu import PLAIN_TIR_ATTR
 from wq_compile.kernels.merge import MERGE_BLOCKS
 from wq_compile.kernels.quantize import QUANT_BLOCKS, quantize_blocks
+from wq_compile.kernels.signatures import is_split
 from wq_compile.core.spec import KernelSpec
 
 _UNROLL_STEPS = [0, 16, 64, 512]
@@ -57,7 +58,7 @@ def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
     if is_plain_tir(sch):
         return
     work_on_kernel(sch)
-    if spec.kind in ("decode", "fused"):
+    if spec.kind in ("decode", "fused") or (spec.kind == "multi" and is_split(spec)):
         outer = sch.get_loops(sch.get_sblock("qscale"))[:2]
         sch.parallel(sch.fuse(*outer))
     elif spec.kind == "merge":

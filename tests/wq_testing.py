@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -312,3 +313,39 @@ def load_tiny_decode(logs: Path, cache: Path, timeout: float = 300) -> subproces
         k(*example_args(k.signature, {{"B": 1, "N": 64, "G": 3}}))
         print("compiled", lib.stats.compiled)
     """, timeout)
+
+
+# ---- several-token steps (the multi-token kernels) ---------------------------------------------------------
+def step_layer(shape: tuple[int, int, int], dtype: torch.dtype, prompts: list[int], steps: int,
+               gen: torch.Generator) -> tuple[Any, torch.Tensor]:
+    """A cache as a left-padded batch leaves it: per sample a prompt of its own length (windows of irregular
+    lengths at 8/4/2 bits, group tails dense; sample 1 of a 2-sample batch keeps only 16-bit windows, so its
+    buckets are empty; a prompt of 0 tokens is a padding sample: it holds the step alone), then ``steps`` new
+    tokens appended; and the step's query ``[B, Hq, S, D]``."""
+    from wq_compile.core.layout import LayerCache
+    from wq_compile.core.windows import WindowAssignment
+
+    hq, hkv, d = shape  # query heads, KV heads, head_dim
+    layer = LayerCache.empty(len(prompts), hkv, d, dtype, residual=512)
+    for b, t in enumerate(prompts):
+        if t == 0:
+            continue
+        k, v = torch.randn(hkv, t, d, generator=gen) * 2 + 0.5, torch.randn(hkv, t, d, generator=gen)
+        cuts = [0, 30, 43, 239, t - 30]  # windows of 30, 13, 196 and t - 269 tokens; the last 30 tokens text
+        bits = [8, 4, 2, 4] if b == 0 else [16, 16, 16, 16]
+        w = WindowAssignment(torch.tensor(cuts[:4]), torch.tensor([cuts[i + 1] - cuts[i] for i in range(4)]),
+                             torch.tensor(bits))
+        layer.fill_sample(b, k.to(dtype), v.to(dtype), w)
+    layer.append(torch.randn(len(prompts), hkv, steps, d, generator=gen).to(dtype),
+                 torch.randn(len(prompts), hkv, steps, d, generator=gen).to(dtype))
+    q = torch.randn(len(prompts), hq, steps, d, generator=gen).to(dtype)
+    return layer, q
+
+
+def poison_past_lens(layer: Any) -> None:
+    """NaN past every sample's valid tokens (dense K/V, bucket value scales): a read past ``lens`` shows."""
+    for b in range(layer.dense.lens.shape[0]):
+        layer.dense.k[b, :, int(layer.dense.lens[b]):] = float("nan")
+        layer.dense.v[b, :, int(layer.dense.lens[b]):] = float("nan")
+        for bk in layer.buckets.values():
+            bk.v_scale[b, :, int(bk.lens[b]):] = float("nan")

@@ -15,12 +15,11 @@ import torch
 pytest.importorskip("tvm")
 
 from tolerances import ATOL, ATOL_BF16, ATOL_F16, RTOL  # noqa: E402
-from wq_testing import check_close  # noqa: E402
+from wq_testing import check_close, poison_past_lens as _poison, step_layer  # noqa: E402
 from wq_compile.compiler.build import UntunedKernelWarning  # noqa: E402
 from wq_compile.core.layout import LayerCache  # noqa: E402
 from wq_compile.core.reference import decode_attention  # noqa: E402
 from wq_compile.core.spec import KernelSpec  # noqa: E402
-from wq_compile.core.windows import WindowAssignment  # noqa: E402
 from wq_compile.kernels import knobs as knob_lib  # noqa: E402
 from wq_compile.runtime.library import KernelLibrary  # noqa: E402
 from wq_compile.runtime.steps import StepDecoder  # noqa: E402
@@ -61,35 +60,6 @@ def decoders(library):
     return get
 
 
-def _layer(shape: str, dtype: torch.dtype, prompts: list[int], steps: int, gen: torch.Generator
-           ) -> tuple[LayerCache, torch.Tensor]:
-    """A cache as a left-padded batch leaves it: per sample a prompt of its own length (windows of irregular
-    lengths at 8/4/2 bits, group tails dense; sample 1 of a 2-sample batch keeps only 16-bit windows, so its
-    buckets are empty), then ``steps`` new tokens appended; and the step's query ``[B, Hq, S, D]``."""
-    hq, hkv, d = SHAPES[shape]
-    layer = LayerCache.empty(len(prompts), hkv, d, dtype, residual=512)
-    for b, t in enumerate(prompts):
-        k, v = torch.randn(hkv, t, d, generator=gen) * 2 + 0.5, torch.randn(hkv, t, d, generator=gen)
-        cuts = [0, 30, 43, 239, t - 30]  # windows of 30, 13, 196 and t - 269 tokens; the last 30 tokens text
-        bits = [8, 4, 2, 4] if b == 0 else [16, 16, 16, 16]
-        w = WindowAssignment(torch.tensor(cuts[:4]), torch.tensor([cuts[i + 1] - cuts[i] for i in range(4)]),
-                             torch.tensor(bits))
-        layer.fill_sample(b, k.to(dtype), v.to(dtype), w)
-    layer.append(torch.randn(len(prompts), hkv, steps, d, generator=gen).to(dtype),
-                 torch.randn(len(prompts), hkv, steps, d, generator=gen).to(dtype))
-    q = torch.randn(len(prompts), hq, steps, d, generator=gen).to(dtype)
-    return layer, q
-
-
-def _poison(layer: LayerCache) -> None:
-    """NaN past every sample's valid tokens (dense K/V, bucket value scales): a read past ``lens`` shows."""
-    for b in range(layer.dense.lens.shape[0]):
-        layer.dense.k[b, :, int(layer.dense.lens[b]):] = float("nan")
-        layer.dense.v[b, :, int(layer.dense.lens[b]):] = float("nan")
-        for bk in layer.buckets.values():
-            bk.v_scale[b, :, int(bk.lens[b]):] = float("nan")
-
-
 def _check(dec: StepDecoder, layer: LayerCache, q: torch.Tensor, dtype: str, what: str) -> torch.Tensor:
     want = decode_attention(q, layer, SM_SCALE, causal_tail=q.shape[2]).transpose(1, 2)
     _poison(layer)
@@ -107,7 +77,7 @@ def test_multi_token_kernel_matches_causal_reference(decoders, shape: str, dtype
                                                      steps: int) -> None:
     dec = decoders(shape, dtype, knobs)
     gen = torch.Generator().manual_seed(steps)
-    layer, q = _layer(shape, DTYPES[dtype], [400, 300], steps, gen)
+    layer, q = step_layer(SHAPES[shape], DTYPES[dtype], [400, 300], steps, gen)
     assert int(layer.buckets[2].lens[0]) > 0 and int(layer.buckets[2].lens[1]) == 0
     _check(dec, layer, q, dtype, f"multi {shape} {dtype} {knobs} S={steps}")
 

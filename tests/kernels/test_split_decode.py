@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wq_compile.compiler.check import reference_outputs
 from wq_compile.core import reference
 from wq_compile.kernels import make_kernel, signature
 from wq_compile.kernels.signatures import pieces
@@ -78,6 +79,13 @@ def test_splits_cut_all_pieces_as_one_chunk_sequence() -> None:
     check_close("P=30", out, want, *TOL)
     owner = [(p.bits, c) for p in pieces(spec) for c in range(caps[p.bits] // 32)]  # global chunk -> (piece, chunk)
     assert len(owner) == 22
+    # the reference partials (compiler.check: what the offline export compares a split kernel's outputs with)
+    named = {**dict(zip(signature(spec).names, call)), "o_parts": o_parts, "lse_parts": lse_parts}
+    want = reference_outputs(spec, named)
+    fin = torch.isfinite(want["lse_parts"])
+    assert torch.equal(fin, torch.isfinite(lse_parts)) and bool(torch.isneginf(lse_parts[~fin]).all())
+    check_close("reference o_parts", o_parts, want["o_parts"], *TOL)
+    check_close("reference lse_parts", lse_parts[fin], want["lse_parts"][fin], LSE_ATOL, 1e-6)
     for s in range(30):
         for i in range(2):
             valid = s < len(owner) and owner[s][1] * 32 < lens[owner[s][0]][i]

@@ -47,8 +47,8 @@ def test_cuda_decoder_refuses_at_construction(cuda_lib, hq, hkv, d, chunk, why):
 
 
 def test_accepted_configs(cuda_lib, cpu_lib):
-    for hq, hkv in ((28, 4), (14, 2), (16, 1)):  # presets, and groups up to 16
-        assert FusedDecoder(cuda_lib, hq, hkv, 128, torch.float16).split
+    for hq, hkv, d in ((28, 4, 128), (14, 2, 64), (12, 2, 128), (32, 4, 128), (16, 1, 64)):  # presets, group 8, 16
+        assert FusedDecoder(cuda_lib, hq, hkv, d, torch.float16).split
     # the same PrimFunc on llvm has no thread or register limit, but the chunk still must tile
     assert FusedDecoder(cpu_lib, 64, 1, 128, torch.float32, split=True).split
     with pytest.raises(ValueError, match=r"^split-KV decode: chunk \(48\)"):
@@ -62,3 +62,58 @@ def test_batch_zero_is_an_empty_output_without_a_launch(cpu_lib, split):
     stats = SimpleNamespace(kernel_calls=0)
     out = dec(torch.empty(0, 4, 64), SimpleNamespace(buckets={}, dense=None), 0.125, stats)
     assert out.shape == (0, 4, 64) and stats.kernel_calls == 0 and not dec._kernels  # nothing loaded or launched
+
+
+#: ``__shared__`` bytes of the generated CUDA (untuned default schedule for nvidia/nvidia-h200, bits 8/4/2 + dense,
+#: chunk 32, summed from the source's arrays on 2026-12-05; ptxas -v reports 42,168 / 22,144 / 51,584 / 41,136 for
+#: the first four, the arrays being alignas(64)): (group, head_dim, bits, dtype bytes) -> bytes. The model must match
+#: them up to that alignment or over-estimate (never under).
+GENERATED_SMEM = {
+    (7, 128, (8, 4, 2, 16), 2): 42152,   # llava-ov-7b f16 and bf16
+    (7, 64, (8, 4, 2, 16), 2): 22144,    # llava-ov-0.5b f16
+    (16, 128, (8, 4, 2, 16), 2): 51584,  # group 16 at d 128 (issue 21: sm_80 refuses it at ptxas)
+    (6, 128, (8, 4, 2, 16), 2): 41104,   # Qwen2-VL-2B (12/2 heads)
+    (7, 128, (4, 16), 2): 41272,         # one 4-bit bucket: TVM grows a scale tile for dense V (model: +768 B)
+    (7, 128, (8, 4, 2, 16), 4): 56744,   # f32 activations (model: +1,816 B)
+}
+
+
+@pytest.mark.parametrize("key", list(GENERATED_SMEM))
+def test_static_shared_model_matches_the_generated_cuda(key):
+    group, d, bits, nbytes = key
+    model = gl.split_static_shared_bytes(group, d, 32, bits, dtype_bytes=nbytes)
+    assert GENERATED_SMEM[key] <= model <= GENERATED_SMEM[key] + 2048, model
+    if bits == (8, 4, 2, 16) and nbytes == 2:
+        assert model - GENERATED_SMEM[key] <= 48  # the 64-byte alignment of the arrays only
+
+
+@pytest.mark.parametrize("hq, hkv, d, dtype, why", [
+    (16, 1, 128, torch.float16, "16 query heads per KV head at head_dim 128 .* need 51,584 B of static shared"),
+    (28, 4, 128, torch.float32, "7 query heads per KV head at head_dim 128 .*32-bit activations.* 58,560 B"),
+    (28, 2, 128, torch.bfloat16, "14 query heads per KV head .* 49,536 B.* Use fewer query heads per KV head"),
+])
+def test_static_shared_memory_refused_at_construction(cuda_lib, cpu_lib, hq, hkv, d, dtype, why):
+    """Issue 21: a config whose split-kernel tiles pass the 48 KB of static shared memory is refused when the
+    decoder is built (ptxas for sm_80 refused group 16 at d 128); the same PrimFunc on llvm has no such limit."""
+    with pytest.raises(ValueError, match=f"CUDA split-KV decode: {why}") as err:
+        FusedDecoder(cuda_lib, hq, hkv, d, dtype)
+    assert "CUDA allows 49,152 B (sm_80, sm_90) without dynamic shared memory" in str(err.value)
+    assert FusedDecoder(cpu_lib, hq, hkv, d, dtype, split=True).split
+
+
+def test_cuda_multi_token_decoder_checks_its_rows(cuda_lib, cpu_lib):
+    """The multi-token kernel on CUDA runs the split form (rows per block default: the group) and is refused at
+    construction where its rows' tiles pass 48 KB of static shared memory or 1024 threads."""
+    from wq_compile.runtime.steps import StepDecoder
+
+    dec = StepDecoder(cuda_lib, 28, 4, 128, torch.float16)
+    assert dec.split and [s.kind for s in dec.specs((8, 4, 2))] == ["multi", "merge"]
+    assert dec.specs((8, 4, 2))[0].uri.endswith("_split1") and dec.shape["chunk"] == 32
+    assert StepDecoder(cuda_lib, 28, 4, 128, torch.float16, knobs={"rows": 8}).split
+    with pytest.raises(ValueError, match="CUDA multi-token: 16 query rows per block at head_dim 128 .* 51,584 B"):
+        StepDecoder(cuda_lib, 28, 4, 128, torch.float16, knobs={"rows": 16})
+    with pytest.raises(ValueError, match="CUDA multi-token: .*1056 threads per block"):
+        StepDecoder(cuda_lib, 14, 2, 64, torch.float16, knobs={"rows": 33})
+    assert not StepDecoder(cpu_lib, 28, 4, 128, torch.float16).split  # CPUs: the CPU multi-token kernel
+    with pytest.raises(ValueError, match="split-KV form there"):
+        StepDecoder(cuda_lib, 28, 4, 128, torch.float16, split=False)

@@ -1,6 +1,7 @@
 """``wq-tune`` without ``--kernels`` builds exactly the kernels the target's decoder runs (issue 21, item 0).
 
-CUDA runs the split-KV kernel and its merge (``FusedDecoder(split=None)`` splits on CUDA), CPUs the fused kernel:
+CUDA runs the split-KV kernel and its merge (``FusedDecoder(split=None)`` splits on CUDA) and the split-KV
+multi-token kernel for several-token steps (``StepDecoder(split=None)``, the same merge), CPUs the fused kernel:
 tuning "fused" for a GPU (the old default) left the kernel the GPU runs untuned. Both tests build for real (CUDA:
 the modules are compiled with nvcc, nothing runs; llvm: the backend then loads what was built).
 """
@@ -19,6 +20,7 @@ from wq_compile.kernels.catalog import CUDA_KERNEL_KINDS, DEFAULT_KERNEL_KINDS, 
 from wq_compile.runtime.backend import CompiledQuantizer, make_backend
 from wq_compile.runtime.decoder import FusedDecoder
 from wq_compile.runtime.library import KernelLibrary
+from wq_compile.runtime.steps import StepDecoder
 from wq_compile.tools.cli.wq_tune import main_tune
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
@@ -32,7 +34,7 @@ def _built(capsys: pytest.CaptureFixture, argv: list[str]) -> dict[str, str]:
 
 
 def test_default_kinds_follow_the_target():
-    assert default_kernel_kinds("cuda") == CUDA_KERNEL_KINDS == ("split", "quantize")
+    assert default_kernel_kinds("cuda") == CUDA_KERNEL_KINDS == ("split", "multi-split", "quantize")
     assert default_kernel_kinds("llvm") == DEFAULT_KERNEL_KINDS == ("fused", "multi", "quantize")
 
 
@@ -46,8 +48,11 @@ def test_cuda_build_only_builds_what_the_cuda_decoder_runs(tmp_path, capsys, mon
     library = KernelLibrary(target, logs_dir=tmp_path / "logs", cache_dir=tmp_path / "cache")
     decoder = FusedDecoder(library, 4, 2, 64, torch.float16)  # split=None: split on CUDA
     quantizer = CompiledQuantizer(library, 4, 2, 64, torch.float16, WindowQuantConfig().chunk)
-    runs = {s.uri for s in decoder.specs((4,))} | {quantizer.spec(QuantSpec(4, 28, 64)).uri}
-    assert decoder.split and any(uri.startswith("merge") for uri in runs)
+    steps = StepDecoder(library, 4, 2, 64, torch.float16)  # split=None: the split-KV multi-token kernel on CUDA
+    runs = ({s.uri for s in decoder.specs((4,)) + steps.specs((4,))}
+            | {quantizer.spec(QuantSpec(4, 28, 64)).uri})
+    assert decoder.split and steps.split and any(uri.startswith("merge") for uri in runs)
+    assert any(uri.startswith("multi") and uri.endswith("_split1") for uri in runs)
     assert set(built) == runs, f"built {sorted(built)}, the CUDA decoder runs {sorted(runs)}"
     assert all(how == "untuned" for how in built.values())  # no log: every one built from the default schedule
 

@@ -255,3 +255,17 @@ def test_cli_export_candidates(tmp_path, capsys):
     assert "measure_candidates.py" in capsys.readouterr().out
     assert cli.main_tune(["--target", "llvm", "--model", "tiny", "--export-candidates", str(tmp_path / "x")]) == 1
     assert "already holds" in capsys.readouterr().err
+
+
+def test_check_outputs_matches_empty_splits_exactly():
+    """A split-KV kernel's empty split has lse = -inf in the reference (compiler.check's partials): the measuring
+    side accepts exactly that, and still refuses NaN, an unwritten (wrong-signed) infinity or a finite mismatch."""
+    import torch
+
+    from wq_compile.tuning.offline_measure import check_outputs
+
+    want = torch.tensor([1.0, float("-inf"), 2.0])
+    assert check_outputs([torch.tensor([1.0, float("-inf"), 2.0])], {0: want}, 1e-3, 1e-3) == 0.0
+    for bad in ([1.0, float("nan"), 2.0], [1.0, float("inf"), 2.0], [1.0, 0.0, 2.0], [1.0, float("-inf"), 2.5]):
+        with pytest.raises(AssertionError, match="output #0"):
+            check_outputs([torch.tensor(bad)], {0: want}, 1e-3, 1e-3)

@@ -29,19 +29,18 @@ class ReferenceMismatch(AssertionError):
     """A compiled kernel disagrees with the torch reference."""
 
 
-def _attention(spec: Any, named: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference output and lse of a decode/fused kernel, from its arguments by name; of a multi-token kernel
-    (``q [B, S, Hq, D]``, the dense piece ending with the ``S`` new tokens) output ``[B, S, Hq, D]``."""
-    q = named["q"]
-    steps = q.shape[1] if spec.kind == "multi" else 0
-    if steps:
-        q = q.transpose(1, 2)
+_OUTPUTS = ("q", "sm_scale", "o", "lse", "out", "o_parts", "lse_parts")
+
+
+def _pieces(spec: Any, named: Mapping[str, Any]) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(bits, k, v, lens)`` of every piece in argument order, quantized ones dequantized by the reference; K and V
+    past ``lens`` zeroed (whatever a cache holds there, NaN included, is no token: the kernels mask it)."""
     pieces: dict[str, dict[str, Any]] = {}
     for name, value in named.items():
         tag, fld = piece_fields(name)
-        if fld not in ("q", "sm_scale", "o", "lse", "out"):
+        if fld not in _OUTPUTS:
             pieces.setdefault(tag, {})[fld] = value
-    outs, lses = [], []
+    out = []
     for tag, p in pieces.items():
         bits = 16 if "k" in p else (int(tag[1:]) if tag else spec.bits[0])
         if bits == 16:
@@ -50,11 +49,62 @@ def _attention(spec: Any, named: Mapping[str, Any]) -> tuple[torch.Tensor, torch
             qs = spec.quant(bits)
             k = dequantize_keys(QuantizedKeys(p["k_codes"], p["k_scale"], p["k_zero"], qs), p["v_codes"].shape[-2])
             v = dequantize_values(QuantizedValues(p["v_codes"], p["v_scale"], p["v_zero"], qs))
-        o, lse = attend_piece(q, k, v, p["lens"], float(named["sm_scale"]), causal_tail=steps if bits == 16 else 0)
+        keep = (torch.arange(v.shape[2], device=v.device)[None, :] < p["lens"].long()[:, None])[:, None, :, None]
+        out.append((bits, torch.where(keep, k.float(), 0.0), torch.where(keep, v.float(), 0.0), p["lens"]))
+    return out
+
+
+def _attention(spec: Any, named: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference output and lse of a decode/fused kernel, from its arguments by name; of a multi-token kernel
+    (``q [B, S, Hq, D]``, the dense piece ending with the ``S`` new tokens) output ``[B, S, Hq, D]``."""
+    q = named["q"]
+    steps = q.shape[1] if spec.kind == "multi" else 0
+    if steps:
+        q = q.transpose(1, 2)
+    outs, lses = [], []
+    for bits, k, v, lens in _pieces(spec, named):
+        o, lse = attend_piece(q, k, v, lens, float(named["sm_scale"]), causal_tail=steps if bits == 16 else 0)
         outs.append(o)
         lses.append(lse)
     out, lse = merge_states(outs, lses)
     return (out.transpose(1, 2), lse) if steps else (out, lse)
+
+
+def _split_partials(spec: Any, named: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Reference ``o_parts, lse_parts`` of a split-KV kernel: split ``s`` of ``P`` attends to global chunks
+    ``[s * cps, (s + 1) * cps)`` of the pieces' chunks in order (``cps = ceil(total / P)``, as
+    :mod:`wq_compile.kernels.split_decode` cuts them); a split without a valid token gives ``o = 0, lse = -inf``."""
+    q, c = named["q"], spec.chunk
+    steps = q.shape[1] if spec.kind == "multi" else 0
+    qh = q.transpose(1, 2) if steps else q
+    parts = named["o_parts"].shape[0]
+    pieces = _pieces(spec, named)
+    total = sum(v.shape[2] // c for _, _, v, _ in pieces)
+    cps = -(-total // parts)
+    o_parts, lse_parts = [], []
+    for s in range(parts):
+        outs, lses, off = [], [], 0
+        for bits, k, v, lens in pieces:
+            nc = v.shape[2] // c
+            lo, hi = max(s * cps - off, 0), min((s + 1) * cps - off, nc)
+            off += nc
+            if lo >= hi:
+                continue
+            # the piece's tokens [lo * c, hi * c), lens shifted by the cut (negative: nothing valid; the causal
+            # bound of the dense piece shifts with it)
+            sl = slice(lo * c, hi * c)
+            o, lse = attend_piece(qh, k[:, :, sl], v[:, :, sl], lens.long() - lo * c, float(named["sm_scale"]),
+                                  causal_tail=steps if bits == 16 else 0)
+            outs.append(o)
+            lses.append(lse)
+        if outs:
+            o, lse = merge_states(outs, lses)
+        else:
+            o = torch.zeros(qh.shape, dtype=torch.float32, device=q.device)
+            lse = torch.full(qh.shape[:-1], float("-inf"), device=q.device)
+        o_parts.append(o.transpose(1, 2) if steps else o)
+        lse_parts.append(lse.transpose(1, 2) if steps else lse)
+    return {"o_parts": torch.stack(o_parts), "lse_parts": torch.stack(lse_parts)}
 
 
 def _close(what: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
@@ -79,7 +129,10 @@ def check_against_reference(kdef: Any, module: Any, device: Any, n_tokens: int |
     module.get_function(spec.uri)(*args)
     named = dict(zip(names, args))
     atol, rtol = TOLERANCE.get(spec.dtype, TOLERANCE["f32"])
-    if spec.kind in ("decode", "fused", "multi"):
+    if "o_parts" in named and spec.kind != "merge":  # a split-KV kernel: its partials per split range
+        for name, want in _split_partials(spec, named).items():
+            _close(f"{spec.uri} {name}", named[name], want, atol, rtol)
+    elif spec.kind in ("decode", "fused", "multi"):
         out, lse = _attention(spec, named)
         _close(f"{spec.uri} output", named["o" if spec.kind == "decode" else "out"], out, atol, rtol)
         if spec.kind == "decode":
@@ -158,6 +211,8 @@ def _check_fit(uri: str, kind: str, named: Mapping[str, Any], want: QuantizedKey
 def reference_outputs(spec: Any, named: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The reference value of every output argument of a decode/fused/merge/quantize kernel, by name, from its
     inputs by name: what an offline measurement compares a candidate against without any reference code there."""
+    if "o_parts" in named and spec.kind != "merge":  # a split-KV kernel
+        return _split_partials(spec, named)
     if spec.kind in ("decode", "fused", "multi"):
         out, lse = _attention(spec, named)
         return {"o": out, "lse": lse} if spec.kind == "decode" else {"out": out}

@@ -58,7 +58,7 @@ def windowquant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
         if cache.turn is not None:  # a turn with new visual content (cache.extend): its windows go to the buckets
             cache.store_turn(layer_idx, query, key, value, sm_scale)
         return out.to(query.dtype), None
-    if cache.turn is None and runs_compiled(backend, s):  # no multi-token kernel (CUDA): per-token kernels
+    if cache.turn is None and runs_compiled(backend, s):  # no multi-token kernel: per-token kernels
         return causal_steps(backend, query, layer.store, sm_scale, cache.stats).to(query.dtype), None
     # several new tokens on a filled cache (chunked prefill, speculative): the reference path, causal tail
     cache.stats.reference_calls += 1

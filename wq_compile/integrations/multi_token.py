@@ -3,8 +3,8 @@ decode kernel: query ``i`` of ``S`` is one kernel call with the dense piece's va
 new tokens ``0..i`` (the new tokens are the last ``S`` of every sample's dense piece), which is exactly causal
 attention. ``S`` calls read the quantized buckets ``S`` times, so this pays only for short steps: longer ones
 dequantize every bucket once and run one SDPA call (:func:`dequantized_attention`). Both serve only backends
-without the compiled multi-token kernel (``Backend.decode_steps``: CPUs have it, :mod:`wq_compile.runtime.steps`;
-the CUDA backend not yet).
+without the compiled multi-token kernel (``Backend.decode_steps``: the compiled backends have it on CPUs and, in its
+split-KV form, on CUDA, :mod:`wq_compile.runtime.steps`).
 """
 
 from __future__ import annotations

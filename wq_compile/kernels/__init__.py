@@ -18,7 +18,9 @@ Argument order (``*`` = symbolic; per = 32 // bits codes per int32 word; Dv = D 
   (own N_16), then ``sm_scale``, then ``out [B,Hq,D] dtype`` (final normalized attention).
 - ``multi``, bits as ``fused`` (the dense piece last, required): ``q [B,S,Hq,D] dtype`` (``S`` new tokens, the last
   ``S`` of each sample's dense piece), the fused kernel's pieces and ``sm_scale``, then ``out [B,S,Hq,D] dtype``
-  (token-major, as transformers lays them out); causal among the ``S`` tokens (:mod:`.multi_token_cpu`, llvm only).
+  (token-major, as transformers lays them out); causal among the ``S`` tokens (:mod:`.multi_token_cpu`, llvm).
+  Its split-KV form (``("split", 1)``, :mod:`.multi_token_split`, CUDA): outputs ``o_parts [P,B,S,Hq,D] f32,
+  lse_parts [P,B,S,Hq] f32`` instead of ``out``, merged by the ``merge`` kernel read as ``B * S`` samples.
 - ``quantize``, bits (b,): ``k [B,Hkv,n,D] dtype, v [B,Hkv,n,D] dtype`` -> ``k_codes [B,Hkv,n/k_group,D,W],
   k_scale [B,Hkv,n/k_group,D],
   k_zero, v_codes, v_scale [B,Hkv,n,Dv], v_zero`` (n a multiple of k_group).
@@ -49,8 +51,8 @@ if TYPE_CHECKING:
 
 #: Submodules that import TVM: loaded on first use (``kernels.attention``, ...), so that describing a kernel
 #: (:func:`signature`) and the module-cache key (:func:`source_digest`) never import TVM (a warm load does neither).
-_TVM_SUBMODULES = ("attention", "attention_cpu", "common", "granular_cpu", "merge", "multi_token_cpu", "quantize",
-                   "split_decode", "token_granular")
+_TVM_SUBMODULES = ("attention", "attention_cpu", "common", "granular_cpu", "merge", "multi_token_cpu", "multi_token_split",
+                   "quantize", "split_decode", "token_granular")
 
 __all__ = [
     "ArgDesc", "CpuIsa", "KernelSignature", "NEG_BIG", "default_scalars", "example_sizes", "make_kernel", "piece_fields",
@@ -89,12 +91,17 @@ def make_kernel(spec: KernelSpec, target_kind: str | None = None, cpu: CpuIsa | 
     int8 dot-product flavour; the compiler derives it from the target, None: AVX-512); every other case is the
     block-style kernel (CUDA, and the per-bucket decode kernels on llvm), or the split-KV kernel
     (:mod:`.split_decode`) for a split spec on any target. ``None`` keeps the block-style kernel.
-    ``kind="multi"`` (several new query tokens) exists only in the CPU form (:mod:`.multi_token_cpu`), built for
-    ``"llvm"`` and ``None``.
+    ``kind="multi"`` (several new query tokens): the CPU form (:mod:`.multi_token_cpu`, built for ``"llvm"`` and
+    ``None``), or its split-KV form for any target (``split_spec`` of it, :mod:`.multi_token_split`: the CUDA one).
     """
+    if spec.kind == "multi" and is_split(spec):  # the split-KV form: CUDA, and the same PrimFunc on llvm
+        from . import multi_token_split
+
+        return multi_token_split.build_multi_split(spec)
     if spec.kind == "multi":
         if target_kind not in (None, "llvm"):
-            raise ValueError(f"target_kind: the multi-token kernel has a CPU (llvm) form only, got {target_kind!r}")
+            raise ValueError(f"target_kind: this multi-token kernel is the CPU (llvm) form only, got {target_kind!r}; "
+                             "other targets run its split-KV form (split_spec)")
         from . import multi_token_cpu
 
         return multi_token_cpu.build_multi_cpu(spec)

@@ -10,13 +10,14 @@ from ..core.quant_fit import DEFAULT_FIT
 from .signatures import SPLIT_CHUNK, merge_spec, quantize_spec, split_spec
 
 #: Kernel kinds in the order ``kernel_specs`` lists them; ``dense`` is the decode kernel over an fp residual;
-#: ``multi`` the fused kernel of several new query tokens (CPU only).
-KERNEL_KINDS: tuple[str, ...] = ("decode", "dense", "merge", "fused", "split", "quantize", "multi")
+#: ``multi`` the fused kernel of several new query tokens (CPU), ``multi-split`` its split-KV form and merge (CUDA).
+KERNEL_KINDS: tuple[str, ...] = ("decode", "dense", "merge", "fused", "split", "quantize", "multi", "multi-split")
 #: What the runtime uses by default on CPUs (one fused launch per layer and decode step, one multi-token launch per
 #: layer and several-token step, plus the quantizer of the residual).
 DEFAULT_KERNEL_KINDS: tuple[str, ...] = ("fused", "multi", "quantize")
-#: What the runtime uses on CUDA: the split-KV fused kernel and its merge (``FusedDecoder(split=None)``), quantize.
-CUDA_KERNEL_KINDS: tuple[str, ...] = ("split", "quantize")
+#: What the runtime uses on CUDA: the split-KV fused kernel and its merge (``FusedDecoder(split=None)``), the
+#: split-KV multi-token kernel (``StepDecoder(split=None)``; the same merge), quantize.
+CUDA_KERNEL_KINDS: tuple[str, ...] = ("split", "multi-split", "quantize")
 
 
 def default_kernel_kinds(target_kind: str) -> tuple[str, ...]:
@@ -40,7 +41,8 @@ def kernel_specs(
     decode: one per-bucket kernel per width; dense: decode over the fp residual (bits ``(16,)``);
     merge: merges the partial states of every bucket and the residual; fused: every width plus the residual in
     one launch; split: the split-KV form of fused and its merge (the CUDA decode path); quantize: one per width;
-    multi: the fused kernel of several new query tokens (the CPU path of several-token steps). ``fit``: the
+    multi: the fused kernel of several new query tokens (the CPU path of several-token steps); multi-split: its
+    split-KV form and merge (the CUDA path). A kernel two kinds share (the merge) is listed once. ``fit``: the
     scale/zero fit the quantize kernels compute (a config's ``fit``; one with no compiled form is refused).
     """
     p = get_preset(preset)
@@ -76,4 +78,7 @@ def kernel_specs(
             specs += [quantize_spec(b, fit, **common) for b in widths]
         elif kind == "multi":
             specs.append(KernelSpec("multi", widths + (16,), **common))
-    return specs
+        elif kind == "multi-split":  # what the CUDA step decoder runs: the split-KV multi-token kernel + its merge
+            multi = split_spec(KernelSpec("multi", widths + (16,), **{**common, "chunk": SPLIT_CHUNK}))
+            specs += [multi, merge_spec(multi)]
+    return list(dict.fromkeys(specs))

@@ -8,6 +8,7 @@ multiple of 32 passed construction and failed at the first decode step. No TVM h
 
 from __future__ import annotations
 
+from ..core.quant import key_words
 from ..core.spec import KernelSpec
 
 WARP = 32
@@ -22,6 +23,12 @@ MAX_REGS_PER_THREAD = 255
 SPLIT_REGISTERS_NEEDED = 119
 #: Resident blocks per SM the split kernel asks for when its registers allow (2 hides one block's barriers).
 PREFERRED_BLOCKS_PER_SM = 2
+#: Static shared memory one block may declare (``__shared__`` arrays, no ``extern`` dynamic shared memory): 48 KB
+#: on sm_80 and sm_90 alike; beyond it a kernel needs dynamic shared memory and the launch attribute, which the
+#: split kernels do not use.
+STATIC_SMEM_LIMIT = 48 * 1024
+#: The widths whose tiles a decoder may have to build (the 8-bit bucket has the largest code tiles).
+ALL_WIDTHS = (8, 4, 2, 16)
 
 
 def split_threads(group: int) -> int:
@@ -49,11 +56,56 @@ def max_split_group() -> int:
     return max(fits)
 
 
+def split_static_shared_bytes(group: int, head_dim: int, chunk: int, bits: tuple[int, ...] = ALL_WIDTHS,
+                               k_group: int = 28, v_group: int = 64, dtype_bytes: int = 2) -> int:
+    """Static shared memory of one block of the split kernel (and of the multi-token kernel, ``group`` = its rows
+    per block) under the CUDA schedule (:mod:`wq_compile.schedules.cuda_split`), from its tiles: the scaled query
+    (``group x head_dim`` fp32), scores and probabilities (``group x chunk``), and per quantized piece the staged
+    key codes / scales / zero points, value codes, the fp32 K tile (rows padded by 4 floats), ``P x v_scale``
+    and (several value groups) the zero-point terms. The pieces run one after the other, so TVM gives each tile the
+    size of the largest piece's and reuses it; the dense piece's K (rows padded by 16 bytes) and V tiles go into
+    the smallest tile that holds them, else count in full. Each array rounded up to 64 bytes (TVM declares them
+    ``alignas(64)``).
+
+    Matches the ``__shared__`` arrays of the generated CUDA (7B f16 42,152 B, 0.5B f16 22,144 B, group 16 at
+    d 128 51,584 B, Qwen2-VL-2B 41,104 B) up to that alignment (ptxas: 42,168, 22,144, 51,584, 41,136; the model
+    42,176, 22,144, 51,584, 41,152) and over-estimates where TVM merges differently (f32, or only 4-bit buckets);
+    see tests/runtime/test_gpu_limits.py."""
+    def r64(n: int) -> int:
+        return -(-n // 64) * 64
+
+    g, d, c = group, head_dim, chunk
+    quant = [b for b in bits if b != 16]
+    total = r64(g * d * 4) + 2 * r64(g * c * 4)  # qf, scores, probabilities
+    tiles: list[int] = []
+    if quant:
+        ngk = (c + k_group - 2) // k_group + 1  # key groups a chunk can touch (split_decode.key_groups_per_chunk)
+        nvg = d // v_group
+        tiles = [max(r64(ngk * d * key_words(b, k_group) * 4) for b in quant),  # key codes
+                 r64(ngk * d * 2), r64(ngk * d * 2),                             # key scale, zero point (fp16)
+                 max(r64(c * d // (32 // b) * 4) for b in quant),              # value codes
+                 r64(c * (d + 4) * 4),                                           # dequantized K tile
+                 r64(g * c * nvg * 4)]                                           # P x value scale
+        total += sum(tiles) + (len(quant) * r64(g * nvg * 4) if nvg > 1 else 0)
+    if 16 in bits:
+        free = sorted(tiles)
+        for need in (r64(c * (d + 16 // dtype_bytes) * dtype_bytes), r64(c * d * dtype_bytes)):  # dense K, V
+            fit = next((t for t in free if t >= need), None)
+            if fit is None:
+                total += need
+            else:
+                free.remove(fit)
+    return total
+
+
 def split_config_problem(num_q_heads: int, num_kv_heads: int, head_dim: int, chunk: int,
-                         layout_chunk: int | None = None, *, gpu: bool = True) -> str | None:
+                         layout_chunk: int | None = None, *, gpu: bool = True, bits: tuple[int, ...] = ALL_WIDTHS,
+                         k_group: int = 28, v_group: int = 64, dtype_bytes: int = 2, rows: int | None = None,
+                         what: str = "split") -> str | None:
     """Why the split kernel cannot run this configuration (None if it can). ``chunk``: the kernel's token chunk;
     ``layout_chunk``: the cache layout's chunk, which every piece's capacity is a multiple of; ``gpu``: also the
-    CUDA schedule's limits (threads, registers, lanes), which the same PrimFunc on llvm does not have."""
+    CUDA schedule's limits (threads, registers, lanes, static shared memory), which the same PrimFunc on llvm does
+    not have. ``rows``: query rows per block (the multi-token kernel's; None: the GQA group)."""
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:
         return f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
     if layout_chunk is not None and layout_chunk % chunk:
@@ -61,7 +113,7 @@ def split_config_problem(num_q_heads: int, num_kv_heads: int, head_dim: int, chu
                 f"multiples of {chunk} only; use a multiple of {chunk} (e.g. 64)")
     if not gpu:
         return None
-    group = num_q_heads // num_kv_heads
+    group = num_q_heads // num_kv_heads if rows is None else rows
     threads = split_threads(group)
     if threads > MAX_THREADS_PER_BLOCK:
         return (f"a group of {group} query heads per KV head needs {threads} threads per block (one warp per head); "
@@ -75,17 +127,28 @@ def split_config_problem(num_q_heads: int, num_kv_heads: int, head_dim: int, chu
         return f"head_dim ({head_dim}) must be a multiple of {WARP} (each lane owns head_dim / 32 channels)"
     if chunk % WARP:
         return f"the kernel chunk ({chunk}) must be a multiple of {WARP} (one token per lane)"
+    smem = split_static_shared_bytes(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes)
+    if smem > STATIC_SMEM_LIMIT:
+        unit = "query heads per KV head" if rows is None else "query rows per block"
+        return (f"{group} {unit} at head_dim {head_dim} (widths {'/'.join(map(str, bits))}, {8 * dtype_bytes}-bit "
+                f"activations) need {smem:,} B of static shared memory per block of the {what} kernel; CUDA allows "
+                f"{STATIC_SMEM_LIMIT:,} B (sm_80, sm_90) without dynamic shared memory, which it does not use. "
+                f"Use fewer {unit}, a smaller head_dim or 16-bit activations")
     return None
 
 
 def check_split_config(num_q_heads: int, num_kv_heads: int, head_dim: int, chunk: int,
-                       layout_chunk: int | None = None, *, gpu: bool = True) -> None:
-    """Refuse a configuration the split kernel cannot run, when the decoder or schedule is built."""
-    why = split_config_problem(num_q_heads, num_kv_heads, head_dim, chunk, layout_chunk, gpu=gpu)
+                       layout_chunk: int | None = None, *, gpu: bool = True, **limits) -> None:
+    """Refuse a configuration the split kernel cannot run, when the decoder or schedule is built (``limits``: the
+    keywords of :func:`split_config_problem`)."""
+    why = split_config_problem(num_q_heads, num_kv_heads, head_dim, chunk, layout_chunk, gpu=gpu, **limits)
     if why is not None:
-        raise ValueError(f"{'CUDA ' if gpu else ''}split-KV decode: {why}")
+        kernel = "multi-token" if limits.get("what") == "multi-token" else "split-KV decode"
+        raise ValueError(f"{'CUDA ' if gpu else ''}{kernel}: {why}")
 
 
-def check_split_spec(spec: KernelSpec) -> None:
-    """:func:`check_split_config` for a split kernel spec."""
-    check_split_config(spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.chunk)
+def check_split_spec(spec: KernelSpec, rows: int | None = None) -> None:
+    """:func:`check_split_config` for a split kernel spec (``rows``: the multi-token kernel's rows per block)."""
+    check_split_config(spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.chunk, bits=spec.bits,
+                       k_group=spec.k_group, v_group=spec.v_group, dtype_bytes=spec.torch_dtype.itemsize,
+                       rows=rows, what="split" if rows is None else "multi-token")

@@ -29,8 +29,9 @@ MAX_SPLITS = 64
 
 
 def has_knobs(spec: KernelSpec, target_kind: str) -> bool:
-    """True for kernels built from plain TIR with knobs in ``spec.extra`` (the llvm fused and multi kernels)."""
-    return target_kind == "llvm" and spec.kind in ("fused", "multi")
+    """True for kernels built from plain TIR with knobs in ``spec.extra`` (the llvm fused and multi kernels; not
+    their split-KV forms, block-style TIR scheduled like the CUDA ones)."""
+    return target_kind == "llvm" and spec.kind in ("fused", "multi") and dict(spec.extra).get("split", 0) != 1
 
 
 def knobs_of(spec: KernelSpec) -> dict[str, int]:

@@ -28,11 +28,11 @@ left-padded batch has its own ``dense_lens`` per sample. A row with no valid tok
 Knobs (``spec.extra``, tuned by the same sweep as the fused kernel): ``rows`` plus :class:`CpuKnobs` (``splits``,
 ``pvc``, ``qkh``, ``lut``). No int8 dot-product mode: the rows run the exact fp32 path.
 
-CUDA form (not built here): the split-KV kernel of :mod:`.split_decode` takes the same rows: its grid
-``(B * Hkv, P)`` becomes ``(B * Hkv * row tiles, P)`` with the GQA group axis ``g`` replaced by ``R`` (token,
-head) rows (the staged key/value chunk in shared memory then serves ``R`` rows instead of ``G``), its dense-piece
-mask compares each token with the row's causal bound instead of ``lens``, and ``o_parts / lse_parts`` gain the
-token axis (``[P, B, S, Hq, D]``), which the unchanged merge kernel reads as ``B * S`` samples.
+CUDA form: :mod:`.multi_token_split`, the split-KV kernel of :mod:`.split_decode` with the same rows: its grid
+``(B * Hkv, P)`` becomes ``(B * row tiles * Hkv, P)`` with the GQA group axis replaced by ``R`` (token, head) rows
+(the staged key/value chunk in shared memory serves ``R`` rows instead of ``G``), its dense-piece mask compares each
+token with the row's causal bound instead of ``lens``, and ``o_parts / lse_parts`` gain the token axis
+(``[P, B, S, Hq, D]``), which the unchanged merge kernel reads as ``B * S`` samples.
 """
 
 from __future__ import annotations

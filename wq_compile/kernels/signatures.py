@@ -139,9 +139,10 @@ def is_split(spec: KernelSpec) -> bool:
 
 
 def split_spec(spec: KernelSpec) -> KernelSpec:
-    """The split-KV form of a decode/fused spec (its URI ends in ``_split1``)."""
-    if spec.kind not in ("decode", "fused"):
-        raise ValueError(f"kind: split-KV exists for decode/fused, got {spec.kind!r}")
+    """The split-KV form of a decode/fused/multi spec (its URI ends in ``_split1``; multi: the CUDA multi-token
+    kernel, :mod:`wq_compile.kernels.multi_token_split`)."""
+    if spec.kind not in ("decode", "fused", "multi"):
+        raise ValueError(f"kind: split-KV exists for decode/fused/multi, got {spec.kind!r}")
     if is_split(spec):
         return spec
     return KernelSpec(spec.kind, spec.bits, spec.head_dim, spec.num_q_heads, spec.num_kv_heads, spec.k_group,
@@ -187,6 +188,16 @@ def split_signature(spec: KernelSpec) -> KernelSignature:
     multiple = tuple((p.n_sym, spec.chunk) for p in ps)
     at_least = tuple((p.g_sym, p.n_sym, spec.k_group) for p in ps if p.quantized)
     return KernelSignature(spec.uri, tuple(args), multiple_of=multiple, at_least=at_least)
+
+
+def multi_split_signature(spec: KernelSpec) -> KernelSignature:
+    """The multi-token kernel's inputs (:func:`multi_signature`), outputs the partials of every (token, head) row:
+    ``o_parts [P, B, S, Hq, D] f32, lse_parts [P, B, S, Hq] f32`` (the merge reads them as ``B * S`` samples)."""
+    inputs = multi_signature(spec)
+    hq, d = spec.num_q_heads, spec.head_dim
+    args = (*inputs.args[:-1], ArgDesc.tensor("o_parts", ("P", "B", "S", hq, d), _F32, output=True),
+            ArgDesc.tensor("lse_parts", ("P", "B", "S", hq), _F32, output=True))
+    return KernelSignature(spec.uri, args, multiple_of=inputs.multiple_of, at_least=inputs.at_least)
 
 
 # ---- merge ------------------------------------------------------------------------------------------------------
@@ -286,7 +297,7 @@ def signature(spec: KernelSpec) -> KernelSignature:
     if spec.kind == "merge":
         return merge_signature(spec)
     if spec.kind == "multi":
-        return multi_signature(spec)
+        return multi_split_signature(spec) if is_split(spec) else multi_signature(spec)
     if spec.kind == "quantize":
         return quantize_signature(spec)
     raise ValueError(f"kind: no kernel factory for {spec.kind!r}")

@@ -54,6 +54,9 @@ with 16-byte global loads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
@@ -95,22 +98,56 @@ def splits_extent(p: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.min(p, MAX_SPLITS)
 
 
+@dataclass(frozen=True)
+class Rows:
+    """How the ``G`` query rows of a block map to the kernel's arguments. The split-KV decode: the block's batch
+    index is the sample, row ``g`` the query head ``kh * G + g`` (:func:`decode_rows`). The multi-token kernel
+    (:mod:`.multi_token_split`) runs the same body with (token, head) rows and a row-tile axis folded into the
+    batch axis; only the query load, the dense piece's mask and the partials' index differ.
+
+    ``batch``: the block-level batch extent; ``sample(vb)``: the inputs' sample of block batch ``vb``;
+    ``query(vb, vkh, vg, vd)``: the row's query element; ``dense_limit(vb, vg)``: the row's bound on the dense
+    piece's tokens (None: its ``lens``); ``out(vb, vkh, vg)``: the index of the row in ``o_parts`` / ``lse_parts``
+    after the split axis."""
+
+    batch: Any
+    sample: Callable[[Any], Any]
+    query: Callable[..., Any]
+    dense_limit: Callable[[Any, Any], Any] | None
+    out: Callable[..., tuple]
+
+
+def decode_rows(spec: KernelSpec, bufs, syms) -> Rows:
+    """One-token decode: a block's rows are the query heads of its KV head."""
+    gs, q = spec.group_size, bufs["q"]
+    return Rows(syms["B"], lambda vb: vb, lambda vb, vkh, vg, vd: q[vb, vkh * gs + vg, vd], None,
+                lambda vb, vkh, vg: (vb, vkh * gs + vg))
+
+
 def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
     """TIR of the split-KV decode (decode: one piece; fused: every piece) -> o_parts, lse_parts."""
-    if not is_split(spec):
-        raise ValueError(f"split: {spec.uri} is not a split-KV spec (use split_spec)")
+    if not is_split(spec) or spec.kind not in ("decode", "fused"):
+        raise ValueError(f"split: {spec.uri} is not a split-KV decode spec (use split_spec)")
+    return build_split_rows(spec, spec.uri, signature(spec), decode_rows)
+
+
+def build_split_rows(spec: KernelSpec, name: str, sig, rows_of: Callable[[KernelSpec, Any, Any], Rows]
+                     ) -> tirx.PrimFunc:
+    """The split-KV kernel body for ``spec`` (its group: the rows of a block), arguments ``sig``, rows mapped to
+    the arguments by ``rows_of(spec, bufs, syms)``."""
     ps = pieces(spec)
-    sig = signature(spec)
     hq, hkv, d, c = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.chunk
 
     with IRBuilder() as ib:
         with T.prim_func(s_tir=True):
-            T.func_name(spec.uri)
+            T.func_name(name)
             T.func_attr({"tirx.noalias": True})
             bufs, syms = declare_params(signature_params(sig))
-            bsz = syms["B"]
+            rows = rows_of(spec, bufs, syms)
+            syms = {**syms, "B": rows.batch}  # every block-level batch axis below: the rows' batch
+            bsz = rows.batch
             npart = splits_extent(syms["P"])
-            q, sm_scale = bufs["q"], bufs["sm_scale"]
+            sm_scale = bufs["sm_scale"]
             with T.sblock("root"):
                 # intermediates hold one chunk of one (b, kv head); every split and chunk reuses them
                 qf = alloc("qf", (bsz, hq, d))
@@ -162,11 +199,11 @@ def build_split_attention(spec: KernelSpec) -> tirx.PrimFunc:
                     # GPU targets: __launch_bounds__(threads, MIN_BLOCKS_PER_SM) (with the thread count alone, ptxas
                     # of CUDA 13 holds this kernel at 72 registers and spills); CPU targets ignore it
                     with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks_per_sm(spec.group_size)):
-                        _emit_body(spec, ps, bufs, states, state, qf, q, sm_scale, syms, s, b, kh)
+                        _emit_body(spec, ps, bufs, states, state, qf, rows, sm_scale, syms, s, b, kh)
     return ib.get()
 
 
-def _emit_body(spec, ps, bufs, states, state, qf, q, sm_scale, syms, s, b, kh) -> None:
+def _emit_body(spec, ps, bufs, states, state, qf, rows: Rows, sm_scale, syms, s, b, kh) -> None:
     """One (split, sample, KV head): scale the query group; the split's chunk loop, where each iteration runs the
     piece that owns the chunk (if it has a valid token) and one state update; the split's partial."""
     gs, d = spec.group_size, spec.head_dim
@@ -174,7 +211,7 @@ def _emit_body(spec, ps, bufs, states, state, qf, q, sm_scale, syms, s, b, kh) -
         with T.sblock("qscale"):
             vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
             h = vkh * gs + vg
-            T.buffer_store(qf, q[vb, h, vd].astype(_F32) * sm_scale, [vb, h, vd])
+            T.buffer_store(qf, rows.query(vb, vkh, vg, vd).astype(_F32) * sm_scale, [vb, h, vd])
     cps = states[0]["cps"]
     with T.serial(0, cps) as ci:
         IRBuilder.name("ci", ci)
@@ -182,11 +219,11 @@ def _emit_body(spec, ps, bufs, states, state, qf, q, sm_scale, syms, s, b, kh) -
             # uniform per GPU thread block (b and s are block indices): every barrier inside is reached by all
             # threads or by none. Marked thread-invariant: TVM's barrier planner refuses to put __syncthreads under
             # any other condition ("Cannot insert syncs inside condition")
-            with T.If(tirx.op.tvm_thread_invariant(_valid_chunk(spec, p, bufs, st, s * cps + ci, b))):
+            with T.If(tirx.op.tvm_thread_invariant(_valid_chunk(spec, p, bufs, st, s * cps + ci, rows.sample(b)))):
                 with T.Then():
-                    _emit_chunk(spec, p, bufs, st, qf, syms, b, kh, s, ci)
-        _emit_state(spec, ps, bufs, states, state, syms, b, kh, s, ci)
-    _emit_final(spec, bufs, state, syms, b, kh, s)
+                    _emit_chunk(spec, p, bufs, st, qf, syms, b, kh, s, ci, rows)
+        _emit_state(spec, ps, bufs, states, state, syms, b, kh, s, ci, rows)
+    _emit_final(spec, bufs, state, syms, b, kh, s, rows)
 
 
 def _valid_chunk(spec, p: Piece, bufs, st, vc, b) -> tirx.PrimExpr:
@@ -196,7 +233,7 @@ def _valid_chunk(spec, p: Piece, bufs, st, vc, b) -> tirx.PrimExpr:
     return tirx.all(chunk >= 0, chunk < st["nc"], chunk * spec.chunk < lens[b])
 
 
-def _emit_state(spec, ps, bufs, states, state, syms, b, kh, s, ci) -> None:
+def _emit_state(spec, ps, bufs, states, state, syms, b, kh, s, ci, rows: Rows) -> None:
     """The split's online-softmax state after global chunk ``s * cps + ci``: a reduction over the loop (init
     ``m = NEG_BIG, l = 0, acc = 0``) reading the chunk statistics of the piece that owns the chunk. A chunk without
     valid tokens (past ``lens``, or past every piece) reads ``NEG_BIG, 0, 0``: an exact no-op (``alpha = 1``,
@@ -210,7 +247,7 @@ def _emit_state(spec, ps, bufs, states, state, syms, b, kh, s, ci) -> None:
         """``value(piece, st)`` of the piece owning the chunk, else ``default``."""
         out = default
         for p, st in reversed(list(zip(ps, states))):
-            out = tirx.Select(_valid_chunk(spec, p, bufs, st, vs_ * cps + vci, vb), value(p, st), out)
+            out = tirx.Select(_valid_chunk(spec, p, bufs, st, vs_ * cps + vci, rows.sample(vb)), value(p, st), out)
         return out
 
     def axes():
@@ -251,7 +288,7 @@ def _emit_state(spec, ps, bufs, states, state, syms, b, kh, s, ci) -> None:
             T.buffer_store(acc, acc[vb, h, vdd] * al[vb, h] + val * be[vb, h], [vb, h, vdd])
 
 
-def _emit_final(spec, bufs, state, syms, b, kh, s) -> None:
+def _emit_final(spec, bufs, state, syms, b, kh, s, rows: Rows) -> None:
     """The split's partial: ``o = acc / l`` per channel, ``lse = m + log(l)`` per query head; a split without a
     valid token (``l = 0``) writes ``o = 0, lse = -inf`` (the merge weighs it 0)."""
     gs, d = spec.group_size, spec.head_dim
@@ -264,17 +301,17 @@ def _emit_final(spec, bufs, state, syms, b, kh, s) -> None:
             vb, vkh, vg, vd = T.axis.remap("SSSS", [b, kh, g, dd])
             h = vkh * gs + vg
             T.buffer_store(o_parts, tirx.Select(l_[vb, h] > f32(0.0), acc[vb, h, vd] / l_[vb, h], f32(0.0)),
-                           [vs_, vb, h, vd])
+                           [vs_, *rows.out(vb, vkh, vg), vd])
     with T.serial(0, gs) as g:
         with T.sblock("final_lse"):
             vs_ = T.axis.spatial(npart, s)
             vb, vkh, vg = T.axis.remap("SSS", [b, kh, g])
             h = vkh * gs + vg
             val = tirx.Select(l_[vb, h] > f32(0.0), m[vb, h] + tirx.log(l_[vb, h]), f32(float("-inf")))
-            T.buffer_store(lse_parts, val, [vs_, vb, h])
+            T.buffer_store(lse_parts, val, [vs_, *rows.out(vb, vkh, vg)])
 
 
-def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
+def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci, rows: Rows) -> None:
     """One chunk of a piece (at least one valid token): staging, scores, softmax, P @ V (the state update follows
     in :func:`_emit_state`)."""
     hkv, d, gs, c, kg = spec.num_kv_heads, spec.head_dim, spec.group_size, spec.chunk, spec.k_group
@@ -285,6 +322,14 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
     kd, s_buf, p_buf = st.get("kd"), st["s"], st["p"]
     mc, lc, pvc = st["mc"], st["lc"], st["pvc"]
     per = spec.quant(p.bits).per_word if p.quantized else d
+    smp = rows.sample  # the inputs' sample of a block batch index
+
+    def limit(vb, vg):
+        """Tokens of the piece row ``vg`` of block batch ``vb`` may see (the multi-token kernel's dense piece:
+        the row's causal bound)."""
+        if rows.dense_limit is not None and not p.quantized:
+            return rows.dense_limit(vb, vg)
+        return lens[smp(vb)]
 
     def rchunk(vc_):
         """The piece's chunk read for global chunk ``vc_`` (clamped: in bounds whenever the piece has a chunk)."""
@@ -316,7 +361,7 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
                 vc_ = vchunk(ci)
                 vgi, vd, vw = T.axis.remap("SSS", [gi, dd_, w])
                 grp = tirx.min(tirx.floordiv(rchunk(vc_) * c, kg) + vgi, gmax)
-                T.buffer_store(ks, kc[vb, vkh, grp, vd, vw], [vb, vkh, vgi, vd, vw])
+                T.buffer_store(ks, kc[smp(vb), vkh, grp, vd, vw], [vb, vkh, vgi, vd, vw])
         for stage, src, dst in (("kscale", ksc, ksc_s), ("kzero", kze, kz_s)):
             with T.grid(ngk, d) as (gi, dd_):
                 with T.sblock(p.block(stage)):
@@ -324,14 +369,14 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
                     vc_ = vchunk(ci)
                     vgi, vd = T.axis.remap("SS", [gi, dd_])
                     grp = tirx.min(tirx.floordiv(rchunk(vc_) * c, kg) + vgi, gmax)
-                    T.buffer_store(dst, src[vb, vkh, grp, vd], [vb, vkh, vgi, vd])
+                    T.buffer_store(dst, src[smp(vb), vkh, grp, vd], [vb, vkh, vgi, vd])
         vcodes = bufs[f"{pre}v_codes"]
         with T.grid(c, d // per) as (t, w):
             with T.sblock(p.block("vload")):
                 vb, vkh = bk()
                 vc_ = vchunk(ci)
                 vt, vw = T.axis.remap("SS", [t, w])
-                T.buffer_store(vs_buf, vcodes[vb, vkh, rchunk(vc_) * c + vt, vw], [vb, vkh, vt, vw])
+                T.buffer_store(vs_buf, vcodes[smp(vb), vkh, rchunk(vc_) * c + vt, vw], [vb, vkh, vt, vw])
         # ---- K dequant from the staged codes (token-packed, see wq_compile.core.quant) ----
         lb = key_lane_bytes(p.bits, kg)
         with T.grid(c, d // per, per) as (t, w, j):
@@ -356,12 +401,12 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
                     vb, vkh = bk()
                     vc_ = vchunk(ci)
                     vt, vd = T.axis.remap("SS", [t, dd_])
-                    T.buffer_store(dst, src[vb, vkh, rchunk(vc_) * c + vt, vd], [vb, vkh, vt, vd])
+                    T.buffer_store(dst, src[smp(vb), vkh, rchunk(vc_) * c + vt, vd], [vb, vkh, vt, vd])
         nvalid = st["nvalid"]
         with T.sblock(p.block("nvalid")):
             vb, vkh = bk()
             vc_ = vchunk(ci)
-            T.buffer_store(nvalid, lens[vb] - (vc_ - off) * c, [vb, vkh])  # valid tokens of the chunk (may be <= 0)
+            T.buffer_store(nvalid, lens[smp(vb)] - (vc_ - off) * c, [vb, vkh])  # valid tokens of the chunk (may be <= 0)
 
     def key(vb, vkh, vt, vdd):
         """The dequantized key (quantized: the ``kdeq`` tile; dense: the staged element, read in place -- no block
@@ -398,7 +443,7 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
             h = vkh * gs + vg
             with T.init():  # the max reducer's identity (TVM matches it to lower to shuffles); >= 1 token
                 T.buffer_store(mc, tirx.min_value(_F32), [vb, h])
-            masked = tirx.Select((vc_ - off) * c + vt < lens[vb], s_buf[vb, h, vt], f32(NEG_BIG))
+            masked = tirx.Select((vc_ - off) * c + vt < limit(vb, vg), s_buf[vb, h, vt], f32(NEG_BIG))
             T.buffer_store(mc, tirx.max(mc[vb, h], masked), [vb, h])
     with T.grid(gs, c) as (g, t):
         with T.sblock(p.block("prob")):
@@ -406,7 +451,8 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
             vc_ = vchunk(ci)
             vg, vt = T.axis.remap("SS", [g, t])
             h = vkh * gs + vg
-            val = tirx.Select((vc_ - off) * c + vt < lens[vb], fast_exp(s_buf[vb, h, vt] - mc[vb, h]), f32(0.0))
+            val = tirx.Select((vc_ - off) * c + vt < limit(vb, vg), fast_exp(s_buf[vb, h, vt] - mc[vb, h]),
+                              f32(0.0))
             T.buffer_store(p_buf, val, [vb, h, vt])
     with T.grid(gs, c) as (g, t):
         with T.sblock(p.block("lsum")):
@@ -428,8 +474,8 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
                 vc_ = vchunk(ci)
                 vg, vgi, vt = T.axis.remap("SSS", [g, vg_, t])
                 h = vkh * gs + vg
-                val = p_buf[vb, h, vt] * vsc[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
-                T.buffer_store(ps_buf, tirx.Select((vc_ - off) * c + vt < lens[vb], val, f32(0.0)), [vb, h, vt, vgi])
+                val = p_buf[vb, h, vt] * vsc[smp(vb), vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
+                T.buffer_store(ps_buf, tirx.Select((vc_ - off) * c + vt < lens[smp(vb)], val, f32(0.0)), [vb, h, vt, vgi])
         with T.grid(gs, nvg, c) as (g, vg_, t):
             with T.sblock(p.block("vzero")):
                 vb, vkh = bk()
@@ -438,8 +484,8 @@ def _emit_chunk(spec, p: Piece, bufs, st, qf, syms, b, kh, s, ci) -> None:
                 h = vkh * gs + vg
                 with T.init():
                     T.buffer_store(pz_buf, f32(0.0), [vb, h, vgi])
-                z = vze[vb, vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
-                val = tirx.Select((vc_ - off) * c + vt < lens[vb], p_buf[vb, h, vt] * z, f32(0.0))
+                z = vze[smp(vb), vkh, rchunk(vc_) * c + vt, vgi].astype(_F32)
+                val = tirx.Select((vc_ - off) * c + vt < lens[smp(vb)], p_buf[vb, h, vt] * z, f32(0.0))
                 T.buffer_store(pz_buf, pz_buf[vb, h, vgi] + val, [vb, h, vgi])
     # ---- P @ V of the chunk ----
     with T.grid(gs, d, c) as (g, dd_, t):

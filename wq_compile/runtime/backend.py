@@ -2,7 +2,7 @@
 
 A :class:`Backend` is chosen once per cache (``make_backend``): ``decode`` is called once per layer per step (one
 launch of the fused kernel over every bucket and the dense piece), ``decode_steps`` once per layer per step of
-several new tokens (the multi-token kernel, CPUs), ``quantize`` whenever windows or a residual block enter a
+several new tokens (the multi-token kernel; on CUDA its split-KV form and the merge), ``quantize`` whenever windows or a residual block enter a
 bucket. The reference path exists for machines where no module can be built, and says so.
 Compiled backends are shared in the process per (config, attention shapes, dtype, device): a second cache or a
 second ``generate`` costs nothing to set up.
@@ -180,7 +180,8 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         stats = library.stats
         compiled, cached, reused = stats.compiled, stats.cache_hits, stats.reused
         widths = (8, 4, 2) if compiled_fit(wq.fit) else ()
-        bar = BuildProgress(len(widths) + 2, library.stats)  # fused + multi on CPUs, split + merge on CUDA
+        # fused + multi on CPUs; split + merge + multi split (its merge is the split's) on CUDA
+        bar = BuildProgress(len(widths) + (3 if library.device.kind == "cuda" else 2), library.stats)
         with library.reporting(bar.compiling), bar:
             decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                           v_group=wq.v_group, chunk=wq.chunk, library=library,
@@ -188,16 +189,15 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
             fit = wq.fit if compiled_fit(wq.fit) else "minmax"
             compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk, fit)
             uris = [spec.uri for spec in decoder.specs((8, 4, 2))]  # the merge too, on CUDA
-            steps = None
-            if library.device.kind == "llvm":  # several-token steps: the multi-token kernel (no CUDA form yet)
-                from .steps import StepDecoder
+            # several-token steps: the multi-token kernel (CPUs), its split-KV form and the merge (CUDA)
+            from .steps import StepDecoder
 
-                steps = StepDecoder(library, num_q_heads, num_kv_heads, head_dim, dtype, k_group=wq.k_group,
-                                    v_group=wq.v_group, chunk=wq.chunk)
-                steps.kernel((8, 4, 2))
-                uris.append(steps.spec((8, 4, 2)).uri)
-            # the compiled quantize kernel fits keys by min/max or least squares and values by min/max; any other
-            # fit quantizes with the torch reference
+            steps = StepDecoder(library, num_q_heads, num_kv_heads, head_dim, dtype, k_group=wq.k_group,
+                                v_group=wq.v_group, chunk=wq.chunk)
+            steps.kernel((8, 4, 2))
+            uris += [spec.uri for spec in steps.specs((8, 4, 2))]
+            # the compiled quantize kernel fits keys by min/max or least squares and values by min/max or the zero
+            # search; any other fit quantizes with the torch reference
             quantizer = compiled_q if compiled_fit(wq.fit) else reference_quantizer(wq.fit)
             for bits in widths:  # fail here, not in the middle of generation
                 spec = compiled_q.spec(QuantSpec(bits, wq.k_group, wq.v_group))

@@ -1,4 +1,5 @@
-"""Edge cases of the split-KV decode (split kernel + merge) against the torch reference, for the GPU visit.
+"""Edge cases of the split-KV decode (split kernel + merge) and of the split-KV multi-token kernel (+ the same
+merge) against the torch reference, for the GPU visit.
 
 The review of issue 21 found the kernel sound at the preset shapes with every piece full; what only a run can show
 is masking, padding and empty pieces: batch 3 with a padding sample (no tokens), lengths that are not multiples of
@@ -10,6 +11,9 @@ and the argument descriptions are imported (the visit runs with the TVM runtime 
 ``python -m wq_compile.tuning.gpu_edge_cases --export DIR [--small]`` runs them on the export's split kernel and
 merge (its first candidate each): the visit runs it under ``compute-sanitizer`` (memcheck / racecheck /
 synccheck) with ``--small``.
+
+The multi-token kernel runs the same layers with ``S`` in :data:`STEPS` new tokens appended to every sample (the
+padding sample then holds the step alone), against ``decode_attention(..., causal_tail=S)``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ PARTS = (1, 3, 66, 200)
 #: SMs the decoder's split count is chosen for (H100 / H200).
 GPU_SMS = 132
 SMALL_PARTS = (1, 3)
+#: New tokens per step of the multi-token cases: two, an odd count across row tiles, a full launch.
+STEPS = (2, 7, 64)
+SMALL_STEPS = (2, 7)
 #: Largest |error| accepted against the reference, per query dtype (codes are identical; only arithmetic differs).
 ATOL = {"f32": 1e-3, "f16": 2e-2, "bf16": 6e-2}
 
@@ -116,9 +123,11 @@ def run_edge_cases(spec: KernelSpec, split_fn: SplitFn, merge_fn: SplitFn, devic
                    parts: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Every case at every split count: max |error| against the reference over the non-padding samples, whether
     every merged output is finite, and ``ok``. ``split_fn(*inputs, o_parts, lse_parts)``, ``merge_fn(o_parts,
-    lse_parts, out)``: the loaded modules' functions."""
+    lse_parts, out)``: the loaded modules' functions. A multi-token kernel: :func:`run_multi_edge_cases`."""
     if not is_split(spec):
         raise ValueError(f"{spec.uri}: not a split-KV kernel")
+    if spec.kind == "multi":
+        return run_multi_edge_cases(spec, split_fn, merge_fn, device, small=small, parts=parts)
     quantized = [b for b in spec.bits if b != 16]
     rows = []
     for case in edge_cases(quantized, small):
@@ -154,15 +163,57 @@ def run_edge_cases(spec: KernelSpec, split_fn: SplitFn, merge_fn: SplitFn, devic
     return rows
 
 
+def run_multi_edge_cases(spec: KernelSpec, split_fn: SplitFn, merge_fn: SplitFn, device: str, *,
+                         small: bool = False, parts: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The split-KV multi-token kernel on every case with ``S`` in :data:`STEPS` new tokens appended, at every split
+    count: rows as :func:`run_edge_cases` (every sample compared: a padding sample holds the step)."""
+    rows = []
+    for case in edge_cases([b for b in spec.bits if b != 16], small):
+        for steps in SMALL_STEPS if small else STEPS:
+            layer, _ = build_layer(case, spec, device)
+            gen = torch.Generator().manual_seed(steps)
+            bsz, hkv, d, hq = len(case.tokens), spec.num_kv_heads, spec.head_dim, spec.num_q_heads
+            new = [torch.randn(bsz, hkv, steps, d, generator=gen).to(layer.dense.k.dtype).to(device) for _ in "kv"]
+            layer.append(*new)
+            q = torch.randn(bsz, hq, steps, d, generator=gen).to(layer.dense.k.dtype).to(device)
+            scale = d ** -0.5
+            ref = decode_attention(q, layer, scale, causal_tail=steps).transpose(1, 2).float()
+            args = split_args(spec, layer, q.transpose(1, 2), scale)
+            tiles = -(-steps * (hq // hkv) // int(dict(spec.extra).get("rows", hq // hkv)))  # row tiles per sample
+            auto = choose_splits(GPU_SMS, layer.dense.capacity + sum(b.capacity for b in layer.buckets.values()),
+                                 bsz * tiles, hkv, SPLIT_CHUNK)  # as StepDecoder chooses it
+            for p in list(parts or (SMALL_PARTS if small else (*PARTS, auto))):
+                o_parts = torch.full((p, bsz, steps, hq, d), float("nan"), dtype=torch.float32, device=device)
+                lse_parts = torch.full((p, bsz, steps, hq), float("nan"), dtype=torch.float32, device=device)
+                out = torch.full((bsz, steps, hq, d), float("nan"), dtype=q.dtype, device=device)
+                row: dict[str, Any] = {"kernel": spec.uri, "case": f"{case.name}_S{steps}", "tokens": list(case.tokens),
+                                       "steps": steps, "parts": p, "decoder_parts": p == auto}
+                try:
+                    split_fn(*args, o_parts, lse_parts)
+                    merge_fn(o_parts.view(p, bsz * steps, hq, d), lse_parts.view(p, bsz * steps, hq),
+                             out.view(bsz * steps, hq, d))
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    got = out.float()
+                    row["finite"] = bool(torch.isfinite(got).all())
+                    row["lse_nan"] = bool(torch.isnan(lse_parts).any())
+                    row["max_abs_err"] = float((got - ref).abs().max())
+                    row["ok"] = row["finite"] and not row["lse_nan"] and row["max_abs_err"] <= ATOL[spec.dtype]
+                except Exception as exc:  # noqa: BLE001 - a failing case is a row of the report
+                    row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+                rows.append(row)
+    return rows
+
+
 def export_split_pairs(manifest: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(split kernel, its merge) entries of an export manifest."""
+    """(split kernel, its merge) entries of an export manifest (the split-KV decode and multi-token kernels)."""
     from .offline_format import spec_from_fields
 
     kernels = {k["uri"]: k for k in manifest["kernels"]}
     pairs = []
     for k in manifest["kernels"]:
         spec = spec_from_fields(k["spec"])
-        if spec.kind in ("fused", "decode") and is_split(spec):
+        if spec.kind in ("fused", "decode", "multi") and is_split(spec):
             from ..kernels.signatures import merge_spec
 
             merge = kernels.get(merge_spec(spec).uri)
