@@ -78,11 +78,23 @@ def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
 
 
 def _key_fit_vectors(sch: s_tir.Schedule, spec: KernelSpec, names: tuple[str, ...]) -> None:
-    """The keys' least-squares blocks (present with a fit) run over 16-channel vectors: the token reductions with
-    channels innermost (one vector accumulation per token instead of a strided serial sum per channel), the
-    per-group maps vectorized. Without it the fit costs 12x the tuned min/max kernel (measured, 0.5B shapes)."""
+    """The fits' blocks run over 16-channel vectors: the keys' token reductions with channels innermost (one vector
+    accumulation per token instead of a strided serial sum per channel), their per-group maps vectorized; the
+    values' normalized elements and per-lane partial errors too. Without it the key fit cost 12x the tuned min/max
+    kernel (measured, 0.5B shapes)."""
     d = spec.head_dim
     lanes = math.gcd(d, 16)
+    for name in (n for n in names if n == "v_u" or (n.startswith("v_p") and n[3:].isdigit())):
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        if name == "v_u":  # par, t, channel: one vector of normalized values
+            _co, ci = sch.split(loops[-1], [None, lanes])
+            sch.vectorize(ci)
+        else:  # par, t, g, lane, chunk: the chunk reduction outside, the lanes one vector
+            sch.reorder(loops[-1], loops[-2])
+            sch.vectorize(loops[-2])
+            init = sch.decompose_reduction(blk, loops[-1])
+            sch.vectorize(sch.get_loops(init)[-1])
     for name in (n for n in names if n not in QUANT_BLOCKS and n.startswith("k_")):
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)

@@ -26,7 +26,7 @@ from tvm.script.ir_builder import tirx as T
 from ..core.quant import key_lane_bytes, key_words
 from ..core.spec import KernelSpec
 from .common import f32
-from ..core.quant_fit import ZS_SHIFTS
+from ..core.quant_fit import ZS_SHIFTS, ZS_TIE
 from .signatures import key_fit_iters, value_zero_search
 from .signatures import quantize_bits as _bits
 from .signatures import quantize_signature as signature
@@ -39,7 +39,8 @@ def quantize_blocks(spec: KernelSpec) -> tuple[str, ...]:
     fit = ("k_s0", "k_z0", "k_xsum", "k_e0") + tuple(f"k_{part}{i}" for i in range(1, iters + 1)
                                                      for part in ("c", "cc", "cx", "s", "z", "e"))
     n_zs = len(ZS_SHIFTS) if value_zero_search(spec) else 0
-    zs = tuple(f"v_e{j}" for j in range(n_zs)) + tuple(f"v_b{j}" for j in range(n_zs))
+    zs = (("v_u",) if n_zs else ()) + tuple(f"v_{part}{j}" for j in range(n_zs) for part in ("p", "e")) + tuple(
+        f"v_b{j}" for j in range(n_zs))
     return ("k_min", "k_max") + (fit if iters else ()) + (
         "k_zero", "k_scale", "k_pack", "v_min", "v_max") + zs + ("v_zero", "v_scale", "v_pack")
 
@@ -154,40 +155,78 @@ def _key_fit(k, kmn, kmx, shape, kg: int, qmax: int, iters: int):
     return pick
 
 
+#: Channel lanes of the zero search's partial sums (one vector of partial errors per token and candidate).
+ZS_LANES = 16
+
+
 def _value_zero_search(v, vmn, vmx, shape, vg: int, qmax: int):
     """Emit the values' zero search (:func:`wq_compile.core.quant_fit.zero_search_params`) over groups ``shape =
-    (B, Hkv, n, D / v_group)``: one squared-error reduction per candidate zero; return ``zero(index)``, the fp16
-    zero of least error (the first candidate, min/max's, unless a later one is strictly better)."""
-    errs = [IRBuilder.name(f"fve{j}", T.sblock_alloc_buffer(shape, _F32)) for j in range(len(ZS_SHIFTS))]
+    (B, Hkv, n, D / v_group)``; return ``zero(index)``, the fp16 zero of least error (the first candidate, min/max's,
+    unless a later one is strictly better).
+
+    In units of the group's scale: ``u = (x - zero) / scale`` once per element (``v_u``), then per candidate the
+    error of ``u - (zero_j - zero) / scale`` against its rounded code, summed over ``ZS_LANES`` channel lanes first
+    (``v_p*``, vectorized) and then across them (``v_e*``): no division per candidate, and the same argmin as the
+    reference's error (scaled by ``scale^2`` per group) up to fp32 rounding."""
+    b_, h_, n_, g_ = shape
+    lanes = ZS_LANES if vg % ZS_LANES == 0 else 1
+    cand = len(ZS_SHIFTS)
+
+    def buf(name, shp, dtype=_F32):
+        return IRBuilder.name(name, T.sblock_alloc_buffer(shp, dtype))
+
+    u = buf("fvu", (b_, h_, n_, g_ * vg))
+    parts = [buf(f"fvp{j}", (*shape, lanes)) for j in range(cand)]
+    errs = [buf(f"fve{j}", shape) for j in range(cand)]
 
     def candidate(j, ix):
+        """(fp16 zero_j, its offset from min/max's zero in units of the scale)."""
         scale, zero = _params(vmn[ix], vmx[ix], qmax)
-        return _to_f16(zero.astype(_F32) + f32(ZS_SHIFTS[j]) * scale.astype(_F32), -65504.0), scale
+        s = scale.astype(_F32)
+        z = _to_f16(zero.astype(_F32) + f32(ZS_SHIFTS[j]) * s, -65504.0)
+        off = tirx.Select(s > f32(0.0), (z.astype(_F32) - zero.astype(_F32)) / tirx.Select(s > f32(0.0), s, f32(1.0)),
+                          f32(0.0))
+        return z, off
 
-    for j, err in enumerate(errs):
-        with T.grid(*shape, vg) as (b, h, t, g, c):
-            with T.sblock(f"v_e{j}"):
-                vb, vh, vt, vgr, vc = T.axis.remap("SSSSR", [b, h, t, g, c])
+    with T.grid(b_, h_, n_, g_ * vg) as (b, h, t, c):
+        with T.sblock("v_u"):
+            vb, vh, vt, vc = T.axis.remap("SSSS", [b, h, t, c])
+            gx = (vb, vh, vt, tirx.floordiv(vc, vg))
+            scale, zero = _params(vmn[gx], vmx[gx], qmax)
+            s = scale.astype(_F32)
+            x = v[vb, vh, vt, vc].astype(_F32)
+            T.buffer_store(u, tirx.Select(s > f32(0.0), (x - zero.astype(_F32)) / tirx.Select(s > f32(0.0), s, f32(1.0)),
+                                          f32(0.0)), [vb, vh, vt, vc])
+    for j in range(cand):
+        with T.grid(*shape, lanes, vg // lanes) as (b, h, t, g, ci, co):
+            with T.sblock(f"v_p{j}"):
+                vb, vh, vt, vgr, vci, vco = T.axis.remap("SSSSSR", [b, h, t, g, ci, co])
                 ix = (vb, vh, vt, vgr)
                 with T.init():
-                    T.buffer_store(err, f32(0.0), list(ix))
-                x = v[vb, vh, vt, vgr * vg + vc].astype(_F32)
-                z, s = candidate(j, ix)
-                e = _code_f32(x, s, z, qmax) * s.astype(_F32) + z.astype(_F32) - x
-                T.buffer_store(err, err[ix] + e * e, list(ix))
+                    T.buffer_store(parts[j], f32(0.0), [*ix, vci])
+                r = u[vb, vh, vt, vgr * vg + vco * lanes + vci] - candidate(j, ix)[1]
+                e = tirx.min(tirx.max(tirx.nearbyint(r), f32(0.0)), f32(float(qmax))) - r
+                T.buffer_store(parts[j], parts[j][(*ix, vci)] + e * e, [*ix, vci])
+        with T.grid(*shape, lanes) as (b, h, t, g, ci):
+            with T.sblock(f"v_e{j}"):
+                vb, vh, vt, vgr, vci = T.axis.remap("SSSSR", [b, h, t, g, ci])
+                ix = (vb, vh, vt, vgr)
+                with T.init():
+                    T.buffer_store(errs[j], f32(0.0), list(ix))
+                T.buffer_store(errs[j], errs[j][ix] + parts[j][(*ix, vci)], list(ix))
 
     # the running best, one functional step per candidate (a nested Select chain would repeat the error loads
     # 2^candidates times: LLVM then takes minutes)
-    best_e = [errs[0]] + [IRBuilder.name(f"fvb{j}", T.sblock_alloc_buffer(shape, _F32)) for j in range(1, len(errs))]
-    best_z = [IRBuilder.name(f"fvz{j}", T.sblock_alloc_buffer(shape, _F16)) for j in range(len(errs))]
-    for j in range(len(errs)):
+    best_e = [errs[0]] + [buf(f"fvb{j}", shape) for j in range(1, cand)]
+    best_z = [buf(f"fvz{j}", shape, _F16) for j in range(cand)]
+    for j in range(cand):
         with T.grid(*shape) as (b, h, t, g):
             with T.sblock(f"v_b{j}"):
                 ix = tuple(T.axis.remap("SSSS", [b, h, t, g]))
                 if j == 0:
                     T.buffer_store(best_z[0], candidate(0, ix)[0], list(ix))
                 else:
-                    better = errs[j][ix] < best_e[j - 1][ix]
+                    better = errs[j][ix] < best_e[j - 1][ix] * f32(1.0 - ZS_TIE)  # near ties: the earlier wins
                     T.buffer_store(best_e[j], tirx.Select(better, errs[j][ix], best_e[j - 1][ix]), list(ix))
                     T.buffer_store(best_z[j], tirx.Select(better, candidate(j, ix)[0], best_z[j - 1][ix]), list(ix))
 
