@@ -130,19 +130,24 @@ def fitted_quantizer():
     return CompiledQuantizer(shared_library("llvm"), 4, 2, 64, torch.float32, 64, "lsq-zs")
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                HealthCheck.too_slow])
-@given(BITS, st.integers(1, 4), st.sampled_from((1e-3, 1.0, 2e4, FP16_MAX / 3)), st.booleans(), st.integers(0, 99))
-@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
-def test_compiled_and_reference_quantizers_agree_bit_exactly(compiled_quantizer, bits: int, groups: int,
-                                                             scale: float, constant: bool, seed: int) -> None:
+def _property_case(bits: int, groups: int, scale: float, constant: bool, seed: int):
+    """``k, v [2, groups * 28, 64]`` at ``scale`` (a constant key group and value token when ``constant``), spec."""
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(2, groups * 28, 64, generator=gen) * scale
     v = torch.randn(2, groups * 28, 64, generator=gen) * scale
     if constant:
         k[:, :28] = 3.0
         v[:, 5] = -2.0
-    spec = QuantSpec(bits, 28, 64)
+    return k, v, QuantSpec(bits, 28, 64)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                HealthCheck.too_slow])
+@given(BITS, st.integers(1, 4), st.sampled_from((1e-3, 1.0, 2e4, FP16_MAX / 3)), st.booleans(), st.integers(0, 99))
+@pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
+def test_compiled_and_reference_quantizers_agree_bit_exactly(compiled_quantizer, bits: int, groups: int,
+                                                             scale: float, constant: bool, seed: int) -> None:
+    k, v, spec = _property_case(bits, groups, scale, constant, seed)
     if k.abs().max() > FP16_MAX or v.abs().max() > FP16_MAX:  # neither accepts it: both refuse, naming the input
         for quantize in (compiled_quantizer, lambda s, a, b: (quantize_keys(a, s), quantize_values(b, s))):
             with pytest.raises(ValueError, match="NaN/inf or values beyond"):
@@ -165,13 +170,7 @@ def test_compiled_fit_keeps_its_promise_at_every_scale(fitted_quantizer, bits: i
     never above min/max's, codes equal but near rounding boundaries; tiny and near-fp16-max scales included."""
     from wq_compile.compiler.check import _check_fit
 
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(2, groups * 28, 64, generator=gen) * scale
-    v = torch.randn(2, groups * 28, 64, generator=gen) * scale
-    if constant:
-        k[:, :28] = 3.0
-        v[:, 5] = -2.0
-    spec = QuantSpec(bits, 28, 64)
+    k, v, spec = _property_case(bits, groups, scale, constant, seed)
     if k.abs().max() > FP16_MAX or v.abs().max() > FP16_MAX:
         with pytest.raises(ValueError, match="NaN/inf or values beyond"):
             fitted_quantizer(spec, k, v)
