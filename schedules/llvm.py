@@ -70,14 +70,14 @@ def default_schedule(sch: s_tir.Schedule, spec: KernelSpec) -> None:
         for name in names:
             loops = sch.get_loops(sch.get_sblock(name))
             sch.parallel(sch.fuse(loops[0], loops[1]))
-        _key_fit_vectors(sch, spec, names)
+        _fit_vectors(sch, spec, names)
     else:  # pragma: no cover - KernelSpec validates kind
         raise ValueError(f"kind: no llvm schedule for {spec.kind!r}")
 
 
 
 
-def _key_fit_vectors(sch: s_tir.Schedule, spec: KernelSpec, names: tuple[str, ...]) -> None:
+def _fit_vectors(sch: s_tir.Schedule, spec: KernelSpec, names: tuple[str, ...]) -> None:
     """The fits' blocks run over 16-channel vectors: the keys' token reductions with channels innermost (one vector
     accumulation per token instead of a strided serial sum per channel), their per-group maps vectorized; the
     values' normalized elements and per-lane partial errors too. Without it the key fit cost 12x the tuned min/max

@@ -22,14 +22,7 @@ SHAPE = dict(head_dim=64, num_q_heads=14, num_kv_heads=2)
 
 def _run(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
     sig = signature(spec)
-    b, h, n, d = k.shape
-    qs = spec.quant(spec.bits[0])
-    outs = [torch.empty(b, h, n // 28, d, quant.key_words(qs.bits, 28), dtype=torch.int32),
-            torch.empty(b, h, n // 28, d, dtype=torch.float16), torch.empty(b, h, n // 28, d, dtype=torch.float16),
-            torch.empty(b, h, n, d // qs.per_word, dtype=torch.int32),
-            torch.empty(b, h, n, d // qs.v_group, dtype=torch.float16),
-            torch.empty(b, h, n, d // qs.v_group, dtype=torch.float16)]
-    sig.bind(k, v, *outs)
+    outs = sig.allocate_outputs(sig.bind(k, v, inputs_only=True), "cpu")
     compiled_default(spec)(k, v, *outs)
     return dict(zip(sig.names, [k, v, *outs]))
 

@@ -162,7 +162,7 @@ ZS_LANES = 16
 def _value_zero_search(v, vmn, vmx, shape, vg: int, qmax: int):
     """Emit the values' zero search (:func:`wq_compile.core.quant_fit.zero_search_params`) over groups ``shape =
     (B, Hkv, n, D / v_group)``; return ``zero(index)``, the fp16 zero of least error (the first candidate, min/max's,
-    unless a later one is strictly better).
+    unless a later one is better by the relative margin ``ZS_TIE``, as in the reference).
 
     In units of the group's scale: ``u = (x - zero) / scale`` once per element (``v_u``), then per candidate the
     error of ``u - (zero_j - zero) / scale`` against its rounded code, summed over ``ZS_LANES`` channel lanes first
@@ -179,24 +179,23 @@ def _value_zero_search(v, vmn, vmx, shape, vg: int, qmax: int):
     parts = [buf(f"fvp{j}", (*shape, lanes)) for j in range(cand)]
     errs = [buf(f"fve{j}", shape) for j in range(cand)]
 
+    def in_scale_units(a, gx):
+        """``(a - zero) / scale`` of group ``gx`` (0 for a constant group, whose scale is 0)."""
+        scale, zero = _params(vmn[gx], vmx[gx], qmax)
+        s = scale.astype(_F32)
+        return tirx.Select(s > f32(0.0), (a - zero.astype(_F32)) / tirx.Select(s > f32(0.0), s, f32(1.0)), f32(0.0))
+
     def candidate(j, ix):
         """(fp16 zero_j, its offset from min/max's zero in units of the scale)."""
         scale, zero = _params(vmn[ix], vmx[ix], qmax)
-        s = scale.astype(_F32)
-        z = _to_f16(zero.astype(_F32) + f32(ZS_SHIFTS[j]) * s, -65504.0)
-        off = tirx.Select(s > f32(0.0), (z.astype(_F32) - zero.astype(_F32)) / tirx.Select(s > f32(0.0), s, f32(1.0)),
-                          f32(0.0))
-        return z, off
+        z = _to_f16(zero.astype(_F32) + f32(ZS_SHIFTS[j]) * scale.astype(_F32), -65504.0)
+        return z, in_scale_units(z.astype(_F32), ix)
 
     with T.grid(b_, h_, n_, g_ * vg) as (b, h, t, c):
         with T.sblock("v_u"):
             vb, vh, vt, vc = T.axis.remap("SSSS", [b, h, t, c])
-            gx = (vb, vh, vt, tirx.floordiv(vc, vg))
-            scale, zero = _params(vmn[gx], vmx[gx], qmax)
-            s = scale.astype(_F32)
             x = v[vb, vh, vt, vc].astype(_F32)
-            T.buffer_store(u, tirx.Select(s > f32(0.0), (x - zero.astype(_F32)) / tirx.Select(s > f32(0.0), s, f32(1.0)),
-                                          f32(0.0)), [vb, vh, vt, vc])
+            T.buffer_store(u, in_scale_units(x, (vb, vh, vt, tirx.floordiv(vc, vg))), [vb, vh, vt, vc])
     for j in range(cand):
         with T.grid(*shape, lanes, vg // lanes) as (b, h, t, g, ci, co):
             with T.sblock(f"v_p{j}"):
