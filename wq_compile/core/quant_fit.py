@@ -19,7 +19,8 @@ scale and zero, ``code = clamp(round((x - zero) / scale), 0, qmax)``), so the co
 - ``zs``: min/max's scale, and the zero among :data:`ZS_SHIFTS` (min/max's zero moved by a fraction of the scale,
   each rounded to fp16) of least squared error; min/max's zero is the first candidate and a later one must be
   strictly better, so a group is never coded worse than by min/max. Nine candidates, no iterations: cheap in the
-  compiled quantize kernel.
+  compiled quantize kernel. At one bit (two levels) min/max's scale spans the whole range and no zero fixes that:
+  ``zs`` is then least squares (Lloyd's 2-means), which the compiled kernel computes too.
 
 A config's ``fit`` names the fit of keys and of values (:data:`FIT_KINDS`, :func:`fit_of`).
 """
@@ -174,8 +175,10 @@ def fit_params(g: torch.Tensor, qmax: int, fit: str = "minmax", iters: int = LSQ
     g = g.float()
     if fit == "hqq":
         return hqq_params(g, qmax)
-    if fit == "zs":
+    if fit == "zs" and qmax > 1:
         return zero_search_params(g, qmax)
+    if fit == "zs":  # one bit: two levels, a 2-means; min/max's scale (the whole range) leaves nothing to search
+        fit = "lsq"
     scale, zero = minmax_params(g.amin(-1), g.amax(-1), qmax)
     if fit == "minmax" or g.shape[-1] == 0:
         return scale, zero

@@ -10,9 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-#: Widths a window may be stored at. 16 means "not quantized" (kept in the model's dtype).
-BIT_WIDTHS: tuple[int, ...] = (16, 8, 4, 2)
-QUANT_BITS: tuple[int, ...] = (8, 4, 2)
+#: Widths a window may be stored at. 16 means "not quantized" (kept in the model's dtype). 1 is a 2-level code
+#: (least-squares levels) for the least relevant windows: 1.89 effective bits, so at ~3 bits the search can mix.
+BIT_WIDTHS: tuple[int, ...] = (16, 8, 4, 2, 1)
+QUANT_BITS: tuple[int, ...] = (8, 4, 2, 1)
+#: What a config allows unless told otherwise: 1 bit (like eviction) is opt-in, ``widths=(16, 8, 4, 2, 1)``.
+DEFAULT_WIDTHS: tuple[int, ...] = (16, 8, 4, 2)
+#: Buckets every layer holds whatever the config allows (the decode kernels' fixed pieces; 8 is the flush width).
+CORE_BUCKETS: tuple[int, ...] = (8, 4, 2)
 #: Width 0: the window is evicted (not stored at all; it costs no bytes and attention no longer sees it). Only the
 #: window search allocates it (``WindowQuantConfig(widths=(..., 0))``); no kernel reads it.
 EVICT = 0
