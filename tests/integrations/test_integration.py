@@ -155,14 +155,17 @@ def test_embedding_scorer(model) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
-def test_decode_runs_the_compiled_module(model) -> None:
+@pytest.mark.parametrize("config", [dict(avg_bits=4.0), dict(avg_bits=2.5, widths=(16, 8, 4, 2, 1))],
+                         ids=["default-widths", "with-1-bit"])
+def test_decode_runs_the_compiled_module(model, config: dict) -> None:
     """Every decode step of every layer is one fused-kernel call; windows are quantized by the compiled kernel;
-    the result matches the torch reference path (same quantized data, fp32 accumulation order differs)."""
+    the result matches the torch reference path (same quantized data, fp32 accumulation order differs). With 1 bit
+    allowed at 2.5 bits, windows land in the int1 bucket and the compiled kernels read it."""
     p = video_prompt(model, [2, 3])
     kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    ref_cache = _wq(model, p, avg_bits=4.0)
+    ref_cache = _wq(model, p, **config)
     ref = model.generate(**p.inputs, cache=ref_cache, **kw)
-    cache = _wq(model, p, avg_bits=4.0, backend="tvm")
+    cache = _wq(model, p, backend="tvm", **config)
     got = model.generate(**p.inputs, cache=cache, **kw)
     layers = model.config.text_config.num_hidden_layers
     assert cache.stats.kernel_calls == layers * 5 and cache.stats.reference_calls == 0
@@ -178,6 +181,9 @@ def test_decode_runs_the_compiled_module(model) -> None:
             n = int(bucket.lens.max())
             assert torch.equal(bucket.lens, want.lens)
             assert torch.equal(bucket.k_codes[:, :, :n], want.k_codes[:, :, :n])
+    if 1 in config.get("widths", ()):
+        assert int(cache.layers[0].store.buckets[1].lens.sum()) > 0  # the plan used the 1-bit width
+        assert any("k1v1" in uri for uri in backend.kernels)
 
 
 def test_back_to_back_videos_are_cut_at_their_newlines(model) -> None:

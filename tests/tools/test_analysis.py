@@ -20,7 +20,7 @@ from wq_compile.core.reference import attend_piece
 from wq_compile.core.search import Plan
 from wq_compile.core.allocation import effective_bits
 from wq_compile.core.windows import make_windows
-from wq_compile.core.spec import BIT_WIDTHS, QuantSpec
+from wq_compile.core.spec import DEFAULT_WIDTHS, QuantSpec
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -89,7 +89,7 @@ def _objective(errors: torch.Tensor, bits: torch.Tensor, widths: tuple) -> float
 @pytest.mark.parametrize("seed", range(8))
 def test_allocate_min_error_near_brute_force_and_in_budget(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    widths = BIT_WIDTHS
+    widths = DEFAULT_WIDTHS
     nw = 6
     lengths = torch.tensor([196, 196, 168, 196, 100, 196])
     sens = torch.rand(nw, generator=gen) ** 3 * 10
@@ -220,7 +220,7 @@ def test_search_sensitivity_policy_is_the_policy_module(needle) -> None:
     scores = torch.rand(len(w.layers), len(w.windows))
     plan = search(scores, k, v, w.windows, 3.5, q_text=q, sm_scale=w.layers[0].sm_scale)
     for i, lc in enumerate(w.layers):
-        errs = woe(lc.q_text, lc.k, lc.v, w.windows, BIT_WIDTHS, lc.sm_scale, 28, 64)
+        errs = woe(lc.q_text, lc.k, lc.v, w.windows, DEFAULT_WIDTHS, lc.sm_scale, 28, 64)
         assert torch.equal(plan.bits[i], allocate_min_error(errs, w.windows.lengths, 3.5))
     assert plan.effective_avg_bits() <= 3.5 + 1e-6
     similarity = search(scores, k, v, w.windows, 3.5)  # no queries: the similarity search, unchanged

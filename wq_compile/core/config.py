@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 
 from .quant_fit import DEFAULT_FIT, check_fit
-from .spec import ALLOC_WIDTHS, BIT_WIDTHS, EVICT, QUANT_BITS
+from .spec import ALLOC_WIDTHS, BIT_WIDTHS, CORE_BUCKETS, DEFAULT_WIDTHS, EVICT, QUANT_BITS
 
 #: ``v_group=None`` means ``min(DEFAULT_V_GROUP, head_dim)``.
 DEFAULT_V_GROUP = 64
@@ -37,7 +37,9 @@ class WindowQuantConfig:
     ``True`` asks for it (an error where no kernel has it), ``"auto"`` takes it where the target has it and the
     exact kernel elsewhere, ``False`` (the default) is exact everywhere: the README says why exact is the default
     (results then equal the reference's on every machine, and end to end the mode's gain was within noise).
-    ``widths`` may include 0: the search may then evict a window (not stored; attention no longer sees it).
+    ``widths`` may include 0: the search may then evict a window (not stored; attention no longer sees it), and 1
+    (a 2-level code, 1.89 effective bits): at ~3 bits the search can then mix widths (int2 alone costs 2.96), at
+    most five widths in all; both are opt-in (docs/formats.md has the measurements).
     ``fit``: how each group's scale and zero are chosen (:mod:`wq_compile.core.quant_fit`), in one stored format that
     every decode kernel reads: ``"lsq-zs"`` (the default: keys by least squares, values by a zero search),
     ``"lsq-keys"``, ``"zs"`` and ``"minmax"`` are computed by the compiled quantize kernel; ``"lsq"``, ``"hqq"`` and
@@ -45,7 +47,7 @@ class WindowQuantConfig:
     """
 
     avg_bits: float = 3.0
-    widths: tuple[int, ...] = BIT_WIDTHS
+    widths: tuple[int, ...] = DEFAULT_WIDTHS
     window: str | int = "frame"
     k_group: int = 28
     v_group: int | None = None
@@ -70,6 +72,9 @@ class WindowQuantConfig:
                 raise ValueError(f"widths: {w!r} is not one of {BIT_WIDTHS} or 0 (the window is evicted)")
         if all(w == EVICT for w in self.widths):
             raise ValueError(f"widths: {self.widths!r} would evict every window; add a stored width of {BIT_WIDTHS}")
+        if len(set(self.widths)) > 5:
+            raise ValueError(f"widths: at most five widths (the allocation enumerates five runs), got {self.widths!r};"
+                             f" drop one, e.g. 8 or 0")
         check_fit(self.fit)
         _positive_int("k_group", self.k_group, "use e.g. 28 (tokens per key group)")
         if self.v_group is not None:
@@ -104,8 +109,17 @@ class WindowQuantConfig:
         if head_dim % v_group:
             raise ValueError(f"v_group: {v_group} does not divide the model's head_dim {head_dim}; use a divisor "
                              f"of {head_dim} or v_group=None (min(64, head_dim))")
-        per_word = 32 // min(b for b in QUANT_BITS)
+        narrow = min(self.bucket_widths)
+        per_word = 32 // narrow
         if head_dim % per_word:
-            raise ValueError(f"head_dim: {head_dim} is not a multiple of {per_word} (2-bit codes per int32 word); "
-                             f"WindowQuant cannot pack this model's values")
+            raise ValueError(f"head_dim: {head_dim} is not a multiple of {per_word} ({narrow}-bit codes per int32 "
+                             f"word); WindowQuant cannot pack this model's values"
+                             + (" at 1 bit: drop 1 from widths" if narrow == 1 else ""))
         return self if v_group == self.v_group else replace(self, v_group=v_group)
+
+    @property
+    def bucket_widths(self) -> tuple[int, ...]:
+        """The quantized buckets every layer holds, widest first: 8, 4 and 2 always (the decode kernels' fixed
+        pieces, whose tuning records ship), and 1 when ``widths`` allows it (then the kernels read an int1 bucket)."""
+        return tuple(sorted(set(CORE_BUCKETS) | {w for w in self.widths if w in QUANT_BITS} | {self.flush_bits},
+                            reverse=True))

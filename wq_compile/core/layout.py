@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spec import EVICT, QUANT_BITS, QuantSpec
+from .spec import CORE_BUCKETS, EVICT, QUANT_BITS, QuantSpec
 from .buckets import DensePiece, QuantBucket, Quantizer, screened_quantizer, torch_quantizer
 from .windows import Windows, runs_holding, quantizable_mask
 
 
 @dataclass
 class LayerCache:
-    """One layer of a WindowQuant cache: ``buckets[bits]`` (always 8, 4, 2 present, possibly empty) + ``dense``."""
+    """One layer of a WindowQuant cache: ``buckets[bits]`` (8, 4, 2 always present, possibly empty; 1 when the config
+    allows it: :attr:`~wq_compile.core.config.WindowQuantConfig.bucket_widths`) + ``dense``."""
 
     buckets: dict[int, QuantBucket]
     dense: DensePiece
@@ -37,15 +38,19 @@ class LayerCache:
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
               k_group: int = 28, v_group: int = 64, residual: int = 128, flush_tokens: int | None = None,
-              flush_bits: int = 8, chunk: int = 64, quantizer: Quantizer = torch_quantizer) -> "LayerCache":
+              flush_bits: int = 8, chunk: int = 64, quantizer: Quantizer = torch_quantizer,
+              widths: tuple[int, ...] = CORE_BUCKETS) -> "LayerCache":
         flush = flush_tokens if flush_tokens is not None else 2 * k_group
         if flush % k_group or flush <= 0:
             raise ValueError(f"flush_tokens: {flush} must be a positive multiple of k_group {k_group}")
         if flush_bits not in QUANT_BITS:
             raise ValueError(f"flush_bits: must be one of {QUANT_BITS}, got {flush_bits}")
+        if not set(CORE_BUCKETS) <= set(widths) <= set(QUANT_BITS) or flush_bits not in widths:
+            raise ValueError(f"widths: buckets {widths} must hold {CORE_BUCKETS} and flush_bits {flush_bits}, "
+                             f"within {QUANT_BITS}")
         buckets = {
             b: QuantBucket.empty(QuantSpec(b, k_group, v_group), batch, kv_heads, head_dim, device, chunk)
-            for b in QUANT_BITS
+            for b in sorted(set(widths), reverse=True)
         }
         dense = DensePiece.empty(batch, kv_heads, head_dim, dtype, device, chunk)
         return cls(buckets, dense, k_group, residual, flush, flush_bits, quantizer)

@@ -24,7 +24,7 @@ import torch
 
 from .allocation import allocate_bits, window_bits
 from .quant_fit import codes_of, fit_of, fit_params
-from .spec import ALLOC_WIDTHS, BIT_WIDTHS, EVICT
+from .spec import ALLOC_WIDTHS, BIT_WIDTHS, DEFAULT_WIDTHS, EVICT
 from .windows import Windows
 
 POLICIES = ("uniform", "random", "similarity:attention", "similarity:embedding", "sensitivity", "oracle")
@@ -207,7 +207,7 @@ def _costs(lengths: torch.Tensor, widths: Sequence[int], k_group: int, v_group: 
 
 
 def allocate_min_error(errors: torch.Tensor, lengths: torch.Tensor, avg_bits: float,
-                       widths: Sequence[int] = BIT_WIDTHS, k_group: int = 28, v_group: int = 64) -> torch.Tensor:
+                       widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28, v_group: int = 64) -> torch.Tensor:
     """Bits per window ``[W]`` minimising ``sum_w errors[w, j(w)]`` under the effective-bits budget.
 
     ``errors [W, len(widths)]`` may be any additive cost (measured squared output errors here). Lagrangian
@@ -263,7 +263,7 @@ def allocate_min_error(errors: torch.Tensor, lengths: torch.Tensor, avg_bits: fl
     return torch.tensor(widths)[choice]
 
 
-def uniform_bits(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] = BIT_WIDTHS, k_group: int = 28,
+def uniform_bits(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28,
                  v_group: int = 64) -> torch.Tensor:
     """KIVI-style: every window at the widest single width whose memory fits the budget (else the narrowest)."""
     budget = float(avg_bits) * float(lengths.double().sum()) * (1 + 1e-9)
@@ -276,7 +276,7 @@ def uniform_bits(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] =
 
 
 def plan_layer(policy: str, *, q_text: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows,
-               avg_bits: float, sm_scale: float, k_group: int, v_group: int, widths: Sequence[int] = BIT_WIDTHS,
+               avg_bits: float, sm_scale: float, k_group: int, v_group: int, widths: Sequence[int] = DEFAULT_WIDTHS,
                embedding: torch.Tensor | None = None, oracle_errors: torch.Tensor | None = None,
                prompt_errors: torch.Tensor | None = None, quant_errors: torch.Tensor | None = None,
                attention: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
@@ -359,21 +359,35 @@ def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor,
     return "\n".join(lines)
 
 
-def kivi_recent_bits(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] = BIT_WIDTHS, k_group: int = 28,
-                     v_group: int = 64) -> torch.Tensor:
+def kivi_recent_plan(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28,
+                     v_group: int = 64, nearest: bool = False) -> tuple[torch.Tensor, int]:
     """The equal-bytes uniform baseline: every window at the widest stored width that fits (:func:`uniform_bits`),
-    then the bytes left spent as KIVI spends them, on the most recent windows (the last ones) kept in fp16, as many
-    as fit. Bits per window ``[W]``."""
+    then the bytes left spent as KIVI spends them, on the most recent tokens kept in fp16, as many as fit (token
+    granular, so the baseline meets any budget above its width's cost; ``nearest``: the count whose bits are nearest
+    the budget, within half a token, even if just above). ``(bits [W], recent tokens)``; their cost is
+    :func:`recent_plan_bits`."""
     bits = uniform_bits(lengths, avg_bits, widths, k_group, v_group)
     budget = float(avg_bits) * float(lengths.double().sum()) * (1 + 1e-9)
-    used = float(window_bits(lengths.cpu(), bits, k_group, v_group).sum())
-    dense = window_bits(lengths.cpu(), [16], k_group, v_group)[:, 0]
-    for i in range(lengths.numel() - 1, -1, -1):
-        step = float(dense[i]) - float(window_bits(lengths[i : i + 1].cpu(), bits[i : i + 1], k_group, v_group)[0])
-        if used + step > budget:
-            break
-        bits[i], used = 16, used + step
-    return bits
+    extra = _recent_extra(lengths, bits, k_group, v_group)
+    fits = max(int(torch.searchsorted(extra, torch.tensor([budget], dtype=extra.dtype), right=True)) - 1, 0)
+    if nearest and fits + 1 < extra.numel() and float(extra[fits + 1]) - budget < budget - float(extra[fits]):
+        fits += 1
+    return bits, fits
+
+
+def _recent_extra(lengths: torch.Tensor, bits: torch.Tensor, k_group: int, v_group: int) -> torch.Tensor:
+    """``[T + 1]`` float64: the plan's bits with its last ``r`` windowed tokens fp16, for every ``r`` (index 0: none).
+    A window's bits are spread evenly over its tokens (its fp16 tail included)."""
+    per_win = window_bits(lengths.cpu(), bits, k_group, v_group).double()
+    per_tok = torch.repeat_interleave(per_win / lengths.cpu().double().clamp_min(1), lengths.cpu().long())
+    step = (16.0 - per_tok).flip(0).clamp_min(0)  # the most recent token first
+    return torch.cat([step.new_zeros(1), step.cumsum(0)]) + per_win.sum()
+
+
+def recent_plan_bits(lengths: torch.Tensor, bits: torch.Tensor, recent: int, k_group: int = 28,
+                     v_group: int = 64) -> float:
+    """Bits (summed over windowed elements) of a plan ``bits [W]`` whose last ``recent`` windowed tokens are fp16."""
+    return float(_recent_extra(lengths, bits, k_group, v_group)[recent])
 
 
 def shuffled_plan(bits: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from .allocation import allocate_bits, window_bits, window_errors
 from .policy import allocate_min_error, window_output_errors
-from .spec import ALLOC_WIDTHS, BIT_WIDTHS, EVICT
+from .spec import ALLOC_WIDTHS, DEFAULT_WIDTHS
 from .windows import Windows
 
 
@@ -48,7 +48,7 @@ class Plan:
 
     def histogram(self) -> dict[int, int]:
         """How many (layer, window) pairs got each width."""
-        used = ALLOC_WIDTHS if bool((self.bits == EVICT).any()) else BIT_WIDTHS
+        used = [w for w in ALLOC_WIDTHS if w in DEFAULT_WIDTHS or bool((self.bits == w).any())]
         return {int(w): int((self.bits == w).sum()) for w in used}
 
 
@@ -62,7 +62,7 @@ SEARCH_POLICIES = ("auto", "similarity", "sensitivity")
 
 
 def search(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows, avg_bits: float,
-           widths: Sequence[int] = BIT_WIDTHS, k_group: int = 28, v_group: int = 64, exact_errors: bool = False,
+           widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28, v_group: int = 64, exact_errors: bool = False,
            *, q_text: torch.Tensor | None = None, sm_scale: float | None = None, policy: str = "auto") -> Plan:
     """Full window search for one sample: measure errors on ``k, v [L, Hkv, T, D]``, then allocate per layer.
 

@@ -142,7 +142,8 @@ def store_turn(cache: WindowQuantCache, prompt_sample: Any, layer_idx: int, quer
         bits_out.append(bits)
         scores_out.append(scores)
         tmp = LayerCache.empty(1, key.shape[1], key.shape[3], store.dense.k.dtype, dev, wq.k_group, wq.v_group,
-                               residual=1 << 30, flush_bits=wq.flush_bits, chunk=wq.chunk, quantizer=store.quantizer)
+                               residual=1 << 30, flush_bits=wq.flush_bits, chunk=wq.chunk, quantizer=store.quantizer,
+                               widths=tuple(store.buckets))
         tmp.fill_sample(0, key[b], value[b], w.with_bits(bits), valid=sample.valid, quantizable=ok)
         _move(tmp, store, b)
     store.flush()

@@ -133,7 +133,8 @@ def load_into(cache: WindowQuantCache, path: str | Path, device: torch.device | 
     wq = cache.wq
     for i, layer in enumerate(cache.layers):
         store = LayerCache.empty(batch, hkv, d, dtype, device, wq.k_group, wq.v_group, wq.residual,
-                                 flush_bits=wq.flush_bits, chunk=wq.chunk, quantizer=backend.quantize)
+                                 flush_bits=wq.flush_bits, chunk=wq.chunk, quantizer=backend.quantize,
+                                 widths=wq.bucket_widths)
         for bits, bk in store.buckets.items():
             p = f"layer.{i}.int{bits}."
             lens = get(p + "lens", batch)

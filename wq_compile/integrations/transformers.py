@@ -243,7 +243,8 @@ class WindowQuantCache(Cache):
         prompt = self._prompt_samples(key.device)
         store = LayerCache.empty(bsz, key.shape[1], key.shape[3], key.dtype, key.device, self.wq.k_group,
                                  self.wq.v_group, self.wq.residual, flush_bits=self.wq.flush_bits,
-                                 chunk=self.wq.chunk, quantizer=self.backend(key.dtype, key.device).quantize)
+                                 chunk=self.wq.chunk, quantizer=self.backend(key.dtype, key.device).quantize,
+                                 widths=self.wq.bucket_widths)
         stages = self.stats.stage_seconds
         bits_list, score_list = [], []
         for b, ps in enumerate(prompt):

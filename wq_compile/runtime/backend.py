@@ -179,7 +179,8 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         library = shared_library(wq.target or ("cuda" if torch.device(device).type == "cuda" else "llvm"))
         stats = library.stats
         compiled, cached, reused = stats.compiled, stats.cache_hits, stats.reused
-        widths = (8, 4, 2) if compiled_fit(wq.fit) else ()
+        buckets = wq.bucket_widths  # 8, 4, 2 (and 1 when the config allows it)
+        widths = buckets if compiled_fit(wq.fit) else ()
         # fused + multi on CPUs; split + merge + multi split (its merge is the split's) on CUDA
         bar = BuildProgress(len(widths) + (3 if library.device.kind == "cuda" else 2), library.stats)
         with library.reporting(bar.compiling), bar:
@@ -188,14 +189,14 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
                                           int8_dots=wq.int8_dots)
             fit = wq.fit if compiled_fit(wq.fit) else "minmax"
             compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk, fit)
-            uris = [spec.uri for spec in decoder.specs((8, 4, 2))]  # the merge too, on CUDA
+            uris = [spec.uri for spec in decoder.specs(buckets)]  # the merge too, on CUDA
             # several-token steps: the multi-token kernel (CPUs), its split-KV form and the merge (CUDA)
             from .steps import StepDecoder
 
             steps = StepDecoder(library, num_q_heads, num_kv_heads, head_dim, dtype, k_group=wq.k_group,
                                 v_group=wq.v_group, chunk=wq.chunk)
-            steps.kernel((8, 4, 2))
-            uris += [spec.uri for spec in steps.specs((8, 4, 2))]
+            steps.kernel(buckets)
+            uris += [spec.uri for spec in steps.specs(buckets)]
             # the compiled quantize kernel fits keys by min/max or least squares and values by min/max or the zero
             # search; any other fit quantizes with the torch reference
             quantizer = compiled_q if compiled_fit(wq.fit) else reference_quantizer(wq.fit)
@@ -206,7 +207,7 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
         return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
                        stats.cache_hits - cached, min(stats.reused - reused, len(kernels)),
-                       decoder.kernel((8, 4, 2)).threads, steps)
+                       decoder.kernel(buckets).threads, steps)
     except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
         from .decoder import Int8DotsUnsupportedError
 

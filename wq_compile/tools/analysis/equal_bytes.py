@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 
 from ...core.allocation import allocate_bits, window_bits, window_errors
-from ...core.policy import allocate_min_error, attend, kivi_recent_bits, shuffled_plan, window_output_errors
+from ...core.policy import (allocate_min_error, attend, kivi_recent_plan, recent_plan_bits, shuffled_plan,
+                            window_output_errors)
 from .measurements import PolicyRow, Sensitivity, evaluate_plan
 from .workloads import Workload
 
@@ -42,8 +43,10 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
                      policies: Sequence[str] = ("similarity:attention", "sensitivity"), seeds: int = 5
                      ) -> list[PolicyRow]:
     """Each allocation policy next to its equal-bytes controls: the same histogram of widths placed at random
-    (median of ``seeds``) and the KIVI-style uniform width plus fp16 recent windows (:func:`kivi_recent_bits`).
-    ``widths`` may include 0 (eviction). Every row carries its effective bits (:func:`window_bits`)."""
+    (median of ``seeds``) and the best KIVI-style uniform scheme (:func:`kivi_recent_plan`: one stored width for
+    every window, the rest of the budget on fp16 recent tokens; every stored width that fits is tried and the lowest
+    error kept). ``widths`` may include 0 (eviction) and 1. Every row carries its effective bits
+    (:func:`window_bits`)."""
     rows = []
     lengths = w.windows.lengths
     widths = tuple(sorted({int(x) for x in widths}, reverse=True))
@@ -54,12 +57,25 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
         ans = float(bits[:, w.answer].float().mean()) if w.answer is not None and bool(w.answer.any()) else float("nan")
         return PolicyRow(w.name, policy, ab, eff, err, kl, ans, note)
 
+    def kivi_row(ab: float, spend: float | None = None) -> PolicyRow:
+        """The best uniform scheme spending ``spend`` bits (default the budget ``ab``), filed under ``ab``."""
+        spend = ab if spend is None or spend != spend else spend
+        rows_u = []
+        for u in sorted(x for x in widths if x not in (16, 0)):
+            bits, recent = kivi_recent_plan(lengths, spend, (u,), w.k_group, w.v_group, nearest=spend != ab)
+            eff = recent_plan_bits(lengths, bits, recent, w.k_group, w.v_group) / float(lengths.sum())
+            if rows_u and eff > spend * 1.01:
+                break  # int u alone exceeds the budget (the narrowest is kept even then, marked by its bits)
+            err, kl = evaluate_plan(w, s, bits.expand(len(w.layers), -1), recent)
+            rows_u.append(PolicyRow(w.name, "uniform + fp16 recent", ab, eff, err, kl, float("nan"),
+                                    f"KIVI-style: int{u} + {recent} fp16 recent tokens"))
+        return min(rows_u, key=lambda r: r.out_err)
+
     for ab in budgets:
-        base = torch.stack([kivi_recent_bits(lengths, ab, widths, w.k_group, w.v_group) for _ in w.layers])
-        rows.append(row("uniform + fp16 recent", ab, base, "KIVI-style equal bytes"))
         floor = float(window_bits(lengths, [min(widths)], w.k_group, w.v_group).sum() / lengths.sum())
         for policy in policies:
             if ab < floor:
+                rows.append(kivi_row(ab))
                 rows.append(PolicyRow(w.name, policy, ab, float("nan"), float("nan"), float("nan"), float("nan"),
                                       f"infeasible: widths {widths} need >= {floor:.2f} effective bits"))
                 continue
@@ -74,7 +90,8 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
                     plans.append(allocate_bits(s.scores["attention"][li].float(), errs.float(), lengths, ab, widths,
                                                w.k_group, w.v_group))
             bits = torch.stack(plans)
-            rows.append(row(policy, ab, bits, f"widths {widths}"))
+            mine = row(policy, ab, bits, f"widths {widths}")
+            rows += [kivi_row(ab, mine.eff_bits), mine]  # the baseline at the bytes this plan spends
             rnd = [row(policy + " shuffled", ab, shuffled_plan(bits, seed)) for seed in range(seeds)]
             rnd.sort(key=lambda r: r.out_err)
             rows.append(dataclasses.replace(rnd[len(rnd) // 2], note=f"same histogram at random, median of {seeds}"))
@@ -82,16 +99,19 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
 
 
 def format_equal_bytes(rows: Sequence[PolicyRow]) -> str:
-    """Rows of :func:`equal_bytes_rows` with their effective bits; a ratio to the equal-bytes uniform row only where
-    the two use bytes within 1% of each other (else "n/a: bytes differ")."""
+    """Rows of :func:`equal_bytes_rows` with their effective bits; a ratio to the uniform row above (the baseline
+    at the bytes of the policy that follows it) only where the two use bytes within 1% of each other (else "n/a:
+    bytes differ")."""
     lines = []
     for n in dict.fromkeys(r.workload for r in rows):
         lines.append(f"{n}:")
         lines.append(f"  {'budget':>6} {'policy':<34} {'eff bits':>8} {'out err':>8} {'KL':>9} {'vs unif+recent':>15}")
         for ab in dict.fromkeys(r.avg_bits for r in rows if r.workload == n):
             sel = [r for r in rows if r.workload == n and r.avg_bits == ab]
-            u = next(r for r in sel if r.policy == "uniform + fp16 recent")
+            u = sel[0]
             for r in sel:
+                if r.policy == "uniform + fp16 recent":
+                    u = r  # the baseline of the rows below it, at the bytes of the first of them
                 same = abs(r.eff_bits - u.eff_bits) <= 0.01 * u.eff_bits
                 ratio = f"{r.out_err / u.out_err:.2f}x" if same and u.out_err > 0 else "n/a: bytes differ"
                 lines.append(f"  {ab:>6g} {r.policy:<34} {r.eff_bits:>8.2f} {r.out_err:>8.4f} {r.kl:>9.2e} "

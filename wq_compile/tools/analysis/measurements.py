@@ -14,7 +14,7 @@ from ...core.quant_fit import DEFAULT_FIT
 from ...core.policy import POLICIES, WindowFakeQuant, attend, plan_layer, window_output_errors
 from ...core.scores import attention_scores
 from ...core.search import Plan
-from ...core.spec import BIT_WIDTHS
+from ...core.spec import DEFAULT_WIDTHS
 from .workloads import Workload
 
 
@@ -45,15 +45,15 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 @dataclass
 class Sensitivity:
     """Scores and measured sensitivity of one workload, per layer and window (errors at every width in
-    ``BIT_WIDTHS`` order are squared relative attention-output changes)."""
+    ``DEFAULT_WIDTHS`` order are squared relative attention-output changes)."""
 
     workload: str
     scores: dict[str, torch.Tensor]  # scorer -> [L, W]
     out_err: torch.Tensor  # [L, W, len(SENS_BITS)] relative attention-output change (reading queries)
     kl: torch.Tensor  # [L, W, len(SENS_BITS)] readout KL (measured at 2 bits; NaN at 4)
-    oracle: torch.Tensor  # [L, W, len(BIT_WIDTHS)] squared output errors, reading queries
-    prompt_err: torch.Tensor  # [L, W, len(BIT_WIDTHS)] squared output errors, prompt text queries
-    quant_err: torch.Tensor  # [L, W, len(BIT_WIDTHS)] K/V quantization MSE (the search's error model)
+    oracle: torch.Tensor  # [L, W, len(DEFAULT_WIDTHS)] squared output errors, reading queries
+    prompt_err: torch.Tensor  # [L, W, len(DEFAULT_WIDTHS)] squared output errors, prompt text queries
+    quant_err: torch.Tensor  # [L, W, len(DEFAULT_WIDTHS)] K/V quantization MSE (the search's error model)
     fq: list[WindowFakeQuant] = field(repr=False, default_factory=list)
     fit: str = DEFAULT_FIT  # the scale/zero fit every error above was measured with
 
@@ -63,26 +63,26 @@ def measure(w: Workload, with_kl: bool = True, fit: str = DEFAULT_FIT) -> Sensit
     nl, nw = len(w.layers), len(w.windows)
     out_err = torch.zeros(nl, nw, len(SENS_BITS), dtype=torch.float64)
     kl = torch.full((nl, nw, len(SENS_BITS)), float("nan"), dtype=torch.float64)
-    oracle, prompt_err, quant_err = (torch.zeros(nl, nw, len(BIT_WIDTHS), dtype=torch.float64) for _ in range(3))
+    oracle, prompt_err, quant_err = (torch.zeros(nl, nw, len(DEFAULT_WIDTHS), dtype=torch.float64) for _ in range(3))
     attn = torch.zeros(nl, nw)
     fqs = []
     for li, lc in enumerate(w.layers):
         fq = WindowFakeQuant(lc.k, lc.v, w.windows, w.k_group, w.v_group, fit)
         fqs.append(fq)
-        args = (w.windows, BIT_WIDTHS, lc.sm_scale, w.k_group, w.v_group, fit)
+        args = (w.windows, DEFAULT_WIDTHS, lc.sm_scale, w.k_group, w.v_group, fit)
         oracle[li] = window_output_errors(lc.q_dec, lc.k, lc.v, *args)
         prompt_err[li] = window_output_errors(lc.q_text, lc.k, lc.v, *args)
-        quant_err[li] = window_errors(lc.k[None], lc.v[None], w.windows, BIT_WIDTHS, w.k_group, w.v_group)[0]
+        quant_err[li] = window_errors(lc.k[None], lc.v[None], w.windows, DEFAULT_WIDTHS, w.k_group, w.v_group)[0]
         attn[li] = attention_scores(lc.q_text, lc.k, w.windows, lc.sm_scale)
         for j, bits in enumerate(SENS_BITS):
-            out_err[li, :, j] = oracle[li, :, BIT_WIDTHS.index(bits)].sqrt()
+            out_err[li, :, j] = oracle[li, :, DEFAULT_WIDTHS.index(bits)].sqrt()
             if not with_kl or bits != SENS_BITS[0]:  # one model run per window: the narrowest width only
                 continue
             for wi in range(nw):
                 only = torch.full((nw,), 16, dtype=torch.long)
                 only[wi] = bits
                 kl[li, wi, j] = w.kl({li: fq.apply(only)})
-    i2 = BIT_WIDTHS.index(2)
+    i2 = DEFAULT_WIDTHS.index(2)
     scores = {"attention": attn, "embedding": w.embedding.float().expand(nl, nw).clone(),
               "prompt-error": prompt_err[..., i2].float(), "quant-error": quant_err[..., i2].float()}
     return Sensitivity(w.name, scores, out_err, kl, oracle, prompt_err, quant_err, fqs, fit)
@@ -127,11 +127,15 @@ class PolicyRow:
     answer_bits: float  # mean width of the ground-truth answer windows (NaN when unknown)
     note: str = ""
 
-def evaluate_plan(w: Workload, s: Sensitivity, bits: torch.Tensor) -> tuple[float, float]:
-    """``(mean relative attention-output error over layers, readout KL)`` of a plan ``bits [L, W]``."""
+def evaluate_plan(w: Workload, s: Sensitivity, bits: torch.Tensor, recent: int = 0) -> tuple[float, float]:
+    """``(mean relative attention-output error over layers, readout KL)`` of a plan ``bits [L, W]`` whose last
+    ``recent`` windowed tokens stay exact (KIVI's fp16 recent tokens)."""
     errs, replaced = [], {}
     for li, lc in enumerate(w.layers):
         kq, vq = s.fq[li].apply(bits[li])
+        if recent:
+            idx = w.windows.token_index()[0][-recent:].to(kq.device)
+            kq[:, idx], vq[:, idx] = lc.k[:, idx], lc.v[:, idx]
         o = attend(lc.q_dec, lc.k, lc.v, lc.sm_scale)
         oq = attend(lc.q_dec, kq, vq, lc.sm_scale)
         errs.append(float((oq - o).norm() / o.norm().clamp_min(1e-30)))
