@@ -188,7 +188,8 @@ def test_tiny_model_readout_is_the_models_next_token() -> None:
 
 
 def test_wq_eval_analyze_writes_tables_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    rc = main_eval(["--analyze", "--workloads", "needle", "--budgets", "3,4", "--out", str(tmp_path)])
+    rc = main_eval(["--analyze", "--workloads", "needle", "--budgets", "3,4", "--widths", "16/8/4/2/1", "--out",
+                    str(tmp_path)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "Spearman" in text and "sensitivity" in text and "uniform" in text
@@ -202,11 +203,20 @@ def test_wq_eval_analyze_writes_tables_and_plots(tmp_path: Path, capsys: pytest.
     assert {r["policy"] for r in eq} >= {"uniform + fp16 recent", "similarity:attention",
                                          "similarity:attention shuffled"}
     assert "at equal bytes" in text
+    # at 3 bits with 1 bit allowed the search mixes widths: on the needle, at most 0.7x the output error of the best
+    # KIVI-style uniform scheme given the same bytes (the row just above it)
+    i = next(i for i, r in enumerate(eq) if float(r["avg_bits"]) == 3.0 and r["policy"] == "similarity:attention")
+    base, mine = eq[i - 1], eq[i]
+    assert "widths (16, 8, 4, 2, 1)" in mine["note"] and "KIVI-style" in base["note"]
+    assert abs(float(mine["eff_bits"]) - float(base["eff_bits"])) <= 0.01 * float(base["eff_bits"])
+    assert float(mine["out_err"]) <= 0.7 * float(base["out_err"])
 
 
 def test_wq_eval_analyze_refuses_unknown_workload() -> None:
     with pytest.raises(SystemExit):
         main_eval(["--analyze", "--workloads", "nope"])
+    with pytest.raises(SystemExit):
+        main_eval(["--analyze", "--widths", "16/8/4/2/1/0"])  # six widths: the allocation enumerates five runs
 
 
 def test_search_sensitivity_policy_is_the_policy_module(needle) -> None:

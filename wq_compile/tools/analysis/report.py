@@ -25,9 +25,10 @@ class AnalysisResult:
 
 def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5, 4.0), model: str | None = None,
                  frames: int = 8, out_dir: str | Path | None = None,
-                 progress: Callable[[str], None] | None = None, fit: str = DEFAULT_FIT) -> AnalysisResult:
-    """Measure every workload, correlate, compare policies (every window quantized with the scale/zero ``fit``);
-    write CSVs and PNGs into ``out_dir`` if given."""
+                 progress: Callable[[str], None] | None = None, fit: str = DEFAULT_FIT,
+                 width_sets: Sequence[Sequence[int]] = ((16, 8, 4, 2, 0),)) -> AnalysisResult:
+    """Measure every workload, correlate, compare policies (every window quantized with the scale/zero ``fit``),
+    and the equal-bytes table once per set of ``width_sets``; write CSVs and PNGs into ``out_dir`` if given."""
     from .equal_bytes import equal_bytes_rows
 
     torch.set_grad_enabled(False)
@@ -41,7 +42,8 @@ def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5
         res.sensitivities.append(s)
         res.correlations += correlations(w, s)
         res.policies += compare_policies(w, s, budgets)
-        res.equal_bytes += equal_bytes_rows(w, s, budgets)
+        for widths in width_sets:
+            res.equal_bytes += equal_bytes_rows(w, s, budgets, widths)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

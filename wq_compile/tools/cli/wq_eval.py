@@ -7,7 +7,9 @@ import argparse
 import sys
 from typing import Sequence
 
+from ...core.config import WindowQuantConfig
 from ...core.quant_fit import DEFAULT_FIT, FITS
+from ...core.spec import ALLOC_WIDTHS
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,9 @@ def eval_parser() -> argparse.ArgumentParser:
                         "--model PATH adds your checkpoint")
     a.add_argument("--budgets", default="2.5,3,3.5,4", help="average effective bits of the policy comparison")
     a.add_argument("--out", default="bench_out/analysis", help="folder for the CSVs and scatter PNGs")
+    a.add_argument("--widths", default="16/8/4/2,16/8/4/2/1,16/8/4/2/0",
+                   help="width sets of the equal-bytes table, comma-separated (default: the config's default, with "
+                        "1 bit, with eviction)")
     a.add_argument("--fit", default=DEFAULT_FIT, choices=FITS,
                    help=f"scale/zero fit every window is quantized with (default {DEFAULT_FIT}, the cache's)")
     return p
@@ -51,6 +56,12 @@ def _main_analyze(args: argparse.Namespace) -> int:
         budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
     except ValueError:
         eval_parser().error(f"--budgets: expected numbers such as 3,4, got {args.budgets!r}")
+    try:
+        width_sets = [tuple(int(b) for b in x.split("/")) for x in args.widths.split(",") if x.strip()]
+        for ws in width_sets:
+            WindowQuantConfig(widths=ws)  # the config's rules (known widths, at most five)
+    except ValueError as exc:
+        eval_parser().error(f"--widths: expected sets such as 16/8/4/2,16/8/4/2/1 of {ALLOC_WIDTHS}: {exc}")
     if args.model != "tiny":
         from pathlib import Path
 
@@ -67,12 +78,13 @@ def _main_analyze(args: argparse.Namespace) -> int:
             names.remove("minilm")
     res = run_analysis(names, budgets, model=None if args.model == "tiny" else args.model, frames=args.frames,
                        out_dir=args.out, progress=lambda n: print(f"wq-eval --analyze: {n}", file=sys.stderr),
-                       fit=args.fit)
+                       fit=args.fit, width_sets=width_sets)
     print(format_correlations(res.correlations))
     print()
     print(format_policies(res.policies, res.workloads))
     print()
-    print("at equal bytes, eviction allowed (width 0), next to the same histogram at random and KIVI-style uniform:")
+    print("at equal bytes, per width set (0: eviction allowed), next to the same histogram at random and the best "
+          "KIVI-style uniform scheme at the policy's bytes:")
     print(format_equal_bytes(res.equal_bytes))
     print(f"wrote {args.out}/correlations.csv, policies.csv, windows.csv, scatter_<scorer>.png")
     return 0
