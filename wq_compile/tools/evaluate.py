@@ -96,10 +96,19 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
     shared = WindowQuantCache(cfg, WindowQuantConfig(backend=backend))
     kernels = shared.backend(model.dtype, model.device)
 
-    def wq_method(name: str, wq: WindowQuantConfig, note: str) -> Method:
-        return Method(name, lambda: WindowQuantCache(cfg, wq, backend=kernels).prepare(**prompt.inputs), note)
+    one_bit = (16, 8, 4, 2, 1)
+    with_int1: list = []  # the kernels that read an int1 bucket, built on first use
 
-    for width in (4, 2):  # KIVI-style: every window at one width, same kernels and format
+    def wq_method(name: str, wq: WindowQuantConfig, note: str) -> Method:
+        def make() -> WindowQuantCache:
+            if 1 in wq.bucket_widths and not with_int1:
+                with_int1.append(WindowQuantCache(cfg, WindowQuantConfig(backend=backend, widths=one_bit)).backend(
+                    model.dtype, model.device))
+            b = with_int1[0] if 1 in wq.bucket_widths else kernels
+            return WindowQuantCache(cfg, wq, backend=b).prepare(**prompt.inputs)
+        return Method(name, make, note)
+
+    for width in (4, 2, 1):  # KIVI-style: every window at one width, same kernels and format
         methods.append(wq_method(f"uniform int{width} (KIVI-style)",
                                  WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend),
                                  f"no window search; fit {DEFAULT_FIT} (the default), compiled quantizer"))
@@ -113,6 +122,8 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
         methods.append(wq_method(f"WindowQuant avg {ab:g} bits", WindowQuantConfig(avg_bits=ab, backend=backend), ""))
         methods.append(wq_method(f"WindowQuant avg {ab:g} bits, eviction", WindowQuantConfig(
             avg_bits=ab, widths=(16, 8, 4, 2, 0), backend=backend), "width 0 allowed: a window may be evicted"))
+        methods.append(wq_method(f"WindowQuant avg {ab:g} bits, 1 bit", WindowQuantConfig(
+            avg_bits=ab, widths=one_bit, backend=backend), "width 1 allowed"))
     return methods
 
 

@@ -21,7 +21,7 @@ def eval_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="tiny", help="'tiny' (random weights from a config), 'tiny-qwen2-vl' / "
                    "'tiny-qwen2.5-vl' (the same for Qwen; --frames even) or a local LLaVA-OneVision folder")
-    p.add_argument("--avg-bits", default="3,4,6", help="WindowQuant budgets, effective bits (default 3,4,6)")
+    p.add_argument("--avg-bits", default="2.5,3,4,6", help="WindowQuant budgets, effective bits (default 2.5,3,4,6)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
