@@ -59,3 +59,12 @@ def test_export_pairs_and_sanitizer_skip(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     assert ec.sanitizer_tool() is None
     assert "compute-sanitizer not found" in ec.run_sanitizer([tmp_path])["skipped"]
+
+
+def test_edge_case_layers_hold_an_int1_bucket_when_the_kernel_reads_one():
+    spec = split_spec(KernelSpec("fused", (8, 4, 2, 1, 16), chunk=32, dtype="f16", head_dim=64, num_q_heads=14,
+                                 num_kv_heads=2))
+    case = ec.edge_cases((8, 4, 2, 1))[0]
+    layer, q = ec.build_layer(case, spec, "cpu")
+    assert sorted(layer.buckets) == [1, 2, 4, 8] and int(layer.buckets[1].lens.sum()) > 0
+    assert q.shape == (3, 14, 64)
