@@ -14,8 +14,8 @@ from tvm.s_tir import meta_schedule as ms
 from wq_compile.kernels.attention import pieces
 from wq_compile.kernels.attention_cpu import PLAIN_TIR_ATTR
 from wq_compile.kernels.merge import MERGE_BLOCKS
-from wq_compile.kernels.quantize import QUANT_BLOCKS, quantize_blocks
-from wq_compile.kernels.signatures import is_split
+from wq_compile.kernels.quantize import QUANT_BLOCKS, lsq_blocks, quantize_blocks
+from wq_compile.kernels.signatures import is_split, value_fit_iters
 from wq_compile.core.spec import KernelSpec
 
 _UNROLL_STEPS = [0, 16, 64, 512]
@@ -108,6 +108,18 @@ def _fit_vectors(sch: s_tir.Schedule, spec: KernelSpec, names: tuple[str, ...]) 
         else:  # par, g, d: a per-group map
             _do, di = sch.split(loops[-1], [None, lanes])
             sch.vectorize(di)
+    vlanes = math.gcd(spec.quant(spec.bits[0]).v_group, 16)
+    for name in lsq_blocks("v_", value_fit_iters(spec)):
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        if len(loops) == 4:  # par, t, g, channel: a reduction over the group's channels, rfactored into lanes
+            _jo, ji = sch.split(loops[-1], [None, vlanes])
+            rf = sch.rfactor(ji, factor_axis=len(sch.get(blk).iter_vars) - 1)
+            rf_loops = sch.get_loops(rf)  # par, t, g, jo, ji (ji now spatial): one vector of lanes per chunk
+            sch.reorder(rf_loops[-2], rf_loops[-1])
+            sch.vectorize(rf_loops[-1])
+            init = sch.decompose_reduction(rf, rf_loops[-2])
+            sch.vectorize(sch.get_loops(init)[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------

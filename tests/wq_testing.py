@@ -317,11 +317,11 @@ def load_tiny_decode(logs: Path, cache: Path, timeout: float = 300) -> subproces
 
 # ---- several-token steps (the multi-token kernels) ---------------------------------------------------------
 def step_layer(shape: tuple[int, int, int], dtype: torch.dtype, prompts: list[int], steps: int,
-               gen: torch.Generator) -> tuple[Any, torch.Tensor]:
+               gen: torch.Generator, bits: tuple[int, ...] = (8, 4, 2, 4)) -> tuple[Any, torch.Tensor]:
     """A cache as a left-padded batch leaves it: per sample a prompt of its own length (windows of irregular
-    lengths at 8/4/2 bits, group tails dense; sample 1 of a 2-sample batch keeps only 16-bit windows, so its
-    buckets are empty; a prompt of 0 tokens is a padding sample: it holds the step alone), then ``steps`` new
-    tokens appended; and the step's query ``[B, Hq, S, D]``."""
+    lengths at ``bits``, default 8/4/2/4, group tails dense; sample 1 of a 2-sample batch keeps only 16-bit
+    windows, so its buckets are empty; a prompt of 0 tokens is a padding sample: it holds the step alone), then
+    ``steps`` new tokens appended; and the step's query ``[B, Hq, S, D]``."""
     from wq_compile.core.layout import LayerCache
     from wq_compile.core.windows import WindowAssignment
 
@@ -332,9 +332,9 @@ def step_layer(shape: tuple[int, int, int], dtype: torch.dtype, prompts: list[in
             continue
         k, v = torch.randn(hkv, t, d, generator=gen) * 2 + 0.5, torch.randn(hkv, t, d, generator=gen)
         cuts = [0, 30, 43, 239, t - 30]  # windows of 30, 13, 196 and t - 269 tokens; the last 30 tokens text
-        bits = [8, 4, 2, 4] if b == 0 else [16, 16, 16, 16]
+        widths = list(bits) if b == 0 else [16, 16, 16, 16]
         w = WindowAssignment(torch.tensor(cuts[:4]), torch.tensor([cuts[i + 1] - cuts[i] for i in range(4)]),
-                             torch.tensor(bits))
+                             torch.tensor(widths))
         layer.fill_sample(b, k.to(dtype), v.to(dtype), w)
     layer.append(torch.randn(len(prompts), hkv, steps, d, generator=gen).to(dtype),
                  torch.randn(len(prompts), hkv, steps, d, generator=gen).to(dtype))

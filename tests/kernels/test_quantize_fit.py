@@ -14,7 +14,7 @@ from wq_compile.core.config import WindowQuantConfig
 from wq_compile.core.quant_fit import DEFAULT_FIT, LSQ_ITERS, ZS_SHIFTS
 from wq_compile.core.spec import KernelSpec
 from wq_compile.kernels.signatures import (FIT_KEY, VALUE_FIT_KEY, compiled_fit, key_fit_iters, quantize_spec,
-                                          signature, spec_fit, value_zero_search)
+                                          signature, spec_fit, value_fit_iters, value_zero_search)
 from wq_testing import compiled_default
 
 SHAPE = dict(head_dim=64, num_q_heads=14, num_kv_heads=2)
@@ -28,10 +28,12 @@ def _run(spec: KernelSpec, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.
 
 
 @pytest.mark.parametrize("bits,dtype,fit", [(2, "f32", "lsq-zs"), (4, "f16", "lsq-zs"), (8, "bf16", "lsq-zs"),
-                                            (2, "f32", "lsq-keys")])
+                                            (2, "f32", "lsq-keys"), (1, "f16", "lsq-zs")])
 def test_fitted_quantize_matches_the_reference_fit(bits: int, dtype: str, fit: str) -> None:
+    """At one bit ``zs`` is least squares on values too (scale and zero fitted; the reference's ``fit_params``)."""
     spec = quantize_spec(bits, fit, dtype=dtype, **SHAPE)
     assert key_fit_iters(spec) == LSQ_ITERS and value_zero_search(spec) == (fit == "lsq-zs") and spec_fit(spec) == fit
+    assert value_fit_iters(spec) == (LSQ_ITERS if bits == 1 else 0)
     qs = spec.quant(bits)
     gen = torch.Generator().manual_seed(bits)
     for n in (28, 196):  # one module, every block length (whole key groups)
@@ -48,6 +50,13 @@ def test_fitted_quantize_matches_the_reference_fit(bits: int, dtype: str, fit: s
                 assert torch.equal(named[f"v_{part}"], getattr(rv, part)), part
         else:
             _check_fit(spec.uri, "v", named, rv)
+        if bits == 1:  # least squares' scale and zero as the reference's (an fp16 ulp apart at most), not min/max's
+            for part in ("scale", "zero"):
+                got, want = named[f"v_{part}"].float(), getattr(rv, part).float()
+                assert float((got != want).float().mean()) < 0.01, part
+                assert float(((got - want).abs() > want.abs() * 2e-3).float().mean()) == 0.0, part
+            v_mm = quant.quantize_values(v, qs)
+            assert float((named["v_scale"] != v_mm.scale).float().mean()) > 0.9  # the scale is fitted too
         assert bool((named["k_scale"][0, 0, 0, 5] == 0).all()) and bool((named["v_scale"][1, 1, 3] == 0).all())
         got = quant.QuantizedKeys(named["k_codes"], named["k_scale"], named["k_zero"], qs)
         deq = quant.dequantize_keys(got, n)
@@ -88,6 +97,9 @@ def test_quantize_spec_names_the_fit() -> None:
     assert quantize_spec(4, "lsq-keys", **SHAPE).uri.endswith(f"_{FIT_KEY}{LSQ_ITERS}")
     assert quantize_spec(4, "lsq-zs", **SHAPE).uri.endswith(f"_{FIT_KEY}{LSQ_ITERS}_{VALUE_FIT_KEY}{len(ZS_SHIFTS)}")
     assert spec_fit(quantize_spec(4, "zs", **SHAPE)) == "zs"
+    one = quantize_spec(1, "zs", **SHAPE)  # one bit: the name stays the config's, the values' fit is least squares
+    assert one.uri.endswith(f"_{VALUE_FIT_KEY}{len(ZS_SHIFTS)}") and value_fit_iters(one) == LSQ_ITERS
+    assert key_fit_iters(one) == 0 and value_fit_iters(quantize_spec(1, "lsq-keys", **SHAPE)) == 0
     assert DEFAULT_FIT == "lsq-zs" and WindowQuantConfig().fit == DEFAULT_FIT and compiled_fit(DEFAULT_FIT)
     for fit in ("hqq", "lsq", "lsq-hqq"):  # values fitted: the torch reference's job
         assert not compiled_fit(fit)

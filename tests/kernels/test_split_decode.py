@@ -169,13 +169,16 @@ def test_choose_splits_policy() -> None:
         choose_splits(0, 10, 1, 1)
 
 
-@pytest.mark.parametrize("shape,dtype", [("0.5b", "f16"), ("7b", "bf16")])
-def test_cuda_specs_on_llvm(shape: str, dtype: str) -> None:
-    """The PrimFunc the CUDA schedule transforms (tests/kernels/test_split_cuda.py: ``make_kernel`` of these very specs),
-    built for llvm and run against the torch reference: on a GPU only the schedule is left to check."""
-    spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, dtype=dtype, **SHAPES[shape]))
+@pytest.mark.parametrize("shape,dtype,bits", [("0.5b", "f16", (8, 4, 2, 1, 16)), ("7b", "bf16", (8, 4, 2, 16))])
+def test_cuda_specs_on_llvm(shape: str, dtype: str, bits: tuple[int, ...]) -> None:
+    """The PrimFunc the CUDA schedule transforms (tests/kernels/test_split_cuda.py: ``make_kernel`` of these very specs;
+    the 0.5B one with an int1 bucket as well), built for llvm and run against the torch reference: on a GPU only the
+    schedule is left to check."""
+    spec = split_spec(KernelSpec("fused", bits, chunk=32, dtype=dtype, **SHAPES[shape]))
     gen = torch.Generator().manual_seed(21)
-    call, want, _ = _case(spec, {8: 64, 4: 320, 2: 256, 16: 64}, {8: [7, 64], 4: [300, 0], 2: [196, 256], 16: [5, 0]}, gen)
+    caps = {8: 64, 4: 320, 2: 256, 1: 192, 16: 64}
+    lens = {8: [7, 64], 4: [300, 0], 2: [196, 256], 1: [0, 171], 16: [5, 0]}
+    call, want, _ = _case(spec, {b: caps[b] for b in bits}, {b: lens[b] for b in bits}, gen)
     for parts in (1, 6):
         out, _, _ = run_split(spec, call, parts)
         check_close(f"{shape} {dtype} P={parts}", out, want, *TOL_LOW[dtype])

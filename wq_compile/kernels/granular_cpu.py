@@ -39,7 +39,7 @@ from .attention import pieces
 from .attention_cpu import CpuKnobs, QuantTiles, _dense_piece, _split_range, decode_frame
 
 #: Widths the kernel dispatches to (one tile body each).
-WIDTHS: tuple[int, ...] = (8, 4, 2)
+WIDTHS: tuple[int, ...] = (8, 4, 2, 1)
 _U8, _I32, _F32, _F16 = "uint8", "int32", "float32", "float16"
 
 

@@ -14,7 +14,11 @@ zeros may differ from it by an fp16 ulp (the check compares errors, not bits).
 
 With ``("vzs", 9)`` the values' zero is searched (:func:`wq_compile.core.quant_fit.zero_search_params`): min/max's
 scale, the candidate zero of least squared error; the sums run in another order than the reference's, so a near
-tie may pick another candidate (checked by error too).
+tie may pick another candidate (checked by error too). At one bit ``vzs`` means least squares, as in the reference
+(``fit_params(..., qmax=1, "zs")`` is its ``"lsq"``: two levels, min/max's scale spans the whole range and no zero
+fixes that): the values' scale and zero come from the keys' iterations (the same emitter, :func:`_lsq_fit`), each
+group a token's ``v_group`` channels, :data:`~wq_compile.core.quant_fit.LSQ_ITERS` iterations; the spec keeps the
+name ``vzs9`` (the fit is named per config, ``lsq-zs``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..core.quant import key_lane_bytes, key_words
 from ..core.spec import KernelSpec
 from .common import f32
 from ..core.quant_fit import ZS_SHIFTS, ZS_TIE
-from .signatures import key_fit_iters, value_zero_search
+from .signatures import key_fit_iters, value_fit_iters, value_zero_search
 from .signatures import quantize_bits as _bits
 from .signatures import quantize_signature as signature
 
@@ -35,14 +39,12 @@ _F32, _F16, _I32, _U32 = "float32", "float16", "int32", "uint32"
 
 def quantize_blocks(spec: KernelSpec) -> tuple[str, ...]:
     """Block names of ``spec``'s quantize kernel, in program order (the schedules visit every one)."""
-    iters = key_fit_iters(spec)
-    fit = ("k_s0", "k_z0", "k_xsum", "k_e0") + tuple(f"k_{part}{i}" for i in range(1, iters + 1)
-                                                     for part in ("c", "cc", "cx", "s", "z", "e"))
-    n_zs = len(ZS_SHIFTS) if value_zero_search(spec) else 0
+    n_zs = len(ZS_SHIFTS) if value_zero_search(spec) and not value_fit_iters(spec) else 0
     zs = (("v_u",) if n_zs else ()) + tuple(f"v_{part}{j}" for j in range(n_zs) for part in ("p", "e")) + tuple(
         f"v_b{j}" for j in range(n_zs))
-    return ("k_min", "k_max") + (fit if iters else ()) + (
-        "k_zero", "k_scale", "k_pack", "v_min", "v_max") + zs + ("v_zero", "v_scale", "v_pack")
+    return ("k_min", "k_max") + lsq_blocks("k_", key_fit_iters(spec)) + (
+        "k_zero", "k_scale", "k_pack", "v_min", "v_max") + zs + lsq_blocks("v_", value_fit_iters(spec)) + (
+        "v_zero", "v_scale", "v_pack")
 
 
 #: Block names of the min/max kernel, in program order.
@@ -77,36 +79,49 @@ def _to_f16(x: tirx.PrimExpr, lo: float) -> tirx.PrimExpr:
     return tirx.min(tirx.max(x, f32(lo)), f32(65504.0)).astype(_F16)
 
 
-def _key_fit(k, kmn, kmx, shape, kg: int, qmax: int, iters: int):
-    """Emit the keys' least-squares iterations (see the module docstring) over groups ``shape = (B, Hkv, G, D)``;
-    return ``pick(which, index) -> fp16 expr``: the scale (``which = 0``) or zero (1) of each group's best iterate.
+def lsq_blocks(prefix: str, iters: int) -> tuple[str, ...]:
+    """Block names of :func:`_lsq_fit`'s ``iters`` iterations with block prefix ``prefix`` (``"k_"``, ``"v_"``)."""
+    if not iters:
+        return ()
+    steps = tuple(f"{prefix}{part}{i}" for i in range(1, iters + 1) for part in ("c", "cc", "cx", "s", "z", "e"))
+    return tuple(prefix + b for b in ("s0", "z0", "xsum", "e0")) + steps
+
+
+def _lsq_fit(elem, mn, mx, shape, size: int, qmax: int, iters: int, prefix: str, bufs: str):
+    """Emit the least-squares iterations (see the module docstring) over groups ``shape`` (4 axes), each group the
+    ``size`` elements ``elem(index, t)`` (``t < size``; keys: a channel's ``k_group`` tokens, values: a token's
+    ``v_group`` channels), started from the groups' fp32 min/max ``mn``/``mx``; blocks named ``prefix`` +
+    (``s0`` ...), buffers ``bufs`` + (``s0`` ...). Return ``pick(which, index) -> fp16 expr``: the scale
+    (``which = 0``) or zero (1) of each group's best iterate.
 
     Purely functional: iterate ``i`` has its own fp16 scale/zero buffers and fp32 sums, so every block is a plain
-    spatial map or a reduction over the group's tokens (one loop nest each; the schedules parallelize all alike)."""
+    spatial map or a reduction over the group's elements (one loop nest each; the schedules parallelize all alike).
+    ``pick``'s chain of Selects holds the running best twice per iteration (``2^iters`` error loads: 16 at
+    :data:`~wq_compile.core.quant_fit.LSQ_ITERS`, the same expression for keys and values)."""
     def buf(name, dtype=_F32):
-        return IRBuilder.name(name, T.sblock_alloc_buffer(shape, dtype))
+        return IRBuilder.name(bufs + name, T.sblock_alloc_buffer(shape, dtype))
 
-    sc = [buf(f"fs{i}", _F16) for i in range(iters + 1)]
-    zr = [buf(f"fz{i}", _F16) for i in range(iters + 1)]
-    err = [buf(f"fe{i}") for i in range(iters + 1)]
-    xsum = buf("fxs")
-    sums = {i: (buf(f"fc{i}"), buf(f"fcc{i}"), buf(f"fcx{i}")) for i in range(1, iters + 1)}
-    n = f32(float(kg))
+    sc = [buf(f"s{i}", _F16) for i in range(iters + 1)]
+    zr = [buf(f"z{i}", _F16) for i in range(iters + 1)]
+    err = [buf(f"e{i}") for i in range(iters + 1)]
+    xsum = buf("xs")
+    sums = {i: (buf(f"c{i}"), buf(f"cc{i}"), buf(f"cx{i}")) for i in range(1, iters + 1)}
+    n = f32(float(size))
 
     def spatial(name, out, value_of):
         with T.grid(*shape) as (b, h, g, dd):
-            with T.sblock(name):
+            with T.sblock(prefix + name):
                 ix = tuple(T.axis.remap("SSSS", [b, h, g, dd]))
                 T.buffer_store(out, value_of(ix), list(ix))
 
     def reduce(name, out, term_of):
-        with T.grid(*shape, kg) as (b, h, g, dd, t):
-            with T.sblock(name):
+        with T.grid(*shape, size) as (b, h, g, dd, t):
+            with T.sblock(prefix + name):
                 vb, vh, vgr, vd, vt = T.axis.remap("SSSSR", [b, h, g, dd, t])
                 ix = (vb, vh, vgr, vd)
                 with T.init():
                     T.buffer_store(out, f32(0.0), list(ix))
-                x = k[vb, vh, vgr * kg + vt, vd].astype(_F32)
+                x = elem(ix, vt).astype(_F32)
                 T.buffer_store(out, out[ix] + term_of(x, ix), list(ix))
 
     def sq_err(i):
@@ -115,19 +130,19 @@ def _key_fit(k, kmn, kmx, shape, kg: int, qmax: int, iters: int):
             return e * e
         return term
 
-    spatial("k_s0", sc[0], lambda ix: _params(kmn[ix], kmx[ix], qmax)[0])
-    spatial("k_z0", zr[0], lambda ix: _params(kmn[ix], kmx[ix], qmax)[1])
-    reduce("k_xsum", xsum, lambda x, ix: x)
-    reduce("k_e0", err[0], sq_err(0))
+    spatial("s0", sc[0], lambda ix: _params(mn[ix], mx[ix], qmax)[0])
+    spatial("z0", zr[0], lambda ix: _params(mn[ix], mx[ix], qmax)[1])
+    reduce("xsum", xsum, lambda x, ix: x)
+    reduce("e0", err[0], sq_err(0))
     for i in range(1, iters + 1):
         c_sum, cc_sum, cx_sum = sums[i]
 
         def code(x, ix, i=i):
             return _code_f32(x, sc[i - 1][ix], zr[i - 1][ix], qmax)
 
-        reduce(f"k_c{i}", c_sum, code)
-        reduce(f"k_cc{i}", cc_sum, lambda x, ix, code=code: code(x, ix) * code(x, ix))
-        reduce(f"k_cx{i}", cx_sum, lambda x, ix, code=code: code(x, ix) * x)
+        reduce(f"c{i}", c_sum, code)
+        reduce(f"cc{i}", cc_sum, lambda x, ix, code=code: code(x, ix) * code(x, ix))
+        reduce(f"cx{i}", cx_sum, lambda x, ix, code=code: code(x, ix) * x)
 
         def fitted(ix, i=i, c_sum=c_sum, cc_sum=cc_sum, cx_sum=cx_sum):
             s_prev, z_prev = sc[i - 1][ix].astype(_F32), zr[i - 1][ix].astype(_F32)
@@ -140,9 +155,9 @@ def _key_fit(k, kmn, kmx, shape, kg: int, qmax: int, iters: int):
             s16 = tirx.Select(s_prev > f32(0.0), _to_f16(s_new, -65504.0), sc[i - 1][ix])  # constant groups: 0
             return s16, _to_f16(z_new, -65504.0)
 
-        spatial(f"k_s{i}", sc[i], lambda ix, fitted=fitted: fitted(ix)[0])
-        spatial(f"k_z{i}", zr[i], lambda ix, fitted=fitted: fitted(ix)[1])
-        reduce(f"k_e{i}", err[i], sq_err(i))
+        spatial(f"s{i}", sc[i], lambda ix, fitted=fitted: fitted(ix)[0])
+        spatial(f"z{i}", zr[i], lambda ix, fitted=fitted: fitted(ix)[1])
+        reduce(f"e{i}", err[i], sq_err(i))
 
     def pick(which, ix):
         best, best_e = (sc if which == 0 else zr)[0][ix], err[0][ix]
@@ -275,7 +290,8 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                             T.buffer_store(buf, op(buf[vb, vh, vgr, vd], x), [vb, vh, vgr, vd])
                 iters = key_fit_iters(spec)
                 if iters:
-                    pick = _key_fit(k, kmn, kmx, (bsz, hkv, n_grp, d), kg, qmax, iters)
+                    pick = _lsq_fit(lambda ix, t: k[ix[0], ix[1], ix[2] * kg + t, ix[3]], kmn, kmx,
+                                    (bsz, hkv, n_grp, d), kg, qmax, iters, "k_", "f")
                 else:
                     def pick(which, ix):
                         return _params(kmn[ix], kmx[ix], qmax)[which]
@@ -307,20 +323,26 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                                 T.buffer_store(buf, f32(ident), [vb, vh, vt, vgr])
                             x = v[vb, vh, vt, vgr * vg + vj].astype(_F32)
                             T.buffer_store(buf, op(buf[vb, vh, vt, vgr], x), [vb, vh, vt, vgr])
-                if value_zero_search(spec):
-                    vzero = _value_zero_search(v, vmn, vmx, (bsz, hkv, n_tok, d // vg), vg, qmax)
+                v_iters = value_fit_iters(spec)
+                if v_iters:  # one bit: zs is least squares, scale and zero (the reference's fit_params)
+                    vpick = _lsq_fit(lambda ix, j: v[ix[0], ix[1], ix[2], ix[3] * vg + j], vmn, vmx,
+                                     (bsz, hkv, n_tok, d // vg), vg, qmax, v_iters, "v_", "vf")
+                elif value_zero_search(spec):
+                    zs_zero = _value_zero_search(v, vmn, vmx, (bsz, hkv, n_tok, d // vg), vg, qmax)
+
+                    def vpick(which, ix):
+                        return _params(vmn[ix], vmx[ix], qmax)[0] if which == 0 else zs_zero(ix)
                 else:
-                    def vzero(ix):
-                        return _params(vmn[ix], vmx[ix], qmax)[1]
+                    def vpick(which, ix):
+                        return _params(vmn[ix], vmx[ix], qmax)[which]
                 with T.grid(bsz, hkv, n_tok, d // vg) as (b, h, t, g):
                     with T.sblock("v_zero"):
                         ix = tuple(T.axis.remap("SSSS", [b, h, t, g]))
-                        T.buffer_store(v_zero, vzero(ix), list(ix))
+                        T.buffer_store(v_zero, vpick(1, ix), list(ix))
                 with T.grid(bsz, hkv, n_tok, d // vg) as (b, h, t, g):
                     with T.sblock("v_scale"):
-                        vb, vh, vt, vgr = T.axis.remap("SSSS", [b, h, t, g])
-                        scale, _ = _params(vmn[vb, vh, vt, vgr], vmx[vb, vh, vt, vgr], qmax)
-                        T.buffer_store(v_scale, scale, [vb, vh, vt, vgr])
+                        ix = tuple(T.axis.remap("SSSS", [b, h, t, g]))
+                        T.buffer_store(v_scale, vpick(0, ix), list(ix))
                 with T.grid(bsz, hkv, n_tok, d // per) as (b, h, t, w):
                     with T.sblock("v_pack"):
                         vb, vh, vt, vw = T.axis.remap("SSSS", [b, h, t, w])

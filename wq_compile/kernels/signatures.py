@@ -221,6 +221,7 @@ def merge_signature(spec: KernelSpec) -> KernelSignature:
 # ---- quantize ---------------------------------------------------------------------------------------------------
 #: ``spec.extra`` keys of the quantize kernel's fits: the keys' least squares (value: its iteration count) and the
 #: values' zero search (value: its candidate count, ``len(ZS_SHIFTS)``).
+#: At one bit ``vzs`` means the values' least squares, as in the reference (:func:`value_fit_iters`).
 FIT_KEY = "klsq"
 VALUE_FIT_KEY = "vzs"
 
@@ -239,8 +240,16 @@ def key_fit_iters(spec: KernelSpec) -> int:
 
 
 def value_zero_search(spec: KernelSpec) -> bool:
-    """True when a quantize ``spec`` searches the values' zero (:data:`~wq_compile.core.quant_fit.ZS_SHIFTS`)."""
+    """True when a quantize ``spec``'s values take the ``zs`` fit (``VALUE_FIT_KEY`` in its extra): the zero search
+    (:data:`~wq_compile.core.quant_fit.ZS_SHIFTS`), but at one bit least squares (:func:`value_fit_iters`)."""
     return _extra_count(spec, VALUE_FIT_KEY, (len(ZS_SHIFTS),)) > 0
+
+
+def value_fit_iters(spec: KernelSpec) -> int:
+    """Least-squares iterations of the values' fit in a quantize ``spec``: :data:`~wq_compile.core.quant_fit.
+    LSQ_ITERS` where ``zs`` meets one bit (two levels: the reference's ``fit_params`` makes ``zs`` a 2-means there,
+    min/max's scale leaving no zero to search), else 0 (min/max, or the zero search itself)."""
+    return LSQ_ITERS if value_zero_search(spec) and quantize_bits(spec) == 1 else 0
 
 
 def spec_fit(spec: KernelSpec) -> str:
@@ -267,7 +276,7 @@ def quantize_spec(bits: int, fit: str = DEFAULT_FIT, **shape: object) -> KernelS
 
 def quantize_bits(spec: KernelSpec) -> int:
     if spec.kind != "quantize" or len(spec.bits) != 1 or spec.bits[0] == 16:
-        raise ValueError(f"quantize: expected kind 'quantize' with one width in (2, 4, 8), got {spec.kind} {spec.bits}")
+        raise ValueError(f"quantize: expected kind 'quantize' with one width in (1, 2, 4, 8), got {spec.kind} {spec.bits}")
     key_fit_iters(spec), value_zero_search(spec)  # a malformed fit is refused before any factory runs
     return spec.bits[0]
 
