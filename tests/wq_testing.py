@@ -326,7 +326,8 @@ def step_layer(shape: tuple[int, int, int], dtype: torch.dtype, prompts: list[in
     from wq_compile.core.windows import WindowAssignment
 
     hq, hkv, d = shape  # query heads, KV heads, head_dim
-    layer = LayerCache.empty(len(prompts), hkv, d, dtype, residual=512)
+    buckets = tuple(sorted({8, 4, 2} | {b for b in bits if b != 16}, reverse=True))  # int1 only when filled
+    layer = LayerCache.empty(len(prompts), hkv, d, dtype, residual=512, widths=buckets)
     for b, t in enumerate(prompts):
         if t == 0:
             continue

@@ -19,7 +19,7 @@ from wq_testing import check_close, poison_past_lens as _poison, step_layer  # n
 from wq_compile.compiler.build import UntunedKernelWarning  # noqa: E402
 from wq_compile.core.layout import LayerCache  # noqa: E402
 from wq_compile.core.reference import decode_attention  # noqa: E402
-from wq_compile.core.spec import QUANT_BITS, KernelSpec  # noqa: E402
+from wq_compile.core.spec import KernelSpec  # noqa: E402
 from wq_compile.kernels import knobs as knob_lib  # noqa: E402
 from wq_compile.runtime.library import KernelLibrary  # noqa: E402
 from wq_compile.runtime.steps import StepDecoder  # noqa: E402
@@ -32,8 +32,8 @@ SM_SCALE = 0.125
 BUILDS = [("0.5b", "f32", {}), ("7b", "f16", {"splits": 1, "rows": 16}), ("0.5b", "bf16", {"splits": 3, "rows": 4})]
 #: Window widths of the cached sample per build: the f32 module (tightest tolerance) fills an int1 bucket too.
 WIDTHS = {"f32": (8, 4, 2, 1), "f16": (8, 4, 2, 4), "bf16": (8, 4, 2, 4)}
-#: A LayerCache holds a bucket of every width, empty or not: the widths of the kernel every step here runs.
-LAYER_WIDTHS = tuple(sorted(QUANT_BITS, reverse=True))
+#: The buckets of each build's layer (8/4/2 always, 1 when the build fills it): the widths of the kernel it runs.
+LAYER_WIDTHS = {k: tuple(sorted({8, 4, 2} | set(w), reverse=True)) for k, w in WIDTHS.items()}
 TOL = {"f32": (max(ATOL[b] for b in (8, 4, 2, 1, 16)), max(RTOL[b] for b in (8, 4, 2, 1, 16))),
        "f16": (ATOL_F16, ATOL_F16), "bf16": (ATOL_BF16, ATOL_BF16)}
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -57,7 +57,7 @@ def decoders(library):
             dec = StepDecoder(library, hq, hkv, d, DTYPES[dtype], knobs=knobs)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UntunedKernelWarning)  # no knob record in an empty logs folder
-                dec.kernel(LAYER_WIDTHS)
+                dec.kernel(LAYER_WIDTHS[dtype])
             made[key] = dec
         return made[key]
 
@@ -83,8 +83,8 @@ def test_multi_token_kernel_matches_causal_reference(decoders, shape: str, dtype
     gen = torch.Generator().manual_seed(steps)
     layer, q = step_layer(SHAPES[shape], DTYPES[dtype], [400, 300], steps, gen, WIDTHS[dtype])
     assert int(layer.buckets[2].lens[0]) > 0 and int(layer.buckets[2].lens[1]) == 0
-    assert tuple(sorted(layer.buckets, reverse=True)) == LAYER_WIDTHS
-    assert (int(layer.buckets[1].lens[0]) > 0) == (1 in WIDTHS[dtype])  # int1 tokens where the build says so
+    assert tuple(sorted(layer.buckets, reverse=True)) == LAYER_WIDTHS[dtype]
+    assert (1 in layer.buckets and int(layer.buckets[1].lens[0]) > 0) == (1 in WIDTHS[dtype])
     _check(dec, layer, q, dtype, f"multi {shape} {dtype} {knobs} S={steps}")
 
 

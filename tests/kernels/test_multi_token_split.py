@@ -23,7 +23,7 @@ from tolerances import ATOL_BF16, ATOL_F16  # noqa: E402
 from wq_testing import check_close, poison_past_lens, step_layer  # noqa: E402
 from wq_compile.compiler.build import UntunedKernelWarning  # noqa: E402
 from wq_compile.core.reference import decode_attention  # noqa: E402
-from wq_compile.core.spec import QUANT_BITS, KernelSpec  # noqa: E402
+from wq_compile.core.spec import KernelSpec  # noqa: E402
 from wq_compile.kernels import make_kernel  # noqa: E402
 from wq_compile.runtime.library import KernelLibrary  # noqa: E402
 from wq_compile.runtime.steps import StepDecoder  # noqa: E402
@@ -34,8 +34,8 @@ SM_SCALE = 0.125
 BUILDS = [("0.5b", "f16", {}), ("7b", "bf16", {"rows": 8})]
 #: Window widths of the cached sample per build: the 7B module fills an int1 bucket too.
 WIDTHS = {"0.5b": (8, 4, 2, 4), "7b": (8, 4, 2, 1)}
-#: A LayerCache holds a bucket of every width, empty or not: the widths of the kernel every step here runs.
-LAYER_WIDTHS = tuple(sorted(QUANT_BITS, reverse=True))
+#: The buckets of each build's layer (8/4/2 always, 1 when the build fills it): the widths of the kernel it runs.
+LAYER_WIDTHS = {k: tuple(sorted({8, 4, 2} | set(w), reverse=True)) for k, w in WIDTHS.items()}
 TOL = {"f16": (ATOL_F16, ATOL_F16), "bf16": (ATOL_BF16, ATOL_BF16)}
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -52,7 +52,7 @@ def decoders(tmp_path_factory):
                 dec = StepDecoder(lib, hq, hkv, d, DTYPES[dtype], knobs=knobs, split=True, sm_count=132)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UntunedKernelWarning)
-                    dec.kernel(LAYER_WIDTHS)
+                    dec.kernel(LAYER_WIDTHS[shape])
                 made[key] = dec
             return made[key]
 
@@ -64,12 +64,12 @@ def decoders(tmp_path_factory):
 def test_split_multi_token_matches_causal_reference(decoders, shape: str, dtype: str, knobs: dict,
                                                     steps: int) -> None:
     dec = decoders(shape, dtype, knobs)
-    assert dec.split and dec.spec(LAYER_WIDTHS).uri.endswith("_split1")
+    assert dec.split and dec.spec(LAYER_WIDTHS[shape]).uri.endswith("_split1")
     layer, q = step_layer(SHAPES[shape], DTYPES[dtype], [400, 300, 0], steps, torch.Generator().manual_seed(steps),
                           WIDTHS[shape])
     assert int(layer.buckets[2].lens[1]) == 0 and int(layer.dense.lens[2]) == steps  # empty buckets, padding
-    assert tuple(sorted(layer.buckets, reverse=True)) == LAYER_WIDTHS
-    assert (int(layer.buckets[1].lens[0]) > 0) == (1 in WIDTHS[shape])  # int1 tokens where the build says so
+    assert tuple(sorted(layer.buckets, reverse=True)) == LAYER_WIDTHS[shape]
+    assert (1 in layer.buckets and int(layer.buckets[1].lens[0]) > 0) == (1 in WIDTHS[shape])
     want = decode_attention(q, layer, SM_SCALE, causal_tail=steps).transpose(1, 2)
     poison_past_lens(layer)
     for sm in (1, 5, 132):  # P = 1, a few, and as many as the chunks allow (more than a short piece's chunks)
@@ -96,14 +96,14 @@ def test_gpu_visit_edge_cases_cover_the_multi_token_kernel(decoders) -> None:
     from wq_compile.tuning import gpu_edge_cases as ec
 
     dec = decoders("0.5b", "f16", {})
-    spec = dec.spec(LAYER_WIDTHS)
-    rows = ec.run_edge_cases(spec, dec.kernel(LAYER_WIDTHS), dec._merge, "cpu", small=True)
+    spec = dec.spec(LAYER_WIDTHS["0.5b"])
+    rows = ec.run_edge_cases(spec, dec.kernel(LAYER_WIDTHS["0.5b"]), dec._merge, "cpu", small=True)
     assert len(rows) == 3 * len(ec.SMALL_STEPS) * len(ec.SMALL_PARTS)
     bad = [r for r in rows if not r["ok"]]
     assert not bad, bad[:3]
     assert max(r["max_abs_err"] for r in rows) > 0
     fields = lambda s: {k: (list(x) if isinstance(x, tuple) else x) for k, x in vars(s).items()}  # noqa: E731
-    manifest = {"kernels": [{"uri": s.uri, "spec": fields(s)} for s in dec.specs(LAYER_WIDTHS)]}
+    manifest = {"kernels": [{"uri": s.uri, "spec": fields(s)} for s in dec.specs(LAYER_WIDTHS["0.5b"])]}
     ((split, merge),) = ec.export_split_pairs(manifest)  # the visit pairs it with its merge
     assert split["uri"] == spec.uri and merge["uri"].startswith("merge")
 
@@ -116,18 +116,16 @@ def test_reference_partials_of_a_split_kernel(decoders) -> None:
     from wq_compile.compiler.check import TOLERANCE, check_against_reference, reference_outputs
     from wq_compile.compiler.measure import example_args
 
-    kernel = decoders("0.5b", "f16", {}).kernel(LAYER_WIDTHS)
+    kernel = decoders("0.5b", "f16", {}).kernel(LAYER_WIDTHS["0.5b"])
     spec, sig = kernel.spec, kernel.signature
-    sizes = {"B": 2, "S": 5, "N8": 64, "G8": 3, "N4": 128, "G4": 5, "N2": 64, "G2": 3, "N1": 64, "G1": 3, "N16": 64,
-             "P": 9}
+    sizes = {"B": 2, "S": 5, "N8": 64, "G8": 3, "N4": 128, "G4": 5, "N2": 64, "G2": 3, "N16": 64, "P": 7}
     args = example_args(sig, sizes, scalars={"sm_scale": SM_SCALE}, seed=3)
     named = dict(zip(sig.names, args))
-    for name, lens in (("q8_lens", [40, 0]), ("q4_lens", [100, 3]), ("q2_lens", [0, 64]), ("q1_lens", [57, 0]),
-                       ("dense_lens", [5, 30])):
+    for name, lens in (("q8_lens", [40, 0]), ("q4_lens", [100, 3]), ("q2_lens", [0, 64]), ("dense_lens", [5, 30])):
         named[name].copy_(torch.tensor(lens, dtype=torch.int32))
     kernel(*args)
     want = reference_outputs(spec, named)
-    assert bool(torch.isneginf(want["lse_parts"][6:]).all())  # 12 chunks in splits of 2: the last three are empty
+    assert bool(torch.isneginf(want["lse_parts"][5:]).all())  # 10 chunks in splits of 2: the last two are empty
     fin = torch.isfinite(want["lse_parts"])
     assert torch.equal(fin, torch.isfinite(named["lse_parts"])) and bool((named["lse_parts"][~fin] < 0).all())
     check_close("lse_parts", named["lse_parts"][fin], want["lse_parts"][fin], *TOLERANCE["f16"])

@@ -188,7 +188,7 @@ def run_search(model: str = "llava-ov-0.5b", frames: int = 32, text_tokens: int 
     from ...core.policy import allocate_min_error, window_output_errors
     from ...core.scores import attention_scores
     from ...core.search import search
-    from ...core.spec import BIT_WIDTHS
+    from ...core.spec import DEFAULT_WIDTHS
     from ...core.windows import make_windows
 
     p = get_preset(model)
@@ -208,7 +208,7 @@ def run_search(model: str = "llava-ov-0.5b", frames: int = 32, text_tokens: int 
 
         def sens() -> None:
             for i in range(p.num_layers):
-                errs = window_output_errors(q[i], k[i], v[i], w, BIT_WIDTHS, sm, 28, 64)  # the policy's widths
+                errs = window_output_errors(q[i], k[i], v[i], w, DEFAULT_WIDTHS, sm, 28, 64)  # the policy's widths
                 allocate_min_error(errs, w.lengths, avg_bits)
 
         for policy, fn in (("similarity", sim), ("sensitivity", sens)):
