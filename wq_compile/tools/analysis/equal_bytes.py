@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ...core.allocation import allocate_bits, window_bits, window_errors
+from ...core.spec import QUANT_BITS
 from ...core.policy import (allocate_min_error, attend, kivi_recent_plan, recent_plan_bits, shuffled_plan,
                             window_output_errors)
 from .measurements import PolicyRow, Sensitivity, evaluate_plan
@@ -43,9 +44,9 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
                      policies: Sequence[str] = ("similarity:attention", "sensitivity"), seeds: int = 5
                      ) -> list[PolicyRow]:
     """Each allocation policy next to its equal-bytes controls: the same histogram of widths placed at random
-    (median of ``seeds``) and the best KIVI-style uniform scheme (:func:`kivi_recent_plan`: one stored width for
-    every window, the rest of the budget on fp16 recent tokens; every stored width that fits is tried and the lowest
-    error kept). ``widths`` may include 0 (eviction) and 1. Every row carries its effective bits
+    (median of ``seeds``) and the best KIVI-style uniform scheme at the policy's bytes (:func:`kivi_recent_plan`: one
+    stored width for every window, the rest on fp16 recent tokens; every width of the format that fits is tried, 1
+    bit included whatever the policy's widths, and the lowest error kept). ``widths`` may include 0 (eviction) and 1. Every row carries its effective bits
     (:func:`window_bits`)."""
     rows = []
     lengths = w.windows.lengths
@@ -61,7 +62,7 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
         """The best uniform scheme spending ``spend`` bits (default the budget ``ab``), filed under ``ab``."""
         spend = ab if spend is None or spend != spend else spend
         rows_u = []
-        for u in sorted(x for x in widths if x not in (16, 0)):
+        for u in sorted(QUANT_BITS):  # any stored width of the format, whatever the policy may use
             bits, recent = kivi_recent_plan(lengths, spend, (u,), w.k_group, w.v_group, nearest=spend != ab)
             eff = recent_plan_bits(lengths, bits, recent, w.k_group, w.v_group) / float(lengths.sum())
             if rows_u and eff > spend * 1.01:
