@@ -19,8 +19,9 @@ REGS_PER_SM = 65536
 MAX_REGS_PER_THREAD = 255
 #: Registers the split kernel needs without spilling: ptxas (CUDA 13, -Xptxas -v, sm_90a) reports 119 (0.5B, head_dim
 #: 64), 116 (7B, head_dim 128, f16 and bf16) and 111 (group 16, head_dim 128) since issue 21 item 3 (the K tile
-#: dequantized once, one state for all pieces; 89 / 107 / 109 before); ``__launch_bounds__`` must leave this many.
-SPLIT_REGISTERS_NEEDED = 119
+#: dequantized once, one state for all pieces; 89 / 107 / 109 before); with an int1 piece (``widths`` with 1, which a
+#: decoder may have to build) 126 (0.5B) and 124 (7B). ``__launch_bounds__`` must leave this many.
+SPLIT_REGISTERS_NEEDED = 126
 #: Resident blocks per SM the split kernel asks for when its registers allow (2 hides one block's barriers).
 PREFERRED_BLOCKS_PER_SM = 2
 #: Static shared memory one block may declare (``__shared__`` arrays, no ``extern`` dynamic shared memory): 48 KB
@@ -28,7 +29,7 @@ PREFERRED_BLOCKS_PER_SM = 2
 #: split kernels do not use.
 STATIC_SMEM_LIMIT = 48 * 1024
 #: The widths whose tiles a decoder may have to build (the 8-bit bucket has the largest code tiles).
-ALL_WIDTHS = (8, 4, 2, 16)
+ALL_WIDTHS = (8, 4, 2, 1, 16)
 
 
 def split_threads(group: int) -> int:
