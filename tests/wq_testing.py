@@ -145,8 +145,35 @@ def compiled_default(spec: KernelSpec, kind: str | None = None):
         func = make_kernel(spec) if kind is None else make_kernel(spec, kind)
         sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: func}))
         llvm_sched.default_schedule(sch, spec)
-        _COMPILED[key] = tvm.compile(sch.mod, target=host_device().target)[spec.uri]
+        _COMPILED[key] = _compile_shared(sch.mod, spec.uri)
     return _COMPILED[key]
+
+
+def _compile_shared(mod: Any, uri: str):
+    """``tvm.compile(mod)[uri]`` for this host, the library shared through ``$WQ_CACHE_DIR/tests-llvm-default`` by
+    the test processes of a run (CI runs the suite in one clone with one cache folder; several test files build the
+    same spec): keyed by the sha256 of the scheduled module's TVMScript, the target and TVM's version, so any change
+    to a kernel or its schedule is a new file, never a stale one. A file lock lets one process build while the others
+    wait. Without ``WQ_CACHE_DIR``: built in-process, nothing written."""
+    import fcntl
+    import hashlib
+
+    import tvm
+
+    target = host_device().target
+    folder = os.environ.get("WQ_CACHE_DIR")
+    if not folder:
+        return tvm.compile(mod, target=target)[uri]
+    digest = hashlib.sha256("\n".join((mod.script(), str(target), tvm.__version__)).encode()).hexdigest()[:24]
+    path = Path(folder) / "tests-llvm-default" / f"{uri}-{digest}.so"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            tmp = path.with_name(f".{path.stem}-{os.getpid()}.so")
+            tvm.compile(mod, target=target).export_library(str(tmp))
+            os.replace(tmp, path)
+    return tvm.runtime.load_module(str(path))[uri]
 
 
 def quantized_piece(bits: int, spec: KernelSpec, n: int, lens: list[int], gen: torch.Generator):
