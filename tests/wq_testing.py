@@ -328,6 +328,38 @@ def run_python(body: str, timeout: float = 300, env: dict | None = None) -> subp
                           env=env)
 
 
+def warm_small_cache(tmp_path_factory) -> Path:
+    """A module cache after one cold :data:`SMALL_DECODE` (no tuning logs): its five modules, the OpenMP launcher
+    and the host facts. Built once per test run and shared by the xdist workers (their base temps share a parent;
+    a file lock lets one build while the others wait), so a test that needs warm modules but is not about the cold
+    build copies it (:func:`copy_warm_cache`) instead of building the five modules again. Read-only by contract."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "warm-small-cache"
+    root.mkdir(exist_ok=True)
+    with open(root / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "built.json").exists():
+            env = {**os.environ, "WQ_CACHE_DIR": str(root / "cache"), "WQ_TUNING_LOGS": str(root / "no-logs"),
+                   "OMP_NUM_THREADS": "1"}
+            proc = run_python(small_decode(0) + "import json; print(json.dumps(dict(compiled=b.compiled, err=err)))",
+                              env=env)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert out["compiled"] == 5 and out["err"] < 1e-4, out
+            (root / "built.json").write_text(json.dumps(out))
+    return root / "cache"
+
+
+def copy_warm_cache(warm: Path, dest: Path) -> Path:
+    """A private copy of :func:`warm_small_cache`'s cache at ``dest`` (a test may damage its copy)."""
+    import shutil
+
+    shutil.copytree(warm, dest, symlinks=True)
+    return dest
+
+
 def load_tiny_decode(logs: Path, cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """In a fresh process: load TINY_DECODE through a KernelLibrary over ``logs`` and ``cache``, run it once and print
     ``compiled <n>`` (how many modules that process had to build)."""
