@@ -145,8 +145,35 @@ def compiled_default(spec: KernelSpec, kind: str | None = None):
         func = make_kernel(spec) if kind is None else make_kernel(spec, kind)
         sch = tvm.s_tir.Schedule(tvm.IRModule({spec.uri: func}))
         llvm_sched.default_schedule(sch, spec)
-        _COMPILED[key] = tvm.compile(sch.mod, target=host_device().target)[spec.uri]
+        _COMPILED[key] = _compile_shared(sch.mod, spec.uri)
     return _COMPILED[key]
+
+
+def _compile_shared(mod: Any, uri: str):
+    """``tvm.compile(mod)[uri]`` for this host, the library shared through ``$WQ_CACHE_DIR/tests-llvm-default`` by
+    the test processes of a run (CI runs the suite in one clone with one cache folder; several test files build the
+    same spec): keyed by the sha256 of the scheduled module's TVMScript, the target and TVM's version, so any change
+    to a kernel or its schedule is a new file, never a stale one. A file lock lets one process build while the others
+    wait. Without ``WQ_CACHE_DIR``: built in-process, nothing written."""
+    import fcntl
+    import hashlib
+
+    import tvm
+
+    target = host_device().target
+    folder = os.environ.get("WQ_CACHE_DIR")
+    if not folder:
+        return tvm.compile(mod, target=target)[uri]
+    digest = hashlib.sha256("\n".join((mod.script(), str(target), tvm.__version__)).encode()).hexdigest()[:24]
+    path = Path(folder) / "tests-llvm-default" / f"{uri}-{digest}.so"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            tmp = path.with_name(f".{path.stem}-{os.getpid()}.so")
+            tvm.compile(mod, target=target).export_library(str(tmp))
+            os.replace(tmp, path)
+    return tvm.runtime.load_module(str(path))[uri]
 
 
 def quantized_piece(bits: int, spec: KernelSpec, n: int, lens: list[int], gen: torch.Generator):
@@ -299,6 +326,38 @@ def run_python(body: str, timeout: float = 300, env: dict | None = None) -> subp
     script = f"import sys; sys.path.insert(0, {TESTS_DIR!r})\n" + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+def warm_small_cache(tmp_path_factory) -> Path:
+    """A module cache after one cold :data:`SMALL_DECODE` (no tuning logs): its five modules, the OpenMP launcher
+    and the host facts. Built once per test run and shared by the xdist workers (their base temps share a parent;
+    a file lock lets one build while the others wait), so a test that needs warm modules but is not about the cold
+    build copies it (:func:`copy_warm_cache`) instead of building the five modules again. Read-only by contract."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "warm-small-cache"
+    root.mkdir(exist_ok=True)
+    with open(root / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "built.json").exists():
+            env = {**os.environ, "WQ_CACHE_DIR": str(root / "cache"), "WQ_TUNING_LOGS": str(root / "no-logs"),
+                   "OMP_NUM_THREADS": "1"}
+            proc = run_python(small_decode(0) + "import json; print(json.dumps(dict(compiled=b.compiled, err=err)))",
+                              env=env)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert out["compiled"] == 5 and out["err"] < 1e-4, out
+            (root / "built.json").write_text(json.dumps(out))
+    return root / "cache"
+
+
+def copy_warm_cache(warm: Path, dest: Path) -> Path:
+    """A private copy of :func:`warm_small_cache`'s cache at ``dest`` (a test may damage its copy)."""
+    import shutil
+
+    shutil.copytree(warm, dest, symlinks=True)
+    return dest
 
 
 def load_tiny_decode(logs: Path, cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:

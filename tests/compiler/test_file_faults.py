@@ -24,7 +24,7 @@ import pytest
 from wq_compile.compiler import tuning_log
 from wq_compile.compiler.device import resolve_device
 from wq_compile.kernels.catalog import kernel_specs
-from wq_testing import measured_log, run_python, small_decode
+from wq_testing import copy_warm_cache, measured_log, run_python, small_decode, warm_small_cache
 
 #: Fresh process: the tiny preset's backend, one decode over 8/4/2-bit windows and a dense residual, compared with
 #: the torch reference; prints what it did and every warning as JSON (last line).
@@ -62,13 +62,19 @@ def _knob_record(host, logs: Path) -> None:
 
 @pytest.fixture(scope="session")
 def warm_tree(tmp_path_factory) -> Path:
-    """Logs + a warm module cache (one cold process, then checked warm: nothing built, TVM not imported)."""
+    """Logs + a warm module cache (one cold process, then checked warm: nothing built, TVM not imported). The three
+    modules no log touches come from the run's shared warm cache (``warm_small_cache``); the cold process builds the
+    two the logs choose (the tuned 4-bit quantize kernel, the fused kernel with the record's knobs)."""
     root = tmp_path_factory.mktemp("file-faults")
     host = resolve_device("llvm")
     measured_log(QUANT4, host, root / "logs")
     _knob_record(host, root / "logs")
+    copy_warm_cache(warm_small_cache(tmp_path_factory), root / "cache")
+    for path in root.glob("cache/*/cpu-*/*"):  # the untuned modules of the two logged kernels: the logs choose others
+        if path.name.startswith((f"{FUSED.uri}.", f"{QUANT4.uri}.")):
+            path.unlink()
     cold = decode(root)
-    assert cold["compiled"] == 5 and cold["err"] < 1e-4, cold
+    assert cold["compiled"] == 2 and cold["cached"] == 3 and cold["err"] < 1e-4, cold
     warm = decode(root)
     assert warm == {**warm, "compiled": 0, "cached": 5, "tvm": False}, warm
     assert any("pvc16" in p.name for p in root.glob("cache/*/cpu-*/fused_*.so"))  # the knob record served

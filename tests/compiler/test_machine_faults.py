@@ -19,7 +19,7 @@ import pytest
 from test_file_faults import DECODE, decode
 from wq_compile.compiler import tuning_log
 from wq_compile.compiler.verified_file import DIGEST_SUFFIX, check, verify_with_digest
-from wq_testing import TESTS_DIR, run_python
+from wq_testing import TESTS_DIR, copy_warm_cache, run_python, warm_small_cache
 
 #: Prepended to a child's script: files this process writes may not exceed ``{limit}`` bytes (a full disk).
 DISK_FULL = """
@@ -27,6 +27,12 @@ DISK_FULL = """
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing the process
     resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 """
+
+
+@pytest.fixture(scope="session")
+def warm(tmp_path_factory) -> Path:
+    """Warm modules for the tests that are not about the cold build (copied, never built again per test)."""
+    return warm_small_cache(tmp_path_factory)
 
 
 def _env(root: Path) -> dict:
@@ -65,11 +71,11 @@ def test_disk_full_while_exporting_a_module_fails_clearly_and_the_next_run_build
     assert _loadable(tmp_path / "cache", temporaries=False) == []
 
 
-def test_disk_full_while_building_the_launcher_falls_back_to_tvm_threads(tmp_path):
+def test_disk_full_while_building_the_launcher_falls_back_to_tvm_threads(warm, tmp_path):
     """Warm modules, no launcher, 8 KB per file (the launcher is ~15 KB): the launcher's build fails, the kernels
     keep TVM's thread pool with a warning, the decode is correct and no launcher is left that a later run would
     load; the next process (no limit) builds it."""
-    decode(tmp_path)
+    copy_warm_cache(warm, tmp_path / "cache")
     (lib,) = (tmp_path / "cache").glob("*/wq_omp_launch-*.so")
     lib.unlink()
     Path(str(lib) + DIGEST_SUFFIX).unlink()
@@ -149,10 +155,10 @@ def test_sigkill_between_export_and_key_is_rebuilt(tmp_path):
     assert _loadable(tmp_path / "cache") == []
 
 
-def test_launcher_without_its_digest_is_rebuilt_quietly(tmp_path):
+def test_launcher_without_its_digest_is_rebuilt_quietly(warm, tmp_path):
     """A launcher whose digest file is missing (a build killed between the two writes, or a cache of an older
     version) is rebuilt before it is loaded: no module is rebuilt and the digest is written."""
-    decode(tmp_path)
+    copy_warm_cache(warm, tmp_path / "cache")
     (lib,) = [p for p in (tmp_path / "cache").glob("*/wq_omp_launch-*.so")]
     Path(str(lib) + DIGEST_SUFFIX).unlink()
     lib.write_bytes(lib.read_bytes()[:100])  # and short: loading it unchecked would SIGBUS
