@@ -50,8 +50,10 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", ["0.5b"])  # 7B (head_dim 128, two value groups): test_cuda_specs_on_llvm[7b-bf16]
 def test_split_fused_matches_reference(shape: str) -> None:
+    """f32 at the tight tolerance over every scenario and split count (the 7B shape is checked as the CUDA spec
+    it ships as, bf16, below: one build of the large kernel instead of two)."""
     spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES[shape]))
     gen = torch.Generator().manual_seed(3)
     for caps, lens in SCENARIOS:
