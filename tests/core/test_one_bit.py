@@ -45,9 +45,9 @@ def test_one_bit_cost_and_config() -> None:
 
 
 def test_flat_attention_gives_a_uniform_allocation_and_focus_mixes_down_to_one_bit() -> None:
-    """Weights proportional to attention masses: scores that barely differ give uniform int2 at 3 bits (min-max
-    normalisation would make the least attended window's error free and mix int1 with wider widths); a prompt that
-    attends to two frames gets them wider than int2 and the least attended down to 1 bit."""
+    """Weights from attention masses (squared, relative to the largest): scores that barely differ give uniform int2
+    at 3 bits (min-max normalisation would make the least attended window's error free and mix int1 with wider
+    widths); a prompt that attends to two frames gets them wider than int2 and the least attended down to 1 bit."""
     gen = torch.Generator().manual_seed(1)
     n, widths = 12 * 196, (16, 8, 4, 2, 1)
     k, v = torch.randn(1, 2, n, 64, generator=gen), torch.randn(1, 2, n, 64, generator=gen)

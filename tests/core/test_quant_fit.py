@@ -100,9 +100,10 @@ def test_window_bits_is_the_one_accounting() -> None:
 
 
 def _weights(s: torch.Tensor) -> torch.Tensor:
-    """The allocation's weights: proportional for attention-like scores (all >= 0), min-max for signed ones."""
+    """The allocation's weights: squared relative scores for attention-like scores (all >= 0), min-max for signed
+    ones."""
     if bool((s >= 0).all()):
-        return s / s.max() + 1e-3
+        return (s / s.max()).square() + 1e-3
     return (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12) + 1e-3
 
 
