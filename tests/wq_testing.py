@@ -382,11 +382,11 @@ def step_layer(shape: tuple[int, int, int], dtype: torch.dtype, prompts: list[in
     windows, so its buckets are empty; a prompt of 0 tokens is a padding sample: it holds the step alone), then
     ``steps`` new tokens appended; and the step's query ``[B, Hq, S, D]``."""
     from wq_compile.core.layout import LayerCache
+    from wq_compile.core.spec import bucket_widths
     from wq_compile.core.windows import WindowAssignment
 
     hq, hkv, d = shape  # query heads, KV heads, head_dim
-    buckets = tuple(sorted({8, 4, 2} | {b for b in bits if b != 16}, reverse=True))  # int1 only when filled
-    layer = LayerCache.empty(len(prompts), hkv, d, dtype, residual=512, widths=buckets)
+    layer = LayerCache.empty(len(prompts), hkv, d, dtype, residual=512, widths=bucket_widths(bits))  # int1 if filled
     for b, t in enumerate(prompts):
         if t == 0:
             continue

@@ -19,7 +19,7 @@ from wq_testing import check_close, poison_past_lens as _poison, step_layer  # n
 from wq_compile.compiler.build import UntunedKernelWarning  # noqa: E402
 from wq_compile.core.layout import LayerCache  # noqa: E402
 from wq_compile.core.reference import decode_attention  # noqa: E402
-from wq_compile.core.spec import KernelSpec  # noqa: E402
+from wq_compile.core.spec import KernelSpec, bucket_widths  # noqa: E402
 from wq_compile.kernels import knobs as knob_lib  # noqa: E402
 from wq_compile.runtime.library import KernelLibrary  # noqa: E402
 from wq_compile.runtime.steps import StepDecoder  # noqa: E402
@@ -33,7 +33,7 @@ BUILDS = [("0.5b", "f32", {}), ("7b", "f16", {"splits": 1, "rows": 16}), ("0.5b"
 #: Window widths of the cached sample per build: the f32 module (tightest tolerance) fills an int1 bucket too.
 WIDTHS = {"f32": (8, 4, 2, 1), "f16": (8, 4, 2, 4), "bf16": (8, 4, 2, 4)}
 #: The buckets of each build's layer (8/4/2 always, 1 when the build fills it): the widths of the kernel it runs.
-LAYER_WIDTHS = {k: tuple(sorted({8, 4, 2} | set(w), reverse=True)) for k, w in WIDTHS.items()}
+LAYER_WIDTHS = {k: bucket_widths(w) for k, w in WIDTHS.items()}
 TOL = {"f32": (max(ATOL[b] for b in (8, 4, 2, 1, 16)), max(RTOL[b] for b in (8, 4, 2, 1, 16))),
        "f16": (ATOL_F16, ATOL_F16), "bf16": (ATOL_BF16, ATOL_BF16)}
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

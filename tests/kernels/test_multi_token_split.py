@@ -23,7 +23,7 @@ from tolerances import ATOL_BF16, ATOL_F16  # noqa: E402
 from wq_testing import check_close, poison_past_lens, step_layer  # noqa: E402
 from wq_compile.compiler.build import UntunedKernelWarning  # noqa: E402
 from wq_compile.core.reference import decode_attention  # noqa: E402
-from wq_compile.core.spec import KernelSpec  # noqa: E402
+from wq_compile.core.spec import KernelSpec, bucket_widths  # noqa: E402
 from wq_compile.kernels import make_kernel  # noqa: E402
 from wq_compile.runtime.library import KernelLibrary  # noqa: E402
 from wq_compile.runtime.steps import StepDecoder  # noqa: E402
@@ -35,7 +35,7 @@ BUILDS = [("0.5b", "f16", {}), ("7b", "bf16", {"rows": 8})]
 #: Window widths of the cached sample per build: the 7B module fills an int1 bucket too.
 WIDTHS = {"0.5b": (8, 4, 2, 4), "7b": (8, 4, 2, 1)}
 #: The buckets of each build's layer (8/4/2 always, 1 when the build fills it): the widths of the kernel it runs.
-LAYER_WIDTHS = {k: tuple(sorted({8, 4, 2} | set(w), reverse=True)) for k, w in WIDTHS.items()}
+LAYER_WIDTHS = {k: bucket_widths(w) for k, w in WIDTHS.items()}
 TOL = {"f16": (ATOL_F16, ATOL_F16), "bf16": (ATOL_BF16, ATOL_BF16)}
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .quant import fake_quant, key_slots
-from .spec import ALLOC_WIDTHS, DEFAULT_WIDTHS, EVICT, GROUP_META_BITS, QuantSpec
+from .spec import ALLOC_WIDTHS, DEFAULT_WIDTHS, EVICT, GROUP_META_BITS, MAX_WIDTHS, QuantSpec
 from .windows import Windows
 
 
@@ -147,7 +147,7 @@ def allocate_bits(scores: torch.Tensor, errors: torch.Tensor, lengths: torch.Ten
     lengths = lengths.to(dev).double()
     # Errors non-increasing in width: a wider code never counts as worse than a narrower one.
     err = errors.double().flip(-1).cummin(-1).values.flip(-1)
-    if len(widths) > 5:
+    if len(widths) > MAX_WIDTHS:
         raise ValueError(f"widths: at most five widths (five runs are enumerated), got {widths}")
     nr = max(4, len(widths))  # 5 runs when eviction or 1 bit joins the four stored widths
     runs = list(range(len(widths))) + [len(widths) - 1] * (nr - len(widths))

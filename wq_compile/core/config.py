@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 
 from .quant_fit import DEFAULT_FIT, check_fit
-from .spec import ALLOC_WIDTHS, BIT_WIDTHS, CORE_BUCKETS, DEFAULT_WIDTHS, EVICT, QUANT_BITS
+from .spec import ALLOC_WIDTHS, BIT_WIDTHS, DEFAULT_WIDTHS, EVICT, MAX_WIDTHS, QUANT_BITS, bucket_widths
 
 #: ``v_group=None`` means ``min(DEFAULT_V_GROUP, head_dim)``.
 DEFAULT_V_GROUP = 64
@@ -72,7 +72,7 @@ class WindowQuantConfig:
                 raise ValueError(f"widths: {w!r} is not one of {BIT_WIDTHS} or 0 (the window is evicted)")
         if all(w == EVICT for w in self.widths):
             raise ValueError(f"widths: {self.widths!r} would evict every window; add a stored width of {BIT_WIDTHS}")
-        if len(set(self.widths)) > 5:
+        if len(set(self.widths)) > MAX_WIDTHS:
             raise ValueError(f"widths: at most five widths (the allocation enumerates five runs), got {self.widths!r};"
                              f" drop one, e.g. 8 or 0")
         check_fit(self.fit)
@@ -121,5 +121,4 @@ class WindowQuantConfig:
     def bucket_widths(self) -> tuple[int, ...]:
         """The quantized buckets every layer holds, widest first: 8, 4 and 2 always (the decode kernels' fixed
         pieces, whose tuning records ship), and 1 when ``widths`` allows it (then the kernels read an int1 bucket)."""
-        return tuple(sorted(set(CORE_BUCKETS) | {w for w in self.widths if w in QUANT_BITS} | {self.flush_bits},
-                            reverse=True))
+        return bucket_widths((*self.widths, self.flush_bits))

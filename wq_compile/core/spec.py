@@ -18,6 +18,8 @@ QUANT_BITS: tuple[int, ...] = (8, 4, 2, 1)
 DEFAULT_WIDTHS: tuple[int, ...] = (16, 8, 4, 2)
 #: Buckets every layer holds whatever the config allows (the decode kernels' fixed pieces; 8 is the flush width).
 CORE_BUCKETS: tuple[int, ...] = (8, 4, 2)
+#: Widths one allocation may choose among (five): the search enumerates at most five runs of decreasing width.
+MAX_WIDTHS = 5
 #: Width 0: the window is evicted (not stored at all; it costs no bytes and attention no longer sees it). Only the
 #: window search allocates it (``WindowQuantConfig(widths=(..., 0))``); no kernel reads it.
 EVICT = 0
@@ -54,6 +56,12 @@ def check_bits(bits: object, allowed: tuple[int, ...] = BIT_WIDTHS, name: str = 
     if bits not in allowed:
         raise ValueError(f"{name}: must be one of {sorted(allowed)}, got {bits}")
     return int(bits)  # type: ignore[arg-type]
+
+
+def bucket_widths(widths: "tuple[int, ...] | list[int]") -> tuple[int, ...]:
+    """The quantized buckets a layer holds (and its decode kernels read) when ``widths`` may be stored, widest
+    first: :data:`CORE_BUCKETS` always, plus every other quantized width among ``widths`` (1 bit when allowed)."""
+    return tuple(sorted(set(CORE_BUCKETS) | {int(w) for w in widths if w in QUANT_BITS}, reverse=True))
 
 
 def elems_per_word(bits: int) -> int:

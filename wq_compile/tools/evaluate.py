@@ -97,15 +97,15 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
     kernels = shared.backend(model.dtype, model.device)
 
     one_bit = (16, 8, 4, 2, 1)
-    with_int1: list = []  # the kernels that read an int1 bucket, built on first use
+    # one backend per set of buckets its kernels read (the int1 one built on first use)
+    backends = {shared.wq.bucket_widths: kernels}
 
     def wq_method(name: str, wq: WindowQuantConfig, note: str) -> Method:
         def make() -> WindowQuantCache:
-            if 1 in wq.bucket_widths and not with_int1:
-                with_int1.append(WindowQuantCache(cfg, WindowQuantConfig(backend=backend, widths=one_bit)).backend(
-                    model.dtype, model.device))
-            b = with_int1[0] if 1 in wq.bucket_widths else kernels
-            return WindowQuantCache(cfg, wq, backend=b).prepare(**prompt.inputs)
+            if wq.bucket_widths not in backends:
+                backends[wq.bucket_widths] = WindowQuantCache(cfg, WindowQuantConfig(
+                    backend=backend, widths=wq.bucket_widths)).backend(model.dtype, model.device)
+            return WindowQuantCache(cfg, wq, backend=backends[wq.bucket_widths]).prepare(**prompt.inputs)
         return Method(name, make, note)
 
     for width in (4, 2, 1):  # KIVI-style: every window at one width, same kernels and format

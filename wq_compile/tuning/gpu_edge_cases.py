@@ -29,7 +29,7 @@ import torch
 
 from ..core.layout import LayerCache
 from ..core.reference import decode_attention
-from ..core.spec import CORE_BUCKETS, KernelSpec
+from ..core.spec import KernelSpec, bucket_widths
 from ..core.windows import Windows
 from ..kernels.signatures import SPLIT_CHUNK, choose_splits, is_split, piece_fields, signature
 
@@ -84,7 +84,7 @@ def build_layer(case: EdgeCase, spec: KernelSpec, device: str, seed: int = 0) ->
     gen = torch.Generator().manual_seed(seed)
     layer = LayerCache.empty(len(case.tokens), spec.num_kv_heads, spec.head_dim, dtype, device, k_group=k_group,
                              v_group=v_group, residual=10_000, chunk=2 * SPLIT_CHUNK,
-                             widths=tuple(sorted(set(CORE_BUCKETS) | {b for b in spec.bits if b != 16}, reverse=True)))
+                             widths=bucket_widths(spec.bits))
     for b, t in enumerate(case.tokens):
         if t == 0:
             continue

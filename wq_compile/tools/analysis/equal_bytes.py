@@ -46,8 +46,8 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
     """Each allocation policy next to its equal-bytes controls: the same histogram of widths placed at random
     (median of ``seeds``) and the best KIVI-style uniform scheme at the policy's bytes (:func:`kivi_recent_plan`: one
     stored width for every window, the rest on fp16 recent tokens; every width of the format that fits is tried, 1
-    bit included whatever the policy's widths, and the lowest error kept). ``widths`` may include 0 (eviction) and 1. Every row carries its effective bits
-    (:func:`window_bits`)."""
+    bit included whatever the policy's widths, and the lowest error kept). ``widths`` may include 0 (eviction) and
+    1. Every row carries its effective bits (:func:`window_bits`)."""
     rows = []
     lengths = w.windows.lengths
     widths = tuple(sorted({int(x) for x in widths}, reverse=True))
@@ -59,11 +59,12 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
         return PolicyRow(w.name, policy, ab, eff, err, kl, ans, note)
 
     def kivi_row(ab: float, spend: float | None = None) -> PolicyRow:
-        """The best uniform scheme spending ``spend`` bits (default the budget ``ab``), filed under ``ab``."""
-        spend = ab if spend is None or spend != spend else spend
+        """The best uniform scheme filed under the budget ``ab``: spending ``ab`` (recent tokens as many as fit), or
+        a plan's ``spend`` (the nearest count of recent tokens)."""
+        nearest, spend = spend is not None, ab if spend is None else spend
         rows_u = []
         for u in sorted(QUANT_BITS):  # any stored width of the format, whatever the policy may use
-            bits, recent = kivi_recent_plan(lengths, spend, (u,), w.k_group, w.v_group, nearest=spend != ab)
+            bits, recent = kivi_recent_plan(lengths, spend, (u,), w.k_group, w.v_group, nearest=nearest)
             eff = recent_plan_bits(lengths, bits, recent, w.k_group, w.v_group) / float(lengths.sum())
             if rows_u and eff > spend * 1.01:
                 break  # int u alone exceeds the budget (the narrowest is kept even then, marked by its bits)
@@ -74,9 +75,10 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
 
     for ab in budgets:
         floor = float(window_bits(lengths, [min(widths)], w.k_group, w.v_group).sum() / lengths.sum())
+        if ab < floor:  # no plan: the baseline at the budget, once, above every policy's "infeasible" row
+            rows.append(kivi_row(ab))
         for policy in policies:
             if ab < floor:
-                rows.append(kivi_row(ab))
                 rows.append(PolicyRow(w.name, policy, ab, float("nan"), float("nan"), float("nan"), float("nan"),
                                       f"infeasible: widths {widths} need >= {floor:.2f} effective bits"))
                 continue
