@@ -13,24 +13,27 @@ from typing import Sequence
 import torch
 
 from .quant import fake_quant, key_slots
-from .spec import ALLOC_WIDTHS, DEFAULT_WIDTHS, EVICT, GROUP_META_BITS, MAX_WIDTHS, QuantSpec
+from .meta8 import bucket_meta_bits, meta_cost_bits
+from .spec import ALLOC_WIDTHS, DEFAULT_WIDTHS, EVICT, MAX_WIDTHS, QuantSpec
 from .windows import Windows
 
 
-def effective_bits(bits: int, k_group: int, v_group: int) -> float:
-    """Storage bits per K/V element at ``bits``, fp16 scale/zero of whole groups included (16: dense).
+def effective_bits(bits: int, k_group: int, v_group: int, meta_bits: int = 16) -> float:
+    """Storage bits per K/V element at ``bits``, scale/zero of whole groups included (16: dense).
 
     Keys are packed per group in ``key_slots(k_group)`` token slots (28 -> 32: whole words, one vector load per
-    channel in the CPU kernel), so a key code costs ``bits * slots / k_group`` bits.
+    channel in the CPU kernel), so a key code costs ``bits * slots / k_group`` bits. ``meta_bits=8`` (a config's
+    8-bit scale/zero, :mod:`wq_compile.core.meta8`): the buckets it applies to pay 8-bit codes and their run base.
     """
     if bits == 16:
         return 16.0
     k_codes = bits * key_slots(k_group) / k_group
-    return (k_codes + bits) / 2 + GROUP_META_BITS / 2 / k_group + GROUP_META_BITS / 2 / v_group
+    k_meta, v_meta = meta_cost_bits(bucket_meta_bits(bits, meta_bits), k_group, v_group)
+    return (k_codes + bits + k_meta + v_meta) / 2
 
 
-def window_bits(lengths: torch.Tensor, widths: Sequence[int] | torch.Tensor, k_group: int, v_group: int
-                ) -> torch.Tensor:
+def window_bits(lengths: torch.Tensor, widths: Sequence[int] | torch.Tensor, k_group: int, v_group: int,
+                meta_bits: int = 16) -> torch.Tensor:
     """Storage bits of each window at each width, per K/V element pair: ``[W, len(widths)]`` float64, or
     ``[..., W]`` when ``widths`` is a tensor of one width per window (``[..., W]``, e.g. a plan's bits).
 
@@ -44,22 +47,23 @@ def window_bits(lengths: torch.Tensor, widths: Sequence[int] | torch.Tensor, k_g
     if isinstance(widths, torch.Tensor):
         lut = torch.zeros(17, dtype=torch.float64, device=widths.device)
         for b in ALLOC_WIDTHS:
-            lut[b] = effective_bits(b, k_group, v_group) if b != EVICT else 0.0
+            lut[b] = effective_bits(b, k_group, v_group, meta_bits) if b != EVICT else 0.0
         w = widths.long()
         keep = (w != EVICT).double()
         return lut[w] * whole.to(w.device) + tail.to(w.device) * keep
     cols = []
     for b in widths:
         b = int(b)
-        cols.append(torch.zeros_like(lengths) if b == EVICT else whole * effective_bits(b, k_group, v_group) + tail)
+        cols.append(torch.zeros_like(lengths) if b == EVICT else whole * effective_bits(b, k_group, v_group, meta_bits) + tail)
     return torch.stack(cols, -1) if cols else lengths.new_zeros(lengths.shape[0], 0)
 
-def min_avg_bits(windows: Windows, widths: Sequence[int], k_group: int, v_group: int) -> float:
+def min_avg_bits(windows: Windows, widths: Sequence[int], k_group: int, v_group: int, meta_bits: int = 16) -> float:
     """The cheapest budget any allocation can meet: every window at the narrowest width, fp16 group tails."""
     if len(windows) == 0:
         return 0.0
     lengths = windows.lengths.double()
-    return float(window_bits(lengths, [min(int(w) for w in widths)], k_group, v_group).sum() / lengths.sum())
+    return float(window_bits(lengths, [min(int(w) for w in widths)], k_group, v_group, meta_bits).sum()
+                 / lengths.sum())
 
 def window_errors(k: torch.Tensor, v: torch.Tensor, windows: Windows, widths: Sequence[int], k_group: int,
                   v_group: int, exact: bool = False) -> torch.Tensor:
@@ -106,7 +110,8 @@ def window_errors(k: torch.Tensor, v: torch.Tensor, windows: Windows, widths: Se
     return torch.stack(cols, dim=-1)
 
 def allocate_bits(scores: torch.Tensor, errors: torch.Tensor, lengths: torch.Tensor, avg_bits: float,
-                  widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28, v_group: int = 64) -> torch.Tensor:
+                  widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28, v_group: int = 64,
+                  meta_bits: int = 16) -> torch.Tensor:
     """Bits per window, ``[..., W]``, for scores ``[..., W]`` and errors ``[..., W, len(widths)]``.
 
     Sorted by score, a monotone allocation is contiguous runs of decreasing width (16, 8, 4, 2; fewer widths are
@@ -162,7 +167,7 @@ def allocate_bits(scores: torch.Tensor, errors: torch.Tensor, lengths: torch.Ten
     def prefix(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x.new_zeros(*x.shape[:-1], 1), torch.cumsum(x, -1)], -1)
 
-    costs = window_bits(lengths, widths, k_group, v_group).to(dev)  # [W, len(widths)]
+    costs = window_bits(lengths, widths, k_group, v_group, meta_bits).to(dev)  # [W, len(widths)]
     cost_s = [torch.gather(costs[:, j].expand(*lead, nw), -1, order) for j in runs]
     err_s = [torch.gather(err[..., j], -1, order) * weight for j in runs]
     pc, pe = [prefix(c) for c in cost_s], [prefix(e) for e in err_s]

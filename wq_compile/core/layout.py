@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .spec import CORE_BUCKETS, EVICT, QUANT_BITS, QuantSpec
+from .meta8 import bucket_meta_bits
 from .buckets import DensePiece, QuantBucket, Quantizer, screened_quantizer, torch_quantizer
 from .windows import Windows, runs_holding, quantizable_mask
 
@@ -39,7 +40,7 @@ class LayerCache:
     def empty(cls, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
               k_group: int = 28, v_group: int = 64, residual: int = 128, flush_tokens: int | None = None,
               flush_bits: int = 8, chunk: int = 64, quantizer: Quantizer = torch_quantizer,
-              widths: tuple[int, ...] = CORE_BUCKETS) -> "LayerCache":
+              widths: tuple[int, ...] = CORE_BUCKETS, meta_bits: int = 16) -> "LayerCache":
         flush = flush_tokens if flush_tokens is not None else 2 * k_group
         if flush % k_group or flush <= 0:
             raise ValueError(f"flush_tokens: {flush} must be a positive multiple of k_group {k_group}")
@@ -49,7 +50,8 @@ class LayerCache:
             raise ValueError(f"widths: buckets {widths} must hold {CORE_BUCKETS} and flush_bits {flush_bits}, "
                              f"within {QUANT_BITS}")
         buckets = {
-            b: QuantBucket.empty(QuantSpec(b, k_group, v_group), batch, kv_heads, head_dim, device, chunk)
+            b: QuantBucket.empty(QuantSpec(b, k_group, v_group), batch, kv_heads, head_dim, device, chunk,
+                                 bucket_meta_bits(b, meta_bits))
             for b in sorted(set(widths), reverse=True)
         }
         dense = DensePiece.empty(batch, kv_heads, head_dim, dtype, device, chunk)
@@ -138,7 +140,7 @@ class LayerCache:
             raise ValueError(f"indices: expected a 1-d index into the {batch} cached samples, got "
                              f"{tuple(idx.shape)} {idx.tolist()[:8]}")
         for bk in self.buckets.values():
-            for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "lens"):
+            for name in bk.stored():
                 t = getattr(bk, name)
                 setattr(bk, name, t.index_select(0, idx.to(t.device)))
         for name in ("k", "v", "lens", "pinned"):

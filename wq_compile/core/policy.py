@@ -201,13 +201,9 @@ def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     return out
 
 
-def _costs(lengths: torch.Tensor, widths: Sequence[int], k_group: int, v_group: int) -> torch.Tensor:
-    """Effective bits of each window at each width, ``[W, len(widths)]`` (:func:`window_bits`)."""
-    return window_bits(lengths, widths, k_group, v_group)
-
-
 def allocate_min_error(errors: torch.Tensor, lengths: torch.Tensor, avg_bits: float,
-                       widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28, v_group: int = 64) -> torch.Tensor:
+                       widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28, v_group: int = 64,
+                       meta_bits: int = 16) -> torch.Tensor:
     """Bits per window ``[W]`` minimising ``sum_w errors[w, j(w)]`` under the effective-bits budget.
 
     ``errors [W, len(widths)]`` may be any additive cost (measured squared output errors here). Lagrangian
@@ -222,7 +218,7 @@ def allocate_min_error(errors: torch.Tensor, lengths: torch.Tensor, avg_bits: fl
                          f"{tuple(lengths.shape)}")
     if nw == 0:
         return torch.zeros(0, dtype=torch.long)
-    cost = _costs(lengths.cpu(), widths, k_group, v_group)
+    cost = window_bits(lengths.cpu(), widths, k_group, v_group, meta_bits)
     err = errors.double().cpu()
     budget = float(avg_bits) * float(lengths.double().sum()) * (1 + 1e-9)
     if float(cost.min(1).values.sum()) > budget:
@@ -267,7 +263,7 @@ def uniform_bits(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] =
                  v_group: int = 64) -> torch.Tensor:
     """KIVI-style: every window at the widest single width whose memory fits the budget (else the narrowest)."""
     budget = float(avg_bits) * float(lengths.double().sum()) * (1 + 1e-9)
-    cost = _costs(lengths.cpu(), widths, k_group, v_group).sum(0)
+    cost = window_bits(lengths.cpu(), widths, k_group, v_group).sum(0)
     order = sorted((j for j in range(len(widths)) if int(widths[j]) != EVICT), key=lambda j: -int(widths[j]))
     for j in order:
         if float(cost[j]) <= budget:
@@ -349,7 +345,7 @@ def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor,
         wider = [w for w in BIT_WIDTHS if w > b]
         if wider:
             nxt = min(wider)
-            cost = _costs(lengths, ALLOC_WIDTHS, k_group, v_group)
+            cost = window_bits(lengths, ALLOC_WIDTHS, k_group, v_group)
             step = float((cost[:, ALLOC_WIDTHS.index(nxt)] - cost[:, ALLOC_WIDTHS.index(b)]).min()) / float(lengths.sum())
             lines.append(f"  every window got int{b}: the budget leaves {avg_bits - eff:.2f} bits/element over uniform "
                          f"int{b} ({eff:.2f}), and moving even one {unit} to int{nxt} costs {step:.2f}; raise "

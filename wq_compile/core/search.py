@@ -27,6 +27,7 @@ class Plan:
     scores: torch.Tensor  # [L, W]
     k_group: int
     v_group: int
+    meta_bits: int = 16
 
     def layer(self, i: int) -> Windows:
         """The windows of layer ``i`` with their widths."""
@@ -37,7 +38,7 @@ class Plan:
         if len(self.windows) == 0:
             return 0.0
         lengths = self.windows.lengths.to(self.bits.device)
-        cost = window_bits(lengths, self.bits, self.k_group, self.v_group)
+        cost = window_bits(lengths, self.bits, self.k_group, self.v_group, self.meta_bits)
         return float(cost.sum() / (lengths.double().sum() * self.bits.shape[0]))
 
     def memory_bytes(self, num_kv_heads: int, head_dim: int) -> int:
@@ -63,7 +64,8 @@ SEARCH_POLICIES = ("auto", "similarity", "sensitivity")
 
 def search(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows, avg_bits: float,
            widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28, v_group: int = 64, exact_errors: bool = False,
-           *, q_text: torch.Tensor | None = None, sm_scale: float | None = None, policy: str = "auto") -> Plan:
+           *, q_text: torch.Tensor | None = None, sm_scale: float | None = None, policy: str = "auto",
+           meta_bits: int = 16) -> Plan:
     """Full window search for one sample: measure errors on ``k, v [L, Hkv, T, D]``, then allocate per layer.
 
     ``scores`` is ``[W]`` (shared across layers, e.g. embedding scorer) or ``[L, W]`` (attention scorer).
@@ -92,9 +94,10 @@ def search(scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Wind
             raise ValueError(f"q_text: expected [{nl}, q_heads, text_tokens, head_dim], got {tuple(q_text.shape)}")
         bits = torch.stack([
             allocate_min_error(window_output_errors(q_text[i], k[i], v[i], windows, widths, sm_scale, k_group,
-                                                    v_group), windows.lengths, avg_bits, widths, k_group, v_group)
+                                                    v_group), windows.lengths, avg_bits, widths, k_group, v_group,
+                               meta_bits)
             for i in range(nl)]).to(k.device)
-        return Plan(windows, bits, scores, k_group, v_group)
+        return Plan(windows, bits, scores, k_group, v_group, meta_bits)
     errs = window_errors(k, v, windows, widths, k_group, v_group, exact=exact_errors)
-    bits = allocate_bits(scores, errs, windows.lengths, avg_bits, widths, k_group, v_group)
-    return Plan(windows, bits, scores, k_group, v_group)
+    bits = allocate_bits(scores, errs, windows.lengths, avg_bits, widths, k_group, v_group, meta_bits)
+    return Plan(windows, bits, scores, k_group, v_group, meta_bits)

@@ -28,8 +28,6 @@ ALLOC_WIDTHS: tuple[int, ...] = (*BIT_WIDTHS, EVICT)
 #: Codes are packed little-endian into 32-bit machine words (stored as int32).
 WORD_BITS = 32
 SCALE_DTYPE = torch.float16
-#: Bits of metadata per quantization group: an fp16 scale and an fp16 zero.
-GROUP_META_BITS = 32
 
 _DTYPES = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}
 _TVM_DTYPES = {"f16": "float16", "f32": "float32", "bf16": "bfloat16"}

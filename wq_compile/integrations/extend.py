@@ -38,12 +38,12 @@ class Turn:
     embed_scores: list[torch.Tensor] | None = None
 
 
-def window_cost(windows: Windows, bits: torch.Tensor, k_group: int, v_group: int) -> float:
+def window_cost(windows: Windows, bits: torch.Tensor, k_group: int, v_group: int, meta_bits: int = 16) -> float:
     """Bits spent on ``windows`` stored at ``bits``: effective bits per whole key group, fp16 for group tails."""
     total = 0.0
     for n, b in zip(windows.lengths.tolist(), bits.tolist()):
         whole = n // k_group * k_group if b != 16 else n
-        total += effective_bits(int(b), k_group, v_group) * whole + 16.0 * (n - whole)
+        total += effective_bits(int(b), k_group, v_group, meta_bits) * whole + 16.0 * (n - whole)
     return total
 
 
@@ -100,9 +100,10 @@ def _move(src: LayerCache, dst: LayerCache, b: int) -> None:
         n = int(bk.lens[0])
         if n:
             g = n // bk.spec.k_group
-            qk = QuantizedKeys(bk.k_codes[0, :, :g], bk.k_scale[0, :, :g], bk.k_zero[0, :, :g], bk.spec)
-            qv = QuantizedValues(bk.v_codes[0, :, :n], bk.v_scale[0, :, :n], bk.v_zero[0, :, :n], bk.spec)
-            dst.buckets[width].append_quantized(b, qk, qv)
+            ks, kz, vs, vz = bk.meta()
+            qk = QuantizedKeys(bk.k_codes[0, :, :g], ks[0, :, :g], kz[0, :, :g], bk.spec)
+            qv = QuantizedValues(bk.v_codes[0, :, :n], vs[0, :, :n], vz[0, :, :n], bk.spec)
+            dst.buckets[width].append_quantized(b, qk, qv, bk.run_meta(0) if bk.meta_bits == 8 else None)
     m, n = int(src.dense.pinned[0]), int(src.dense.lens[0])
     if m:
         k_res, v_res = dst.dense.pop_oldest(b, dst.dense.residual_len(b))
@@ -130,11 +131,11 @@ def store_turn(cache: WindowQuantCache, prompt_sample: Any, layer_idx: int, quer
         w = sample.windows
         text_idx = torch.nonzero(sample.text_mask).flatten().to(dev) if bool(sample.text_mask.any()) else None
         valid = sample.valid.to(device=dev, dtype=torch.bool)
-        floor = min_avg_bits(w, wq.widths, wq.k_group, wq.v_group) if len(w) else 0.0
+        floor = min_avg_bits(w, wq.widths, wq.k_group, wq.v_group, wq.meta_bits) if len(w) else 0.0
         ps = prompt_sample(w, valid, text_idx, floor)
         old_w, old_bits = cache.samples[b].windows, cache.plans[layer_idx][b]
         old_tokens, new_tokens = int(old_w.lengths.sum()), int(w.lengths.sum())
-        spent = window_cost(old_w, old_bits, wq.k_group, wq.v_group)
+        spent = window_cost(old_w, old_bits, wq.k_group, wq.v_group, wq.meta_bits)
         budget = min(16.0, (wq.avg_bits * (old_tokens + new_tokens) - spent) / max(new_tokens, 1))
         embed = None if turn.embed_scores is None else turn.embed_scores[b]
         bits, scores, ok = cache._plan_sample(layer_idx, b, ps, query[b], key[b], value[b], sm_scale,
@@ -143,7 +144,7 @@ def store_turn(cache: WindowQuantCache, prompt_sample: Any, layer_idx: int, quer
         scores_out.append(scores)
         tmp = LayerCache.empty(1, key.shape[1], key.shape[3], store.dense.k.dtype, dev, wq.k_group, wq.v_group,
                                residual=1 << 30, flush_bits=wq.flush_bits, chunk=wq.chunk, quantizer=store.quantizer,
-                               widths=tuple(store.buckets))
+                               widths=tuple(store.buckets), meta_bits=wq.meta_bits)
         tmp.fill_sample(0, key[b], value[b], w.with_bits(bits), valid=sample.valid, quantizable=ok)
         _move(tmp, store, b)
     store.flush()

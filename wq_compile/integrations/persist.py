@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from ..core.config import WindowQuantConfig
+from ..core.buckets import QuantBucket
 from ..core.layout import LayerCache
+from ..core.meta8 import RunMeta, decode
 from ..core.quant import QuantizedKeys, QuantizedValues
 from ..core.windows import Windows
 from .llava import SampleLayout
@@ -29,8 +31,12 @@ WindowQuantCache = Any
 FORMAT = 1
 TENSORS, META = "tensors.safetensors", "cache.json"
 #: Config fields that change what is stored (``backend``, ``target`` and ``int8_dots`` only change how it is read).
-DATA_FIELDS = ("avg_bits", "widths", "window", "k_group", "v_group", "residual", "flush_bits", "scorer", "chunk")
+DATA_FIELDS = ("avg_bits", "widths", "window", "k_group", "v_group", "residual", "flush_bits", "scorer", "chunk",
+               "meta_bits")
+#: What a file written before a field existed holds for it.
+_SAVED_DEFAULTS = {"meta_bits": 16}
 _BUCKET = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+_RUNS = ("k_base", "v_base", "run_of", "runs")  # 8-bit scale/zero buckets only (:mod:`wq_compile.core.meta8`)
 
 
 def _model_meta(cache: WindowQuantCache) -> dict[str, Any]:
@@ -76,6 +82,13 @@ def save(cache: WindowQuantCache, path: str | Path) -> Path:
             for name in _BUCKET:
                 t = getattr(bk, name)
                 out[f"layer.{i}.int{bits}.{name}"] = t[:, :, : groups if name.startswith("k_") else n]
+            if bk.meta_bits == 8:
+                assert bk.runs is not None and bk.run_of is not None and bk.k_base is not None
+                assert bk.v_base is not None
+                r = int(bk.runs.max())
+                out[f"layer.{i}.int{bits}.k_base"], out[f"layer.{i}.int{bits}.v_base"] = (bk.k_base[:, :, :r],
+                                                                                       bk.v_base[:, :, :r])
+                out[f"layer.{i}.int{bits}.run_of"], out[f"layer.{i}.int{bits}.runs"] = bk.run_of[:, :groups], bk.runs
             out[f"layer.{i}.int{bits}.lens"] = bk.lens
         n = int(store.dense.lens.max())
         out[f"layer.{i}.dense.k"], out[f"layer.{i}.dense.v"] = store.dense.k[:, :, :n], store.dense.v[:, :, :n]
@@ -103,6 +116,23 @@ def _check(name: str, saved: Any, now: Any, fix: str) -> None:
         raise ValueError(f"{name}: the saved cache has {saved!r}, this one {now!r}; {fix}")
 
 
+def _run_meta(x: dict[str, torch.Tensor], get: Any, p: str, b: int, n: int, g: int, batch: int, hkv: int,
+              bk: QuantBucket) -> RunMeta:
+    """Sample ``b``'s 8-bit scale/zero codes and run bases as the file holds them, checked before use."""
+    assert bk.k_base is not None and bk.v_base is not None
+    if any(x[name].dtype != torch.uint8 for name in ("k_scale", "k_zero", "v_scale", "v_zero")):
+        raise ValueError(f"{p}k_scale: 8-bit scale/zero must be uint8 codes (a damaged or foreign file)")
+    runs, run_of = get(p + "runs", batch), get(p + "run_of", batch, None)
+    kb = get(p + "k_base", batch, hkv, None, *bk.k_base.shape[3:])
+    vb = get(p + "v_base", batch, hkv, None, *bk.v_base.shape[3:])
+    r = int(runs[b])
+    if r > kb.shape[2] or g > run_of.shape[1] or (g and not 0 <= int(run_of[b, :g].min()) <= int(
+            run_of[b, :g].max()) < r):
+        raise ValueError(f"{p}run_of: sample {b}'s run index does not fit its {r} runs in the file")
+    return RunMeta(x["k_scale"][b, :, :g], x["k_zero"][b, :, :g], x["v_scale"][b, :, :n], x["v_zero"][b, :, :n],
+                   kb[b, :, :r], vb[b, :, :r], run_of[b, :g])
+
+
 def load_into(cache: WindowQuantCache, path: str | Path, device: torch.device | str = "cpu") -> None:
     """Fill the empty ``cache`` from the folder ``path`` after checking format, config, model and shapes."""
     from safetensors.torch import load_file
@@ -113,7 +143,8 @@ def load_into(cache: WindowQuantCache, path: str | Path, device: torch.device | 
     meta = json.loads((folder / META).read_text())
     _check("format", meta.get("format"), FORMAT, "it was written by another wq_compile format; save it again")
     for key, now in _data_config(cache.wq).items():
-        _check(f"config.{key}", meta["config"].get(key), now, "load with the WindowQuantConfig it was saved with")
+        _check(f"config.{key}", meta["config"].get(key, _SAVED_DEFAULTS.get(key)), now,
+               "load with the WindowQuantConfig it was saved with")
     for key, now in _model_meta(cache).items():
         _check(f"model.{key}", meta["model"].get(key), now, "load with the config of the model that made it")
     dtype = getattr(torch, meta["dtype"])
@@ -134,7 +165,7 @@ def load_into(cache: WindowQuantCache, path: str | Path, device: torch.device | 
     for i, layer in enumerate(cache.layers):
         store = LayerCache.empty(batch, hkv, d, dtype, device, wq.k_group, wq.v_group, wq.residual,
                                  flush_bits=wq.flush_bits, chunk=wq.chunk, quantizer=backend.quantize,
-                                 widths=wq.bucket_widths)
+                                 widths=wq.bucket_widths, meta_bits=wq.meta_bits)
         for bits, bk in store.buckets.items():
             p = f"layer.{i}.int{bits}."
             lens = get(p + "lens", batch)
@@ -144,10 +175,18 @@ def load_into(cache: WindowQuantCache, path: str | Path, device: torch.device | 
                 g = -(-n // bk.spec.k_group)
                 if n % bk.spec.k_group or n > x["v_codes"].shape[2]:
                     raise ValueError(f"{p}lens: sample {b} holds {n} tokens, not whole key groups within the file")
-                qk = QuantizedKeys(x["k_codes"][b, :, :g], x["k_scale"][b, :, :g], x["k_zero"][b, :, :g], bk.spec)
-                qv = QuantizedValues(x["v_codes"][b, :, :n], x["v_scale"][b, :, :n], x["v_zero"][b, :, :n], bk.spec)
+                rm = None
+                if bk.meta_bits == 8:
+                    rm = _run_meta(x, get, p, b, n, g, batch, hkv, bk)
+                    ks, kz = decode(rm.k_scale, rm.k_zero, rm.k_base, rm.run_of)
+                    vs, vz = decode(rm.v_scale, rm.v_zero, rm.v_base, rm.run_of.repeat_interleave(bk.spec.k_group))
+                else:
+                    ks, kz, vs, vz = x["k_scale"][b, :, :g], x["k_zero"][b, :, :g], x["v_scale"][b, :, :n], x[
+                        "v_zero"][b, :, :n]
+                qk = QuantizedKeys(x["k_codes"][b, :, :g], ks, kz, bk.spec)
+                qv = QuantizedValues(x["v_codes"][b, :, :n], vs, vz, bk.spec)
                 if n:
-                    bk.append_quantized(b, qk, qv)
+                    bk.append_quantized(b, qk, qv, rm)
         p = f"layer.{i}.dense."
         k, v = get(p + "k", batch, hkv, None, d), get(p + "v", batch, hkv, None, d)
         lens, pinned = get(p + "lens", batch), get(p + "pinned", batch)

@@ -214,7 +214,7 @@ class WindowQuantCache(Cache):
             for s in self.samples:
                 w = s.windows
                 text_idx = torch.nonzero(s.text_mask).flatten().to(device) if bool(s.text_mask.any()) else None
-                floor = min_avg_bits(w, self.wq.widths, self.wq.k_group, self.wq.v_group)
+                floor = min_avg_bits(w, self.wq.widths, self.wq.k_group, self.wq.v_group, self.wq.meta_bits)
                 out.append(_PromptSample(w, s.valid.to(device=device, dtype=torch.bool), text_idx, floor))
                 self.stats.prompt_plans += 1
             self._prompt = out
@@ -244,7 +244,7 @@ class WindowQuantCache(Cache):
         store = LayerCache.empty(bsz, key.shape[1], key.shape[3], key.dtype, key.device, self.wq.k_group,
                                  self.wq.v_group, self.wq.residual, flush_bits=self.wq.flush_bits,
                                  chunk=self.wq.chunk, quantizer=self.backend(key.dtype, key.device).quantize,
-                                 widths=self.wq.bucket_widths)
+                                 widths=self.wq.bucket_widths, meta_bits=self.wq.meta_bits)
         stages = self.stats.stage_seconds
         bits_list, score_list = [], []
         for b, ps in enumerate(prompt):
@@ -316,13 +316,14 @@ class WindowQuantCache(Cache):
         t1 = time.perf_counter()
         stages["score"] += t1 - t0
         budget = self.wq.avg_bits if budget is None else budget  # a later turn: what the stored windows left
-        floor = ps.floor if n_bad == 0 else min_avg_bits(sub, self.wq.widths, self.wq.k_group, self.wq.v_group)
+        floor = ps.floor if n_bad == 0 else min_avg_bits(sub, self.wq.widths, self.wq.k_group, self.wq.v_group,
+                                                         self.wq.meta_bits)
         if budget < floor:  # fp16 tails of partial key groups (e.g. the last window of an image)
             warnings.warn(f"avg_bits={budget} is below the {floor:.3f} effective bits this prompt's windows "
                           f"need at least (fp16 group tails); using {floor:.3f}", stacklevel=4)
             budget = floor
         plan = search(sub_scores.to(key.device), key[None], value[None], sub, budget, self.wq.widths,
-                      self.wq.k_group, self.wq.v_group)
+                      self.wq.k_group, self.wq.v_group, meta_bits=self.wq.meta_bits)
         if n_bad == 0:
             bits, scores = plan.bits[0].cpu(), sub_scores
         else:

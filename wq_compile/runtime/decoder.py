@@ -132,7 +132,7 @@ class FusedDecoder:
         signature and converted for TVM once, and reused while the layer holds the same tensor objects (its
         buckets grow by allocating new tensors, never in place, so a changed tensor is a changed identity; the
         cached entry keeps the old ones referenced, so an identity is never reused by another tensor)."""
-        buckets, dense = layer.buckets, layer.dense
+        buckets, dense = {b: bk.kernel_view() for b, bk in layer.buckets.items()}, layer.dense
         inputs = [None if f is None else getattr(dense if f[0] is None else buckets[f[0]], f[1])
                   for f in self._sources[widths]]
         key = (widths, q.shape, tuple(map(id, inputs)))
@@ -175,7 +175,7 @@ class FusedDecoder:
             if stats is not None and hasattr(stats, "kernel_calls"):
                 stats.kernel_calls += 1
             return out
-        pieces = {f"q{b}": layer.buckets[b] for b in widths}
+        pieces = {f"q{b}": layer.buckets[b].kernel_view() for b in widths}
         pieces["dense"] = layer.dense
         # the argument order is the signature's: fields are read by name (resolved once per kernel)
         args: list[Any] = [q if q.is_contiguous() else q.contiguous()]

@@ -101,11 +101,12 @@ class StepDecoder:
         q = query.transpose(1, 2)  # token-major, as transformers computes it: usually free
         scale = float(sm_scale)
         outs = []
+        buckets = {b: bk.kernel_view() for b, bk in layer.buckets.items()}
         for c0 in range(0, s, self.max_steps):
             c1 = min(s, c0 + self.max_steps)
             lens = dense.lens if c1 == s else dense.lens - (s - c1)  # the chunk's own tokens end the dense piece
             inputs = [scale if src is None else (lens if src == (None, "lens") else
-                                                  getattr(dense if src[0] is None else layer.buckets[src[0]], src[1]))
+                                                  getattr(dense if src[0] is None else buckets[src[0]], src[1]))
                       for src in self._sources[widths]]
             out = torch.empty(bsz, c1 - c0, hq, d, dtype=self.out_dtype, device=query.device)
             if self.split:
