@@ -55,17 +55,21 @@ def test_follow_up_turn_at_16_bits_equals_dynamic_cache(model) -> None:
     assert caches["wq"].get_seq_length() == n - 1  # the follow-up and its answer joined the same cache
 
 
-@pytest.mark.parametrize("widths", [(16, 8, 4, 2), (16, 8, 4, 2, 1)], ids=["default-widths", "with-1-bit"])
-def test_saved_and_loaded_cache_continues_the_conversation(model, tmp_path: Path, widths: tuple) -> None:
+@pytest.mark.parametrize("widths,meta_bits", [((16, 8, 4, 2), 16), ((16, 8, 4, 2, 1), 16), ((16, 8, 4, 2, 1), 8)],
+                         ids=["default-widths", "with-1-bit", "8-bit-scale-zero"])
+def test_saved_and_loaded_cache_continues_the_conversation(model, tmp_path: Path, widths: tuple,
+                                                           meta_bits: int) -> None:
     p = video_prompt(model, [4], question=60)
-    # decode flushes into the int8 bucket: every storage kind is saved (the int1 bucket too, when allowed)
-    cfg = _config(avg_bits=3.5 if 1 not in widths else 2.6, residual=0, widths=widths)
+    # decode flushes into the int8 bucket: every storage kind is saved (the int1 bucket too, when allowed; at
+    # meta_bits=8 the int2/int1 buckets' 8-bit scale/zero codes, run bases and run index)
+    cfg = _config(avg_bits=3.5 if 1 not in widths else 2.6, residual=0, widths=widths, meta_bits=meta_bits)
     cache = WindowQuantCache(model.config, cfg).prepare(**p.inputs)
     first = _turn(model, cache, **p.inputs)
     store = cache.layers[0].store
     need = (8, 1) if 1 in widths else tuple(store.buckets)  # at 2.6 bits over 4 frames int4 may stay empty
     assert store.stats["flushes"] and all(int(store.buckets[b].lens[0]) for b in need)
     assert sorted(store.buckets) == sorted(cfg.bucket_widths)
+    assert [store.buckets[w].meta_bits for w in (8, 2)] == [16, meta_bits]
     cache.save(str(tmp_path / "clip"))
     loaded = WindowQuantCache.load(str(tmp_path / "clip"), cfg, model.config)
     assert loaded.get_seq_length() == cache.get_seq_length()

@@ -11,7 +11,7 @@ costs in all. Here each group's scale and zero are 8-bit codes on a grid that on
 
 Three fp16 numbers per run and channel (keys) or value group (values) are the base. Codes are computed against
 the decoded scale and zero, so a stored bucket is exactly today's format with fp16 metadata constrained to the grid:
-every decode kernel reads it after :func:`expand` (fp16 scale/zero per group again), and the reference dequantizes
+every decode kernel reads it after :func:`decode` (fp16 scale/zero per group again), and the reference dequantizes
 it the same way. Which buckets use it: widths up to :data:`META8_MAX_WIDTH` when a config sets ``meta_bits=8``;
 at 4 and 8 bits metadata is a smaller share and a drifting zero would cost more steps, so they keep fp16.
 """
@@ -100,7 +100,8 @@ def _run_reduce(x: torch.Tensor, run_of: torch.Tensor, runs: int, how: str) -> t
 def encode(scale: torch.Tensor, zero: torch.Tensor, run_of: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale and zero ``[H, G, X]`` (any float) of groups in runs ``run_of [G]`` -> uint8 codes ``[H, G, X]`` each
-    and the fp16 base ``[H, R, X, 3]``. Round to nearest, so ``encode(expand(...))`` gives the same codes back."""
+    and the fp16 base ``[H, R, X, 3]``. Round to nearest, so encoding the decoded values gives the same codes back
+    (the zero step may move by an fp16 ulp: stored metadata is moved and saved as it is, never encoded again)."""
     s, z = scale.float(), zero.float()
     runs = int(run_of.max()) + 1 if run_of.numel() else 0
     s_max = _fp16_up(_run_reduce(s, run_of, runs, "amax"))
@@ -134,7 +135,7 @@ def constrain(k: torch.Tensor, v: torch.Tensor, qk: QuantizedKeys, qv: Quantized
               ) -> tuple[QuantizedKeys, QuantizedValues, RunMeta]:
     """Put fitted ``qk, qv`` (of ``k, v [Hkv, n, D]``, whole key groups) on the 8-bit grid of their runs: the
     codes are recomputed against the decoded scale and zero. Returns the fp16 view (what kernels read after
-    :func:`expand`) and the :class:`RunMeta` the bucket stores."""
+    :func:`decode`) and the :class:`RunMeta` the bucket stores."""
     spec: QuantSpec = qk.spec
     h, n, d = k.shape
     g = n // spec.k_group
