@@ -145,3 +145,20 @@ def test_compiled_kernels_read_8_bit_scale_zero_as_the_reference_does():
     assert got.shape == (1, 3, 4, 64)
     last = decode_attention(qs[:, :, 2], layer, 0.125)  # the last new token sees every cached token
     torch.testing.assert_close(got[:, 2], last, rtol=1e-5, atol=2e-5)
+
+
+def test_compiled_recode_gives_the_reference_codes_on_the_8_bit_grid():
+    """The quantize kernel with given scale/zero (no fit) codes exactly as the torch reference on the same grid."""
+    from wq_compile.core.meta8 import constrain
+    from wq_compile.core.spec import QuantSpec
+    from wq_compile.runtime.backend import CompiledQuantizer
+    from wq_compile.runtime.library import shared_library
+
+    q = CompiledQuantizer(shared_library("llvm"), 4, 2, 64, torch.float32, 64)
+    gen = torch.Generator().manual_seed(4)
+    k, v = torch.randn(2, 9 * 28, 64, generator=gen) * 3, torch.randn(2, 9 * 28, 64, generator=gen)
+    for bits in (2, 1):
+        qk, qv = q(QuantSpec(bits, 28, 64), k, v)
+        want, got = constrain(k, v, qk, qv), constrain(k, v, qk, qv, q.recode)
+        assert torch.equal(got[0].codes, want[0].codes) and torch.equal(got[1].codes, want[1].codes)
+        assert not torch.equal(want[0].codes, qk.codes)  # the grid moved some codes: the recode did work

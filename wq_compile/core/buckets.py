@@ -61,8 +61,8 @@ class QuantBucket:
     lens: torch.Tensor  # [B] int32
     chunk: int = 64
     meta_bits: int = 16
-    k_base: torch.Tensor | None = None  # [B, Hkv, runs cap, D, 3] fp16 (meta_bits 8)
-    v_base: torch.Tensor | None = None  # [B, Hkv, runs cap, D/v_group, 3] fp16
+    k_base: torch.Tensor | None = None  # [B, Hkv, runs cap, 3, D] fp16 (meta_bits 8): scale base, zero low, step
+    v_base: torch.Tensor | None = None  # [B, Hkv, runs cap, 3, D/v_group] fp16
     run_of: torch.Tensor | None = None  # [B, ceil(cap/k_group)] int32: the run of each key group
     runs: torch.Tensor | None = None  # [B] int32: runs stored per sample
 
@@ -80,8 +80,8 @@ class QuantBucket:
         extra = {}
         if meta_bits == 8:
             runs = -(-groups // RUN_GROUPS)
-            extra = dict(k_base=torch.zeros(batch, kv_heads, runs, head_dim, BASE_FIELDS, dtype=torch.float16, **z),
-                         v_base=torch.zeros(batch, kv_heads, runs, vgroups, BASE_FIELDS, dtype=torch.float16, **z),
+            extra = dict(k_base=torch.zeros(batch, kv_heads, runs, BASE_FIELDS, head_dim, dtype=torch.float16, **z),
+                         v_base=torch.zeros(batch, kv_heads, runs, BASE_FIELDS, vgroups, dtype=torch.float16, **z),
                          run_of=torch.zeros(batch, groups, dtype=torch.int32, **z),
                          runs=torch.zeros(batch, dtype=torch.int32, **z))
         return cls(
@@ -133,8 +133,9 @@ class QuantBucket:
         if n % self.spec.k_group:
             raise ValueError(f"k: {n} tokens is not a whole number of key groups ({self.spec.k_group})")
         qk, qv = quantizer(self.spec, k, v)
-        if self.meta_bits == 8:
-            self.append_quantized(b, *constrain(k, v, qk, qv))
+        if self.meta_bits == 8:  # the compiled quantizer's recode (also behind its bound ``screened``), else torch
+            recode = getattr(getattr(quantizer, "__self__", quantizer), "recode", None)
+            self.append_quantized(b, *constrain(k, v, qk, qv, recode))
         else:
             self.append_quantized(b, qk, qv)
 

@@ -19,6 +19,7 @@ at 4 and 8 bits metadata is a smaller share and a drifting zero would cost more 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -64,7 +65,7 @@ class RunMeta:
     """The 8-bit metadata of one append of ``G`` key groups (``n = G * k_group`` tokens, ``R`` runs).
 
     ``k_scale/k_zero [Hkv, G, D]`` and ``v_scale/v_zero [Hkv, n, D / v_group]`` uint8 codes, ``k_base
-    [Hkv, R, D, 3]`` and ``v_base [Hkv, R, D / v_group, 3]`` fp16, ``run_of [G]`` int32: the run of each group."""
+    [Hkv, R, 3, D]`` and ``v_base [Hkv, R, 3, D / v_group]`` fp16, ``run_of [G]`` int32: the run of each group."""
 
     k_scale: torch.Tensor
     k_zero: torch.Tensor
@@ -100,7 +101,7 @@ def _run_reduce(x: torch.Tensor, run_of: torch.Tensor, runs: int, how: str) -> t
 def encode(scale: torch.Tensor, zero: torch.Tensor, run_of: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale and zero ``[H, G, X]`` (any float) of groups in runs ``run_of [G]`` -> uint8 codes ``[H, G, X]`` each
-    and the fp16 base ``[H, R, X, 3]``. Round to nearest, so encoding the decoded values gives the same codes back
+    and the fp16 base ``[H, R, 3, X]`` (field-major: a kernel reads one field of a run as a contiguous vector). Round to nearest, so encoding the decoded values gives the same codes back
     (the zero step may move by an fp16 ulp: stored metadata is moved and saved as it is, never encoded again)."""
     s, z = scale.float(), zero.float()
     runs = int(run_of.max()) + 1 if run_of.numel() else 0
@@ -111,30 +112,36 @@ def encode(scale: torch.Tensor, zero: torch.Tensor, run_of: torch.Tensor
     bs, zl, zs = s_max.float()[:, r], z_lo.float()[:, r], z_step.float()[:, r]
     sc = torch.where(bs > 0, s / torch.where(bs > 0, bs, 1.0) * _CODE_MAX, 0.0).round().clamp(0, _CODE_MAX)
     zc = torch.where(zs > 0, (z - zl) / torch.where(zs > 0, zs, 1.0), 0.0).round().clamp(0, _CODE_MAX)
-    base = torch.stack([s_max, z_lo, z_step], -1)
+    base = torch.stack([s_max, z_lo, z_step], -2)
     return sc.to(torch.uint8), zc.to(torch.uint8), base
 
 
 def decode(sc: torch.Tensor, zc: torch.Tensor, base: torch.Tensor, run_of: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes ``[..., G, X]`` and base ``[..., R, X, 3]`` (runs ``run_of``: ``[G]``, or ``[..., G]`` per sample)
+    """uint8 codes ``[..., G, X]`` and base ``[..., R, 3, X]`` (runs ``run_of``: ``[G]``, or ``[..., G]`` per sample)
     -> fp16 scale and zero ``[..., G, X]``: ``fp16(base_s * code / 255)``, ``fp16(z_lo + code * z_step)`` in fp32."""
     r = run_of.long()
     if r.dim() == 1:
         b = base[..., r, :, :]
-    else:  # per sample: base [B, H, R, X, 3], run_of [B, G]
-        idx = r[:, None, :, None, None].expand(-1, base.shape[1], -1, base.shape[3], BASE_FIELDS)
+    else:  # per sample: base [B, H, R, 3, X], run_of [B, G]
+        idx = r[:, None, :, None, None].expand(-1, base.shape[1], -1, BASE_FIELDS, base.shape[4])
         b = base.gather(2, idx)
     b = b.float()
-    s = (b[..., 0] * sc.float() / _CODE_MAX).half()
-    z = (b[..., 1] + zc.float() * b[..., 2]).half()
+    s = (b[..., 0, :] * sc.float() / _CODE_MAX).half()
+    z = (b[..., 1, :] + zc.float() * b[..., 2, :]).half()
     return s, z
 
 
-def constrain(k: torch.Tensor, v: torch.Tensor, qk: QuantizedKeys, qv: QuantizedValues
+#: Codes ``(k_codes, v_codes)`` of ``(spec, k, v, k_scale, k_zero, v_scale, v_zero)`` against given fp16 scale/zero:
+#: the compiled quantize kernel without its fit (``CompiledQuantizer.recode``); None: the torch reference.
+Recode = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def constrain(k: torch.Tensor, v: torch.Tensor, qk: QuantizedKeys, qv: QuantizedValues, recode: Recode | None = None
               ) -> tuple[QuantizedKeys, QuantizedValues, RunMeta]:
     """Put fitted ``qk, qv`` (of ``k, v [Hkv, n, D]``, whole key groups) on the 8-bit grid of their runs: the
-    codes are recomputed against the decoded scale and zero. Returns the fp16 view (what kernels read after
+    codes are recomputed against the decoded scale and zero (by ``recode`` when given, the compiled per-element
+    pass; the grid itself is a few small tensors). Returns the fp16 view (what kernels read after
     :func:`decode`) and the :class:`RunMeta` the bucket stores."""
     spec: QuantSpec = qk.spec
     h, n, d = k.shape
@@ -148,10 +155,14 @@ def constrain(k: torch.Tensor, v: torch.Tensor, qk: QuantizedKeys, qv: Quantized
     tok_run = run_of.repeat_interleave(spec.k_group)
     vsc, vzc, vbase = encode(qv.scale, qv.zero, tok_run)
     vs, vz = decode(vsc, vzc, vbase, tok_run)
+    rm = RunMeta(ksc, kzc, vsc, vzc, kbase, vbase, run_of)
+    if recode is not None:
+        kc, vc = recode(spec, k, v, ks, kz, vs, vz)
+        return QuantizedKeys(kc, ks, kz, spec), QuantizedValues(vc, vs, vz, spec), rm
     kg = k.float().reshape(h, g, spec.k_group, d)
     kcodes = codes_of(kg, ks.float()[:, :, None, :], kz.float()[:, :, None, :], spec.qmax).to(torch.int64)
     vg = v.float().reshape(h, n, d // spec.v_group, spec.v_group)
     vcodes = codes_of(vg, vs.float()[..., None], vz.float()[..., None], spec.qmax).to(torch.int64)
     qk8 = QuantizedKeys(pack_keys(kcodes.reshape(h, n, d), spec.bits, spec.k_group), ks, kz, spec)
     qv8 = QuantizedValues(pack(vcodes.reshape(h, n, d), spec.bits), vs, vz, spec)
-    return qk8, qv8, RunMeta(ksc, kzc, vsc, vzc, kbase, vbase, run_of)
+    return qk8, qv8, rm

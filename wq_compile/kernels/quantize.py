@@ -31,7 +31,7 @@ from ..core.quant import key_lane_bytes, key_words
 from ..core.spec import KernelSpec
 from .common import f32
 from ..core.quant_fit import ZS_SHIFTS, ZS_TIE
-from .signatures import key_fit_iters, value_fit_iters, value_zero_search
+from .signatures import given_meta, key_fit_iters, value_fit_iters, value_zero_search
 from .signatures import quantize_bits as _bits
 from .signatures import quantize_signature as signature
 
@@ -39,6 +39,8 @@ _F32, _F16, _I32, _U32 = "float32", "float16", "int32", "uint32"
 
 def quantize_blocks(spec: KernelSpec) -> tuple[str, ...]:
     """Block names of ``spec``'s quantize kernel, in program order (the schedules visit every one)."""
+    if given_meta(spec):
+        return ("k_pack", "v_pack")
     n_zs = len(ZS_SHIFTS) if value_zero_search(spec) and not value_fit_iters(spec) else 0
     zs = (("v_u",) if n_zs else ()) + tuple(f"v_{part}{j}" for j in range(n_zs) for part in ("p", "e")) + tuple(
         f"v_b{j}" for j in range(n_zs))
@@ -274,13 +276,17 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                 T.arg(a.name, T.buffer(tuple(dim(s) for s in a.shape), a.dtype)) for a in sig.args
             )
             bsz, n_tok, n_grp = syms["B"], syms["n"], syms["G"]
+            fit = not given_meta(spec)  # else scale/zero are inputs: only the two pack blocks
             with T.sblock("root"):
-                kmn = IRBuilder.name("kmn", T.sblock_alloc_buffer((bsz, hkv, n_grp, d), _F32))
-                kmx = IRBuilder.name("kmx", T.sblock_alloc_buffer((bsz, hkv, n_grp, d), _F32))
-                vmn = IRBuilder.name("vmn", T.sblock_alloc_buffer((bsz, hkv, n_tok, d // vg), _F32))
-                vmx = IRBuilder.name("vmx", T.sblock_alloc_buffer((bsz, hkv, n_tok, d // vg), _F32))
+                kmn = kmx = vmn = vmx = None
+                if fit:
+                    kmn = IRBuilder.name("kmn", T.sblock_alloc_buffer((bsz, hkv, n_grp, d), _F32))
+                    kmx = IRBuilder.name("kmx", T.sblock_alloc_buffer((bsz, hkv, n_grp, d), _F32))
+                    vmn = IRBuilder.name("vmn", T.sblock_alloc_buffer((bsz, hkv, n_tok, d // vg), _F32))
+                    vmx = IRBuilder.name("vmx", T.sblock_alloc_buffer((bsz, hkv, n_tok, d // vg), _F32))
                 # ---- keys: per channel over k_group tokens ----
-                for name, buf, op, ident in (("k_min", kmn, tirx.min, float("inf")), ("k_max", kmx, tirx.max, float("-inf"))):
+                for name, buf, op, ident in (("k_min", kmn, tirx.min, float("inf")),
+                                             ("k_max", kmx, tirx.max, float("-inf"))) if fit else ():
                     with T.grid(bsz, hkv, n_grp, d, kg) as (b, h, g, dd, t):
                         with T.sblock(name):
                             vb, vh, vgr, vd, vt = T.axis.remap("SSSSR", [b, h, g, dd, t])
@@ -289,13 +295,15 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                             x = k[vb, vh, vgr * kg + vt, vd].astype(_F32)
                             T.buffer_store(buf, op(buf[vb, vh, vgr, vd], x), [vb, vh, vgr, vd])
                 iters = key_fit_iters(spec)
-                if iters:
+                if not fit:
+                    pick = None
+                elif iters:
                     pick = _lsq_fit(lambda ix, t: k[ix[0], ix[1], ix[2] * kg + t, ix[3]], kmn, kmx,
                                     (bsz, hkv, n_grp, d), kg, qmax, iters, "k_", "f")
                 else:
                     def pick(which, ix):
                         return _params(kmn[ix], kmx[ix], qmax)[which]
-                for name, out, which in (("k_zero", k_zero, 1), ("k_scale", k_scale, 0)):
+                for name, out, which in (("k_zero", k_zero, 1), ("k_scale", k_scale, 0)) if fit else ():
                     with T.grid(bsz, hkv, n_grp, d) as (b, h, g, dd):
                         with T.sblock(name):
                             ix = tuple(T.axis.remap("SSSS", [b, h, g, dd]))
@@ -315,7 +323,8 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                                 word = tirx.bitwise_or(word, tirx.shift_left(code, tirx.const(byte_in_word * 8 + field * bits, _U32)))
                         T.buffer_store(k_codes, tirx.reinterpret(_I32, word), [vb, vh, vgr, vd, vw])
                 # ---- values: per token over v_group channels ----
-                for name, buf, op, ident in (("v_min", vmn, tirx.min, float("inf")), ("v_max", vmx, tirx.max, float("-inf"))):
+                for name, buf, op, ident in (("v_min", vmn, tirx.min, float("inf")),
+                                             ("v_max", vmx, tirx.max, float("-inf"))) if fit else ():
                     with T.grid(bsz, hkv, n_tok, d // vg, vg) as (b, h, t, g, j):
                         with T.sblock(name):
                             vb, vh, vt, vgr, vj = T.axis.remap("SSSSR", [b, h, t, g, j])
@@ -324,7 +333,9 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                             x = v[vb, vh, vt, vgr * vg + vj].astype(_F32)
                             T.buffer_store(buf, op(buf[vb, vh, vt, vgr], x), [vb, vh, vt, vgr])
                 v_iters = value_fit_iters(spec)
-                if v_iters:  # one bit: zs is least squares, scale and zero (the reference's fit_params)
+                if not fit:
+                    vpick = None
+                elif v_iters:  # one bit: zs is least squares, scale and zero (the reference's fit_params)
                     vpick = _lsq_fit(lambda ix, j: v[ix[0], ix[1], ix[2], ix[3] * vg + j], vmn, vmx,
                                      (bsz, hkv, n_tok, d // vg), vg, qmax, v_iters, "v_", "vf")
                 elif value_zero_search(spec):
@@ -335,14 +346,11 @@ def build_quantize(spec: KernelSpec) -> tirx.PrimFunc:
                 else:
                     def vpick(which, ix):
                         return _params(vmn[ix], vmx[ix], qmax)[which]
-                with T.grid(bsz, hkv, n_tok, d // vg) as (b, h, t, g):
-                    with T.sblock("v_zero"):
-                        ix = tuple(T.axis.remap("SSSS", [b, h, t, g]))
-                        T.buffer_store(v_zero, vpick(1, ix), list(ix))
-                with T.grid(bsz, hkv, n_tok, d // vg) as (b, h, t, g):
-                    with T.sblock("v_scale"):
-                        ix = tuple(T.axis.remap("SSSS", [b, h, t, g]))
-                        T.buffer_store(v_scale, vpick(0, ix), list(ix))
+                for name, out, which in (("v_zero", v_zero, 1), ("v_scale", v_scale, 0)) if fit else ():
+                    with T.grid(bsz, hkv, n_tok, d // vg) as (b, h, t, g):
+                        with T.sblock(name):
+                            ix = tuple(T.axis.remap("SSSS", [b, h, t, g]))
+                            T.buffer_store(out, vpick(which, ix), list(ix))
                 with T.grid(bsz, hkv, n_tok, d // per) as (b, h, t, w):
                     with T.sblock("v_pack"):
                         vb, vh, vt, vw = T.axis.remap("SSSS", [b, h, t, w])

@@ -224,6 +224,9 @@ def merge_signature(spec: KernelSpec) -> KernelSignature:
 #: At one bit ``vzs`` means the values' least squares, as in the reference (:func:`value_fit_iters`).
 FIT_KEY = "klsq"
 VALUE_FIT_KEY = "vzs"
+#: A quantize spec with ``(GIVEN_KEY, 1)`` codes and packs against given fp16 scale/zero (inputs, no fit): the
+#: 8-bit scale/zero grid (:mod:`wq_compile.core.meta8`) decides them, the kernel does the per-element work.
+GIVEN_KEY = "given"
 
 
 def _extra_count(spec: KernelSpec, key: str, allowed: tuple[int, ...] | None = None) -> int:
@@ -263,9 +266,17 @@ def compiled_fit(fit: str) -> bool:
     return fit_of(fit, "v") in ("minmax", "zs") and fit_of(fit, "k") in ("minmax", "lsq")
 
 
-def quantize_spec(bits: int, fit: str = DEFAULT_FIT, **shape: object) -> KernelSpec:
-    """The quantize kernel of width ``bits`` computing ``fit`` (:func:`compiled_fit`); ``shape``: the KernelSpec
-    fields (head_dim, heads, groups, dtype, chunk). The one place the runtime, the tuner and the tests name it."""
+def given_meta(spec: KernelSpec) -> bool:
+    """True when a quantize ``spec`` takes its scale/zero as inputs (:data:`GIVEN_KEY`) instead of fitting them."""
+    return _extra_count(spec, GIVEN_KEY, (1,)) > 0
+
+
+def quantize_spec(bits: int, fit: str = DEFAULT_FIT, given: bool = False, **shape: object) -> KernelSpec:
+    """The quantize kernel of width ``bits`` computing ``fit`` (:func:`compiled_fit`), or with ``given`` the one
+    that codes against given scale/zero (no fit); ``shape``: the KernelSpec fields (head_dim, heads, groups, dtype,
+    chunk). The one place the runtime, the tuner and the tests name it."""
+    if given:
+        return KernelSpec("quantize", (bits,), extra=((GIVEN_KEY, 1),), **shape)  # type: ignore[arg-type]
     if not compiled_fit(fit):
         raise ValueError(f"fit: the compiled quantize kernel fits keys by min/max or least squares and values by "
                          f"min/max or the zero search; {fit!r} quantizes with the torch reference")
@@ -277,7 +288,9 @@ def quantize_spec(bits: int, fit: str = DEFAULT_FIT, **shape: object) -> KernelS
 def quantize_bits(spec: KernelSpec) -> int:
     if spec.kind != "quantize" or len(spec.bits) != 1 or spec.bits[0] == 16:
         raise ValueError(f"quantize: expected kind 'quantize' with one width in (1, 2, 4, 8), got {spec.kind} {spec.bits}")
-    key_fit_iters(spec), value_zero_search(spec)  # a malformed fit is refused before any factory runs
+    key_fit_iters(spec), value_zero_search(spec), given_meta(spec)  # a malformed fit is refused before any factory
+    if given_meta(spec) and (key_fit_iters(spec) or value_zero_search(spec)):
+        raise ValueError("quantize: a spec with given scale/zero has no fit to run; drop klsq/vzs from its extra")
     return spec.bits[0]
 
 
@@ -285,15 +298,16 @@ def quantize_signature(spec: KernelSpec) -> KernelSignature:
     qs = spec.quant(quantize_bits(spec))
     hkv, d = spec.num_kv_heads, spec.head_dim
     w = d // qs.per_word
+    fitted = not given_meta(spec)  # scale/zero: outputs of the fit, or inputs (in the same positions)
     args = (
         ArgDesc.tensor("k", ("B", hkv, "n", d), spec.tvm_dtype),
         ArgDesc.tensor("v", ("B", hkv, "n", d), spec.tvm_dtype),
         ArgDesc.tensor("k_codes", ("B", hkv, "G", d, key_words(qs.bits, qs.k_group)), _I32, output=True),
-        ArgDesc.tensor("k_scale", ("B", hkv, "G", d), _F16, output=True),
-        ArgDesc.tensor("k_zero", ("B", hkv, "G", d), _F16, output=True),
+        ArgDesc.tensor("k_scale", ("B", hkv, "G", d), _F16, output=fitted),
+        ArgDesc.tensor("k_zero", ("B", hkv, "G", d), _F16, output=fitted),
         ArgDesc.tensor("v_codes", ("B", hkv, "n", w), _I32, output=True),
-        ArgDesc.tensor("v_scale", ("B", hkv, "n", d // qs.v_group), _F16, output=True),
-        ArgDesc.tensor("v_zero", ("B", hkv, "n", d // qs.v_group), _F16, output=True),
+        ArgDesc.tensor("v_scale", ("B", hkv, "n", d // qs.v_group), _F16, output=fitted),
+        ArgDesc.tensor("v_zero", ("B", hkv, "n", d // qs.v_group), _F16, output=fitted),
     )
     return KernelSignature(spec.uri, args, multiple_of=(("n", qs.k_group),), groups=(("G", "n", qs.k_group),))
 

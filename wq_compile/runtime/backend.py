@@ -82,6 +82,16 @@ class CompiledQuantizer:
         self.calls += 1
         return QuantizedKeys(kc[0], ks[0], kz[0], qs), QuantizedValues(vc[0], vs[0], vz[0], qs)
 
+    def recode(self, qs: QuantSpec, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+               v_scale: torch.Tensor, v_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed key and value codes of screened ``k, v [Hkv, n, D]`` against given fp16 scale/zero (the 8-bit
+        grid's, :func:`wq_compile.core.meta8.constrain`): the compiled kernel without its fit."""
+        kernel = self.library.load(quantize_spec(qs.bits, given=True, k_group=qs.k_group, v_group=qs.v_group,
+                                                 **self.shape))
+        kc, vc = kernel.run(k.to(self.dtype).contiguous()[None], v.to(self.dtype).contiguous()[None],
+                            *(t.contiguous()[None] for t in (k_scale, k_zero, v_scale, v_zero)))
+        return kc[0], vc[0]
+
 
 @dataclass
 class Backend:
