@@ -376,7 +376,8 @@ def load_tiny_decode(logs: Path, cache: Path, timeout: float = 300) -> subproces
 
 # ---- several-token steps (the multi-token kernels) ---------------------------------------------------------
 def step_layer(shape: tuple[int, int, int], dtype: torch.dtype, prompts: list[int], steps: int,
-               gen: torch.Generator, bits: tuple[int, ...] = (8, 4, 2, 4)) -> tuple[Any, torch.Tensor]:
+               gen: torch.Generator, bits: tuple[int, ...] = (8, 4, 2, 4), meta_bits: int = 16
+               ) -> tuple[Any, torch.Tensor]:
     """A cache as a left-padded batch leaves it: per sample a prompt of its own length (windows of irregular
     lengths at ``bits``, default 8/4/2/4, group tails dense; sample 1 of a 2-sample batch keeps only 16-bit
     windows, so its buckets are empty; a prompt of 0 tokens is a padding sample: it holds the step alone), then
@@ -386,7 +387,8 @@ def step_layer(shape: tuple[int, int, int], dtype: torch.dtype, prompts: list[in
     from wq_compile.core.windows import WindowAssignment
 
     hq, hkv, d = shape  # query heads, KV heads, head_dim
-    layer = LayerCache.empty(len(prompts), hkv, d, dtype, residual=512, widths=bucket_widths(bits))  # int1 if filled
+    layer = LayerCache.empty(len(prompts), hkv, d, dtype, residual=512, widths=bucket_widths(bits),  # int1 if filled
+                             meta_bits=meta_bits)
     for b, t in enumerate(prompts):
         if t == 0:
             continue

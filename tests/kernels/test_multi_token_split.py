@@ -132,3 +132,14 @@ def test_reference_partials_of_a_split_kernel(decoders) -> None:
     check_close("o_parts", named["o_parts"], want["o_parts"], *TOLERANCE["f16"])
     assert float((want["o_parts"] - named["o_parts"]).abs().max()) > 0  # compared for real
     check_against_reference(SimpleNamespace(spec=spec, signature=sig), kernel.module, kernel.device)  # llvm: runs
+
+
+def test_split_form_reads_8_bit_scale_zero_as_its_fp16_expansion(decoders) -> None:
+    """``meta_bits=8`` on CUDA: the split kernel has no 8-bit reader, so the step decoder passes it the bucket's fp16
+    expansion (per call) and the result is the reference's over the same codes (same module as the 0.5B build)."""
+    dec = decoders("0.5b", "f16", {})
+    layer, q = step_layer(SHAPES["0.5b"], torch.float16, [400, 300, 0], 7, torch.Generator().manual_seed(8),
+                          WIDTHS["0.5b"], meta_bits=8)
+    assert layer.meta8_width == 2 and layer.buckets[2].k_scale.dtype == torch.uint8
+    want = decode_attention(q, layer, SM_SCALE, causal_tail=7).transpose(1, 2)
+    check_close("split multi 0.5b f16 meta_bits=8", dec(q, layer, SM_SCALE), want, *TOL["f16"])

@@ -61,3 +61,16 @@ def test_check_prim_func_rejects_a_description_that_differs():
     swapped = KernelSignature(sig.name, (sig.args[1], sig.args[0], *sig.args[2:]))
     with pytest.raises(ValueError, match="parameter 'v' is described as"):
         swapped.check_prim_func(func)
+
+
+def test_8_bit_scale_zero_pieces_have_their_own_arguments_and_split_specs_refuse_them() -> None:
+    from wq_compile.core.spec import KernelSpec
+    from wq_compile.kernels.signatures import attention_signature, split_spec
+
+    spec = KernelSpec("fused", (8, 4, 2, 16), 64, 4, 2, extra=(("meta8", 2),))
+    args = {a.name: a for a in attention_signature(spec).args}
+    assert args["q2_k_scale"].dtype == "uint8" and args["q4_k_scale"].dtype == "float16"
+    assert args["q2_k_base"].shape == ("B", 2, "R2", 3, 64) and args["q2_run_of"].shape == ("B", "G2")
+    assert "q4_run_of" not in args and spec.uri.endswith("_meta82")
+    with pytest.raises(ValueError, match="meta8"):
+        attention_signature(split_spec(spec))

@@ -123,26 +123,32 @@ def test_first_use_shows_a_progress_bar_and_a_warm_cache_shows_none(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::wq_compile.compiler.build.UntunedKernelWarning")
 def test_compiled_kernels_read_8_bit_scale_zero_as_the_reference_does():
-    """``meta_bits=8``: the compiled decode (one token and several) reads the bucket's fp16 expansion and gives the
-    reference's result over the same codes."""
+    """``meta_bits=8``: the CPU fused and multi-token kernels read the 8-bit codes and run bases themselves (their
+    own specs, built by make_backend) and give the reference's result over the same codes, per sample (a batch of
+    two with different plans, so different runs and lengths)."""
     from wq_compile.core.layout import LayerCache
     from wq_compile.core.reference import decode_attention
     from wq_compile.core.windows import WindowAssignment
 
-    b = make_backend(WindowQuantConfig(backend="tvm"), 4, 2, 64, torch.float32, "cpu")
+    b = make_backend(WindowQuantConfig(backend="tvm", meta_bits=8), 4, 2, 64, torch.float32, "cpu")
+    assert [u for u in b.kernels if u.startswith(("fused_", "multi_")) and "_meta82" in u] and any(
+        u.startswith("quantize_k2v2") and "_given1" in u for u in b.kernels)
     gen = torch.Generator().manual_seed(3)
-    k, v = torch.randn(2, 4 * 196 + 40, 64, generator=gen), torch.randn(2, 4 * 196 + 40, 64, generator=gen)
-    layer = LayerCache.empty(1, 2, 64, torch.float32, residual=64, quantizer=b.quantize, meta_bits=8)
-    starts = torch.arange(4) * 196
-    layer.fill_sample(0, k, v, WindowAssignment(starts, torch.full((4,), 196), torch.tensor([8, 4, 2, 2])))
-    assert layer.buckets[2].meta_bits == 8 and int(layer.buckets[2].lens[0]) == 392
-    q = torch.randn(1, 4, 64, generator=gen)
+    layer = LayerCache.empty(2, 2, 64, torch.float32, residual=64, quantizer=b.quantize, meta_bits=8)
+    starts = torch.arange(5) * 196
+    for i, bits in enumerate(([8, 4, 2, 2, 2], [2, 8, 2, 4, 16])):
+        k, v = torch.randn(2, 5 * 196 + 40, 64, generator=gen), torch.randn(2, 5 * 196 + 40, 64, generator=gen)
+        layer.fill_sample(i, k, v, WindowAssignment(starts, torch.full((5,), 196), torch.tensor(bits)))
+    q2 = layer.buckets[2]
+    assert layer.meta8_width == 2 and q2.runs is not None and q2.runs.tolist() == [3, 2]
+    q = torch.randn(2, 4, 64, generator=gen)
     torch.testing.assert_close(b.decode(q, layer, 0.125, stats=None), decode_attention(q, layer, 0.125),
                                rtol=1e-5, atol=2e-5)
+    assert any(key[1] == 2 for key in b.decode._kernels)  # the native kernel ran, not the fp16 expansion
     assert b.decode_steps is not None
-    qs = torch.randn(1, 4, 3, 64, generator=gen)
+    qs = torch.randn(2, 4, 3, 64, generator=gen)
     got = b.decode_steps(qs, layer, 0.125, stats=None)
-    assert got.shape == (1, 3, 4, 64)
+    assert got.shape == (2, 3, 4, 64)
     last = decode_attention(qs[:, :, 2], layer, 0.125)  # the last new token sees every cached token
     torch.testing.assert_close(got[:, 2], last, rtol=1e-5, atol=2e-5)
 

@@ -147,6 +147,12 @@ class LayerCache:
             t = getattr(self.dense, name)
             setattr(self.dense, name, t.index_select(0, idx.to(t.device)))
 
+    @property
+    def meta8_width(self) -> int:
+        """The widest bucket with 8-bit scale/zero (:mod:`wq_compile.core.meta8`), 0 if none: with the widths, what
+        selects the decode kernel (a kernel reads a bucket's scale/zero in one format)."""
+        return max((w for w, bk in self.buckets.items() if bk.meta_bits == 8), default=0)
+
     def num_tokens(self) -> torch.Tensor:
         """Cached tokens per sample ``[B]``."""
         return sum((bk.lens for bk in self.buckets.values()), self.dense.lens.clone()).long()

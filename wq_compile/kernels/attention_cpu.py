@@ -725,11 +725,30 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
         def tok(s):
             return tok0 + tirx.min(s, kg - 1)
 
-        st.tile(qf, tirx.min(kg, nv - g * kg), kb, ((b * hkv + kh) * n_grp + g) * (d * st.lb),
-                lambda dd: k_scale[b, kh, g, dd], lambda dd: k_zero[b, kh, g, dd],
-                vb, lambda t: ((b * hkv + kh) * n_tok + tok0 + t) * st.vbytes,
-                lambda s, vg: v_scale[b, kh, tok(s), vg], lambda s, vg: v_zero[b, kh, tok(s), vg])
+        ks, kz = (lambda dd: k_scale[b, kh, g, dd]), (lambda dd: k_zero[b, kh, g, dd])
+        vs, vz = (lambda s, vg: v_scale[b, kh, tok(s), vg]), (lambda s, vg: v_zero[b, kh, tok(s), vg])
+        if p.meta8:  # 8-bit codes on the bases of the group's run (a tile is one key group: keys and values share it)
+            k_base, v_base, run = bufs[pre + "k_base"], bufs[pre + "v_base"], bufs[pre + "run_of"][b, g]
+            ks, kz = _meta8_pair(ks, kz, lambda f, dd: k_base[b, kh, run, f, dd])
+            vs, vz = _meta8_pair(vs, vz, lambda f, vg, s: v_base[b, kh, run, f, vg], values=True)
+        st.tile(qf, tirx.min(kg, nv - g * kg), kb, ((b * hkv + kh) * n_grp + g) * (d * st.lb), ks, kz,
+                vb, lambda t: ((b * hkv + kh) * n_tok + tok0 + t) * st.vbytes, vs, vz)
     st.finish(m_all, l_all, acc)
+
+
+def _meta8_pair(scale_code, zero_code, base, values: bool = False):
+    """fp16 scale and zero accessors from 8-bit code accessors and a run-base accessor ``base(field, ...)``:
+    ``fp16(base_s * code / 255)`` and ``fp16(z_lo + code * z_step)`` in fp32, as :func:`wq_compile.core.meta8.
+    decode` (which the reference and every other kernel read)."""
+    def scale(*ix):
+        x = base(0, ix[-1], *ix[:-1]) if values else base(0, *ix)
+        return (x.astype(_F32) * scale_code(*ix).astype(_F32) / f32(255.0)).astype("float16")
+
+    def zero(*ix):
+        lo, step = (base(1, ix[-1], *ix[:-1]), base(2, ix[-1], *ix[:-1])) if values else (base(1, *ix), base(2, *ix))
+        return (lo.astype(_F32) + zero_code(*ix).astype(_F32) * step.astype(_F32)).astype("float16")
+
+    return scale, zero
 
 
 def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch,

@@ -30,6 +30,12 @@ class Piece:
     tag: str  # block-name prefix and symbol suffix: "q4", "dense"
     n_sym: str  # symbolic token capacity (a multiple of spec.chunk)
     g_sym: str  # symbolic key-group count (quantized pieces)
+    meta8: bool = False  # scale/zero are 8-bit codes on run bases (:mod:`wq_compile.core.meta8`)
+
+    @property
+    def r_sym(self) -> str:
+        """Symbolic count of the run bases of an 8-bit scale/zero piece."""
+        return "R" + self.n_sym[1:]
 
     @property
     def quantized(self) -> bool:
@@ -47,12 +53,25 @@ def pieces(spec: KernelSpec) -> tuple[Piece, ...]:
         raise ValueError(f"bits: a decode kernel reads one bucket, got {spec.bits}")
     if 16 in spec.bits and spec.bits[-1] != 16:
         raise ValueError(f"bits: the dense piece (16) must come last, got {spec.bits}")
+    m8 = meta8_width(spec)
+    if m8 and (spec.kind == "decode" or is_split(spec)):
+        raise ValueError(f"{META8_KEY}: only the CPU fused and multi-token kernels read 8-bit scale/zero; the "
+                         f"{'split-KV' if is_split(spec) else 'per-bucket'} kernel reads their fp16 expansion")
     out = []
     for b in spec.bits:
         tag = "dense" if b == 16 else f"q{b}"
         suffix = "" if spec.kind == "decode" else str(b)
-        out.append(Piece(b, tag, f"N{suffix}", f"G{suffix}"))
+        out.append(Piece(b, tag, f"N{suffix}", f"G{suffix}", meta8=b != 16 and b <= m8))
     return tuple(out)
+
+
+#: ``(META8_KEY, W)`` in a fused/multi spec's extra: its buckets of width <= ``W`` store 8-bit scale/zero.
+META8_KEY = "meta8"
+
+
+def meta8_width(spec: KernelSpec) -> int:
+    """The widest bucket of ``spec`` that stores 8-bit scale/zero (0: every bucket has fp16 scale/zero)."""
+    return _extra_count(spec, META8_KEY, (1, 2, 4))
 
 
 def piece_args(spec: KernelSpec, p: Piece) -> list[ArgDesc]:
@@ -66,15 +85,20 @@ def piece_args(spec: KernelSpec, p: Piece) -> list[ArgDesc]:
         ]
     q = spec.quant(p.bits)
     w = d // q.per_word
-    return [
+    meta = "uint8" if p.meta8 else _F16
+    args = [
         ArgDesc.tensor(f"{pre}k_codes", ("B", hkv, p.g_sym, d, key_words(p.bits, q.k_group)), _I32),
-        ArgDesc.tensor(f"{pre}k_scale", ("B", hkv, p.g_sym, d), _F16),
-        ArgDesc.tensor(f"{pre}k_zero", ("B", hkv, p.g_sym, d), _F16),
+        ArgDesc.tensor(f"{pre}k_scale", ("B", hkv, p.g_sym, d), meta),
+        ArgDesc.tensor(f"{pre}k_zero", ("B", hkv, p.g_sym, d), meta),
         ArgDesc.tensor(f"{pre}v_codes", ("B", hkv, p.n_sym, w), _I32),
-        ArgDesc.tensor(f"{pre}v_scale", ("B", hkv, p.n_sym, d // q.v_group), _F16),
-        ArgDesc.tensor(f"{pre}v_zero", ("B", hkv, p.n_sym, d // q.v_group), _F16),
-        ArgDesc.tensor(f"{pre}lens", ("B",), _I32),
+        ArgDesc.tensor(f"{pre}v_scale", ("B", hkv, p.n_sym, d // q.v_group), meta),
+        ArgDesc.tensor(f"{pre}v_zero", ("B", hkv, p.n_sym, d // q.v_group), meta),
     ]
+    if p.meta8:  # the run bases (scale base, zero low end, zero step) and each key group's run
+        args += [ArgDesc.tensor(f"{pre}k_base", ("B", hkv, p.r_sym, 3, d), _F16),
+                 ArgDesc.tensor(f"{pre}v_base", ("B", hkv, p.r_sym, 3, d // q.v_group), _F16),
+                 ArgDesc.tensor(f"{pre}run_of", ("B", p.g_sym), _I32)]
+    return args + [ArgDesc.tensor(f"{pre}lens", ("B",), _I32)]
 
 
 def attention_signature(spec: KernelSpec) -> KernelSignature:

@@ -23,6 +23,7 @@ from ..compiler.cpu_threads import share_cores_with_torch
 from ..core.buckets import Quantizer, torch_quantizer
 from ..core.config import WindowQuantConfig
 from ..core.layout import LayerCache
+from ..core.meta8 import bucket_meta_bits
 from ..core.quant import QuantizedKeys, QuantizedValues, check_quantizable, quantize_keys, quantize_values
 from ..core.quant_fit import DEFAULT_FIT, check_fit
 from ..core.reference import decode_attention
@@ -82,12 +83,15 @@ class CompiledQuantizer:
         self.calls += 1
         return QuantizedKeys(kc[0], ks[0], kz[0], qs), QuantizedValues(vc[0], vs[0], vz[0], qs)
 
+    def recode_spec(self, qs: QuantSpec) -> KernelSpec:
+        """The quantize kernel of ``qs``'s width that codes against given scale/zero (no fit)."""
+        return quantize_spec(qs.bits, given=True, k_group=qs.k_group, v_group=qs.v_group, **self.shape)
+
     def recode(self, qs: QuantSpec, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                v_scale: torch.Tensor, v_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed key and value codes of screened ``k, v [Hkv, n, D]`` against given fp16 scale/zero (the 8-bit
         grid's, :func:`wq_compile.core.meta8.constrain`): the compiled kernel without its fit."""
-        kernel = self.library.load(quantize_spec(qs.bits, given=True, k_group=qs.k_group, v_group=qs.v_group,
-                                                 **self.shape))
+        kernel = self.library.load(self.recode_spec(qs))
         kc, vc = kernel.run(k.to(self.dtype).contiguous()[None], v.to(self.dtype).contiguous()[None],
                             *(t.contiguous()[None] for t in (k_scale, k_zero, v_scale, v_zero)))
         return kc[0], vc[0]
@@ -192,28 +196,38 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         buckets = wq.bucket_widths  # 8, 4, 2 (and 1 when the config allows it)
         widths = buckets if compiled_fit(wq.fit) else ()
         # fused + multi on CPUs; split + merge + multi split (its merge is the split's) on CUDA
-        bar = BuildProgress(len(widths) + (3 if library.device.kind == "cuda" else 2), library.stats)
+        n8 = sum(bucket_meta_bits(w, wq.meta_bits) == 8 for w in widths)  # fused + recode kernels at 8-bit s/z
+        bar = BuildProgress(len(widths) + (3 if library.device.kind == "cuda" else 2) + (n8 + 1 if n8 else 0),
+                            library.stats)
         with library.reporting(bar.compiling), bar:
             decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                           v_group=wq.v_group, chunk=wq.chunk, library=library,
                                           int8_dots=wq.int8_dots)
             fit = wq.fit if compiled_fit(wq.fit) else "minmax"
             compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk, fit)
-            uris = [spec.uri for spec in decoder.specs(buckets)]  # the merge too, on CUDA
+            # 8-bit scale/zero (meta_bits=8): the CPU kernels read it natively, the split-KV ones its expansion
+            meta8 = max((w for w in buckets if bucket_meta_bits(w, wq.meta_bits) == 8), default=0)
+            meta8 = 0 if decoder.split else meta8
+            if meta8:
+                decoder.kernel(buckets, meta8)
+            uris = [spec.uri for spec in decoder.specs(buckets, meta8)]  # the merge too, on CUDA
             # several-token steps: the multi-token kernel (CPUs), its split-KV form and the merge (CUDA)
             from .steps import StepDecoder
 
             steps = StepDecoder(library, num_q_heads, num_kv_heads, head_dim, dtype, k_group=wq.k_group,
                                 v_group=wq.v_group, chunk=wq.chunk)
-            steps.kernel(buckets)
-            uris += [spec.uri for spec in steps.specs(buckets)]
+            steps.kernel(buckets, meta8)
+            uris += [spec.uri for spec in steps.specs(buckets, meta8)]
             # the compiled quantize kernel fits keys by min/max or least squares and values by min/max or the zero
             # search; any other fit quantizes with the torch reference
             quantizer = compiled_q if compiled_fit(wq.fit) else reference_quantizer(wq.fit)
             for bits in widths:  # fail here, not in the middle of generation
                 spec = compiled_q.spec(QuantSpec(bits, wq.k_group, wq.v_group))
-                library.load(spec)
-                uris.append(spec.uri)
+                specs = [spec] + ([compiled_q.recode_spec(QuantSpec(bits, wq.k_group, wq.v_group))]
+                                  if bucket_meta_bits(bits, wq.meta_bits) == 8 else [])
+                for spec in specs:
+                    library.load(spec)
+                    uris.append(spec.uri)
         kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
         return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
                        stats.cache_hits - cached, min(stats.reused - reused, len(kernels)),

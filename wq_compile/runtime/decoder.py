@@ -15,7 +15,7 @@ from ..compiler.device import Device
 from ..compiler.isa_variants import VNNI512_FEATURES, int8_dot_flavour
 from ..kernels import piece_fields
 from ..kernels.gpu_limits import check_split_config
-from ..kernels.signatures import SPLIT_CHUNK, choose_splits, merge_spec, split_spec
+from ..kernels.signatures import META8_KEY, SPLIT_CHUNK, choose_splits, merge_spec, split_spec
 from .library import CompiledKernel, KernelLibrary, shared_library
 from ..core.spec import KernelSpec, dtype_tag
 
@@ -81,9 +81,10 @@ class FusedDecoder:
         self.out_dtype = dtype
         self.sm_count = sm_count or _parallel_units(library.device)
         self._checked: set[tuple[Any, ...]] = set()
-        self._kernels: dict[tuple[int, ...], CompiledKernel] = {}
-        self._fields: dict[tuple[int, ...], list[tuple[str, str] | None]] = {}
-        self._sources: dict[tuple[int, ...], list[tuple[int | None, str] | None]] = {}
+        # keyed by (bucket widths, widest width with 8-bit scale/zero read natively or 0): LayerCache.meta8_width
+        self._kernels: dict[tuple[tuple[int, ...], int], CompiledKernel] = {}
+        self._fields: dict[tuple[tuple[int, ...], int], list[tuple[str, str] | None]] = {}
+        self._sources: dict[tuple[tuple[int, ...], int], list[tuple[int | None, str] | None]] = {}
         self._merge: CompiledKernel | None = None
         # id(layer) -> (identity key, tensors converted for TVM, the tensors, the layer): see _fused_call
         self._bound: dict[int, tuple[Any, list[Any], list[Any], Any]] = {}
@@ -103,14 +104,15 @@ class FusedDecoder:
         dec.kernel(tuple(sorted(bits, reverse=True)))
         return dec
 
-    def spec(self, widths: tuple[int, ...]) -> KernelSpec:
+    def spec(self, widths: tuple[int, ...], meta8: int = 0) -> KernelSpec:
         extra = (("dot8", 1),) if self.int8_dots and any(w < 8 for w in widths) else ()
+        extra += ((META8_KEY, meta8),) if meta8 and not self.split else ()
         spec = KernelSpec("fused", tuple(widths) + (16,), extra=extra, **self.shape)
         return split_spec(spec) if self.split else spec
 
-    def specs(self, widths: tuple[int, ...]) -> list[KernelSpec]:
+    def specs(self, widths: tuple[int, ...], meta8: int = 0) -> list[KernelSpec]:
         """Every kernel a decode step over ``widths`` launches: the fused (or split-KV) kernel, and its merge."""
-        spec = self.spec(widths)
+        spec = self.spec(widths, meta8)
         return [spec, merge_spec(spec)] if self.split else [spec]
 
     def _call(self, kernel: CompiledKernel, inputs: list[Any], outputs: list[torch.Tensor]) -> None:
@@ -132,9 +134,9 @@ class FusedDecoder:
         signature and converted for TVM once, and reused while the layer holds the same tensor objects (its
         buckets grow by allocating new tensors, never in place, so a changed tensor is a changed identity; the
         cached entry keeps the old ones referenced, so an identity is never reused by another tensor)."""
-        buckets, dense = {b: bk.kernel_view() for b, bk in layer.buckets.items()}, layer.dense
+        buckets, dense = layer.buckets, layer.dense  # the fused kernel reads 8-bit scale/zero natively
         inputs = [None if f is None else getattr(dense if f[0] is None else buckets[f[0]], f[1])
-                  for f in self._sources[widths]]
+                  for f in self._sources[(widths, layer.meta8_width)]]
         key = (widths, q.shape, tuple(map(id, inputs)))
         bound = self._bound.get(id(layer))
         if bound is None or bound[0] != key:
@@ -148,17 +150,18 @@ class FusedDecoder:
             return
         kernel.call_unchecked(q, *[scale if a is None else a for a in bound[1]], out)
 
-    def kernel(self, widths: tuple[int, ...]) -> CompiledKernel:
-        kernel = self._kernels.get(widths)
+    def kernel(self, widths: tuple[int, ...], meta8: int = 0) -> CompiledKernel:
+        key = (widths, 0 if self.split else meta8)
+        kernel = self._kernels.get(key)
         if kernel is None:
-            spec = self.spec(widths)
-            kernel = self._kernels[widths] = self.library.load(spec)
+            spec = self.spec(*key)
+            kernel = self._kernels[key] = self.library.load(spec)
             # where each input comes from, in signature order: (piece tag, field) or None for sm_scale
-            self._fields[widths] = [None if a.is_scalar else piece_fields(a.name)
-                                    for a in kernel.signature.inputs[1:]]
+            self._fields[key] = [None if a.is_scalar else piece_fields(a.name)
+                                 for a in kernel.signature.inputs[1:]]
             # the same as (bucket width or None for the dense piece, field): no string work per call
-            self._sources[widths] = [None if f is None else (None if f[0] == "dense" else int(f[0][1:]), f[1])
-                                     for f in self._fields[widths]]
+            self._sources[key] = [None if f is None else (None if f[0] == "dense" else int(f[0][1:]), f[1])
+                                  for f in self._fields[key]]
             if self.split and self._merge is None:
                 self._merge = self.library.load(merge_spec(spec))
         return kernel
@@ -167,7 +170,8 @@ class FusedDecoder:
         if q.shape[0] == 0:  # batch 0: nothing to attend (a zero grid is no launch; zero-size tensors fail TVM's checks)
             return torch.empty(q.shape, dtype=self.out_dtype, device=q.device)
         widths = tuple(sorted(layer.buckets, reverse=True))
-        kernel = self._kernels.get(widths) or self.kernel(widths)
+        meta8 = 0 if self.split else layer.meta8_width
+        kernel = self._kernels.get((widths, meta8)) or self.kernel(widths, meta8)
         scale = float(sm_scale)
         if not self.split:
             out = torch.empty(q.shape, dtype=self.out_dtype, device=q.device)
@@ -175,11 +179,11 @@ class FusedDecoder:
             if stats is not None and hasattr(stats, "kernel_calls"):
                 stats.kernel_calls += 1
             return out
-        pieces = {f"q{b}": layer.buckets[b].kernel_view() for b in widths}
+        pieces = {f"q{b}": layer.buckets[b].kernel_view() for b in widths}  # 8-bit scale/zero: fp16 per call
         pieces["dense"] = layer.dense
         # the argument order is the signature's: fields are read by name (resolved once per kernel)
         args: list[Any] = [q if q.is_contiguous() else q.contiguous()]
-        args += [scale if f is None else getattr(pieces[f[0]], f[1]) for f in self._fields[widths]]
+        args += [scale if f is None else getattr(pieces[f[0]], f[1]) for f in self._fields[(widths, 0)]]
         out = torch.empty(q.shape, dtype=self.out_dtype, device=q.device)
         bsz, hq, d = q.shape
         # the kernel splits the chunks of all pieces together: P follows their total, not the longest piece

@@ -21,7 +21,7 @@ from ..core.spec import KernelSpec, dtype_tag
 from ..kernels import piece_fields
 from ..kernels.knobs import with_knobs
 from ..kernels.gpu_limits import check_split_config
-from ..kernels.signatures import MAX_STEP_CHUNK, SPLIT_CHUNK, choose_splits, merge_spec, split_spec
+from ..kernels.signatures import MAX_STEP_CHUNK, META8_KEY, SPLIT_CHUNK, choose_splits, merge_spec, split_spec
 from .decoder import _parallel_units
 from .library import CompiledKernel, KernelLibrary
 
@@ -57,28 +57,31 @@ class StepDecoder:
         self.out_dtype = dtype
         self.max_steps = max_steps
         self.knobs = dict(knobs or {})
-        self._kernels: dict[tuple[int, ...], CompiledKernel] = {}
+        # keyed by (bucket widths, widest width with 8-bit scale/zero read natively or 0)
+        self._kernels: dict[tuple[tuple[int, ...], int], CompiledKernel] = {}
         self._merge: CompiledKernel | None = None
-        self._sources: dict[tuple[int, ...], list[tuple[int | None, str] | None]] = {}
+        self._sources: dict[tuple[tuple[int, ...], int], list[tuple[int | None, str] | None]] = {}
         self._checked: set[tuple[Any, ...]] = set()
 
-    def spec(self, widths: tuple[int, ...]) -> KernelSpec:
-        spec = KernelSpec("multi", tuple(widths) + (16,), **self.shape)
+    def spec(self, widths: tuple[int, ...], meta8: int = 0) -> KernelSpec:
+        extra = ((META8_KEY, meta8),) if meta8 and not self.split else ()
+        spec = KernelSpec("multi", tuple(widths) + (16,), extra=extra, **self.shape)
         spec = with_knobs(spec, self.knobs) if self.knobs else spec
         return split_spec(spec) if self.split else spec
 
-    def specs(self, widths: tuple[int, ...]) -> list[KernelSpec]:
+    def specs(self, widths: tuple[int, ...], meta8: int = 0) -> list[KernelSpec]:
         """Every kernel a several-token step over ``widths`` launches: the kernel, and its merge (split form)."""
-        spec = self.spec(widths)
+        spec = self.spec(widths, meta8)
         return [spec, merge_spec(spec)] if self.split else [spec]
 
-    def kernel(self, widths: tuple[int, ...]) -> CompiledKernel:
-        kernel = self._kernels.get(widths)
+    def kernel(self, widths: tuple[int, ...], meta8: int = 0) -> CompiledKernel:
+        key = (widths, 0 if self.split else meta8)
+        kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[widths] = self.library.load(self.spec(widths))
+            kernel = self._kernels[key] = self.library.load(self.spec(*key))
             # where each input after q comes from: (bucket width or None for the dense piece, field), None: sm_scale
             fields = [None if a.is_scalar else piece_fields(a.name) for a in kernel.signature.inputs[1:]]
-            self._sources[widths] = [None if f is None else (None if f[0] == "dense" else int(f[0][1:]), f[1])
+            self._sources[key] = [None if f is None else (None if f[0] == "dense" else int(f[0][1:]), f[1])
                                      for f in fields]
             if self.split and self._merge is None:
                 self._merge = self.library.load(merge_spec(kernel.spec))
@@ -97,17 +100,19 @@ class StepDecoder:
         if bool((dense.lens - dense.pinned < s).any()):
             raise ValueError(f"layer: the dense residual holds fewer than the {s} new tokens of this step")
         widths = tuple(sorted(layer.buckets, reverse=True))
-        kernel = self._kernels.get(widths) or self.kernel(widths)
+        meta8 = 0 if self.split else layer.meta8_width
+        kernel = self._kernels.get((widths, meta8)) or self.kernel(widths, meta8)
         q = query.transpose(1, 2)  # token-major, as transformers computes it: usually free
         scale = float(sm_scale)
         outs = []
-        buckets = {b: bk.kernel_view() for b, bk in layer.buckets.items()}
+        # the CPU kernel reads 8-bit scale/zero natively; the split form gets the fp16 expansion, per call
+        buckets = {b: (bk.kernel_view() if self.split else bk) for b, bk in layer.buckets.items()}
         for c0 in range(0, s, self.max_steps):
             c1 = min(s, c0 + self.max_steps)
             lens = dense.lens if c1 == s else dense.lens - (s - c1)  # the chunk's own tokens end the dense piece
             inputs = [scale if src is None else (lens if src == (None, "lens") else
                                                   getattr(dense if src[0] is None else buckets[src[0]], src[1]))
-                      for src in self._sources[widths]]
+                      for src in self._sources[(widths, meta8)]]
             out = torch.empty(bsz, c1 - c0, hq, d, dtype=self.out_dtype, device=query.device)
             if self.split:
                 self._split_call(kernel, layer, [q[:, c0:c1].contiguous(), *inputs], out)
