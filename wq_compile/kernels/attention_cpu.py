@@ -729,8 +729,15 @@ def _quant_piece(spec: KernelSpec, p: Piece, knobs: CpuKnobs, bufs, b, kh, sp, q
         vs, vz = (lambda s, vg: v_scale[b, kh, tok(s), vg]), (lambda s, vg: v_zero[b, kh, tok(s), vg])
         if p.meta8:  # 8-bit codes on the bases of the group's run (a tile is one key group: keys and values share it)
             k_base, v_base, run = bufs[pre + "k_base"], bufs[pre + "v_base"], bufs[pre + "run_of"][b, g]
-            ks, kz = _meta8_pair(ks, kz, lambda f, dd: k_base[b, kh, run, f, dd])
+            ks8, kz8 = _meta8_pair(ks, kz, lambda f, dd: k_base[b, kh, run, f, dd])
             vs, vz = _meta8_pair(vs, vz, lambda f, vg, s: v_base[b, kh, run, f, vg], values=True)
+            # the tile reads a channel's key scale/zero once per query head: decode them once per group
+            ksb = T.alloc_buffer((d,), "float16", scope="local")
+            kzb = T.alloc_buffer((d,), "float16", scope="local")
+            with _vec(d, cpu.lanes) as dd:
+                T.buffer_store(ksb, ks8(dd), [dd])
+                T.buffer_store(kzb, kz8(dd), [dd])
+            ks, kz = (lambda dd: ksb[dd]), (lambda dd: kzb[dd])
         st.tile(qf, tirx.min(kg, nv - g * kg), kb, ((b * hkv + kh) * n_grp + g) * (d * st.lb), ks, kz,
                 vb, lambda t: ((b * hkv + kh) * n_tok + tok0 + t) * st.vbytes, vs, vz)
     st.finish(m_all, l_all, acc)

@@ -39,9 +39,10 @@ def knobs_of(spec: KernelSpec) -> dict[str, int]:
     return {k: int(v) for k, v in spec.extra if k in KNOB_KEYS}
 
 
-#: ``spec.extra`` keys of precision modes: part of the kernel's URI, not of its knob record's (the structure that
-#: wins for the exact-query kernel is the one the int8-query kernel is built with).
-MODE_KEYS: tuple[str, ...] = ("dot8",)
+#: ``spec.extra`` keys of precision and storage modes: part of the kernel's URI, not of its knob record's (the
+#: structure that wins for the exact-query kernel is the one the int8-query kernel is built with, and the one the
+#: kernel reading 8-bit scale/zero is: it adds a few loads per key group, not a loop).
+MODE_KEYS: tuple[str, ...] = ("dot8", "meta8")
 
 
 def record_uri(spec: KernelSpec) -> str:
