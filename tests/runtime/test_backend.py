@@ -28,10 +28,11 @@ def test_compiled_backend_is_shared_and_says_where_kernels_come_from():
     a = make_backend(wq, 4, 2, 64, torch.float32, "cpu")
     assert make_backend(wq, 4, 2, 64, torch.float32, "cpu") is a  # a second cache loads nothing
     assert make_backend(WindowQuantConfig(backend="tvm", avg_bits=4.0), 4, 2, 64, torch.float32, "cpu") is not a
-    assert a.name.startswith("tvm:") and len(a.kernels) == 5  # fused, multi-token, quantize x 3
+    # fused, multi-token (both reading the default 8-bit scale/zero of the int2 bucket), quantize x 3, int2 recode
+    assert a.name.startswith("tvm:") and len(a.kernels) == 6
     assert a.decode_steps is not None and any(uri.startswith("multi_") for uri in a.kernels)
     assert all(how == "tuned here" or how == "untuned" or how.startswith("tuned on ") for how in a.kernels.values())
-    assert a.compiled + a.cached + a.reused == 5 and "from the module cache" in a.tuning_summary()
+    assert a.compiled + a.cached + a.reused == 6 and "from the module cache" in a.tuning_summary()
 
 
 def test_import_has_no_side_effects():
@@ -115,7 +116,8 @@ def test_first_use_shows_a_progress_bar_and_a_warm_cache_shows_none(tmp_path):
     env = {**os.environ, "WQ_CACHE_DIR": str(tmp_path)}
     cold = run_python(body, env=env)
     assert cold.returncode == 0, cold.stderr[-2000:]
-    assert "compiled 5" in cold.stdout and "compiling kernels" in cold.stderr and "5/5" in cold.stderr
+    # fused + multi-token (reading 8-bit scale/zero, the default), quantize x 3 and the int2 recode kernel
+    assert "compiled 6" in cold.stdout and "compiling kernels" in cold.stderr and "6/6" in cold.stderr
     warm = run_python(body, env=env)
     assert warm.returncode == 0 and "compiled 0" in warm.stdout, warm.stderr[-2000:]
     assert "compiling kernels" not in warm.stderr

@@ -14,7 +14,8 @@ from wq_compile.tools.analysis.measurements import SCORERS, correlations, measur
 from wq_compile.tools.analysis.workloads import synthetic_workload
 from wq_compile.tools.analysis.model_workloads import tiny_workload
 from wq_compile.tools.cli.wq_eval import main_eval
-from wq_compile.core.policy import WindowFakeQuant, _costs, allocate_min_error, attend, fake_quant_fast, plan_layer, uniform_bits, window_output_errors
+from wq_compile.core.allocation import window_bits
+from wq_compile.core.policy import WindowFakeQuant, allocate_min_error, attend, fake_quant_fast, plan_layer, uniform_bits, window_output_errors
 from wq_compile.core.quant import fake_quant
 from wq_compile.core.reference import attend_piece
 from wq_compile.core.search import Plan
@@ -97,7 +98,7 @@ def test_allocate_min_error_near_brute_force_and_in_budget(seed: int) -> None:
     errors = sens[:, None] * per_width[None] * (1 + 0.3 * torch.rand(nw, 4, generator=gen))
     budget = 3.3 + 2.0 * float(torch.rand(1, generator=gen))  # above the floor of the two fp16 tails
     bits = allocate_min_error(errors, lengths, budget, widths)
-    cost = _costs(lengths, widths, 28, 64)
+    cost = window_bits(lengths, widths, 28, 64)
     used = float(cost[torch.arange(nw), torch.tensor([widths.index(int(b)) for b in bits])].sum())
     assert used <= budget * float(lengths.sum()) * (1 + 1e-9)
     best = min(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .meta8 import check_meta_bits
+from .meta8 import DEFAULT_META_BITS, check_meta_bits
 from .quant_fit import DEFAULT_FIT, check_fit
 from .spec import ALLOC_WIDTHS, BIT_WIDTHS, DEFAULT_WIDTHS, EVICT, MAX_WIDTHS, QUANT_BITS, bucket_widths
 
@@ -45,10 +45,10 @@ class WindowQuantConfig:
     every decode kernel reads: ``"lsq-zs"`` (the default: keys by least squares, values by a zero search),
     ``"lsq-keys"``, ``"zs"`` and ``"minmax"`` are computed by the compiled quantize kernel; ``"lsq"``, ``"hqq"`` and
     ``"lsq-hqq"`` quantize with the torch reference (a larger share of the prefill).
-    ``meta_bits``: bits of each group's scale and zero in the 2- and 1-bit buckets: 16 (fp16, the default) or 8
-    (codes on a grid shared by runs of 8 key groups, :mod:`wq_compile.core.meta8`): int2 then costs 2.66 effective
-    bits instead of 2.96 at the same codes. The kernels read it expanded to fp16 per decode step (opt-in until
-    they read the codes themselves; docs/formats.md has the measurements).
+    ``meta_bits``: bits of each group's scale and zero in the 2- and 1-bit buckets: 8 (the default: codes on a grid
+    shared by runs of 8 key groups, :mod:`wq_compile.core.meta8`; int2 costs 2.66 effective bits instead of 2.96 at
+    the same codes and error) or 16 (fp16, the format before). The CPU kernels read the codes; the split-KV (CUDA)
+    kernels read their fp16 expansion, made per decode step (docs/formats.md has the measurements).
     """
 
     avg_bits: float = 3.0
@@ -64,7 +64,7 @@ class WindowQuantConfig:
     chunk: int = 64
     int8_dots: bool | str = False
     fit: str = DEFAULT_FIT
-    meta_bits: int = 16
+    meta_bits: int = DEFAULT_META_BITS
 
     def __post_init__(self) -> None:
         if (isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float))

@@ -27,8 +27,10 @@ from .quant_fit import codes_of
 from .quant import QuantizedKeys, QuantizedValues, pack, pack_keys
 from .spec import QuantSpec
 
-#: Bits of one group's scale/zero: 16 (fp16, the default format) or 8 (codes on the run grid).
+#: Bits of one group's scale/zero: 16 (fp16) or 8 (codes on the run grid).
 META_BITS: tuple[int, ...] = (16, 8)
+#: What a config stores unless told otherwise: at 2 bits the same error at 0.90x the bytes (docs/formats.md).
+DEFAULT_META_BITS = 8
 #: The widest bucket that takes 8-bit metadata when asked.
 META8_MAX_WIDTH = 2
 #: Key groups per run (224 tokens at k_group 28): the base costs 48 bits per channel per run.

@@ -338,7 +338,7 @@ class WindowQuantCache(Cache):
             return None
         bits = torch.stack([self.plans[i][sample] for i in range(self.num_layers)])
         scores = torch.stack([self.scores[i][sample].float().cpu() for i in range(self.num_layers)])
-        return Plan(self.samples[sample].windows, bits, scores, self.wq.k_group, self.wq.v_group)
+        return Plan(self.samples[sample].windows, bits, scores, self.wq.k_group, self.wq.v_group, self.wq.meta_bits)
 
     # ---- accounting ---------------------------------------------------------------------------------------------
     def memory_report(self) -> dict[str, Any]:

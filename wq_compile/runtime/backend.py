@@ -197,19 +197,16 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         widths = buckets if compiled_fit(wq.fit) else ()
         # fused + multi on CPUs; split + merge + multi split (its merge is the split's) on CUDA
         n8 = sum(bucket_meta_bits(w, wq.meta_bits) == 8 for w in widths)  # fused + recode kernels at 8-bit s/z
-        bar = BuildProgress(len(widths) + (3 if library.device.kind == "cuda" else 2) + (n8 + 1 if n8 else 0),
-                            library.stats)
+        bar = BuildProgress(len(widths) + (3 if library.device.kind == "cuda" else 2) + n8, library.stats)
+        # 8-bit scale/zero (meta_bits=8): the CPU kernels read it natively, the split-KV ones its expansion
+        meta8 = max((w for w in buckets if bucket_meta_bits(w, wq.meta_bits) == 8), default=0)
         with library.reporting(bar.compiling), bar:
             decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                           v_group=wq.v_group, chunk=wq.chunk, library=library,
-                                          int8_dots=wq.int8_dots)
+                                          int8_dots=wq.int8_dots, bits=buckets, meta8=meta8)
             fit = wq.fit if compiled_fit(wq.fit) else "minmax"
             compiled_q = CompiledQuantizer(library, num_q_heads, num_kv_heads, head_dim, dtype, wq.chunk, fit)
-            # 8-bit scale/zero (meta_bits=8): the CPU kernels read it natively, the split-KV ones its expansion
-            meta8 = max((w for w in buckets if bucket_meta_bits(w, wq.meta_bits) == 8), default=0)
             meta8 = 0 if decoder.split else meta8
-            if meta8:
-                decoder.kernel(buckets, meta8)
             uris = [spec.uri for spec in decoder.specs(buckets, meta8)]  # the merge too, on CUDA
             # several-token steps: the multi-token kernel (CPUs), its split-KV form and the merge (CUDA)
             from .steps import StepDecoder
@@ -231,7 +228,7 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         kernels = {uri: how for uri, how in library.provenance().items() if uri in uris}
         return Backend(f"tvm:{library.device.tag}", decoder, quantizer, kernels, stats.compiled - compiled,
                        stats.cache_hits - cached, min(stats.reused - reused, len(kernels)),
-                       decoder.kernel(buckets).threads, steps)
+                       decoder.kernel(buckets, meta8).threads, steps)
     except Exception as exc:  # noqa: BLE001 - any failure to get a module falls back, loudly
         from .decoder import Int8DotsUnsupportedError
 

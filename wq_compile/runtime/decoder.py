@@ -94,14 +94,15 @@ class FusedDecoder:
                device: torch.device | str, *, k_group: int = 28, v_group: int = 64, chunk: int = 64,
                target: str | None = None, bits: tuple[int, ...] = (8, 4, 2),
                library: KernelLibrary | None = None, split: bool | None = None,
-               int8_dots: bool | str = False) -> "FusedDecoder":
+               int8_dots: bool | str = False, meta8: int = 0) -> "FusedDecoder":
         """A decoder whose library targets ``target`` (default: llvm for CPU tensors, cuda for CUDA ones);
-        the fused kernel for ``bits`` is loaded now so a missing module fails here, not mid-generation."""
+        the fused kernel for ``bits`` (its 8-bit scale/zero form up to width ``meta8``, on CPUs) is loaded now so a
+        missing module fails here, not mid-generation."""
         dev = torch.device(device)
         library = library or shared_library(target or ("cuda" if dev.type == "cuda" else "llvm"))
         dec = cls(library, num_q_heads, num_kv_heads, head_dim, dtype, k_group=k_group, v_group=v_group,
                   chunk=chunk, split=split, int8_dots=int8_dots)
-        dec.kernel(tuple(sorted(bits, reverse=True)))
+        dec.kernel(tuple(sorted(bits, reverse=True)), meta8)
         return dec
 
     def spec(self, widths: tuple[int, ...], meta8: int = 0) -> KernelSpec:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ...core.meta8 import DEFAULT_META_BITS
 from ...core.layout import LayerCache
 from ...core.windows import WindowAssignment
 from ...core.models import get_preset
@@ -51,8 +52,10 @@ class BenchRow:
 
 
 def make_layer(n_tokens: int, mix: dict[int, float], num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               residual: int = 64, seed: int = 0, k_group: int = 28, v_group: int = 64) -> LayerCache:
-    """One layer holding ``n_tokens`` windowed tokens split across buckets by ``mix`` plus a dense residual."""
+               residual: int = 64, seed: int = 0, k_group: int = 28, v_group: int = 64,
+               meta_bits: int = DEFAULT_META_BITS) -> LayerCache:
+    """One layer holding ``n_tokens`` windowed tokens split across buckets by ``mix`` plus a dense residual, in
+    the default storage format (``meta_bits``: the 2/1-bit buckets' scale/zero, 8-bit codes unless told)."""
     gen = torch.Generator().manual_seed(seed)
     frame = 196
     frames = max(1, n_tokens // frame)
@@ -65,7 +68,7 @@ def make_layer(n_tokens: int, mix: dict[int, float], num_kv_heads: int, head_dim
     bits = torch.tensor([w for w, c in zip(widths, counts) for _ in range(c)])
     starts = torch.arange(frames) * frame
     layer = LayerCache.empty(1, num_kv_heads, head_dim, dtype, k_group=k_group, v_group=v_group,
-                             residual=residual + 1)
+                             residual=residual + 1, meta_bits=meta_bits)
     layer.fill_sample(0, k.to(dtype), v.to(dtype), WindowAssignment(starts, torch.full((frames,), frame), bits))
     return layer
 

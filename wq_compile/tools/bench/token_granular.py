@@ -105,7 +105,8 @@ def run_decode(model: str = "llava-ov-0.5b", n_tokens: tuple[int, ...] = (2048, 
     rows = []
     for n in n_tokens:
         frames = max(1, n // 196)
-        layer = make_layer(n, MIXES["mixed"], hkv, d, torch.float32, residual=RESIDUAL, seed=seed)
+        layer = make_layer(n, MIXES["mixed"], hkv, d, torch.float32, residual=RESIDUAL, seed=seed,
+                           meta_bits=16)  # the per-token kernels read fp16 scale/zero
         gen = torch.Generator().manual_seed(seed + 1)
         k = torch.randn(hkv, frames * 196, d, generator=gen)
         v = torch.randn(hkv, frames * 196, d, generator=gen)
