@@ -33,7 +33,8 @@ import wq_compile
 from wq_compile import WindowQuantCache, WindowQuantConfig
 from wq_compile.integrations.tiny import Prompt, tiny_model, video_prompt
 from wq_compile.core.allocation import effective_bits
-from wq_compile.core.policy import format_plan, uniform_bits
+from wq_compile.core.baselines import uniform_bits
+from wq_compile.core.policy import format_plan
 
 
 def load_qwen(args: argparse.Namespace) -> tuple[object, Prompt, object]:
@@ -173,7 +174,7 @@ def main() -> None:
     avg_bits = args.avg_bits if args.avg_bits is not None else effective_bits(4, k_group, v_group)
     wq = WindowQuantConfig(avg_bits=avg_bits, backend=args.backend)
     # Uniform allocation at the same budget: every window at the widest single width that fits (KIVI-style).
-    width = int(uniform_bits(visual, avg_bits, wq.widths, k_group, v_group)[0])
+    width = int(uniform_bits(visual, avg_bits, wq.widths, k_group, v_group, wq.meta_bits)[0])
     uniform = WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=args.backend)
 
     ref, ref_logits, dense_clock = generate(model, prompt, DynamicCache(config=cfg), args.new_tokens)
@@ -215,7 +216,7 @@ def main() -> None:
     plan = cache.plan(0)
     if plan is not None and plan.bits.numel():
         print(format_plan(plan.bits, plan.scores, plan.windows.lengths, round(avg_bits, 2), cache.wq.k_group,
-                          cache.wq.v_group, scorer=wq.scorer))
+                          cache.wq.v_group, scorer=wq.scorer, meta_bits=cache.wq.meta_bits))
 
 
 if __name__ == "__main__":

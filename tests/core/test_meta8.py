@@ -103,3 +103,17 @@ def test_layer_reorders_samples_and_refuses_codes_without_runs() -> None:
     with pytest.raises(ValueError, match="meta_bits"):
         WindowQuantConfig(meta_bits=12)
     assert bucket_meta_bits(4, 8) == 16 and bucket_meta_bits(1, 8) == 8
+
+
+@pytest.mark.parametrize("bits", [2, 1])
+def test_analysis_fake_quant_is_the_stored_grid(bits: int) -> None:
+    """The analysis' fast fake quantization at ``meta_bits=8`` gives what a bucket stores and dequantizes (same fit,
+    same runs of 8 groups, same grid), and at 4 bits it leaves the fp16 format alone."""
+    from wq_compile.core.policy import fake_quant_fast
+
+    k, v = _kv(groups=11)
+    spec = QuantSpec(bits, 28, 64)
+    qk8, qv8, _ = constrain(k, v, quantize_keys(k, spec, "lsq-zs"), quantize_values(v, spec, "lsq-zs"))
+    torch.testing.assert_close(fake_quant_fast(k, bits, 28, "k", "lsq-zs", 8), dequantize_keys(qk8), rtol=0, atol=0)
+    torch.testing.assert_close(fake_quant_fast(v, bits, 64, "v", "lsq-zs", 8), dequantize_values(qv8), rtol=0, atol=0)
+    assert torch.equal(fake_quant_fast(k, 4, 28, "k", "lsq-zs", 8), fake_quant_fast(k, 4, 28, "k", "lsq-zs"))

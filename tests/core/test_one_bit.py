@@ -9,7 +9,7 @@ import torch
 from wq_compile.core.allocation import allocate_bits, effective_bits, window_bits, window_errors
 from wq_compile.core.config import WindowQuantConfig
 from wq_compile.core.layout import LayerCache
-from wq_compile.core.policy import kivi_recent_plan, recent_plan_bits
+from wq_compile.core.baselines import kivi_recent_plan, recent_plan_bits
 from wq_compile.core.quant import fake_quant, quantize_values
 from wq_compile.core.quant_fit import fit_params
 from wq_compile.core.spec import QuantSpec

@@ -186,7 +186,7 @@ def test_hqq_fit_keeps_the_scale_and_lowers_the_lp_error() -> None:
 
 
 def test_shuffled_plan_keeps_the_histogram() -> None:
-    from wq_compile.core.policy import shuffled_plan
+    from wq_compile.core.baselines import shuffled_plan
 
     plan = torch.tensor([[16, 8, 4, 2, 2, 0], [4, 4, 2, 2, 0, 0]])
     sh = shuffled_plan(plan, seed=1)

@@ -15,7 +15,8 @@ from wq_compile.tools.analysis.workloads import synthetic_workload
 from wq_compile.tools.analysis.model_workloads import tiny_workload
 from wq_compile.tools.cli.wq_eval import main_eval
 from wq_compile.core.allocation import window_bits
-from wq_compile.core.policy import WindowFakeQuant, allocate_min_error, attend, fake_quant_fast, plan_layer, uniform_bits, window_output_errors
+from wq_compile.core.baselines import uniform_bits
+from wq_compile.core.policy import WindowFakeQuant, allocate_min_error, attend, fake_quant_fast, plan_layer, window_output_errors
 from wq_compile.core.quant import fake_quant
 from wq_compile.core.reference import attend_piece
 from wq_compile.core.search import Plan

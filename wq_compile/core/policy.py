@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 
 from .allocation import allocate_bits, window_bits
+from .baselines import uniform_bits
+from .meta8 import bucket_meta_bits, decode, encode, runs_of
 from .quant_fit import codes_of, fit_of, fit_params
 from .spec import ALLOC_WIDTHS, BIT_WIDTHS, DEFAULT_WIDTHS, EVICT
 from .windows import Windows
@@ -46,18 +48,28 @@ def _whole_positions(windows: Windows, k_group: int) -> tuple[torch.Tensor, torc
     return windows.whole_positions(k_group)
 
 
-def fake_quant_fast(x: torch.Tensor, bits: int, group: int, kind: str, fit: str = "minmax") -> torch.Tensor:
+def fake_quant_fast(x: torch.Tensor, bits: int, group: int, kind: str, fit: str = "minmax", meta_bits: int = 16,
+                    k_group: int = 28) -> torch.Tensor:
     """Quantize-dequantize in the cache's format without packing codes (same numbers as
     :func:`wq_compile.core.quant.fake_quant`, checked in the tests): keys ``[..., n, D]`` per channel over ``group``
     tokens (``n`` a multiple of ``group``), values per token over ``group`` channels; fp16 scale and zero chosen by
-    ``fit`` (a config's fit: :func:`wq_compile.core.quant_fit.fit_of` gives the one of ``kind``)."""
+    ``fit`` (a config's fit: :func:`wq_compile.core.quant_fit.fit_of` gives the one of ``kind``), on the 8-bit grid
+    of runs of key groups (``k_group`` tokens) where ``meta_bits`` puts this width's bucket (as one append does)."""
     qmax = (1 << bits) - 1
     xf = x.float()
     how = fit_of(fit, kind)
-    if how != "minmax":  # the fitted parameters (slower: the fit's iterations), same coding rule
+    grid = bucket_meta_bits(bits, meta_bits) == 8
+    if how != "minmax" or grid:  # the fitted parameters (slower: the fit's iterations), same coding rule
         g = (xf.reshape(*xf.shape[:-2], xf.shape[-2] // group, group, xf.shape[-1]).transpose(-1, -2)
              if kind == "k" else xf.reshape(*xf.shape[:-1], xf.shape[-1] // group, group))
         scale, zero = fit_params(g, qmax, how)
+        if grid:  # scale/zero [..., G, D] (keys) or [..., n, D / group] (values): runs along axis -2
+            n_grp = scale.shape[-2] if kind == "k" else -(-scale.shape[-2] // k_group)
+            run = runs_of(n_grp, x.device)
+            run = run if kind == "k" else run.repeat_interleave(k_group)[: scale.shape[-2]]
+            lead = scale.shape[:-2]
+            flat = [t.reshape(-1, *t.shape[-2:]) for t in (scale, zero)]
+            scale, zero = (t.reshape(*lead, *t.shape[-2:]) for t in decode(*encode(*flat, run), run))
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
         deq = codes_of(g, s, z, qmax) * s.float() + z.float()
         return (deq.transpose(-1, -2) if kind == "k" else deq).reshape(xf.shape)
@@ -82,12 +94,14 @@ def fake_quant_fast(x: torch.Tensor, bits: int, group: int, kind: str, fit: str 
 
 class WindowFakeQuant:
     """Fake-quantized copies of one layer's ``k, v [Hkv, T, D]``, every window at one width, cached per width;
-    :meth:`apply` composes a mixed plan from them (whole key groups from each window's start; tails exact)."""
+    :meth:`apply` composes a mixed plan from them (whole key groups from each window's start; tails exact). At
+    ``meta_bits=8`` the 8-bit scale/zero grid runs over every window's groups back to back (the cache's runs hold the
+    windows of one width only: a run's base may differ, the grid's error barely does, docs/formats.md)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, windows: Windows, k_group: int, v_group: int,
-                 fit: str = "minmax") -> None:
+                 fit: str = "minmax", meta_bits: int = 16) -> None:
         self.k, self.v, self.windows = k, v, windows
-        self.k_group, self.v_group, self.fit = k_group, v_group, fit
+        self.k_group, self.v_group, self.fit, self.meta_bits = k_group, v_group, fit, meta_bits
         self.pos, self.wid = _whole_positions(windows, k_group)
         self._at: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -99,8 +113,10 @@ class WindowFakeQuant:
             sel = self.pos.to(self.k.device)
             kq, vq = self.k.clone(), self.v.clone()
             # whole groups of several windows back to back: group boundaries stay window-aligned
-            kq[:, sel] = fake_quant_fast(self.k[:, sel], bits, self.k_group, "k", self.fit).to(self.k.dtype)
-            vq[:, sel] = fake_quant_fast(self.v[:, sel], bits, self.v_group, "v", self.fit).to(self.v.dtype)
+            kq[:, sel] = fake_quant_fast(self.k[:, sel], bits, self.k_group, "k", self.fit, self.meta_bits,
+                                         self.k_group).to(self.k.dtype)
+            vq[:, sel] = fake_quant_fast(self.v[:, sel], bits, self.v_group, "v", self.fit, self.meta_bits,
+                                         self.k_group).to(self.v.dtype)
             self._at[bits] = (kq, vq)
         return self._at[bits]
 
@@ -116,15 +132,15 @@ class WindowFakeQuant:
 
 
 def quantize_windows(k: torch.Tensor, v: torch.Tensor, windows: Windows, bits: torch.Tensor, k_group: int,
-                     v_group: int, fit: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+                     v_group: int, fit: str = "minmax", meta_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """``k, v [Hkv, T, D]`` with every window fake-quantized at ``bits [W]`` (16: unchanged), as the cache stores
     them: whole key groups quantized from the window's start, the tail kept exact."""
-    return WindowFakeQuant(k, v, windows, k_group, v_group, fit).apply(bits)
+    return WindowFakeQuant(k, v, windows, k_group, v_group, fit, meta_bits).apply(bits)
 
 
 def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows,
                          widths: Sequence[int], sm_scale: float, k_group: int, v_group: int,
-                         fit: str = "minmax") -> torch.Tensor:
+                         fit: str = "minmax", meta_bits: int = 16) -> torch.Tensor:
     """Squared relative change of the attention output of ``q [Hq, S, D]`` over ``k, v [Hkv, T, D]`` when only
     window ``w`` is fake-quantized at width ``widths[j]``: ``[W, len(widths)]`` (``||o' - o||^2 / ||o||^2`` over
     all heads and query rows).
@@ -183,8 +199,8 @@ def window_output_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
             ow = (num0[:, :, None] - eo_v) / (den0[:, :, None] - eo_s).clamp_min(1e-30)[..., None]
             out[:, j] = ((ow - o[:, :, None]).double().square().sum(dim=(0, 1, 3)) / o_sq).cpu()
             continue
-        kq = fake_quant_fast(kw, int(bits), k_group, "k", fit)
-        vq = fake_quant_fast(vw, int(bits), v_group, "v", fit)
+        kq = fake_quant_fast(kw, int(bits), k_group, "k", fit, meta_bits, k_group)
+        vq = fake_quant_fast(vw, int(bits), v_group, "v", fit, meta_bits, k_group)
         lq = torch.einsum("hrd,hwtd->hrwt", qg, padded(kq)) * sm_scale  # [Hkv, R, W, Lmax]
         lq_max = lq if pad_ok is None else lq.masked_fill(~pad_ok, float("-inf"))
         m = torch.maximum(m0, lq_max.flatten(2).amax(-1))  # [Hkv, R]
@@ -259,21 +275,9 @@ def allocate_min_error(errors: torch.Tensor, lengths: torch.Tensor, avg_bits: fl
     return torch.tensor(widths)[choice]
 
 
-def uniform_bits(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28,
-                 v_group: int = 64) -> torch.Tensor:
-    """KIVI-style: every window at the widest single width whose memory fits the budget (else the narrowest)."""
-    budget = float(avg_bits) * float(lengths.double().sum()) * (1 + 1e-9)
-    cost = window_bits(lengths.cpu(), widths, k_group, v_group).sum(0)
-    order = sorted((j for j in range(len(widths)) if int(widths[j]) != EVICT), key=lambda j: -int(widths[j]))
-    for j in order:
-        if float(cost[j]) <= budget:
-            return torch.full((lengths.numel(),), int(widths[j]), dtype=torch.long)
-    return torch.full((lengths.numel(),), min(int(w) for w in widths if int(w) != EVICT), dtype=torch.long)
-
-
 def plan_layer(policy: str, *, q_text: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Windows,
                avg_bits: float, sm_scale: float, k_group: int, v_group: int, widths: Sequence[int] = DEFAULT_WIDTHS,
-               embedding: torch.Tensor | None = None, oracle_errors: torch.Tensor | None = None,
+               meta_bits: int = 16, embedding: torch.Tensor | None = None, oracle_errors: torch.Tensor | None = None,
                prompt_errors: torch.Tensor | None = None, quant_errors: torch.Tensor | None = None,
                attention: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
     """Bits per window ``[W]`` of one layer under ``policy`` (see the module docstring).
@@ -289,7 +293,7 @@ def plan_layer(policy: str, *, q_text: torch.Tensor, k: torch.Tensor, v: torch.T
     widths = tuple(sorted({int(w) for w in widths}, reverse=True))
     lengths = windows.lengths
     if policy == "uniform":
-        return uniform_bits(lengths, avg_bits, widths, k_group, v_group)
+        return uniform_bits(lengths, avg_bits, widths, k_group, v_group, meta_bits)
     if policy in ("sensitivity", "oracle"):
         if policy == "oracle":
             if oracle_errors is None:
@@ -297,8 +301,8 @@ def plan_layer(policy: str, *, q_text: torch.Tensor, k: torch.Tensor, v: torch.T
             errs = oracle_errors
         else:
             errs = prompt_errors if prompt_errors is not None else window_output_errors(
-                q_text, k, v, windows, widths, sm_scale, k_group, v_group)
-        return allocate_min_error(errs, lengths, avg_bits, widths, k_group, v_group)
+                q_text, k, v, windows, widths, sm_scale, k_group, v_group, meta_bits=meta_bits)
+        return allocate_min_error(errs, lengths, avg_bits, widths, k_group, v_group, meta_bits)
     if policy == "random":
         gen = torch.Generator().manual_seed(seed)
         scores = torch.rand(len(windows), generator=gen)
@@ -312,21 +316,22 @@ def plan_layer(policy: str, *, q_text: torch.Tensor, k: torch.Tensor, v: torch.T
         raise ValueError(f"policy: must be one of {POLICIES}, got {policy!r}")
     errs = quant_errors if quant_errors is not None else window_errors(k[None], v[None], windows, widths, k_group,
                                                                        v_group)[0]
-    return allocate_bits(scores.float(), errs.float(), lengths, avg_bits, widths, k_group, v_group)
+    return allocate_bits(scores.float(), errs.float(), lengths, avg_bits, widths, k_group, v_group, meta_bits)
 
 
 _SPARK = "▁▂▃▄▅▆▇█"
 
 
 def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor, avg_bits: float,
-                k_group: int = 28, v_group: int = 64, scorer: str = "attention", unit: str = "frame") -> str:
+                k_group: int = 28, v_group: int = 64, scorer: str = "attention", unit: str = "frame",
+                meta_bits: int = 16) -> str:
     """The plan as a model sees it: one row per layer, one column per window (its width), then the layer's
     scores as a sparkline (low to high, min..max printed) so one sees which scores drove which widths.
 
     When every window of every layer got one width, a last line says why (the budget's slack over uniform
     allocation is smaller than one window's upgrade to the next width)."""
     nl, nw = bits.shape
-    eff = float(window_bits(lengths, bits, k_group, v_group).sum() / (float(lengths.sum()) * nl))
+    eff = float(window_bits(lengths, bits, k_group, v_group, meta_bits).sum() / (float(lengths.sum()) * nl))
     lines = [f"plan (effective {eff:.2f} bits/element under a {avg_bits:g}-bit budget; widths per {unit}, then the "
              f"{scorer} scores that drove them, low ▁ to high █):",
              f"  {unit:>9} " + "".join(f"{i:>3}" for i in range(nw))]
@@ -345,7 +350,7 @@ def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor,
         wider = [w for w in BIT_WIDTHS if w > b]
         if wider:
             nxt = min(wider)
-            cost = window_bits(lengths, ALLOC_WIDTHS, k_group, v_group)
+            cost = window_bits(lengths, ALLOC_WIDTHS, k_group, v_group, meta_bits)
             step = float((cost[:, ALLOC_WIDTHS.index(nxt)] - cost[:, ALLOC_WIDTHS.index(b)]).min()) / float(lengths.sum())
             lines.append(f"  every window got int{b}: the budget leaves {avg_bits - eff:.2f} bits/element over uniform "
                          f"int{b} ({eff:.2f}), and moving even one {unit} to int{nxt} costs {step:.2f}; raise "
@@ -353,43 +358,3 @@ def format_plan(bits: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor,
         else:
             lines.append(f"  every window got {b} bits: the budget covers the widest width")
     return "\n".join(lines)
-
-
-def kivi_recent_plan(lengths: torch.Tensor, avg_bits: float, widths: Sequence[int] = DEFAULT_WIDTHS, k_group: int = 28,
-                     v_group: int = 64, nearest: bool = False) -> tuple[torch.Tensor, int]:
-    """The equal-bytes uniform baseline: every window at the widest stored width that fits (:func:`uniform_bits`),
-    then the bytes left spent as KIVI spends them, on the most recent tokens kept in fp16, as many as fit (token
-    granular, so the baseline meets any budget above its width's cost; ``nearest``: the count whose bits are nearest
-    the budget, within half a token, even if just above). ``(bits [W], recent tokens)``; their cost is
-    :func:`recent_plan_bits`."""
-    bits = uniform_bits(lengths, avg_bits, widths, k_group, v_group)
-    budget = float(avg_bits) * float(lengths.double().sum()) * (1 + 1e-9)
-    extra = _recent_extra(lengths, bits, k_group, v_group)
-    fits = max(int(torch.searchsorted(extra, torch.tensor([budget], dtype=extra.dtype), right=True)) - 1, 0)
-    if nearest and fits + 1 < extra.numel() and float(extra[fits + 1]) - budget < budget - float(extra[fits]):
-        fits += 1
-    return bits, fits
-
-
-def _recent_extra(lengths: torch.Tensor, bits: torch.Tensor, k_group: int, v_group: int) -> torch.Tensor:
-    """``[T + 1]`` float64: the plan's bits with its last ``r`` windowed tokens fp16, for every ``r`` (index 0: none).
-    A window's bits are spread evenly over its tokens (its fp16 tail included)."""
-    per_win = window_bits(lengths.cpu(), bits, k_group, v_group).double()
-    per_tok = torch.repeat_interleave(per_win / lengths.cpu().double().clamp_min(1), lengths.cpu().long())
-    step = (16.0 - per_tok).flip(0).clamp_min(0)  # the most recent token first
-    return torch.cat([step.new_zeros(1), step.cumsum(0)]) + per_win.sum()
-
-
-def recent_plan_bits(lengths: torch.Tensor, bits: torch.Tensor, recent: int, k_group: int = 28,
-                     v_group: int = 64) -> float:
-    """Bits (summed over windowed elements) of a plan ``bits [W]`` whose last ``recent`` windowed tokens are fp16."""
-    return float(_recent_extra(lengths, bits, k_group, v_group)[recent])
-
-
-def shuffled_plan(bits: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """The same histogram of widths placed at random over the windows: ``bits [..., W]`` permuted per row (the
-    equal-bytes control of any allocation over windows of equal length)."""
-    gen = torch.Generator().manual_seed(seed)
-    flat = bits.reshape(-1, bits.shape[-1])
-    out = torch.stack([row[torch.randperm(row.numel(), generator=gen)] for row in flat])
-    return out.reshape(bits.shape)

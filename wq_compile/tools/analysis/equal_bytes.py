@@ -17,8 +17,8 @@ import torch
 
 from ...core.allocation import allocate_bits, window_bits, window_errors
 from ...core.spec import QUANT_BITS
-from ...core.policy import (allocate_min_error, attend, kivi_recent_plan, recent_plan_bits, shuffled_plan,
-                            window_output_errors)
+from ...core.baselines import kivi_recent_plan, recent_plan_bits, shuffled_plan
+from ...core.policy import allocate_min_error, attend, window_output_errors
 from .measurements import PolicyRow, Sensitivity, evaluate_plan
 from .workloads import Workload
 
@@ -54,7 +54,8 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
 
     def row(policy: str, ab: float, bits: torch.Tensor, note: str = "") -> PolicyRow:
         err, kl = evaluate_plan_evicting(w, s, bits)
-        eff = float(window_bits(lengths, bits, w.k_group, w.v_group).sum() / (lengths.sum() * bits.shape[0]))
+        eff = float(window_bits(lengths, bits, w.k_group, w.v_group, w.meta_bits).sum()
+                    / (lengths.sum() * bits.shape[0]))
         ans = float(bits[:, w.answer].float().mean()) if w.answer is not None and bool(w.answer.any()) else float("nan")
         return PolicyRow(w.name, policy, ab, eff, err, kl, ans, note)
 
@@ -64,8 +65,9 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
         nearest, spend = spend is not None, ab if spend is None else spend
         rows_u = []
         for u in sorted(QUANT_BITS):  # any stored width of the format, whatever the policy may use
-            bits, recent = kivi_recent_plan(lengths, spend, (u,), w.k_group, w.v_group, nearest=nearest)
-            eff = recent_plan_bits(lengths, bits, recent, w.k_group, w.v_group) / float(lengths.sum())
+            bits, recent = kivi_recent_plan(lengths, spend, (u,), w.k_group, w.v_group, nearest=nearest,
+                                            meta_bits=w.meta_bits)
+            eff = recent_plan_bits(lengths, bits, recent, w.k_group, w.v_group, w.meta_bits) / float(lengths.sum())
             if rows_u and eff > spend * 1.01:
                 break  # int u alone exceeds the budget (the narrowest is kept even then, marked by its bits)
             err, kl = evaluate_plan(w, s, bits.expand(len(w.layers), -1), recent)
@@ -74,7 +76,7 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
         return min(rows_u, key=lambda r: r.out_err)
 
     for ab in budgets:
-        floor = float(window_bits(lengths, [min(widths)], w.k_group, w.v_group).sum() / lengths.sum())
+        floor = float(window_bits(lengths, [min(widths)], w.k_group, w.v_group, w.meta_bits).sum() / lengths.sum())
         if ab < floor:  # no plan: the baseline at the budget, once, above every policy's "infeasible" row
             rows.append(kivi_row(ab))
         for policy in policies:
@@ -86,12 +88,12 @@ def equal_bytes_rows(w: Workload, s: Sensitivity, budgets: Sequence[float], widt
             for li, lc in enumerate(w.layers):
                 if policy == "sensitivity":
                     errs = window_output_errors(lc.q_text, lc.k, lc.v, w.windows, widths, lc.sm_scale, w.k_group,
-                                                w.v_group, s.fit)
-                    plans.append(allocate_min_error(errs, lengths, ab, widths, w.k_group, w.v_group))
+                                                w.v_group, s.fit, w.meta_bits)
+                    plans.append(allocate_min_error(errs, lengths, ab, widths, w.k_group, w.v_group, w.meta_bits))
                 else:
                     errs = window_errors(lc.k[None], lc.v[None], w.windows, widths, w.k_group, w.v_group)[0]
                     plans.append(allocate_bits(s.scores["attention"][li].float(), errs.float(), lengths, ab, widths,
-                                               w.k_group, w.v_group))
+                                               w.k_group, w.v_group, w.meta_bits))
             bits = torch.stack(plans)
             mine = row(policy, ab, bits, f"widths {widths}")
             rows += [kivi_row(ab, mine.eff_bits), mine]  # the baseline at the bytes this plan spends

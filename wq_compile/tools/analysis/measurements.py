@@ -67,9 +67,9 @@ def measure(w: Workload, with_kl: bool = True, fit: str = DEFAULT_FIT) -> Sensit
     attn = torch.zeros(nl, nw)
     fqs = []
     for li, lc in enumerate(w.layers):
-        fq = WindowFakeQuant(lc.k, lc.v, w.windows, w.k_group, w.v_group, fit)
+        fq = WindowFakeQuant(lc.k, lc.v, w.windows, w.k_group, w.v_group, fit, w.meta_bits)
         fqs.append(fq)
-        args = (w.windows, DEFAULT_WIDTHS, lc.sm_scale, w.k_group, w.v_group, fit)
+        args = (w.windows, DEFAULT_WIDTHS, lc.sm_scale, w.k_group, w.v_group, fit, w.meta_bits)
         oracle[li] = window_output_errors(lc.q_dec, lc.k, lc.v, *args)
         prompt_err[li] = window_output_errors(lc.q_text, lc.k, lc.v, *args)
         quant_err[li] = window_errors(lc.k[None], lc.v[None], w.windows, DEFAULT_WIDTHS, w.k_group, w.v_group)[0]
@@ -145,7 +145,8 @@ def evaluate_plan(w: Workload, s: Sensitivity, bits: torch.Tensor, recent: int =
 def plan_bits(w: Workload, s: Sensitivity, policy: str, avg_bits: float, seed: int = 0) -> torch.Tensor:
     return torch.stack([
         plan_layer(policy, q_text=lc.q_text, k=lc.k, v=lc.v, windows=w.windows, avg_bits=avg_bits,
-                   sm_scale=lc.sm_scale, k_group=w.k_group, v_group=w.v_group, embedding=w.embedding,
+                   sm_scale=lc.sm_scale, k_group=w.k_group, v_group=w.v_group, meta_bits=w.meta_bits,
+                   embedding=w.embedding,
                    oracle_errors=s.oracle[li], prompt_errors=s.prompt_err[li], quant_errors=s.quant_err[li],
                    attention=s.scores["attention"][li], seed=seed)
         for li, lc in enumerate(w.layers)])
@@ -154,7 +155,8 @@ def compare_policies(w: Workload, s: Sensitivity, budgets: Sequence[float], poli
                      random_seeds: int = 5) -> list[PolicyRow]:
     """Every policy at every budget; ``random`` is the median of ``random_seeds`` draws."""
     rows = []
-    floor = float(window_bits(w.windows.lengths, [2], w.k_group, w.v_group).sum() / w.windows.lengths.sum())
+    floor = float(window_bits(w.windows.lengths, [2], w.k_group, w.v_group, w.meta_bits).sum()
+                  / w.windows.lengths.sum())
     for ab in budgets:
         if ab < floor:
             rows += [PolicyRow(w.name, p, ab, float("nan"), float("nan"), float("nan"), float("nan"),
@@ -166,7 +168,7 @@ def compare_policies(w: Workload, s: Sensitivity, budgets: Sequence[float], poli
             for seed in draws:
                 bits = plan_bits(w, s, policy, ab, seed)
                 err, kl = evaluate_plan(w, s, bits)
-                plan = Plan(w.windows, bits, torch.zeros(bits.shape), w.k_group, w.v_group)
+                plan = Plan(w.windows, bits, torch.zeros(bits.shape), w.k_group, w.v_group, w.meta_bits)
                 ans = float(bits[:, w.answer].float().mean()) if w.answer is not None and bool(w.answer.any()) \
                     else float("nan")
                 res.append((err, kl, plan.effective_avg_bits(), ans))

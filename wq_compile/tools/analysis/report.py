@@ -26,9 +26,10 @@ class AnalysisResult:
 def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5, 4.0), model: str | None = None,
                  frames: int = 8, out_dir: str | Path | None = None,
                  progress: Callable[[str], None] | None = None, fit: str = DEFAULT_FIT,
-                 width_sets: Sequence[Sequence[int]] = ((16, 8, 4, 2, 0),)) -> AnalysisResult:
-    """Measure every workload, correlate, compare policies (every window quantized with the scale/zero ``fit``),
-    and the equal-bytes table once per set of ``width_sets``; write CSVs and PNGs into ``out_dir`` if given."""
+                 width_sets: Sequence[Sequence[int]] = ((16, 8, 4, 2, 0),), meta_bits: int = 16) -> AnalysisResult:
+    """Measure every workload, correlate, compare policies (every window quantized with the scale/zero ``fit``, in
+    the storage format of ``meta_bits``: costs and errors), and the equal-bytes table once per set of
+    ``width_sets``; write CSVs and PNGs into ``out_dir`` if given."""
     from .equal_bytes import equal_bytes_rows
 
     torch.set_grad_enabled(False)
@@ -37,6 +38,7 @@ def run_analysis(names: Sequence[str], budgets: Sequence[float] = (2.5, 3.0, 3.5
         if progress:
             progress(name)
         w = build_workload(name, model, frames)
+        w.meta_bits = meta_bits
         s = measure(w, fit=fit)
         res.workloads.append(w)
         res.sensitivities.append(s)

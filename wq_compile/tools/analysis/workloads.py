@@ -43,6 +43,7 @@ class Workload:
     final_metric: str
     k_group: int = 28
     v_group: int = 64
+    meta_bits: int = 16  # the storage format's scale/zero bits every cost and error of the analysis uses
     answer: torch.Tensor | None = None  # [W] bool: windows that hold the answer (ground truth), if known
     prompt_focused: bool = True
     base: torch.Tensor = field(init=False)

@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from ...core.config import WindowQuantConfig
+from ...core.meta8 import DEFAULT_META_BITS, META_BITS
 from ...core.quant_fit import DEFAULT_FIT, FITS
 from ...core.spec import ALLOC_WIDTHS
 
@@ -40,6 +41,9 @@ def eval_parser() -> argparse.ArgumentParser:
     a.add_argument("--widths", default="16/8/4/2,16/8/4/2/1,16/8/4/2/0",
                    help="width sets of the equal-bytes table, comma-separated (default: the config's default, with "
                         "1 bit, with eviction)")
+    a.add_argument("--meta-bits", type=int, default=DEFAULT_META_BITS, choices=META_BITS,
+                   help=f"scale/zero bits of the 2/1-bit buckets every cost and error uses (default "
+                        f"{DEFAULT_META_BITS}, the cache's; 16: fp16)")
     a.add_argument("--fit", default=DEFAULT_FIT, choices=FITS,
                    help=f"scale/zero fit every window is quantized with (default {DEFAULT_FIT}, the cache's)")
     return p
@@ -78,7 +82,7 @@ def _main_analyze(args: argparse.Namespace) -> int:
             names.remove("minilm")
     res = run_analysis(names, budgets, model=None if args.model == "tiny" else args.model, frames=args.frames,
                        out_dir=args.out, progress=lambda n: print(f"wq-eval --analyze: {n}", file=sys.stderr),
-                       fit=args.fit, width_sets=width_sets)
+                       fit=args.fit, width_sets=width_sets, meta_bits=args.meta_bits)
     print(format_correlations(res.correlations))
     print()
     print(format_policies(res.policies, res.workloads))
