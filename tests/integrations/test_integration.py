@@ -67,7 +67,7 @@ def test_3_bit_memory_and_budget(model) -> None:
 
 
 def test_eviction_drops_windows_and_generation_still_runs(model) -> None:
-    """Width 0 allowed under a budget below int2's 2.66 effective bits: some frames are evicted (not stored), the
+    """Width 0 allowed under a budget below int2's 2.61 effective bits: some frames are evicted (not stored), the
     plan's bits stay within the budget, and decoding runs over what is left; the positions of new tokens do not
     move (the cache counts what it was given, not what it keeps)."""
     p = video_prompt(model, [4])

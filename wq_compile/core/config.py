@@ -46,7 +46,7 @@ class WindowQuantConfig:
     ``"lsq-keys"``, ``"zs"`` and ``"minmax"`` are computed by the compiled quantize kernel; ``"lsq"``, ``"hqq"`` and
     ``"lsq-hqq"`` quantize with the torch reference (a larger share of the prefill).
     ``meta_bits``: bits of each group's scale and zero in the 2- and 1-bit buckets: 8 (the default: codes on a grid
-    shared by runs of 8 key groups, :mod:`wq_compile.core.meta8`; int2 costs 2.66 effective bits instead of 2.96 at
+    shared by runs of 16 key groups, :mod:`wq_compile.core.meta8`; int2 costs 2.61 effective bits instead of 2.96 at
     the same codes and error) or 16 (fp16, the format before). The CPU kernels read the codes; the split-KV (CUDA)
     kernels read their fp16 expansion, made per decode step (docs/formats.md has the measurements).
     """
