@@ -15,7 +15,7 @@ from wq_compile.kernels.attention import pieces
 from wq_compile.kernels.attention_cpu import PLAIN_TIR_ATTR
 from wq_compile.kernels.merge import MERGE_BLOCKS
 from wq_compile.kernels.quantize import QUANT_BLOCKS, lsq_blocks, quantize_blocks
-from wq_compile.kernels.signatures import is_split, value_fit_iters
+from wq_compile.kernels.signatures import given_meta, is_split, value_fit_iters
 from wq_compile.core.spec import KernelSpec
 
 _UNROLL_STEPS = [0, 16, 64, 512]
@@ -258,9 +258,14 @@ def _quantize(sch: s_tir.Schedule, spec: KernelSpec, knobs: dict | None) -> None
     """Quantize: the default's parallel (sample, KV head) loops, plus sampled choices (the default has none, so a
     tuning run had one candidate): the unroll depth, and a channel vector tile for the per-channel key min/max
     (channels innermost below the token reduction: one vector min/max per token instead of a serial one per
-    channel) and for the per-channel key scale / zero (shared draws)."""
+    channel) and for the per-channel key scale / zero (shared draws). The recode form (given scale/zero: only the
+    two pack blocks) has no choice beyond the unroll depth."""
     default_schedule(sch, spec)
     unroll = _pick(sch, knobs, "q_unroll", _UNROLL_STEPS)
+    if given_meta(spec):
+        for name in quantize_blocks(spec):
+            sch.annotate(sch.get_loops(sch.get_sblock(name))[0], "meta_schedule.unroll_explicit", unroll)
+        return
     d = spec.head_dim
     shared: dict = {}
     for name in ("k_min", "k_max"):

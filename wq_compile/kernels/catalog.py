@@ -7,7 +7,8 @@ from typing import Any
 from ..core.models import ModelPreset, get_preset
 from ..core.spec import QUANT_BITS, KernelSpec, check_bits
 from ..core.quant_fit import DEFAULT_FIT
-from .signatures import SPLIT_CHUNK, merge_spec, quantize_spec, split_spec
+from ..core.meta8 import DEFAULT_META_BITS, bucket_meta_bits
+from .signatures import META8_KEY, SPLIT_CHUNK, merge_spec, quantize_spec, split_spec
 
 #: Kernel kinds in the order ``kernel_specs`` lists them; ``dense`` is the decode kernel over an fp residual;
 #: ``multi`` the fused kernel of several new query tokens (CPU), ``multi-split`` its split-KV form and merge (CUDA).
@@ -35,6 +36,7 @@ def kernel_specs(
     chunk: int = 64,
     kinds: tuple[str, ...] = KERNEL_KINDS,
     fit: str = DEFAULT_FIT,
+    meta_bits: int = DEFAULT_META_BITS,
 ) -> list[KernelSpec]:
     """The kernels one model needs, for the quantized widths ``bits``.
 
@@ -44,6 +46,9 @@ def kernel_specs(
     multi: the fused kernel of several new query tokens (the CPU path of several-token steps); multi-split: its
     split-KV form and merge (the CUDA path). A kernel two kinds share (the merge) is listed once. ``fit``: the
     scale/zero fit the quantize kernels compute (a config's ``fit``; one with no compiled form is refused).
+    ``meta_bits``: a config's scale/zero bits (:mod:`wq_compile.core.meta8`); at 8 the CPU fused and multi-token
+    kernels are their 8-bit forms and each width with 8-bit scale/zero adds its recode kernel (quantize against
+    given scale/zero); the split-KV (CUDA) kernels read the fp16 expansion and do not change.
     """
     p = get_preset(preset)
     widths = tuple(sorted({check_bits(b, QUANT_BITS) for b in bits}, reverse=True))
@@ -61,6 +66,8 @@ def kernel_specs(
         dtype=dtype,
         chunk=chunk,
     )
+    meta8 = max((b for b in widths if bucket_meta_bits(b, meta_bits) == 8), default=0)
+    m8 = ((META8_KEY, meta8),) if meta8 else ()
     specs: list[KernelSpec] = []
     for kind in kinds:
         if kind == "decode":
@@ -70,14 +77,15 @@ def kernel_specs(
         elif kind == "merge":
             specs.append(KernelSpec("merge", widths + (16,), **common))
         elif kind == "fused":
-            specs.append(KernelSpec("fused", widths + (16,), **common))
+            specs.append(KernelSpec("fused", widths + (16,), extra=m8, **common))
         elif kind == "split":  # what the CUDA decoder runs: split-KV fused kernel (its own chunk) + one merge
             fused = split_spec(KernelSpec("fused", widths + (16,), **{**common, "chunk": SPLIT_CHUNK}))
             specs += [fused, merge_spec(fused)]
         elif kind == "quantize":
             specs += [quantize_spec(b, fit, **common) for b in widths]
+            specs += [quantize_spec(b, given=True, **common) for b in widths if bucket_meta_bits(b, meta_bits) == 8]
         elif kind == "multi":
-            specs.append(KernelSpec("multi", widths + (16,), **common))
+            specs.append(KernelSpec("multi", widths + (16,), extra=m8, **common))
         elif kind == "multi-split":  # what the CUDA step decoder runs: the split-KV multi-token kernel + its merge
             multi = split_spec(KernelSpec("multi", widths + (16,), **{**common, "chunk": SPLIT_CHUNK}))
             specs += [multi, merge_spec(multi)]

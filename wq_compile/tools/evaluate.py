@@ -112,10 +112,10 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
         methods.append(wq_method(f"uniform int{width} (KIVI-style)",
                                  WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend),
                                  f"no window search; fit {DEFAULT_FIT} (the default), compiled quantizer"))
-    for width in (2, 1):  # the same codes with 8-bit scale/zero on a per-run grid (meta_bits=8)
-        methods.append(wq_method(f"uniform int{width}, 8-bit scale/zero",
-                                 WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend, meta_bits=8),
-                                 "no window search; meta_bits=8 (kernels read it expanded to fp16)"))
+    for width in (2, 1):  # the format before the 8-bit scale/zero grid: the same fit, fp16 scale and zero
+        methods.append(wq_method(f"uniform int{width}, fp16 scale/zero",
+                                 WindowQuantConfig(avg_bits=16.0, widths=(width,), backend=backend, meta_bits=16),
+                                 "no window search; meta_bits=16 (the default is 8-bit scale/zero)"))
     for fit in ("minmax", "lsq-hqq", "hqq"):  # other scale/zero fits: same format, same decode kernels, torch quantizer
         fitted = dataclasses.replace(kernels, quantize=reference_quantizer(fit))
         for width in (4, 2):
@@ -128,10 +128,8 @@ def default_methods(model: Any, prompt: Prompt, avg_bits: list[float], backend: 
             avg_bits=ab, widths=(16, 8, 4, 2, 0), backend=backend), "width 0 allowed: a window may be evicted"))
         methods.append(wq_method(f"WindowQuant avg {ab:g} bits, 1 bit", WindowQuantConfig(
             avg_bits=ab, widths=one_bit, backend=backend), "width 1 allowed"))
-        methods.append(wq_method(f"WindowQuant avg {ab:g} bits, 8-bit s/z", WindowQuantConfig(
-            avg_bits=ab, backend=backend, meta_bits=8), "meta_bits=8"))
-        methods.append(wq_method(f"WindowQuant avg {ab:g} bits, 1 bit, 8-bit s/z", WindowQuantConfig(
-            avg_bits=ab, widths=one_bit, backend=backend, meta_bits=8), "width 1 allowed, meta_bits=8"))
+        methods.append(wq_method(f"WindowQuant avg {ab:g} bits, fp16 s/z", WindowQuantConfig(
+            avg_bits=ab, backend=backend, meta_bits=16), "meta_bits=16"))
     return methods
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...core.models import PRESETS
+from ...core.meta8 import DEFAULT_META_BITS, META_BITS
 from ...core.quant_fit import DEFAULT_FIT, FITS
 from ...kernels.signatures import compiled_fit
 from ...kernels.catalog import CUDA_KERNEL_KINDS, DEFAULT_KERNEL_KINDS, KERNEL_KINDS
@@ -29,6 +30,9 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=parse_bits, default=(2, 4, 8), help="quantized widths (default 2,4,8)")
     p.add_argument("--fit", default=DEFAULT_FIT, choices=[f for f in FITS if compiled_fit(f)],
                    help=f"scale/zero fit of the quantize kernels: the config's fit (default {DEFAULT_FIT})")
+    p.add_argument("--meta-bits", type=int, default=DEFAULT_META_BITS, choices=META_BITS,
+                   help=f"scale/zero bits of the 2/1-bit buckets: the config's meta_bits (default {DEFAULT_META_BITS}: "
+                        f"the CPU kernels' 8-bit forms and the recode kernels)")
     p.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16"), help="query/dense dtype of the kernels")
     p.add_argument("--kernels", type=parse_kinds, default=None,
                    help=f"kernel kinds among {','.join(KERNEL_KINDS)} (default: what the target's decoder runs, "
@@ -107,7 +111,8 @@ def main_tune(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.target)
         kinds = args.kernels or default_kernel_kinds(device.kind)
-        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=kinds, fit=args.fit)
+        specs = kernel_specs(args.model, bits=args.bits, dtype=args.dtype, kinds=kinds, fit=args.fit,
+                             meta_bits=args.meta_bits)
         rpc = RPCSettings.parse(args.rpc, args.rpc_key) if args.rpc else None
     except ValueError as exc:
         print(f"wq-tune: {exc}", file=sys.stderr)
