@@ -328,11 +328,16 @@ def run_python(body: str, timeout: float = 300, env: dict | None = None) -> subp
                           env=env)
 
 
+#: Modules a cold :data:`SMALL_DECODE` builds: the fused and multi-token kernels (their 8-bit scale/zero form, the
+#: default storage format), quantize x 3 and the int2 recode kernel.
+SMALL_MODULES = 6
+
+
 def warm_small_cache(tmp_path_factory) -> Path:
-    """A module cache after one cold :data:`SMALL_DECODE` (no tuning logs): its five modules, the OpenMP launcher
+    """A module cache after one cold :data:`SMALL_DECODE` (no tuning logs): its six modules, the OpenMP launcher
     and the host facts. Built once per test run and shared by the xdist workers (their base temps share a parent;
     a file lock lets one build while the others wait), so a test that needs warm modules but is not about the cold
-    build copies it (:func:`copy_warm_cache`) instead of building the five modules again. Read-only by contract."""
+    build copies it (:func:`copy_warm_cache`) instead of building the six modules again. Read-only by contract."""
     import fcntl
 
     base = tmp_path_factory.getbasetemp()
@@ -347,7 +352,7 @@ def warm_small_cache(tmp_path_factory) -> Path:
                               env=env)
             assert proc.returncode == 0, proc.stderr[-3000:]
             out = json.loads(proc.stdout.strip().splitlines()[-1])
-            assert out["compiled"] == 5 and out["err"] < 1e-4, out
+            assert out["compiled"] == SMALL_MODULES and out["err"] < 1e-4, out
             (root / "built.json").write_text(json.dumps(out))
     return root / "cache"
 

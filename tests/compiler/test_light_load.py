@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from wq_compile.compiler.light_load import FACTS_FILE
-from wq_testing import run_python, small_decode
+from wq_testing import SMALL_MODULES, run_python, small_decode
 
 #: Fresh process: the backend of the small shapes, one decode over 8/4/2-bit windows and a dense residual,
 #: compared with the torch reference; prints what the process did as JSON (last line).
@@ -38,10 +38,10 @@ def _facts(cache: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory) -> Path:
-    """A module cache holding the small shapes' five modules and the host facts (one cold process)."""
+    """A module cache holding the small shapes' six modules and the host facts (one cold process)."""
     cache = tmp_path_factory.mktemp("light") / "cache"
     out = _run(cache, DECODE)
-    assert out["compiled"] == 5 and out["tvm"] and out["err"] < 1e-4, out
+    assert out["compiled"] == SMALL_MODULES and out["tvm"] and out["err"] < 1e-4, out
     assert json.loads(_facts(cache).read_text())  # recorded by the process that resolved the host with TVM
     return cache
 
@@ -52,7 +52,7 @@ def _modules(cache: Path, kind: str) -> list[Path]:
 
 def test_warm_backend_loads_without_tvm_and_decodes_as_the_reference(warm):
     out = _run(warm, DECODE)
-    assert out == {**out, "tvm": False, "compiled": 0, "cached": 5}, out
+    assert out == {**out, "tvm": False, "compiled": 0, "cached": SMALL_MODULES}, out
     assert out["name"].startswith("tvm:cpu-") and out["quantize_calls"] > 0 and out["err"] < 1e-4
 
 
@@ -66,7 +66,7 @@ def test_missing_or_corrupt_host_facts_take_the_tvm_path_and_are_rewritten(warm,
     else:
         facts.write_text('{"' + next(iter(good)) + '": {"tag": "cpu-x')  # a torn write
     out = _run(warm, DECODE)
-    assert out == {**out, "tvm": True, "compiled": 0, "cached": 5}, out
+    assert out == {**out, "tvm": True, "compiled": 0, "cached": SMALL_MODULES}, out
     assert out["err"] < 1e-4
     assert json.loads(facts.read_text()) == good  # rewritten as it was: the next process is light again
 
@@ -79,7 +79,7 @@ def test_cold_kernel_after_a_light_load_is_built_and_loaded_in_process(warm, tmp
     from wq_compile.runtime.library import KernelLibrary, shared_library
     from wq_compile.core.spec import KernelSpec
     light = shared_library("llvm")
-    assert "tvm" not in sys.modules and light.stats.cache_hits == 5
+    assert "tvm" not in sys.modules and light.stats.cache_hits == SMALL_MODULES
     spec = b.quantize.spec(next(iter(layer.buckets.values())).spec)      # a kernel the warm library loaded
     cold = KernelLibrary(light.device, logs_dir=light.logs_dir, cache_dir={str(tmp_path / "cold")!r})
     built = cold.load(spec)                                              # not in that cache: built here
@@ -91,7 +91,7 @@ def test_cold_kernel_after_a_light_load_is_built_and_loaded_in_process(warm, tmp
                tvm_after=("tvm" in sys.modules))
     """)
     assert out == {**out, "tvm": False, "tvm_after": True, "cold_compiled": 1, "same": True, "runtime_files": 1}, out
-    assert out["err2"] < 1e-4 and out["compiled"] == 0 and out["cached"] == 5
+    assert out["err2"] < 1e-4 and out["compiled"] == 0 and out["cached"] == SMALL_MODULES
 
 
 def test_stale_or_foreign_modules_are_rebuilt_or_refused_on_the_light_path(warm):
@@ -133,7 +133,7 @@ def test_warm_load_skips_ml_dtypes_and_tvm_imported_later_still_has_it(warm):
                named=tvm_ffi.dtype._NUMPY_DTYPE_TO_STR.get(np.dtype(ml_dtypes.bfloat16)),
                ml_real=hasattr(sys.modules["ml_dtypes"], "bfloat16"), err2=err2)
     """)
-    assert out == {**out, "tvm": False, "cached": 5, "ml_after_load": False, "dtype": "bfloat16",
+    assert out == {**out, "tvm": False, "cached": SMALL_MODULES, "ml_after_load": False, "dtype": "bfloat16",
                    "back": "bfloat16", "same": True, "f8": "float8_e4m3fn", "named": "bfloat16",
                    "ml_real": True}, out
     assert out["err"] < 1e-4 and out["err2"] < 1e-4

@@ -19,7 +19,7 @@ import pytest
 from test_file_faults import DECODE, decode
 from wq_compile.compiler import tuning_log
 from wq_compile.compiler.verified_file import DIGEST_SUFFIX, check, verify_with_digest
-from wq_testing import TESTS_DIR, copy_warm_cache, run_python, warm_small_cache
+from wq_testing import SMALL_MODULES, TESTS_DIR, copy_warm_cache, run_python, warm_small_cache
 
 #: Prepended to a child's script: files this process writes may not exceed ``{limit}`` bytes (a full disk).
 DISK_FULL = """
@@ -60,14 +60,14 @@ def test_disk_full_while_exporting_a_module_fails_clearly_and_the_next_run_build
     """8 KB per file: the host facts fit, no module does. LLVM writes the object file in-process and ends the
     process on the failed write (``LLVM ERROR: IO failure on output stream: File too large``, exit 1: LLVM's own
     fatal error, which Python cannot catch). Nothing a later run would load is torn (only a dot-named temporary
-    file may stay, never read), and the next process (no limit) builds the five modules and decodes correctly."""
+    file may stay, never read), and the next process (no limit) builds the six modules and decodes correctly."""
     proc = run_python(DISK_FULL.format(limit=8192) + DECODE, env=_env(tmp_path))
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
     assert "File too large" in proc.stderr, proc.stderr[-3000:]
     assert _loadable(tmp_path / "cache", temporaries=False) == []
     assert not list((tmp_path / "cache").glob("*/cpu-*/*.json"))  # no key: nothing is taken as built
     out = decode(tmp_path)
-    assert out["compiled"] == 5 and out["err"] < 1e-4, out
+    assert out["compiled"] == SMALL_MODULES and out["err"] < 1e-4, out
     assert _loadable(tmp_path / "cache", temporaries=False) == []
 
 
@@ -131,9 +131,9 @@ def test_cache_that_cannot_be_written_still_runs_loudly(tmp_path, how):
     proc = run_python(DECODE, env=_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["compiled"] == 5 and out["err"] < 1e-4, out
+    assert out["compiled"] == SMALL_MODULES and out["err"] < 1e-4, out
     stored = [w for w in out["warnings"] if "the module cache cannot store it" in w]
-    assert len(stored) == 5 and all("WQ_CACHE_DIR" in w for w in stored), out["warnings"]
+    assert len(stored) == SMALL_MODULES and all("WQ_CACHE_DIR" in w for w in stored), out["warnings"]
     assert any("host_devices.json: cannot be written" in w for w in out["warnings"]), out["warnings"]
 
 
@@ -151,7 +151,7 @@ def test_sigkill_between_export_and_key_is_rebuilt(tmp_path):
     modules = list((tmp_path / "cache").glob("*/cpu-*/*.so"))
     assert len(modules) == 1 and not modules[0].with_suffix(".json").exists()
     out = decode(tmp_path)
-    assert out["compiled"] == 5 and out["err"] < 1e-4, out
+    assert out["compiled"] == SMALL_MODULES and out["err"] < 1e-4, out
     assert _loadable(tmp_path / "cache") == []
 
 
@@ -169,7 +169,7 @@ def test_launcher_without_its_digest_is_rebuilt_quietly(warm, tmp_path):
 
 def test_eight_processes_on_one_empty_cache_build_each_module_once(tmp_path):
     """Heavy (8 fresh processes on a 2-core machine, ~1 min): started at once on an empty cache, all decode as the
-    reference and the five modules are built once in all (the per-module lock is held across lookup, build and
+    reference and the six modules are built once in all (the per-module lock is held across lookup, build and
     store). Prints the slowest process's wall time."""
     script = f"import sys; sys.path.insert(0, {TESTS_DIR!r})\n" + textwrap.dedent(DECODE)
     t0 = time.monotonic()
@@ -182,8 +182,8 @@ def test_eight_processes_on_one_empty_cache_build_each_module_once(tmp_path):
         assert p.returncode == 0, stderr[-3000:]
         outs.append(json.loads(stdout.strip().splitlines()[-1]))
     assert all(o["err"] < 1e-4 for o in outs), outs
-    assert sum(o["compiled"] for o in outs) == 5, [o["compiled"] for o in outs]
-    assert all(o["compiled"] + o["cached"] == 5 for o in outs), outs
+    assert sum(o["compiled"] for o in outs) == SMALL_MODULES, [o["compiled"] for o in outs]
+    assert all(o["compiled"] + o["cached"] == SMALL_MODULES for o in outs), outs
     assert _loadable(tmp_path / "cache") == []
     print(f"8 processes on one empty cache: slowest {max(walls):.1f} s, builds {[o['compiled'] for o in outs]}")
 
@@ -215,10 +215,10 @@ def test_real_full_or_read_only_filesystem_under_the_cache(tmpfs, tmp_path, fs):
     proc = run_python(DECODE, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["compiled"] == 5 and out["err"] < 1e-4, out
+    assert out["compiled"] == SMALL_MODULES and out["err"] < 1e-4, out
     private = sum("the module cache cannot store it" in w for w in out["warnings"])
-    assert private >= 1 if fs == "full" else private == 5, out["warnings"]
+    assert private >= 1 if fs == "full" else private == SMALL_MODULES, out["warnings"]
     assert _loadable(mnt) == []
     again = json.loads(run_python(DECODE, env=env).stdout.strip().splitlines()[-1])
     stored = len(list(mnt.glob("*/cpu-*/*.json")))
-    assert again["cached"] == stored and again["compiled"] == 5 - stored and again["err"] < 1e-4, again
+    assert again["cached"] == stored and again["compiled"] == SMALL_MODULES - stored and again["err"] < 1e-4, again

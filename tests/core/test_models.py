@@ -15,9 +15,13 @@ def test_model_presets_and_kernel_sets():
     assert (p.num_layers, p.num_q_heads, p.num_kv_heads, p.head_dim) == (28, 28, 4, 128)
     specs = kernel_specs("llava-ov-0.5b")
     kinds = [s.kind for s in specs]
-    assert kinds.count("decode") == 4 and kinds.count("quantize") == 3
+    # quantize: one per width and the int2 recode kernel (the default 8-bit scale/zero of the 2-bit bucket)
+    assert kinds.count("decode") == 4 and kinds.count("quantize") == 4
+    assert sum(s.kind == "quantize" and ("given", 1) in s.extra for s in specs) == 1
     fused = next(s for s in specs if s.kind == "fused")
     assert fused.bits == (8, 4, 2, 16) and fused.num_q_heads == 14 and fused.num_kv_heads == 2
+    assert ("meta8", 2) in fused.extra and ("meta8", 2) not in next(s for s in specs if s.kind == "merge").extra
+    assert all(("meta8", 2) not in s.extra for s in kernel_specs("llava-ov-0.5b", meta_bits=16))
     assert len({s.uri for s in specs}) == len(specs)
     cfg = SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=24, num_attention_heads=14,
                                                       num_key_value_heads=2, hidden_size=896))

@@ -119,8 +119,8 @@ class Backend:
         """One line for reports: which kernels are tuned, from where, and which are not."""
         if not self.kernels:
             return "torch reference (no compiled kernels)"
-        kinds = "; ".join(f"{uri.split('_')[0]} {'/'.join(_widths(uri))}{' (int8 dots)' if '_dot81' in uri else ''}: "
-                          f"{how}" for uri, how in self.kernels.items())
+        kinds = "; ".join(f"{uri.split('_')[0]} {'/'.join(_widths(uri))}{_modes(uri)}: {how}"
+                          for uri, how in self.kernels.items())
         threads = f"; CPU threads: {self.threads}" if self.threads else ""
         return (f"{kinds} (modules: {self.compiled} compiled, {self.cached} from the module cache, "
                 f"{self.reused} already loaded in this process{threads})")
@@ -128,6 +128,15 @@ class Backend:
 
 def _widths(uri: str) -> list[str]:
     return [p for p in uri.split("_") if p[:1] == "k" and p[1:2].isdigit()]
+
+
+def _modes(uri: str) -> str:
+    """What else a report says about a kernel: int8 dots, 8-bit scale/zero read, the quantize kernel's recode form."""
+    parts = uri.split("_")
+    modes = [name for key, name in (("dot81", "int8 dots"), ("given1", "recode"))
+             if key in parts] + ["8-bit scale/zero" for p in parts if p.startswith("meta8")]
+    return f" ({', '.join(modes)})" if modes else ""
+
 
 
 _SHARED: dict[tuple[Any, ...], Backend] = {}
