@@ -39,7 +39,7 @@ def test_launch_bounds_leave_the_registers_the_kernel_needs():
     (32, 1, 128, 64, "64 registers per thread"),           # group 32: 1024 threads, registers capped at 64
     (28, 4, 128, 48, r"chunk \(48\).*multiples of 32"),    # capacities the split signature rejects
     (14, 2, 80, 64, r"head_dim \(80\)"),
-    (17, 1, 128, 64, "120 registers per thread against the 126"),  # group 17: 544 threads, 1 block
+    (17, 1, 128, 64, "120 registers per thread against the 128"),  # group 17: 544 threads, 1 block
 ])
 def test_cuda_decoder_refuses_at_construction(cuda_lib, hq, hkv, d, chunk, why):
     with pytest.raises(ValueError, match=f"CUDA split-KV decode: .*{why}"):

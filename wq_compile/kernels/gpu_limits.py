@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..core.quant import key_words
 from ..core.spec import KernelSpec
-from .signatures import DEFAULT_SPLIT_STAGES, SPLIT_STAGE_CHOICES, split_stages
+from .signatures import SPLIT_STAGE_CHOICES, default_split_stages, split_stages
 
 WARP = 32
 #: CUDA's limit on threads per block.
@@ -21,13 +21,15 @@ MAX_REGS_PER_THREAD = 255
 #: Registers the split kernel needs without spilling: ptxas (CUDA 13, -Xptxas -v, sm_90a) reports 119 (0.5B, head_dim
 #: 64), 116 (7B, head_dim 128, f16 and bf16) and 111 (group 16, head_dim 128) since issue 21 item 3 (the K tile
 #: dequantized once, one state for all pieces; 89 / 107 / 109 before); with an int1 piece (``widths`` with 1, which a
-#: decoder may have to build) 126 (0.5B) and 124 (7B). ``__launch_bounds__`` must leave this many.
-SPLIT_REGISTERS_NEEDED = 126
+#: decoder may have to build) 126 (0.5B) and 124 (7B); double-buffered (issue 21 item 6, the head_dim-128 default)
+#: 128 for the 7B, which is also all ptxas gives ``__launch_bounds__(224, 2)``. ``__launch_bounds__`` must leave
+#: this many.
+SPLIT_REGISTERS_NEEDED = 128
 #: Resident blocks per SM the split kernel asks for when its registers allow (2 hides one block's barriers).
 PREFERRED_BLOCKS_PER_SM = 2
 #: Static shared memory one block may declare (``__shared__`` arrays, no ``extern`` dynamic shared memory): 48 KB
 #: on sm_80 and sm_90 alike; beyond it a kernel needs dynamic shared memory and the launch attribute. The split
-#: kernel with one staging buffer uses static shared memory, with two (the default) dynamic.
+#: kernel with one staging buffer uses static shared memory, with two (the default at head_dim >= 128) dynamic.
 STATIC_SMEM_LIMIT = 48 * 1024
 #: Dynamic shared memory one block may use (the opt-in maximum, which TVM's CUDA runtime requests with
 #: ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` for launches of 48 KB or more) and shared memory per SM, by
@@ -143,12 +145,13 @@ def staging_slot_bytes(head_dim: int, chunk: int, bits: tuple[int, ...] = ALL_WI
 
 def split_shared_bytes(group: int, head_dim: int, chunk: int, bits: tuple[int, ...] = ALL_WIDTHS,
                        k_group: int = 28, v_group: int = 64, dtype_bytes: int = 2,
-                       stages: int = DEFAULT_SPLIT_STAGES) -> int:
+                       stages: int | None = None) -> int:
     """Shared memory of one block of the split kernel with ``stages`` staging buffers. One: the static
     ``__shared__`` arrays (:func:`split_static_shared_bytes`). Two: the one dynamic allocation TVM merges the tiles
     into -- the tiles only one chunk's compute reads (query, scores, probabilities, the fp32 K tile, ``P x v_scale``,
     zero-point terms; reused across pieces as with one buffer) plus both slots of every staging union
-    (:func:`staging_slot_bytes`), which stay live across iterations."""
+    (:func:`staging_slot_bytes`), which stay live across iterations. None: the default for ``head_dim``."""
+    stages = default_split_stages(head_dim) if stages is None else stages
     if stages not in SPLIT_STAGE_CHOICES:
         raise ValueError(f"stages: expected one of {SPLIT_STAGE_CHOICES}, got {stages!r}")
     if stages == 1:
@@ -165,7 +168,7 @@ def split_shared_bytes(group: int, head_dim: int, chunk: int, bits: tuple[int, .
 def split_config_problem(num_q_heads: int, num_kv_heads: int, head_dim: int, chunk: int,
                          layout_chunk: int | None = None, *, gpu: bool = True, bits: tuple[int, ...] = ALL_WIDTHS,
                          k_group: int = 28, v_group: int = 64, dtype_bytes: int = 2, rows: int | None = None,
-                         what: str = "split", stages: int = DEFAULT_SPLIT_STAGES,
+                         what: str = "split", stages: int | None = None,
                          arch: str | None = None) -> str | None:
     """Why the split kernel cannot run this configuration (None if it can). ``chunk``: the kernel's token chunk;
     ``layout_chunk``: the cache layout's chunk, which every piece's capacity is a multiple of; ``gpu``: also the
@@ -193,6 +196,7 @@ def split_config_problem(num_q_heads: int, num_kv_heads: int, head_dim: int, chu
         return f"head_dim ({head_dim}) must be a multiple of {WARP} (each lane owns head_dim / 32 channels)"
     if chunk % WARP:
         return f"the kernel chunk ({chunk}) must be a multiple of {WARP} (one token per lane)"
+    stages = default_split_stages(head_dim) if stages is None else stages
     smem = split_shared_bytes(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes, stages)
     unit = "query heads per KV head" if rows is None else "query rows per block"
     what_cfg = (f"{group} {unit} at head_dim {head_dim} (widths {'/'.join(map(str, bits))}, {8 * dtype_bytes}-bit "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ..core.models import get_preset
 from ..core.spec import KernelSpec
 from ..kernels.gpu_limits import min_blocks_per_sm, smem_blocks_per_sm, split_shared_bytes
-from ..kernels.signatures import DEFAULT_SPLIT_STAGES, SPLIT_CHUNK, choose_splits, signature, split_spec
+from ..kernels.signatures import SPLIT_CHUNK, choose_splits, signature, split_spec, split_stages
 
 #: H200: 132 SMs, ~4.8 TB/s HBM3e.
 H200_SMS = 132
@@ -69,9 +69,11 @@ def piece_tokens(tokens: int, mix: dict[int, float] = DEFAULT_MIX) -> dict[int, 
 
 
 def model_row(model: str, batch: int, tokens: int, *, sms: int = H200_SMS, hbm_bytes_s: float = H200_HBM_BYTES_S,
-              mix: dict[int, float] = DEFAULT_MIX, dtype: str = "f16", stages: int = DEFAULT_SPLIT_STAGES) -> PerfRow:
-    """The model's numbers for one (model, batch, tokens per sample), the kernel with ``stages`` staging buffers."""
+              mix: dict[int, float] = DEFAULT_MIX, dtype: str = "f16", stages: int | None = None) -> PerfRow:
+    """The model's numbers for one (model, batch, tokens per sample), the kernel with ``stages`` staging buffers
+    (None: the kernel's default)."""
     spec = split_kernel_spec(model, dtype)
+    stages = split_stages(spec) if stages is None else stages
     sig = signature(spec)
     per_piece = {b: 0 for b in spec.bits} | piece_tokens(tokens, mix)  # a width without tokens: an empty bucket
     caps = {b: max(SPLIT_CHUNK, -(-n // SPLIT_CHUNK) * SPLIT_CHUNK) for b, n in per_piece.items()}
@@ -101,16 +103,17 @@ def model_row(model: str, batch: int, tokens: int, *, sms: int = H200_SMS, hbm_b
 def perf_table(models: tuple[str, ...] = ("llava-ov-7b", "llava-ov-0.5b"), batches: tuple[int, ...] = (1, 8),
                lengths: tuple[int, ...] = (2048, 8192, 32768)) -> str:
     """The README's table (markdown), one row per (model, batch, tokens)."""
-    lines = ["| model | batch | tokens | P | blocks | waves | bytes/token | chunks in flight per block | HBM fraction "
-             "| expected us/layer | HBM fraction, one staging buffer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | tokens | P | blocks | waves | bytes/token | stages | chunks in flight per block "
+             "| HBM fraction | expected us/layer | HBM fraction with 1 / 2 stages |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
+        stages = split_stages(split_kernel_spec(m))
         for b in batches:
             for n in lengths:
-                r, one = model_row(m, b, n), model_row(m, b, n, stages=1)
+                r, one, two = (model_row(m, b, n, stages=s) for s in (None, 1, 2))
                 lines.append(f"| {m} | {b} | {n} | {r.parts} | {r.blocks} | {r.waves:.2f} | "
-                             f"{r.bytes_per_token:.0f} | {r.in_flight} | {r.hbm_fraction:.2f} | {r.expected_us:.1f} | "
-                             f"{one.hbm_fraction:.2f} |")
+                             f"{r.bytes_per_token:.0f} | {stages} | {r.in_flight} | {r.hbm_fraction:.2f} | "
+                             f"{r.expected_us:.1f} | {one.hbm_fraction:.2f} / {two.hbm_fraction:.2f} |")
     return "\n".join(lines)
 
 
