@@ -11,7 +11,9 @@ group, ``blockDim = (dl, 32 / dl, group)``; a warp's 32 lanes are ``lane = ty * 
   final weights are computed by every lane of the head's warp (two exps per chunk, not two per channel);
 - staging: the chunk's key/value codes (and key scale / zero, dense K/V) are copied once per KV head for the whole
   query group into shared memory with 16-byte (``int4``/``uint4``) loads, dequantized in registers by the consumers;
-  dense K rows padded by 16 bytes (no bank conflicts in the score loop).
+  dense K rows padded by 16 bytes (no bank conflicts in the score loop). With two staging buffers (the kernel's
+  ``stages``, default) the copies are ``cp.async`` of 16 bytes into the slot of the next chunk while the block
+  computes the current one, and every tile is in dynamic shared memory (:func:`smem_scope`).
 
 ``dl`` (head_dim lanes of the score reduction) is the knob of the split between tokens and head_dim; the group is
 always one warp per query head.
@@ -23,6 +25,7 @@ from tvm import s_tir
 
 from wq_compile.kernels.attention import pieces
 from wq_compile.kernels.gpu_limits import check_split_spec
+from wq_compile.kernels.signatures import split_stages
 from wq_compile.core.spec import KernelSpec
 
 WARP = 32
@@ -37,6 +40,11 @@ def annotate_unroll(sch: s_tir.Schedule, unroll) -> None:
     ``pragma_auto_unroll_max_step`` on the outer loop of every block. (On a loop the same annotation was never read:
     unroll 0 and 512 gave byte-identical CUDA.)"""
     sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", unroll)
+
+
+def smem_scope(spec: KernelSpec) -> str:
+    """Storage scope of the split kernel's shared tiles: static with one staging buffer, dynamic with two."""
+    return "shared.dyn" if split_stages(spec) > 1 else "shared"
 
 
 def split_threads(spec: KernelSpec) -> int:
@@ -54,6 +62,10 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
     """Schedule the split kernel with ``dl`` head_dim lanes (an int or a sampled categorical)."""
     check(spec)
     d, gs = spec.head_dim, spec.group_size
+    # two staging buffers take the block past the 48 KB of static shared memory: one dynamic allocation (TVM merges
+    # the tiles, reusing memory by liveness, and passes its size at launch; its CUDA runtime raises the function's
+    # dynamic shared memory limit when the size is 48 KB or more)
+    smem = smem_scope(spec)
 
     def warp_lanes(loop):
         """Split a loop of 32 into (threadIdx.y, threadIdx.x) = (32 / dl, dl)."""
@@ -86,7 +98,7 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
     _, _, g, dd = sch.get_loops(qscale)
     sch.bind(g, "threadIdx.z")
     channel_lanes(dd)
-    sch.set_scope(qscale, 0, "shared")
+    sch.set_scope(qscale, 0, smem)
 
     def stage_copy(name: str, vec: int, serial: int = 0) -> None:
         """A staging copy; its first ``serial`` loops (the key groups of a chunk) stay serial, so the clamped group
@@ -102,7 +114,7 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
         _, z, lane = sch.split(outer, [None, gs, WARP])
         sch.bind(z, "threadIdx.z")
         warp_lanes(lane)
-        sch.set_scope(blk, 0, "shared")
+        sch.set_scope(blk, 0, smem)
 
     def dequant_tile(name: str, tokens_inner: bool, pad: int) -> None:
         """A dequant block (loops ``t, w, j``) computed into shared memory by every thread of the block."""
@@ -115,7 +127,7 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
         _, z, lane = sch.split(fused, [None, gs, WARP])
         sch.bind(z, "threadIdx.z")
         warp_lanes(lane)
-        sch.set_scope(blk, 0, "shared")
+        sch.set_scope(blk, 0, smem)
         if pad:  # buffer [B, Hkv, chunk, d / per, per]: the token axis' stride (d) becomes d + pad
             sch.storage_align(blk, 0, axis=2, factor=d, offset=pad)
 
@@ -147,7 +159,7 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
         sch.bind(g, "threadIdx.z")
         sch.bind(t_y, "threadIdx.y")
         sch.bind(r_x, "threadIdx.x")
-        sch.set_scope(qk, 0, "shared")
+        sch.set_scope(qk, 0, smem)
 
         # token reductions and element-wise stages: one token per lane (serial part innermost for reductions)
         reductions = ["cmax", "lsum"] + (["vzero"] if p.quantized else [])
@@ -163,9 +175,9 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
                 # the zero-point term per value group: with several groups a lane reads the one of its channels,
                 # an index that depends on the lane: shared memory, not a local array (which would go to the stack)
                 several = stage == "vzero" and spec.head_dim // spec.quant(p.bits).v_group > 1
-                sch.set_scope(blk, 0, "shared" if several else "local")
+                sch.set_scope(blk, 0, smem if several else "local")
             else:
-                sch.set_scope(blk, 0, "shared")
+                sch.set_scope(blk, 0, smem)
 
         # P @ V: head -> z, channels -> lanes (d / 32 each), tokens serial; partial sums in registers
         pv = sch.get_sblock(p.block("pv"))
@@ -175,9 +187,10 @@ def schedule_split(sch: s_tir.Schedule, spec: KernelSpec, dl, unroll, code_vec: 
         sch.reorder(y, x, t, j)
         sch.set_scope(pv, 0, "local")
 
-        if not p.quantized:
+        if not p.quantized and split_stages(spec) == 1:
             # dense K rows padded by 16 bytes: a warp reads 32 / dl tokens x dl channels of a row, and a row stride of
-            # d halves (256 B at d 128) put every token on the same banks (8-way conflicts); d + 8 spreads them
+            # d halves (256 B at d 128) put every token on the same banks (8-way conflicts); d + 8 spreads them (two
+            # staging buffers: the factory's union tiles are padded already)
             sch.storage_align(sch.get_sblock(p.block("kload")), 0, axis=2, factor=d, offset=16 // _itemsize(spec))
 
     # the split's running state, one for all pieces: (m, l) and the chunk's rescale factors per query head, computed

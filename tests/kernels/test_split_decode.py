@@ -14,6 +14,7 @@ from wq_compile.compiler.check import reference_outputs
 from wq_compile.core import reference
 from wq_compile.kernels import make_kernel, signature
 from wq_compile.kernels.signatures import pieces
+from wq_compile.kernels.signatures import with_split_stages
 from wq_compile.kernels.split_decode import choose_splits, merge_spec, split_spec
 from wq_compile.core.spec import KernelSpec
 from wq_testing import check_close, compiled_default, fused_case_with_lse, quantized_piece
@@ -54,7 +55,8 @@ SCENARIOS = [
 def test_split_fused_matches_reference(shape: str) -> None:
     """f32 at the tight tolerance over every scenario and split count (the 7B shape is checked as the CUDA spec
     it ships as, bf16, below: one build of the large kernel instead of two)."""
-    spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES[shape]))
+    # two staging buffers (issue 21, item 6; the 0.5B's default is one: test_cuda_specs_on_llvm, test_split_low_precision)
+    spec = with_split_stages(split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES[shape])), 2)
     gen = torch.Generator().manual_seed(3)
     for caps, lens in SCENARIOS:
         call, want, want_lse = _case(spec, caps, lens, gen)
@@ -74,7 +76,7 @@ def test_splits_cut_all_pieces_as_one_chunk_sequence() -> None:
     (``cps = ceil(total / P)``), so ``P`` can follow all pieces' tokens together; chunks outside a piece or past its
     ``lens`` are skipped, and a split without a valid token writes ``o = 0, lse = -inf``. With 30 splits over the
     22 chunks of the first scenario (cps 1), split ``s`` holds exactly global chunk ``s``."""
-    spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES["0.5b"]))
+    spec = with_split_stages(split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES["0.5b"])), 2)
     caps, lens = SCENARIOS[0]
     call, want, _ = _case(spec, caps, lens, torch.Generator().manual_seed(5))
     out, o_parts, lse_parts = run_split(spec, call, 30)
@@ -96,30 +98,38 @@ def test_splits_cut_all_pieces_as_one_chunk_sequence() -> None:
                 assert bool(torch.isneginf(lse_parts[s, i]).all()) and bool((o_parts[s, i] == 0).all()), (s, i)
 
 
-def test_chunk_iterations_without_valid_tokens_are_skipped() -> None:
+@pytest.mark.parametrize("stages", [1, 2])
+def test_chunk_iterations_without_valid_tokens_are_skipped(stages: int) -> None:
     """One chunk loop per split; in it, each piece's stages sit inside one ``if`` on the global chunk being a chunk of
     that piece below ``lens[b]`` (uniform per GPU thread block: ``b`` and the split are block indices), and one state
-    update (``hstate``, ``state``) follows outside them. Read off the PrimFunc's TVMScript."""
-    spec = split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES["0.5b"]))
+    update (``hstate``, ``state``) follows outside them. Read off the PrimFunc's TVMScript. Double-buffered
+    (``stages`` 2): the loop runs ``cps + 1`` iterations; the first ``if`` of each piece stages chunk ``ci`` (copies
+    only, into slot ``ci % 2``), the second computes chunk ``ci - 1`` from slot ``(ci - 1) % 2``."""
+    spec = with_split_stages(split_spec(KernelSpec("fused", (8, 4, 2, 16), chunk=32, **SHAPES["0.5b"])), stages)
     lines = make_kernel(spec).script().splitlines()
     indent = lambda ln: len(ln) - len(ln.lstrip())  # noqa: E731
     (at,) = [i for i, ln in enumerate(lines) if ln.lstrip().startswith("for ci in ")]
+    assert ("+ 1" in lines[at]) == (stages == 2), lines[at]
     body = []
     for ln in lines[at + 1:]:
         if ln.strip() and indent(ln) <= indent(lines[at]):
             break
         body.append(ln)
     guards = [i for i, ln in enumerate(body) if indent(ln) == indent(lines[at]) + 4 and ln.lstrip().startswith("if ")]
-    assert len(guards) == len(spec.bits), [body[i][:80] for i in guards]
-    stages = ("koff", "kload", "vload", "qk", "cmax", "prob", "lsum", "pv")
-    for p, g in zip(pieces(spec), guards + [len(body)]):
-        assert f"{p.tag}_lens[" in body[g], (p.tag, body[g][:200])
-        end = next((i for i in range(g + 1, len(body)) if body[i].strip() and indent(body[i]) <= indent(body[g])),
-                   len(body))
-        inside = "\n".join(body[g + 1:end])
-        for st in stages:
-            if st != "koff" or p.quantized:
-                assert f'T.sblock("{p.tag}_{st}")' in inside, f"{p.tag}_{st} outside its guard"
+    assert len(guards) == stages * len(spec.bits), [body[i][:80] for i in guards]
+    copies, compute = ("kload", "vload"), ("koff", "qk", "cmax", "prob", "lsum", "pv")
+    phases = [copies + compute] if stages == 1 else [copies, compute]
+    for k, phase in enumerate(phases):
+        for i, p in enumerate(pieces(spec)):
+            g = guards[k * len(spec.bits) + i]
+            assert f"{p.tag}_lens[" in body[g], (p.tag, body[g][:200])
+            assert stages == 1 or ("ci - 1" in body[g]) == (phase == compute), body[g][:300]
+            end = next((j for j in range(g + 1, len(body)) if body[j].strip() and indent(body[j]) <= indent(body[g])),
+                       len(body))
+            inside = "\n".join(body[g + 1:end])
+            for st in copies + compute:
+                if st != "koff" or p.quantized:
+                    assert (f'T.sblock("{p.tag}_{st}")' in inside) == (st in phase), f"{p.tag}_{st}: wrong phase"
     after = "\n".join(body[end:])
     assert 'T.sblock("hstate")' in after and 'T.sblock("state")' in after, "the state update must run every iteration"
 
@@ -137,10 +147,12 @@ def test_split_decode_single_piece(bits: int) -> None:
             check_close(f"decode bits={bits} n={n} P={parts}", out, want, *TOL)
 
 
-@pytest.mark.parametrize("dtype", ["f16", "bf16"])
-def test_split_low_precision(dtype: str) -> None:
-    """f16 / bf16 queries, dense piece and output; partials stay fp32."""
-    spec = split_spec(KernelSpec("fused", (4, 16), chunk=32, dtype=dtype, **SHAPES["0.5b"]))
+@pytest.mark.parametrize("dtype, stages", [("f16", 2), ("bf16", 1)])
+def test_split_low_precision(dtype: str, stages: int) -> None:
+    """f16 / bf16 queries, dense piece and output; partials stay fp32. Both staging forms (issue 21, item 6: the
+    double-buffered default and one buffer, ``stages`` 1), chunk sequences that cross from one piece to the other
+    (a split's next chunk staged into the other slot while the 4-bit piece's chunk is computed)."""
+    spec = with_split_stages(split_spec(KernelSpec("fused", (4, 16), chunk=32, dtype=dtype, **SHAPES["0.5b"])), stages)
     gen = torch.Generator().manual_seed(9)
     call, want, _ = _case(spec, {4: 320, 16: 64}, {4: [300, 13], 16: [7, 64]}, gen)
     for parts in (1, 5):

@@ -39,7 +39,7 @@ def test_launch_bounds_leave_the_registers_the_kernel_needs():
     (32, 1, 128, 64, "64 registers per thread"),           # group 32: 1024 threads, registers capped at 64
     (28, 4, 128, 48, r"chunk \(48\).*multiples of 32"),    # capacities the split signature rejects
     (14, 2, 80, 64, r"head_dim \(80\)"),
-    (17, 1, 128, 64, "120 registers per thread against the 126"),  # group 17: 544 threads, 1 block
+    (17, 1, 128, 64, "120 registers per thread against the 128"),  # group 17: 544 threads, 1 block
 ])
 def test_cuda_decoder_refuses_at_construction(cuda_lib, hq, hkv, d, chunk, why):
     with pytest.raises(ValueError, match=f"CUDA split-KV decode: .*{why}"):
@@ -88,31 +88,46 @@ def test_static_shared_model_matches_the_generated_cuda(key):
 
 
 #: The construction check counts the int1 piece (ALL_WIDTHS: a decoder may have to build it): +128 B over 8/4/2.
+#: With one staging buffer (static arrays, at most 48 KB) these were refused; two (the default, dynamic shared
+#: memory up to 227 KB on sm_90) fit an H200, and one staging buffer is still refused by the model.
 @pytest.mark.parametrize("hq, hkv, d, dtype, why", [
     (16, 1, 128, torch.float16, "16 query heads per KV head at head_dim 128 .* need 51,712 B of static shared"),
     (28, 4, 128, torch.float32, "7 query heads per KV head at head_dim 128 .*32-bit activations.* 58,624 B"),
     (28, 2, 128, torch.bfloat16, "14 query heads per KV head .* 49,664 B.* Use fewer query heads per KV head"),
 ])
-def test_static_shared_memory_refused_at_construction(cuda_lib, cpu_lib, hq, hkv, d, dtype, why):
-    """Issue 21: a config whose split-kernel tiles pass the 48 KB of static shared memory is refused when the
-    decoder is built (ptxas for sm_80 refused group 16 at d 128); the same PrimFunc on llvm has no such limit."""
+def test_static_shared_memory_limits_one_staging_buffer(cuda_lib, hq, hkv, d, dtype, why):
+    """Issue 21: a split kernel with one staging buffer whose tiles pass the 48 KB of static shared memory is
+    refused (ptxas for sm_80 refused group 16 at d 128); the default (two buffers, dynamic) is built for them."""
     with pytest.raises(ValueError, match=f"CUDA split-KV decode: {why}") as err:
-        FusedDecoder(cuda_lib, hq, hkv, d, dtype)
+        gl.check_split_config(hq, hkv, d, 32, dtype_bytes=dtype.itemsize, stages=1, arch="sm_90a")
     assert "CUDA allows 49,152 B (sm_80, sm_90) without dynamic shared memory" in str(err.value)
-    assert FusedDecoder(cpu_lib, hq, hkv, d, dtype, split=True).split
+    assert FusedDecoder(cuda_lib, hq, hkv, d, dtype).split
+
+
+def test_dynamic_shared_memory_refused_at_construction(cuda_lib, cpu_lib):
+    """Two staging buffers need up to 227 KB of dynamic shared memory per block on sm_90 (163 KB on sm_80): past it
+    the decoder is refused when it is built; the same PrimFunc on llvm has no such limit."""
+    with pytest.raises(ValueError, match="8 query heads per KV head at head_dim 256 .*32-bit activations.* need "
+                                         "251,904 B of dynamic shared memory .* sm_90 allows 232,448 B"):
+        FusedDecoder(cuda_lib, 8, 1, 256, torch.float32)
+    assert FusedDecoder(cpu_lib, 8, 1, 256, torch.float32, split=True).split
+    assert gl.split_config_problem(8, 1, 256, 32, arch="sm_90a") is None  # 16-bit: 186,368 B fit an H100/H200 ...
+    assert "sm_80 allows 166,912 B" in gl.split_config_problem(8, 1, 256, 32, arch="sm_80")  # ... not an A100
+    assert gl.smem_blocks_per_sm(gl.split_shared_bytes(7, 128, 32, dtype_bytes=2), "sm_90") == 2  # the 7B presets
 
 
 def test_cuda_multi_token_decoder_checks_its_rows(cuda_lib, cpu_lib):
     """The multi-token kernel on CUDA runs the split form (rows per block default: the group) and is refused at
-    construction where its rows' tiles pass 48 KB of static shared memory or 1024 threads."""
+    construction where its rows need more than 1024 threads (or, with one staging buffer, 48 KB of static shared memory)."""
     from wq_compile.runtime.steps import StepDecoder
 
     dec = StepDecoder(cuda_lib, 28, 4, 128, torch.float16)
     assert dec.split and [s.kind for s in dec.specs((8, 4, 2))] == ["multi", "merge"]
     assert dec.specs((8, 4, 2))[0].uri.endswith("_split1") and dec.shape["chunk"] == 32
     assert StepDecoder(cuda_lib, 28, 4, 128, torch.float16, knobs={"rows": 8}).split
+    assert StepDecoder(cuda_lib, 28, 4, 128, torch.float16, knobs={"rows": 16}).split  # 103,424 B: dynamic fits
     with pytest.raises(ValueError, match="CUDA multi-token: 16 query rows per block at head_dim 128 .* 51,712 B"):
-        StepDecoder(cuda_lib, 28, 4, 128, torch.float16, knobs={"rows": 16})
+        gl.check_split_config(28, 4, 128, 32, rows=16, what="multi-token", stages=1)
     with pytest.raises(ValueError, match="CUDA multi-token: .*1056 threads per block"):
         StepDecoder(cuda_lib, 14, 2, 64, torch.float16, knobs={"rows": 33})
     assert not StepDecoder(cpu_lib, 28, 4, 128, torch.float16).split  # CPUs: the CPU multi-token kernel

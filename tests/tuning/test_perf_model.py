@@ -29,6 +29,11 @@ def test_rows_follow_the_kernel_and_the_launch_policy():
     small = pm.model_row("llava-ov-7b", 1, 2048)
     assert small.parts == 64 and small.blocks == 256 and small.waves > 0.95, small
     assert pm.model_row("llava-ov-0.5b", 1, 2048).blocks == 128
+    # double buffering (issue 21, item 6): two chunks of loads in flight per block where a split has two or more
+    # chunks (the 0.5B at 8K: 264 blocks, 4 chunks each), one where it has one (7B at 2K: 64 chunks, P = 64)
+    one, two = (pm.model_row("llava-ov-0.5b", 1, 8192, stages=s) for s in (1, 2))
+    assert (one.in_flight, two.in_flight) == (1, 2) and abs(two.hbm_fraction - 2 * one.hbm_fraction) < 1e-9
+    assert pm.model_row("llava-ov-7b", 1, 2048).in_flight == 1 and pm.model_row("llava-ov-7b", 1, 2048).parts == 64
 
 
 def test_readme_table_is_the_models_output():

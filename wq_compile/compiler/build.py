@@ -111,11 +111,21 @@ def apply_trace(func: Any, trace: Any, where: str) -> Any:
     return sch
 
 
+#: Lowering options of CUDA builds: the split kernel's double-buffered staging copies (``async_scope``) become
+#: ``cp.async`` (``InjectPTXAsyncCopy``); without it they stay plain loads (correct, not overlapped).
+CUDA_PASS_CONFIG = {"tirx.use_async_copy": True}
+
+
+def pass_config(target_kind: str) -> dict[str, Any]:
+    """The ``tvm.transform.PassContext`` config a build for ``target_kind`` uses (also MetaSchedule's builder)."""
+    return dict(CUDA_PASS_CONFIG) if target_kind == "cuda" else {}
+
+
 def build_module(sch: Any, device: Device) -> Any:
     """Lower and build with ``tvm.driver.build`` (a runtime.Module that ``export_library`` accepts)."""
     import tvm
 
-    with device.target:
+    with device.target, tvm.transform.PassContext(config=pass_config(device.kind)):
         return tvm.driver.build(sch.mod, target=device.target)
 
 

@@ -93,11 +93,14 @@ def make_kernel(spec: KernelSpec, target_kind: str | None = None, cpu: CpuIsa | 
     (:mod:`.split_decode`) for a split spec on any target. ``None`` keeps the block-style kernel.
     ``kind="multi"`` (several new query tokens): the CPU form (:mod:`.multi_token_cpu`, built for ``"llvm"`` and
     ``None``), or its split-KV form for any target (``split_spec`` of it, :mod:`.multi_token_split`: the CUDA one).
+    Split kernels with two staging buffers mark their staging copies as ``cp.async`` groups for ``"cuda"`` only
+    (the markers have no llvm lowering; without them the same double-buffered copies are plain loads).
     """
+    async_copy = target_kind == "cuda"
     if spec.kind == "multi" and is_split(spec):  # the split-KV form: CUDA, and the same PrimFunc on llvm
         from . import multi_token_split
 
-        return multi_token_split.build_multi_split(spec)
+        return multi_token_split.build_multi_split(spec, async_copy)
     if spec.kind == "multi":
         if target_kind not in (None, "llvm"):
             raise ValueError(f"target_kind: this multi-token kernel is the CPU (llvm) form only, got {target_kind!r}; "
@@ -109,6 +112,10 @@ def make_kernel(spec: KernelSpec, target_kind: str | None = None, cpu: CpuIsa | 
         from . import attention_cpu
 
         return attention_cpu.build_fused_cpu(spec, cpu) if cpu is not None else attention_cpu.build_fused_cpu(spec)
+    if spec.kind in ("decode", "fused") and is_split(spec):
+        from . import split_decode
+
+        return split_decode.build_split_attention(spec, async_copy)
     return _factory(spec)(spec)
 
 

@@ -38,14 +38,16 @@ def multi_rows(spec: KernelSpec) -> int:
 
 def rows_spec(spec: KernelSpec) -> KernelSpec:
     """The split-KV fused spec whose GQA group is the block's ``R`` rows: what the split body and the CUDA split
-    schedule are built for (its intermediates are per row)."""
+    schedule are built for (its intermediates are per row; its staging buffers: ``stages`` as given)."""
     rows = multi_rows(spec)
+    stages = tuple((k, v) for k, v in spec.extra if k == "stages")
     return KernelSpec("fused", spec.bits, spec.head_dim, spec.num_kv_heads * rows, spec.num_kv_heads, spec.k_group,
-                      spec.v_group, spec.dtype, spec.chunk, (("split", 1),))
+                      spec.v_group, spec.dtype, spec.chunk, (("split", 1), *stages))
 
 
-def build_multi_split(spec: KernelSpec) -> tirx.PrimFunc:
-    """TIR of the split-KV multi-token kernel -> o_parts, lse_parts (see the module docstring)."""
+def build_multi_split(spec: KernelSpec, async_copy: bool = False) -> tirx.PrimFunc:
+    """TIR of the split-KV multi-token kernel -> o_parts, lse_parts (see the module docstring; ``async_copy``: see
+    :func:`.split_decode.build_split_attention`)."""
     if spec.kind != "multi" or not is_split(spec):
         raise ValueError(f"spec: expected a split-KV multi-token spec (split_spec of kind 'multi'), got {spec.uri}")
     sig = multi_split_signature(spec)  # checks the dense piece is there
@@ -75,4 +77,4 @@ def build_multi_split(spec: KernelSpec) -> tirx.PrimFunc:
         return Rows(syms["B"] * ntiles, sample, query, dense_limit,
                     lambda vb, vkh, vg: (sample(vb), *token_head(vb, vkh, vg)))
 
-    return build_split_rows(rows_spec(spec), spec.uri, sig, rows_of)
+    return build_split_rows(rows_spec(spec), spec.uri, sig, rows_of, async_copy)

@@ -9,7 +9,7 @@ Only plain metadata and the spec helpers the decoder needs per call live here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..core.quant import key_words
 from ..core.quant_fit import DEFAULT_FIT, LSQ_ITERS, ZS_SHIFTS, fit_named, fit_of
@@ -160,6 +160,37 @@ MAX_SPLITS = 4096
 def is_split(spec: KernelSpec) -> bool:
     """True for the split-KV form of a decode/fused spec (``("split", 1)`` in ``spec.extra``)."""
     return dict(spec.extra).get("split", 0) == 1
+
+
+#: Chunks of staged codes in flight per block of the split kernel (``("stages", n)`` in ``spec.extra``; absent: the
+#: default, :func:`default_split_stages`). 1: stage a chunk, barrier, compute it, barrier. 2: double buffering --
+#: chunk ``i + 1``'s staging copies (``cp.async`` on CUDA) are issued into the second buffer before chunk ``i`` is
+#: computed.
+SPLIT_STAGE_CHOICES = (1, 2)
+
+
+def default_split_stages(head_dim: int) -> int:
+    """The default staging buffers: 2 where ptxas keeps the double-buffered kernel in registers at two blocks of
+    224 threads per SM (head_dim 128, the 7B f16 / bf16 presets: 128 registers, no spill), 1 below (head_dim 64, the
+    0.5B: two buffers spill 76 B on sm_90a, 20 B on sm_80, at the 128 registers ``__launch_bounds__(224, 2)`` gives;
+    ptxas CUDA 13, 2026-12-06, docs/offline_tuning.md)."""
+    return 2 if head_dim >= 128 else 1
+
+
+def split_stages(spec: KernelSpec) -> int:
+    """Staging buffers of a split kernel spec (see :data:`SPLIT_STAGE_CHOICES`)."""
+    stages = dict(spec.extra).get("stages", default_split_stages(spec.head_dim))
+    if stages not in SPLIT_STAGE_CHOICES:
+        raise ValueError(f"stages: the split kernel stages 1 or 2 chunks at a time, got {stages!r}")
+    return int(stages)
+
+
+def with_split_stages(spec: KernelSpec, stages: int) -> KernelSpec:
+    """``spec`` (a split spec) with ``stages`` staging buffers; the default leaves the key out (one URI per kernel)."""
+    if stages not in SPLIT_STAGE_CHOICES:
+        raise ValueError(f"stages: the split kernel stages 1 or 2 chunks at a time, got {stages!r}")
+    extra = tuple((k, v) for k, v in spec.extra if k != "stages")
+    return replace(spec, extra=extra if stages == default_split_stages(spec.head_dim) else (*extra, ("stages", stages)))
 
 
 def split_spec(spec: KernelSpec) -> KernelSpec:

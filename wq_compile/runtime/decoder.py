@@ -74,7 +74,7 @@ class FusedDecoder:
         if self.split:  # refused here, not at the first decode step (or on the GPU)
             check_split_config(num_q_heads, num_kv_heads, head_dim, SPLIT_CHUNK, layout_chunk=chunk,
                                gpu=library.device.kind == "cuda", k_group=k_group, v_group=v_group,
-                               dtype_bytes=dtype.itemsize)
+                               dtype_bytes=dtype.itemsize, arch=library.device.arch)
             chunk = SPLIT_CHUNK  # finer ranges: enough thread blocks at batch 1 from ~2K tokens
         self.shape = dict(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                           k_group=k_group, v_group=v_group, dtype=dtype_tag(dtype), chunk=chunk)

@@ -48,7 +48,7 @@ class StepDecoder:
             rows = int((knobs or {}).get("rows", num_q_heads // max(1, num_kv_heads)))
             check_split_config(num_q_heads, num_kv_heads, head_dim, SPLIT_CHUNK, layout_chunk=chunk,
                                gpu=library.device.kind == "cuda", k_group=k_group, v_group=v_group,
-                               dtype_bytes=dtype.itemsize, rows=rows, what="multi-token")
+                               dtype_bytes=dtype.itemsize, arch=library.device.arch, rows=rows, what="multi-token")
             chunk = SPLIT_CHUNK
         self.sm_count = sm_count or _parallel_units(library.device)
         self.library = library

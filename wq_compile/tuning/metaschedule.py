@@ -17,8 +17,11 @@ def build_candidate(mod: Any, target: Any, _params: Any = None) -> Any:
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from ..compiler.build import pass_config
+
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm.driver.build(mod, target=target)
+    with tvm.transform.PassContext(config=pass_config(tvm.target.Target(target).kind.name)):
+        return tvm.driver.build(mod, target=target)
 
 
 def progress_callback(on_result: Callable[[int, int], None]) -> Any:
