@@ -308,7 +308,8 @@ from wq_compile.core.reference import decode_attention
 b = make_backend(WindowQuantConfig(backend="tvm"), 4, 2, 64, torch.float32, "cpu")
 gen = torch.Generator().manual_seed(0)
 k, v = torch.randn(2, 3 * 196 + 20, 64, generator=gen), torch.randn(2, 3 * 196 + 20, 64, generator=gen)
-layer = LayerCache.empty(1, 2, 64, torch.float32, residual=64, quantizer=b.quantize)
+layer = LayerCache.empty(1, 2, 64, torch.float32, residual=64, quantizer=b.quantize,
+                         meta_bits=WindowQuantConfig().meta_bits)  # the default storage format
 layer.fill_sample(0, k, v, Windows(torch.tensor([0, 196, 392]), torch.tensor([196, 196, 196]),
                                    torch.tensor([8, 4, 2])))
 q = torch.randn(1, 4, 64, generator=gen)

@@ -24,7 +24,7 @@ import pytest
 from wq_compile.compiler import tuning_log
 from wq_compile.compiler.device import resolve_device
 from wq_compile.kernels.catalog import kernel_specs
-from wq_testing import copy_warm_cache, measured_log, run_python, small_decode, warm_small_cache
+from wq_testing import SMALL_MODULES, copy_warm_cache, measured_log, run_python, small_decode, warm_small_cache
 
 #: Fresh process: the tiny preset's backend, one decode over 8/4/2-bit windows and a dense residual, compared with
 #: the torch reference; prints what it did and every warning as JSON (last line).
@@ -44,6 +44,15 @@ QUANT4, FUSED = (next(s for s in kernel_specs("tiny", kinds=(kind,)) if s.bits[0
 RECORD_KNOBS = {"pvc": 16, "qkh": 8, "splits": 1}
 
 
+def base_fused():
+    """The fused kernel without its storage mode: the spec whose knob record the runtime reads for :data:`FUSED`."""
+    from dataclasses import replace
+
+    from wq_compile.kernels.knobs import MODE_KEYS
+
+    return replace(FUSED, extra=tuple((k, v) for k, v in FUSED.extra if k not in MODE_KEYS))
+
+
 def decode(root: Path) -> dict:
     """:func:`_decode_case`, asserting the process exited 0."""
     out = _decode_case(root)
@@ -53,8 +62,9 @@ def decode(root: Path) -> dict:
 
 def _knob_record(host, logs: Path) -> None:
     """A knob record of the fused kernel for this host (the winner only: what the runtime reads)."""
-    folder = tuning_log.log_dir(logs, host.tag, FUSED.uri)
-    meta = tuning_log.new_meta(host, FUSED.uri, tuning_log.spec_fields(FUSED), {"B": 1}, {"sm_scale": 0.125}, 0)
+    base = base_fused()  # the 8-bit scale/zero form (the default) is built with the record of the kernel without it
+    folder = tuning_log.log_dir(logs, host.tag, base.uri)
+    meta = tuning_log.new_meta(host, base.uri, tuning_log.spec_fields(base), {"B": 1}, {"sm_scale": 0.125}, 0)
     meta.update(kind=tuning_log.KNOB_KIND, best={"knobs": RECORD_KNOBS, "median_ms": 0.3})
     tuning_log.write_meta(folder, meta)
     tuning_log.append_knob_sample(folder, RECORD_KNOBS, 0, 3e-4)
@@ -62,9 +72,10 @@ def _knob_record(host, logs: Path) -> None:
 
 @pytest.fixture(scope="session")
 def warm_tree(tmp_path_factory) -> Path:
-    """Logs + a warm module cache (one cold process, then checked warm: nothing built, TVM not imported). The three
+    """Logs + a warm module cache (one cold process, then checked warm: nothing built, TVM not imported). The four
     modules no log touches come from the run's shared warm cache (``warm_small_cache``); the cold process builds the
-    two the logs choose (the tuned 4-bit quantize kernel, the fused kernel with the record's knobs)."""
+    two the logs choose (the tuned 4-bit quantize kernel, the fused kernel with the record's knobs: the record of the
+    fp16 form serves the 8-bit scale/zero form the default format runs)."""
     root = tmp_path_factory.mktemp("file-faults")
     host = resolve_device("llvm")
     measured_log(QUANT4, host, root / "logs")
@@ -74,9 +85,9 @@ def warm_tree(tmp_path_factory) -> Path:
         if path.name.startswith((f"{FUSED.uri}.", f"{QUANT4.uri}.")):
             path.unlink()
     cold = decode(root)
-    assert cold["compiled"] == 2 and cold["cached"] == 3 and cold["err"] < 1e-4, cold
+    assert cold["compiled"] == 2 and cold["cached"] == SMALL_MODULES - 2 and cold["err"] < 1e-4, cold
     warm = decode(root)
-    assert warm == {**warm, "compiled": 0, "cached": 5, "tvm": False}, warm
+    assert warm == {**warm, "compiled": 0, "cached": SMALL_MODULES, "tvm": False}, warm
     assert any("pvc16" in p.name for p in root.glob("cache/*/cpu-*/fused_*.so"))  # the knob record served
     return root
 
@@ -94,7 +105,7 @@ KINDS = {
     "host_facts": ("cache/*/host_devices.json", "file", 0),
     "log_records": (f"logs/*/{QUANT4.uri}/{tuning_log.RECORD_FILE}", "folder", 1),
     "log_meta": (f"logs/*/{QUANT4.uri}/{tuning_log.META_FILE}", "folder", 1),
-    "knob_record": (f"logs/*/{FUSED.uri}/{tuning_log.META_FILE}", "folder", 1),
+    "knob_record": (f"logs/*/{base_fused().uri}/{tuning_log.META_FILE}", "folder", 1),
 }
 FAULTS = ("truncated", "empty", "random_bytes", "wrong_version", "unreadable", "directory")
 

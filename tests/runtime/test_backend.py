@@ -91,7 +91,7 @@ def test_int8_dots_mode_is_explicit_and_refused_where_no_kernel_has_it():
     if why is not None:
         pytest.skip(why)
     b = make_backend(WindowQuantConfig(int8_dots=True), 14, 2, 64, torch.float32, "cpu")
-    assert "(int8 dots)" in b.tuning_summary() and any("_dot81" in uri for uri in b.kernels)
+    assert "(int8 dots" in b.tuning_summary() and any("_dot81" in uri for uri in b.kernels)
     layer = make_layer(1200, {8: 0.25, 4: 0.25, 2: 0.5}, 2, 64, torch.float32, residual=40)
     q = torch.randn(1, 14, 64) * 2
     got = b.decode(q, layer, 0.125, stats=None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -180,10 +180,10 @@ def sweep_knobs(spec: KernelSpec, device: Device | str = "llvm", settings: KnobS
     if not knob_lib.has_knobs(spec, device.kind):
         raise ValueError(f"spec: {spec.uri} on {device.kind} has no structure knobs (only the llvm fused and "
                          "multi-token kernels have); tune it with MetaSchedule (wq-tune)")
+    # a precision or storage mode (int8 dots, 8-bit scale/zero) shares the knob record of the kernel without it:
+    # that kernel is the one swept, and its record serves both
     base = knob_lib.base_spec(spec)
-    if knob_lib.record_uri(spec) != base.uri:
-        raise ValueError(f"spec: {spec.uri} has a precision mode ({dict(spec.extra)}); sweep the kernel without it, "
-                         "whose knob record the mode's kernel is built with")
+    base = replace(base, extra=tuple((k, v) for k, v in base.extra if k not in knob_lib.MODE_KEYS))
     cores = device.num_cores or os.cpu_count() or 1
     isa = isa_class(device.target)
     grid = [dict(g) for g in (settings.grid if settings.grid is not None else knob_grid(base, cores, isa))]
