@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .quant import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values, key_words, quantizable_tokens, quantize_keys, quantize_values
-from .meta8 import BASE_FIELDS, RUN_GROUPS, RunMeta, check_meta_bits, constrain, decode
+from .meta8 import BASE_FIELDS, RUN_GROUPS, RunMeta, check_meta_bits, constrain, decode, token_runs
 from .spec import QuantSpec
 
 
@@ -142,39 +142,55 @@ class QuantBucket:
     def append_quantized(self, b: int, qk: QuantizedKeys, qv: QuantizedValues, run_meta: RunMeta | None = None
                          ) -> None:
         """Store already-quantized tokens (e.g. from the compiled quantize kernel) after sample ``b``'s tokens; a
-        bucket with 8-bit metadata takes their :class:`RunMeta` (``qk, qv`` then hold its fp16 expansion)."""
-        if (run_meta is None) != (self.meta_bits == 16):
-            raise ValueError(f"run_meta: a bucket with {self.meta_bits}-bit scale/zero "
-                             + ("stores the 8-bit codes of RunMeta; quantize through append()" if run_meta is None
-                                else "takes no RunMeta"))
-        n = qv.codes.shape[-2]
+        bucket with 8-bit metadata takes their :class:`RunMeta` and stores its codes (:meth:`append_codes`)."""
+        if self.meta_bits == 8:
+            if run_meta is None:
+                raise ValueError("run_meta: a bucket with 8-bit scale/zero stores the 8-bit codes of RunMeta; "
+                                 "quantize through append()")
+            self.append_codes(b, qk.codes, qv.codes, run_meta)
+            return
+        if run_meta is not None:
+            raise ValueError("run_meta: a bucket with 16-bit scale/zero takes no RunMeta")
+        g0, start, n = self._store_codes(b, qk.codes, qv.codes)
+        self.v_scale[b, :, start : start + n] = qv.scale
+        self.v_zero[b, :, start : start + n] = qv.zero
+        self.k_scale[b, :, g0 : g0 + qk.codes.shape[-3]] = qk.scale
+        self.k_zero[b, :, g0 : g0 + qk.codes.shape[-3]] = qk.zero
+        self.lens[b] += n
+
+    def append_codes(self, b: int, k_codes: torch.Tensor, v_codes: torch.Tensor, run_meta: RunMeta) -> None:
+        """Store tokens of an 8-bit scale/zero bucket as another bucket or a saved file holds them: packed codes and
+        their :class:`RunMeta`, moved unchanged (nothing is decoded or encoded again)."""
+        if self.meta_bits != 8:
+            raise ValueError("run_meta: a bucket with 16-bit scale/zero takes no RunMeta")
+        assert self.k_base is not None and self.v_base is not None and self.run_of is not None
+        assert self.runs is not None
+        g0, start, n = self._store_codes(b, k_codes, v_codes)
+        g = k_codes.shape[-3]
+        r0, nr = int(self.runs[b]), int(run_meta.k_base.shape[1])
+        self._reserve_runs(r0 + nr)
+        self.v_scale[b, :, start : start + n] = run_meta.v_scale
+        self.v_zero[b, :, start : start + n] = run_meta.v_zero
+        self.k_scale[b, :, g0 : g0 + g] = run_meta.k_scale
+        self.k_zero[b, :, g0 : g0 + g] = run_meta.k_zero
+        self.k_base[b, :, r0 : r0 + nr] = run_meta.k_base
+        self.v_base[b, :, r0 : r0 + nr] = run_meta.v_base
+        self.run_of[b, g0 : g0 + g] = run_meta.run_of + r0
+        self.runs[b] += nr
+        self.lens[b] += n
+
+    def _store_codes(self, b: int, k_codes: torch.Tensor, v_codes: torch.Tensor) -> tuple[int, int, int]:
+        """Write packed codes after sample ``b``'s tokens (capacity grown first); ``(first group, first token,
+        tokens)``. The caller writes their scale/zero and then counts the tokens in ``lens``."""
+        n = v_codes.shape[-2]
         start = int(self.lens[b])
         if start % self.spec.k_group:
             raise ValueError(f"lens: sample {b} holds {start} tokens, not whole key groups of {self.spec.k_group}")
         self._reserve(start + n)
         g0 = start // self.spec.k_group
-        g = qk.codes.shape[-3]
-        self.k_codes[b, :, g0 : g0 + g] = qk.codes
-        self.v_codes[b, :, start : start + n] = qv.codes
-        if run_meta is None:
-            self.v_scale[b, :, start : start + n] = qv.scale
-            self.v_zero[b, :, start : start + n] = qv.zero
-            self.k_scale[b, :, g0 : g0 + g] = qk.scale
-            self.k_zero[b, :, g0 : g0 + g] = qk.zero
-        else:
-            assert self.k_base is not None and self.v_base is not None and self.run_of is not None
-            assert self.runs is not None
-            r0, nr = int(self.runs[b]), int(run_meta.k_base.shape[1])
-            self._reserve_runs(r0 + nr)
-            self.v_scale[b, :, start : start + n] = run_meta.v_scale
-            self.v_zero[b, :, start : start + n] = run_meta.v_zero
-            self.k_scale[b, :, g0 : g0 + g] = run_meta.k_scale
-            self.k_zero[b, :, g0 : g0 + g] = run_meta.k_zero
-            self.k_base[b, :, r0 : r0 + nr] = run_meta.k_base
-            self.v_base[b, :, r0 : r0 + nr] = run_meta.v_base
-            self.run_of[b, g0 : g0 + g] = run_meta.run_of + r0
-            self.runs[b] += nr
-        self.lens[b] += n
+        self.k_codes[b, :, g0 : g0 + k_codes.shape[-3]] = k_codes
+        self.v_codes[b, :, start : start + n] = v_codes
+        return g0, start, n
 
     def run_meta(self, b: int) -> RunMeta:
         """Sample ``b``'s 8-bit metadata as one :class:`RunMeta` (to move or save it unchanged)."""
@@ -193,7 +209,7 @@ class QuantBucket:
             return self.k_scale, self.k_zero, self.v_scale, self.v_zero
         assert self.k_base is not None and self.v_base is not None and self.run_of is not None
         ks, kz = decode(self.k_scale, self.k_zero, self.k_base, self.run_of)
-        tok_run = self.run_of.repeat_interleave(self.spec.k_group, dim=1)[:, : self.capacity]
+        tok_run = token_runs(self.run_of, self.spec.k_group, self.capacity)
         vs, vz = decode(self.v_scale, self.v_zero, self.v_base, tok_run)
         return ks, kz, vs, vz
 

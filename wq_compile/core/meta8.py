@@ -55,6 +55,12 @@ def bucket_meta_bits(bits: int, meta_bits: int) -> int:
     return meta_bits if bits <= META8_MAX_WIDTH else 16
 
 
+def widest_meta8(widths: "tuple[int, ...] | list[int]", meta_bits: int) -> int:
+    """The widest of ``widths`` whose bucket stores 8-bit scale/zero under ``meta_bits`` (0: none): with the widths,
+    what names the decode kernel that reads them."""
+    return max((w for w in widths if w != 16 and bucket_meta_bits(w, meta_bits) == 8), default=0)
+
+
 def meta_cost_bits(meta_bits: int, k_group: int, v_group: int) -> tuple[float, float]:
     """Metadata bits per key and per value element (scale and zero, and at 8 bits the run base amortized over a
     full run): the figures :func:`~wq_compile.core.allocation.effective_bits` adds to the codes."""
@@ -85,6 +91,13 @@ def runs_of(groups: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return (torch.arange(groups, device=device) // RUN_GROUPS).to(torch.int32)
 
 
+def token_runs(run_of: torch.Tensor, k_group: int, n: int | None = None) -> torch.Tensor:
+    """The run of each token (its key group's) from the run of each group ``run_of [..., G]``: ``[..., n]``
+    (``n`` defaults to ``G * k_group``); values take their run's base."""
+    runs = run_of.repeat_interleave(k_group, dim=-1)
+    return runs if n is None else runs[..., :n]
+
+
 def _fp16_up(x: torch.Tensor) -> torch.Tensor:
     h = x.half()
     return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
@@ -105,8 +118,9 @@ def _run_reduce(x: torch.Tensor, run_of: torch.Tensor, runs: int, how: str) -> t
 def encode(scale: torch.Tensor, zero: torch.Tensor, run_of: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale and zero ``[H, G, X]`` (any float) of groups in runs ``run_of [G]`` -> uint8 codes ``[H, G, X]`` each
-    and the fp16 base ``[H, R, 3, X]`` (field-major: a kernel reads one field of a run as a contiguous vector). Round to nearest, so encoding the decoded values gives the same codes back
-    (the zero step may move by an fp16 ulp: stored metadata is moved and saved as it is, never encoded again)."""
+    and the fp16 base ``[H, R, 3, X]`` (field-major: a kernel reads one field of a run as a contiguous vector).
+    Round to nearest, so encoding the decoded values gives the same codes back (the zero step may move by an fp16
+    ulp: stored metadata is moved and saved as it is, never encoded again)."""
     s, z = scale.float(), zero.float()
     runs = int(run_of.max()) + 1 if run_of.numel() else 0
     s_max = _fp16_up(_run_reduce(s, run_of, runs, "amax"))
@@ -156,7 +170,7 @@ def constrain(k: torch.Tensor, v: torch.Tensor, qk: QuantizedKeys, qv: Quantized
     run_of = runs_of(g, k.device)
     ksc, kzc, kbase = encode(qk.scale, qk.zero, run_of)
     ks, kz = decode(ksc, kzc, kbase, run_of)
-    tok_run = run_of.repeat_interleave(spec.k_group)
+    tok_run = token_runs(run_of, spec.k_group)
     vsc, vzc, vbase = encode(qv.scale, qv.zero, tok_run)
     vs, vz = decode(vsc, vzc, vbase, tok_run)
     rm = RunMeta(ksc, kzc, vsc, vzc, kbase, vbase, run_of)

@@ -24,7 +24,7 @@ import torch
 
 from .allocation import allocate_bits, window_bits
 from .baselines import uniform_bits
-from .meta8 import bucket_meta_bits, decode, encode, runs_of
+from .meta8 import bucket_meta_bits, decode, encode, runs_of, token_runs
 from .quant_fit import codes_of, fit_of, fit_params
 from .spec import ALLOC_WIDTHS, BIT_WIDTHS, DEFAULT_WIDTHS, EVICT
 from .windows import Windows
@@ -66,7 +66,7 @@ def fake_quant_fast(x: torch.Tensor, bits: int, group: int, kind: str, fit: str 
         if grid:  # scale/zero [..., G, D] (keys) or [..., n, D / group] (values): runs along axis -2
             n_grp = scale.shape[-2] if kind == "k" else -(-scale.shape[-2] // k_group)
             run = runs_of(n_grp, x.device)
-            run = run if kind == "k" else run.repeat_interleave(k_group)[: scale.shape[-2]]
+            run = run if kind == "k" else token_runs(run, k_group, scale.shape[-2])
             lead = scale.shape[:-2]
             flat = [t.reshape(-1, *t.shape[-2:]) for t in (scale, zero)]
             scale, zero = (t.reshape(*lead, *t.shape[-2:]) for t in decode(*encode(*flat, run), run))

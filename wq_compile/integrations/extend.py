@@ -100,10 +100,12 @@ def _move(src: LayerCache, dst: LayerCache, b: int) -> None:
         n = int(bk.lens[0])
         if n:
             g = n // bk.spec.k_group
-            ks, kz, vs, vz = bk.meta()
-            qk = QuantizedKeys(bk.k_codes[0, :, :g], ks[0, :, :g], kz[0, :, :g], bk.spec)
-            qv = QuantizedValues(bk.v_codes[0, :, :n], vs[0, :, :n], vz[0, :, :n], bk.spec)
-            dst.buckets[width].append_quantized(b, qk, qv, bk.run_meta(0) if bk.meta_bits == 8 else None)
+            if bk.meta_bits == 8:  # codes and run bases moved as they are
+                dst.buckets[width].append_codes(b, bk.k_codes[0, :, :g], bk.v_codes[0, :, :n], bk.run_meta(0))
+                continue
+            qk = QuantizedKeys(bk.k_codes[0, :, :g], bk.k_scale[0, :, :g], bk.k_zero[0, :, :g], bk.spec)
+            qv = QuantizedValues(bk.v_codes[0, :, :n], bk.v_scale[0, :, :n], bk.v_zero[0, :, :n], bk.spec)
+            dst.buckets[width].append_quantized(b, qk, qv)
     m, n = int(src.dense.pinned[0]), int(src.dense.lens[0])
     if m:
         k_res, v_res = dst.dense.pop_oldest(b, dst.dense.residual_len(b))

@@ -19,7 +19,7 @@ import torch
 from ..core.config import WindowQuantConfig
 from ..core.buckets import QuantBucket
 from ..core.layout import LayerCache
-from ..core.meta8 import RunMeta, decode
+from ..core.meta8 import RunMeta
 from ..core.quant import QuantizedKeys, QuantizedValues
 from ..core.windows import Windows
 from .llava import SampleLayout
@@ -175,18 +175,15 @@ def load_into(cache: WindowQuantCache, path: str | Path, device: torch.device | 
                 g = -(-n // bk.spec.k_group)
                 if n % bk.spec.k_group or n > x["v_codes"].shape[2]:
                     raise ValueError(f"{p}lens: sample {b} holds {n} tokens, not whole key groups within the file")
-                rm = None
-                if bk.meta_bits == 8:
+                if not n:
+                    continue
+                if bk.meta_bits == 8:  # the stored codes and run bases, as they are
                     rm = _run_meta(x, get, p, b, n, g, batch, hkv, bk)
-                    ks, kz = decode(rm.k_scale, rm.k_zero, rm.k_base, rm.run_of)
-                    vs, vz = decode(rm.v_scale, rm.v_zero, rm.v_base, rm.run_of.repeat_interleave(bk.spec.k_group))
-                else:
-                    ks, kz, vs, vz = x["k_scale"][b, :, :g], x["k_zero"][b, :, :g], x["v_scale"][b, :, :n], x[
-                        "v_zero"][b, :, :n]
-                qk = QuantizedKeys(x["k_codes"][b, :, :g], ks, kz, bk.spec)
-                qv = QuantizedValues(x["v_codes"][b, :, :n], vs, vz, bk.spec)
-                if n:
-                    bk.append_quantized(b, qk, qv, rm)
+                    bk.append_codes(b, x["k_codes"][b, :, :g], x["v_codes"][b, :, :n], rm)
+                    continue
+                qk = QuantizedKeys(x["k_codes"][b, :, :g], x["k_scale"][b, :, :g], x["k_zero"][b, :, :g], bk.spec)
+                qv = QuantizedValues(x["v_codes"][b, :, :n], x["v_scale"][b, :, :n], x["v_zero"][b, :, :n], bk.spec)
+                bk.append_quantized(b, qk, qv)
         p = f"layer.{i}.dense."
         k, v = get(p + "k", batch, hkv, None, d), get(p + "v", batch, hkv, None, d)
         lens, pinned = get(p + "lens", batch), get(p + "pinned", batch)

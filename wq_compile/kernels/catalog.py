@@ -7,7 +7,7 @@ from typing import Any
 from ..core.models import ModelPreset, get_preset
 from ..core.spec import QUANT_BITS, KernelSpec, check_bits
 from ..core.quant_fit import DEFAULT_FIT
-from ..core.meta8 import DEFAULT_META_BITS, bucket_meta_bits
+from ..core.meta8 import DEFAULT_META_BITS, bucket_meta_bits, widest_meta8
 from .signatures import META8_KEY, SPLIT_CHUNK, merge_spec, quantize_spec, split_spec
 
 #: Kernel kinds in the order ``kernel_specs`` lists them; ``dense`` is the decode kernel over an fp residual;
@@ -66,7 +66,7 @@ def kernel_specs(
         dtype=dtype,
         chunk=chunk,
     )
-    meta8 = max((b for b in widths if bucket_meta_bits(b, meta_bits) == 8), default=0)
+    meta8 = widest_meta8(widths, meta_bits)
     m8 = ((META8_KEY, meta8),) if meta8 else ()
     specs: list[KernelSpec] = []
     for kind in kinds:

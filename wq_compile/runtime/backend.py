@@ -23,7 +23,7 @@ from ..compiler.cpu_threads import share_cores_with_torch
 from ..core.buckets import Quantizer, torch_quantizer
 from ..core.config import WindowQuantConfig
 from ..core.layout import LayerCache
-from ..core.meta8 import bucket_meta_bits
+from ..core.meta8 import bucket_meta_bits, widest_meta8
 from ..core.quant import QuantizedKeys, QuantizedValues, check_quantizable, quantize_keys, quantize_values
 from ..core.quant_fit import DEFAULT_FIT, check_fit
 from ..core.reference import decode_attention
@@ -138,7 +138,6 @@ def _modes(uri: str) -> str:
     return f" ({', '.join(modes)})" if modes else ""
 
 
-
 _SHARED: dict[tuple[Any, ...], Backend] = {}
 _SHARED_LOCK = threading.Lock()
 
@@ -208,7 +207,7 @@ def _compiled_backend(wq: WindowQuantConfig, num_q_heads: int, num_kv_heads: int
         n8 = sum(bucket_meta_bits(w, wq.meta_bits) == 8 for w in widths)  # fused + recode kernels at 8-bit s/z
         bar = BuildProgress(len(widths) + (3 if library.device.kind == "cuda" else 2) + n8, library.stats)
         # 8-bit scale/zero (meta_bits=8): the CPU kernels read it natively, the split-KV ones its expansion
-        meta8 = max((w for w in buckets if bucket_meta_bits(w, wq.meta_bits) == 8), default=0)
+        meta8 = widest_meta8(buckets, wq.meta_bits)
         with library.reporting(bar.compiling), bar:
             decoder = FusedDecoder.create(num_q_heads, num_kv_heads, head_dim, dtype, device, k_group=wq.k_group,
                                           v_group=wq.v_group, chunk=wq.chunk, library=library,
