@@ -147,14 +147,19 @@ def _dot4_accumulate(cpu: CpuIsa, acc, index: list, unsigned: tirx.PrimExpr, sig
     T.buffer_store(acc, val, where)
 
 
-def _int8_scale(red, width: int, levels: float, scale, scale_index: list):
-    """Max of ``red[0:width]`` -> ``scale[scale_index] = max / levels`` (what one code step is worth); returns a
-    local buffer whose element 1 is ``levels / max`` (0 for an all-zero row: every code 0), the factor to round by."""
-    mx = T.alloc_buffer((2,), _F32, scope="local")
-    T.buffer_store(mx, _tree(tirx.max, red, width), [0])
-    T.buffer_store(scale, mx[0] * f32(1.0 / levels), scale_index)
-    T.buffer_store(mx, tirx.Select(mx[0] > f32(0.0), f32(levels) / mx[0], f32(0.0)), [1])
-    return mx
+def _int8_scales(red, rows: int, width: int, levels: float, scale, inv) -> None:
+    """Per row ``r`` of ``red[rows, 0:width]`` (non-negative values): ``scale[r] = max / levels`` (what one code
+    step is worth) and ``inv[r] = levels / max`` (0 for an all-zero row: every code 0), the factor to round by; the
+    maxima of all rows reduced together (:func:`_tree_rows`) and the divisions done as one vector."""
+    n = _rows_out(rows, width)
+    mx = T.alloc_buffer((n,), _F32, scope="local")
+    _tree_rows(tirx.max, red, rows, width, mx)
+    for r0, lanes in _row_chunks(rows, width):
+        with T.vectorized(0, lanes) as ln:
+            r = r0 + ln
+            T.buffer_store(scale, mx[r] * f32(1.0 / levels), [r])
+            T.buffer_store(inv, tirx.Select(mx[r] > f32(0.0), f32(levels) / tirx.max(mx[r], f32(1e-30)), f32(0.0)),
+                           [r])
 
 
 def _lut_nibbles(buf, start: tirx.PrimExpr, out, row0: int = 0) -> None:
@@ -270,18 +275,42 @@ def _split_range(n_tiles: tirx.PrimExpr, sp: tirx.PrimExpr, nsplit: int) -> tupl
     return tirx.floordiv(n_tiles * sp, nsplit), tirx.floordiv(n_tiles * (sp + 1), nsplit)
 
 
-def _tree(op, red, width: int) -> tirx.PrimExpr:
-    """Reduce the local vector ``red[0:width]`` to a scalar by halving shuffles of one vector value (register
-    shuffles, not a serial chain of ``width`` dependent scalar ops)."""
-    v = tirx.BufferLoad(red, [tirx.Ramp(0, 1, width)])
-    w = width
-    while w > 1:
-        half = w // 2
-        lo = tirx.Shuffle([v], [tirx.const(i, _I32) for i in range(half)])
-        hi = tirx.Shuffle([v], [tirx.const(i, _I32) for i in range(half, w)])
-        v = op(lo, hi)
-        w = half
-    return v
+def _tree_rows(op, red, rows: int, width: int, out) -> None:
+    """``out[r]`` = the reduction of the local row ``red[r, 0:width]`` for every ``r < rows``, all rows at once:
+    rows are paired by two-source shuffles (each level halves every row's lanes and doubles the rows per vector)
+    until one vector holds one lane per row: independent shuffles instead of one dependent halving chain per row.
+    The per-head reductions of a tile (zero point, query scale, softmax max, probability scale) were such chains
+    and left the vector units idle. ``out`` holds at least ``rows`` rounded up to ``width``."""
+    for r0, npad in _row_chunks(rows, width):
+        n = min(width, rows - r0)
+        vecs = [tirx.BufferLoad(red, [r0 + i, tirx.Ramp(0, 1, width)]) for i in range(n)]
+        vecs += [vecs[-1]] * (npad - n)  # padding rows: reduced, stored, never read
+        k, bw = 1, width  # rows per vector, lanes per row
+        while len(vecs) > 1:
+            half = bw // 2
+            lo = [tirx.const(v * width + j * bw + i, _I32) for v in range(2) for j in range(k) for i in range(half)]
+            hi = [tirx.const(ix.value + half, _I32) for ix in lo]
+            vecs = [op(tirx.Shuffle([a, b], lo), tirx.Shuffle([a, b], hi)) for a, b in zip(vecs[::2], vecs[1::2])]
+            k, bw = 2 * k, half
+        v = vecs[0]
+        while bw > 1:
+            half = bw // 2
+            lo = [tirx.const(j * bw + i, _I32) for j in range(k) for i in range(half)]
+            v = op(tirx.Shuffle([v], lo), tirx.Shuffle([v], [tirx.const(ix.value + half, _I32) for ix in lo]))
+            bw = half
+        T.buffer_store(out, v, [tirx.Ramp(r0, 1, npad)] if npad > 1 else [r0])
+
+
+def _row_chunks(rows: int, width: int) -> list[tuple[int, int]]:
+    """The (first row, lanes) of each vector :func:`_tree_rows` stores: ``width`` rows at a time, the last chunk's
+    rows rounded up to a power of two. Vector code reading the results reads these same vectors (a wider load of a
+    narrower store misses store forwarding: a ~15-cycle stall per read)."""
+    return [(r0, 1 << (min(width, rows - r0) - 1).bit_length()) for r0 in range(0, rows, width)]
+
+
+def _rows_out(rows: int, width: int) -> int:
+    """Size of a :func:`_tree_rows` result buffer for ``rows`` rows."""
+    return -(-rows // width) * width
 
 
 #: Lazy rescaling: a head's reference max moves only when a tile's max exceeds it by more than this (natural
@@ -294,14 +323,20 @@ RESCALE_SLACK = 8.0
 def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale, width: int = LANES) -> None:
     """Online softmax of one tile with lazy rescaling: scores ``s_buf[h, slot]`` (slots >= nvalid masked; ``nvalid``
     may be a function of the row ``h``, e.g. each query token's causal bound in the multi-token kernel) ->
-    ``p_buf[h, slot] = exp(s - pm[h])``; ``pl[h]`` accumulates their sum. Only when the tile's max exceeds the
-    reference max ``pm[h]`` by :data:`RESCALE_SLACK` (always on a piece's first tile) does ``pm`` move, with the
-    head's sum and accumulators scaled by ``exp(old - new)`` (``rescale(h, factor)`` emits the latter)."""
+    ``p_buf[h, slot] = exp(s - pm[h])``; ``pl[h, lane]`` (:func:`sum_state`) accumulates their sum per lane. Only
+    when the tile's max exceeds the reference max ``pm[h]`` by :data:`RESCALE_SLACK` (always on a piece's first
+    tile) does ``pm`` move, with the head's sum and accumulators scaled by ``exp(old - new)`` (``rescale(h,
+    factor)`` emits the latter). The tile maxima of all heads are reduced together (:func:`_tree_rows`); the sums
+    stay lane partials until :func:`_merge_piece`, so a tile has no per-head horizontal reduction."""
     lanes = min(width, slots)
+    red = T.alloc_buffer((gs, lanes), _F32, scope="local")
+    tmax = T.alloc_buffer((_rows_out(gs, lanes),), _F32, scope="local")
+
+    def nv_of(h):
+        return nvalid(h) if callable(nvalid) else nvalid
+
     with T.serial(0, gs) as h:
-        nv = nvalid(h) if callable(nvalid) else nvalid
-        red = T.alloc_buffer((lanes,), _F32, scope="local")
-        red2 = T.alloc_buffer((lanes,), _F32, scope="local")
+        nv = nv_of(h)
 
         def masked(slot):
             return tirx.Select(slot < nv, s_buf[h, slot], f32(NEG_BIG))
@@ -310,27 +345,39 @@ def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale, wi
             mx = masked(ln)
             for k in range(1, slots // lanes):
                 mx = tirx.max(mx, masked(k * lanes + ln))
-            T.buffer_store(red, mx, [ln])
-        mcur = T.alloc_buffer((2,), _F32, scope="local")
-        T.buffer_store(mcur, _tree(tirx.max, red, lanes), [0])
-        with T.If(mcur[0] > pm[h] + f32(RESCALE_SLACK)):
+            T.buffer_store(red, mx, [h, ln])
+    _tree_rows(tirx.max, red, gs, lanes, tmax)
+    with T.serial(0, gs) as h:
+        nv = nv_of(h)
+        with T.If(tmax[h] > pm[h] + f32(RESCALE_SLACK)):
             with T.Then():
-                T.buffer_store(mcur, fast_exp(pm[h] - mcur[0]), [1])
-                T.buffer_store(pl, pl[h] * mcur[1], [h])
-                rescale(h, mcur[1])
-                T.buffer_store(pm, mcur[0], [h])
+                fac = T.alloc_buffer((1,), _F32, scope="local")
+                T.buffer_store(fac, fast_exp(pm[h] - tmax[h]), [0])
+                with T.vectorized(0, int(pl.shape[1])) as ln:
+                    T.buffer_store(pl, pl[h, ln] * fac[0], [h, ln])
+                rescale(h, fac[0])
+                T.buffer_store(pm, tmax[h], [h])
         with _vec(slots, lanes) as s:
             T.buffer_store(p_buf, tirx.Select(s < nv, fast_exp(s_buf[h, s] - pm[h]), f32(0.0)), [h, s])
         with T.vectorized(0, lanes) as ln:
-            sm = p_buf[h, ln]
+            sm = pl[h, ln] + p_buf[h, ln]
             for k in range(1, slots // lanes):
                 sm = sm + p_buf[h, k * lanes + ln]
-            T.buffer_store(red2, sm, [ln])
-        T.buffer_store(pl, pl[h] + _tree(lambda a, b: a + b, red2, lanes), [h])
+            T.buffer_store(pl, sm, [h, ln])
+
+
+def sum_state(rows: int, width: int = LANES):
+    """The running softmax sums of ``rows`` rows as ``width`` lane partials (zeroed by the caller), for
+    :func:`_tile_softmax` and :func:`_merge_piece`."""
+    return T.alloc_buffer((rows, width), _F32, scope="local")
 
 
 def _merge_piece(gs: int, d: int, pm, pl, m_all, l_all, acc, piece_acc, width: int = LANES) -> None:
-    """Fold a piece's state (pm, pl, piece_acc(h, channel)) into the work item's state (m_all, l_all, acc)."""
+    """Fold a piece's state (pm, the lane-partial sums pl, piece_acc(h, channel)) into the work item's state
+    (m_all, l_all, acc)."""
+    pw = int(pl.shape[1])
+    lsum = T.alloc_buffer((_rows_out(gs, pw),), _F32, scope="local")
+    _tree_rows(lambda a, b: a + b, pl, gs, pw, lsum)
     with T.serial(0, gs) as h:
         mn = tirx.max(m_all[h], pm[h])
         ea = T.alloc_buffer((2,), _F32, scope="local")
@@ -338,7 +385,7 @@ def _merge_piece(gs: int, d: int, pm, pl, m_all, l_all, acc, piece_acc, width: i
         T.buffer_store(ea, fast_exp(pm[h] - mn), [1])
         with _vec(d, width) as dd:
             T.buffer_store(acc, acc[h, dd] * ea[0] + piece_acc(h, dd) * ea[1], [h, dd])
-        T.buffer_store(l_all, l_all[h] * ea[0] + pl[h] * ea[1], [h])
+        T.buffer_store(l_all, l_all[h] * ea[0] + lsum[h] * ea[1], [h])
         T.buffer_store(m_all, mn, [h])
 
 
@@ -381,10 +428,11 @@ class QuantTiles:
         self.opaque_zero = opaque_zero
         slots = self.slots
         self.pm = T.alloc_buffer((gs,), _F32, scope="local")
-        self.pl = T.alloc_buffer((gs,), _F32, scope="local")
+        self.pl = sum_state(gs, min(lanes, self.slots))
         self.pacc = T.decl_buffer((gs, fields, vbytes), _F32, data=scratch["pacc"].data,
                                   elem_offset=scratch["pacc"].elem_offset, scope="local")  # channel = byte*F + field
-        self.zacc = T.alloc_buffer((gs, nvg), _F32, scope="local")
+        # value zero-point sums per (head, value group) as lane partials, reduced once in :meth:`finish`
+        self.zacc = T.alloc_buffer((gs * nvg, lanes), _F32, scope="local")
         self.qs = scratch["qs"]
         self.zt = T.alloc_buffer((gs, lanes), _F32, scope="local")
         # staged QK passes run as one loop over passes of qk_heads heads: rows padded to whole passes (a padded
@@ -405,8 +453,9 @@ class QuantTiles:
         if self.int8_dots:  # the query of a key group as int8 (+ one scale per head), read 4 channels at a time
             self.qi = T.alloc_buffer((gs * d,), "int8", scope="local")
             self.qi32 = T.decl_buffer((gs * d // 4,), _I32, data=self.qi.data, scope="local")
-            self.qsc = T.alloc_buffer((gs,), _F32, scope="local")
-            self.qcorr = T.alloc_buffer((gs,), _F32, scope="local")
+            self.qsc = T.alloc_buffer((_rows_out(gs, lanes),), _F32, scope="local")
+            self.qinv = T.alloc_buffer((_rows_out(gs, lanes),), _F32, scope="local")
+            self.qred = T.alloc_buffer((gs, lanes), _F32, scope="local")
             self.iacc = T.alloc_buffer((gs, slots // lanes, lanes), _I32, scope="local")
             # QK heads per pass (:meth:`_scores_int8`): slots / lanes accumulators each beside the query and two
             # temporaries; with passes, the shuffled key codes of a group are staged once for all of them
@@ -419,23 +468,28 @@ class QuantTiles:
         if self.int_pv:
             self.pq = T.alloc_buffer((gs * nvg * slots,), "uint8", scope="local")
             self.pq32 = T.decl_buffer((gs * nvg * slots // 4,), _I32, data=self.pq.data, scope="local")
-            self.psc = T.alloc_buffer((gs, nvg), _F32, scope="local")
+            self.psc = T.alloc_buffer((_rows_out(gs * nvg, lanes),), _F32, scope="local")
+            self.pinv = T.alloc_buffer((_rows_out(gs * nvg, lanes),), _F32, scope="local")
+            self.pred = T.alloc_buffer((gs * nvg, lanes), _F32, scope="local")
             # fields x heads int32 accumulators per pass: half the register file
             self.pv_heads = max(1, min(gs, cpu.vector_regs // 2 // fields))
             self.vacc = T.alloc_buffer((self.pv_heads, fields, lanes), _I32, scope="local")
         with T.serial(0, gs) as h:
             T.buffer_store(self.pm, f32(NEG_BIG), [h])
-            T.buffer_store(self.pl, f32(0.0), [h])
+            with T.vectorized(0, int(self.pl.shape[1])) as ln:
+                T.buffer_store(self.pl, f32(0.0), [h, ln])
             with T.serial(0, fields) as f:
                 with _vec(vbytes, lanes) as j:
                     T.buffer_store(self.pacc, f32(0.0), [h, f, j])
             with T.serial(0, nvg) as vg:
-                T.buffer_store(self.zacc, f32(0.0), [h, vg])
+                with T.vectorized(0, lanes) as ln:
+                    T.buffer_store(self.zacc, f32(0.0), [h * nvg + vg, ln])
 
     def tile(self, qf, nvalid, kb, kbase, k_scale, k_zero, vb, vbase, v_scale, v_zero) -> None:
         """One key group of ``nvalid`` tokens: key bytes ``kb[kbase ...]`` (channel-major, ``lb`` per channel),
         ``k_scale(dd)`` / ``k_zero(dd)`` its per-channel scale and zero, value bytes of token ``t`` at
-        ``vb[vbase(t) ...]``, ``v_scale(slot, vg)`` / ``v_zero(slot, vg)`` per token slot (slots past ``nvalid``
+        ``vb[vbase(t) ...]`` (rows of ``vbytes``, contiguous within the group: ``vbase(t) = vbase(0) + t vbytes``),
+        ``v_scale(slot, vg)`` / ``v_zero(slot, vg)`` per token slot (slots past ``nvalid``
         are read clamped and masked)."""
         spec, lanes = self.spec, self.lanes
         d, gs = spec.head_dim, spec.group_size
@@ -496,22 +550,21 @@ class QuantTiles:
                     with T.unroll(0, fields) as f:
                         with _vec(lb, lanes) as j:
                             T.buffer_store(s_buf, s_buf[h, f * lb + j] + qs[h, dd] * kv[f, j], [h, f * lb + j])
+        # per head: the key zero point's term (and the int8 query's exact correction, folded into zt) for every slot
+        zsum = T.alloc_buffer((_rows_out(gs, zl),), _F32, scope="local")
+        _tree_rows(lambda a, b: a + b, zt, gs, zl, zsum)
         with T.serial(0, gs) as h:
-            zr = T.alloc_buffer((zl,), _F32, scope="local")
-            with T.vectorized(0, zl) as ln:
-                T.buffer_store(zr, zt[h, ln], [ln])
-            zsum = T.alloc_buffer((1,), _F32, scope="local")
-            T.buffer_store(zsum, _tree(lambda a, b: a + b, zr, zl), [0])
             with _vec(slots, lanes) as s:
                 if self.int8_dots:
-                    dot = self.iacc[h, s // lanes, s % lanes].astype(_F32) * self.qsc[h] + self.qcorr[h]
+                    dot = self.iacc[h, s // lanes, s % lanes].astype(_F32) * self.qsc[h]
                 else:
                     dot = s_buf[h, s]
-                T.buffer_store(s_buf, dot + zsum[0], [h, s])
+                T.buffer_store(s_buf, dot + zsum[h], [h, s])
 
         def rescale(h, a):
             with T.serial(0, nvg) as vg:
-                T.buffer_store(zacc, zacc[h, vg] * a, [h, vg])
+                with T.vectorized(0, lanes) as ln:
+                    T.buffer_store(zacc, zacc[h * nvg + vg, ln] * a, [h * nvg + vg, ln])
             with T.serial(0, fields) as f:
                 with _vec(vbytes, lanes) as j:
                     T.buffer_store(pacc, pacc[h, f, j] * a, [h, f, j])
@@ -525,15 +578,13 @@ class QuantTiles:
                 T.buffer_store(vzf, tirx.Select(ok, v_zero(s, vg).astype(_F32), f32(0.0)), [vg, s])
         with T.serial(0, gs) as h:
             with T.serial(0, nvg) as vg:
-                zr = T.alloc_buffer((lanes,), _F32, scope="local")
                 with _vec(slots, lanes) as s:
                     T.buffer_store(pv, p_buf[h, s] * vsf[vg, s], [h, vg, s])
                 with T.vectorized(0, lanes) as ln:
                     zz = p_buf[h, ln] * vzf[vg, ln]
                     for k in range(1, slots // lanes):
                         zz = zz + p_buf[h, k * lanes + ln] * vzf[vg, k * lanes + ln]
-                    T.buffer_store(zr, zz, [ln])
-                T.buffer_store(zacc, zacc[h, vg] + _tree(lambda a, b: a + b, zr, lanes), [h, vg])
+                    T.buffer_store(zacc, zacc[h * nvg + vg, ln] + zz, [h * nvg + vg, ln])
         if self.int_pv:
             self._pv_int8(nvalid, vb, vbase)
             return
@@ -570,27 +621,29 @@ class QuantTiles:
         spec, cpu, lanes = self.spec, self.cpu, self.lanes
         d, gs = spec.head_dim, spec.group_size
         bits, lb, slots = self.bits, self.lb, self.slots
-        qs, qi, qi32, qsc, iacc = self.qs, self.qi, self.qi32, self.qsc, self.iacc
+        qs, qi, qi32, qsc, qinv, iacc = self.qs, self.qi, self.qi32, self.qsc, self.qinv, self.iacc
         zl = min(lanes, d)
+        red = self.qred
         with T.serial(0, gs + self.opaque_zero) as h:
-            red = T.alloc_buffer((zl,), _F32, scope="local")
             with T.vectorized(0, zl) as ln:
                 mx = tirx.abs(qs[h, ln])
                 for k in range(1, d // zl):
                     mx = tirx.max(mx, tirx.abs(qs[h, k * zl + ln]))
-                T.buffer_store(red, mx, [ln])
-            amax = _int8_scale(red, zl, 127.0, qsc, [h])
+                T.buffer_store(red, mx, [h, ln])
+        _int8_scales(red, gs, zl, 127.0, qsc, qinv)
+        c0 = f32(((1 << bits) - 1) / 2.0)
+        with T.serial(0, gs + self.opaque_zero) as h:
             with _vec(d, lanes) as dd:
-                T.buffer_store(qi, tirx.round(qs[h, dd] * amax[1]).astype(_I32).astype("int8"), [h * d + dd])
+                T.buffer_store(qi, tirx.round(qs[h, dd] * qinv[h]).astype(_I32).astype("int8"), [h * d + dd])
             # sum_d code * (qs - qsc qi) = sum_d (code - c0)(...) + c0 sum_d (qs - qsc qi): the second term is known
-            # exactly, so only the centered codes (half the magnitude) carry the query's rounding error
+            # exactly, so only the centered codes (half the magnitude) carry the query's rounding error; it is a
+            # per-head constant of the tile, added to the zero point's lane partials (one reduction for both)
             with T.vectorized(0, zl) as ln:
-                sq, sr = qs[h, ln], tirx.round(qs[h, ln] * amax[1])
+                sq, sr = qs[h, ln], tirx.round(qs[h, ln] * qinv[h])
                 for k in range(1, d // zl):
                     sq = sq + qs[h, k * zl + ln]
-                    sr = sr + tirx.round(qs[h, k * zl + ln] * amax[1])
-                T.buffer_store(red, sq - sr * qsc[h], [ln])
-            T.buffer_store(self.qcorr, _tree(lambda a, b: a + b, red, zl) * f32(((1 << bits) - 1) / 2.0), [h])
+                    sr = sr + tirx.round(qs[h, k * zl + ln] * qinv[h])
+                T.buffer_store(self.zt, self.zt[h, ln] + (sq - sr * qsc[h]) * c0, [h, ln])
         nvec = slots // lanes
         opw = 4 * lanes  # bytes of one dot-product operand
         nin = max(1, 4 * lb // opw)  # input vectors of the 4 channels' bytes (opw bytes each, or one of 4 lb)
@@ -650,21 +703,24 @@ class QuantTiles:
         bits, fields, slots, vbytes, nvg, vg_bytes = self.bits, self.fields, self.slots, self.vbytes, self.nvg, \
             self.vg_bytes
         pv, pq, pq32, psc, vacc, pacc = self.pv, self.pq, self.pq32, self.psc, self.vacc, self.pacc
+        red, pinv = self.pred, self.pinv
         with T.serial(0, gs + self.opaque_zero) as h:
             with T.serial(0, nvg) as vg:
-                red = T.alloc_buffer((lanes,), _F32, scope="local")
                 with T.vectorized(0, lanes) as ln:
                     mx = pv[h, vg, ln]
                     for k in range(1, slots // lanes):
                         mx = tirx.max(mx, pv[h, vg, k * lanes + ln])
-                    T.buffer_store(red, mx, [ln])
-                pmax = _int8_scale(red, lanes, 255.0, psc, [h, vg])
+                    T.buffer_store(red, mx, [h * nvg + vg, ln])
+        _int8_scales(red, gs * nvg, lanes, 255.0, psc, pinv)
+        with T.serial(0, gs + self.opaque_zero) as h:
+            with T.serial(0, nvg) as vg:
                 with _vec(slots, lanes) as s_:
-                    T.buffer_store(pq, tirx.round(pv[h, vg, s_] * pmax[1]).astype(_I32).astype("uint8"),
+                    T.buffer_store(pq, tirx.round(pv[h, vg, s_] * pinv[h * nvg + vg]).astype(_I32).astype("uint8"),
                                    [(h * nvg + vg) * slots + s_])
         mask = ((1 << bits) - 1) * 0x01010101
         idx = [tirx.const(ti * lanes + ln, _I32) for ln in range(lanes) for ti in range(4)]
         last = tirx.max(nvalid - 1, 0)
+        opw = 4 * lanes  # bytes of one dot-product operand
         for jb in range(vbytes // lanes):
             vg = jb * lanes // vg_bytes
             for h0 in range(0, gs, self.pv_heads):
@@ -673,9 +729,7 @@ class QuantTiles:
                     with T.unroll(0, fields) as f:
                         with T.vectorized(0, lanes) as ln:
                             T.buffer_store(vacc, tirx.const(0, _I32), [hi, f, ln])
-                with T.serial(0, tirx.floordiv(nvalid + 3, 4)) as t4:
-                    xs = [tirx.BufferLoad(vb, [tirx.Ramp(vbase(tirx.min(t4 * 4 + ti, last)) + jb * lanes, 1, lanes)])
-                          for ti in range(4)]
+                def step(t4, xs, idx) -> None:
                     y = tirx.reinterpret(f"uint32x{lanes}", tirx.Shuffle(xs, idx))
                     codes = []
                     for f in range(fields):
@@ -686,18 +740,39 @@ class QuantTiles:
                         pb = _dword_bcast(pq32[((h0 + hi) * nvg + vg) * (slots // 4) + t4], lanes)
                         for f in range(fields):
                             _dot4_accumulate(cpu, vacc, [hi, f], pb, codes[f])  # probabilities unsigned, codes signed
+
+                # whole quads of tokens: their 4 vbytes rows are contiguous; where the block's bytes lie in at most
+                # two operand-wide loads, those are loaded and permuted (one vpermt2b on AVX-512 VBMI)
+                with T.serial(0, tirx.floordiv(nvalid, 4)) as t4:
+                    want = [ti * vbytes + jb * lanes for ti in range(4)]
+                    c0, c1 = want[0] // opw, (want[-1] + lanes - 1) // opw
+                    if cpu.dot == "vnni512" and c1 - c0 <= 1:
+                        xs = [tirx.BufferLoad(vb, [tirx.Ramp(vbase(t4 * 4) + c * opw, 1, opw)])
+                              for c in range(c0, c1 + 1)]
+                        step(t4, xs, [tirx.const(want[ti] + ln - c0 * opw, _I32) for ln in range(lanes)
+                                      for ti in range(4)])
+                    else:
+                        step(t4, [tirx.BufferLoad(vb, [tirx.Ramp(vbase(t4 * 4 + ti) + jb * lanes, 1, lanes)])
+                                  for ti in range(4)], idx)
+                # the last partial quad: rows past nvalid read the last valid row (probability 0)
+                with T.serial(tirx.floordiv(nvalid, 4), tirx.floordiv(nvalid + 3, 4)) as t4:
+                    rows = [vbase(tirx.min(t4 * 4 + ti, last)) + jb * lanes for ti in range(4)]
+                    step(t4, [tirx.BufferLoad(vb, [tirx.Ramp(r, 1, lanes)]) for r in rows], idx)
                 with T.unroll(0, hn) as hi:
                     with T.unroll(0, fields) as f:
                         with T.vectorized(0, lanes) as ln:
                             j = jb * lanes + ln
                             T.buffer_store(pacc, pacc[h0 + hi, f, j] + vacc[hi, f, ln].astype(_F32)
-                                           * psc[h0 + hi, vg], [h0 + hi, f, j])
+                                           * psc[(h0 + hi) * nvg + vg], [h0 + hi, f, j])
 
     def finish(self, m_all, l_all, acc) -> None:
-        pacc, zacc, fields, vgrp = self.pacc, self.zacc, self.fields, self.qspec.v_group
+        pacc, fields, vgrp, gs, nvg = self.pacc, self.fields, self.qspec.v_group, self.spec.group_size, self.nvg
+        zacc = T.alloc_buffer((_rows_out(gs * nvg, self.lanes),), _F32, scope="local")
+        _tree_rows(lambda a, b: a + b, self.zacc, gs * nvg, self.lanes, zacc)
 
         def piece_acc(h, dd):
-            return pacc[h, tirx.floormod(dd, fields), tirx.floordiv(dd, fields)] + zacc[h, tirx.floordiv(dd, vgrp)]
+            return (pacc[h, tirx.floormod(dd, fields), tirx.floordiv(dd, fields)]
+                    + zacc[h * nvg + tirx.floordiv(dd, vgrp)])
 
         _merge_piece(self.spec.group_size, self.spec.head_dim, self.pm, self.pl, m_all, l_all, acc, piece_acc,
                      self.lanes)
@@ -770,14 +845,15 @@ def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, 
     n_tiles = tirx.floordiv(nv + tile - 1, tile)
     t0, t1 = _split_range(n_tiles, sp, knobs.splits)
     pm = T.alloc_buffer((gs,), _F32, scope="local")
-    pl = T.alloc_buffer((gs,), _F32, scope="local")
+    pl = sum_state(gs, lanes)
     pacc = scratch["pacc"]
     s_buf = T.alloc_buffer((gs, tile), _F32, scope="local")
     p_buf = T.alloc_buffer((gs, tile), _F32, scope="local")
     kt = scratch["kt"]
     with T.serial(0, gs) as h:
         T.buffer_store(pm, f32(NEG_BIG), [h])
-        T.buffer_store(pl, f32(0.0), [h])
+        with T.vectorized(0, lanes) as ln:
+            T.buffer_store(pl, f32(0.0), [h, ln])
         with _vec(d, lanes) as dd:
             T.buffer_store(pacc, f32(0.0), [h, dd])
     pc = min(lanes, d)

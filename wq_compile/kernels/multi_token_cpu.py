@@ -45,7 +45,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ..core.spec import KernelSpec
 from .attention_cpu import (LANES, PLAIN_TIR_ATTR, CpuKnobs, _merge_piece, _quant_piece, _split_range, _tile_softmax,
-                            _vec, int8_dots)
+                            _vec, int8_dots, sum_state)
 from .common import NEG_BIG, declare_params, f32, fast_exp, signature_params
 from .signatures import multi_signature, pieces
 
@@ -208,14 +208,15 @@ def _causal_dense_piece(spec: KernelSpec, rows: int, nsplit: int, bufs, b, kh, s
     n_tiles = tirx.floordiv(nv + tile - 1, tile)
     t0, t1 = _split_range(n_tiles, sp, nsplit)
     pm = T.alloc_buffer((rows,), _F32, scope="local")
-    pl = T.alloc_buffer((rows,), _F32, scope="local")
+    pl = sum_state(rows, min(LANES, tile))
     lim = T.alloc_buffer((rows,), _I32, scope="local")
     pacc, kt = scratch["pacc"], scratch["kt"]
     s_buf = T.alloc_buffer((rows, tile), _F32, scope="local")
     p_buf = T.alloc_buffer((rows, tile), _F32, scope="local")
     with T.serial(0, rows) as h:
         T.buffer_store(pm, f32(NEG_BIG), [h])
-        T.buffer_store(pl, f32(0.0), [h])
+        with T.vectorized(0, int(pl.shape[1])) as ln:
+            T.buffer_store(pl, f32(0.0), [h, ln])
         T.buffer_store(lim, nv - (steps - 1 - tok[h]), [h])
         with _vec(d) as dd:
             T.buffer_store(pacc, f32(0.0), [h, dd])
