@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from wq_compile.tools.bench import decode as bench
+from wq_compile.tools.bench import peers as bench_peers
 from wq_compile.tools.bench.peers import INSTALL_HINT, copy_bandwidth, ggml_peers, ort_peers, sdpa_peers
 
 #: max abs error vs exact fp32 attention, per peer: exact calls at fp32 rounding, the rest at their cache format's.
@@ -92,6 +93,28 @@ def test_copy_bandwidth_is_plausible() -> None:
     assert 0.5 < gbps < 2000
 
 
+def test_arithmetic_peaks_are_physical() -> None:
+    """The probe kernels' peaks for this host and for the AVX2 class (which this x86 host runs): at most two steps
+    per cycle at 6 GHz, and a dot-product step is worth more than an FMA (a step hoisted out of the probe's loop,
+    or a chain folded away, would report far more; a probe that never ran, nothing)."""
+    from wq_compile.compiler.device import host_device, resolve_device
+    from wq_compile.compiler.isa_variants import cpu_isa
+    from wq_compile.kernels.probes import probe_macs_per_step
+
+    targets = ["llvm"]
+    if host_device().isa.startswith("x86_64-avx"):
+        targets.append('{"kind": "llvm", "mcpu": "haswell", "num-cores": 2}')
+    for target in targets:
+        cpu = cpu_isa(resolve_device(target))
+        peaks = bench_peers.mac_peaks(target, iters=1 << 16, repeats=3)
+        assert "fma" in peaks and ("dot8" in peaks) == (cpu.dot is not None)
+        for kind, macs in peaks.items():
+            per_step = probe_macs_per_step(cpu, kind)
+            assert 0.05e9 * per_step < macs < 2 * 6e9 * per_step, (target, kind, macs / 1e9)
+        if "dot8" in peaks:
+            assert peaks["dot8"] > peaks["fma"], (target, peaks)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_run_ratios_are_against_the_fastest_dense_call(tmp_path) -> None:
     rows = bench.run("tiny", [392], ["mixed"], repeats=3, logs_dir=str(tmp_path / "nologs"), out_dir=tmp_path,
@@ -112,7 +135,10 @@ def test_run_ratios_are_against_the_fastest_dense_call(tmp_path) -> None:
     assert "vs best dense" in bench.format_table(rows)
     # the README's table: one row per method, the fp32 ratio against the fastest fp32 SDPA call of the case
     md = (tmp_path / "decode.md").read_text()
-    assert md == bench.format_markdown(rows)
+    assert md.startswith(bench.format_markdown(rows)) and "arithmetic peak of one core" in md
+    # the share of the arithmetic peak: fp32 FMA rows (WindowQuant exact, fp32 SDPA) get one, bf16 rows none
+    assert 0 < fused.peak_frac < 1.5 and all(0 < r.peak_frac < 1.5 for r in dense if "fp32" in r.method)
+    assert all(r.peak_frac != r.peak_frac for r in dense if "bf16" in r.method)
     line = next(x for x in md.splitlines() if x.startswith("| WindowQuant fused (default schedule)"))
     best32 = min(r.median_ms for r in dense if r.method.startswith("SDPA fp32"))
     assert f"| {best32 / fused.median_ms:.2f}x |" in line and f"| {fused.median_ms:.3f} |" in line

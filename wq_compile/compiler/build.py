@@ -129,6 +129,15 @@ def build_module(sch: Any, device: Device) -> Any:
         return tvm.driver.build(sch.mod, target=device.target)
 
 
+def build_func(func: Any, device: Device) -> Any:
+    """Build one plain PrimFunc with no schedule (a machine probe, :mod:`wq_compile.kernels.probes`) for
+    ``device``: a runtime.Module whose ``main`` is the function."""
+    import tvm
+
+    with device.target, tvm.transform.PassContext(config=pass_config(device.kind)):
+        return tvm.driver.build(tvm.IRModule({"main": func}), target=device.target)
+
+
 def cuda_source(module: Any) -> str:
     """CUDA C source of a built CUDA module (the import that carries the device code)."""
     for imp in module.imports:

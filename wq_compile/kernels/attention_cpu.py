@@ -128,7 +128,7 @@ def _dword_bcast(word: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
     return tirx.reinterpret(f"int8x{4 * lanes}", tirx.Broadcast(word, lanes))
 
 
-def _dot4_accumulate(cpu: CpuIsa, acc, index: list, unsigned: tirx.PrimExpr, signed: tirx.PrimExpr) -> None:
+def dot4_accumulate(cpu: CpuIsa, acc, index: list, unsigned: tirx.PrimExpr, signed: tirx.PrimExpr) -> None:
     """``acc[*index, 0:lanes] += 4-byte dot products of unsigned x signed``: one ``vpdpbusd`` (zmm or ymm), or on
     AVX2 ``vpmaddubsw`` + ``vpmaddwd`` + ``vpaddd``. The AVX2 form is exact (the same integers as VNNI) only while
     no int16 pair sum saturates: every caller has an operand of at most 4 bits (codes <= 15), so a pair is at most
@@ -616,7 +616,7 @@ class QuantTiles:
         127``); the ``4 lb`` key bytes of 4 channels are shuffled into one dword of 4 channel codes per token slot
         (``vpermb``/``vpermt2b`` on AVX-512 VBMI; byte unpacks and ``vpshufb`` on AVX2), the fields shifted out per
         lane, and one dot-product step per head and ``lanes`` slots does ``4 lanes`` multiply-adds
-        (:func:`_dot4_accumulate`; the fp32 path: ``lanes`` FMAs plus an unpack per channel). Where the register
+        (:func:`dot4_accumulate`; the fp32 path: ``lanes`` FMAs plus an unpack per channel). Where the register
         file cannot hold every head's accumulators (AVX2), the heads go in passes over the channels."""
         spec, cpu, lanes = self.spec, self.cpu, self.lanes
         d, gs = spec.head_dim, spec.group_size
@@ -689,7 +689,7 @@ class QuantTiles:
                     h = hi + h0 if h0 else hi
                     qv = _dword_bcast(qi32[h * (d // 4) + c4], lanes)
                     for k in range(nvec):
-                        _dot4_accumulate(cpu, iacc, [h, k], codes[k], qv)  # key codes unsigned, query signed
+                        dot4_accumulate(cpu, iacc, [h, k], codes[k], qv)  # key codes unsigned, query signed
 
     def _pv_int8(self, nvalid, vb, vbase) -> None:
         """P @ V in int8: per head and value group the tile's ``P * v_scale`` (>= 0) is quantized to uint8
@@ -739,7 +739,7 @@ class QuantTiles:
                     with T.unroll(0, hn) as hi:
                         pb = _dword_bcast(pq32[((h0 + hi) * nvg + vg) * (slots // 4) + t4], lanes)
                         for f in range(fields):
-                            _dot4_accumulate(cpu, vacc, [hi, f], pb, codes[f])  # probabilities unsigned, codes signed
+                            dot4_accumulate(cpu, vacc, [hi, f], pb, codes[f])  # probabilities unsigned, codes signed
 
                 # whole quads of tokens: their 4 vbytes rows are contiguous; where the block's bytes lie in at most
                 # two operand-wide loads, those are loaded and permuted (one vpermt2b on AVX-512 VBMI)

@@ -25,7 +25,7 @@ from ...core.layout import LayerCache
 from ...core.windows import WindowAssignment
 from ...core.models import get_preset
 from ...core.reference import decode_attention
-from .peers import Peer, copy_bandwidth, ggml_peers, ort_peers, sdpa_peers
+from .peers import Peer, copy_bandwidth, ggml_peers, mac_peaks, ort_peers, sdpa_peers
 
 #: Bucket mixes: fraction of windowed tokens per width (dense residual of ``residual`` tokens always present).
 MIXES: dict[str, dict[int, float]] = {
@@ -49,6 +49,9 @@ class BenchRow:
     copy_frac: float  # gbps / the copy bandwidth measured in the same run
     max_err: float  # vs the exact torch reference over the same (dequantized) cache
     note: str = ""
+    # the attention's multiply-adds at the arithmetic peak of `threads` cores in this method's instruction form
+    # (fp32 FMA, or int8 dot products), measured by the probe kernels in the same run / this median (llvm only)
+    peak_frac: float = float("nan")
 
 
 def make_layer(n_tokens: int, mix: dict[int, float], num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -169,11 +172,11 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
 def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: list[str] | None = None,
         repeats: int = 20, target: str = "llvm", logs_dir: str | None = None, out_dir: str | Path = "bench_out",
         progress: bool = True, threads: int | None = None, peers: bool = True,
-        models: list[str] | None = None) -> list[BenchRow]:
+        models: list[str] | None = None, report: Callable[[str], None] | None = None) -> list[BenchRow]:
     """Benchmark every method on every (model, mix, length); writes ``decode.csv`` and ``decode.png``.
 
     ``threads`` (default: torch's) is used by torch, ggml and ONNX Runtime alike; the TVM modules use the TVM
-    thread pool (``TVM_NUM_THREADS``).
+    thread pool (``TVM_NUM_THREADS``). ``report`` gets the line naming the arithmetic peaks (llvm targets).
     """
     from tqdm import tqdm
 
@@ -200,6 +203,9 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
     libraries["tuned"] = tuned if tuned.logs_dir is not None and any(Path(tuned.logs_dir).glob("*/*/meta.json")) \
         else None
     copy_gbps = copy_bandwidth()
+    peaks = mac_peaks(target) if resolve_device(target).kind == "llvm" else {}
+    if peaks and report is not None:
+        report(format_peaks(peaks, threads))
     rows: list[BenchRow] = []
     cases = [(p, m, n) for p in models for m in mixes for n in n_tokens]
     for name, mix, n in tqdm(cases, desc="decode bench", disable=not progress):
@@ -221,8 +227,11 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
                 continue
             med, p20, p80 = timed[m.name]
             gbps = m.bytes_read / (med * 1e-3) / 1e9
+            form = _instruction_form(m.name)
+            macs = 2 * preset.num_q_heads * preset.head_dim * _cached_tokens(layer)  # QK and P @ V
+            frac = macs / (peaks[form] * threads) / (med * 1e-3) if form in peaks else float("nan")
             rows.append(BenchRow(name, m.name, mix, n, med, p20, p80, best_dense / med, gbps, gbps / copy_gbps,
-                                 errs[m.name], m.note))
+                                 errs[m.name], m.note, frac))
         for m in live:  # ggml / ORT sessions hold native memory: free it before the next case
             close = getattr(m.fn, "close", None)
             if close is not None:
@@ -230,9 +239,29 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "decode.csv")
-    (out / "decode.md").write_text(format_markdown(rows))
+    (out / "decode.md").write_text(format_markdown(rows) + (f"\n{format_peaks(peaks, threads)}\n" if peaks else ""))
     plot(rows, out / "decode.png", f"decode attention, {target}, {threads} threads")
     return rows
+
+
+def _cached_tokens(layer: LayerCache) -> int:
+    """Tokens sample 0 of ``layer`` holds (every bucket and the dense residual)."""
+    return sum(int(b.lens[0]) for b in layer.buckets.values()) + int(layer.dense.lens[0])
+
+
+def _instruction_form(method: str) -> str | None:
+    """The arithmetic a method's inner products run as, for its ``peak_frac``: int8 dot products (WindowQuant's
+    int8 mode), fp32 FMAs (WindowQuant exact, fp32 SDPA), or unknown (bf16 SDPA, libraries, references)."""
+    if method.startswith("WindowQuant"):
+        return "dot8" if "int8 dots" in method else "fma"
+    return "fma" if method.startswith("SDPA fp32") else None
+
+
+def format_peaks(peaks: dict[str, float], threads: int) -> str:
+    """One line naming the probes' peaks the ``of peak`` columns divide by."""
+    names = {"fma": "fp32 FMA", "dot8": "int8 dot products"}
+    got = ", ".join(f"{names[k]} {v / 1e9:.0f} GMAC/s" for k, v in peaks.items())
+    return f"arithmetic peak of one core (probe kernels): {got}; 'of peak' divides by {threads} x these"
 
 
 def format_markdown(rows: list[BenchRow]) -> str:
@@ -251,10 +280,11 @@ def format_markdown(rows: list[BenchRow]) -> str:
         lens = sorted({r.n_tokens for r in rows if (r.model, r.mix) == (model, mix)})
         top = lens[-1]
         out.append(f"**{model}, {mix} cache** (median ms; x = fastest dense fp32 SDPA call / this, and fastest dense "
-                   f"call of any dtype / this; GB/s, share of the copy bandwidth and max error at {top} tokens)\n")
+                   f"call of any dtype / this; GB/s, share of the copy bandwidth, share of the arithmetic peak and "
+                   f"max error at {top} tokens)\n")
         ls = " | ".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lens)
-        out.append(f"| method | {ls} | vs best fp32 | vs best dense | GB/s | of copy | max err | note |")
-        out.append("|---|" + "---|" * len(lens) + "---|---|---|---|---|---|")
+        out.append(f"| method | {ls} | vs best fp32 | vs best dense | GB/s | of copy | of peak | max err | note |")
+        out.append("|---|" + "---|" * len(lens) + "---|---|---|---|---|---|---|")
         methods = list(dict.fromkeys(r.method for r in rows if (r.model, r.mix) == (model, mix)))
         for m in methods:
             cells, r32, rbest, last = [], [], [], None
@@ -267,7 +297,8 @@ def format_markdown(rows: list[BenchRow]) -> str:
                 rbest.append(f"{best(case, 'SDPA') / r.median_ms:.2f}x" if ok else "-")
                 last = r if n == top else last
             ok = last is not None and last.median_ms == last.median_ms
-            tail = (f"{last.gbps:.1f} | {last.copy_frac:.0%} | {last.max_err:.1e}" if ok else "- | - | -")
+            peak = f"{last.peak_frac:.0%}" if ok and last.peak_frac == last.peak_frac else "-"
+            tail = (f"{last.gbps:.1f} | {last.copy_frac:.0%} | {peak} | {last.max_err:.1e}" if ok else "- | - | - | -")
             name = f"**{m}**" if m.startswith("WindowQuant") and "(tuned" in m else m
             out.append(f"| {name} | {' | '.join(cells)} | {' / '.join(r32)} | {' / '.join(rbest)} | {tail} | "
                        f"{last.note if last is not None and m.startswith('WindowQuant') else ''} |")
@@ -319,14 +350,18 @@ def plot(rows: list[BenchRow], path: Path, title: str) -> None:
 def format_table(rows: list[BenchRow]) -> str:
     """A terminal table; ``vs best dense`` is the fastest dense SDPA call of the same case over this method."""
     head = (f"{'model':<14} {'method':<38} {'mix':>6} {'tokens':>7} {'median ms':>10} {'p20':>8} {'p80':>8} "
-            f"{'vs best dense':>13} {'GB/s':>7} {'of copy':>7} {'max err':>9}  note")
+            f"{'vs best dense':>13} {'GB/s':>7} {'of copy':>7} {'of peak':>7} {'max err':>9}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.median_ms != r.median_ms:
             lines.append(f"{r.model:<14} {r.method:<38} {r.mix:>6} {r.n_tokens:>7} {'-':>10} {'-':>8} {'-':>8} "
-                         f"{'-':>13} {'-':>7} {'-':>7} {'-':>9}  {r.note}")
+                         f"{'-':>13} {'-':>7} {'-':>7} {'-':>7} {'-':>9}  {r.note}")
             continue
         lines.append(f"{r.model:<14} {r.method:<38} {r.mix:>6} {r.n_tokens:>7} {r.median_ms:>10.3f} "
                      f"{r.p20_ms:>8.3f} {r.p80_ms:>8.3f} {r.vs_best_dense:>12.2f}x {r.gbps:>7.2f} "
-                     f"{r.copy_frac:>6.0%} {r.max_err:>9.1e}  {r.note}")
+                     f"{r.copy_frac:>6.0%} {_pct(r.peak_frac):>7} {r.max_err:>9.1e}  {r.note}")
     return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}" if x == x else "-"

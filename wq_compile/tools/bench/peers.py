@@ -275,3 +275,36 @@ def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best / 1e9
+
+
+def mac_peaks(target: str = "llvm", iters: int = 1 << 20, repeats: int = 5) -> dict[str, float]:
+    """Multiply-adds per second of ONE core in the CPU kernel's instruction forms on ``target`` (an llvm target):
+    ``{"fma": fp32 FMA lanes/s, "dot8": int8 dot-product multiply-adds/s}`` (no ``dot8`` where the target has no
+    int8 dots), the best of ``repeats`` runs of :func:`wq_compile.kernels.probes.peak_probe` on this thread."""
+    import time
+
+    from ...compiler.build import build_func
+    from ...compiler.device import resolve_device
+    from ...compiler.isa_variants import cpu_isa
+    from ...kernels.probes import PROBE_KINDS, peak_probe, probe_macs_per_step
+
+    device = resolve_device(target)
+    cpu = cpu_isa(device)
+    if cpu is None:
+        raise ValueError(f"mac_peaks: {target!r} is not a CPU (llvm) target")
+    ops = torch.ones((2, 4 * cpu.lanes), dtype=torch.uint8)
+    out: dict[str, float] = {}
+    for kind in PROBE_KINDS:
+        if kind == "dot8" and cpu.dot is None:
+            continue
+        chains = 12
+        fn = build_func(peak_probe(cpu, kind, chains), device)["main"]
+        res = torch.zeros(cpu.lanes, dtype=torch.int32 if kind == "dot8" else torch.float32)
+        fn(ops, iters // 16, res)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(ops, iters, res)
+            best = min(best, time.perf_counter() - t0)
+        out[kind] = iters * chains * probe_macs_per_step(cpu, kind) / best
+    return out

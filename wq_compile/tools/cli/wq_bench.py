@@ -141,9 +141,11 @@ def main_bench(argv: Sequence[str] | None = None) -> int:
     bad = [m for m in mixes if m not in MIXES]
     if bad or not mixes:
         bench_parser().error(f"--mixes: unknown {bad or args.mixes!r}; expected some of {sorted(MIXES)}")
+    peaks: list[str] = []
     rows = run(models[0], tokens, mixes, repeats=args.repeats, target=args.target, logs_dir=args.logs_dir,
-               out_dir=args.out, threads=args.threads, peers=not args.no_peers, models=models)
+               out_dir=args.out, threads=args.threads, peers=not args.no_peers, models=models, report=peaks.append)
     print(format_table(rows))
+    print(*peaks, sep="\n")
     print(isa_note(args.target))
     print(f"wrote {args.out}/decode.csv and {args.out}/decode.png")
     return 0
