@@ -117,7 +117,7 @@ def test_avx_vnni_target_uses_vpdpbusd_on_ymm():
     """alderlake (AVX2 class with AVX-VNNI): the int8 dots are ``vpdpbusd`` on ymm (VEX), not the AVX2 pair; where
     this host has AVX-VNNI too (Sapphire Rapids does) the kernel also runs against the emulation."""
     device = resolve_device(ALDERLAKE)
-    assert device.isa == "x86_64-avx2" and cpu_isa(device) == CpuIsa(8, 16, "avxvnni")
+    assert device.isa == "x86_64-avx2" and cpu_isa(device) == CpuIsa(8, 16, "avxvnni", scalef=False)
     spec = KernelSpec("fused", (8, 4, 2, 16), extra=(("dot8", 1),), **SHAPE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -143,11 +143,12 @@ def test_vector_unit_and_int8_flavour_follow_the_target(mcpu, flavour):
     light = Device.from_facts(dev.facts())
     assert int8_dot_flavour(dev) == int8_dot_flavour(light) == flavour and light.built_target is None
     assert cpu_isa(dev).lanes == (8 if dev.isa == "x86_64-avx2" else 16)
+    assert cpu_isa(dev).scalef == (dev.isa == "x86_64-avx512")
 
 
 def test_vector_unit_is_checked():
     for bad in (dict(lanes=4), dict(lanes=8, dot="vnni512"), dict(lanes=16, dot="maddubs"), dict(dot="amx"),
-                dict(vector_regs=4)):
+                dict(vector_regs=4), dict(lanes=8, dot=None, scalef=True)):
         with pytest.raises(ValueError):
             CpuIsa(**bad)
     spec = KernelSpec("fused", (4, 16), extra=(("dot8", 1),), **SHAPE)

@@ -36,8 +36,8 @@ def cpu_isa(device: Device) -> CpuIsa | None:
     if device.isa == "x86_64-avx512":
         return CpuIsa(16, 32, "vnni512" if device.has_features(*VNNI512_FEATURES) else None)
     if device.isa == "x86_64-avx2":
-        return CpuIsa(8, 16, "avxvnni" if device.has_features("avxvnni") else "maddubs")
-    return CpuIsa(16, 32, None)
+        return CpuIsa(8, 16, "avxvnni" if device.has_features("avxvnni") else "maddubs", scalef=False)
+    return CpuIsa(16, 32, None, scalef=False)
 
 
 def int8_dot_flavour(device: Device) -> str | None:

@@ -19,11 +19,14 @@ DOT_FLAVOURS: tuple[str, ...] = ("vnni512", "avxvnni", "maddubs")
 @dataclass(frozen=True)
 class CpuIsa:
     """``lanes``: fp32 lanes per vector register (16 AVX-512, 8 AVX2); ``vector_regs``: architectural vector
-    registers; ``dot``: the int8 dot-product flavour of :data:`DOT_FLAVOURS`, or None (the mode is refused)."""
+    registers; ``dot``: the int8 dot-product flavour of :data:`DOT_FLAVOURS`, or None (the mode is refused);
+    ``scalef``: AVX-512F's ``vscalefps`` (``x * 2^floor(y)`` in one instruction) exists, so the softmax's exp
+    needs no exponent bit tricks or clamps (x86 AVX-512 only; 16 lanes on another ISA is LLVM's split vectors)."""
 
     lanes: int = 16
     vector_regs: int = 32
     dot: str | None = "vnni512"
+    scalef: bool = True
 
     def __post_init__(self) -> None:
         if self.lanes not in (8, 16):
@@ -36,6 +39,8 @@ class CpuIsa:
             raise ValueError("dot: vnni512 works on 16 int32 lanes (zmm)")
         if self.dot in ("avxvnni", "maddubs") and self.lanes != 8:
             raise ValueError(f"dot: {self.dot} works on 8 int32 lanes (ymm)")
+        if self.scalef and self.lanes != 16:
+            raise ValueError("scalef: vscalefps is an AVX-512 instruction (16 fp32 lanes)")
 
     @property
     def broadcast_operand(self) -> bool:
@@ -55,4 +60,4 @@ class CpuIsa:
 #: The AVX-512 kernel (VNNI + VBMI int8 dots): what the factory builds when no target is named.
 AVX512 = CpuIsa(16, 32, "vnni512")
 #: AVX2 + FMA (haswell and later, Zen 1-3): ymm registers, int8 dots by ``vpmaddubsw`` + ``vpmaddwd``.
-AVX2 = CpuIsa(8, 16, "maddubs")
+AVX2 = CpuIsa(8, 16, "maddubs", scalef=False)
