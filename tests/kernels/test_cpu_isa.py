@@ -146,6 +146,17 @@ def test_vector_unit_and_int8_flavour_follow_the_target(mcpu, flavour):
     assert cpu_isa(dev).scalef == (dev.isa == "x86_64-avx512")
 
 
+def test_vscalefps_only_where_the_target_has_it():
+    """The softmax's exp by vscalefps (AVX-512) in the fused and multi-token kernels built for AVX-512, never in
+    those built for AVX2 or another ISA's 16-lane form (LLVM cannot select the instruction there)."""
+    fused, multi = KernelSpec("fused", (4, 16), **SHAPE), KernelSpec("multi", (4, 16), **SHAPE)
+    assert "scalef" in make_kernel(fused, "llvm", AVX512).script()
+    assert "scalef" in make_kernel(multi, "llvm", None).script()
+    for cpu in (AVX2, replace(AVX512, dot=None, scalef=False)):
+        assert "scalef" not in make_kernel(fused, "llvm", cpu).script()
+        assert "scalef" not in make_kernel(multi, "llvm", cpu).script()
+
+
 def test_vector_unit_is_checked():
     for bad in (dict(lanes=4), dict(lanes=8, dot="vnni512"), dict(lanes=16, dot="maddubs"), dict(dot="amx"),
                 dict(vector_regs=4), dict(lanes=8, dot=None, scalef=True)):

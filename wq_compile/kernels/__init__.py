@@ -107,7 +107,7 @@ def make_kernel(spec: KernelSpec, target_kind: str | None = None, cpu: CpuIsa | 
                              "other targets run its split-KV form (split_spec)")
         from . import multi_token_cpu
 
-        return multi_token_cpu.build_multi_cpu(spec)
+        return multi_token_cpu.build_multi_cpu(spec, cpu)
     if target_kind == "llvm" and spec.kind == "fused" and not is_split(spec):
         from . import attention_cpu
 

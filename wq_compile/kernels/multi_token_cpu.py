@@ -37,7 +37,7 @@ token with the row's causal bound instead of ``lens``, and ``o_parts / lse_parts
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
@@ -47,6 +47,7 @@ from ..core.spec import KernelSpec
 from .attention_cpu import (LANES, PLAIN_TIR_ATTR, CpuKnobs, _merge_piece, _quant_piece, _split_range, _tile_softmax,
                             _vec, int8_dots, sum_state)
 from .common import NEG_BIG, declare_params, f32, fast_exp, signature_params
+from .cpu_isa import AVX512, CpuIsa
 from .signatures import multi_signature, pieces
 
 _F32, _I32 = "float32", "int32"
@@ -83,8 +84,10 @@ def row_spec(spec: KernelSpec, rows: int) -> KernelSpec:
                       spec.v_group, spec.dtype, spec.chunk)
 
 
-def build_multi_cpu(spec: KernelSpec) -> tirx.PrimFunc:
-    """Plain TIR of the multi-token kernel for llvm targets (see the module docstring)."""
+def build_multi_cpu(spec: KernelSpec, cpu: CpuIsa | None = None) -> tirx.PrimFunc:
+    """Plain TIR of the multi-token kernel for llvm targets (see the module docstring). It keeps the 16-lane
+    structure on every target (LLVM splits it on narrower registers); of ``cpu`` (None: AVX-512) it takes only
+    whether ``vscalefps`` exists for the quantized pieces' exps."""
     if spec.kind != "multi":
         raise ValueError(f"kind: expected a multi-token spec, got {spec.kind!r}")
     if int8_dots(spec):
@@ -94,6 +97,7 @@ def build_multi_cpu(spec: KernelSpec) -> tirx.PrimFunc:
     knobs = MultiKnobs.of(spec)
     rows, nsplit = knobs.rows, knobs.cpu.splits
     rspec = row_spec(spec, rows)
+    qcpu = replace(AVX512, dot=None, scalef=AVX512.scalef if cpu is None else cpu.scalef)
     hkv, d, gs = spec.num_kv_heads, spec.head_dim, spec.group_size
     with IRBuilder() as ib:
         with T.prim_func():
@@ -138,7 +142,7 @@ def build_multi_cpu(spec: KernelSpec) -> tirx.PrimFunc:
                     T.buffer_store(l_all, f32(0.0), [j])
                 for p in ps:
                     if p.quantized:
-                        _quant_piece(rspec, p, knobs.cpu, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch)
+                        _quant_piece(rspec, p, knobs.cpu, bufs, b, kh, sp, qf, m_all, l_all, acc, scratch, qcpu)
                     else:
                         _causal_dense_piece(spec, rows, nsplit, bufs, b, kh, sp, steps, tok, qf, m_all, l_all, acc,
                                             scratch)
