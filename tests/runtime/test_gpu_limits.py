@@ -113,7 +113,10 @@ def test_dynamic_shared_memory_refused_at_construction(cuda_lib, cpu_lib):
     assert FusedDecoder(cpu_lib, 8, 1, 256, torch.float32, split=True).split
     assert gl.split_config_problem(8, 1, 256, 32, arch="sm_90a") is None  # 16-bit: 186,368 B fit an H100/H200 ...
     assert "sm_80 allows 166,912 B" in gl.split_config_problem(8, 1, 256, 32, arch="sm_80")  # ... not an A100
-    assert gl.smem_blocks_per_sm(gl.split_shared_bytes(7, 128, 32, dtype_bytes=2), "sm_90") == 2  # the 7B presets
+    seven = gl.split_shared_bytes(7, 128, 32, (8, 4, 2, 16), dtype_bytes=2)  # the 7B presets: two buffers
+    assert gl.smem_blocks_per_sm(seven, "sm_90") == 2
+    # with an int1 bucket one buffer (two spill): the static tiles, 5 blocks' worth of shared memory
+    assert gl.split_shared_bytes(7, 128, 32, gl.ALL_WIDTHS, dtype_bytes=2) == gl.split_static_shared_bytes(7, 128, 32)
 
 
 def test_cuda_multi_token_decoder_checks_its_rows(cuda_lib, cpu_lib):

@@ -8,6 +8,8 @@ multiple of 32 passed construction and failed at the first decode step. No TVM h
 
 from __future__ import annotations
 
+from itertools import combinations
+
 from ..core.quant import key_words
 from ..core.spec import KernelSpec
 from .signatures import SPLIT_STAGE_CHOICES, default_split_stages, split_stages
@@ -150,8 +152,10 @@ def split_shared_bytes(group: int, head_dim: int, chunk: int, bits: tuple[int, .
     ``__shared__`` arrays (:func:`split_static_shared_bytes`). Two: the one dynamic allocation TVM merges the tiles
     into -- the tiles only one chunk's compute reads (query, scores, probabilities, the fp32 K tile, ``P x v_scale``,
     zero-point terms; reused across pieces as with one buffer) plus both slots of every staging union
-    (:func:`staging_slot_bytes`), which stay live across iterations. None: the default for ``head_dim``."""
-    stages = default_split_stages(head_dim) if stages is None else stages
+    (:func:`staging_slot_bytes`), which stay live across iterations. None: the default for these tiles
+    (:func:`~wq_compile.kernels.signatures.default_split_stages`)."""
+    if stages is None:
+        stages = split_shared_stages(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes)
     if stages not in SPLIT_STAGE_CHOICES:
         raise ValueError(f"stages: expected one of {SPLIT_STAGE_CHOICES}, got {stages!r}")
     if stages == 1:
@@ -196,9 +200,50 @@ def split_config_problem(num_q_heads: int, num_kv_heads: int, head_dim: int, chu
         return f"head_dim ({head_dim}) must be a multiple of {WARP} (each lane owns head_dim / 32 channels)"
     if chunk % WARP:
         return f"the kernel chunk ({chunk}) must be a multiple of {WARP} (one token per lane)"
-    stages = default_split_stages(head_dim) if stages is None else stages
-    smem = split_shared_bytes(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes, stages)
     unit = "query heads per KV head" if rows is None else "query rows per block"
+    forms = default_forms(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes) if stages is None else [
+        (bits, stages)]
+    for form, n in forms:
+        why = _smem_problem(group, head_dim, chunk, form, k_group, v_group, dtype_bytes, n, unit, what, arch)
+        if why is not None:
+            return why
+    return None
+
+
+def default_forms(group: int, head_dim: int, chunk: int, bits: tuple[int, ...], k_group: int, v_group: int,
+                  dtype_bytes: int) -> list[tuple[tuple[int, ...], int]]:
+    """``(widths, stages)`` of every kernel a decoder over (subsets of) ``bits`` may build at the default stage
+    count: each subset of the quantized widths (with the dense piece where ``bits`` has it), at its own default
+    (an int1 bucket makes it one buffer, static shared memory, where that fits; without one, two at head_dim >=
+    128, dynamic). All of them, not the largest: the static model is not monotone in the widths (the dense tiles
+    reuse the quantized pieces' when they fit)."""
+    quant = [b for b in bits if b != 16]
+    dense = (16,) if 16 in bits else ()
+    subsets = [tuple(c) + dense for n in range(len(quant), -1, -1) for c in combinations(quant, n)]
+    return [(w, split_shared_stages(group, head_dim, chunk, w, k_group, v_group, dtype_bytes)) for w in subsets if w]
+
+
+def split_shared_stages(group: int, head_dim: int, chunk: int, bits: tuple[int, ...], k_group: int, v_group: int,
+                        dtype_bytes: int) -> int:
+    """The default stage count of a split kernel with these tiles (:func:`~wq_compile.kernels.signatures.
+    default_split_stages`, told whether one buffer's static tiles fit)."""
+    one = split_static_shared_bytes(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes)
+    return default_split_stages(head_dim, bits, one <= STATIC_SMEM_LIMIT)
+
+
+def default_stages_of(spec: KernelSpec) -> int:
+    """The default stage count of a split (or multi-token split) spec: its tiles are the block's rows' (the
+    multi-token kernel's ``rows``, default the GQA group, as :func:`~wq_compile.kernels.multi_token_split.
+    multi_rows` reads them)."""
+    rows = int(dict(spec.extra).get("rows", spec.group_size)) if spec.kind == "multi" else spec.group_size
+    return split_shared_stages(rows, spec.head_dim, spec.chunk, spec.bits, spec.k_group, spec.v_group,
+                               spec.torch_dtype.itemsize)
+
+
+def _smem_problem(group: int, head_dim: int, chunk: int, bits: tuple[int, ...], k_group: int, v_group: int,
+                  dtype_bytes: int, stages: int, unit: str, what: str, arch: str | None) -> str | None:
+    """Why one kernel form's shared memory does not fit (None if it does)."""
+    smem = split_shared_bytes(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes, stages)
     what_cfg = (f"{group} {unit} at head_dim {head_dim} (widths {'/'.join(map(str, bits))}, {8 * dtype_bytes}-bit "
                 f"activations)")
     if stages == 1 and smem > STATIC_SMEM_LIMIT:

@@ -169,28 +169,42 @@ def is_split(spec: KernelSpec) -> bool:
 SPLIT_STAGE_CHOICES = (1, 2)
 
 
-def default_split_stages(head_dim: int) -> int:
-    """The default staging buffers: 2 where ptxas keeps the double-buffered kernel in registers at two blocks of
-    224 threads per SM (head_dim 128, the 7B f16 / bf16 presets: 128 registers, no spill), 1 below (head_dim 64, the
-    0.5B: two buffers spill 76 B on sm_90a, 20 B on sm_80, at the 128 registers ``__launch_bounds__(224, 2)`` gives;
-    ptxas CUDA 13, 2026-12-06, docs/offline_tuning.md)."""
-    return 2 if head_dim >= 128 else 1
+def default_split_stages(head_dim: int, widths: tuple[int, ...], one_buffer_fits: bool = True) -> int:
+    """The default staging buffers of a split kernel over the bucket ``widths`` (16, the dense piece, may be among
+    them). 2 where ptxas keeps the double-buffered kernel in registers at two blocks of 224 threads per SM: head_dim
+    128 without an int1 bucket (the 7B f16 / bf16 presets with widths 8/4/2: 128 registers, no spill). Else 1:
+    head_dim 64 (the 0.5B: two buffers spill 76 B on sm_90a, 20 B on sm_80) and head_dim 128 with an int1 bucket
+    (widths 8/4/2/1: two buffers spill 4 B on sm_90a; one buffer does not), at the 128 registers
+    ``__launch_bounds__(224, 2)`` gives (ptxas CUDA 13, 2026-12-06, docs/offline_tuning.md; the int1 default is held
+    to no spill by tests/kernels/test_split_cuda.py). ``one_buffer_fits``: False where one buffer's static tiles
+    pass the 48 KB of static shared memory (groups of 14+ at head_dim 128, f32; none of the shipped models): two
+    buffers at head_dim 128 then, the only form that builds there (:func:`~wq_compile.kernels.gpu_limits.
+    default_stages_of`)."""
+    return 2 if head_dim >= 128 and (1 not in widths or not one_buffer_fits) else 1
 
 
 def split_stages(spec: KernelSpec) -> int:
-    """Staging buffers of a split kernel spec (see :data:`SPLIT_STAGE_CHOICES`)."""
-    stages = dict(spec.extra).get("stages", default_split_stages(spec.head_dim))
+    """Staging buffers of a split kernel spec (see :data:`SPLIT_STAGE_CHOICES`): its ``("stages", n)``, else the
+    default for its head_dim, bucket widths and tiles (:func:`default_split_stages`)."""
+    from .gpu_limits import default_stages_of  # gpu_limits imports this module; the shared-memory model lives there
+
+    extra = dict(spec.extra)
+    stages = extra["stages"] if "stages" in extra else default_stages_of(spec)
     if stages not in SPLIT_STAGE_CHOICES:
         raise ValueError(f"stages: the split kernel stages 1 or 2 chunks at a time, got {stages!r}")
     return int(stages)
 
 
 def with_split_stages(spec: KernelSpec, stages: int) -> KernelSpec:
-    """``spec`` (a split spec) with ``stages`` staging buffers; the default leaves the key out (one URI per kernel)."""
+    """``spec`` (a split spec) with ``stages`` staging buffers; the default leaves the key out (one URI per kernel).
+    A non-default count is built as asked, even where ptxas showed it to spill (a tuner sweeping the knob measures
+    it; the CUDA build reports the spill: :func:`wq_compile.compiler.build.compile_cuda_binary`)."""
+    from .gpu_limits import default_stages_of
+
     if stages not in SPLIT_STAGE_CHOICES:
         raise ValueError(f"stages: the split kernel stages 1 or 2 chunks at a time, got {stages!r}")
-    extra = tuple((k, v) for k, v in spec.extra if k != "stages")
-    return replace(spec, extra=extra if stages == default_split_stages(spec.head_dim) else (*extra, ("stages", stages)))
+    bare = replace(spec, extra=tuple((k, v) for k, v in spec.extra if k != "stages"))
+    return bare if stages == default_stages_of(bare) else replace(bare, extra=(*bare.extra, ("stages", stages)))
 
 
 def split_spec(spec: KernelSpec) -> KernelSpec:
