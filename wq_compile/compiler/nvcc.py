@@ -87,7 +87,8 @@ def parse_ptxas(log: str) -> list[PtxasUsage]:
             if frame is None:
                 raise ValueError(f"ptxas report: no stack frame line for {name}:\n{log}")
             smem = re.search(r"(\d+) bytes smem", line)
-            out.append(PtxasUsage(name, int(m.group(1)), frame[1], frame[2], frame[0], int(smem.group(1)) if smem else 0))
+            out.append(PtxasUsage(name, int(m.group(1)), frame[1], frame[2], frame[0],
+                                  int(smem.group(1)) if smem else 0))
             name = frame = None
     return out
 

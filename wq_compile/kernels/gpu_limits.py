@@ -23,15 +23,16 @@ MAX_REGS_PER_THREAD = 255
 #: Registers the split kernel needs without spilling: ptxas (CUDA 13, -Xptxas -v, sm_90a) reports 119 (0.5B, head_dim
 #: 64), 116 (7B, head_dim 128, f16 and bf16) and 111 (group 16, head_dim 128) since issue 21 item 3 (the K tile
 #: dequantized once, one state for all pieces; 89 / 107 / 109 before); with an int1 piece (``widths`` with 1, which a
-#: decoder may have to build) 126 (0.5B) and 124 (7B); double-buffered (issue 21 item 6, the head_dim-128 default)
-#: 128 for the 7B, which is also all ptxas gives ``__launch_bounds__(224, 2)``. ``__launch_bounds__`` must leave
-#: this many.
+#: decoder may have to build) 126 (0.5B) and 124 (7B); double-buffered (issue 21 item 6, the head_dim-128 default
+#: without an int1 bucket) 128 for the 7B, which is also all ptxas gives ``__launch_bounds__(224, 2)``.
+#: ``__launch_bounds__`` must leave this many.
 SPLIT_REGISTERS_NEEDED = 128
 #: Resident blocks per SM the split kernel asks for when its registers allow (2 hides one block's barriers).
 PREFERRED_BLOCKS_PER_SM = 2
 #: Static shared memory one block may declare (``__shared__`` arrays, no ``extern`` dynamic shared memory): 48 KB
 #: on sm_80 and sm_90 alike; beyond it a kernel needs dynamic shared memory and the launch attribute. The split
-#: kernel with one staging buffer uses static shared memory, with two (the default at head_dim >= 128) dynamic.
+#: kernel with one staging buffer uses static shared memory, with two (the default at head_dim >= 128 without an
+#: int1 bucket) dynamic.
 STATIC_SMEM_LIMIT = 48 * 1024
 #: Dynamic shared memory one block may use (the opt-in maximum, which TVM's CUDA runtime requests with
 #: ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` for launches of 48 KB or more) and shared memory per SM, by
@@ -214,9 +215,9 @@ def default_forms(group: int, head_dim: int, chunk: int, bits: tuple[int, ...], 
                   dtype_bytes: int) -> list[tuple[tuple[int, ...], int]]:
     """``(widths, stages)`` of every kernel a decoder over (subsets of) ``bits`` may build at the default stage
     count: each subset of the quantized widths (with the dense piece where ``bits`` has it), at its own default
-    (an int1 bucket makes it one buffer, static shared memory, where that fits; without one, two at head_dim >=
-    128, dynamic). All of them, not the largest: the static model is not monotone in the widths (the dense tiles
-    reuse the quantized pieces' when they fit)."""
+    (one buffer, static shared memory, where that fits and ptxas did not show two buffers without spills; an int1
+    bucket always makes it one there). All of them, not the largest: the static model is not monotone in the widths
+    (the dense tiles reuse the quantized pieces' when they fit)."""
     quant = [b for b in bits if b != 16]
     dense = (16,) if 16 in bits else ()
     subsets = [tuple(c) + dense for n in range(len(quant), -1, -1) for c in combinations(quant, n)]
@@ -228,7 +229,7 @@ def split_shared_stages(group: int, head_dim: int, chunk: int, bits: tuple[int, 
     """The default stage count of a split kernel with these tiles (:func:`~wq_compile.kernels.signatures.
     default_split_stages`, told whether one buffer's static tiles fit)."""
     one = split_static_shared_bytes(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes)
-    return default_split_stages(head_dim, bits, one <= STATIC_SMEM_LIMIT)
+    return default_split_stages(head_dim, bits, group, one <= STATIC_SMEM_LIMIT)
 
 
 def default_stages_of(spec: KernelSpec) -> int:

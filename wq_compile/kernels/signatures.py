@@ -169,23 +169,31 @@ def is_split(spec: KernelSpec) -> bool:
 SPLIT_STAGE_CHOICES = (1, 2)
 
 
-def default_split_stages(head_dim: int, widths: tuple[int, ...], one_buffer_fits: bool = True) -> int:
+#: ``(head_dim, group)`` where ptxas (CUDA 13, TVM's nvcc flags, sm_90a and sm_80, f16 and bf16) showed the
+#: double-buffered split kernel without an int1 bucket in registers: 128 of the 128 ``__launch_bounds__(224, 2)``
+#: gives, no spill (LLaVA-OV-7B / Qwen2-VL-7B, group 7). Measured to spill there: head_dim 64 group 7 (the 0.5B,
+#: 76 B), head_dim 128 group 8 (Qwen2.5-VL-3B, 116 B on sm_90a, 88 B on sm_80), any set with an int1 bucket (124 B
+#: for the 7B). Shapes not listed were not measured with two buffers and get one (docs/offline_tuning.md).
+DOUBLE_BUFFERED_SHAPES = frozenset({(128, 7)})
+
+
+def default_split_stages(head_dim: int, widths: tuple[int, ...], group: int,
+                         one_buffer_fits: bool = True) -> int:
     """The default staging buffers of a split kernel over the bucket ``widths`` (16, the dense piece, may be among
-    them). 2 where ptxas keeps the double-buffered kernel in registers at two blocks of 224 threads per SM: head_dim
-    128 without an int1 bucket (the 7B f16 / bf16 presets with widths 8/4/2: 128 registers, no spill). Else 1:
-    head_dim 64 (the 0.5B: two buffers spill 76 B on sm_90a, 20 B on sm_80) and head_dim 128 with an int1 bucket
-    (widths 8/4/2/1: two buffers spill 4 B on sm_90a; one buffer does not), at the 128 registers
-    ``__launch_bounds__(224, 2)`` gives (ptxas CUDA 13, 2026-12-06, docs/offline_tuning.md; the int1 default is held
-    to no spill by tests/kernels/test_split_cuda.py). ``one_buffer_fits``: False where one buffer's static tiles
-    pass the 48 KB of static shared memory (groups of 14+ at head_dim 128, f32; none of the shipped models): two
-    buffers at head_dim 128 then, the only form that builds there (:func:`~wq_compile.kernels.gpu_limits.
-    default_stages_of`)."""
-    return 2 if head_dim >= 128 and (1 not in widths or not one_buffer_fits) else 1
+    them) with ``group`` query rows per block (one warp each): 2 where ptxas showed the double-buffered kernel
+    without spills (:data:`DOUBLE_BUFFERED_SHAPES`, no int1 bucket), else 1 (one buffer: no spill at every shipped
+    shape and bucket set measured, int1 included; tests/kernels/test_split_cuda.py holds the 7B int1 default to it).
+    ``one_buffer_fits``: False where one buffer's static tiles pass the 48 KB of static shared memory (groups of 14+
+    at head_dim 128, f32; none of the shipped models): 2 then, the only form that builds
+    (:func:`~wq_compile.kernels.gpu_limits.default_stages_of`)."""
+    if not one_buffer_fits:
+        return 2
+    return 2 if (head_dim, group) in DOUBLE_BUFFERED_SHAPES and 1 not in widths else 1
 
 
 def split_stages(spec: KernelSpec) -> int:
     """Staging buffers of a split kernel spec (see :data:`SPLIT_STAGE_CHOICES`): its ``("stages", n)``, else the
-    default for its head_dim, bucket widths and tiles (:func:`default_split_stages`)."""
+    default for its head_dim, bucket widths, rows per block and tiles (:func:`default_split_stages`)."""
     from .gpu_limits import default_stages_of  # gpu_limits imports this module; the shared-memory model lives there
 
     extra = dict(spec.extra)
