@@ -121,9 +121,10 @@ def test_dynamic_shared_memory_refused_at_construction(cuda_lib, cpu_lib):
 
 def test_default_stages_follow_ptxas():
     """Issue 21: two staging buffers by default only where ptxas showed them without spills (docs/offline_tuning.md):
-    the 7B shape (head_dim 128, group 7) without an int1 bucket; one buffer with an int1 bucket (two spill 124 B on
-    sm_90a), at head_dim 64 (the 0.5B: 76 B) and at Qwen2.5-VL-3B's group 8 (116 B); two where one buffer's static
-    tiles cannot be built (group 16 at head_dim 128). tests/kernels/test_split_cuda.py compiles the 7B int1 default."""
+    the 7B and Qwen2-VL-2B shapes (head_dim 128, groups 7 and 6) without an int1 bucket; one buffer with an int1
+    bucket (two spill 124 B on sm_90a), at head_dim 64 (the 0.5B: 76 B) and at Qwen2.5-VL-3B's group 8 (116 B); two
+    where one buffer's static tiles cannot be built (group 16 at head_dim 128). tests/kernels/test_split_cuda.py
+    compiles the 7B int1 default."""
     from wq_compile.core.models import get_preset
     from wq_compile.core.spec import KernelSpec
     from wq_compile.kernels.signatures import split_spec, split_stages
@@ -136,6 +137,7 @@ def test_default_stages_follow_ptxas():
 
     for dtype in ("f16", "bf16"):
         assert stages("llava-ov-7b", (8, 4, 2, 16), dtype) == 2 and stages("qwen2-vl-7b", (4, 2, 16), dtype) == 2
+        assert stages("qwen2-vl-2b", (8, 4, 2, 16), dtype) == 2 and stages("qwen2-vl-2b", (8, 1, 16), dtype) == 1
         assert stages("llava-ov-7b", (8, 4, 2, 1, 16), dtype) == 1 and stages("llava-ov-7b", (1, 16), dtype) == 1
         assert stages("qwen2.5-vl-3b", (8, 4, 2, 16), dtype) == 1 and stages("llava-ov-0.5b", (8, 4, 2, 16), dtype) == 1
     assert stages("llava-ov-7b", (8, 4, 2, 16), rows=8) == 1  # the multi-token kernel's rows are its group

@@ -169,12 +169,13 @@ def is_split(spec: KernelSpec) -> bool:
 SPLIT_STAGE_CHOICES = (1, 2)
 
 
-#: ``(head_dim, group)`` where ptxas (CUDA 13, TVM's nvcc flags, sm_90a and sm_80, f16 and bf16) showed the
-#: double-buffered split kernel without an int1 bucket in registers: 128 of the 128 ``__launch_bounds__(224, 2)``
-#: gives, no spill (LLaVA-OV-7B / Qwen2-VL-7B, group 7). Measured to spill there: head_dim 64 group 7 (the 0.5B,
-#: 76 B), head_dim 128 group 8 (Qwen2.5-VL-3B, 116 B on sm_90a, 88 B on sm_80), any set with an int1 bucket (124 B
-#: for the 7B). Shapes not listed were not measured with two buffers and get one (docs/offline_tuning.md).
-DOUBLE_BUFFERED_SHAPES = frozenset({(128, 7)})
+#: ``(head_dim, group)`` where ptxas (CUDA 13, TVM's nvcc flags, sm_90a and sm_80) showed the double-buffered split
+#: kernel without an int1 bucket in registers, no spill: LLaVA-OV-7B / Qwen2-VL-7B (group 7: 128 of the 128
+#: registers ``__launch_bounds__(224, 2)`` gives, f16 and bf16) and Qwen2-VL-2B (group 6: 159 / 163 of 168, f16).
+#: Measured to spill there: head_dim 64 group 7 (the 0.5B, 76 B), head_dim 128 group 8 (Qwen2.5-VL-3B, 116 B on
+#: sm_90a, 88 B on sm_80), a set with an int1 bucket (124 B for the 7B). Shapes not listed were not measured with
+#: two buffers and get one (docs/offline_tuning.md).
+DOUBLE_BUFFERED_SHAPES = frozenset({(128, 7), (128, 6)})
 
 
 def default_split_stages(head_dim: int, widths: tuple[int, ...], group: int,
