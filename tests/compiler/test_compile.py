@@ -131,6 +131,39 @@ def test_fused_kernel_cuda_source_and_nvcc_binary_without_gpu(tmp_path):
         assert built.binary is None and not paths.binary.exists()
 
 
+#: A kernel that cannot fit its registers: 64 live floats per thread under ``__launch_bounds__(1024, 2)`` (32
+#: registers each). One small nvcc compile (~2 s).
+SPILLING_CUDA = r"""
+extern "C" __global__ void __launch_bounds__(1024, 2) spills(const float* __restrict__ x, float* __restrict__ y) {
+  float a[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) a[i] = x[threadIdx.x + 1024 * i];
+  float s = 0.f;
+#pragma unroll
+  for (int j = 1; j < 64; ++j) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s += a[i] * a[(i * j) & 63];
+  }
+  y[threadIdx.x] = s;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: CUDA modules keep their source")
+def test_cuda_build_reports_register_spills():
+    """Issue 21: the CUDA build runs nvcc with TVM's flags and reads ptxas' report: a kernel that spills builds
+    (it runs, slower: a tuner sweeping a knob into a spill measures it) and says so, naming the kernel and the
+    bytes (``wq-tune --build-only`` shows it). The report's parser is the one tests/kernels/test_split_cuda.py holds
+    every default CUDA kernel to no spills with."""
+    from wq_compile.compiler.build import compile_cuda_binary
+    from wq_compile.compiler.nvcc import RegisterSpillWarning
+
+    with pytest.warns(RegisterSpillWarning, match=r"toy-kernel: ptxas for sm_90a spills registers .*spills: 32 "
+                                                  r"registers, [1-9]\d* B spill stores") as rec:
+        binary = compile_cuda_binary(SPILLING_CUDA, resolve_device(H100), kernel="toy-kernel")
+    assert binary[:4] == FATBIN_MAGIC and len(rec) == 1
+
+
 def test_cli_build_only_for_h100_writes_modules(tmp_path, capsys):
     """``wq-tune --build-only`` compiles (default schedule: no log) and caches without a GPU; no measuring."""
     argv = ["--target", H100, "--model", "tiny", "--build-only", "--kernels", "fused",

@@ -113,7 +113,35 @@ def test_dynamic_shared_memory_refused_at_construction(cuda_lib, cpu_lib):
     assert FusedDecoder(cpu_lib, 8, 1, 256, torch.float32, split=True).split
     assert gl.split_config_problem(8, 1, 256, 32, arch="sm_90a") is None  # 16-bit: 186,368 B fit an H100/H200 ...
     assert "sm_80 allows 166,912 B" in gl.split_config_problem(8, 1, 256, 32, arch="sm_80")  # ... not an A100
-    assert gl.smem_blocks_per_sm(gl.split_shared_bytes(7, 128, 32, dtype_bytes=2), "sm_90") == 2  # the 7B presets
+    seven = gl.split_shared_bytes(7, 128, 32, (8, 4, 2, 16), dtype_bytes=2)  # the 7B presets: two buffers
+    assert gl.smem_blocks_per_sm(seven, "sm_90") == 2
+    # with an int1 bucket one buffer (two spill): the static tiles, 5 blocks' worth of shared memory
+    assert gl.split_shared_bytes(7, 128, 32, gl.ALL_WIDTHS, dtype_bytes=2) == gl.split_static_shared_bytes(7, 128, 32)
+
+
+def test_default_stages_follow_ptxas():
+    """Issue 21: two staging buffers by default only where ptxas showed them without spills (docs/offline_tuning.md):
+    the 7B and Qwen2-VL-2B shapes (head_dim 128, groups 7 and 6) without an int1 bucket; one buffer with an int1
+    bucket (two spill 124 B on sm_90a), at head_dim 64 (the 0.5B: 76 B) and at Qwen2.5-VL-3B's group 8 (116 B); two
+    where one buffer's static tiles cannot be built (group 16 at head_dim 128). tests/kernels/test_split_cuda.py
+    compiles the 7B int1 default."""
+    from wq_compile.core.models import get_preset
+    from wq_compile.core.spec import KernelSpec
+    from wq_compile.kernels.signatures import split_spec, split_stages
+
+    def stages(model: str, bits: tuple[int, ...], dtype: str = "f16", **extra) -> int:
+        p = get_preset(model)
+        kind = "multi" if extra else "fused"
+        return split_stages(split_spec(KernelSpec(kind, bits, p.head_dim, p.num_q_heads, p.num_kv_heads, chunk=32,
+                                                  dtype=dtype, extra=tuple(extra.items()))))
+
+    for dtype in ("f16", "bf16"):
+        assert stages("llava-ov-7b", (8, 4, 2, 16), dtype) == 2 and stages("qwen2-vl-7b", (4, 2, 16), dtype) == 2
+        assert stages("qwen2-vl-2b", (8, 4, 2, 16), dtype) == 2 and stages("qwen2-vl-2b", (8, 1, 16), dtype) == 1
+        assert stages("llava-ov-7b", (8, 4, 2, 1, 16), dtype) == 1 and stages("llava-ov-7b", (1, 16), dtype) == 1
+        assert stages("qwen2.5-vl-3b", (8, 4, 2, 16), dtype) == 1 and stages("llava-ov-0.5b", (8, 4, 2, 16), dtype) == 1
+    assert stages("llava-ov-7b", (8, 4, 2, 16), rows=8) == 1  # the multi-token kernel's rows are its group
+    assert gl.default_stages_of(split_spec(KernelSpec("fused", (8, 4, 2, 1, 16), 128, 16, 1, chunk=32))) == 2
 
 
 def test_cuda_multi_token_decoder_checks_its_rows(cuda_lib, cpu_lib):

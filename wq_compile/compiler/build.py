@@ -146,12 +146,17 @@ def cuda_source(module: Any) -> str:
     raise ValueError("module: no CUDA device module among its imports")
 
 
-def compile_cuda_binary(source: str, device: Device, target_format: str = "fatbin") -> bytes:
-    """nvcc the generated source for ``device``'s arch offline (no GPU needed), inside ``with target:``."""
-    from tvm.support import nvcc
+def compile_cuda_binary(source: str, device: Device, target_format: str = "fatbin", kernel: str = "") -> bytes:
+    """nvcc the generated source for ``device``'s arch offline (no GPU needed), with TVM's nvcc flags; a kernel
+    function that spills registers is reported (:class:`~wq_compile.compiler.nvcc.RegisterSpillWarning`, naming
+    ``kernel``): it runs, slower, so the build goes on."""
+    from .nvcc import RegisterSpillWarning, compile_cuda, spill_message
 
-    with device.target:
-        return bytes(nvcc.compile_cuda(source, target_format=target_format, arch=device.arch, compiler="nvcc"))
+    binary, usage = compile_cuda(source, device.arch, target_format)
+    why = spill_message(kernel or "CUDA module", device.arch, usage)
+    if why is not None:
+        warnings.warn(why, RegisterSpillWarning, stacklevel=2)
+    return binary
 
 
 @dataclass
@@ -250,7 +255,7 @@ def build_kernel(spec: KernelSpec | KernelDef, device: Device | str = "llvm", *,
     if device.kind == "cuda":
         built.source = cuda_source(module)
         if cuda_binary:
-            built.binary = compile_cuda_binary(built.source, device)
+            built.binary = compile_cuda_binary(built.source, device, kernel=kdef.spec.uri)
     return built
 
 

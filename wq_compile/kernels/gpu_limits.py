@@ -8,9 +8,13 @@ multiple of 32 passed construction and failed at the first decode step. No TVM h
 
 from __future__ import annotations
 
+from itertools import combinations
+
 from ..core.quant import key_words
 from ..core.spec import KernelSpec
-from .signatures import SPLIT_STAGE_CHOICES, default_split_stages, split_stages
+from .signatures import ALL_WIDTHS, SPLIT_STAGE_CHOICES, STATIC_SMEM_LIMIT, split_shared_stages, split_stages
+# the static shared-memory model and the default stage count live with the spec helpers (split_stages needs them)
+from .signatures import default_stages_of, split_static_shared_bytes  # noqa: F401 - re-exported
 
 WARP = 32
 #: CUDA's limit on threads per block.
@@ -21,16 +25,12 @@ MAX_REGS_PER_THREAD = 255
 #: Registers the split kernel needs without spilling: ptxas (CUDA 13, -Xptxas -v, sm_90a) reports 119 (0.5B, head_dim
 #: 64), 116 (7B, head_dim 128, f16 and bf16) and 111 (group 16, head_dim 128) since issue 21 item 3 (the K tile
 #: dequantized once, one state for all pieces; 89 / 107 / 109 before); with an int1 piece (``widths`` with 1, which a
-#: decoder may have to build) 126 (0.5B) and 124 (7B); double-buffered (issue 21 item 6, the head_dim-128 default)
-#: 128 for the 7B, which is also all ptxas gives ``__launch_bounds__(224, 2)``. ``__launch_bounds__`` must leave
-#: this many.
+#: decoder may have to build) 126 (0.5B) and 124 (7B); double-buffered (issue 21 item 6, the head_dim-128 default
+#: without an int1 bucket) 128 for the 7B, which is also all ptxas gives ``__launch_bounds__(224, 2)``.
+#: ``__launch_bounds__`` must leave this many.
 SPLIT_REGISTERS_NEEDED = 128
 #: Resident blocks per SM the split kernel asks for when its registers allow (2 hides one block's barriers).
 PREFERRED_BLOCKS_PER_SM = 2
-#: Static shared memory one block may declare (``__shared__`` arrays, no ``extern`` dynamic shared memory): 48 KB
-#: on sm_80 and sm_90 alike; beyond it a kernel needs dynamic shared memory and the launch attribute. The split
-#: kernel with one staging buffer uses static shared memory, with two (the default at head_dim >= 128) dynamic.
-STATIC_SMEM_LIMIT = 48 * 1024
 #: Dynamic shared memory one block may use (the opt-in maximum, which TVM's CUDA runtime requests with
 #: ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` for launches of 48 KB or more) and shared memory per SM, by
 #: architecture; CUDA reserves 1 KB of each SM's shared memory per resident block.
@@ -39,8 +39,6 @@ SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}
 SMEM_RESERVED_PER_BLOCK = 1024
 #: The architecture a check assumes when none is given: the smaller limits (a CUDA target without an arch).
 DEFAULT_ARCH = "sm_80"
-#: The widths whose tiles a decoder may have to build (the 8-bit bucket has the largest code tiles).
-ALL_WIDTHS = (8, 4, 2, 1, 16)
 
 
 def split_threads(group: int) -> int:
@@ -80,48 +78,6 @@ def max_split_group() -> int:
     return max(fits)
 
 
-def split_static_shared_bytes(group: int, head_dim: int, chunk: int, bits: tuple[int, ...] = ALL_WIDTHS,
-                               k_group: int = 28, v_group: int = 64, dtype_bytes: int = 2) -> int:
-    """Static shared memory of one block of the split kernel (and of the multi-token kernel, ``group`` = its rows
-    per block) under the CUDA schedule (:mod:`wq_compile.schedules.cuda_split`), from its tiles: the scaled query
-    (``group x head_dim`` fp32), scores and probabilities (``group x chunk``), and per quantized piece the staged
-    key codes / scales / zero points, value codes, the fp32 K tile (rows padded by 4 floats), ``P x v_scale``
-    and (several value groups) the zero-point terms. The pieces run one after the other, so TVM gives each tile the
-    size of the largest piece's and reuses it; the dense piece's K (rows padded by 16 bytes) and V tiles go into
-    the smallest tile that holds them, else count in full. Each array rounded up to 64 bytes (TVM declares them
-    ``alignas(64)``).
-
-    Matches the ``__shared__`` arrays of the generated CUDA (7B f16 42,152 B, 0.5B f16 22,144 B, group 16 at
-    d 128 51,584 B, Qwen2-VL-2B 41,104 B) up to that alignment (ptxas: 42,168, 22,144, 51,584, 41,136; the model
-    42,176, 22,144, 51,584, 41,152) and over-estimates where TVM merges differently (f32, or only 4-bit buckets);
-    see tests/runtime/test_gpu_limits.py."""
-    def r64(n: int) -> int:
-        return -(-n // 64) * 64
-
-    g, d, c = group, head_dim, chunk
-    quant = [b for b in bits if b != 16]
-    total = r64(g * d * 4) + 2 * r64(g * c * 4)  # qf, scores, probabilities
-    tiles: list[int] = []
-    if quant:
-        ngk = (c + k_group - 2) // k_group + 1  # key groups a chunk can touch (split_decode.key_groups_per_chunk)
-        nvg = d // v_group
-        tiles = [max(r64(ngk * d * key_words(b, k_group) * 4) for b in quant),  # key codes
-                 r64(ngk * d * 2), r64(ngk * d * 2),                             # key scale, zero point (fp16)
-                 max(r64(c * d // (32 // b) * 4) for b in quant),              # value codes
-                 r64(c * (d + 4) * 4),                                           # dequantized K tile
-                 r64(g * c * nvg * 4)]                                           # P x value scale
-        total += sum(tiles) + (len(quant) * r64(g * nvg * 4) if nvg > 1 else 0)
-    if 16 in bits:
-        free = sorted(tiles)
-        for need in (r64(c * (d + 16 // dtype_bytes) * dtype_bytes), r64(c * d * dtype_bytes)):  # dense K, V
-            fit = next((t for t in free if t >= need), None)
-            if fit is None:
-                total += need
-            else:
-                free.remove(fit)
-    return total
-
-
 def _r16(n: int) -> int:
     return -(-n // 16) * 16
 
@@ -150,8 +106,10 @@ def split_shared_bytes(group: int, head_dim: int, chunk: int, bits: tuple[int, .
     ``__shared__`` arrays (:func:`split_static_shared_bytes`). Two: the one dynamic allocation TVM merges the tiles
     into -- the tiles only one chunk's compute reads (query, scores, probabilities, the fp32 K tile, ``P x v_scale``,
     zero-point terms; reused across pieces as with one buffer) plus both slots of every staging union
-    (:func:`staging_slot_bytes`), which stay live across iterations. None: the default for ``head_dim``."""
-    stages = default_split_stages(head_dim) if stages is None else stages
+    (:func:`staging_slot_bytes`), which stay live across iterations. None: the default for these tiles
+    (:func:`~wq_compile.kernels.signatures.default_split_stages`)."""
+    if stages is None:
+        stages = split_shared_stages(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes)
     if stages not in SPLIT_STAGE_CHOICES:
         raise ValueError(f"stages: expected one of {SPLIT_STAGE_CHOICES}, got {stages!r}")
     if stages == 1:
@@ -196,9 +154,33 @@ def split_config_problem(num_q_heads: int, num_kv_heads: int, head_dim: int, chu
         return f"head_dim ({head_dim}) must be a multiple of {WARP} (each lane owns head_dim / 32 channels)"
     if chunk % WARP:
         return f"the kernel chunk ({chunk}) must be a multiple of {WARP} (one token per lane)"
-    stages = default_split_stages(head_dim) if stages is None else stages
-    smem = split_shared_bytes(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes, stages)
     unit = "query heads per KV head" if rows is None else "query rows per block"
+    forms = default_forms(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes) if stages is None else [
+        (bits, stages)]
+    for form, n in forms:
+        why = _smem_problem(group, head_dim, chunk, form, k_group, v_group, dtype_bytes, n, unit, what, arch)
+        if why is not None:
+            return why
+    return None
+
+
+def default_forms(group: int, head_dim: int, chunk: int, bits: tuple[int, ...], k_group: int, v_group: int,
+                  dtype_bytes: int) -> list[tuple[tuple[int, ...], int]]:
+    """``(widths, stages)`` of every kernel a decoder over (subsets of) ``bits`` may build at the default stage
+    count: each subset of the quantized widths (with the dense piece where ``bits`` has it), at its own default
+    (one buffer, static shared memory, where that fits and ptxas did not show two buffers without spills; an int1
+    bucket always makes it one there). All of them, not the largest: the static model is not monotone in the widths
+    (the dense tiles reuse the quantized pieces' when they fit)."""
+    quant = [b for b in bits if b != 16]
+    dense = (16,) if 16 in bits else ()
+    subsets = [tuple(c) + dense for n in range(len(quant), -1, -1) for c in combinations(quant, n)]
+    return [(w, split_shared_stages(group, head_dim, chunk, w, k_group, v_group, dtype_bytes)) for w in subsets if w]
+
+
+def _smem_problem(group: int, head_dim: int, chunk: int, bits: tuple[int, ...], k_group: int, v_group: int,
+                  dtype_bytes: int, stages: int, unit: str, what: str, arch: str | None) -> str | None:
+    """Why one kernel form's shared memory does not fit (None if it does)."""
+    smem = split_shared_bytes(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes, stages)
     what_cfg = (f"{group} {unit} at head_dim {head_dim} (widths {'/'.join(map(str, bits))}, {8 * dtype_bytes}-bit "
                 f"activations)")
     if stages == 1 and smem > STATIC_SMEM_LIMIT:

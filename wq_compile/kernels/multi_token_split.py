@@ -24,7 +24,7 @@ from typing import Any
 from tvm import tirx
 
 from ..core.spec import KernelSpec
-from .signatures import is_split, multi_split_signature
+from .signatures import is_split, multi_split_signature, split_stages
 from .split_decode import Rows, build_split_rows
 
 
@@ -38,11 +38,12 @@ def multi_rows(spec: KernelSpec) -> int:
 
 def rows_spec(spec: KernelSpec) -> KernelSpec:
     """The split-KV fused spec whose GQA group is the block's ``R`` rows: what the split body and the CUDA split
-    schedule are built for (its intermediates are per row; its staging buffers: ``stages`` as given)."""
+    schedule are built for (its intermediates are per row; its staging buffers: the multi-token spec's, resolved
+    here, so that the construction check of the multi spec and the kernel agree even where a default depends on
+    the tiles of the rows)."""
     rows = multi_rows(spec)
-    stages = tuple((k, v) for k, v in spec.extra if k == "stages")
     return KernelSpec("fused", spec.bits, spec.head_dim, spec.num_kv_heads * rows, spec.num_kv_heads, spec.k_group,
-                      spec.v_group, spec.dtype, spec.chunk, (("split", 1), *stages))
+                      spec.v_group, spec.dtype, spec.chunk, (("split", 1), ("stages", split_stages(spec))))
 
 
 def build_multi_split(spec: KernelSpec, async_copy: bool = False) -> tirx.PrimFunc:

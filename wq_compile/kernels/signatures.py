@@ -169,28 +169,115 @@ def is_split(spec: KernelSpec) -> bool:
 SPLIT_STAGE_CHOICES = (1, 2)
 
 
-def default_split_stages(head_dim: int) -> int:
-    """The default staging buffers: 2 where ptxas keeps the double-buffered kernel in registers at two blocks of
-    224 threads per SM (head_dim 128, the 7B f16 / bf16 presets: 128 registers, no spill), 1 below (head_dim 64, the
-    0.5B: two buffers spill 76 B on sm_90a, 20 B on sm_80, at the 128 registers ``__launch_bounds__(224, 2)`` gives;
-    ptxas CUDA 13, 2026-12-06, docs/offline_tuning.md)."""
-    return 2 if head_dim >= 128 else 1
+#: Static shared memory one block may declare (``__shared__`` arrays, no ``extern`` dynamic shared memory): 48 KB
+#: on sm_80 and sm_90 alike; beyond it a kernel needs dynamic shared memory and the launch attribute. The split
+#: kernel with one staging buffer uses static shared memory, with two (the default at
+#: :data:`DOUBLE_BUFFERED_SHAPES` without an int1 bucket) dynamic.
+STATIC_SMEM_LIMIT = 48 * 1024
+#: The widths whose tiles a decoder may have to build (the 8-bit bucket has the largest code tiles).
+ALL_WIDTHS = (8, 4, 2, 1, 16)
+
+
+def split_static_shared_bytes(group: int, head_dim: int, chunk: int, bits: tuple[int, ...] = ALL_WIDTHS,
+                               k_group: int = 28, v_group: int = 64, dtype_bytes: int = 2) -> int:
+    """Static shared memory of one block of the split kernel (and of the multi-token kernel, ``group`` = its rows
+    per block) under the CUDA schedule (:mod:`wq_compile.schedules.cuda_split`), from its tiles: the scaled query
+    (``group x head_dim`` fp32), scores and probabilities (``group x chunk``), and per quantized piece the staged
+    key codes / scales / zero points, value codes, the fp32 K tile (rows padded by 4 floats), ``P x v_scale``
+    and (several value groups) the zero-point terms. The pieces run one after the other, so TVM gives each tile the
+    size of the largest piece's and reuses it; the dense piece's K (rows padded by 16 bytes) and V tiles go into
+    the smallest tile that holds them, else count in full. Each array rounded up to 64 bytes (TVM declares them
+    ``alignas(64)``).
+
+    Matches the ``__shared__`` arrays of the generated CUDA (7B f16 42,152 B, 0.5B f16 22,144 B, group 16 at
+    d 128 51,584 B, Qwen2-VL-2B 41,104 B) up to that alignment (ptxas: 42,168, 22,144, 51,584, 41,136; the model
+    42,176, 22,144, 51,584, 41,152) and over-estimates where TVM merges differently (f32, or only 4-bit buckets);
+    see tests/runtime/test_gpu_limits.py."""
+    def r64(n: int) -> int:
+        return -(-n // 64) * 64
+
+    g, d, c = group, head_dim, chunk
+    quant = [b for b in bits if b != 16]
+    total = r64(g * d * 4) + 2 * r64(g * c * 4)  # qf, scores, probabilities
+    tiles: list[int] = []
+    if quant:
+        ngk = (c + k_group - 2) // k_group + 1  # key groups a chunk can touch (split_decode.key_groups_per_chunk)
+        nvg = d // v_group
+        tiles = [max(r64(ngk * d * key_words(b, k_group) * 4) for b in quant),  # key codes
+                 r64(ngk * d * 2), r64(ngk * d * 2),                             # key scale, zero point (fp16)
+                 max(r64(c * d // (32 // b) * 4) for b in quant),              # value codes
+                 r64(c * (d + 4) * 4),                                           # dequantized K tile
+                 r64(g * c * nvg * 4)]                                           # P x value scale
+        total += sum(tiles) + (len(quant) * r64(g * nvg * 4) if nvg > 1 else 0)
+    if 16 in bits:
+        free = sorted(tiles)
+        for need in (r64(c * (d + 16 // dtype_bytes) * dtype_bytes), r64(c * d * dtype_bytes)):  # dense K, V
+            fit = next((t for t in free if t >= need), None)
+            if fit is None:
+                total += need
+            else:
+                free.remove(fit)
+    return total
+
+
+def split_shared_stages(group: int, head_dim: int, chunk: int, bits: tuple[int, ...], k_group: int, v_group: int,
+                        dtype_bytes: int) -> int:
+    """The default stage count of a split kernel with these tiles (:func:`~wq_compile.kernels.signatures.
+    default_split_stages`, told whether one buffer's static tiles fit)."""
+    one = split_static_shared_bytes(group, head_dim, chunk, bits, k_group, v_group, dtype_bytes)
+    return default_split_stages(head_dim, bits, group, one <= STATIC_SMEM_LIMIT)
+
+
+def default_stages_of(spec: KernelSpec) -> int:
+    """The default stage count of a split (or multi-token split) spec: its tiles are the block's rows' (the
+    multi-token kernel's ``rows``, default the GQA group, as :func:`~wq_compile.kernels.multi_token_split.
+    multi_rows` reads them)."""
+    rows = int(dict(spec.extra).get("rows", spec.group_size)) if spec.kind == "multi" else spec.group_size
+    return split_shared_stages(rows, spec.head_dim, spec.chunk, spec.bits, spec.k_group, spec.v_group,
+                               spec.torch_dtype.itemsize)
+
+
+#: ``(head_dim, group)`` where ptxas (CUDA 13, TVM's nvcc flags, sm_90a and sm_80) showed the double-buffered split
+#: kernel without an int1 bucket in registers, no spill: LLaVA-OV-7B / Qwen2-VL-7B (group 7: 128 of the 128
+#: registers ``__launch_bounds__(224, 2)`` gives, f16 and bf16) and Qwen2-VL-2B (group 6: 159 / 163 of 168, f16).
+#: Measured to spill there: head_dim 64 group 7 (the 0.5B, 76 B), head_dim 128 group 8 (Qwen2.5-VL-3B, 116 B on
+#: sm_90a, 88 B on sm_80), a set with an int1 bucket (124 B for the 7B). Shapes not listed were not measured with
+#: two buffers and get one (docs/offline_tuning.md).
+DOUBLE_BUFFERED_SHAPES = frozenset({(128, 7), (128, 6)})
+
+
+def default_split_stages(head_dim: int, widths: tuple[int, ...], group: int,
+                         one_buffer_fits: bool = True) -> int:
+    """The default staging buffers of a split kernel over the bucket ``widths`` (16, the dense piece, may be among
+    them) with ``group`` query rows per block (one warp each): 2 where ptxas showed the double-buffered kernel
+    without spills (:data:`DOUBLE_BUFFERED_SHAPES`, no int1 bucket), else 1 (one buffer: no spill at every shipped
+    shape and bucket set measured, int1 included; tests/kernels/test_split_cuda.py holds the 7B int1 default to it).
+    ``one_buffer_fits``: False where one buffer's static tiles pass the 48 KB of static shared memory (groups of 14+
+    at head_dim 128, f32; none of the shipped models): 2 then, the only form that builds
+    (:func:`default_stages_of`)."""
+    if not one_buffer_fits:
+        return 2
+    return 2 if (head_dim, group) in DOUBLE_BUFFERED_SHAPES and 1 not in widths else 1
 
 
 def split_stages(spec: KernelSpec) -> int:
-    """Staging buffers of a split kernel spec (see :data:`SPLIT_STAGE_CHOICES`)."""
-    stages = dict(spec.extra).get("stages", default_split_stages(spec.head_dim))
+    """Staging buffers of a split kernel spec (see :data:`SPLIT_STAGE_CHOICES`): its ``("stages", n)``, else the
+    default for its head_dim, bucket widths, rows per block and tiles (:func:`default_split_stages`)."""
+    extra = dict(spec.extra)
+    stages = extra["stages"] if "stages" in extra else default_stages_of(spec)
     if stages not in SPLIT_STAGE_CHOICES:
         raise ValueError(f"stages: the split kernel stages 1 or 2 chunks at a time, got {stages!r}")
     return int(stages)
 
 
 def with_split_stages(spec: KernelSpec, stages: int) -> KernelSpec:
-    """``spec`` (a split spec) with ``stages`` staging buffers; the default leaves the key out (one URI per kernel)."""
+    """``spec`` (a split spec) with ``stages`` staging buffers; the default leaves the key out (one URI per kernel).
+    A non-default count is built as asked, even where ptxas showed it to spill (a tuner sweeping the knob measures
+    it; the CUDA build reports the spill: :func:`wq_compile.compiler.build.compile_cuda_binary`)."""
     if stages not in SPLIT_STAGE_CHOICES:
         raise ValueError(f"stages: the split kernel stages 1 or 2 chunks at a time, got {stages!r}")
-    extra = tuple((k, v) for k, v in spec.extra if k != "stages")
-    return replace(spec, extra=extra if stages == default_split_stages(spec.head_dim) else (*extra, ("stages", stages)))
+    bare = replace(spec, extra=tuple((k, v) for k, v in spec.extra if k != "stages"))
+    return bare if stages == default_stages_of(bare) else replace(bare, extra=(*bare.extra, ("stages", stages)))
 
 
 def split_spec(spec: KernelSpec) -> KernelSpec:

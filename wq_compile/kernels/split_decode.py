@@ -50,7 +50,7 @@ layout's 64-token capacities are whole 32-token chunks).
 The staging blocks are plain copies: on llvm they fill the tiles (intermediate buffers), the CUDA schedule
 (``wq_compile.schedules.cuda_split``) puts them in shared memory (one load per KV head for the whole query group)
 with 16-byte global loads. ``stages`` (``spec.extra``, :func:`~wq_compile.kernels.signatures.split_stages`; default
-2 at head_dim >= 128, else 1) sets how many chunks' tiles a block holds: with 2 the chunk loop runs ``cps + 1`` iterations and iteration ``ci``
+2 at head_dim >= 128 without an int1 bucket, else 1) sets how many chunks' tiles a block holds: with 2 the chunk loop runs ``cps + 1`` iterations and iteration ``ci``
 stages chunk ``ci`` into slot ``ci % 2`` before it computes chunk ``ci - 1`` from the other slot (:class:`Step`);
 built for CUDA (``make_kernel(spec, "cuda")``) the copies are one ``cp.async`` commit group per iteration and the
 compute waits for all groups but the newest, so chunk ``ci``'s loads are in flight while chunk ``ci - 1`` is

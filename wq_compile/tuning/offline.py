@@ -153,7 +153,7 @@ def _build_and_write(sch: Any, device: Device, out_dir: Path, stem: str) -> dict
     entry = {"file": str(path.relative_to(out_dir)), "sha256": offline_measure.file_sha256(path), "binary": None}
     if device.kind == "cuda":
         binary = out_dir / "candidates" / f"{stem}.fatbin"
-        binary.write_bytes(compile_cuda_binary(cuda_source(lib), device))
+        binary.write_bytes(compile_cuda_binary(cuda_source(lib), device, kernel=stem))
         entry.update(binary=str(binary.relative_to(out_dir)), binary_sha256=offline_measure.file_sha256(binary))
     return entry
 

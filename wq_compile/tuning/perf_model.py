@@ -13,7 +13,9 @@ expected fraction of HBM bandwidth is the product of
   loads in flight: one with one staging buffer (stage, barrier, compute), two with double buffering (chunk
   ``i + 1``'s ``cp.async`` copies are issued before chunk ``i`` is computed), so an SM has
   ``blocks_per_sm x in_flight x chunk_bytes`` in flight against the ``bandwidth x latency / SMs`` Little's law
-  asks for (``LATENCY_S`` = 600 ns, a loaded-HBM figure).
+  asks for (``LATENCY_S`` = 600 ns, a loaded-HBM figure). ``stages`` is the kernel's default for its widths
+  (:func:`~wq_compile.kernels.signatures.split_stages`): the default mix (8/4/2) runs two for the 7B; a cache
+  with an int1 bucket runs one buffer there (two spill), i.e. the table's "1 stage" column.
 
 Not modelled: the merge's dependent loads, compute time between loads, L2 hits. A measured time well above
 ``bytes / (bandwidth x fraction)`` points at those.
