@@ -156,7 +156,7 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
         dec = FusedDecoder(lib, preset.num_q_heads, preset.num_kv_heads, preset.head_dim, dtype)
         kernel = dec.kernel(widths)
         out.append(Peer(f"WindowQuant fused ({label})", lambda dec=dec: dec(q, layer, sm_scale), quant_bytes,
-                        str(kernel.provenance)))
+                        str(kernel.provenance), "fma"))
         if label == "tuned" and int8_dots_unsupported(lib.device, split=False) is None:
             from ...compiler.isa_variants import int8_dot_flavour
 
@@ -165,7 +165,7 @@ def _methods(layer: LayerCache, q: torch.Tensor, sm_scale: float, preset: Any, d
             kernel = dec8.kernel(widths)
             out.append(Peer(f"WindowQuant fused ({label}, int8 dots)", lambda dec=dec8: dec(q, layer, sm_scale),
                             quant_bytes, f"{kernel.provenance}; WindowQuantConfig(int8_dots=True): QK and P@V of "
-                            f"4/2-bit buckets as int8 dot products ({int8_dot_flavour(lib.device)})"))
+                            f"4/2-bit buckets as int8 dot products ({int8_dot_flavour(lib.device)})", "dot8"))
     return out
 
 
@@ -220,6 +220,7 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
         errs = {m.name: float((m.fn().float() - want).abs().max()) for m in live}
         timed = dict(zip([m.name for m in live], time_interleaved([m.fn for m in live], repeats)))
         best_dense = min(timed[m.name][0] for m in live if m.name.startswith("SDPA"))
+        macs = 2 * preset.num_q_heads * preset.head_dim * _cached_tokens(layer)  # QK and P @ V of this case
         for m in methods:
             if m.fn is None:
                 nan = float("nan")
@@ -227,9 +228,7 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
                 continue
             med, p20, p80 = timed[m.name]
             gbps = m.bytes_read / (med * 1e-3) / 1e9
-            form = _instruction_form(m.name)
-            macs = 2 * preset.num_q_heads * preset.head_dim * _cached_tokens(layer)  # QK and P @ V
-            frac = macs / (peaks[form] * threads) / (med * 1e-3) if form in peaks else float("nan")
+            frac = macs / (peaks[m.form] * threads) / (med * 1e-3) if m.form in peaks else float("nan")
             rows.append(BenchRow(name, m.name, mix, n, med, p20, p80, best_dense / med, gbps, gbps / copy_gbps,
                                  errs[m.name], m.note, frac))
         for m in live:  # ggml / ORT sessions hold native memory: free it before the next case
@@ -247,14 +246,6 @@ def run(model: str = "llava-ov-0.5b", n_tokens: list[int] | None = None, mixes: 
 def _cached_tokens(layer: LayerCache) -> int:
     """Tokens sample 0 of ``layer`` holds (every bucket and the dense residual)."""
     return sum(int(b.lens[0]) for b in layer.buckets.values()) + int(layer.dense.lens[0])
-
-
-def _instruction_form(method: str) -> str | None:
-    """The arithmetic a method's inner products run as, for its ``peak_frac``: int8 dot products (WindowQuant's
-    int8 mode), fp32 FMAs (WindowQuant exact, fp32 SDPA), or unknown (bf16 SDPA, libraries, references)."""
-    if method.startswith("WindowQuant"):
-        return "dot8" if "int8 dots" in method else "fma"
-    return "fma" if method.startswith("SDPA fp32") else None
 
 
 def format_peaks(peaks: dict[str, float], threads: int) -> str:

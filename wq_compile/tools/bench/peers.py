@@ -28,6 +28,9 @@ class Peer:
     fn: Callable[[], torch.Tensor] | None
     bytes_read: int
     note: str
+    #: the arithmetic its inner products run as, for the share of the arithmetic peak (:func:`mac_peaks`): ``fma``
+    #: (fp32 FMAs), ``dot8`` (int8 dot products), or None (unknown: bf16 kernels, libraries, references)
+    form: str | None = None
 
 
 def sdpa_peers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> list[Peer]:
@@ -52,10 +55,11 @@ def sdpa_peers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: floa
             o = F.scaled_dot_product_attention(qd.view(bsz, hkv, group, d), kd, vd, scale=sm_scale)
             return o.reshape(bsz, hq, d)
 
+        form = "fma" if dtype == torch.float32 else None
         out.append(Peer(f"SDPA {tag}, query group folded", folded, nbytes,
-                        f"sdpa(q.view(B, Hkv, {group}, D), K, V), dense {tag} cache"))
+                        f"sdpa(q.view(B, Hkv, {group}, D), K, V), dense {tag} cache", form))
         out.append(Peer(f"SDPA {tag}, enable_gqa", gqa, nbytes,
-                        f"sdpa(q[:, :, None], K, V, enable_gqa=True), dense {tag} cache"))
+                        f"sdpa(q[:, :, None], K, V, enable_gqa=True), dense {tag} cache", form))
     return out
 
 
