@@ -400,9 +400,13 @@ def _tile_softmax(gs: int, slots: int, nvalid, s_buf, p_buf, pm, pl, rescale, wi
 
 
 def sum_state(rows: int, width: int = LANES):
-    """The running softmax sums of ``rows`` rows as ``width`` lane partials (zeroed by the caller), for
+    """The running softmax sums of ``rows`` rows as ``width`` lane partials, zeroed where a piece starts, for
     :func:`_tile_softmax` and :func:`_merge_piece`."""
-    return T.alloc_buffer((rows, width), _F32, scope="local")
+    pl = T.alloc_buffer((rows, width), _F32, scope="local")
+    with T.serial(0, rows) as h:
+        with T.vectorized(0, width) as ln:
+            T.buffer_store(pl, f32(0.0), [h, ln])
+    return pl
 
 
 def _merge_piece(gs: int, d: int, pm, pl, m_all, l_all, acc, piece_acc, width: int = LANES) -> None:
@@ -509,8 +513,6 @@ class QuantTiles:
             self.vacc = T.alloc_buffer((self.pv_heads, fields, lanes), _I32, scope="local")
         with T.serial(0, gs) as h:
             T.buffer_store(self.pm, f32(NEG_BIG), [h])
-            with T.vectorized(0, int(self.pl.shape[1])) as ln:
-                T.buffer_store(self.pl, f32(0.0), [h, ln])
             with T.serial(0, fields) as f:
                 with _vec(vbytes, lanes) as j:
                     T.buffer_store(self.pacc, f32(0.0), [h, f, j])
@@ -885,8 +887,6 @@ def _dense_piece(spec: KernelSpec, p: Piece, bufs, b, kh, sp, qf, m_all, l_all, 
     kt = scratch["kt"]
     with T.serial(0, gs) as h:
         T.buffer_store(pm, f32(NEG_BIG), [h])
-        with T.vectorized(0, lanes) as ln:
-            T.buffer_store(pl, f32(0.0), [h, ln])
         with _vec(d, lanes) as dd:
             T.buffer_store(pacc, f32(0.0), [h, dd])
     pc = min(lanes, d)

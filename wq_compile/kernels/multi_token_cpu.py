@@ -219,8 +219,6 @@ def _causal_dense_piece(spec: KernelSpec, rows: int, nsplit: int, bufs, b, kh, s
     p_buf = T.alloc_buffer((rows, tile), _F32, scope="local")
     with T.serial(0, rows) as h:
         T.buffer_store(pm, f32(NEG_BIG), [h])
-        with T.vectorized(0, int(pl.shape[1])) as ln:
-            T.buffer_store(pl, f32(0.0), [h, ln])
         T.buffer_store(lim, nv - (steps - 1 - tok[h]), [h])
         with _vec(d) as dd:
             T.buffer_store(pacc, f32(0.0), [h, dd])
