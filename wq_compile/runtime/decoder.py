@@ -138,16 +138,16 @@ class FusedDecoder:
         buckets, dense = layer.buckets, layer.dense  # the fused kernel reads 8-bit scale/zero natively
         inputs = [None if f is None else getattr(dense if f[0] is None else buckets[f[0]], f[1])
                   for f in self._sources[key]]
-        key = (key[0], q.shape, tuple(map(id, inputs)))
+        bound_key = (key, q.shape, tuple(map(id, inputs)))
         bound = self._bound.get(id(layer))
-        if bound is None or bound[0] != key:
+        if bound is None or bound[0] != bound_key:
             kernel(q, *[scale if a is None else a for a in inputs], out)  # full check of shapes, dtypes, devices
             import tvm_ffi
 
             converted = [None if a is None else tvm_ffi.from_dlpack(a) for a in inputs]
             if len(self._bound) >= _MAX_BOUND_LAYERS:
                 self._bound.clear()
-            self._bound[id(layer)] = (key, converted, inputs, layer)
+            self._bound[id(layer)] = (bound_key, converted, inputs, layer)
             return
         kernel.call_unchecked(q, *[scale if a is None else a for a in bound[1]], out)
 
