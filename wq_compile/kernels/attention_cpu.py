@@ -115,6 +115,20 @@ _VPDPBUSD = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.25
 _PMADDUBSW, _PMADDWD = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
 
 
+#: x86 float -> int32 conversion that rounds (to nearest even) in one instruction (``vcvtps2dq``): the int8 mode's
+#: roundings were ``vrndscaleps`` + ``vcvttps2dq``. AVX-512 form: (src, passthrough, mask, rounding 8 = {rn-sae}).
+_CVTPS2DQ = {16: "llvm.x86.avx512.mask.cvtps2dq.512", 8: "llvm.x86.avx.cvt.ps2dq.256"}
+
+
+def _round_i32(x: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
+    """``round(x)`` (half to even, as ``torch.round``) of a ``float32 x lanes`` vector as ``int32 x lanes`` (x86)."""
+    vt = f"int32x{lanes}"
+    if lanes == 16:
+        return tirx.call_llvm_pure_intrin(vt, _CVTPS2DQ[16], x, tirx.Broadcast(tirx.const(0, _I32), 16),
+                                          tirx.const(-1, "int16"), tirx.const(8, _I32))
+    return tirx.call_llvm_pure_intrin(vt, _CVTPS2DQ[8], x)
+
+
 def int8_dots(spec: KernelSpec) -> bool:
     """True when ``spec`` asks for int8 dot products (``("dot8", 1)`` in ``spec.extra``): QK with an int8 query and
     P @ V with uint8 probabilities over 4/2-bit buckets. A precision mode, not a structure knob (it changes results);
@@ -668,17 +682,28 @@ class QuantTiles:
         _int8_scales(red, gs, zl, 127.0, qsc, qinv)
         c0 = f32(((1 << bits) - 1) / 2.0)
         with T.serial(0, gs + self.opaque_zero) as h:
-            with _vec(d, lanes) as dd:
-                T.buffer_store(qi, tirx.round(qs[h, dd] * qinv[h]).astype(_I32).astype("int8"), [h * d + dd])
             # sum_d code * (qs - qsc qi) = sum_d (code - c0)(...) + c0 sum_d (qs - qsc qi): the second term is known
             # exactly, so only the centered codes (half the magnitude) carry the query's rounding error; it is a
             # per-head constant of the tile, added to the zero point's lane partials (one reduction for both)
-            with T.vectorized(0, zl) as ln:
-                sq, sr = qs[h, ln], tirx.round(qs[h, ln] * qinv[h])
-                for k in range(1, d // zl):
-                    sq = sq + qs[h, k * zl + ln]
-                    sr = sr + tirx.round(qs[h, k * zl + ln] * qinv[h])
-                T.buffer_store(self.zt, self.zt[h, ln] + (sq - sr * qsc[h]) * c0, [h, ln])
+            if zl == lanes:  # one rounding conversion per vector, the rounded sum kept in int32
+                sq = sr = None
+                for k in range(d // zl):
+                    x = tirx.BufferLoad(qs, [h, tirx.Ramp(k * zl, 1, zl)])
+                    r = _round_i32(x * tirx.Broadcast(qinv[h], zl), zl)
+                    T.buffer_store(qi, r.astype(f"int8x{zl}"), [tirx.Ramp(h * d + k * zl, 1, zl)])
+                    sq, sr = (x, r) if sq is None else (sq + x, sr + r)
+                zw = [h, tirx.Ramp(0, 1, zl)]
+                corr = (sq - sr.astype(f"float32x{zl}") * tirx.Broadcast(qsc[h], zl)) * tirx.Broadcast(c0, zl)
+                T.buffer_store(self.zt, tirx.BufferLoad(self.zt, zw) + corr, zw)
+            else:
+                with _vec(d, lanes) as dd:
+                    T.buffer_store(qi, tirx.round(qs[h, dd] * qinv[h]).astype(_I32).astype("int8"), [h * d + dd])
+                with T.vectorized(0, zl) as ln:
+                    sq, sr = qs[h, ln], tirx.round(qs[h, ln] * qinv[h])
+                    for k in range(1, d // zl):
+                        sq = sq + qs[h, k * zl + ln]
+                        sr = sr + tirx.round(qs[h, k * zl + ln] * qinv[h])
+                    T.buffer_store(self.zt, self.zt[h, ln] + (sq - sr * qsc[h]) * c0, [h, ln])
         nvec = slots // lanes
         opw = 4 * lanes  # bytes of one dot-product operand
         nin = max(1, 4 * lb // opw)  # input vectors of the 4 channels' bytes (opw bytes each, or one of 4 lb)
@@ -713,7 +738,9 @@ class QuantTiles:
             with T.unroll(0, hn) as hi:
                 with T.unroll(0, nvec) as k:
                     with T.vectorized(0, lanes) as ln:
-                        T.buffer_store(iacc, tirx.const(0, _I32), [hi + h0 if h0 else hi, k, ln])
+                        # the opaque 0: LLVM merged constant-zero stores of the accumulators into a memset call
+                        # (a vzeroupper and a libc call per tile and bucket: ~5% of the int8 kernel)
+                        T.buffer_store(iacc, self.opaque_zero, [hi + h0 if h0 else hi, k, ln])
             with T.serial(0, d // 4) as c4:
                 if staged is None:
                     codes = shuffled(c4)
@@ -749,9 +776,11 @@ class QuantTiles:
         _int8_scales(red, gs * nvg, lanes, 255.0, psc, pinv)
         with T.serial(0, gs + self.opaque_zero) as h:
             with T.serial(0, nvg) as vg:
-                with _vec(slots, lanes) as s_:
-                    T.buffer_store(pq, tirx.round(pv[h, vg, s_] * pinv[h * nvg + vg]).astype(_I32).astype("uint8"),
-                                   [(h * nvg + vg) * slots + s_])
+                for k in range(slots // lanes):
+                    x = tirx.BufferLoad(pv, [h, vg, tirx.Ramp(k * lanes, 1, lanes)])
+                    r = _round_i32(x * tirx.Broadcast(pinv[h * nvg + vg], lanes), lanes)
+                    T.buffer_store(pq, r.astype(f"uint8x{lanes}"), [tirx.Ramp((h * nvg + vg) * slots + k * lanes, 1,
+                                                                               lanes)])
         mask = ((1 << bits) - 1) * 0x01010101
         idx = [tirx.const(ti * lanes + ln, _I32) for ln in range(lanes) for ti in range(4)]
         last = tirx.max(nvalid - 1, 0)
@@ -763,7 +792,7 @@ class QuantTiles:
                 with T.unroll(0, hn) as hi:
                     with T.unroll(0, fields) as f:
                         with T.vectorized(0, lanes) as ln:
-                            T.buffer_store(vacc, tirx.const(0, _I32), [hi, f, ln])
+                            T.buffer_store(vacc, self.opaque_zero, [hi, f, ln])  # no memset (see QK)
                 def step(t4, xs, idx) -> None:
                     y = tirx.reinterpret(f"uint32x{lanes}", tirx.Shuffle(xs, idx))
                     codes = []
