@@ -162,6 +162,11 @@ def test_cuda_build_reports_register_spills():
                                                   r"registers, [1-9]\d* B spill stores") as rec:
         binary = compile_cuda_binary(SPILLING_CUDA, resolve_device(H100), kernel="toy-kernel")
     assert binary[:4] == FATBIN_MAGIC and len(rec) == 1
+    from wq_compile.compiler.nvcc import nvcc_flags
+
+    assert "--register-usage-level=5" in nvcc_flags("sm_90a", 5)[-1]  # a kernel's own ptxas level (multi-token split)
+    with pytest.raises(ValueError, match="register usage level 0-10, got 11"):
+        nvcc_flags("sm_90a", 11)
 
 
 def test_cli_build_only_for_h100_writes_modules(tmp_path, capsys):

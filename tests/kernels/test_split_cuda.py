@@ -124,7 +124,7 @@ def ptxas_report(src: str, arch: str) -> list[Resources]:
     with the build's own parser (the one that warns of spills at build time)."""
     from wq_compile.compiler.nvcc import compile_cuda
 
-    _, usage = compile_cuda(src, arch, "cubin")
+    usage = compile_cuda(src, arch, "cubin").usage
     threads = {m.group(2): int(m.group(1)) for m in re.finditer(r"__launch_bounds__\((\d+)(?:,\s*\d+)?\)\s+(\w+)\(", src)}
     for u in usage:
         assert u.name in threads, f"{u.name}: no __launch_bounds__ in the generated source"

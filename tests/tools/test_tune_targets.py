@@ -8,6 +8,7 @@ the modules are compiled with nvcc, nothing runs; llvm: the backend then loads w
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,10 @@ import torch
 
 from wq_compile.core.config import WindowQuantConfig
 from wq_compile.core.spec import QuantSpec
+from wq_compile.compiler.module_cache import module_paths
+from wq_compile.compiler.verified_file import read_json
 from wq_compile.kernels.catalog import CUDA_KERNEL_KINDS, DEFAULT_KERNEL_KINDS, default_kernel_kinds
+from wq_compile.kernels.signatures import MULTI_SPLIT_REGISTER_LEVEL
 from wq_compile.runtime.backend import CompiledQuantizer, make_backend
 from wq_compile.runtime.decoder import FusedDecoder
 from wq_compile.runtime.library import KernelLibrary
@@ -49,12 +53,20 @@ def test_cuda_build_only_builds_what_the_cuda_decoder_runs(tmp_path, capsys, mon
     decoder = FusedDecoder(library, 4, 2, 64, torch.float16)  # split=None: split on CUDA
     quantizer = CompiledQuantizer(library, 4, 2, 64, torch.float16, WindowQuantConfig().chunk)
     steps = StepDecoder(library, 4, 2, 64, torch.float16)  # split=None: the split-KV multi-token kernel on CUDA
-    runs = ({s.uri for s in decoder.specs((4,)) + steps.specs((4,))}
-            | {quantizer.spec(QuantSpec(4, 28, 64)).uri})
+    specs = {s.uri: s for s in [*decoder.specs((4,)), *steps.specs((4,)), quantizer.spec(QuantSpec(4, 28, 64))]}
+    runs = set(specs)
     assert decoder.split and steps.split and any(uri.startswith("merge") for uri in runs)
     assert any(uri.startswith("multi") and uri.endswith("_split1") for uri in runs)
     assert set(built) == runs, f"built {sorted(built)}, the CUDA decoder runs {sorted(runs)}"
     assert all(how == "untuned" for how in built.values())  # no log: every one built from the default schedule
+    # each binary was nvcc'd with its kernel's ptxas register level (the multi-token split kernel's own: TVM's 10
+    # spills it at the 7B shapes, docs/offline_tuning.md) and the cache records the flags nvcc ran and ptxas' report
+    levels = {}
+    for uri, spec in specs.items():
+        record = read_json(module_paths(spec, library.device, tmp_path / "cache").key)
+        levels[spec.kind] = re.findall(r"--register-usage-level=(\d+)", " ".join(record["nvcc_flags"]))
+        assert record["ptxas"] and all(u["spill_stores"] == u["spill_loads"] == 0 for u in record["ptxas"]), record
+    assert levels == {"fused": ["10"], "merge": ["10"], "quantize": ["10"], "multi": [str(MULTI_SPLIT_REGISTER_LEVEL)]}
 
 
 def test_llvm_build_only_is_what_the_backend_reports(tmp_path, capsys, monkeypatch):

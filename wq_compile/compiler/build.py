@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .. import kernels
 from .device import Device, resolve_device
@@ -27,6 +27,9 @@ from ..kernels.signature import KernelSignature
 from ..core.spec import KernelSpec
 from .tuning_log import UNTUNED, LogSource, Provenance, TuningLogError, candidate_logs, median, open_database
 from .tuning_log import valid_records
+
+if TYPE_CHECKING:
+    from .nvcc import NvccOutput
 
 #: Token capacity per piece that kernels are tuned and timed at (a 32-frame video is ~6300 tokens over 3 buckets).
 DEFAULT_N_TOKENS = 2048
@@ -146,17 +149,42 @@ def cuda_source(module: Any) -> str:
     raise ValueError("module: no CUDA device module among its imports")
 
 
-def compile_cuda_binary(source: str, device: Device, target_format: str = "fatbin", kernel: str = "") -> bytes:
-    """nvcc the generated source for ``device``'s arch offline (no GPU needed), with TVM's nvcc flags; a kernel
-    function that spills registers is reported (:class:`~wq_compile.compiler.nvcc.RegisterSpillWarning`, naming
-    ``kernel``): it runs, slower, so the build goes on."""
+def compile_cuda_binary(source: str, device: Device, target_format: str = "fatbin", kernel: str = "",
+                        spec: KernelSpec | None = None) -> bytes:
+    """nvcc the generated source for ``device``'s arch offline (no GPU needed): :func:`nvcc_build`'s binary."""
+    return nvcc_build(source, device, target_format, kernel, spec).binary
+
+
+def nvcc_build(source: str, device: Device, target_format: str = "fatbin", kernel: str = "",
+               spec: KernelSpec | None = None) -> NvccOutput:
+    """nvcc the generated source for ``device``'s arch with TVM's nvcc flags and ``spec``'s own ptxas
+    register-usage level where it has one (:func:`cuda_register_level`): binary, ptxas' report and flags
+    (:class:`~wq_compile.compiler.nvcc.NvccOutput`). A kernel function that spills registers is reported
+    (:class:`~wq_compile.compiler.nvcc.RegisterSpillWarning`, naming ``kernel``): it runs, slower, so the build
+    goes on."""
     from .nvcc import RegisterSpillWarning, compile_cuda, spill_message
 
-    binary, usage = compile_cuda(source, device.arch, target_format)
-    why = spill_message(kernel or "CUDA module", device.arch, usage)
+    out = compile_cuda(source, device.arch, target_format, cuda_register_level(spec))
+    why = spill_message(kernel or "CUDA module", device.arch, out.usage)
     if why is not None:
-        warnings.warn(why, RegisterSpillWarning, stacklevel=2)
-    return binary
+        warnings.warn(why, RegisterSpillWarning, stacklevel=3)
+    return out
+
+
+def cuda_register_level(spec: KernelSpec | None) -> int | None:
+    """The ptxas register-usage level the CUDA build gives ``spec``'s kernel (None: TVM's, 10): the kernel
+    catalogue's measured choice (:func:`wq_compile.kernels.signatures.ptxas_register_level`)."""
+    from ..kernels.signatures import ptxas_register_level
+
+    return None if spec is None else ptxas_register_level(spec)
+
+
+def cuda_build_flags(spec: KernelSpec, device: Device) -> list[str]:
+    """The nvcc command line (flags, no files) the CUDA build runs for ``spec`` on ``device``: part of the module
+    cache key and of the offline export's manifest, so a binary says how it was built."""
+    from .nvcc import nvcc_flags
+
+    return nvcc_flags(device.arch or "", cuda_register_level(spec))
 
 
 @dataclass
@@ -170,6 +198,7 @@ class BuiltKernel:
     provenance: Provenance
     source: str | None = None  # CUDA source for CUDA targets
     binary: bytes | None = None  # nvcc output for CUDA targets
+    nvcc: NvccOutput | None = None  # nvcc's flags and ptxas' report (binary left out): the cache records them
 
     @property
     def tuned(self) -> bool:
@@ -255,7 +284,8 @@ def build_kernel(spec: KernelSpec | KernelDef, device: Device | str = "llvm", *,
     if device.kind == "cuda":
         built.source = cuda_source(module)
         if cuda_binary:
-            built.binary = compile_cuda_binary(built.source, device, kernel=kdef.spec.uri)
+            out = nvcc_build(built.source, device, kernel=kdef.spec.uri, spec=kdef.spec)
+            built.binary, built.nvcc = out.binary, out._replace(binary=b"")
     return built
 
 

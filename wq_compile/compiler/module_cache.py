@@ -20,6 +20,7 @@ caches stay readable).
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from filelock import FileLock
 from .. import kernels
 from . import tuning_log
 from .record_rule import slower_than_default
-from .build import BuiltKernel, build_kernel, schedule_code_digest
+from .build import BuiltKernel, build_kernel, cuda_build_flags, schedule_code_digest
 from .cache_files import CACHE_ENV, atomic_write, cache_root
 from .device import PINNED_PACKAGES, Device, versions
 from .cuda_binary import prebuilt_cuda_binary
@@ -71,7 +72,7 @@ def expected_key(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike |
         sources = tuning_log.candidate_logs(logs_dir, device, spec.uri)
     # logs the rule refuses serve nothing: a module cached from one (before the rule) no longer matches its key
     sources = [s for s in sources if slower_than_default(s.meta) is None]
-    return {
+    key = {
         "uri": spec.uri,
         **{pkg: v[pkg] for pkg in PINNED_PACKAGES},
         "target": device.target_json,
@@ -80,6 +81,9 @@ def expected_key(spec: KernelSpec, device: Device, logs_dir: str | os.PathLike |
         "schedule_code": schedule_code_digest(device.kind),
         "logs": tuning_log.digest(sources),
     }
+    if device.kind == "cuda":  # the binary's nvcc command (a kernel's own ptxas level; TVM's env knobs)
+        key["nvcc_flags"] = cuda_build_flags(spec, device)
+    return key
 
 
 _file_digest = file_sha256
@@ -127,6 +131,9 @@ def store(built: BuiltKernel, key: dict[str, Any], cache_dir: str | os.PathLike 
         if built.binary is not None:
             record["binary_sha256"] = hashlib.sha256(built.binary).hexdigest()
             record["binary_size"] = len(built.binary)
+        if built.nvcc is not None:  # the flags nvcc ran with (the key expects the same: else a rebuild) and ptxas
+            record["nvcc_flags"] = list(built.nvcc.flags)
+            record["ptxas"] = [dataclasses.asdict(u) for u in built.nvcc.usage]
         atomic_write(paths.key, lambda p: Path(p).write_text(json.dumps(record, indent=1, sort_keys=True)))
     return paths
 

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 #: TVM 0.27's nvcc flags besides the arch, output and format (``_compile_cuda_nvcc``; ``TVM_CUDA_PTXAS_REG_LEVEL``
 #: and ``TVM_CUDA_NVCC_NO_FAST_MATH`` honoured as there).
@@ -44,16 +45,33 @@ class PtxasUsage:
         return self.spill_stores > 0 or self.spill_loads > 0
 
 
-def nvcc_flags(arch: str) -> list[str]:
-    """The nvcc flags TVM's nvcc build uses for ``arch`` (``sm_90a``), with ptxas' verbose report."""
+class NvccOutput(NamedTuple):
+    """What one nvcc run gave: the binary, ptxas' report per kernel function, and the flags it ran with."""
+
+    binary: bytes
+    usage: list[PtxasUsage]
+    flags: list[str]
+
+
+def nvcc_flags(arch: str, register_level: int | None = None) -> list[str]:
+    """The nvcc flags TVM's nvcc build uses for ``arch`` (``sm_90a``), with ptxas' verbose report.
+
+    ``register_level``: ptxas ``--register-usage-level`` (0-10) for a kernel that measured to need its own
+    (:func:`wq_compile.kernels.signatures.ptxas_register_level`: 10, TVM's, makes ptxas take every register the
+    launch bounds give and still spill the multi-token split kernel); None: TVM's (``TVM_CUDA_PTXAS_REG_LEVEL``,
+    default 10)."""
     fast = [] if os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH") else ["--use_fast_math"]
-    level = os.environ.get("TVM_CUDA_PTXAS_REG_LEVEL", "10")
+    if register_level is not None and not (isinstance(register_level, int) and 0 <= register_level <= 10):
+        raise ValueError(f"register_level: ptxas takes a register usage level 0-10, got {register_level!r}")
+    level = os.environ.get("TVM_CUDA_PTXAS_REG_LEVEL", "10") if register_level is None else str(register_level)
     return ["-O3", "-arch", arch, *_DEFINES, *fast,
             f"--ptxas-options=-v,--register-usage-level={level},--warn-on-local-memory-usage"]
 
 
-def compile_cuda(source: str, arch: str, target_format: str = "fatbin") -> tuple[bytes, list[PtxasUsage]]:
-    """nvcc ``source`` for ``arch`` (no GPU needed): the binary and ptxas' report per kernel function."""
+def compile_cuda(source: str, arch: str, target_format: str = "fatbin",
+                 register_level: int | None = None) -> NvccOutput:
+    """nvcc ``source`` for ``arch`` (no GPU needed) with :func:`nvcc_flags`: the binary, ptxas' report per kernel
+    function and the flags."""
     if target_format not in ("fatbin", "cubin", "ptx"):
         raise ValueError(f"target_format: expected fatbin, cubin or ptx, got {target_format!r}")
     if not arch:
@@ -64,14 +82,14 @@ def compile_cuda(source: str, arch: str, target_format: str = "fatbin") -> tuple
     with tempfile.TemporaryDirectory(prefix="wq-nvcc-") as tmp:
         cu, out = Path(tmp) / "tvm_kernels.cu", Path(tmp) / f"tvm_kernels.{target_format}"
         cu.write_text(source)
-        r = subprocess.run([exe, f"--{target_format}", *nvcc_flags(arch), "-o", str(out), str(cu)],
-                           capture_output=True, text=True)
+        flags = nvcc_flags(arch, register_level)
+        r = subprocess.run([exe, f"--{target_format}", *flags, "-o", str(out), str(cu)], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"nvcc failed for {arch}:\n{r.stdout}{r.stderr}")
         binary = out.read_bytes()
     if not binary:
         raise RuntimeError(f"nvcc for {arch}: empty output")
-    return binary, parse_ptxas(r.stdout + r.stderr)
+    return NvccOutput(binary, parse_ptxas(r.stdout + r.stderr), flags)
 
 
 def parse_ptxas(log: str) -> list[PtxasUsage]:

@@ -14,7 +14,8 @@ into the block's batch index (``B * ceil(S * G / R)`` block rows), so the grid i
     o_parts [P, B, S, Hq, D] f32, lse_parts [P, B, S, Hq] f32  --(merge, read as B * S samples)-->  out [B, S, Hq, D]
 
 so the split decode's merge kernel (:mod:`.merge`, ``merge_spec(spec)``) serves it unchanged. One module per bucket
-mix and dtype serves every ``S``, batch, length and ``P``.
+mix and dtype serves every ``S``, batch, length and ``P``. Its CUDA binary is built with its own ptxas register-usage
+level (:func:`.signatures.ptxas_register_level`): TVM's 10 spills it at the 7B shapes.
 """
 
 from __future__ import annotations

@@ -280,6 +280,22 @@ def with_split_stages(spec: KernelSpec, stages: int) -> KernelSpec:
     return bare if stages == default_stages_of(bare) else replace(bare, extra=(*bare.extra, ("stages", stages)))
 
 
+#: ptxas ``--register-usage-level`` of the CUDA multi-token split kernel (:mod:`.multi_token_split`). TVM builds
+#: every CUDA kernel at 10; there ptxas takes all 128 registers ``__launch_bounds__(224, 2)`` gives and still spills
+#: the default kernels of the 7B (8/4/2, two buffers: 24 B on sm_80; 8/4/2/1, one buffer: 196 B on sm_90a) and the
+#: 0.5B (sm_90a: 320-560 B). At 5 (ptxas' own default; 6-10 spill the 7B) none of the shipped shapes' defaults
+#: spills, f16 and bf16, sm_90a and sm_80, with and without an int1 bucket (docs/offline_tuning.md, "The
+#: multi-token kernel's ptxas register level"). The split decode kernel keeps 10: its table was measured there.
+MULTI_SPLIT_REGISTER_LEVEL = 5
+
+
+def ptxas_register_level(spec: KernelSpec) -> int | None:
+    """The ptxas register-usage level (0-10) ``spec``'s CUDA kernel is built with where it needs its own
+    (:data:`MULTI_SPLIT_REGISTER_LEVEL` for the multi-token split kernel), else None: the build's (TVM's 10; the
+    split decode kernel's measured table holds at 10)."""
+    return MULTI_SPLIT_REGISTER_LEVEL if spec.kind == "multi" and is_split(spec) else None
+
+
 def split_spec(spec: KernelSpec) -> KernelSpec:
     """The split-KV form of a decode/fused/multi spec (its URI ends in ``_split1``; multi: the CUDA multi-token
     kernel, :mod:`wq_compile.kernels.multi_token_split`)."""

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from . import offline_measure
 from ..compiler import cuda_binary, tuning_log
-from ..compiler.build import KernelDef, compile_cuda_binary, cuda_source, kernel_def
+from ..compiler.build import KernelDef, compile_cuda_binary, cuda_build_flags, cuda_source, kernel_def
 from ..compiler.device import Device, resolve_device, versions
 from ..compiler.measure import example_args
 from .metaschedule import build_candidate, task_logger
@@ -143,8 +143,9 @@ def _reference_data(kdef: KernelDef, sizes: Mapping[str, int], seed: int) -> dic
             "names": names}
 
 
-def _build_and_write(sch: Any, device: Device, out_dir: Path, stem: str) -> dict[str, Any]:
-    """Build one candidate and write its module (and CUDA fatbin): the manifest fields of its files."""
+def _build_and_write(sch: Any, device: Device, out_dir: Path, stem: str, spec: KernelSpec) -> dict[str, Any]:
+    """Build one candidate and write its module (and CUDA fatbin, nvcc'd as the build does for ``spec``): the
+    manifest fields of its files."""
     with device.target:
         lib = build_candidate(sch.mod, device.target)
     path = out_dir / "candidates" / f"{stem}.so"
@@ -153,7 +154,7 @@ def _build_and_write(sch: Any, device: Device, out_dir: Path, stem: str) -> dict
     entry = {"file": str(path.relative_to(out_dir)), "sha256": offline_measure.file_sha256(path), "binary": None}
     if device.kind == "cuda":
         binary = out_dir / "candidates" / f"{stem}.fatbin"
-        binary.write_bytes(compile_cuda_binary(cuda_source(lib), device, kernel=stem))
+        binary.write_bytes(compile_cuda_binary(cuda_source(lib), device, kernel=stem, spec=spec))
         entry.update(binary=str(binary.relative_to(out_dir)), binary_sha256=offline_measure.file_sha256(binary))
     return entry
 
@@ -234,14 +235,14 @@ def export_candidates(specs: Sequence[KernelSpec | KernelDef], device: Device | 
         cands = []
         for j, (sch, role) in enumerate(zip(schedules, roles)):
             entry = {"id": f"{spec.uri}/{j:03d}", "role": role, "trace": trace_to_json(workload, sch.trace, device)}
-            entry.update(_build_and_write(sch, device, out, f"{spec.uri}__{j:03d}"))
+            entry.update(_build_and_write(sch, device, out, f"{spec.uri}__{j:03d}", spec))
             cands.append(entry)
         counts[spec.uri] = len(cands)
         kernels_doc.append({
             "uri": spec.uri, "spec": tuning_log.spec_fields(spec), "sizes": sizes, "scalars": dict(kdef.scalars),
             "workload_hash": workload_hash(workload), "inputs": str(inputs.relative_to(out)),
             "arg_names": data["names"], "outputs": sorted(data["expected"]), "seeded_from_records": seeded[spec.uri],
-            "candidates": cands,
+            "nvcc_flags": cuda_build_flags(spec, device) if device.kind == "cuda" else None, "candidates": cands,
         })
         if bench_tokens and spec.kind in ("fused", "decode") and not isinstance(kernel, KernelDef):
             kernels_doc[-1]["bench"] = _bench_module(spec, device, out, settings, bench_tokens)
