@@ -121,7 +121,10 @@ _CVTPS2DQ = {16: "llvm.x86.avx512.mask.cvtps2dq.512", 8: "llvm.x86.avx.cvt.ps2dq
 
 
 def _round_i32(x: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
-    """``round(x)`` (half to even, as ``torch.round``) of a ``float32 x lanes`` vector as ``int32 x lanes`` (x86)."""
+    """``round(x)`` (half to even, as ``torch.round``) of a ``float32 x lanes`` vector as ``int32 x lanes`` (x86;
+    8 or 16 lanes: the int8 mode's vectors, whose head_dim is a multiple of 8 as 4- and 2-bit codes require)."""
+    if lanes not in _CVTPS2DQ:
+        raise ValueError(f"lanes: vcvtps2dq rounds 8 or 16 fp32 lanes, got {lanes}")
     vt = f"int32x{lanes}"
     if lanes == 16:
         return tirx.call_llvm_pure_intrin(vt, _CVTPS2DQ[16], x, tirx.Broadcast(tirx.const(0, _I32), 16),
@@ -685,25 +688,16 @@ class QuantTiles:
             # sum_d code * (qs - qsc qi) = sum_d (code - c0)(...) + c0 sum_d (qs - qsc qi): the second term is known
             # exactly, so only the centered codes (half the magnitude) carry the query's rounding error; it is a
             # per-head constant of the tile, added to the zero point's lane partials (one reduction for both)
-            if zl == lanes:  # one rounding conversion per vector, the rounded sum kept in int32
-                sq = sr = None
-                for k in range(d // zl):
-                    x = tirx.BufferLoad(qs, [h, tirx.Ramp(k * zl, 1, zl)])
-                    r = _round_i32(x * tirx.Broadcast(qinv[h], zl), zl)
-                    T.buffer_store(qi, r.astype(f"int8x{zl}"), [tirx.Ramp(h * d + k * zl, 1, zl)])
-                    sq, sr = (x, r) if sq is None else (sq + x, sr + r)
-                zw = [h, tirx.Ramp(0, 1, zl)]
-                corr = (sq - sr.astype(f"float32x{zl}") * tirx.Broadcast(qsc[h], zl)) * tirx.Broadcast(c0, zl)
-                T.buffer_store(self.zt, tirx.BufferLoad(self.zt, zw) + corr, zw)
-            else:
-                with _vec(d, lanes) as dd:
-                    T.buffer_store(qi, tirx.round(qs[h, dd] * qinv[h]).astype(_I32).astype("int8"), [h * d + dd])
-                with T.vectorized(0, zl) as ln:
-                    sq, sr = qs[h, ln], tirx.round(qs[h, ln] * qinv[h])
-                    for k in range(1, d // zl):
-                        sq = sq + qs[h, k * zl + ln]
-                        sr = sr + tirx.round(qs[h, k * zl + ln] * qinv[h])
-                    T.buffer_store(self.zt, self.zt[h, ln] + (sq - sr * qsc[h]) * c0, [h, ln])
+            # one rounding conversion per vector, the rounded sum kept in int32
+            sq = sr = None
+            for k in range(d // zl):
+                x = tirx.BufferLoad(qs, [h, tirx.Ramp(k * zl, 1, zl)])
+                r = _round_i32(x * tirx.Broadcast(qinv[h], zl), zl)
+                T.buffer_store(qi, r.astype(f"int8x{zl}"), [tirx.Ramp(h * d + k * zl, 1, zl)])
+                sq, sr = (x, r) if sq is None else (sq + x, sr + r)
+            zw = [h, tirx.Ramp(0, 1, zl)]
+            corr = (sq - sr.astype(f"float32x{zl}") * tirx.Broadcast(qsc[h], zl)) * tirx.Broadcast(c0, zl)
+            T.buffer_store(self.zt, tirx.BufferLoad(self.zt, zw) + corr, zw)
         nvec = slots // lanes
         opw = 4 * lanes  # bytes of one dot-product operand
         nin = max(1, 4 * lb // opw)  # input vectors of the 4 channels' bytes (opw bytes each, or one of 4 lb)
