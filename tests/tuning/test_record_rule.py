@@ -25,6 +25,8 @@ from wq_compile.tuning.versus_default import judge  # noqa: E402
 SHIPPED = Path(__file__).resolve().parents[2] / "tuning_logs"
 #: A shipped quantize log with a MetaSchedule record (planted slow or fast by rewriting its recorded times).
 SLOW_URI = "quantize_k2v2_kg28_vg64_d64_h14kv2_f32_c64"
+#: The shipped folder the slow record is planted in (the AVX-512 one; its AVX2 twin is a sweep the default won).
+SHIPPED_TAG = "cpu-x86_64-intel-xeon-2c"
 SPEC = KernelSpec("fused", (4, 16), head_dim=64, num_q_heads=4, num_kv_heads=2)
 GRID = ({"splits": 1, "pvc": 16, "qkh": 8}, {"splits": 2, "pvc": 8, "qkh": 8})
 
@@ -136,12 +138,13 @@ def test_shipped_records_slower_than_their_default_are_listed_and_skipped(tmp_pa
     shipped = check(SHIPPED)
     planted = tmp_path / "tuning_logs"
     shutil.copytree(SHIPPED, planted)
-    meta_path = planted / "cpu-x86_64-intel-xeon-2c" / SLOW_URI / tuning_log.META_FILE
+    meta_path = planted / SHIPPED_TAG / SLOW_URI / tuning_log.META_FILE
     meta = json.loads(meta_path.read_text())
     meta.update(untuned_ms=0.53, tuned_ms=2.91, default_wins=False)
     tuning_log.write_meta(meta_path.parent, meta)
     slow = check(planted)
-    assert {r["uri"] for r in slow} == {r["uri"] for r in shipped} | {SLOW_URI}
+    assert {(r["tag"], r["uri"]) for r in slow} == {(r["tag"], r["uri"]) for r in shipped} | {(SHIPPED_TAG, SLOW_URI)}
+    assert len(slow) == len(shipped) + 1
     record_rule.main([str(planted)])
     out = capsys.readouterr().out
     assert f"{len(slow)} record(s)" in out and SLOW_URI in out
